@@ -1,0 +1,257 @@
+"""Capture: forward hooks that snapshot module inputs/outputs and hand them to a store writer.
+
+Hooks never return a value, so they cannot replace a module's arguments or outputs; they only
+read tensors (statistics) and copy them (snapshots). Only modules that some
+``module_call_match`` pattern can select get hooks; with ``enabled: false`` none do.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, load_config
+from .errors import StoreError
+from .keys import CallKey
+from .manifest import new_manifest
+from .records import Record, TensorPolicy, build_structure
+from .store.base import StepInfo, StoreWriter
+from .store.registry import get_backend
+
+__all__ = ["Capture", "capture", "IlstoreWarning"]
+
+_log = logging.getLogger(__name__)
+
+
+class IlstoreWarning(UserWarning):
+    """Capture could not do what was asked (compiled model, hooks that never fired...)."""
+
+
+@dataclass
+class _Frame:
+    call: CallKey
+    take: bool
+    args: Any = None
+    kwargs: Any = None
+
+
+def _dist_info() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Capture:
+    """A capture attached to one model; use :func:`capture` to create it.
+
+    Attributes:
+        config: the resolved :class:`~ilstore.config.Config`.
+        run_dir: the run directory, or None when capture is disabled.
+        step_index: the current step (advances on every root forward, logged or not, or on
+            every :meth:`step` call in manual mode).
+    """
+
+    def __init__(self, model: nn.Module, config: Any = None, *, manual_step: bool = False) -> None:
+        self.config: Config = load_config(config)
+        self.model = model
+        self.manual_step = manual_step
+        self.step_index = 0
+        self.run_dir: Path | None = None
+        self.hooked_modules: list[str] = []
+        self._handles: list[Any] = []
+        self._writer: StoreWriter | None = None
+        self._closed = False
+        self._step_open = False
+        self._in_root = 0
+        self._stray_warned = False
+        if not self.config.enabled:
+            return
+        cfg = self.config
+        backend = get_backend(cfg.backend)  # load_config validated the name and options
+        self.rank, self.world_size = _dist_info()
+        self.run_dir = cfg.run_dir
+        self._policy = TensorPolicy(store_bodies=cfg.mode == "tensors", max_numel=cfg.max_tensor_size,
+                                    device_ok=cfg.logs_device)
+        writer = backend.writer(self.run_dir, cfg.backend_options)
+        manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
+        existing = self.run_dir / ("ilstore.json" if self.world_size == 1 else f"ilstore.rank{self.rank}.json")
+        if existing.exists():
+            raise StoreError(f"{self.run_dir}: a run already exists there; choose another run_id or output_dir "
+                             "(ilstore never overwrites a run)")
+        writer.open(manifest)
+        self._writer = writer
+        self._attach()
+
+    # -- hook management --------------------------------------------------------------------
+    def _attach(self) -> None:
+        model = self.model
+        if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
+            warnings.warn("ilstore: the model is compiled (torch.compile); forward hooks do not fire inside "
+                          "compiled regions, so capture may record nothing. Attach capture to the eager model.",
+                          IlstoreWarning, stacklevel=3)
+        for name, module in model.named_modules():
+            if module is model or not self.config.module_may_match(name):
+                continue
+            selected = self.config.selected_calls(name)
+            if selected is not None and not selected:
+                continue
+            self._handles.append(module.register_forward_pre_hook(partial(self._pre, name, selected), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(partial(self._post, name), with_kwargs=True,
+                                                              always_call=True))
+            self.hooked_modules.append(name)
+        if not self.hooked_modules:
+            warnings.warn(f"ilstore: module_call_match {list(self.config.module_call_match or [])} matches no "
+                          "module of the model; nothing will be captured", IlstoreWarning, stacklevel=3)
+        if not self.manual_step:
+            self._handles.append(model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- steps --------------------------------------------------------------------------------
+    def _begin_step(self) -> None:
+        self._step_open = True
+        self._logging = self.config.logs_step(self.step_index)
+        self._counters: dict[str, int] = {}
+        self._frames: dict[str, list[_Frame]] = {}
+        self._starts: list[CallKey] = []
+        self._ends: list[CallKey] = []
+        self._fired = False
+
+    def _end_step(self) -> None:
+        if not self._step_open:
+            return
+        self._step_open = False
+        if self._logging and self._writer is not None:
+            self._writer.end_step(StepInfo(self.step_index, self._starts, self._ends))
+            if not self._fired and self.hooked_modules:
+                warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
+                              "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=2)
+        self._frames = {}
+
+    def _root_pre(self, module: nn.Module, args: Any) -> None:
+        if self._in_root == 0:
+            self._begin_step()
+        self._in_root += 1
+
+    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._in_root = max(0, self._in_root - 1)
+        if self._in_root == 0 and self._step_open:
+            self._end_step()
+            self.step_index += 1
+
+    def step(self) -> int:
+        """Manual stepping: end the current step and start the next; returns the new index.
+
+        Raises:
+            StoreError: when the capture was not created with ``manual_step=True`` (steps then
+                follow root forwards).
+        """
+        if not self.manual_step:
+            raise StoreError("step() is for manual stepping; create the capture with manual_step=True "
+                             "(otherwise every forward of the root module is one step)")
+        self._end_step()
+        self.step_index += 1
+        return self.step_index
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _write(self, call: CallKey, kind: str, value: Any, kwargs: Any = None) -> None:
+        structure, tensors = build_structure(value, self._policy, kwargs)
+        assert self._writer is not None
+        self._writer.write(Record(call, kind, structure, tensors))
+
+    def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if not self._step_open:
+            if not self.manual_step:
+                if not self._stray_warned:
+                    self._stray_warned = True
+                    warnings.warn(f"ilstore: {name} was called outside a forward of the root module; such calls are "
+                                  "not logged unless the capture uses manual_step=True", IlstoreWarning, stacklevel=2)
+                return
+            self._begin_step()
+        self._fired = True
+        if not self._logging:
+            return
+        idx = self._counters.get(name, 0)
+        self._counters[name] = idx + 1
+        call = CallKey(self.rank, self.step_index, name, idx)
+        take = selected is None or idx in selected
+        frame = _Frame(call, take)
+        if take:
+            self._starts.append(call)
+            if self.config.log_inputs:
+                self._write(call, "inputs", tuple(args), kwargs)
+            if self.config.log_post_fwd_inputs:
+                frame.args, frame.kwargs = args, kwargs
+        self._frames.setdefault(name, []).append(frame)
+
+    def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        stack = self._frames.get(name) if self._step_open else None
+        if not stack:
+            return
+        frame = stack.pop()
+        if not frame.take:
+            return
+        if self.config.log_outputs:
+            self._write(frame.call, "outputs", output)
+        if self.config.log_post_fwd_inputs:
+            self._write(frame.call, "post_fwd_inputs", tuple(frame.args), frame.kwargs)
+        self._ends.append(frame.call)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self, status: str = "complete") -> None:
+        """Remove the hooks, finish an open step (manual mode) and finalise the run."""
+        if self._closed:
+            return
+        self._closed = True
+        self._detach()
+        if self._writer is not None:
+            try:
+                if self._step_open and (self.manual_step or status == "complete"):
+                    self._end_step()
+            finally:
+                self._writer.close(status)
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close("complete" if exc_type is None else "failed")
+
+    def __repr__(self) -> str:
+        return f"<Capture run_dir={self.run_dir} step={self.step_index} modules={len(self.hooked_modules)}>"
+
+
+def capture(model: nn.Module, config: Any = None, *, manual_step: bool = False) -> Capture:
+    """Attach capture to ``model``: every forward of ``model`` is one step.
+
+    Args:
+        model: the root module; it is not logged itself, its submodules are.
+        config: a dict, JSON text, a path, a :class:`Config`, or None for ``$ILSTORE_CONFIG``
+            (or the defaults).
+        manual_step: steps advance only on :meth:`Capture.step` (for engines whose step is not
+            one root forward).
+
+    Returns:
+        A :class:`Capture`; use it as a context manager or call ``close()``.
+
+    Example:
+        >>> import torch, tempfile
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> with capture(model, {"output_dir": tempfile.mkdtemp(), "run_id": "demo"}) as cap:
+        ...     _ = model(torch.ones(1, 4))
+        >>> sorted(p.name for p in (cap.run_dir / "step_0").iterdir())
+        ['0', '1', 'module_calls.txt']
+    """
+    return Capture(model, config, manual_step=manual_step)

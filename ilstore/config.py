@@ -1,0 +1,338 @@
+"""Capture configuration: loading, schema validation and the resolved :class:`Config`.
+
+A config is a JSON object validated against the packaged ``schemas/config.schema.json``.
+It may be given as a dict, JSON text, a path to a JSON file, or through the environment
+variable ``ILSTORE_CONFIG`` (JSON text or a path). Every problem is reported at once, each
+with its key path (``module_call_match[2]``) and a "did you mean" for misspelled keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+
+import schemas
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ModuleSelector", "load_config", "ENV_VAR", "DEFAULTS"]
+
+ENV_VAR = "ILSTORE_CONFIG"
+
+DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "output_dir": "/tmp/vllm_intermediates",
+    "run_id": None,
+    "module_call_match": None,
+    "log_step_ids": [0],
+    "max_tensor_size": None,
+    "device_names": [],
+    "backend": "pt",
+    "backend_options": {},
+    "log_inputs": True,
+    "log_outputs": True,
+    "log_post_fwd_inputs": False,
+    "mode": "tensors",
+}
+
+# A selector suffix: ":1", ":0,2", ":1-3", ":0,2-4". Only a suffix that parses like this is a
+# selector, so regexes that contain ':' (e.g. "(?:a|b)") stay plain regexes.
+_SELECTOR_RE = re.compile(r"^(?P<pattern>.+):(?P<calls>\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
+
+
+@dataclass(frozen=True)
+class ModuleSelector:
+    """One ``module_call_match`` entry: a regex and the call indices it selects.
+
+    Attributes:
+        pattern: the regex, applied with ``re.search`` to the dotted module name.
+        calls: the selected zero-based call indices per step, or None for every call.
+    """
+
+    pattern: str
+    calls: frozenset[int] | None = None
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+    def matches_module(self, name: str) -> bool:
+        return self.regex.search(name) is not None
+
+
+def _parse_calls(text: str) -> frozenset[int]:
+    calls: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        start, stop = int(lo), int(hi) if hi else int(lo)
+        if stop < start:
+            raise ValueError(f"range {part!r} is empty (the end is before the start)")
+        calls.update(range(start, stop + 1))
+    return frozenset(calls)
+
+
+def _parse_selector(entry: str | Mapping[str, Any]) -> ModuleSelector:
+    if isinstance(entry, Mapping):
+        calls = entry.get("calls")
+        return ModuleSelector(entry["pattern"], None if calls is None else frozenset(calls))
+    m = _SELECTOR_RE.match(entry)
+    if m:
+        try:
+            re.compile(m["pattern"])
+        except re.error:
+            # "a:1" where "a" alone is not a regex: keep the whole text as the regex.
+            return ModuleSelector(entry)
+        return ModuleSelector(m["pattern"], _parse_calls(m["calls"]))
+    return ModuleSelector(entry)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated, resolved capture configuration (see ``docs/config.md``).
+
+    Build one with :func:`load_config`; the fields mirror the config keys.
+
+    Example:
+        >>> cfg = load_config({"module_call_match": "layers\\\\.0\\\\.mlp:1"})
+        >>> cfg.selectors[0].calls
+        frozenset({1})
+    """
+
+    enabled: bool
+    output_dir: str
+    run_id: str
+    module_call_match: tuple[Any, ...] | None
+    log_step_ids: tuple[int, ...]
+    max_tensor_size: int | None
+    device_names: tuple[str, ...]
+    backend: str
+    backend_options: Mapping[str, Any]
+    log_inputs: bool
+    log_outputs: bool
+    log_post_fwd_inputs: bool
+    mode: str
+    selectors: tuple[ModuleSelector, ...] | None = field(compare=False, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_id
+
+    def logs_step(self, step: int) -> bool:
+        return not self.log_step_ids or step in self.log_step_ids
+
+    def module_may_match(self, name: str) -> bool:
+        """Whether any selector can select some call of the module ``name``."""
+        if self.selectors is None:
+            return True
+        return any(s.matches_module(name) for s in self.selectors)
+
+    def selected_calls(self, name: str) -> frozenset[int] | None:
+        """Union of the calls selected for ``name``: None means every call."""
+        if self.selectors is None:
+            return None
+        calls: set[int] = set()
+        for sel in self.selectors:
+            if sel.matches_module(name):
+                if sel.calls is None:
+                    return None
+                calls |= sel.calls
+        return frozenset(calls)
+
+    def logs_device(self, device: str) -> bool:
+        if not self.device_names:
+            return True
+        return any(device == d or (d == "cuda" and device.startswith("cuda")) for d in self.device_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON-ready data (what the manifest records)."""
+        mcm = self.module_call_match
+        return {
+            "enabled": self.enabled,
+            "output_dir": self.output_dir,
+            "run_id": self.run_id,
+            "module_call_match": None if mcm is None else list(mcm),
+            "log_step_ids": list(self.log_step_ids),
+            "max_tensor_size": self.max_tensor_size,
+            "device_names": list(self.device_names),
+            "backend": self.backend,
+            "backend_options": dict(self.backend_options),
+            "log_inputs": self.log_inputs,
+            "log_outputs": self.log_outputs,
+            "log_post_fwd_inputs": self.log_post_fwd_inputs,
+            "mode": self.mode,
+        }
+
+
+def _key_path(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+_KIND = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+         int: "an integer", float: "a number", type(None): "null"}
+
+
+def _describe(value: Any) -> str:
+    return f"{_KIND.get(type(value), type(value).__name__)} ({json.dumps(value)[:60]})"
+
+
+def _schema_problems(data: Any) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schemas.load("config"))
+    known = list(schemas.load("config")["properties"])
+    problems: list[str] = []
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        where = _key_path(err.absolute_path)
+        if err.validator == "additionalProperties" and not err.absolute_path:
+            for key in sorted(set(err.instance) - set(known)):
+                hint = difflib.get_close_matches(key, known, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
+                problems.append(f"{key}: unknown key{extra}")
+        elif err.validator == "additionalProperties":
+            problems.append(f"{where}: {err.message}")
+        elif err.validator == "oneOf" and err.absolute_path and err.absolute_path[0] == "module_call_match":
+            problems.append(
+                f"{where}: expected null, a regex string, an object {{\"pattern\": ..., \"calls\": [...]}} "
+                f"or an array of those, got {_describe(err.instance)}"
+            )
+        elif err.validator == "type":
+            want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+            problems.append(f"{where}: expected {' or '.join(want)}, got {_describe(err.instance)}")
+        else:
+            problems.append(f"{where}: {err.message}")
+    return problems
+
+
+def _regex_problems(mcm: Any) -> list[str]:
+    if mcm is None:
+        return []
+    entries = [mcm] if isinstance(mcm, (str, dict)) else list(mcm)
+    problems = []
+    for i, entry in enumerate(entries):
+        where = "module_call_match" if isinstance(mcm, (str, dict)) else f"module_call_match[{i}]"
+        text = entry["pattern"] if isinstance(entry, dict) else entry
+        if isinstance(entry, dict):
+            where += ".pattern"
+        m = _SELECTOR_RE.match(text) if isinstance(entry, str) else None
+        candidates = [text] + ([m["pattern"]] if m else [])
+        errors = []
+        for cand in candidates:
+            try:
+                re.compile(cand)
+                break
+            except re.error as exc:
+                errors.append(exc)
+        else:
+            problems.append(f"{where}: {text!r} is not a valid regular expression: {errors[-1]}")
+            continue
+        if m:
+            try:
+                _parse_calls(m["calls"])
+            except ValueError as exc:
+                problems.append(f"{where}: bad call selector in {text!r}: {exc}")
+    return problems
+
+
+def _backend_problems(data: dict[str, Any]) -> list[str]:
+    # The registry, not the schema, checks backend names, so plug-in backends validate too.
+    from .errors import BackendError
+    from .store.registry import get_backend
+
+    try:
+        backend = get_backend(data.get("backend", DEFAULTS["backend"]))
+    except BackendError as exc:
+        return [f"backend: {exc}"]
+    return backend.writer.validate_options(data.get("backend_options", {}))
+
+
+def _read_source(source: Any) -> tuple[Any, str | None]:
+    """Turn a dict / JSON text / path into data, and name where it came from."""
+    if isinstance(source, Mapping):
+        return dict(source), None
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and not source.lstrip().startswith(("{", "["))):
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([f"config file not found: {path} (give JSON text or an existing file)"], str(path)) from None
+        except OSError as exc:
+            raise ConfigError([f"cannot read config file {path}: {exc.strerror}"], str(path)) from None
+        return _parse_json(text, str(path)), str(path)
+    if isinstance(source, str):
+        return _parse_json(source, "JSON text"), "JSON text"
+    raise ConfigError([f"config must be a dict, JSON text or a path, got {type(source).__name__}"])
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"], where) from None
+
+
+def load_config(source: Any = None, **overrides: Any) -> Config:
+    """Validate a config and resolve its defaults.
+
+    Args:
+        source: a dict, JSON text, a path to a JSON file, a :class:`Config` (returned as is),
+            or None to read ``ILSTORE_CONFIG`` (JSON text or a path), falling back to defaults.
+        **overrides: keys applied on top of ``source`` before validation.
+
+    Returns:
+        The resolved :class:`Config`; ``run_id`` is a new UUID4 when not given.
+
+    Raises:
+        ConfigError: listing every problem, each with its key path.
+
+    Example:
+        >>> load_config('{"log_step_ids": []}').logs_step(7)
+        True
+    """
+    if isinstance(source, Config) and not overrides:
+        return source
+    where: str | None = None
+    if isinstance(source, Config):
+        data: Any = source.to_dict()
+    elif source is None:
+        env = os.environ.get(ENV_VAR)
+        data, where = _read_source(env) if env else ({}, None)
+        if where:
+            where = f"${ENV_VAR} ({where})"
+    else:
+        data, where = _read_source(source)
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): expected an object, got {_describe(data)}"], where)
+    data = {**data, **overrides}
+    problems = _schema_problems(data)
+    if not problems:
+        problems = _regex_problems(data.get("module_call_match")) + _backend_problems(data)
+    if problems:
+        raise ConfigError(problems, where)
+    merged = {**DEFAULTS, **data}
+    mcm = merged["module_call_match"]
+    entries = None if mcm is None else ([mcm] if isinstance(mcm, (str, dict)) else list(mcm))
+    return Config(
+        enabled=merged["enabled"],
+        output_dir=str(merged["output_dir"]),
+        run_id=merged["run_id"] or str(uuid.uuid4()),
+        module_call_match=None if entries is None else tuple(entries),
+        log_step_ids=tuple(merged["log_step_ids"]),
+        max_tensor_size=merged["max_tensor_size"],
+        device_names=tuple(merged["device_names"]),
+        backend=merged["backend"],
+        backend_options=dict(merged["backend_options"]),
+        log_inputs=merged["log_inputs"],
+        log_outputs=merged["log_outputs"],
+        log_post_fwd_inputs=merged["log_post_fwd_inputs"],
+        mode=merged["mode"],
+        selectors=None if entries is None else tuple(_parse_selector(e) for e in entries),
+    )

@@ -1,0 +1,78 @@
+"""The built-in demo: a tiny Hugging Face Llama captured twice (float32 and bfloat16).
+
+Nothing is downloaded: the model is built from a small ``LlamaConfig`` with a fixed seed.
+``ilstore demo`` writes ``<output_dir>/fp32`` and ``<output_dir>/bf16``, two steps each
+(a prompt, then the prompt plus the float32 run's next token), and shows where they diverge.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from .capture import capture
+
+__all__ = ["tiny_llama", "DEMO_PROMPT", "run_demo", "capture_demo_run"]
+
+DEMO_PROMPT = [[1, 15, 42, 7, 99, 3, 64, 120, 5, 77, 31, 8]]
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A small ``LlamaForCausalLM`` (2 layers, hidden 64, head_dim 16) in eval mode.
+
+    Args:
+        dtype: parameter dtype.
+        seed: ``torch.manual_seed`` used before building, so weights are reproducible.
+        **overrides: ``LlamaConfig`` fields to change.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    params = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=False)
+    params.update(overrides)
+    config = LlamaConfig(**params)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def capture_demo_run(output_dir: Path, run_id: str, dtype: torch.dtype, backend: str = "pt",
+                     prompt: list[list[int]] | None = None, next_token: int | None = None) -> tuple[Path, int]:
+    """Capture two forward steps of :func:`tiny_llama` in ``dtype``.
+
+    Returns:
+        ``(run_dir, next_token)``: step 1 uses ``next_token`` (or this run's own argmax).
+    """
+    model = tiny_llama(dtype)
+    ids = torch.tensor(prompt or DEMO_PROMPT)
+    config = {"output_dir": str(output_dir), "run_id": run_id, "log_step_ids": [0, 1], "backend": backend}
+    with torch.no_grad(), capture(model, config) as cap:
+        logits = model(input_ids=ids, use_cache=False).logits
+        token = int(logits[0, -1].float().argmax()) if next_token is None else next_token
+        model(input_ids=torch.cat([ids, torch.tensor([[token]])], dim=1), use_cache=False)
+    assert cap.run_dir is not None
+    return cap.run_dir, token
+
+
+def run_demo(output_dir: Path, backend: str = "pt") -> int:
+    """Capture float32 and bfloat16 runs of the tiny model, then show where they diverge."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("fp32", "bf16"):
+        old = output_dir / name
+        if (old / "ilstore.json").is_file():  # only ever delete the demo's own earlier runs
+            shutil.rmtree(old)
+    fp32, token = capture_demo_run(output_dir, "fp32", torch.float32, backend)
+    bf16, _ = capture_demo_run(output_dir, "bf16", torch.bfloat16, backend, next_token=token)
+    click.echo(f"captured float32 run:  {fp32}\ncaptured bfloat16 run: {bf16}\n")
+    from .cli import ls_run
+
+    ls_run(fp32)
+    click.echo("")
+    ls_run(bf16)
+    return 0

@@ -1,0 +1,62 @@
+"""The exception hierarchy of ilstore.
+
+The library raises only these; the CLIs turn them into exit status 2 ("the user must fix
+something"). Each message says what went wrong, where (file, key path or tensor key) and,
+where possible, how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IlstoreError",
+    "ConfigError",
+    "BackendError",
+    "StoreError",
+    "RunNotFoundError",
+    "CorruptFileError",
+    "UnsafePathError",
+]
+
+
+class IlstoreError(Exception):
+    """Base class of every error ilstore raises on purpose."""
+
+
+class ConfigError(IlstoreError, ValueError):
+    """A configuration is malformed or violates the schema.
+
+    Attributes:
+        problems: one human-readable line per problem, each naming the key path.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid ilstore config{where}:\n{lines}")
+
+
+class BackendError(IlstoreError):
+    """An unknown backend name, a broken plug-in or invalid backend options."""
+
+
+class StoreError(IlstoreError):
+    """Reading or writing a run failed."""
+
+
+class RunNotFoundError(StoreError, FileNotFoundError):
+    """A run directory is missing, or is not a run any backend can open."""
+
+
+class CorruptFileError(StoreError):
+    """A file of a run is truncated, corrupt, or would need unsafe unpickling."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnsafePathError(StoreError):
+    """A name or a file reference would resolve outside the run directory."""

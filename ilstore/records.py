@@ -1,0 +1,244 @@
+"""Records: what capture hands to a store writer, and the JSON structure that describes them.
+
+A :class:`Record` is one side (inputs, outputs or post-forward inputs) of one module call. Its
+``structure`` is a JSON tree in the documented format (SPEC §4.2): tensors are
+``{"type": "tensor", "shape", "dtype", "numel", "device", "path", "stored", "stats"...}``,
+containers ``{"type": "tuple"|"list"|"dict", "items": ...}``, plain JSON values stay as they
+are and anything else becomes ``{"type": "value", "class": ..., "repr": ...}``. The tensor
+bodies travel beside it in ``tensors``, keyed by path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .keys import CallKey, TensorKey
+
+__all__ = ["Record", "TensorPolicy", "build_structure", "iter_tensor_nodes", "tensor_stats", "dtype_from_str"]
+
+_MAX_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class Record:
+    """One captured side of one module call.
+
+    Attributes:
+        call: which module call.
+        kind: ``inputs``, ``outputs`` or ``post_fwd_inputs``.
+        structure: the JSON tree describing the captured value (tensor leaves carry ``path``).
+        tensors: contiguous CPU snapshots of the stored tensors, keyed by path.
+    """
+
+    call: CallKey
+    kind: str
+    structure: Any
+    tensors: Mapping[tuple[str, ...], torch.Tensor]
+
+    def key(self, path: tuple[str, ...]) -> TensorKey:
+        return self.call.tensor(self.kind, path)
+
+
+@dataclass(frozen=True)
+class TensorPolicy:
+    """Decides, per tensor, whether its body is stored (statistics are always kept).
+
+    Attributes:
+        store_bodies: False in ``mode: "stats"``.
+        max_numel: tensors with more elements keep metadata and statistics only.
+        device_ok: predicate on ``str(tensor.device)``; tensors on other devices are skipped.
+    """
+
+    store_bodies: bool = True
+    max_numel: int | None = None
+    device_ok: Callable[[str], bool] = lambda _d: True
+
+
+def dtype_from_str(name: str) -> torch.dtype:
+    """``"torch.bfloat16"`` (or ``"bfloat16"``) → ``torch.bfloat16``; ValueError if unknown."""
+    attr = name.removeprefix("torch.")
+    dtype = getattr(torch, attr, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
+    """Statistics of a tensor, computed without modifying it.
+
+    Floating tensors get min, max, mean, std (population), abs_max, l2_norm over their finite
+    elements, plus nan_count and inf_count. Complex tensors get abs_max, l2_norm and the counts.
+    Integer and bool tensors get min and max. Empty tensors get only what is defined.
+    """
+    with torch.no_grad():
+        x = t.detach()
+        if x.numel() == 0:
+            return {"nan_count": 0, "inf_count": 0} if (x.is_floating_point() or x.is_complex()) else {}
+        if x.is_complex():
+            mag = x.abs().double()
+            nan = int(torch.isnan(mag).sum())
+            inf = int(torch.isinf(mag).sum())
+            fin = mag[torch.isfinite(mag)] if nan or inf else mag
+            out: dict[str, Any] = {"nan_count": nan, "inf_count": inf}
+            if fin.numel():
+                out.update(abs_max=float(fin.max()), l2_norm=float(fin.square().sum().sqrt()))
+            return out
+        if not x.is_floating_point():
+            if x.dtype == torch.bool:
+                return {"min": bool(x.min()), "max": bool(x.max())}
+            return {"min": int(x.min()), "max": int(x.max())}
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(work)
+        nan = int(torch.isnan(xf).sum())
+        inf = int(torch.isinf(xf).sum())
+        fin = xf[torch.isfinite(xf)] if nan or inf else xf.reshape(-1)
+        out = {"nan_count": nan, "inf_count": inf}
+        if fin.numel():
+            fin64 = fin.double()
+            out.update(
+                min=_finite_or_none(float(fin.min())),
+                max=_finite_or_none(float(fin.max())),
+                mean=_finite_or_none(float(fin64.mean())),
+                std=_finite_or_none(float(fin64.std(correction=0))),
+                abs_max=_finite_or_none(float(fin.abs().max())),
+                l2_norm=_finite_or_none(float(fin64.square().sum().sqrt())),
+            )
+        return out
+
+
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of just the view's own elements, contiguous, detached from autograd.
+
+    ``resolve_conj``/``resolve_neg`` materialise lazy views that some writers would otherwise
+    store wrongly; ``.to(copy=True)`` guarantees a fresh buffer even for a tensor that is
+    already contiguous (a slice's ``.contiguous()`` would still share the whole base storage).
+    """
+    with torch.no_grad():
+        x = t.detach().resolve_conj().resolve_neg()
+        return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def _unsupported(t: torch.Tensor) -> str | None:
+    if t.layout != torch.strided:
+        return f"layout {t.layout} is not supported"
+    if t.is_quantized:
+        return "quantized tensors are not supported"
+    if t.device.type == "meta":
+        return "meta tensors have no data"
+    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        return f"tensor subclass {type(t).__name__} is not supported"
+    return None
+
+
+def _tensor_node(t: torch.Tensor, path: tuple[str, ...], policy: TensorPolicy,
+                 out: dict[tuple[str, ...], torch.Tensor]) -> dict[str, Any]:
+    device = str(t.device)
+    node: dict[str, Any] = {
+        "type": "tensor",
+        "shape": list(t.shape),
+        "dtype": str(t.dtype),
+        "numel": t.numel(),
+        "device": device,
+        "path": list(path),
+    }
+    reason = _unsupported(t)
+    if reason is None and not policy.device_ok(device):
+        reason = "device not in device_names"
+    if reason is not None:
+        node.update(stored=False, reason=reason)
+        return node
+    node["stats"] = tensor_stats(t)
+    if not policy.store_bodies:
+        node.update(stored=False, reason="mode=stats")
+    elif policy.max_numel is not None and t.numel() > policy.max_numel:
+        node.update(stored=False, reason=f"numel {t.numel()} > max_tensor_size {policy.max_numel}")
+    else:
+        node["stored"] = True
+        out[path] = _snapshot(t)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return {"type": "value", "class": f"{type(value).__module__}.{type(value).__qualname__}", "repr": repr(value)[:200]}
+
+
+def _walk(value: Any, path: tuple[str, ...], policy: TensorPolicy,
+          out: dict[tuple[str, ...], torch.Tensor], depth: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _tensor_node(value, path, policy, out)
+    if depth >= _MAX_DEPTH:
+        return _plain(value)
+    if isinstance(value, Mapping):
+        node: dict[str, Any] = {"type": "dict", "items": {
+            str(k): _walk(v, path + (str(k),), policy, out, depth + 1) for k, v in value.items()}}
+        if type(value) is not dict:
+            node["class"] = type(value).__qualname__
+        return node
+    if isinstance(value, (tuple, list)):
+        node = {"type": "tuple" if isinstance(value, tuple) else "list",
+                "items": [_walk(v, path + (str(i),), policy, out, depth + 1) for i, v in enumerate(value)]}
+        if type(value) not in (tuple, list):
+            node["class"] = type(value).__qualname__
+        return node
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {"type": "dict", "class": type(value).__qualname__,
+                "items": {k: _walk(v, path + (k,), policy, out, depth + 1) for k, v in fields.items()}}
+    return _plain(value)
+
+
+def build_structure(value: Any, policy: TensorPolicy,
+                    kwargs: Mapping[str, Any] | None = None) -> tuple[Any, dict[tuple[str, ...], torch.Tensor]]:
+    """Describe ``value`` as a JSON tree and snapshot the tensors whose bodies are stored.
+
+    For inputs, ``value`` is the positional-argument tuple and ``kwargs`` the keyword
+    arguments: keyword tensors get the keyword name as their path and the tree carries a
+    ``"kwargs"`` dict beside the positional ``"items"``.
+
+    Returns:
+        ``(structure, tensors)`` with ``tensors`` mapping each stored tensor's path to its
+        snapshot.
+    """
+    out: dict[tuple[str, ...], torch.Tensor] = {}
+    structure = _walk(value, (), policy, out, 0)
+    if kwargs is not None:
+        structure["kwargs"] = {k: _walk(v, (k,), policy, out, 1) for k, v in kwargs.items()}
+    return structure, out
+
+
+def iter_tensor_nodes(structure: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Yield ``(path, node)`` for each tensor node of a structure, in a stable order.
+
+    Paths are derived from the position in the tree (positional index, dict key, keyword
+    name), so trees written without ``"path"`` (the earlier vLLM dumps) work too.
+    """
+    if not isinstance(structure, dict):
+        return
+    kind = structure.get("type")
+    if kind == "tensor":
+        yield path, structure
+        return
+    items = structure.get("items")
+    if kind in ("tuple", "list") and isinstance(items, list):
+        for i, item in enumerate(items):
+            yield from iter_tensor_nodes(item, path + (str(i),))
+    elif kind == "dict" and isinstance(items, dict):
+        for k, item in items.items():
+            yield from iter_tensor_nodes(item, path + (str(k),))
+    kwargs = structure.get("kwargs")
+    if isinstance(kwargs, dict):
+        for k, item in kwargs.items():
+            yield from iter_tensor_nodes(item, path + (str(k),))

@@ -1,0 +1,297 @@
+"""The default ``pt`` backend: the documented ``.pt`` + ``.json`` directory tree (SPEC §4.2).
+
+::
+
+    <run_dir>/step_<N>/<module.name>[_<k>]/      k = call index, omitted for call 0
+        inputs.json   inputs_<path>_<device>.pt
+        outputs.json  outputs[_<path>]_<device>.pt
+        post_fwd_inputs.json  post_fwd_inputs_<path>_<device>.pt   (if enabled)
+    <run_dir>/step_<N>/module_calls.txt            directory names in call-start order
+
+Every ``.pt`` holds one tensor and loads with ``torch.load(path, weights_only=True)``. The
+reader also opens dumps of the earlier vLLM implementation (no manifest, no ``ilstore``
+metadata), recovering module names, call indices, paths and devices from the tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CorruptFileError, StoreError
+from ..keys import KINDS, CallKey, TensorKey
+from ..records import Record, iter_tensor_nodes
+from .base import StepInfo, StoreReader, StoreWriter, check_inside
+
+__all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_DEVICE_SUFFIX = re.compile(r"^[a-z][a-z0-9]*(?:_\d+)?$")
+_MAX_NAME = 200
+
+
+def _safe_component(text: str) -> str:
+    """A file-name-safe form of free text: '/', '\\', NUL and other odd bytes are %-encoded,
+    and leading dots too, so no name is ever '.', '..' or hidden."""
+    out = _SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
+    stripped = out.lstrip(".")
+    out = "%2E" * (len(out) - len(stripped)) + stripped
+    if len(out) > _MAX_NAME:
+        import hashlib
+
+        out = out[:_MAX_NAME - 17] + "~" + hashlib.sha1(text.encode()).hexdigest()[:16]
+    return out or "%"
+
+
+def _scan(path: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return list(it)
+
+
+def module_dir_name(module: str, call: int) -> str:
+    """``model.layers.0`` call 0 → ``model.layers.0``; call 2 → ``model.layers.0_2``."""
+    base = _safe_component(module)
+    return base if call == 0 else f"{base}_{call}"
+
+
+def tensor_file_name(kind: str, path: tuple[str, ...], device: str) -> str:
+    """``outputs`` + ``("0",)`` + ``cuda:0`` → ``outputs_0_cuda_0.pt``."""
+    parts = [kind, *(_safe_component(p) for p in path), _safe_component(device.replace(":", "_"))]
+    return "_".join(parts) + ".pt"
+
+
+class PtWriter(StoreWriter):
+    """Writes the documented tree; one ``torch.save`` per tensor, one JSON per captured side."""
+
+    name = "pt"
+
+    @classmethod
+    def validate_options(cls, options: Any) -> list[str]:
+        return [f"backend_options.{k}: unknown option for the 'pt' backend (it takes none)" for k in options]
+
+    def _open(self) -> None:
+        self._dirs: dict[CallKey, str] = {}
+        self._used: set[str] = set()
+        self._step: int | None = None
+
+    def _step_dir(self, step: int) -> Path:
+        return self.run_dir / f"step_{step}"
+
+    def _call_dir(self, call: CallKey) -> Path:
+        if self._step != call.step:
+            self._step, self._dirs, self._used = call.step, {}, set()
+        name = self._dirs.get(call)
+        if name is None:
+            name = base = module_dir_name(call.module, call.call)
+            n = 1
+            while name in self._used:  # e.g. call 1 of "fc" and module "fc_1" in one step
+                n += 1
+                name = f"{base}~{n}"
+            self._dirs[call] = name
+            self._used.add(name)
+        path = self.run_dir / f"step_{call.step}" / name
+        check_inside(self.run_dir, path)
+        return path
+
+    def _write(self, record: Record) -> None:
+        call_dir = self._call_dir(record.call)
+        call_dir.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for path, node in iter_tensor_nodes(record.structure):
+            if not node.get("stored"):
+                continue
+            fname = base = tensor_file_name(record.kind, path, node["device"])
+            n = 1
+            while fname in used:
+                n += 1
+                fname = f"{base[:-3]}~{n}.pt"
+            used.add(fname)
+            node["file"] = fname
+            torch.save(record.tensors[path], call_dir / fname)
+        doc = dict(record.structure) if isinstance(record.structure, dict) else {"type": "value", "value": record.structure}
+        doc["ilstore"] = {"module": record.call.module, "call": record.call.call, "step": record.call.step,
+                          "rank": record.call.rank, "kind": record.kind}
+        with open(call_dir / f"{record.kind}.json", "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1, allow_nan=False)
+
+    def _end_step(self, info: StepInfo) -> None:
+        step_dir = self._step_dir(info.step)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        dirs = self._dirs if self._step == info.step else {}
+        lines = [dirs.get(c) or module_dir_name(c.module, c.call) for c in info.calls]
+        tmp = step_dir / ".module_calls.txt.partial"
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        os.replace(tmp, step_dir / "module_calls.txt")
+
+
+class PtReader(StoreReader):
+    """Reads the tree written by :class:`PtWriter` or by the earlier vLLM implementation."""
+
+    name = "pt"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(run_dir)
+        self._call_dirs: dict[int, dict[CallKey, Path]] = {}
+
+    @classmethod
+    def can_open(cls, run_dir: Path) -> bool:
+        try:
+            for entry in _scan(run_dir):
+                if entry.is_dir() and _STEP_DIR.match(entry.name):
+                    step = Path(entry.path)
+                    if (step / "module_calls.txt").is_file():
+                        return True
+                    return any((Path(e.path) / f"{k}.json").is_file()
+                               for e in _scan(step) if e.is_dir() for k in KINDS)
+        except OSError:
+            return False
+        return False
+
+    def _list_steps(self) -> list[int]:
+        steps = []
+        try:
+            for entry in _scan(self.run_dir):
+                m = _STEP_DIR.match(entry.name)
+                if m and entry.is_dir():
+                    steps.append(int(m.group(1)))
+        except OSError as exc:
+            raise StoreError(f"{self.run_dir}: cannot list the run directory: {exc.strerror}") from None
+        return sorted(steps)
+
+    def _list_calls(self, step: int) -> list[CallKey]:
+        return list(self._dirs_of(step))
+
+    def _read_json(self, path: Path) -> Any:
+        check_inside(self.run_dir, path)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(path, f"unreadable metadata JSON: {exc}") from None
+
+    def _dir_meta(self, call_dir: Path) -> dict[str, Any] | None:
+        for kind in KINDS:
+            path = call_dir / f"{kind}.json"
+            if path.is_file():
+                doc = self._read_json(path)
+                meta = doc.get("ilstore") if isinstance(doc, dict) else None
+                if isinstance(meta, dict) and isinstance(meta.get("module"), str) and isinstance(meta.get("call"), int):
+                    return meta
+                return None
+        return None
+
+    def _dirs_of(self, step: int) -> dict[CallKey, Path]:
+        """Map each call of a step to its directory, in start order.
+
+        With a manifest and a ``module_calls.txt`` of the same length the two line up; else
+        each directory's ``ilstore`` metadata names its call; else (earlier vLLM dumps) a
+        directory ``X_k`` is call k of ``X`` when a directory ``X`` exists beside it.
+        """
+        if step in self._call_dirs:
+            return self._call_dirs[step]
+        step_dir = self.run_dir / f"step_{step}"
+        order_file = step_dir / "module_calls.txt"
+        names: list[str] | None = None
+        if order_file.is_file():
+            try:
+                names = [n for n in order_file.read_text(encoding="utf-8").splitlines() if n]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CorruptFileError(order_file, f"unreadable call order: {exc}") from None
+        rank = (self.manifest or {}).get("rank", 0)
+        mapping: dict[CallKey, Path] = {}
+        if self.manifest is not None and names is not None and str(step) in self.manifest.get("calls", {}):
+            calls = self.calls(step)
+            if len(calls) == len(names):
+                for call, name in zip(calls, names):
+                    mapping[call] = check_inside(self.run_dir, step_dir / name)
+                self._call_dirs[step] = mapping
+                return mapping
+        try:
+            on_disk = sorted(e.name for e in _scan(step_dir) if e.is_dir())
+        except OSError as exc:
+            raise StoreError(f"{step_dir}: cannot list the step directory: {exc.strerror}") from None
+        if names is not None:
+            listed = [n for n in names if n in on_disk]
+            on_disk = listed + [n for n in on_disk if n not in set(listed)]
+        dir_set = set(on_disk)
+        for name in on_disk:
+            path = check_inside(self.run_dir, step_dir / name)
+            meta = self._dir_meta(path)
+            if meta is not None:
+                call = CallKey(int(meta.get("rank", rank)), step, meta["module"], meta["call"])
+            else:
+                m = re.match(r"^(.*)_(\d+)$", name)
+                if m and m.group(1) in dir_set:
+                    call = CallKey(rank, step, m.group(1), int(m.group(2)))
+                else:
+                    call = CallKey(rank, step, name, 0)
+            mapping[call] = path
+        self._call_dirs[step] = mapping
+        return mapping
+
+    def _call_dir(self, call: CallKey) -> Path:
+        try:
+            return self._dirs_of(call.step)[call]
+        except KeyError:
+            raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}") from None
+
+    def _read_structure(self, call: CallKey, kind: str) -> Any | None:
+        call_dir = self._call_dir(call)
+        path = call_dir / f"{kind}.json"
+        if not path.is_file():
+            return None
+        doc = self._read_json(path)
+        if not isinstance(doc, dict):
+            raise CorruptFileError(path, "expected a JSON object describing the captured structure")
+        doc.pop("ilstore", None)
+        files = None
+        for tpath, node in iter_tensor_nodes(doc):
+            if "file" in node:
+                node.setdefault("stored", True)
+                continue
+            # Earlier vLLM dumps: find <kind>[_<path>]_<device>.pt and recover the device.
+            if files is None:
+                files = [e.name for e in _scan(call_dir) if e.name.endswith(".pt")]
+            prefix = "_".join([kind, *tpath]) + "_"
+            found = [f for f in files if f.startswith(prefix) and _DEVICE_SUFFIX.match(f[len(prefix):-3])]
+            if found:
+                node["file"] = found[0]
+                node.setdefault("device", found[0][len(prefix):-3].replace("_", ":"))
+                node.setdefault("stored", True)
+            else:
+                node.setdefault("stored", False)
+                node.setdefault("reason", "no tensor file in the dump")
+        return doc
+
+    def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        fname = node.get("file")
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in (".", ".."):
+            raise CorruptFileError(self._call_dir(key.call_key), f"bad file reference {fname!r} for {key}")
+        path = check_inside(self.run_dir, self._call_dir(key.call_key) / fname)
+        return load_pt_file(path, node)
+
+
+def load_pt_file(path: Path, node: dict[str, Any] | None = None) -> torch.Tensor:
+    """``torch.load(weights_only=True)`` one tensor, with errors that name the file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CorruptFileError(path, "tensor file is missing") from None
+    except Exception as exc:  # torch raises many types for truncated/corrupt/hostile files
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc).lower() or "unpickl" in str(exc).lower():
+            raise CorruptFileError(path, "refused to load: the file needs unpickling arbitrary objects, "
+                                   f"which ilstore never does (weights_only=True): {text}") from None
+        raise CorruptFileError(path, f"cannot load tensor (truncated or corrupt?): {type(exc).__name__}: {text}") from None
+    if not isinstance(obj, torch.Tensor):
+        raise CorruptFileError(path, f"expected one tensor, found {type(obj).__name__}")
+    if node is not None:
+        shape, dtype = node.get("shape"), node.get("dtype")
+        if shape is not None and list(obj.shape) != list(shape) or dtype is not None and str(obj.dtype) != dtype:
+            raise CorruptFileError(path, f"holds {str(obj.dtype)} {list(obj.shape)} but its metadata says {dtype} {shape}")
+    return obj

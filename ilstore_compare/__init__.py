@@ -1,0 +1,1 @@
+"""ilstore_compare: compare two ilstore runs (any backends)."""

@@ -1,0 +1,26 @@
+"""JSON Schemas shipped with ilstore (config and compare report).
+
+Load them with :func:`load`, which reads the packaged files through
+``importlib.resources`` so it works from a wheel, an sdist or an editable install.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["load"]
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict[str, Any]:
+    """Return the parsed schema ``<name>.schema.json``.
+
+    Example:
+        >>> load("config")["$schema"]
+        'https://json-schema.org/draft/2020-12/schema'
+    """
+    text = resources.files(__name__).joinpath(f"{name}.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)

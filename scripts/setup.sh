@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install ilstore with its test and demo extras.
+# torch is pinned here (the package itself accepts a range): this resolves to the local CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
