@@ -186,11 +186,21 @@ def _describe(value: Any) -> str:
     return f"{_KIND.get(type(value), type(value).__name__)} ({json.dumps(value)[:60]})"
 
 
+def _leaf_errors(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """For a failed ``oneOf``, the errors inside the branch that got furthest into the value."""
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        deep = [e for e in err.context if e.relative_path]
+        if deep:
+            return [leaf for e in deep for leaf in _leaf_errors(e)]
+    return [err]
+
+
 def _schema_problems(data: Any) -> list[str]:
     validator = jsonschema.Draft202012Validator(schemas.load("config"))
     known = list(schemas.load("config")["properties"])
     problems: list[str] = []
-    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+    errors = [leaf for e in validator.iter_errors(data) for leaf in _leaf_errors(e)]
+    for err in sorted(errors, key=lambda e: list(map(str, e.absolute_path))):
         where = _key_path(err.absolute_path)
         if err.validator == "additionalProperties" and not err.absolute_path:
             for key in sorted(set(err.instance) - set(known)):
@@ -215,11 +225,13 @@ def _schema_problems(data: Any) -> list[str]:
 def _regex_problems(mcm: Any) -> list[str]:
     if mcm is None:
         return []
-    entries = [mcm] if isinstance(mcm, (str, dict)) else list(mcm)
+    entries = [mcm] if isinstance(mcm, (str, dict)) else list(mcm) if isinstance(mcm, list) else []
     problems = []
     for i, entry in enumerate(entries):
         where = "module_call_match" if isinstance(mcm, (str, dict)) else f"module_call_match[{i}]"
-        text = entry["pattern"] if isinstance(entry, dict) else entry
+        text = entry.get("pattern") if isinstance(entry, dict) else entry
+        if not isinstance(text, str) or not text:
+            continue  # the schema reports it
         if isinstance(entry, dict):
             where += ".pattern"
         m = _SELECTOR_RE.match(text) if isinstance(entry, str) else None
@@ -313,8 +325,9 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
         raise ConfigError([f"(top level): expected an object, got {_describe(data)}"], where)
     data = {**data, **overrides}
     problems = _schema_problems(data)
-    if not problems:
-        problems = _regex_problems(data.get("module_call_match")) + _backend_problems(data)
+    problems += _regex_problems(data.get("module_call_match"))
+    if isinstance(data.get("backend", ""), str) and isinstance(data.get("backend_options", {}), dict):
+        problems += _backend_problems(data)
     if problems:
         raise ConfigError(problems, where)
     merged = {**DEFAULTS, **data}
