@@ -21,8 +21,9 @@ from .config import Config, load_config
 from .errors import StoreError
 from .keys import CallKey
 from .manifest import new_manifest
-from .records import Record, TensorPolicy, build_structure
-from .store.base import StepInfo, StoreWriter
+from .pipeline import RecordSink, SyncSink, ThreadedSink
+from .records import Deduper, TensorPolicy, build_record
+from .store.base import StepInfo
 from .store.registry import get_backend
 
 __all__ = ["Capture", "capture", "IlstoreWarning"]
@@ -67,7 +68,7 @@ class Capture:
         self.run_dir: Path | None = None
         self.hooked_modules: list[str] = []
         self._handles: list[Any] = []
-        self._writer: StoreWriter | None = None
+        self._sink: RecordSink | None = None
         self._closed = False
         self._step_open = False
         self._in_root = 0
@@ -87,7 +88,11 @@ class Capture:
             raise StoreError(f"{self.run_dir}: a run already exists there; choose another run_id or output_dir "
                              "(ilstore never overwrites a run)")
         writer.open(manifest)
-        self._writer = writer
+        self._dedup = Deduper() if cfg.dedup and cfg.mode == "tensors" else None
+        if cfg.async_writes:
+            self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
+        else:
+            self._sink = SyncSink(writer)
         self._attach()
 
     # -- hook management --------------------------------------------------------------------
@@ -133,8 +138,10 @@ class Capture:
         if not self._step_open:
             return
         self._step_open = False
-        if self._logging and self._writer is not None:
-            self._writer.end_step(StepInfo(self.step_index, self._starts, self._ends))
+        if self._dedup is not None:
+            self._dedup.clear()
+        if self._logging and self._sink is not None:
+            self._sink.end_step(StepInfo(self.step_index, self._starts, self._ends))
             if not self._fired and self.hooked_modules:
                 warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
                               "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=2)
@@ -167,9 +174,8 @@ class Capture:
 
     # -- hooks --------------------------------------------------------------------------------
     def _write(self, call: CallKey, kind: str, value: Any, kwargs: Any = None) -> None:
-        structure, tensors = build_structure(value, self._policy, kwargs)
-        assert self._writer is not None
-        self._writer.write(Record(call, kind, structure, tensors))
+        assert self._sink is not None
+        self._sink.write(build_record(call, kind, value, self._policy, kwargs, self._dedup))
 
     def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any, kwargs: Any) -> None:
         if not self._step_open:
@@ -216,12 +222,17 @@ class Capture:
             return
         self._closed = True
         self._detach()
-        if self._writer is not None:
+        if self._sink is not None:
             try:
                 if self._step_open and (self.manual_step or status == "complete"):
                     self._end_step()
             finally:
-                self._writer.close(status)
+                self._sink.close(status)
+
+    def flush(self) -> None:
+        """Wait until everything captured so far is written (asynchronous writes only)."""
+        if isinstance(self._sink, ThreadedSink):
+            self._sink.flush()
 
     def __enter__(self) -> "Capture":
         return self

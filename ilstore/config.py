@@ -41,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "log_outputs": True,
     "log_post_fwd_inputs": False,
     "mode": "tensors",
+    "async_writes": True,
+    "max_pending_mb": 1024,
+    "dedup": True,
 }
 
 # A selector suffix: ":1", ":0,2", ":1-3", ":0,2-4". Only a suffix that parses like this is a
@@ -119,6 +122,9 @@ class Config:
     log_outputs: bool
     log_post_fwd_inputs: bool
     mode: str
+    async_writes: bool
+    max_pending_mb: float
+    dedup: bool
     selectors: tuple[ModuleSelector, ...] | None = field(compare=False, repr=False)
 
     @property
@@ -168,6 +174,9 @@ class Config:
             "log_outputs": self.log_outputs,
             "log_post_fwd_inputs": self.log_post_fwd_inputs,
             "mode": self.mode,
+            "async_writes": self.async_writes,
+            "max_pending_mb": self.max_pending_mb,
+            "dedup": self.dedup,
         }
 
 
@@ -347,5 +356,8 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
         log_outputs=merged["log_outputs"],
         log_post_fwd_inputs=merged["log_post_fwd_inputs"],
         mode=merged["mode"],
+        async_writes=merged["async_writes"],
+        max_pending_mb=merged["max_pending_mb"],
+        dedup=merged["dedup"],
         selectors=None if entries is None else tuple(_parse_selector(e) for e in entries),
     )

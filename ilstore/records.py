@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .keys import CallKey, TensorKey
+from .keys import CallKey, TensorKey, encode_part
 
-__all__ = ["Record", "TensorPolicy", "build_structure", "iter_tensor_nodes", "tensor_stats", "dtype_from_str"]
+__all__ = ["Record", "TensorPolicy", "Deduper", "build_record", "finalize_stats", "iter_tensor_nodes", "tensor_stats",
+           "dtype_from_str"]
 
 _MAX_DEPTH = 32
 
@@ -32,16 +34,78 @@ class Record:
         call: which module call.
         kind: ``inputs``, ``outputs`` or ``post_fwd_inputs``.
         structure: the JSON tree describing the captured value (tensor leaves carry ``path``).
+            A stored tensor node may carry ``"same_as": "<key>"``: the tensor is identical to an
+            earlier one of the same step (de-duplicated) and has no body in ``tensors``.
         tensors: contiguous CPU snapshots of the stored tensors, keyed by path.
+        ready: a CUDA event that completes when the snapshots' device-to-host copies are done.
     """
 
     call: CallKey
     kind: str
     structure: Any
     tensors: Mapping[tuple[str, ...], torch.Tensor]
+    ready: Any = None
 
     def key(self, path: tuple[str, ...]) -> TensorKey:
         return self.call.tensor(self.kind, path)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def wait_ready(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def finalize_stats(record: Record) -> None:
+    """Fill the statistics of stored tensors from their snapshots (deferred off the hook)."""
+    for path, node in iter_tensor_nodes(record.structure):
+        stats = node.get("stats")
+        if stats == {} and path in record.tensors and "same_as" not in node:
+            stats.update(tensor_stats(record.tensors[path]))
+
+
+class Deduper:
+    """Recognises a tensor captured again unchanged within one step.
+
+    The identity is (storage, offset, shape, strides, dtype, version counter) and the first
+    tensor object must still be alive (checked through a weak reference), so a freed storage
+    whose address is reused can never be mistaken for the earlier tensor; no reference that
+    would keep an activation alive is held.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[Any, ...], tuple[Any, str, dict[str, Any]]] = {}
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+    @staticmethod
+    def _identity(t: torch.Tensor) -> tuple[Any, ...] | None:
+        try:
+            version = t._version
+        except RuntimeError:  # inference-mode tensors track no version: never de-duplicated
+            return None
+        return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape), t.stride(),
+                t.dtype, version)
+
+    def lookup(self, t: torch.Tensor) -> tuple[str, dict[str, Any]] | None:
+        ident = self._identity(t)
+        hit = self._seen.get(ident) if ident is not None else None
+        if hit is None or hit[0]() is None:
+            return None
+        return hit[1], hit[2]
+
+    def remember(self, t: torch.Tensor, key: str, stats: dict[str, Any]) -> None:
+        ident = self._identity(t)
+        if ident is None:
+            return
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        self._seen[ident] = (ref, key, stats)
 
 
 @dataclass(frozen=True)
@@ -57,6 +121,7 @@ class TensorPolicy:
     store_bodies: bool = True
     max_numel: int | None = None
     device_ok: Callable[[str], bool] = lambda _d: True
+    pin_memory: bool = True
 
 
 def dtype_from_str(name: str) -> torch.dtype:
@@ -115,16 +180,22 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
         return out
 
 
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
+def _snapshot(t: torch.Tensor, pin_memory: bool) -> tuple[torch.Tensor, bool]:
     """A CPU copy of just the view's own elements, contiguous, detached from autograd.
 
     ``resolve_conj``/``resolve_neg`` materialise lazy views that some writers would otherwise
-    store wrongly; ``.to(copy=True)`` guarantees a fresh buffer even for a tensor that is
-    already contiguous (a slice's ``.contiguous()`` would still share the whole base storage).
+    store wrongly; a fresh buffer is used even for a tensor that is already contiguous (a
+    slice's ``.contiguous()`` would still share the whole base storage). Device tensors are
+    copied into pinned host memory without blocking; the second value says so, and the caller
+    records an event the writer waits on before touching the copy.
     """
     with torch.no_grad():
         x = t.detach().resolve_conj().resolve_neg()
-        return x.to("cpu", memory_format=torch.contiguous_format, copy=True)
+        if x.device.type == "cuda":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=pin_memory)
+            host.copy_(x, non_blocking=pin_memory)
+            return host, pin_memory
+        return x.to("cpu", memory_format=torch.contiguous_format, copy=True), False
 
 
 def _unsupported(t: torch.Tensor) -> str | None:
@@ -139,8 +210,17 @@ def _unsupported(t: torch.Tensor) -> str | None:
     return None
 
 
-def _tensor_node(t: torch.Tensor, path: tuple[str, ...], policy: TensorPolicy,
-                 out: dict[tuple[str, ...], torch.Tensor]) -> dict[str, Any]:
+@dataclass
+class _Ctx:
+    policy: TensorPolicy
+    out: dict[tuple[str, ...], torch.Tensor]
+    key_prefix: str
+    dedup: Deduper | None
+    async_copy: bool = False
+
+
+def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+    policy = ctx.policy
     device = str(t.device)
     node: dict[str, Any] = {
         "type": "tensor",
@@ -156,14 +236,22 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], policy: TensorPolicy,
     if reason is not None:
         node.update(stored=False, reason=reason)
         return node
-    node["stats"] = tensor_stats(t)
     if not policy.store_bodies:
-        node.update(stored=False, reason="mode=stats")
+        node.update(stats=tensor_stats(t), stored=False, reason="mode=stats")
     elif policy.max_numel is not None and t.numel() > policy.max_numel:
-        node.update(stored=False, reason=f"numel {t.numel()} > max_tensor_size {policy.max_numel}")
+        node.update(stats=tensor_stats(t), stored=False,
+                    reason=f"numel {t.numel()} > max_tensor_size {policy.max_numel}")
     else:
         node["stored"] = True
-        out[path] = _snapshot(t)
+        hit = ctx.dedup.lookup(t) if ctx.dedup is not None else None
+        if hit is not None:
+            node["same_as"], node["stats"] = hit  # shares the first node's (deferred) stats
+        else:
+            node["stats"] = {}  # filled from the snapshot by finalize_stats, off the hook
+            ctx.out[path], pending = _snapshot(t, policy.pin_memory)
+            ctx.async_copy |= pending
+            if ctx.dedup is not None:
+                ctx.dedup.remember(t, ctx.key_prefix + "".join("/" + encode_part(p) for p in path), node["stats"])
     return node
 
 
@@ -175,48 +263,49 @@ def _plain(value: Any) -> Any:
     return {"type": "value", "class": f"{type(value).__module__}.{type(value).__qualname__}", "repr": repr(value)[:200]}
 
 
-def _walk(value: Any, path: tuple[str, ...], policy: TensorPolicy,
-          out: dict[tuple[str, ...], torch.Tensor], depth: int) -> Any:
+def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
     if isinstance(value, torch.Tensor):
-        return _tensor_node(value, path, policy, out)
+        return _tensor_node(value, path, ctx)
     if depth >= _MAX_DEPTH:
         return _plain(value)
     if isinstance(value, Mapping):
         node: dict[str, Any] = {"type": "dict", "items": {
-            str(k): _walk(v, path + (str(k),), policy, out, depth + 1) for k, v in value.items()}}
+            str(k): _walk(v, path + (str(k),), ctx, depth + 1) for k, v in value.items()}}
         if type(value) is not dict:
             node["class"] = type(value).__qualname__
         return node
     if isinstance(value, (tuple, list)):
         node = {"type": "tuple" if isinstance(value, tuple) else "list",
-                "items": [_walk(v, path + (str(i),), policy, out, depth + 1) for i, v in enumerate(value)]}
+                "items": [_walk(v, path + (str(i),), ctx, depth + 1) for i, v in enumerate(value)]}
         if type(value) not in (tuple, list):
             node["class"] = type(value).__qualname__
         return node
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {"type": "dict", "class": type(value).__qualname__,
-                "items": {k: _walk(v, path + (k,), policy, out, depth + 1) for k, v in fields.items()}}
+                "items": {k: _walk(v, path + (k,), ctx, depth + 1) for k, v in fields.items()}}
     return _plain(value)
 
 
-def build_structure(value: Any, policy: TensorPolicy,
-                    kwargs: Mapping[str, Any] | None = None) -> tuple[Any, dict[tuple[str, ...], torch.Tensor]]:
+def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
+                 kwargs: Mapping[str, Any] | None = None, dedup: Deduper | None = None) -> Record:
     """Describe ``value`` as a JSON tree and snapshot the tensors whose bodies are stored.
 
     For inputs, ``value`` is the positional-argument tuple and ``kwargs`` the keyword
     arguments: keyword tensors get the keyword name as their path and the tree carries a
-    ``"kwargs"`` dict beside the positional ``"items"``.
-
-    Returns:
-        ``(structure, tensors)`` with ``tensors`` mapping each stored tensor's path to its
-        snapshot.
+    ``"kwargs"`` dict beside the positional ``"items"``. Statistics of stored tensors are left
+    empty here and filled by :func:`finalize_stats` (on the writer thread when writes are
+    asynchronous); statistics of tensors whose body is not stored are computed now.
     """
-    out: dict[tuple[str, ...], torch.Tensor] = {}
-    structure = _walk(value, (), policy, out, 0)
+    ctx = _Ctx(policy, {}, str(call.tensor(kind)), dedup)
+    structure = _walk(value, (), ctx, 0)
     if kwargs is not None:
-        structure["kwargs"] = {k: _walk(v, (k,), policy, out, 1) for k, v in kwargs.items()}
-    return structure, out
+        structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}
+    ready = None
+    if ctx.async_copy:
+        ready = torch.cuda.Event()
+        ready.record()
+    return Record(call, kind, structure, ctx.out, ready)
 
 
 def iter_tensor_nodes(structure: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:

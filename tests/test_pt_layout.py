@@ -120,6 +120,7 @@ def test_ls_incomplete_run(out_dir: Path) -> None:
     model(torch.randn(1, 4))
     cap._begin_step()  # a step that starts and never ends, as in a killed process
     cap._pre("lin", None, model.lin, (torch.randn(1, 4),), {})
+    cap.flush()  # what the writer thread had written when the process died
     result = CliRunner().invoke(cli, ["ls", str(cap.run_dir)])
     assert result.exit_code == 0
     assert "status running" in result.output and "incomplete step(s), cut before they finished: [1]" in result.output

@@ -251,6 +251,16 @@ class StoreReader(ABC):
         node = self.meta(key)
         if node.get("stored") is False:
             raise KeyError(f"{key}: body not stored ({node.get('reason', 'stats only')})")
+        same_as = node.get("same_as")
+        if same_as is not None and "file" not in node:
+            # de-duplicated: identical to an earlier tensor of the same step
+            try:
+                original = TensorKey.parse(same_as)
+            except ValueError:
+                raise CorruptFileError(self.run_dir, f"{key}: bad same_as reference {same_as!r}") from None
+            if original.step != key.step or original == key:
+                raise CorruptFileError(self.run_dir, f"{key}: same_as must name another tensor of step {key.step}")
+            return self.load(original)
         return self._load(key, node)
 
     def close(self) -> None:

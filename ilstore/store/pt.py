@@ -78,6 +78,7 @@ class PtWriter(StoreWriter):
     def _open(self) -> None:
         self._dirs: dict[CallKey, str] = {}
         self._used: set[str] = set()
+        self._files: dict[str, Path] = {}
         self._step: int | None = None
 
     def _step_dir(self, step: int) -> Path:
@@ -85,7 +86,7 @@ class PtWriter(StoreWriter):
 
     def _call_dir(self, call: CallKey) -> Path:
         if self._step != call.step:
-            self._step, self._dirs, self._used = call.step, {}, set()
+            self._step, self._dirs, self._used, self._files = call.step, {}, set(), {}
         name = self._dirs.get(call)
         if name is None:
             name = base = module_dir_name(call.module, call.call)
@@ -113,7 +114,14 @@ class PtWriter(StoreWriter):
                 fname = f"{base[:-3]}~{n}.pt"
             used.add(fname)
             node["file"] = fname
-            torch.save(record.tensors[path], call_dir / fname)
+            target = call_dir / fname
+            same_as = node.get("same_as")
+            if same_as is not None:
+                # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
+                _link_or_copy(self._files[same_as], target)
+            else:
+                torch.save(record.tensors[path], target)
+            self._files[str(record.key(path))] = target
         doc = dict(record.structure) if isinstance(record.structure, dict) else {"type": "value", "value": record.structure}
         doc["ilstore"] = {"module": record.call.module, "call": record.call.call, "step": record.call.step,
                           "rank": record.call.rank, "kind": record.kind}
@@ -128,6 +136,15 @@ class PtWriter(StoreWriter):
         tmp = step_dir / ".module_calls.txt.partial"
         tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         os.replace(tmp, step_dir / "module_calls.txt")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        import shutil
+
+        shutil.copyfile(src, dst)
 
 
 class PtReader(StoreReader):

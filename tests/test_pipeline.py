@@ -1,0 +1,153 @@
+"""Asynchronous writes, bounded pending memory, de-duplication and deferred statistics."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import ilstore
+from ilstore.demo import DEMO_PROMPT, tiny_llama
+from ilstore.pipeline import ThreadedSink, WriterFailed
+from ilstore.records import Record
+from ilstore.store.base import StepInfo, StoreWriter
+
+
+def _capture(out_dir: Path, run_id: str, model: nn.Module, x: Any, **cfg: Any) -> Path:
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(out_dir), "run_id": run_id, **cfg}) as cap:
+        model(x) if not isinstance(x, dict) else model(**x)
+    assert cap.run_dir is not None
+    return cap.run_dir
+
+
+def _all(run_dir: Path) -> dict[str, tuple[dict[str, Any], torch.Tensor | None]]:
+    with ilstore.open_run(run_dir) as run:
+        out = {}
+        for k in run.keys():
+            meta = dict(run.meta(k))
+            out[str(k)] = ({n: meta.get(n) for n in ("shape", "dtype", "stats", "stored")},
+                           run.load(k) if meta.get("stored") else None)
+        return out
+
+
+@pytest.mark.parametrize("backend", ["pt"])
+def test_sync_async_dedup_give_same_records(out_dir: Path, backend: str) -> None:
+    x = {"input_ids": torch.tensor(DEMO_PROMPT), "use_cache": False}
+    runs = {}
+    for name, cfg in {"sync": {"async_writes": False, "dedup": False},
+                      "async": {"async_writes": True, "dedup": False},
+                      "dedup": {"async_writes": True, "dedup": True},
+                      "sync-dedup": {"async_writes": False, "dedup": True}}.items():
+        runs[name] = _all(_capture(out_dir, name, tiny_llama(), x, backend=backend, **cfg))
+    base = runs["sync"]
+    for name, run in runs.items():
+        assert run.keys() == base.keys(), name
+        for k, (meta, t) in run.items():
+            assert meta == base[k][0], (name, k)
+            assert t is not None and torch.equal(t, base[k][1]), (name, k)
+
+
+def test_dedup_hard_links_and_loads(out_dir: Path) -> None:
+    run_dir = _capture(out_dir, "d", tiny_llama(), {"input_ids": torch.tensor(DEMO_PROMPT), "use_cache": False})
+    a = run_dir / "step_0" / "model.layers.0.mlp.act_fn" / "outputs_cpu.pt"
+    b = run_dir / "step_0" / "model.layers.0.mlp.act_fn" / "inputs_0_cpu.pt"
+    gate_out = run_dir / "step_0" / "model.layers.0.mlp.gate_proj" / "outputs_cpu.pt"
+    assert os.stat(b).st_ino == os.stat(gate_out).st_ino  # gate_proj's output is act_fn's input
+    assert os.stat(a).st_ino != os.stat(b).st_ino
+    assert torch.equal(torch.load(b, weights_only=True), torch.load(gate_out, weights_only=True))
+    inodes = {os.stat(Path(dp) / f).st_ino for dp, _, fs in os.walk(run_dir) for f in fs if f.endswith(".pt")}
+    files = [f for _, _, fs in os.walk(run_dir) for f in fs if f.endswith(".pt")]
+    assert len(inodes) < len(files) * 0.75  # most inputs are an earlier module's output
+    with ilstore.open_run(run_dir) as run:
+        meta = run.meta(ilstore.TensorKey(0, "model.layers.0.mlp.act_fn", 0, "inputs", ("0",)))
+        assert meta["same_as"] == "r0/s0/model.layers.0.mlp.gate_proj/0/outputs"
+        assert meta["stats"]["l2_norm"] > 0
+
+
+class MutateThenReuse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Identity()
+        self.b = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y.add_(1)  # changes the tensor a returned: b's input must not reuse a's snapshot
+        return self.b(y)
+
+
+def test_dedup_respects_in_place_changes(out_dir: Path) -> None:
+    x = torch.zeros(3)
+    run_dir = _capture(out_dir, "m", MutateThenReuse(), x)
+    with ilstore.open_run(run_dir) as run:
+        a_out = run.load(ilstore.TensorKey(0, "a", 0, "outputs"))
+        b_in = run.load(ilstore.TensorKey(0, "b", 0, "inputs", ("0",)))
+        assert torch.equal(a_out, torch.zeros(3)) and torch.equal(b_in, torch.ones(3))
+        assert "same_as" not in run.meta(ilstore.TensorKey(0, "b", 0, "inputs", ("0",)))
+        assert run.meta(ilstore.TensorKey(0, "b", 0, "outputs"))["same_as"] == "r0/s0/b/0/inputs/0"
+
+
+class SlowWriter(StoreWriter):
+    name = "slow"
+
+    def __init__(self, run_dir: Path, fail_at: int | None = None) -> None:
+        super().__init__(run_dir)
+        self.written: list[Record] = []
+        self.fail_at = fail_at
+        self.gate = threading.Event()
+
+    def _write(self, record: Record) -> None:
+        self.gate.wait(5)
+        if self.fail_at is not None and len(self.written) == self.fail_at:
+            raise OSError(28, "No space left on device")
+        self.written.append(record)
+
+    def _end_step(self, info: StepInfo) -> None:
+        pass
+
+
+def _record(i: int, nbytes: int) -> Record:
+    return Record(ilstore.CallKey(0, 0, f"m{i}", 0), "outputs", {"type": "tensor"}, {(): torch.zeros(nbytes // 4)})
+
+
+def test_pending_memory_is_bounded(tmp_path: Path) -> None:
+    writer = SlowWriter(tmp_path / "run")
+    writer.open(ilstore.manifest.new_manifest("slow", {}))
+    sink = ThreadedSink(writer, max_pending_bytes=3 * 4096)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(10):
+            sink.write(_record(i, 4096))
+        done.set()
+
+    t = threading.Thread(target=produce)
+    t.start()
+    time.sleep(0.3)
+    assert not done.is_set()  # the producer waits: only 3 records fit
+    assert sink.peak_pending_bytes <= 3 * 4096
+    writer.gate.set()
+    t.join(5)
+    sink.close("complete")
+    assert done.is_set() and len(writer.written) == 10 and sink.peak_pending_bytes <= 3 * 4096
+
+
+def test_writer_failure_surfaces_at_step_end_and_close(tmp_path: Path) -> None:
+    writer = SlowWriter(tmp_path / "run", fail_at=1)
+    writer.gate.set()
+    writer.open(ilstore.manifest.new_manifest("slow", {}))
+    sink = ThreadedSink(writer, max_pending_bytes=2**20)
+    for i in range(3):
+        sink.write(_record(i, 64))
+    sink._queue.join()
+    with pytest.raises(WriterFailed, match="No space left on device"):
+        sink.end_step(StepInfo(0, [], []))
+    with pytest.raises(WriterFailed):
+        sink.close("complete")
+    assert writer.manifest["status"] == "failed"
