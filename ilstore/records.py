@@ -143,41 +143,67 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     Floating tensors get min, max, mean, std (population), abs_max, l2_norm over their finite
     elements, plus nan_count and inf_count. Complex tensors get abs_max, l2_norm and the counts.
     Integer and bool tensors get min and max. Empty tensors get only what is defined.
+
+    The common case (all finite) takes three reductions and one device sync: ``aminmax``
+    (which also reveals NaN/Inf), a float64 sum and an L2 norm; std comes from them, and is
+    recomputed exactly with ``var_mean`` when the mean dominates so cancellation could bite.
     """
     with torch.no_grad():
         x = t.detach()
-        if x.numel() == 0:
+        n = x.numel()
+        if n == 0:
             return {"nan_count": 0, "inf_count": 0} if (x.is_floating_point() or x.is_complex()) else {}
         if x.is_complex():
-            mag = x.abs().double()
-            nan = int(torch.isnan(mag).sum())
-            inf = int(torch.isinf(mag).sum())
-            fin = mag[torch.isfinite(mag)] if nan or inf else mag
-            out: dict[str, Any] = {"nan_count": nan, "inf_count": inf}
-            if fin.numel():
-                out.update(abs_max=float(fin.max()), l2_norm=float(fin.square().sum().sqrt()))
-            return out
+            return _slow_stats(x)
         if not x.is_floating_point():
             if x.dtype == torch.bool:
                 return {"min": bool(x.min()), "max": bool(x.max())}
-            return {"min": int(x.min()), "max": int(x.max())}
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(work)
-        nan = int(torch.isnan(xf).sum())
-        inf = int(torch.isinf(xf).sum())
-        fin = xf[torch.isfinite(xf)] if nan or inf else xf.reshape(-1)
-        out = {"nan_count": nan, "inf_count": inf}
+            lo, hi = torch.aminmax(x)
+            return {"min": int(lo), "max": int(hi)}
+        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            x = x.float()  # float8 variants have few kernels
+        lo, hi = torch.aminmax(x)
+        total = x.sum(dtype=torch.float64)
+        l2 = torch.linalg.vector_norm(x, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+        mn, mx, sm, nrm = torch.stack([lo.double(), hi.double(), total, l2.double()]).tolist()
+        if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(nrm)):
+            return _slow_stats(x)
+        mean = sm / n
+        var = max(nrm * nrm / n - mean * mean, 0.0)
+        if mean * mean > 1e3 * var:
+            var = float(torch.var_mean(x.double(), correction=0)[0])
+        return {"nan_count": 0, "inf_count": 0, "min": mn, "max": mx, "mean": mean, "std": math.sqrt(var),
+                "abs_max": max(-mn, mx), "l2_norm": nrm}
+
+
+def _slow_stats(x: torch.Tensor) -> dict[str, Any]:
+    """Statistics over the finite elements when there are NaN/Inf (and for complex)."""
+    if x.is_complex():
+        mag = x.abs().double()
+        nan = int(torch.isnan(mag).sum())
+        inf = int(torch.isinf(mag).sum())
+        fin = mag[torch.isfinite(mag)] if nan or inf else mag
+        out: dict[str, Any] = {"nan_count": nan, "inf_count": inf}
         if fin.numel():
-            fin64 = fin.double()
-            out.update(
-                min=_finite_or_none(float(fin.min())),
-                max=_finite_or_none(float(fin.max())),
-                mean=_finite_or_none(float(fin64.mean())),
-                std=_finite_or_none(float(fin64.std(correction=0))),
-                abs_max=_finite_or_none(float(fin.abs().max())),
-                l2_norm=_finite_or_none(float(fin64.square().sum().sqrt())),
-            )
+            out.update(abs_max=float(fin.max()), l2_norm=float(fin.square().sum().sqrt()))
         return out
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(work)
+    nan = int(torch.isnan(xf).sum())
+    inf = int(torch.isinf(xf).sum())
+    fin = xf[torch.isfinite(xf)] if nan or inf else xf.reshape(-1)
+    out = {"nan_count": nan, "inf_count": inf}
+    if fin.numel():
+        fin64 = fin.double()
+        out.update(
+            min=_finite_or_none(float(fin.min())),
+            max=_finite_or_none(float(fin.max())),
+            mean=_finite_or_none(float(fin64.mean())),
+            std=_finite_or_none(float(fin64.std(correction=0))),
+            abs_max=_finite_or_none(float(fin.abs().max())),
+            l2_norm=_finite_or_none(float(fin64.square().sum().sqrt())),
+        )
+    return out
 
 
 def _snapshot(t: torch.Tensor, pin_memory: bool) -> tuple[torch.Tensor, bool]:

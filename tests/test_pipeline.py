@@ -151,3 +151,17 @@ def test_writer_failure_surfaces_at_step_end_and_close(tmp_path: Path) -> None:
     with pytest.raises(WriterFailed):
         sink.close("complete")
     assert writer.manifest["status"] == "failed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fast_stats_match_exact_formulas(dtype: torch.dtype) -> None:
+    from ilstore.records import _slow_stats, tensor_stats
+
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(300, 17, generator=g), torch.randn(1000, generator=g) + 5000.0, torch.tensor([3.5]),
+              torch.full((64,), -2.0)):
+        x = x.to(dtype)
+        fast, exact = tensor_stats(x), _slow_stats(x)
+        assert fast.keys() == exact.keys()
+        for k in fast:
+            assert fast[k] == pytest.approx(exact[k], rel=1e-5, abs=1e-6 * (1 + abs(exact["mean"]))), (k, dtype)

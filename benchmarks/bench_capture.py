@@ -1,0 +1,226 @@
+"""Capture cost against a raw-write floor, all measured in this one process.
+
+Workload (issue 5): a transformers Llama (hidden 512, intermediate 1408, 8 layers, 8 heads,
+vocab 8000, float32), batch 1 x 256 tokens, ``use_cache=False``, every module's inputs and
+outputs captured for one forward.
+
+Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
+* ``baseline``: the forward without hooks.
+* ``clone-only``: hooks that clone every tensor, no disk.
+* ``raw floor``: hooks + clone + one ``numpy.tofile`` per tensor (the cost of writing the bytes).
+* ``naive torch.save``: one ``torch.save`` per tensor + a JSON per module (the earlier vLLM code).
+* ``ilstore <backend> sync|async``: ``ilstore.capture`` with every module.
+* ``ilstore pt stats``, ``match one module``, ``enabled false``.
+
+Columns: forward (producer-visible) time, total time including flush/close, each as a ratio
+to the baseline forward and to the raw floor's total; bytes and files written; peak RSS growth
+over the process's RSS before the row (sampled every 2 ms).
+
+Usage: python benchmarks/bench_capture.py [--rounds 5] [--backends pt,safetensors,hdf5] [--tmp DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import ilstore
+
+
+def build_model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=8000, max_position_embeddings=512, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "RssSampler":
+        self.base = _rss()
+        self.peak = self.base
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _attach(model: torch.nn.Module, on_tensors: Callable[[str, str, list[torch.Tensor]], None]) -> list[Any]:
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, a, k, n=name: on_tensors(n, "inputs", _tensors(a) + _tensors(k)), with_kwargs=True))
+        handles.append(mod.register_forward_hook(lambda m, a, o, n=name: on_tensors(n, "outputs", _tensors(o))))
+    return handles
+
+
+def _dir_size(path: Path) -> tuple[int, int]:
+    nbytes = nfiles = 0
+    seen: set[int] = set()
+    for dp, _dn, fs in os.walk(path):
+        for f in fs:
+            st = os.stat(os.path.join(dp, f))
+            nfiles += 1
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                nbytes += st.st_size
+    return nbytes, nfiles
+
+
+def run_row(name: str, rounds: int, tmp: Path, model: torch.nn.Module, ids: torch.Tensor,
+            setup: Callable[[Path], Any], flush: Callable[[Any], None]) -> dict[str, Any]:
+    fwd, total, rss = [], [], []
+    nbytes = nfiles = 0
+    for r in range(rounds):
+        out = tmp / f"{name.replace(' ', '_')}_{r}"
+        out.mkdir(parents=True)
+        gc.collect()
+        with RssSampler() as sampler:
+            state = setup(out)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+            t1 = time.perf_counter()
+            flush(state)
+            t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        total.append(t2 - t0)
+        rss.append(sampler.growth)
+        nbytes, nfiles = _dir_size(out)
+        shutil.rmtree(out)
+    return {"name": name, "forward": statistics.median(fwd), "total": statistics.median(total),
+            "bytes": nbytes, "files": nfiles, "rss": statistics.median(rss)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backends", default="pt,safetensors,hdf5")
+    ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = build_model()
+    ids = torch.randint(0, 8000, (1, 256), generator=torch.Generator().manual_seed(0))
+    tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-"))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up
+    rows = []
+
+    def hooks(fn: Callable[[Path], Callable[[str, str, list[torch.Tensor]], None]]) -> Callable[[Path], Any]:
+        return lambda out: _attach(model, fn(out))
+
+    def remove(handles: Any) -> None:
+        for h in handles:
+            h.remove()
+
+    rows.append(run_row("baseline", args.rounds, tmp, model, ids, lambda out: None, lambda s: None))
+
+    def clone_only(out: Path) -> Callable[..., None]:
+        keep: list[torch.Tensor] = []
+        return lambda n, k, ts: keep.extend(t.detach().clone() for t in ts)
+
+    rows.append(run_row("clone-only", args.rounds, tmp, model, ids, hooks(clone_only), remove))
+
+    def raw(out: Path) -> Callable[..., None]:
+        counter = [0]
+
+        def write(n: str, k: str, ts: list[torch.Tensor]) -> None:
+            for t in ts:
+                counter[0] += 1
+                t.detach().clone().numpy().tofile(out / f"{counter[0]}.bin")
+        return write
+
+    rows.append(run_row("raw floor", args.rounds, tmp, model, ids, hooks(raw), remove))
+
+    def naive(out: Path) -> Callable[..., None]:
+        calls: dict[str, int] = {}
+
+        def write(n: str, k: str, ts: list[torch.Tensor]) -> None:
+            d = out / n
+            d.mkdir(exist_ok=True)
+            meta = []
+            for i, t in enumerate(ts):
+                torch.save(t.detach().clone(), d / f"{k}_{i}_cpu.pt")
+                meta.append({"type": "tensor", "shape": list(t.shape), "dtype": str(t.dtype), "numel": t.numel()})
+            (d / f"{k}.json").write_text(json.dumps({"type": "tuple", "items": meta}))
+        return write
+
+    rows.append(run_row("naive torch.save", args.rounds, tmp, model, ids, hooks(naive), remove))
+
+    def ilstore_row(label: str, **cfg: Any) -> dict[str, Any]:
+        def setup(out: Path) -> Any:
+            return ilstore.capture(model, {"output_dir": str(out), "run_id": "run", **cfg})
+        return run_row(label, args.rounds, tmp, model, ids, setup, lambda cap: cap.close())
+
+    for backend in [b for b in args.backends.split(",") if b]:
+        for mode in ("sync", "async"):
+            rows.append(ilstore_row(f"ilstore {backend} {mode}", backend=backend, async_writes=mode == "async"))
+    rows.append(ilstore_row("ilstore pt stats", mode="stats"))
+    rows.append(ilstore_row("ilstore match one module", module_call_match="^model\\.layers\\.3\\.mlp\\.down_proj$"))
+    rows.append(ilstore_row("ilstore enabled false", enabled=False))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    base = rows[0]["forward"]
+    floor = next(r for r in rows if r["name"] == "raw floor")["total"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians)")
+    header = f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} {'MB':>7} {'files':>6} {'RSS+MB':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:28} {r['forward']:9.3f} {r['forward'] / base:8.2f} {r['total']:8.3f} {r['total'] / base:8.2f} "
+              f"{r['total'] / floor:9.2f} {r['bytes'] / 1e6:7.1f} {r['files']:6d} {r['rss'] / 2**20:7.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
