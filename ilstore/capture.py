@@ -20,10 +20,11 @@ from torch import nn
 from .config import Config, load_config
 from .errors import StoreError
 from .keys import CallKey
-from .manifest import new_manifest
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, new_manifest, write_json_atomic
 from .pipeline import RecordSink, SyncSink, ThreadedSink
 from .records import Deduper, TensorPolicy, build_record
 from .store.base import StepInfo
+from .store.ranks import rank_dir_name
 from .store.registry import get_backend
 
 __all__ = ["Capture", "capture", "IlstoreWarning"]
@@ -41,6 +42,15 @@ class _Frame:
     take: bool
     args: Any = None
     kwargs: Any = None
+
+
+def _agree_run_id(config: Config) -> Config:
+    """All ranks use rank 0's run id (each rank may have generated its own UUID)."""
+    box = [config.run_id]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] == config.run_id:
+        return config
+    return load_config(config, run_id=box[0])
 
 
 def _dist_info() -> tuple[int, int]:
@@ -73,21 +83,37 @@ class Capture:
         self._step_open = False
         self._in_root = 0
         self._stray_warned = False
+        self.error: Exception | None = None
+        self._dedup: Deduper | None = None
         if not self.config.enabled:
             return
         cfg = self.config
         backend = get_backend(cfg.backend)  # load_config validated the name and options
         self.rank, self.world_size = _dist_info()
+        if self.world_size > 1:
+            cfg = self.config = _agree_run_id(cfg)
         self.run_dir = cfg.run_dir
         self._policy = TensorPolicy(store_bodies=cfg.mode == "tensors", max_numel=cfg.max_tensor_size,
                                     device_ok=cfg.logs_device)
-        writer = backend.writer(self.run_dir, cfg.backend_options)
-        manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
-        existing = self.run_dir / ("ilstore.json" if self.world_size == 1 else f"ilstore.rank{self.rank}.json")
-        if existing.exists():
+        # One process writes the documented tree at the run directory's top; under
+        # torch.distributed each rank writes its own sub-run, rank_<r>/, so nothing collides.
+        rank_dir = self.run_dir if self.world_size == 1 else self.run_dir / rank_dir_name(self.rank)
+        if (rank_dir / MANIFEST_NAME).exists():
             raise StoreError(f"{self.run_dir}: a run already exists there; choose another run_id or output_dir "
                              "(ilstore never overwrites a run)")
-        writer.open(manifest)
+        writer = backend.writer(rank_dir, cfg.backend_options)
+        manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
+        try:
+            if self.world_size > 1 and self.rank == 0:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.run_dir / MANIFEST_NAME, {
+                    "format": "ilstore", "format_version": FORMAT_VERSION, "layout": "ranks",
+                    "world_size": self.world_size, "ranks": list(range(self.world_size)),
+                    "backend": backend.name, "config": cfg.to_dict()})
+            writer.open(manifest)
+        except OSError as exc:
+            self._fail(StoreError(f"{self.run_dir}: cannot create the run directory: {exc}"))
+            return
         self._dedup = Deduper() if cfg.dedup and cfg.mode == "tensors" else None
         if cfg.async_writes:
             self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
@@ -155,8 +181,36 @@ class Capture:
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._in_root = max(0, self._in_root - 1)
         if self._in_root == 0 and self._step_open:
-            self._end_step()
+            try:
+                self._end_step()
+            except Exception as exc:
+                self._fail(exc)
             self.step_index += 1
+
+    # -- failures -------------------------------------------------------------------------------
+    def _fail(self, exc: Exception) -> None:
+        """Capture could not write (disk full, unwritable directory, a bug): stop capturing.
+
+        With ``on_error: "raise"`` the exception propagates into the model's forward. With the
+        default ``"warn"`` the model keeps running untouched: one error is logged, the hooks
+        are removed, the run is closed as ``failed`` and everything already written stays.
+        """
+        if self.config.on_error == "raise":
+            raise exc
+        if self.error is not None:
+            return
+        self.error = exc
+        _log.error("ilstore: capture stopped at step %d, the model keeps running: %s (run %s)",
+                   self.step_index, exc, self.run_dir)
+        self._detach()
+        self._step_open = False
+        self._closed = True
+        if self._sink is not None:
+            self._sink.writer.manifest["error"] = str(exc)
+            try:
+                self._sink.close("failed")
+            except Exception as close_exc:  # the disk may still be full
+                _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
 
     def step(self) -> int:
         """Manual stepping: end the current step and start the next; returns the new index.
@@ -178,6 +232,18 @@ class Capture:
         self._sink.write(build_record(call, kind, value, self._policy, kwargs, self._dedup))
 
     def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any, kwargs: Any) -> None:
+        try:
+            self._pre_impl(name, selected, args, kwargs)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        try:
+            self._post_impl(name, output)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _pre_impl(self, name: str, selected: frozenset[int] | None, args: Any, kwargs: Any) -> None:
         if not self._step_open:
             if not self.manual_step:
                 if not self._stray_warned:
@@ -202,7 +268,7 @@ class Capture:
                 frame.args, frame.kwargs = args, kwargs
         self._frames.setdefault(name, []).append(frame)
 
-    def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def _post_impl(self, name: str, output: Any) -> None:
         stack = self._frames.get(name) if self._step_open else None
         if not stack:
             return
@@ -226,8 +292,13 @@ class Capture:
             try:
                 if self._step_open and (self.manual_step or status == "complete"):
                     self._end_step()
-            finally:
+            except Exception as exc:
+                self._fail(exc)
+                return
+            try:
                 self._sink.close(status)
+            except Exception as exc:
+                self._fail(exc)
 
     def flush(self) -> None:
         """Wait until everything captured so far is written (asynchronous writes only)."""

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "async_writes": True,
     "max_pending_mb": 1024,
     "dedup": True,
+    "on_error": "warn",
 }
 
 # A selector suffix: ":1", ":0,2", ":1-3", ":0,2-4". Only a suffix that parses like this is a
@@ -125,6 +126,7 @@ class Config:
     async_writes: bool
     max_pending_mb: float
     dedup: bool
+    on_error: str
     selectors: tuple[ModuleSelector, ...] | None = field(compare=False, repr=False)
 
     @property
@@ -177,6 +179,7 @@ class Config:
             "async_writes": self.async_writes,
             "max_pending_mb": self.max_pending_mb,
             "dedup": self.dedup,
+            "on_error": self.on_error,
         }
 
 
@@ -359,5 +362,6 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
         async_writes=merged["async_writes"],
         max_pending_mb=merged["max_pending_mb"],
         dedup=merged["dedup"],
+        on_error=merged["on_error"],
         selectors=None if entries is None else tuple(_parse_selector(e) for e in entries),
     )

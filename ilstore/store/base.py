@@ -69,11 +69,6 @@ class StoreWriter(ABC):
         """Return one message per problem in ``backend_options`` (empty when valid)."""
         return [f"backend_options.{k}: unknown option for the {cls.name!r} backend" for k in options]
 
-    @property
-    def manifest_name(self) -> str:
-        rank = self.manifest.get("rank", 0)
-        return MANIFEST_NAME if self.manifest.get("world_size", 1) == 1 else f"ilstore.rank{rank}.json"
-
     def open(self, manifest: dict[str, Any]) -> None:
         self.manifest = manifest
         self.manifest["backend"] = self.name
@@ -108,7 +103,7 @@ class StoreWriter(ABC):
             self._save_manifest()
 
     def _save_manifest(self) -> None:
-        write_json_atomic(self.run_dir / self.manifest_name, self.manifest)
+        write_json_atomic(self.run_dir / MANIFEST_NAME, self.manifest)
 
     def _open(self) -> None:
         """Prepare backend files (optional)."""

@@ -137,9 +137,12 @@ def open_run(path: str | Path) -> StoreReader:
         raise RunNotFoundError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
         raise RunNotFoundError(f"{run_dir}: not a directory")
-    backend = detect_backend(run_dir)
+    from .ranks import RankedReader, is_ranked
+
     try:
-        return backend.reader(run_dir)
+        if is_ranked(read_manifest(run_dir)):
+            return RankedReader(run_dir)
+        return detect_backend(run_dir).reader(run_dir)
     except StoreError:
         raise
     except OSError as exc:
