@@ -8,6 +8,7 @@ read tensors (statistics) and copy them (snapshots). Only modules that some
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -18,10 +19,10 @@ import torch
 from torch import nn
 
 from .config import Config, load_config
-from .errors import StoreError
+from .errors import IlstoreError, StoreError
 from .keys import CallKey
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, new_manifest, write_json_atomic
-from .pipeline import RecordSink, SyncSink, ThreadedSink
+from .pipeline import RecordSink, SyncSink, ThreadedSink, WriterFailed
 from .records import Deduper, TensorPolicy, build_record
 from .store.base import StepInfo
 from .store.ranks import rank_dir_name
@@ -181,10 +182,18 @@ class Capture:
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._in_root = max(0, self._in_root - 1)
         if self._in_root == 0 and self._step_open:
-            try:
-                self._end_step()
-            except Exception as exc:
-                self._fail(exc)
+            if output is None and sys.exc_info()[0] is not None:
+                # The forward raised (always_call hooks run while the exception is handled):
+                # the step is abandoned, never marked complete; its partial data is ignored.
+                self._step_open = False
+                self._frames = {}
+                if self._dedup is not None:
+                    self._dedup.clear()
+            else:
+                try:
+                    self._end_step()
+                except Exception as exc:
+                    self._fail(exc)
             self.step_index += 1
 
     # -- failures -------------------------------------------------------------------------------
@@ -196,7 +205,9 @@ class Capture:
         are removed, the run is closed as ``failed`` and everything already written stays.
         """
         if self.config.on_error == "raise":
-            raise exc
+            if isinstance(exc, IlstoreError):
+                raise exc
+            raise WriterFailed(f"{self.run_dir}: capture failed at step {self.step_index}: {exc}") from exc
         if self.error is not None:
             return
         self.error = exc
@@ -206,9 +217,8 @@ class Capture:
         self._step_open = False
         self._closed = True
         if self._sink is not None:
-            self._sink.writer.manifest["error"] = str(exc)
             try:
-                self._sink.close("failed")
+                self._sink.close("failed", error=str(exc))
             except Exception as close_exc:  # the disk may still be full
                 _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
 

@@ -40,7 +40,7 @@ class RecordSink:
     def end_step(self, info: StepInfo) -> None:
         raise NotImplementedError
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, error: str | None = None) -> None:
         raise NotImplementedError
 
 
@@ -54,8 +54,8 @@ class SyncSink(RecordSink):
     def end_step(self, info: StepInfo) -> None:
         self.writer.end_step(info)
 
-    def close(self, status: str) -> None:
-        self.writer.close(status)
+    def close(self, status: str, error: str | None = None) -> None:
+        self.writer.close(status, error)
 
 
 class ThreadedSink(RecordSink):
@@ -121,12 +121,13 @@ class ThreadedSink(RecordSink):
         self._queue.join()
         self._raise_error()
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, error: str | None = None) -> None:
         if self._closed:
             return
         self._closed = True
         self._queue.put(("stop", None, 0))
         self._thread.join()
-        error = self._error
-        self.writer.close("failed" if error is not None and status == "complete" else status)
-        self._raise_error()
+        if self._error is not None:
+            self.writer.close("failed", error or str(self._error))
+            self._raise_error()
+        self.writer.close(status, error)

@@ -365,3 +365,29 @@ def test_ambiguous_dir_names_use_metadata(out_dir: Path) -> None:
         b = model.fc_1(a)
         assert torch.equal(run.load(ilstore.TensorKey(0, "fc_1", 0, "outputs")), b)
         assert torch.equal(run.load(ilstore.TensorKey(0, "fc", 1, "outputs")), model.fc(b))
+
+
+class Flaky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.lin(x)
+        if self.calls == 2:
+            raise ValueError("model failed")
+        return y
+
+
+def test_step_whose_forward_raised_is_not_complete(out_dir: Path) -> None:
+    model = Flaky()
+    with ilstore.capture(model, _cfg(out_dir, log_step_ids=[])) as cap:
+        model(torch.randn(1, 2))
+        with pytest.raises(ValueError):
+            model(torch.randn(1, 2))
+        model(torch.randn(1, 2))
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.steps() == [0, 2] and run.incomplete_steps() == [1] and run.status == "complete"
+        assert [c.module for c in run.calls(2)] == ["lin"]

@@ -46,7 +46,7 @@ class StoreWriter(ABC):
         for each step:
             w.write(record)            # zero or more records of that step, in call order
             w.end_step(info)           # makes the step durable and readable
-        w.close(status)                # once, also after an error ("failed")
+        w.close(status, error)         # once, also after an error ("failed", with a message)
 
     The base class owns the manifest (``ilstore.json``): it is written atomically at
     ``open``, after every ``end_step`` and at ``close``, so a step exists for readers only
@@ -92,7 +92,7 @@ class StoreWriter(ABC):
         self.manifest["current_step"] = None
         self._save_manifest()
 
-    def close(self, status: str = "complete") -> None:
+    def close(self, status: str = "complete", error: str | None = None) -> None:
         if self._closed:
             return
         self._closed = True
@@ -100,6 +100,8 @@ class StoreWriter(ABC):
             self._close()
         finally:
             self.manifest["status"] = status
+            if error:
+                self.manifest["error"] = error
             self._save_manifest()
 
     def _save_manifest(self) -> None:

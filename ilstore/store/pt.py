@@ -15,6 +15,7 @@ metadata), recovering module names, call indices, paths and devices from the tre
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -120,7 +121,7 @@ class PtWriter(StoreWriter):
                 # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
                 _link_or_copy(self._files[same_as], target)
             else:
-                torch.save(record.tensors[path], target)
+                _save_tensor(record.tensors[path], target)
             self._files[str(record.key(path))] = target
         doc = dict(record.structure) if isinstance(record.structure, dict) else {"type": "value", "value": record.structure}
         doc["ilstore"] = {"module": record.call.module, "call": record.call.call, "step": record.call.step,
@@ -136,6 +137,15 @@ class PtWriter(StoreWriter):
         tmp = step_dir / ".module_calls.txt.partial"
         tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         os.replace(tmp, step_dir / "module_calls.txt")
+
+
+def _save_tensor(tensor: torch.Tensor, path: Path) -> None:
+    """``torch.save`` into memory, then one plain write: a full disk or a file-size limit then
+    fails with a clear ``OSError`` (ENOSPC, EFBIG) instead of torch's zip-writer message."""
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    with open(path, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
