@@ -265,6 +265,10 @@ class PtReader(StoreReader):
         try:
             return self._dirs_of(call.step)[call]
         except KeyError:
+            if self.manifest is not None and call in self.calls(call.step):
+                raise CorruptFileError(self.run_dir / "ilstore.json",
+                                       f"lists module call {call.module}#{call.call} of step {call.step}, but the run "
+                                       "has no data for it (the manifest and the files disagree)") from None
             raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}") from None
 
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
