@@ -1,0 +1,37 @@
+"""A capture process killed with SIGKILL mid-step: completed steps stay readable in every backend."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import ilstore
+from ilstore.cli import cli
+
+WORKER = Path(__file__).parent / "workers" / "kill_worker.py"
+BACKENDS = ["pt"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_mid_step(out_dir: Path, backend: str) -> None:
+    proc = subprocess.run([sys.executable, str(WORKER), str(out_dir), backend, "2"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_dir = out_dir / "run"
+    with ilstore.open_run(run_dir) as run:
+        assert run.status == "running"
+        assert run.steps() == [0, 1]
+        assert run.incomplete_steps() == [2]
+        n = 0
+        for key in run.keys():
+            run.load(key)
+            n += 1
+        assert n == 2 * 82
+    result = CliRunner().invoke(cli, ["ls", str(run_dir)])
+    assert result.exit_code == 0
+    assert "status running" in result.output and "cut before they finished: [2]" in result.output
