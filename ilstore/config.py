@@ -218,7 +218,8 @@ def _schema_problems(data: Any) -> list[str]:
             for key in sorted(set(err.instance) - set(known)):
                 hint = difflib.get_close_matches(key, known, n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
-                problems.append(f"{key}: unknown key{extra}")
+                shown = key if re.fullmatch(r"[A-Za-z_]\w*", key) else json.dumps(key)
+                problems.append(f"{shown}: unknown key{extra}")
         elif err.validator == "additionalProperties":
             problems.append(f"{where}: {err.message}")
         elif err.validator == "oneOf" and err.absolute_path and err.absolute_path[0] == "module_call_match":

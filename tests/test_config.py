@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from click.testing import CliRunner
 
 from ilstore.cli import cli
@@ -141,3 +143,34 @@ def test_argparse_helper(tmp_path: Path) -> None:
     assert info.value.code == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["--intermediate-log-config", "{}", "--intermediate-log-config-path", str(path)])
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
+                     | st.text(max_size=12),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_keys = st.sampled_from(sorted(DEFAULTS) + ["log_step_id", "modul_call_match", "", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _json | st.sampled_from(["(", "a:1", "[", "layers\\.0:0-2,5", "*", "cuda"]), max_size=6))
+def test_fuzzed_configs_validate_or_give_keyed_errors(data: dict) -> None:
+    try:
+        cfg = load_config(data)
+    except ConfigError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            head = problem.split(":", 1)[0]
+            root = head.split("[")[0].split(".")[0]
+            assert head and (root in DEFAULTS or head == "(top level)" or "unknown key" in problem), problem
+    else:
+        assert cfg.to_dict().keys() == DEFAULTS.keys()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=40))
+def test_fuzzed_text_never_raises_other_errors(text: str) -> None:
+    try:
+        load_config(text if text.lstrip().startswith("{") else "{" + text)
+    except ConfigError:
+        pass
