@@ -114,34 +114,42 @@ def _dir_size(path: Path) -> tuple[int, int]:
     return nbytes, nfiles
 
 
-def run_row(name: str, rounds: int, tmp: Path, model: torch.nn.Module, ids: torch.Tensor,
-            setup: Callable[[Path], Any], flush: Callable[[Any], None]) -> dict[str, Any]:
-    fwd, total, rss = [], [], []
-    nbytes = nfiles = 0
-    for r in range(rounds):
-        out = tmp / f"{name.replace(' ', '_')}_{r}"
+class Row:
+    """One configuration; ``measure`` runs one round of it (rounds of all rows are interleaved)."""
+
+    def __init__(self, name: str, setup: Callable[[Path], Any], flush: Callable[[Any], None]) -> None:
+        self.name, self.setup, self.flush = name, setup, flush
+        self.fwd: list[float] = []
+        self.total: list[float] = []
+        self.rss: list[int] = []
+        self.bytes = self.files = 0
+
+    def measure(self, r: int, tmp: Path, model: torch.nn.Module, ids: torch.Tensor) -> None:
+        out = tmp / f"{self.name.replace(' ', '_')}_{r}"
         out.mkdir(parents=True)
         gc.collect()
         with RssSampler() as sampler:
-            state = setup(out)
+            state = self.setup(out)
             t0 = time.perf_counter()
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
             t1 = time.perf_counter()
-            flush(state)
+            self.flush(state)
             t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        total.append(t2 - t0)
-        rss.append(sampler.growth)
-        nbytes, nfiles = _dir_size(out)
+        self.fwd.append(t1 - t0)
+        self.total.append(t2 - t0)
+        self.rss.append(sampler.growth)
+        self.bytes, self.files = _dir_size(out)
         shutil.rmtree(out)
-    return {"name": name, "forward": statistics.median(fwd), "total": statistics.median(total),
-            "bytes": nbytes, "files": nfiles, "rss": statistics.median(rss)}
+
+    def result(self) -> dict[str, Any]:
+        return {"name": self.name, "forward": statistics.median(self.fwd), "total": statistics.median(self.total),
+                "bytes": self.bytes, "files": self.files, "rss": statistics.median(self.rss)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--backends", default="pt,safetensors,hdf5")
     ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-"))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)  # warm-up
-    rows = []
+    rows: list[Row] = []
 
     def hooks(fn: Callable[[Path], Callable[[str, str, list[torch.Tensor]], None]]) -> Callable[[Path], Any]:
         return lambda out: _attach(model, fn(out))
@@ -161,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         for h in handles:
             h.remove()
 
-    rows.append(run_row("baseline", args.rounds, tmp, model, ids, lambda out: None, lambda s: None))
+    rows.append(Row("baseline", lambda out: None, lambda s: None))
 
     def clone_only(out: Path) -> Callable[..., None]:
         keep: list[torch.Tensor] = []
         return lambda n, k, ts: keep.extend(t.detach().clone() for t in ts)
 
-    rows.append(run_row("clone-only", args.rounds, tmp, model, ids, hooks(clone_only), remove))
+    rows.append(Row("clone-only", hooks(clone_only), remove))
 
     def raw(out: Path) -> Callable[..., None]:
         counter = [0]
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 t.detach().clone().numpy().tofile(out / f"{counter[0]}.bin")
         return write
 
-    rows.append(run_row("raw floor", args.rounds, tmp, model, ids, hooks(raw), remove))
+    rows.append(Row("raw floor", hooks(raw), remove))
 
     def naive(out: Path) -> Callable[..., None]:
         calls: dict[str, int] = {}
@@ -193,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
             (d / f"{k}.json").write_text(json.dumps({"type": "tuple", "items": meta}))
         return write
 
-    rows.append(run_row("naive torch.save", args.rounds, tmp, model, ids, hooks(naive), remove))
+    rows.append(Row("naive torch.save", hooks(naive), remove))
 
-    def ilstore_row(label: str, **cfg: Any) -> dict[str, Any]:
+    def ilstore_row(label: str, **cfg: Any) -> Row:
         def setup(out: Path) -> Any:
             return ilstore.capture(model, {"output_dir": str(out), "run_id": "run", **cfg})
-        return run_row(label, args.rounds, tmp, model, ids, setup, lambda cap: cap.close())
+        return Row(label, setup, lambda cap: cap.close())
 
     for backend in [b for b in args.backends.split(",") if b]:
         for mode in ("sync", "async"):
@@ -206,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ilstore_row("ilstore pt stats", mode="stats"))
     rows.append(ilstore_row("ilstore match one module", module_call_match="^model\\.layers\\.3\\.mlp\\.down_proj$"))
     rows.append(ilstore_row("ilstore enabled false", enabled=False))
+    for r in range(args.rounds):  # interleaved, so slow drifts of the machine hit every row alike
+        for row in rows:
+            row.measure(r, tmp, model, ids)
     shutil.rmtree(tmp, ignore_errors=True)
+    rows = [row.result() for row in rows]  # type: ignore[misc]
 
     base = rows[0]["forward"]
     floor = next(r for r in rows if r["name"] == "raw floor")["total"]
