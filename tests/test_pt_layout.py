@@ -147,3 +147,14 @@ def test_demo_cli(tmp_path: Path) -> None:
     # rerunnable: the demo replaces its own earlier runs
     again = CliRunner().invoke(cli, ["demo", "--output-dir", str(tmp_path)])
     assert again.exit_code == result.exit_code
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ilstore", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "validate-config" in proc.stdout and "ls" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "ilstore", "validate-config", '{"mode": 1}'], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "mode:" in bad.stderr and "Traceback" not in bad.stderr
