@@ -133,6 +133,10 @@ def dtype_from_str(name: str) -> torch.dtype:
     return dtype
 
 
+_WIDE_UNSIGNED = tuple(getattr(torch, n, None) for n in ("uint16", "uint32", "uint64"))
+_INT64_MIN = -2**63
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -158,6 +162,11 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
         if not x.is_floating_point():
             if x.dtype == torch.bool:
                 return {"min": bool(x.min()), "max": bool(x.max())}
+            if x.dtype in _WIDE_UNSIGNED[:2]:  # no min/max kernels for uint16/uint32
+                x = x.to(torch.int64)
+            elif x.dtype in _WIDE_UNSIGNED[2:]:  # uint64: flipping the sign bit preserves the order in int64
+                lo, hi = torch.aminmax(x.view(torch.int64) ^ _INT64_MIN)
+                return {"min": int(lo) - _INT64_MIN, "max": int(hi) - _INT64_MIN}
             lo, hi = torch.aminmax(x)
             return {"min": int(lo), "max": int(hi)}
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -185,7 +194,8 @@ def _slow_stats(x: torch.Tensor) -> dict[str, Any]:
         fin = mag[torch.isfinite(mag)] if nan or inf else mag
         out: dict[str, Any] = {"nan_count": nan, "inf_count": inf}
         if fin.numel():
-            out.update(abs_max=float(fin.max()), l2_norm=float(fin.square().sum().sqrt()))
+            out.update(abs_max=_finite_or_none(float(fin.max())),
+                       l2_norm=_finite_or_none(float(fin.square().sum().sqrt())))
         return out
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(work)

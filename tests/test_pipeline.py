@@ -36,7 +36,7 @@ def _all(run_dir: Path) -> dict[str, tuple[dict[str, Any], torch.Tensor | None]]
         return out
 
 
-@pytest.mark.parametrize("backend", ["pt"])
+@pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
 def test_sync_async_dedup_give_same_records(out_dir: Path, backend: str) -> None:
     x = {"input_ids": torch.tensor(DEMO_PROMPT), "use_cache": False}
     runs = {}

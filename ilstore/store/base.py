@@ -141,11 +141,18 @@ class StoreReader(ABC):
 
     Usage order: construct (cheap), query any number of times, ``close()`` (or use it as a
     context manager). Implementers provide ``can_open``, ``_list_steps``, ``_list_calls``,
-    ``structure`` and ``_load``; key listing, metadata lookup and execution order are built
-    on those here, so every backend orders and names records the same way.
+    ``_read_structure`` and ``_load``; key listing, metadata lookup and execution order are
+    built on those here, so every backend orders and names records the same way. A reader
+    must give back each record's structure exactly as it was written (plus, at most, the
+    keys it declares in :attr:`locator_keys`).
     """
 
     name: ClassVar[str] = ""
+
+    #: Keys this reader adds to tensor nodes only to find their bodies (``pt``: ``file``). They
+    #: are not part of the backend-neutral metadata: convert drops them before writing a node
+    #: into another backend, and comparisons of metadata ignore them.
+    locator_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -249,7 +256,7 @@ class StoreReader(ABC):
         if node.get("stored") is False:
             raise KeyError(f"{key}: body not stored ({node.get('reason', 'stats only')})")
         same_as = node.get("same_as")
-        if same_as is not None and "file" not in node:
+        if same_as is not None and not self.locator_keys & node.keys():
             # de-duplicated: identical to an earlier tensor of the same step
             try:
                 original = TensorKey.parse(same_as)

@@ -161,6 +161,7 @@ class PtReader(StoreReader):
     """Reads the tree written by :class:`PtWriter` or by the earlier vLLM implementation."""
 
     name = "pt"
+    locator_keys = frozenset({"file"})
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)

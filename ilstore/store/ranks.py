@@ -48,6 +48,7 @@ class RankedReader(StoreReader):
             self.ranks[rank] = open_run(sub)
         first = next(iter(self.ranks.values()), None)
         self.name = first.name if first is not None else "ranks"
+        self.locator_keys = frozenset().union(*(r.locator_keys for r in self.ranks.values()))
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:

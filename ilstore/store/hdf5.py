@@ -1,0 +1,434 @@
+"""The ``hdf5`` backend: one HDF5 file per step (SPEC §4.4).
+
+::
+
+    <run_dir>/ilstore.json              the manifest (as for every backend)
+    <run_dir>/step_<N>.h5               a completed step
+    <run_dir>/step_<N>.h5.partial       the step being written, or one cut by a crash
+
+    step_<N>.h5
+      attrs: format="ilstore-hdf5", format_version, step, rank, calls, call_ends (JSON text)
+      /<module>#<call>                  one group per module call (module %-encoded: no '/')
+          attrs: module, call, step, rank, and per captured side the structure as JSON text
+                 ("inputs", "outputs", "post_fwd_inputs")
+          <kind>[:<path elem>...]       one dataset per stored tensor, e.g. "outputs", "inputs:0",
+                                        "inputs:attention_mask" (path elements %-encoded)
+              attrs: dtype="torch.bfloat16", encoding="bits"|"real" (only when re-encoded)
+
+Types numpy (and so HDF5) lacks — bfloat16, the float8 variants, complex32 — are stored as
+their raw bits (``uint16``/``uint8`` views, see :mod:`._encode`) with the true dtype in the
+``dtype`` attribute; everything comes back bit-exact. Complex and bool use h5py's native types.
+
+Crash safety: a step is written into ``step_<N>.h5.partial``, flushed after every record, and
+renamed to ``step_<N>.h5`` at the end of the step, after the file was closed. A process that
+dies mid-step therefore never touches a completed step's file, and the cut step's file stays
+readable (with ``h5py``) up to its last completed record. ``libver="latest"`` is not used, so
+files open with any HDF5 1.8+ tool without ``h5clear``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import BackendError, CorruptFileError, StoreError
+from ..keys import KINDS, CallKey, TensorKey, decode_part, encode_part
+from ..manifest import calls_from_json, calls_to_json
+from ..records import Record, dtype_from_str, iter_tensor_nodes
+from ._encode import decode, encode
+from .base import StepInfo, StoreReader, StoreWriter
+
+__all__ = ["Hdf5Writer", "Hdf5Reader", "FILE_FORMAT", "group_name", "parse_group_name", "dataset_name",
+           "parse_dataset_name"]
+
+FILE_FORMAT = "ilstore-hdf5"
+FILE_VERSION = 1
+_STEP_FILE = re.compile(r"^step_(\d+)\.h5(\.partial)?$")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_MAX_RANK = 32  # HDF5's limit on dataset dimensions
+_NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                           torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.complex64,
+                           torch.complex128})
+_log = logging.getLogger(__name__)
+
+
+def group_name(module: str, call: int) -> str:
+    """The group of one module call: ``model.layers.0`` call 1 → ``model.layers.0#1``."""
+    return f"{encode_part(module)}#{call}"
+
+
+def parse_group_name(name: str) -> tuple[str, int]:
+    """Inverse of :func:`group_name`; ValueError on anything else."""
+    module, sep, call = name.rpartition("#")
+    if not sep or not call.isdigit():
+        raise ValueError(f"not a module call group: {name!r}")
+    return decode_part(module), int(call)
+
+
+def dataset_name(kind: str, path: tuple[str, ...]) -> str:
+    """The dataset of one tensor inside its call's group: ``inputs`` + ``("0",)`` → ``inputs:0``."""
+    return ":".join([kind, *(encode_part(p) for p in path)])
+
+
+def parse_dataset_name(name: str) -> tuple[str, tuple[str, ...]]:
+    """Inverse of :func:`dataset_name`; ValueError on anything else."""
+    kind, *parts = name.split(":")
+    if kind not in KINDS:
+        raise ValueError(f"not a tensor dataset: {name!r}")
+    return kind, tuple(decode_part(p) for p in parts)
+
+
+def _msg(exc: BaseException) -> str:
+    """HDF5's messages span lines; one line reads better in a log or an error."""
+    return " ".join(str(exc).split())
+
+
+def _document(structure: Any) -> dict[str, Any]:
+    return structure if isinstance(structure, dict) else {"type": "value", "value": structure}
+
+
+class Hdf5Writer(StoreWriter):
+    """Writes ``step_<N>.h5.partial``, flushing after each record, and renames it at step end.
+
+    Options (``backend_options``): ``compression`` (``"gzip"`` or ``"lzf"``),
+    ``compression_opts`` (gzip level 0-9), ``shuffle`` (bool). Compression is opt-in: it saves
+    little on activations and costs much write time (docs/format-hdf5.md).
+    """
+
+    name = "hdf5"
+
+    def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(run_dir, options)
+        problems = self.validate_options(self.options)
+        if problems:
+            raise BackendError("invalid backend_options: " + "; ".join(problems))
+        self._filters: dict[str, Any] = {k: self.options[k] for k in ("compression", "compression_opts", "shuffle")
+                                         if self.options.get(k) is not None}
+        self._file: Any = None
+        self._path: Path | None = None  # kept apart: touching a failed h5py file object can crash HDF5
+        self._step: int | None = None
+        self._datasets: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
+        problems = []
+        compression = options.get("compression")
+        for key, value in options.items():
+            if key == "compression":
+                if value not in (None, "gzip", "lzf"):
+                    problems.append(f"backend_options.compression: must be \"gzip\" or \"lzf\" (or null), got {value!r}")
+            elif key == "compression_opts":
+                if compression != "gzip":
+                    problems.append("backend_options.compression_opts: only valid with \"compression\": \"gzip\"")
+                elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9:
+                    problems.append(f"backend_options.compression_opts: gzip level must be an integer 0-9, got {value!r}")
+            elif key == "shuffle":
+                if not isinstance(value, bool):
+                    problems.append(f"backend_options.shuffle: must be true or false, got {value!r}")
+            else:
+                problems.append(f"backend_options.{key}: unknown option for the 'hdf5' backend "
+                                "(it takes: compression, compression_opts, shuffle)")
+        return problems
+
+    def _paths(self, step: int) -> tuple[Path, Path]:
+        final = self.run_dir / f"step_{step}.h5"
+        return final, final.with_name(final.name + ".partial")
+
+    def _begin(self, step: int) -> Any:
+        if self._step == step and self._file is not None:
+            return self._file
+        self._abandon()
+        import h5py
+
+        partial = self._paths(step)[1]
+        self._path = partial
+        try:
+            self._file = h5py.File(partial, "w", track_order=True)
+            self._file.attrs.update({"format": FILE_FORMAT, "format_version": FILE_VERSION, "step": step,
+                                     "rank": int(self.manifest.get("rank", 0))})
+            self._file.flush()
+        except Exception as exc:  # OSError, or RuntimeError from HDF5 on a full disk
+            self._drop()
+            raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
+        self._step, self._datasets = step, {}
+        return self._file
+
+    def _drop(self) -> None:
+        """After an I/O error: close the file at once, ignoring errors. An HDF5 file object left
+        open after a failed write can crash the interpreter when it is finally deallocated."""
+        f, self._file, self._step = self._file, None, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception as exc:
+                _log.debug("closing %s after a write error failed too: %s", self._path, _msg(exc))
+
+    def _abandon(self) -> None:
+        """A step that never ended: close its file, which stays ``.partial``."""
+        f, path, self._file, self._step = self._file, self._path, None, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception as exc:
+                raise StoreError(f"{path}: cannot close the unfinished step file: {_msg(exc)}") from exc
+
+    def _write(self, record: Record) -> None:
+        f = self._begin(record.call.step)
+        try:
+            self._write_record(f, record)
+            f.flush()  # a killed process keeps every record flushed before it died
+        except StoreError:
+            raise
+        except Exception as exc:  # h5py raises OSError/RuntimeError/ValueError for I/O failures
+            self._drop()
+            raise StoreError(f"{self._path}: cannot write {record.call.tensor(record.kind)}: {_msg(exc)}") from exc
+
+    def _write_record(self, f: Any, record: Record) -> None:
+        call = record.call
+        gname = group_name(call.module, call.call)
+        group = f.get(gname)
+        if group is None:
+            group = f.create_group(gname)
+            group.attrs.update({"module": call.module, "call": call.call, "step": call.step, "rank": call.rank})
+        structure = _document(record.structure)
+        for path, node in iter_tensor_nodes(structure):
+            if not node.get("stored"):
+                continue
+            key = str(record.key(path))
+            dname = dataset_name(record.kind, path)
+            same_as = node.get("same_as")
+            if same_as is not None:
+                original = self._datasets.get(same_as)
+                if original is not None:  # an HDF5 hard link: plain h5py readers see the tensor too
+                    group[dname] = f[original[0]][original[1]]
+                continue
+            tensor = record.tensors.get(path)
+            if tensor is None:
+                raise StoreError(f"{key}: the structure says the body is stored but the record has no tensor for it")
+            self._create_dataset(group, dname, tensor, key)
+            self._datasets[key] = (gname, dname)
+        try:
+            group.attrs[record.kind] = json.dumps(structure, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
+
+    def _create_dataset(self, group: Any, name: str, tensor: torch.Tensor, key: str) -> None:
+        tensor = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous()
+        try:
+            data, encoding = encode(tensor, _NUMPY_DTYPES.__contains__)
+        except TypeError as exc:
+            raise StoreError(f"{key}: {exc}") from None
+        array = data.numpy()
+        flat = array.ndim > _MAX_RANK
+        if flat:
+            array = array.reshape(-1)
+        filters = self._filters if array.ndim > 0 and array.size > 0 else {}
+        ds = group.create_dataset(name, data=array, **filters)
+        ds.attrs["dtype"] = str(tensor.dtype)
+        if encoding:
+            ds.attrs["encoding"] = encoding
+        if flat:
+            ds.attrs["shape"] = json.dumps(list(data.shape))
+
+    def _end_step(self, info: StepInfo) -> None:
+        f = self._begin(info.step)
+        final, partial = self._paths(info.step)
+        try:
+            f.attrs["calls"] = json.dumps(calls_to_json(info.calls))
+            f.attrs["call_ends"] = json.dumps(calls_to_json(info.call_ends))
+            self._file, self._step = None, None
+            f.close()
+            os.replace(partial, final)
+        except Exception as exc:
+            self._file = f
+            self._drop()
+            raise StoreError(f"{partial}: cannot finish step {info.step}: {_msg(exc)}") from exc
+
+    def _close(self) -> None:
+        try:
+            self._abandon()
+        except StoreError as exc:  # the step is incomplete anyway; closing must still finish
+            _log.warning("ilstore: %s", exc)
+
+
+def _json_attr(path: Path, attrs: Any, name: str) -> Any:
+    text = attrs.get(name)
+    if text is None:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        return json.loads(str(text))
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(path, f"attribute {name!r} is not valid JSON: {exc}") from None
+
+
+class Hdf5Reader(StoreReader):
+    """Reads a run written by :class:`Hdf5Writer`; each step file is opened once, when first needed."""
+
+    name = "hdf5"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(run_dir)
+        self._files: dict[int, Any] = {}
+        self._paths: dict[int, Path] = {}
+
+    @classmethod
+    def can_open(cls, run_dir: Path) -> bool:
+        try:
+            with os.scandir(run_dir) as it:
+                for entry in it:
+                    if _STEP_FILE.match(entry.name) and entry.is_file():
+                        with open(entry.path, "rb") as fh:
+                            return fh.read(8) == _HDF5_SIGNATURE
+        except OSError:
+            return False
+        return False
+
+    def _scan(self) -> dict[int, bool]:
+        """Step → whether it is completed (``.h5``) rather than cut (``.h5.partial`` only)."""
+        out: dict[int, bool] = {}
+        try:
+            with os.scandir(self.run_dir) as it:
+                for entry in it:
+                    m = _STEP_FILE.match(entry.name)
+                    if m:
+                        step = int(m.group(1))
+                        out[step] = out.get(step, False) or m.group(2) is None
+        except OSError as exc:
+            raise StoreError(f"{self.run_dir}: cannot list the run directory: {exc.strerror}") from None
+        return out
+
+    def _list_steps(self) -> list[int]:
+        return sorted(self._scan())
+
+    def steps(self) -> list[int]:
+        if self.manifest is not None:
+            return super().steps()
+        return sorted(s for s, done in self._scan().items() if done)
+
+    def _file(self, step: int) -> Any:
+        f = self._files.get(step)
+        if f is not None:
+            return f
+        path = self.run_dir / f"step_{step}.h5"
+        if not path.is_file():
+            partial = path.with_name(path.name + ".partial")
+            if not partial.is_file():
+                raise KeyError(f"no step {step} in {self.run_dir}")
+            path = partial
+        import h5py
+
+        try:
+            f = h5py.File(path, "r")
+        except Exception as exc:  # OSError: truncated, not HDF5, locked
+            raise CorruptFileError(path, f"cannot open the HDF5 file (truncated or corrupt?): {_msg(exc)}") from None
+        fmt = f.attrs.get("format")
+        if (fmt.decode() if isinstance(fmt, bytes) else fmt) != FILE_FORMAT:
+            f.close()
+            raise CorruptFileError(path, f"not an ilstore HDF5 step file (no format=\"{FILE_FORMAT}\" attribute)")
+        self._files[step], self._paths[step] = f, path
+        return f
+
+    def _rank(self, f: Any) -> int:
+        rank = f.attrs.get("rank", 0)
+        return int(rank) if isinstance(rank, (int, np.integer)) else 0
+
+    def _list_calls(self, step: int) -> list[CallKey]:
+        f = self._file(step)
+        path, rank = self._paths[step], self._rank(f)
+        calls = _json_attr(path, f.attrs, "calls")
+        try:
+            if calls is not None:
+                return calls_from_json(calls, step, rank)
+            # a cut step has no call list yet: groups come back in creation (call-start) order
+            out = []
+            for name in f.keys():
+                module, call = parse_group_name(name)
+                out.append(CallKey(rank, step, module, call))
+            return out
+        except ValueError as exc:
+            raise CorruptFileError(path, f"bad module call list: {exc}") from None
+
+    def call_ends(self, step: int) -> list[CallKey]:
+        if self.manifest is None or str(step) not in self.manifest.get("call_ends", {}):
+            f = self._file(step)
+            ends = _json_attr(self._paths[step], f.attrs, "call_ends")
+            if ends is not None:
+                try:
+                    return calls_from_json(ends, step, self._rank(f))
+                except ValueError as exc:
+                    raise CorruptFileError(self._paths[step], f"bad call_ends: {exc}") from None
+        return super().call_ends(step)
+
+    def _group(self, call: CallKey) -> Any:
+        f = self._file(call.step)
+        try:
+            group = f.get(group_name(call.module, call.call))
+        except Exception as exc:
+            raise CorruptFileError(self._paths[call.step], f"cannot read group of {call.module}#{call.call}: "
+                                   f"{_msg(exc)}") from None
+        if group is None:
+            raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}")
+        return group
+
+    def _read_structure(self, call: CallKey, kind: str) -> Any | None:
+        group = self._group(call)
+        path = self._paths[call.step]
+        try:
+            return _json_attr(path, group.attrs, kind)
+        except CorruptFileError:
+            raise
+        except Exception as exc:
+            raise CorruptFileError(path, f"cannot read the {kind} of {call.module}#{call.call}: {_msg(exc)}") from None
+
+    def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        group = self._group(key.call_key)
+        path = self._paths[key.step]
+        dname = dataset_name(key.kind, key.path)
+        try:
+            ds = group.get(dname)
+            if ds is None:
+                raise CorruptFileError(path, f"{key}: stored according to its metadata, but there is no dataset "
+                                       f"{group.name}/{dname}")
+            array = np.asarray(ds[()])
+            attrs = dict(ds.attrs)
+        except CorruptFileError:
+            raise
+        except Exception as exc:  # truncated data, bad filter pipeline...
+            raise CorruptFileError(path, f"cannot read dataset {group.name}/{dname}: {_msg(exc)}") from None
+        if not array.flags.writeable or not array.flags.c_contiguous:
+            array = np.array(array, copy=True, order="C")
+        stored = torch.from_numpy(array)
+        if stored.numel() == 0:  # numpy gives empty arrays zero strides; torch code expects the usual ones
+            stored = torch.empty(stored.shape, dtype=stored.dtype)
+        try:
+            shape = attrs.get("shape")
+            if shape is not None:
+                stored = stored.reshape(json.loads(str(shape)))
+            encoding = attrs.get("encoding", "")
+            dtype = dtype_from_str(str(attrs.get("dtype", node.get("dtype", str(stored.dtype)))))
+            tensor = decode(stored, str(encoding), dtype)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise CorruptFileError(path, f"{key}: cannot decode dataset {group.name}/{dname}: {exc}") from None
+        want_shape, want_dtype = node.get("shape", list(tensor.shape)), node.get("dtype", str(tensor.dtype))
+        if list(tensor.shape) != list(want_shape) or str(tensor.dtype) != want_dtype:
+            raise CorruptFileError(path, f"{key}: holds {tensor.dtype} {list(tensor.shape)} but its metadata says "
+                                   f"{want_dtype} {want_shape}")
+        return tensor
+
+    def close(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:  # closing a read-only file cannot lose data
+                pass
+        self._files.clear()
+        super().close()

@@ -1,0 +1,379 @@
+"""The ``safetensors`` backend: per step, size-capped shards plus one JSON index (SPEC §4.3).
+
+::
+
+    <run_dir>/ilstore.json                       the manifest (as for every backend)
+    <run_dir>/step_<N>/shard_00000.safetensors   tensors, at most shard_size_mb each
+    <run_dir>/step_<N>/shard_00001.safetensors
+    <run_dir>/step_<N>/index.json                tensor -> shard map + every record's structure
+
+Every tensor is stored under its canonical key (``str(TensorKey)``, e.g.
+``r0/s0/model.layers.0/0/outputs``), so a shard is self-describing even without its index.
+safetensors header metadata is string-to-string only, so the structures live in the index. A
+dtype safetensors lacks (complex128, sub-byte types) is stored in a reversible encoding
+(:mod:`._encode`) and the index records the true dtype. The index is written last, through a
+temporary file and a rename: a step exists exactly when its ``index.json`` does. No pickle is
+used anywhere; readers open a shard (memory-mapped) only when one of its tensors is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import BackendError, CorruptFileError, StoreError
+from ..keys import KINDS, CallKey, TensorKey
+from ..manifest import calls_from_json, calls_to_json, write_json_atomic
+from ..records import Record, dtype_from_str, iter_tensor_nodes
+from ._encode import decode, encode
+from .base import StepInfo, StoreReader, StoreWriter, check_inside
+
+__all__ = ["SafetensorsWriter", "SafetensorsReader", "INDEX_NAME", "INDEX_FORMAT", "DEFAULT_SHARD_SIZE_MB"]
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "ilstore-safetensors"
+INDEX_VERSION = 1
+DEFAULT_SHARD_SIZE_MB = 1024
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_log = logging.getLogger(__name__)
+
+
+def _supported(dtype: torch.dtype) -> bool:
+    from safetensors.torch import _TYPES
+
+    return dtype in _TYPES.values()
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def structure_document(structure: Any) -> dict[str, Any]:
+    """The structure as a JSON object (a non-object value is wrapped like the pt backend does)."""
+    return structure if isinstance(structure, dict) else {"type": "value", "value": structure}
+
+
+class SafetensorsWriter(StoreWriter):
+    """Buffers a step's tensors, writes a shard whenever the next tensor would overflow it, and
+    the step's remaining shard plus its index at ``end_step``.
+
+    Memory: up to ``shard_size_mb`` of snapshots are held until their shard is written; lower
+    ``backend_options.shard_size_mb`` to bound it.
+    """
+
+    name = "safetensors"
+
+    def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(run_dir, options)
+        problems = self.validate_options(self.options)
+        if problems:
+            raise BackendError("invalid backend_options: " + "; ".join(problems))
+        self._shard_bytes = max(1, int(float(self.options.get("shard_size_mb", DEFAULT_SHARD_SIZE_MB)) * 2**20))
+        self._step: int | None = None
+        self._reset(None)
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
+        problems = []
+        for key, value in options.items():
+            if key == "shard_size_mb":
+                if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                        or value <= 0):
+                    problems.append(f"backend_options.shard_size_mb: must be a positive number of MiB, got {value!r}")
+            else:
+                problems.append(f"backend_options.{key}: unknown option for the 'safetensors' backend "
+                                "(it takes: shard_size_mb)")
+        return problems
+
+    def _reset(self, step: int | None) -> None:
+        self._step = step
+        self._records: list[dict[str, Any]] = []
+        self._tensors: dict[str, dict[str, Any]] = {}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._shards: list[str] = []
+
+    def _step_dir(self, step: int) -> Path:
+        return self.run_dir / f"step_{step}"
+
+    def _begin(self, step: int) -> None:
+        if self._step == step:
+            return
+        self._abandon()
+        self._reset(step)
+        # The directory exists from the first record on, so a step cut mid-way shows on disk.
+        self._step_dir(step).mkdir(parents=True, exist_ok=True)
+
+    def _abandon(self) -> None:
+        """A step that never ended (its forward raised): keep what it buffered, write no index."""
+        if self._step is not None and self._buffer:
+            self._flush_shard()
+
+    def _write(self, record: Record) -> None:
+        self._begin(record.call.step)
+        try:
+            structure = json.loads(json.dumps(structure_document(record.structure), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{record.call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
+        for path, node in iter_tensor_nodes(structure):
+            if not node.get("stored") or "same_as" in node:
+                continue
+            key = str(record.key(path))
+            tensor = record.tensors.get(path)
+            if tensor is None:
+                raise StoreError(f"{key}: the structure says the body is stored but the record has no tensor for it")
+            self._add(key, tensor)
+        self._records.append({"module": record.call.module, "call": record.call.call, "rank": record.call.rank,
+                              "step": record.call.step, "kind": record.kind, "structure": structure})
+
+    def _add(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().resolve_conj().resolve_neg()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        # safetensors refuses views and shared storage: every tensor gets its own exact buffer
+        if (not tensor.is_contiguous() or tensor.storage_offset() != 0
+                or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        try:
+            data, encoding = encode(tensor, _supported)
+        except TypeError as exc:
+            raise StoreError(f"{key}: {exc}") from None
+        nbytes = data.numel() * data.element_size()
+        if self._buffer and self._buffered + nbytes > self._shard_bytes:
+            self._flush_shard()
+        self._buffer[key] = data
+        self._buffered += nbytes
+        entry: dict[str, Any] = {"shard": _shard_name(len(self._shards)), "name": key, "dtype": str(tensor.dtype),
+                                 "shape": list(tensor.shape)}
+        if encoding:
+            entry["encoding"] = encoding
+        self._tensors[key] = entry
+
+    def _flush_shard(self) -> None:
+        if not self._buffer or self._step is None:
+            return
+        from safetensors.torch import save_file
+
+        name = _shard_name(len(self._shards))
+        path = self._step_dir(self._step) / name
+        meta = {"format": "pt", "ilstore": INDEX_FORMAT, "step": str(self._step),
+                "rank": str(self.manifest.get("rank", 0))}
+        try:
+            save_file(self._buffer, str(path), metadata=meta)
+        except Exception as exc:  # SafetensorError or OSError: disk full, file too large...
+            raise StoreError(f"{path}: cannot write the shard: {exc}") from exc
+        self._shards.append(name)
+        self._buffer, self._buffered = {}, 0
+
+    def _end_step(self, info: StepInfo) -> None:
+        self._begin(info.step)
+        self._flush_shard()
+        index = {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_VERSION,
+            "step": info.step,
+            "rank": self.manifest.get("rank", 0),
+            "shards": list(self._shards),
+            "calls": calls_to_json(info.calls),
+            "call_ends": calls_to_json(info.call_ends),
+            "records": self._records,
+            "tensors": self._tensors,
+        }
+        path = self._step_dir(info.step) / INDEX_NAME
+        try:
+            write_json_atomic(path, index)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot write the step index: {exc}") from exc
+        self._reset(None)
+
+    def _close(self) -> None:
+        try:
+            self._abandon()
+        except StoreError as exc:  # the step is incomplete anyway; closing must still finish
+            _log.warning("ilstore: could not keep the tensors of the unfinished step %s: %s", self._step, exc)
+        self._reset(None)
+
+
+@dataclass
+class _Index:
+    """A parsed, validated ``index.json``."""
+
+    path: Path
+    rank: int
+    calls: list[tuple[str, int]]
+    call_ends: list[tuple[str, int]] | None
+    structures: dict[tuple[str, int, str], Any] = field(default_factory=dict)
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    known: set[tuple[str, int]] = field(default_factory=set)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse_index(path: Path, step: int, data: Any) -> _Index:
+    def bad(reason: str) -> CorruptFileError:
+        return CorruptFileError(path, f"malformed step index: {reason}")
+
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        raise bad(f"expected a JSON object with \"format\": \"{INDEX_FORMAT}\"")
+    rank = data.get("rank", 0)
+    if not _is_int(rank):
+        raise bad(f"\"rank\" must be a non-negative integer, got {rank!r}")
+    records, tensors = data.get("records"), data.get("tensors")
+    if not isinstance(records, list) or not isinstance(tensors, dict):
+        raise bad("\"records\" must be a list and \"tensors\" an object")
+    index = _Index(path, rank, [], None)
+    seen: dict[tuple[str, int], None] = {}
+    for i, rec in enumerate(records):
+        if (not isinstance(rec, dict) or not isinstance(rec.get("module"), str) or not _is_int(rec.get("call"))
+                or rec.get("kind") not in KINDS):
+            raise bad(f"records[{i}] needs \"module\" (string), \"call\" (integer) and \"kind\" (one of {KINDS})")
+        index.structures[(rec["module"], rec["call"], rec["kind"])] = rec.get("structure")
+        seen.setdefault((rec["module"], rec["call"]), None)
+    for name, entry in tensors.items():
+        if (not isinstance(entry, dict) or not isinstance(entry.get("shard"), str)
+                or not isinstance(entry.get("dtype"), str) or not isinstance(entry.get("shape"), list)):
+            raise bad(f"tensors[{name!r}] needs \"shard\", \"dtype\" and \"shape\"")
+        shard = entry["shard"]
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise bad(f"tensors[{name!r}]: shard {shard!r} must be a plain file name in the step directory")
+    index.tensors = tensors
+    try:
+        if "calls" in data:
+            index.calls = [(c.module, c.call) for c in calls_from_json(data["calls"], step, rank)]
+        else:
+            index.calls = list(seen)
+        if "call_ends" in data:
+            index.call_ends = [(c.module, c.call) for c in calls_from_json(data["call_ends"], step, rank)]
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    index.known = set(index.calls) | set(seen)
+    return index
+
+
+class SafetensorsReader(StoreReader):
+    """Reads a run written by :class:`SafetensorsWriter`; shards are opened lazily, once each."""
+
+    name = "safetensors"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__(run_dir)
+        self._indexes: dict[int, _Index] = {}
+        self._handles: dict[Path, Any] = {}
+
+    @classmethod
+    def can_open(cls, run_dir: Path) -> bool:
+        try:
+            with os.scandir(run_dir) as it:
+                for entry in it:
+                    if _STEP_DIR.match(entry.name) and entry.is_dir():
+                        index = Path(entry.path) / INDEX_NAME
+                        if index.is_file():
+                            with open(index, "rb") as fh:
+                                return INDEX_FORMAT.encode() in fh.read(256)
+        except OSError:
+            return False
+        return False
+
+    def _list_steps(self) -> list[int]:
+        try:
+            with os.scandir(self.run_dir) as it:
+                return sorted(int(m.group(1)) for e in it if (m := _STEP_DIR.match(e.name)) and e.is_dir())
+        except OSError as exc:
+            raise StoreError(f"{self.run_dir}: cannot list the run directory: {exc.strerror}") from None
+
+    def steps(self) -> list[int]:
+        if self.manifest is not None:
+            return super().steps()
+        # Without a manifest a step is complete exactly when its index exists.
+        return [s for s in self._list_steps() if (self.run_dir / f"step_{s}" / INDEX_NAME).is_file()]
+
+    def _index(self, step: int) -> _Index:
+        if step in self._indexes:
+            return self._indexes[step]
+        path = self.run_dir / f"step_{step}" / INDEX_NAME
+        if not path.is_file():
+            if step in self._list_steps():
+                raise CorruptFileError(path, f"step {step} has no index: it was cut before it finished")
+            raise KeyError(f"no step {step} in {self.run_dir}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(path, f"unreadable step index JSON: {exc}") from None
+        index = self._indexes[step] = _parse_index(path, step, data)
+        return index
+
+    def _list_calls(self, step: int) -> list[CallKey]:
+        index = self._index(step)
+        return [CallKey(index.rank, step, m, c) for m, c in index.calls]
+
+    def call_ends(self, step: int) -> list[CallKey]:
+        if self.manifest is None or str(step) not in self.manifest.get("call_ends", {}):
+            index = self._index(step)
+            if index.call_ends is not None:
+                return [CallKey(index.rank, step, m, c) for m, c in index.call_ends]
+        return super().call_ends(step)
+
+    def _read_structure(self, call: CallKey, kind: str) -> Any | None:
+        index = self._index(call.step)
+        if (call.module, call.call) not in index.known:
+            raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}")
+        return index.structures.get((call.module, call.call, kind))
+
+    def _handle(self, path: Path) -> Any:
+        handle = self._handles.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                raise CorruptFileError(path, "shard file is missing") from None
+            except Exception as exc:  # SafetensorError: truncated, garbage, bad header
+                raise CorruptFileError(path, f"cannot open the shard (truncated or corrupt?): {exc}") from None
+            self._handles[path] = handle
+        return handle
+
+    def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        index = self._index(key.step)
+        name = str(key)
+        entry = index.tensors.get(name)
+        if entry is None:
+            raise CorruptFileError(index.path, f"{name}: stored according to its metadata, but the index maps it "
+                                   "to no shard")
+        path = check_inside(self.run_dir, index.path.parent / entry["shard"])
+        handle = self._handle(path)
+        try:
+            stored = handle.get_tensor(entry.get("name", name))
+        except Exception as exc:  # SafetensorError: missing name, or a shard cut short
+            raise CorruptFileError(path, f"cannot read tensor {entry.get('name', name)!r}: {exc}") from None
+        try:
+            tensor = decode(stored, entry.get("encoding", ""), dtype_from_str(entry["dtype"]))
+        except ValueError as exc:
+            raise CorruptFileError(path, f"{name}: {exc}") from None
+        shape, dtype = node.get("shape", entry["shape"]), node.get("dtype", entry["dtype"])
+        if list(tensor.shape) != list(shape) or str(tensor.dtype) != dtype:
+            raise CorruptFileError(path, f"{name}: holds {tensor.dtype} {list(tensor.shape)} but its metadata says "
+                                   f"{dtype} {shape}")
+        return tensor
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            exit_ = getattr(handle, "__exit__", None)
+            if exit_ is not None:
+                try:
+                    exit_(None, None, None)
+                except Exception:  # closing a read-only mapping cannot lose data
+                    pass
+        self._handles.clear()
+        self._indexes.clear()
+        super().close()
