@@ -21,7 +21,7 @@ from .errors import ConfigError, IlstoreError
 from .keys import KINDS
 from .store.registry import open_run
 
-__all__ = ["cli", "main", "handle_errors", "human_bytes"]
+__all__ = ["cli", "main", "handle_errors", "human_bytes", "ls_run", "convert_run"]
 
 
 def human_bytes(n: float) -> str:
@@ -142,16 +142,84 @@ def ls_cmd(run_dir: Path, show_calls: bool, as_json: bool) -> int:
     return ls_run(run_dir, show_calls, as_json)
 
 
+def _parse_steps(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        steps = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated step numbers such as 0,1; got {value!r}") from None
+    if not steps or any(s < 0 for s in steps):
+        raise click.BadParameter(f"expected comma-separated step numbers >= 0 such as 0,1; got {value!r}")
+    return steps
+
+
+def _parse_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("expected a JSON object such as '{\"shard_size_mb\": 256}'")
+    return options
+
+
+def convert_run(src: Path, dst: Path, backend: str, steps: list[int] | None = None, overwrite: bool = False,
+                options: dict[str, Any] | None = None) -> int:
+    """Convert SRC into DST written by ``backend`` and print a one-line summary; returns 0."""
+    from .convert import convert
+
+    out = convert(src, dst, to=backend, steps=steps, overwrite=overwrite, options=options)
+    with open_run(out) as run:
+        click.echo(f"converted {src} -> {out} (backend {run.name}, {len(run.steps())} step(s), status {run.status})")
+    return 0
+
+
+@cli.command("convert", epilog="""\b
+Examples:
+  ilstore convert runs/fp32 runs/fp32-st --to safetensors
+  ilstore convert runs/fp32 runs/fp32-h5 --to hdf5 --backend-options '{"compression": "gzip"}'
+  ilstore convert runs/fp32-h5 runs/fp32-pt --to pt --steps 0,1 --overwrite""")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "backend", required=True, help="Target backend: pt, safetensors, hdf5 or a plug-in name.")
+@click.option("--steps", callback=_parse_steps, help="Only these steps, comma-separated (default: all).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is an existing ilstore run.")
+@click.option("--backend-options", "options", callback=_parse_options, metavar="JSON",
+              help="Options of the target backend, e.g. '{\"shard_size_mb\": 256}'.")
+@handle_errors
+def convert_cmd(src: Path, dst: Path, backend: str, steps: list[int] | None, overwrite: bool,
+                options: dict[str, Any]) -> int:
+    """Rewrite the run SRC into a new run DST in another backend, bit-exactly.
+
+    SRC may be any backend (also dumps without a manifest); it is never modified. DST must
+    not exist unless --overwrite is given.
+    """
+    return convert_run(src, dst, backend, steps, overwrite, options)
+
+
 @cli.command("demo")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo_runs"), show_default=True,
               help="Where the two demo runs are written.")
 @click.option("--backend", default="pt", show_default=True, help="Storage backend for the captures.")
 @handle_errors
 def demo_cmd(output_dir: Path, backend: str) -> int:
-    """Capture the built-in tiny Llama in float32 and bfloat16, then show both runs."""
+    """Capture the built-in tiny Llama in float32 and bfloat16, then compare them."""
     from .demo import run_demo
 
     return run_demo(output_dir, backend)
+
+
+def _attach_compare() -> None:
+    # ``ilstore compare`` is the same click command as ``ilstore-compare``.
+    from ilstore_compare.cli import compare_cmd
+
+    cli.add_command(compare_cmd, "compare")
+
+
+_attach_compare()
 
 
 def main() -> None:

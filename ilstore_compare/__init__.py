@@ -1,1 +1,29 @@
-"""ilstore_compare: compare two ilstore runs (any backends)."""
+"""ilstore_compare: compare two ilstore runs, each in any backend.
+
+Tensors pair by (rank, step, module, call, inputs/outputs, path), whatever their device; each
+pair is checked elementwise (``|a - b| <= atol + rtol * |b|``, dir2 is the reference), the
+earliest module call whose outputs differ is located, and a markdown, JSON or HTML report is
+rendered. See ``docs/compare.md``.
+
+Example:
+    >>> import tempfile, torch, ilstore, ilstore_compare
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> runs = []
+    >>> for _ in range(2):
+    ...     with ilstore.capture(model, {"output_dir": tempfile.mkdtemp()}) as cap:
+    ...         _ = model(torch.ones(1, 4))
+    ...     runs.append(cap.run_dir)
+    >>> result = ilstore_compare.compare(*runs)
+    >>> result.exit_code, result.summary.matched
+    (0, 2)
+"""
+
+from __future__ import annotations
+
+from .engine import compare
+from .errors import AmbiguousRunError, CompareError, NameMapError
+from .mapping import NameMap
+from .result import CallResult, CompareOptions, CompareResult, Divergence, Summary, TensorResult
+
+__all__ = ["compare", "CompareResult", "CompareOptions", "TensorResult", "CallResult", "Divergence", "Summary",
+           "NameMap", "CompareError", "AmbiguousRunError", "NameMapError"]

@@ -1,0 +1,199 @@
+"""The ``ilstore-compare`` command (click). It only parses options and calls :func:`run`.
+
+Exit status: 0 every tensor compared and matched; 1 differences, one-sided tensors, stats-only
+pairs (unless ``--allow-stats-only``) or an empty comparison; 2 a usage or input error (missing
+or ambiguous run directory, corrupt file, bad map file, bad option). The report goes to stdout
+or ``--output``; errors and the progress bar go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ilstore.errors import IlstoreError
+
+from .engine import compare
+from .errors import CompareError
+from .pairing import parse_steps
+from .report_html import render_html
+from .report_json import render_json
+from .report_md import render_markdown
+from .result import CompareResult
+
+__all__ = ["compare_cmd", "main", "run", "CompareArgs", "RENDERERS"]
+
+_log = logging.getLogger(__name__)
+
+#: Report format → renderer ``(result, verbose) -> text``.
+RENDERERS: dict[str, Callable[[CompareResult, bool], str]] = {
+    "md": render_markdown, "json": render_json, "html": render_html}
+_EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html", ".htm": "html"}
+
+
+@dataclass(frozen=True)
+class CompareArgs:
+    """Parsed command-line options of ``ilstore-compare``."""
+
+    dir1: Path
+    dir2: Path
+    output: Path | None = None
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    steps: tuple[int, ...] | None = None
+    modules: tuple[str, ...] = ()
+    verbose: bool = False
+    fmt: str | None = None
+    exact: bool = False
+    equal_nan: bool = False
+    map_file: Path | None = None
+    workers: int = 1
+    allow_stats_only: bool = False
+
+
+def report_format(fmt: str | None, output: Path | None) -> str:
+    """``--format`` if given, else from ``--output``'s extension, else markdown."""
+    if fmt:
+        return fmt
+    if output is not None:
+        return _EXTENSIONS.get(output.suffix.lower(), "md")
+    return "md"
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, created on the first update (when the total is known)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, file=sys.stderr, unit="tensor", desc="comparing", leave=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(args: CompareArgs) -> int:
+    """Compare, render and write the report; returns the exit status (0 or 1).
+
+    Raises:
+        IlstoreError: bad input (the CLI turns it into exit status 2).
+    """
+    fmt = report_format(args.fmt, args.output)
+    bar = _ProgressBar() if sys.stderr.isatty() else None
+    try:
+        result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=args.steps,
+                         modules=list(args.modules) or None, exact=args.exact, equal_nan=args.equal_nan,
+                         name_map=args.map_file, workers=args.workers, progress=bar,
+                         allow_stats_only=args.allow_stats_only)
+    finally:
+        if bar is not None:
+            bar.close()
+    text = RENDERERS[fmt](result, args.verbose)
+    if args.output is None:
+        click.echo(text, nl=False)
+    else:
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CompareError(f"{args.output}: cannot write the report: {exc.strerror or exc}") from None
+        s = result.summary
+        click.echo(f"{result.verdict}: {s.compared} compared, {s.matched} matched, {s.mismatched} mismatched, "
+                   f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2; "
+                   f"{fmt} report written to {args.output}")
+    return result.exit_code
+
+
+def _exit_codes(fn: Callable[..., int]) -> Callable[..., None]:
+    """An :class:`IlstoreError` becomes one message on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        ctx = click.get_current_context()
+        try:
+            code = fn(*args, **kwargs)
+        except IlstoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        ctx.exit(code)
+
+    return wrapper
+
+
+def _steps_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return parse_steps(value)
+    except CompareError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--steps: ")) from None
+
+
+_EPILOG = """\b
+Examples:
+  ilstore-compare --dir1 runs/bf16 --dir2 runs/fp32 --rtol 1e-2 --atol 1e-3
+  ilstore-compare --dir1 A --dir2 B --steps 0 --modules 'layers\\.0\\.,lm_head' --verbose
+  ilstore-compare --dir1 A --dir2 B --output report.html
+  ilstore-compare --dir1 A --dir2 B --exact --format json > report.json
+  ilstore-compare --dir1 vllm_run --dir2 hf_run --map names.json
+
+\b
+Exit status: 0 everything compared and matched; 1 differences, tensors in one run only,
+stats-only pairs (unless --allow-stats-only) or nothing compared; 2 usage or input error.
+See docs/compare.md for the report, the metrics and the map file format."""
+
+
+@click.command("compare", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"],
+                                                            "max_content_width": 100})
+@click.option("--dir1", required=True, type=click.Path(path_type=Path),
+              help="Run to check (a run directory, or an output_dir holding exactly one run).")
+@click.option("--dir2", required=True, type=click.Path(path_type=Path), help="Reference run (same forms).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report here (format from the extension: .md, .json, .html); default stdout.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
+              help="Relative tolerance: |a-b| <= atol + rtol*|b|, b from dir2.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-8, show_default=True, help="Absolute tolerance.")
+@click.option("--steps", callback=_steps_option, help="Steps to compare: '0,1' or '0-3' (default: all).")
+@click.option("--modules", multiple=True,
+              help="Comma-separated regexes (re.search on module names); repeatable. Default: all modules.")
+@click.option("--verbose", is_flag=True, help="List every tensor in the report, matches included.")
+@click.option("--format", "fmt", type=click.Choice(sorted(RENDERERS)), default=None,
+              help="Report format [default: from --output's extension, else md].")
+@click.option("--exact", is_flag=True, help="Bitwise comparison instead of tolerances.")
+@click.option("--equal-nan", is_flag=True, help="NaN in the same place on both sides counts as equal.")
+@click.option("--map", "map_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON rename rules aligning module names (see docs/compare.md).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor pairs compared in parallel.")
+@click.option("--allow-stats-only", is_flag=True,
+              help="Let pairs compared only by statistics (bodies not stored) count as matched for the exit status.")
+@_exit_codes
+def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: float, steps: tuple[int, ...] | None,
+                modules: tuple[str, ...], verbose: bool, fmt: str | None, exact: bool, equal_nan: bool,
+                map_file: Path | None, workers: int, allow_stats_only: bool) -> int:
+    """Compare two ilstore runs (any backends) tensor by tensor; dir2 is the reference.
+
+    Reports which tensors differ and by how much, and the first module call (in execution
+    order) whose outputs differ, with whether it introduced or inherited the error.
+    """
+    return run(CompareArgs(dir1=dir1, dir2=dir2, output=output, rtol=rtol, atol=atol, steps=steps, modules=modules,
+                           verbose=verbose, fmt=fmt, exact=exact, equal_nan=equal_nan, map_file=map_file,
+                           workers=workers, allow_stats_only=allow_stats_only))
+
+
+def main() -> None:
+    """Entry point of the ``ilstore-compare`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    compare_cmd(prog_name="ilstore-compare")

@@ -1,0 +1,262 @@
+"""The comparison engine: plan the pairs, stream them through the metrics, assemble the result.
+
+Memory stays bounded: each worker holds one pair of tensors at a time (plus a few chunk-sized
+temporaries, see :mod:`.metrics`), and at most ``2 * workers`` pairs are queued; only the
+metrics are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from ilstore.errors import IlstoreError, StoreError
+from ilstore.keys import TensorKey
+from ilstore.records import tensor_stats
+from ilstore.store.base import StoreReader
+from ilstore.store.registry import open_run
+
+from .divergence import analyse_calls
+from .errors import CompareError
+from .mapping import NameMap
+from .metrics import compare_stats, compare_tensors, is_float_dtype
+from .pairing import Pair, Side, build_plan, compile_patterns, resolve_run_dir, split_patterns
+from .result import (BAD_VALUE_STATUSES, MATCH, MISMATCH, NOT_COMPARED, ONLY_IN_DIR1, ONLY_IN_DIR2,
+                     SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, CallResult, CompareOptions,
+                     CompareResult, Summary, TensorResult)
+
+__all__ = ["compare", "Progress"]
+
+_log = logging.getLogger(__name__)
+
+#: ``progress(done, total)``, called after each tensor pair.
+Progress = Callable[[int, int], None]
+
+
+def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: float = 1e-8,
+            steps: Iterable[int] | None = None, modules: str | Sequence[str] | None = None, exact: bool = False,
+            equal_nan: bool = False, name_map: NameMap | Mapping[str, Any] | str | Path | None = None,
+            workers: int = 1, progress: Progress | None = None, allow_stats_only: bool = False) -> CompareResult:
+    """Compare two runs (any backends); dir2 is the reference.
+
+    Args:
+        dir1: a run directory, or a directory holding exactly one run.
+        dir2: the reference run, same.
+        rtol: relative tolerance: an element matches when ``|a - b| <= atol + rtol * |b|``.
+        atol: absolute tolerance.
+        steps: steps to compare (default: every step of either run).
+        modules: module-name regexes (``re.search``; a comma-separated string or a list);
+            matched against names after the name map.
+        exact: compare bits instead of using tolerances.
+        equal_nan: NaN in the same place on both sides counts as equal.
+        name_map: rename rules (:class:`NameMap`, its dict form or a JSON file path).
+        workers: tensor pairs compared in parallel (threads).
+        progress: called as ``progress(done, total)`` after each tensor pair.
+        allow_stats_only: let pairs compared only by statistics (bodies not stored) count as
+            matched for the exit status; by default coverage fails closed.
+
+    Returns:
+        The :class:`CompareResult`; ``result.exit_code`` is 0 only when every tensor was
+        compared and matched.
+
+    Raises:
+        RunNotFoundError: a directory is missing or holds no run.
+        AmbiguousRunError: a directory holds several runs.
+        CorruptFileError: a tensor or metadata file is unreadable (the message names it).
+        NameMapError: a bad name map.
+        CompareError: a bad option.
+
+    Example:
+        >>> result = compare("runs/bf16", "runs/fp32", rtol=1e-2, atol=1e-3)  # doctest: +SKIP
+        >>> result.exit_code, result.first_divergence
+    """
+    options = _options(rtol, atol, steps, modules, exact, equal_nan, allow_stats_only, workers)
+    nmap = NameMap.coerce(name_map)
+    if nmap is not None:
+        options = _replace(options, name_map=nmap.to_dict())
+    patterns = compile_patterns(options.modules) if options.modules is not None else None
+    path1, path2 = resolve_run_dir(dir1), resolve_run_dir(dir2)
+    with open_run(path1) as r1, open_run(path2) as r2:
+        plan = build_plan(r1, r2, steps=options.steps, modules=patterns, name_map=nmap)
+        _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
+
+        def one(pair: Pair) -> TensorResult:
+            return _compare_pair(pair, r1, r2, options)
+
+        tensors = tuple(_stream(plan.pairs, one, workers, progress))
+        backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
+    calls, first, introduced = analyse_calls(plan.calls, tensors)
+    summary = _summary(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
+    return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
+                         status2=status2, options=options, tensors=tensors, calls=tuple(calls),
+                         first_divergence=first, introduced=tuple(introduced), summary=summary,
+                         notes=tuple(plan.notes))
+
+
+def _replace(options: CompareOptions, **changes: Any) -> CompareOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
+
+
+def _options(rtol: float, atol: float, steps: Iterable[int] | None, modules: str | Sequence[str] | None,
+             exact: bool, equal_nan: bool, allow_stats_only: bool, workers: int) -> CompareOptions:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise CompareError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise CompareError(f"workers must be an integer >= 1, got {workers!r}")
+    step_tuple = None
+    if steps is not None:
+        step_list = list(steps)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in step_list):
+            raise CompareError(f"steps must be integers >= 0, got {step_list!r}")
+        step_tuple = tuple(sorted(set(step_list)))
+    module_tuple = None
+    if modules is not None:
+        if isinstance(modules, str):
+            module_tuple = tuple(split_patterns(modules))
+        else:
+            module_tuple = tuple(p for m in modules for p in split_patterns(m))
+        if not module_tuple:
+            raise CompareError("modules: no pattern given (pass None to compare every module)")
+    return CompareOptions(rtol=float(rtol), atol=float(atol), steps=step_tuple, modules=module_tuple, exact=exact,
+                          equal_nan=equal_nan, allow_stats_only=allow_stats_only)
+
+
+def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,
+            progress: Progress | None) -> Iterator[TensorResult]:
+    """Results in input order; at most ``2 * workers`` pairs in flight."""
+    total = len(pairs)
+    if workers <= 1:
+        for done, pair in enumerate(pairs, 1):
+            yield fn(pair)
+            if progress is not None:
+                progress(done, total)
+        return
+    window: deque[Future[TensorResult]] = deque()
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilstore-compare") as pool:
+        try:
+            for pair in pairs:
+                window.append(pool.submit(fn, pair))
+                if len(window) >= 2 * workers:
+                    yield window.popleft().result()
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+            while window:
+                yield window.popleft().result()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        finally:
+            for future in window:  # after an error: don't start anything new
+                future.cancel()
+
+
+# -- one pair ---------------------------------------------------------------------------------
+def _shape(node: Mapping[str, Any] | None) -> tuple[int, ...] | None:
+    shape = node.get("shape") if node is not None else None
+    return tuple(int(d) for d in shape) if isinstance(shape, list) else None
+
+
+def _str(node: Mapping[str, Any] | None, key: str) -> str | None:
+    value = node.get(key) if node is not None else None
+    return value if isinstance(value, str) else None
+
+
+def _stored(node: Mapping[str, Any]) -> bool:
+    return node.get("stored", True) is not False
+
+
+def _load(reader: StoreReader, side: Side, label: str) -> torch.Tensor:
+    try:
+        return reader.load(side.key)
+    except IlstoreError:
+        raise
+    except KeyError as exc:
+        raise StoreError(f"{reader.run_dir} ({label}): cannot load {side.key.display()}: {exc}") from None
+    except Exception as exc:  # a backend (maybe a plug-in) that lets its library's error through
+        raise StoreError(f"{reader.run_dir} ({label}): cannot load {side.key.display()}: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _why_not_stored(node: Mapping[str, Any]) -> str:
+    return str(node.get("reason") or "body not stored")
+
+
+def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions) -> TensorResult:
+    n1 = pair.side1.node if pair.side1 is not None else None
+    n2 = pair.side2.node if pair.side2 is not None else None
+    meta: dict[str, Any] = dict(renamed_from=pair.renamed_from, shape1=_shape(n1), shape2=_shape(n2),
+                                dtype1=_str(n1, "dtype"), dtype2=_str(n2, "dtype"), device1=_str(n1, "device"),
+                                device2=_str(n2, "device"))
+    if pair.side1 is None or n1 is None:
+        return TensorResult(pair.key, ONLY_IN_DIR2, **meta)
+    if pair.side2 is None or n2 is None:
+        return TensorResult(pair.key, ONLY_IN_DIR1, **meta)
+    meta["dtype_mismatch"] = None not in (meta["dtype1"], meta["dtype2"]) and meta["dtype1"] != meta["dtype2"]
+    if meta["shape1"] is not None and meta["shape2"] is not None and meta["shape1"] != meta["shape2"]:
+        return TensorResult(pair.key, SHAPE_MISMATCH, **meta)
+    stored1, stored2 = _stored(n1), _stored(n2)
+    if stored1 and stored2:
+        a = _load(r1, pair.side1, "dir1")
+        b = _load(r2, pair.side2, "dir2")
+        meta.update(shape1=tuple(a.shape), shape2=tuple(b.shape), dtype1=str(a.dtype), dtype2=str(b.dtype),
+                    dtype_mismatch=a.dtype != b.dtype)
+        if a.shape != b.shape:
+            return TensorResult(pair.key, SHAPE_MISMATCH, **meta)
+        metrics = compare_tensors(a, b, rtol=o.rtol, atol=o.atol, exact=o.exact, equal_nan=o.equal_nan)
+        del a, b
+        return TensorResult(pair.key, MATCH if metrics.mismatched == 0 else MISMATCH, metrics=metrics, **meta)
+    return _compare_by_stats(pair, r1, r2, o, n1, n2, stored1, stored2, meta)
+
+
+def _compare_by_stats(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions, n1: Mapping[str, Any],
+                      n2: Mapping[str, Any], stored1: bool, stored2: bool, meta: dict[str, Any]) -> TensorResult:
+    assert pair.side1 is not None and pair.side2 is not None
+    notes = [f"{label}: {_why_not_stored(n)}" for label, n, stored in (("dir1", n1, stored1), ("dir2", n2, stored2))
+             if not stored]
+    s1 = tensor_stats(_load(r1, pair.side1, "dir1")) if stored1 else n1.get("stats")
+    s2 = tensor_stats(_load(r2, pair.side2, "dir2")) if stored2 else n2.get("stats")
+    if not isinstance(s1, Mapping) or not isinstance(s2, Mapping) or not s1 or not s2:
+        missing = [label for label, s in (("dir1", s1), ("dir2", s2)) if not isinstance(s, Mapping) or not s]
+        return TensorResult(pair.key, NOT_COMPARED, note="; ".join(notes + [f"no statistics in {', '.join(missing)}"]),
+                            **meta)
+    shape = meta["shape2"] or meta["shape1"] or ()
+    recorded = n2.get("numel")
+    numel = recorded if isinstance(recorded, int) else math.prod(shape)
+    is_float = is_float_dtype(meta["dtype1"]) or is_float_dtype(meta["dtype2"])
+    check = compare_stats(s1, s2, numel=numel, is_float=is_float, rtol=o.rtol, atol=o.atol, exact=o.exact,
+                          equal_nan=o.equal_nan)
+    status = STATS_ONLY_MATCH if check.matched else STATS_ONLY_MISMATCH
+    return TensorResult(pair.key, status, stats_failed=check.failed,
+                        note="; ".join(notes + [f"compared by statistics: {', '.join(check.checked)}"]), **meta)
+
+
+# -- summary ----------------------------------------------------------------------------------
+def _summary(tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps: list[int], only1: list[int],
+             only2: list[int]) -> Summary:
+    count: dict[str, int] = {}
+    for t in tensors:
+        count[t.status] = count.get(t.status, 0) + 1
+    mismatched = sum(count.get(s, 0) for s in BAD_VALUE_STATUSES)
+    return Summary(
+        tensors=len(tensors),
+        compared=count.get(MATCH, 0) + count.get(STATS_ONLY_MATCH, 0) + mismatched,
+        matched=count.get(MATCH, 0), mismatched=mismatched, shape_mismatches=count.get(SHAPE_MISMATCH, 0),
+        dtype_mismatches=sum(1 for t in tensors if t.dtype_mismatch),
+        stats_only_matched=count.get(STATS_ONLY_MATCH, 0), stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
+        not_compared=count.get(NOT_COMPARED, 0), only_in_dir1=count.get(ONLY_IN_DIR1, 0),
+        only_in_dir2=count.get(ONLY_IN_DIR2, 0), calls=len(calls),
+        calls_mismatched=sum(1 for c in calls if c.verdict == "mismatch"),
+        calls_only_in_dir1=sum(1 for c in calls if c.presence == "dir1"),
+        calls_only_in_dir2=sum(1 for c in calls if c.presence == "dir2"),
+        steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))

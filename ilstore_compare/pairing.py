@@ -1,0 +1,263 @@
+"""Pairing: find the runs, apply filters and the name map, and line up both runs' tensors.
+
+Only the :class:`~ilstore.store.base.StoreReader` interface is used, so either side may be
+any backend. Tensors pair by :class:`~ilstore.keys.TensorKey` (rank, step, module, call,
+kind, path): the device plays no part. The plan holds metadata only; no tensor is loaded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from ilstore.errors import RunNotFoundError
+from ilstore.keys import KINDS, CallKey, TensorKey
+from ilstore.manifest import MANIFEST_NAME
+from ilstore.store.base import StoreReader
+from ilstore.store.registry import detect_backend
+
+from .errors import AmbiguousRunError, CompareError, NameMapError
+from .mapping import NameMap
+
+__all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
+           "compile_patterns", "build_plan"]
+
+_log = logging.getLogger(__name__)
+
+
+# -- run directories -------------------------------------------------------------------------
+def _is_run(path: Path) -> bool:
+    if (path / MANIFEST_NAME).is_file():
+        return True
+    try:
+        detect_backend(path)
+    except RunNotFoundError:
+        return False
+    return True
+
+
+def resolve_run_dir(path: str | Path) -> Path:
+    """The run directory ``path`` stands for: itself, or the one run inside an ``output_dir``.
+
+    Raises:
+        RunNotFoundError: ``path`` is missing, not a directory, or neither a run nor a
+            directory holding one.
+        AmbiguousRunError: ``path`` holds several runs (they are listed).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RunNotFoundError(f"{p}: no such run directory")
+    if not p.is_dir():
+        raise RunNotFoundError(f"{p}: not a directory")
+    if _is_run(p):
+        return p
+    try:
+        children = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+    except OSError as exc:
+        raise RunNotFoundError(f"{p}: cannot list the directory: {exc.strerror}") from None
+    runs = [c for c in children if _is_run(c)]
+    if len(runs) == 1:
+        _log.info("%s holds one run; using %s", p, runs[0])
+        return runs[0]
+    if runs:
+        raise AmbiguousRunError(p, [str(r) for r in runs])
+    raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
+
+
+# -- filters ----------------------------------------------------------------------------------
+def parse_steps(text: str) -> tuple[int, ...]:
+    """``"0,2,5-7"`` → ``(0, 2, 5, 6, 7)``.
+
+    Raises:
+        CompareError: anything but non-negative integers and ranges.
+    """
+    steps: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise CompareError(f"--steps: {part!r} is not a step number or a range like 2-5 (in {text!r})")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise CompareError(f"--steps: empty range {part!r}")
+        steps.extend(range(lo, hi + 1))
+    return tuple(sorted(set(steps)))
+
+
+def split_patterns(text: str) -> list[str]:
+    """Split a comma-separated regex list at top-level commas only (``a{1,3},b`` → two)."""
+    out, depth, cur, escaped = [], 0, [], False
+    for ch in text:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+            continue
+        if ch == "\\":
+            escaped = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return [p for p in out if p]
+
+
+def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    """Compile module regexes; CompareError names a bad one."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise CompareError(f"--modules: bad regex {pattern!r}: {exc}") from None
+    return compiled
+
+
+# -- the plan ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Side:
+    """One side of a pair: the key in that run's own naming and its metadata node."""
+
+    key: TensorKey
+    node: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A tensor to compare; ``side1``/``side2`` is None when it is missing from that run."""
+
+    key: TensorKey
+    side1: Side | None
+    side2: Side | None
+    renamed_from: str | None = None
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """A module call of the comparison.
+
+    Attributes:
+        call: the call (names after the name map).
+        presence: ``both``, ``dir1`` or ``dir2``.
+        start, end: its position among its rank's calls of the step, in start and in
+            completion order (from dir1 when it has the call; nesting is read from them).
+        source: ``1`` or ``2``, the run those positions come from.
+    """
+
+    call: CallKey
+    presence: str
+    start: int
+    end: int
+    source: int
+
+
+@dataclass
+class Plan:
+    """What to compare: pairs and calls in step, then start order; notes for the report."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    calls: list[PlannedCall] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    steps_only1: list[int] = field(default_factory=list)
+    steps_only2: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _CallSide:
+    own: CallKey
+    start: int
+    end: int
+
+
+def _side_calls(reader: StoreReader, step: int, rename: Callable[[str], str] | None,
+                label: str) -> dict[CallKey, _CallSide]:
+    """Calls of one run's step keyed by their shared name, with per-rank start/end positions."""
+    ends: dict[CallKey, int] = {}
+    counters: dict[int, int] = {}
+    for c in reader.call_ends(step):
+        ends[c] = counters.get(c.rank, 0)
+        counters[c.rank] = ends[c] + 1
+    out: dict[CallKey, _CallSide] = {}
+    counters = {}
+    for c in reader.calls(step):
+        start = counters.get(c.rank, 0)
+        counters[c.rank] = start + 1
+        shared = CallKey(c.rank, c.step, rename(c.module), c.call) if rename else c
+        if shared in out:
+            other = out[shared].own.module
+            raise NameMapError(f"the name map turns both {other!r} and {c.module!r} of {label} into {shared.module!r} "
+                               f"(step {step}, call {c.call}); make the rules tell them apart")
+        out[shared] = _CallSide(c, start, ends.get(c, start))
+    return out
+
+
+def _nodes(reader: StoreReader, call: CallKey, kind: str) -> dict[tuple[str, ...], Side]:
+    return {key.path: Side(key, node) for key, node in reader.tensor_nodes(call, kind)}
+
+
+def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
+               modules: list[re.Pattern[str]] | None, name_map: NameMap | None) -> Plan:
+    """Line up the tensors of two runs (metadata only).
+
+    Args:
+        r1: dir1's reader.
+        r2: dir2's reader (the reference).
+        steps: steps to compare, None for every step of either run.
+        modules: module-name regexes (``re.search``, after the name map); None for all.
+        name_map: rules renaming one side's modules into the other's naming.
+
+    Raises:
+        NameMapError: the map makes two calls of one run collide.
+        StoreError: a run's metadata is unreadable.
+    """
+    plan = Plan()
+    steps1, steps2 = set(r1.steps()), set(r2.steps())
+    wanted = sorted(steps1 | steps2) if steps is None else sorted(set(steps))
+    for name, reader in (("dir1", r1), ("dir2", r2)):
+        if reader.status not in ("complete", "unknown"):
+            plan.notes.append(f"{name} run status is {reader.status!r}: it did not finish cleanly")
+        cut = reader.incomplete_steps()
+        if cut:
+            plan.notes.append(f"{name} has incomplete step(s) {cut} (cut before they finished); they are not compared")
+    rename1 = name_map.rename if name_map is not None and name_map.apply_to == "dir1" else None
+    rename2 = name_map.rename if name_map is not None and name_map.apply_to == "dir2" else None
+    for step in wanted:
+        in1, in2 = step in steps1, step in steps2
+        if not in1 and not in2:
+            plan.notes.append(f"step {step} is in neither run")
+            continue
+        plan.steps.append(step)
+        if not in2:
+            plan.steps_only1.append(step)
+        if not in1:
+            plan.steps_only2.append(step)
+        calls1 = _side_calls(r1, step, rename1, "dir1") if in1 else {}
+        calls2 = _side_calls(r2, step, rename2, "dir2") if in2 else {}
+        order = list(calls1) + [c for c in calls2 if c not in calls1]
+        for call in order:
+            if modules is not None and not any(p.search(call.module) for p in modules):
+                continue
+            c1, c2 = calls1.get(call), calls2.get(call)
+            presence = "both" if c1 and c2 else "dir1" if c1 else "dir2"
+            pos = c1 or c2
+            assert pos is not None
+            plan.calls.append(PlannedCall(call, presence, pos.start, pos.end, 1 if c1 else 2))
+            renamed = None
+            if c1 and c1.own.module != call.module:
+                renamed = c1.own.module
+            elif c2 and c2.own.module != call.module:
+                renamed = c2.own.module
+            for kind in KINDS:
+                n1 = _nodes(r1, c1.own, kind) if c1 else {}
+                n2 = _nodes(r2, c2.own, kind) if c2 else {}
+                for path in list(n1) + [p for p in n2 if p not in n1]:
+                    plan.pairs.append(Pair(call.tensor(kind, path), n1.get(path), n2.get(path), renamed))
+    return plan

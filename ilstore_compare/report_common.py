@@ -1,0 +1,177 @@
+"""Formatting shared by the markdown and HTML reports: labels, numbers and table rows."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from ilstore.keys import CallKey, TensorKey
+
+from .result import CallResult, CompareResult, Divergence, TensorResult
+
+__all__ = ["num", "call_label", "tensor_label", "verdict_line", "summary_rows", "options_line", "call_rows",
+           "CALL_HEADERS", "tensor_rows", "TENSOR_HEADERS", "divergence_text", "introduced_rows",
+           "INTRODUCED_HEADERS", "calls_by_step", "tensors_by_step", "SEVERE"]
+
+#: Tensor statuses listed by default (without ``--verbose``).
+SEVERE = frozenset({"mismatch", "shape_mismatch", "stats_only_mismatch", "not_compared", "only_in_dir1",
+                    "only_in_dir2"})
+
+
+def num(x: float | int | None, pct: bool = False) -> str:
+    """A compact number: ``—`` for missing, ``inf``, three significant digits."""
+    if x is None:
+        return "—"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    text = "0" if x == 0 else f"{x:.3g}"
+    return text + "%" if pct else text
+
+
+def call_label(call: CallKey) -> str:
+    rank = f"rank{call.rank} " if call.rank else ""
+    return f"{rank}{call.module}" + (f"#{call.call}" if call.call else "")
+
+
+def tensor_label(key: TensorKey) -> str:
+    return key.kind + "".join(f"[{p}]" for p in key.path)
+
+
+def verdict_line(result: CompareResult) -> str:
+    words = {"match": "MATCH: every tensor compared and matched",
+             "mismatch": "MISMATCH: some tensors differ",
+             "incomplete": "INCOMPLETE: no values differ, but not every tensor could be compared on both sides",
+             "empty": "EMPTY: nothing was compared"}
+    return f"{words[result.verdict]} (exit status {result.exit_code})"
+
+
+def options_line(result: CompareResult) -> str:
+    o = result.options
+    if o.exact:
+        rule = "bitwise equality (--exact)"
+    else:
+        rule = f"|a − b| ≤ atol + rtol·|b| with rtol={o.rtol:g}, atol={o.atol:g} (b: dir2, the reference)"
+    nan = "NaN equals NaN in the same place" if o.equal_nan else "NaN never matches"
+    parts = [rule, nan]
+    if o.steps is not None:
+        parts.append(f"steps {', '.join(map(str, o.steps))}")
+    if o.modules is not None:
+        parts.append(f"modules matching {', '.join(o.modules)}")
+    if o.name_map is not None:
+        parts.append(f"{len(o.name_map['rules'])} rename rule(s) applied to {o.name_map['apply_to']}")
+    if o.allow_stats_only:
+        parts.append("stats-only matches accepted")
+    return "; ".join(parts)
+
+
+def summary_rows(result: CompareResult) -> list[list[Any]]:
+    s = result.summary
+    rows: list[list[Any]] = [
+        ["tensors (paired or one-sided)", s.tensors],
+        ["compared", s.compared],
+        ["matched", s.matched],
+        ["mismatched", s.mismatched],
+        ["  of which shape mismatches", s.shape_mismatches],
+        ["  of which stats-only mismatches", s.stats_only_mismatched],
+        ["stats-only matches (bodies not stored)", s.stats_only_matched],
+        ["dtype differs (values compared upcast)", s.dtype_mismatches],
+        ["not compared (no body, no statistics)", s.not_compared],
+        ["only in dir1", s.only_in_dir1],
+        ["only in dir2", s.only_in_dir2],
+        ["module calls", s.calls],
+        ["module calls that differ", s.calls_mismatched],
+        ["module calls only in dir1", s.calls_only_in_dir1],
+        ["module calls only in dir2", s.calls_only_in_dir2],
+        ["steps", ", ".join(map(str, s.steps)) or "—"],
+    ]
+    if s.steps_only_in_dir1:
+        rows.append(["steps only in dir1", ", ".join(map(str, s.steps_only_in_dir1))])
+    if s.steps_only_in_dir2:
+        rows.append(["steps only in dir2", ", ".join(map(str, s.steps_only_in_dir2))])
+    return rows
+
+
+def divergence_text(d: Divergence) -> str:
+    where = f"step {d.step}, {call_label(CallKey(d.rank, d.step, d.module, d.call))}"
+    if d.origin == "introduced":
+        why = "its inputs match, its outputs differ: the error is introduced in this call"
+    else:
+        why = "its inputs (or a call nested in it) already differed: the error is inherited"
+    return f"{where} — {d.origin}: {why}"
+
+
+INTRODUCED_HEADERS = ["step", "module call", "output rel L2", "input rel L2", "growth", "differing outputs"]
+
+
+def introduced_rows(items: Sequence[Divergence]) -> list[list[Any]]:
+    rows = []
+    for d in items:
+        growth = "∞ (identical inputs)" if d.input_rel_l2 == 0 and d.output_rel_l2 else num(d.growth)
+        rows.append([d.step, call_label(CallKey(d.rank, d.step, d.module, d.call)), num(d.output_rel_l2),
+                     num(d.input_rel_l2), growth, ", ".join(t.split(" ", 3)[-1] for t in d.tensors) or "—"])
+    return rows
+
+
+CALL_HEADERS = ["module call", "verdict", "origin", "tensors", "differ", "max abs diff", "max rel diff",
+                "out rel L2", "min cos"]
+
+
+def call_rows(calls: Sequence[CallResult]) -> list[list[Any]]:
+    rows = []
+    for c in calls:
+        verdict = c.verdict if c.presence == "both" else f"only in {c.presence}"
+        rows.append([call_label(c.call), verdict, c.origin or "", c.tensors, c.mismatched_tensors,
+                     num(c.max_abs_diff), num(c.max_rel_diff), num(c.output_rel_l2), num(c.min_cosine)])
+    return rows
+
+
+TENSOR_HEADERS = ["module call", "tensor", "status", "shape", "dtype", "mismatched", "max abs diff", "at",
+                  "mean abs diff", "max rel diff", "rel L2", "cos", "NaN 1/2", "Inf 1/2", "note"]
+
+
+def _pair(a: Any, b: Any) -> str:
+    fa = "—" if a is None else (str(list(a)) if isinstance(a, tuple) else str(a).removeprefix("torch."))
+    fb = "—" if b is None else (str(list(b)) if isinstance(b, tuple) else str(b).removeprefix("torch."))
+    return fa if fa == fb else f"{fa} vs {fb}"
+
+
+def tensor_rows(tensors: Sequence[TensorResult]) -> list[list[Any]]:
+    rows = []
+    for t in tensors:
+        m = t.metrics
+        note = t.note or ""
+        if t.stats_failed:
+            note = "; ".join([note] if note else []) + ("; " if note else "") + "differ: " + ", ".join(
+                f"{name} {num(v1) if isinstance(v1, float) else v1} vs {num(v2) if isinstance(v2, float) else v2}"
+                for name, v1, v2 in t.stats_failed)
+        if t.renamed_from:
+            note = (note + "; " if note else "") + f"renamed from {t.renamed_from}"
+        rows.append([
+            call_label(t.key.call_key), tensor_label(t.key), t.status, _pair(t.shape1, t.shape2),
+            _pair(t.dtype1, t.dtype2),
+            f"{m.mismatched} ({num(m.mismatched_pct, pct=True)})" if m else "—",
+            num(m.max_abs_diff) if m else "—",
+            str(list(m.max_abs_diff_index)) if m and m.max_abs_diff_index is not None else "—",
+            num(m.mean_abs_diff) if m else "—", num(m.max_rel_diff) if m else "—", num(m.rel_l2) if m else "—",
+            num(m.cosine) if m else "—", f"{m.nan1}/{m.nan2}" if m else "—", f"{m.inf1}/{m.inf2}" if m else "—",
+            note,
+        ])
+    return rows
+
+
+def calls_by_step(result: CompareResult) -> dict[int, list[CallResult]]:
+    out: dict[int, list[CallResult]] = {}
+    for c in result.calls:
+        out.setdefault(c.call.step, []).append(c)
+    return out
+
+
+def tensors_by_step(tensors: Sequence[TensorResult]) -> dict[int, list[TensorResult]]:
+    out: dict[int, list[TensorResult]] = {}
+    for t in tensors:
+        out.setdefault(t.key.step, []).append(t)
+    return out

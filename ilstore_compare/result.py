@@ -1,0 +1,241 @@
+"""The result of a comparison: frozen value objects, from one tensor pair up to the whole run.
+
+Statuses of a tensor entry (:attr:`TensorResult.status`):
+
+==========================  =====================================================================
+``match``                   both bodies loaded, every element within tolerance
+``mismatch``                both bodies loaded, some element out of tolerance
+``shape_mismatch``          shapes differ; no elementwise comparison
+``stats_only_match``        a body was not stored on at least one side; the recorded statistics agree
+``stats_only_mismatch``     ... and the statistics disagree
+``not_compared``            neither a body nor statistics to compare on at least one side
+``only_in_dir1``            the tensor exists only in dir1
+``only_in_dir2``            the tensor exists only in dir2
+==========================  =====================================================================
+
+A dtype difference is not a status: the values are compared after upcasting and the entry
+carries ``dtype_mismatch=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ilstore.keys import CallKey, TensorKey
+
+from .metrics import TensorMetrics
+
+__all__ = ["MATCH", "MISMATCH", "SHAPE_MISMATCH", "STATS_ONLY_MATCH", "STATS_ONLY_MISMATCH", "NOT_COMPARED",
+           "ONLY_IN_DIR1", "ONLY_IN_DIR2", "STATUSES", "BAD_VALUE_STATUSES", "CompareOptions", "TensorResult",
+           "CallResult", "Divergence", "Summary", "CompareResult"]
+
+MATCH = "match"
+MISMATCH = "mismatch"
+SHAPE_MISMATCH = "shape_mismatch"
+STATS_ONLY_MATCH = "stats_only_match"
+STATS_ONLY_MISMATCH = "stats_only_mismatch"
+NOT_COMPARED = "not_compared"
+ONLY_IN_DIR1 = "only_in_dir1"
+ONLY_IN_DIR2 = "only_in_dir2"
+STATUSES = (MATCH, MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, NOT_COMPARED,
+            ONLY_IN_DIR1, ONLY_IN_DIR2)
+#: Statuses that mean the values differ (they drive the first divergence).
+BAD_VALUE_STATUSES = frozenset({MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MISMATCH})
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What was asked for; reported with the result.
+
+    Attributes:
+        rtol: relative tolerance (against the dir2 value).
+        atol: absolute tolerance.
+        steps: steps to compare (None: all).
+        modules: regexes, ``re.search`` on the module name (after the name map); None: all.
+        exact: bitwise comparison.
+        equal_nan: NaN in the same place on both sides is equal.
+        allow_stats_only: a stats-only pair whose statistics agree counts as a match for the
+            exit status (by default coverage fails closed: it does not).
+        name_map: the rename rules (JSON form), if any.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    steps: tuple[int, ...] | None = None
+    modules: tuple[str, ...] | None = None
+    exact: bool = False
+    equal_nan: bool = False
+    allow_stats_only: bool = False
+    name_map: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    """One paired or one-sided tensor.
+
+    Attributes:
+        key: the tensor key; its module name is the one both runs share after the name map
+            (the unmapped side's name).
+        status: one of :data:`STATUSES`.
+        renamed_from: the mapped side's own module name when the name map changed it, else None.
+        shape1, shape2, dtype1, dtype2, device1, device2: metadata of each side (None if absent).
+        dtype_mismatch: both sides present with different dtypes.
+        metrics: elementwise metrics (``match``/``mismatch``), else None.
+        stats_failed: for stats-only pairs, the statistics that disagree ``(name, v1, v2)``.
+        note: why a pair was compared by statistics or not at all.
+    """
+
+    key: TensorKey
+    status: str
+    renamed_from: str | None = None
+    shape1: tuple[int, ...] | None = None
+    shape2: tuple[int, ...] | None = None
+    dtype1: str | None = None
+    dtype2: str | None = None
+    device1: str | None = None
+    device2: str | None = None
+    dtype_mismatch: bool = False
+    metrics: TensorMetrics | None = None
+    stats_failed: tuple[tuple[str, Any, Any], ...] = ()
+    note: str | None = None
+
+    @property
+    def bad_value(self) -> bool:
+        return self.status in BAD_VALUE_STATUSES
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One module call: the verdict over its tensors and its worst metrics.
+
+    Attributes:
+        call: the call (names after the name map).
+        presence: ``both``, ``dir1`` or ``dir2``.
+        verdict: ``mismatch`` (some value differs), ``one_sided`` (some tensor or the call
+            itself is in one run only), ``not_compared``, ``stats_only_match``, ``match`` or
+            ``no_tensors``, the first that applies.
+        origin: for a call whose outputs differ: ``introduced`` or ``inherited``; else None.
+        order: position in execution (completion) order over the whole comparison.
+        tensors: tensor entries of the call.
+        mismatched_tensors: entries whose values differ.
+        output_rel_l2, input_rel_l2: the largest relative L2 error over outputs / inputs.
+        max_abs_diff, max_rel_diff: the largest over all tensors of the call.
+        min_cosine: the smallest cosine similarity over all tensors of the call.
+    """
+
+    call: CallKey
+    presence: str
+    verdict: str
+    origin: str | None
+    order: int
+    tensors: int
+    mismatched_tensors: int
+    output_rel_l2: float | None = None
+    input_rel_l2: float | None = None
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    min_cosine: float | None = None
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A module call whose outputs differ: where, whether it inherited the error, how much it grew.
+
+    Attributes:
+        step, module, call, rank: the call.
+        origin: ``introduced`` (its inputs matched) or ``inherited``.
+        output_rel_l2: largest relative L2 error over its outputs (None: none measurable).
+        input_rel_l2: largest over its inputs (None: no input compared elementwise).
+        growth: ``output_rel_l2 / input_rel_l2``; None when the inputs are identical (or unknown).
+        tensors: the differing output tensors (display form).
+    """
+
+    step: int
+    module: str
+    call: int
+    rank: int
+    origin: str
+    output_rel_l2: float | None
+    input_rel_l2: float | None
+    growth: float | None
+    tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts over the whole comparison (see ``docs/compare.md``)."""
+
+    tensors: int = 0
+    compared: int = 0
+    matched: int = 0
+    mismatched: int = 0
+    shape_mismatches: int = 0
+    dtype_mismatches: int = 0
+    stats_only_matched: int = 0
+    stats_only_mismatched: int = 0
+    not_compared: int = 0
+    only_in_dir1: int = 0
+    only_in_dir2: int = 0
+    calls: int = 0
+    calls_mismatched: int = 0
+    calls_only_in_dir1: int = 0
+    calls_only_in_dir2: int = 0
+    steps: tuple[int, ...] = ()
+    steps_only_in_dir1: tuple[int, ...] = ()
+    steps_only_in_dir2: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Everything a comparison found; reports are rendered from it.
+
+    Attributes:
+        dir1, dir2: the run directories compared (dir2 is the reference).
+        backend1, backend2: their backends.
+        status1, status2: their run status (``complete``, ``running``...).
+        options: what was asked for.
+        tensors: one entry per paired or one-sided tensor, by step then call start order.
+        calls: one entry per module call, same order.
+        first_divergence: the earliest call (execution order) whose outputs differ, or None.
+        introduced: calls where error is introduced, largest growth first (a few).
+        summary: the counts.
+        notes: remarks for the reader (incomplete steps, steps missing on one side...).
+    """
+
+    dir1: str
+    dir2: str
+    backend1: str
+    backend2: str
+    status1: str
+    status2: str
+    options: CompareOptions
+    tensors: tuple[TensorResult, ...]
+    calls: tuple[CallResult, ...]
+    first_divergence: Divergence | None
+    introduced: tuple[Divergence, ...]
+    summary: Summary
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def verdict(self) -> str:
+        """``match``, ``mismatch`` (values differ), ``incomplete`` (coverage gaps only) or ``empty``."""
+        s = self.summary
+        if s.compared == 0 and not (s.only_in_dir1 or s.only_in_dir2 or s.not_compared):
+            return "empty"
+        if s.mismatched:
+            return "mismatch"
+        unverified = s.stats_only_matched if not self.options.allow_stats_only else 0
+        if (s.only_in_dir1 or s.only_in_dir2 or s.not_compared or s.calls_only_in_dir1 or s.calls_only_in_dir2
+                or s.steps_only_in_dir1 or s.steps_only_in_dir2 or unverified or s.compared == 0):
+            return "incomplete"
+        return "match"
+
+    @property
+    def exit_code(self) -> int:
+        """0 when everything was compared and matched; 1 otherwise (never 0 for an empty comparison)."""
+        return 0 if self.verdict == "match" else 1
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0

@@ -1,0 +1,114 @@
+"""A dependency-free inline SVG plot of the error along execution order (for the HTML report).
+
+One point per module call, in completion order across steps: the largest relative L2 error of
+its outputs on a log scale. Calls whose outputs are identical sit on the ``0`` row; calls where
+the reference is zero but dir1 is not on the ``∞`` row. Colours: match, mismatch (inherited),
+introduced; a vertical line marks the first divergence and dashed lines separate steps.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Sequence
+
+from .report_common import call_label
+from .result import CallResult, Divergence
+
+__all__ = ["error_plot_svg"]
+
+_W, _H = 960, 340
+_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 24, 48
+_COLORS = {"match": "#2e7d32", "inherited": "#ef6c00", "introduced": "#c62828", "other": "#757575"}
+
+
+def _y_range(values: Sequence[float]) -> tuple[int, int]:
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:
+        return -8, 0
+    lo = math.floor(math.log10(min(positive)))
+    hi = math.ceil(math.log10(max(positive)))
+    return lo, max(hi, lo + 1)
+
+
+def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: float) -> str:
+    """Return an ``<svg>`` element (no XML prologue, no external references).
+
+    Args:
+        calls: every call of the comparison (any order; plotted by ``order``).
+        first: the first divergence, marked by a vertical line.
+        rtol: drawn as a dashed horizontal reference.
+    """
+    ordered = sorted((c for c in calls if c.presence == "both"), key=lambda c: c.order)
+    values = [c.output_rel_l2 for c in ordered if c.output_rel_l2 is not None]
+    lo, hi = _y_range([v for v in values] + ([rtol] if rtol > 0 else []))
+    plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+    zero_y, inf_y = _TOP + plot_h, _TOP
+    band_top, band_bottom = _TOP + 26, _TOP + plot_h - 22
+
+    def x_of(i: int) -> float:
+        return _LEFT + (plot_w * (i + 0.5) / max(len(ordered), 1))
+
+    def y_of(v: float) -> float:
+        if v <= 0:
+            return zero_y
+        if not math.isfinite(v):
+            return inf_y
+        frac = (math.log10(v) - lo) / (hi - lo)
+        return band_bottom - frac * (band_bottom - band_top)
+
+    parts = [f'<svg class="error-plot" viewBox="0 0 {_W} {_H}" width="100%" role="img" '
+             f'aria-label="relative L2 error of module outputs along execution order">',
+             f'<rect x="{_LEFT}" y="{_TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#bbb"/>']
+    for e in range(lo, hi + 1):
+        y = y_of(10.0 ** e)
+        parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e0e0e0"/>')
+        parts.append(f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">1e{e}</text>')
+    parts.append(f'<text x="{_LEFT - 6}" y="{zero_y:.1f}" text-anchor="end" font-size="11">0</text>')
+    parts.append(f'<text x="{_LEFT - 6}" y="{inf_y + 10:.1f}" text-anchor="end" font-size="11">∞</text>')
+    if rtol > 0:
+        y = y_of(rtol)
+        parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#1565c0" '
+                     f'stroke-dasharray="6 4"><title>rtol = {rtol:g}</title></line>')
+    step = None
+    for i, c in enumerate(ordered):
+        if c.call.step != step:
+            step = c.call.step
+            x = x_of(i) - plot_w / max(len(ordered), 1) / 2
+            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#9e9e9e" '
+                         f'stroke-dasharray="3 3"/>')
+            parts.append(f'<text x="{x + 3:.1f}" y="{_TOP + plot_h + 14}" font-size="11">step {step}</text>')
+    if first is not None:
+        for i, c in enumerate(ordered):
+            k = c.call
+            if (k.step, k.rank, k.module, k.call) == (first.step, first.rank, first.module, first.call):
+                x = x_of(i)
+                parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#c62828" '
+                             f'stroke-width="1.5"><title>first divergence: {escape(call_label(k))}</title></line>')
+                break
+    points = []
+    for i, c in enumerate(ordered):
+        if c.output_rel_l2 is None:
+            continue
+        kind = c.origin or ("match" if c.verdict in ("match", "stats_only_match") else "other")
+        r = 4.5 if kind == "introduced" else 3
+        tip = (f"step {c.call.step} {call_label(c.call)}: {c.verdict}"
+               + (f" ({c.origin})" if c.origin else "") + f", output rel L2 {c.output_rel_l2:.3g}")
+        points.append((x_of(i), y_of(c.output_rel_l2), r, _COLORS[kind], tip))
+        parts.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(c.output_rel_l2):.1f}" r="{r}" fill="{_COLORS[kind]}">'
+                     f'<title>{escape(tip)}</title></circle>')
+    if len(points) > 1:
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y, *_ in points)
+        parts.insert(-len(points), f'<polyline points="{path}" fill="none" stroke="#90a4ae" stroke-width="1"/>')
+    parts.append(f'<text x="{_LEFT + plot_w / 2:.1f}" y="{_H - 8}" text-anchor="middle" font-size="12">'
+                 f'module calls in execution (completion) order</text>')
+    parts.append(f'<text x="14" y="{_TOP + plot_h / 2:.1f}" text-anchor="middle" font-size="12" '
+                 f'transform="rotate(-90 14 {_TOP + plot_h / 2:.1f})">output rel L2 error</text>')
+    legend_x = _LEFT + 8
+    for n, (name, color) in enumerate((("match", _COLORS["match"]), ("introduced", _COLORS["introduced"]),
+                                       ("inherited", _COLORS["inherited"]))):
+        x = legend_x + n * 110
+        parts.append(f'<circle cx="{x}" cy="{_TOP - 10}" r="4" fill="{color}"/>'
+                     f'<text x="{x + 8}" y="{_TOP - 6}" font-size="11">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
