@@ -85,6 +85,7 @@ class Capture:
         self._in_root = 0
         self._stray_warned = False
         self.error: Exception | None = None
+        self._paused = False
         self._dedup: Deduper | None = None
         if not self.config.enabled:
             return
@@ -232,7 +233,14 @@ class Capture:
         if not self.manual_step:
             raise StoreError("step() is for manual stepping; create the capture with manual_step=True "
                              "(otherwise every forward of the root module is one step)")
-        self._end_step()
+        if not self._step_open and self.hooked_modules and self._sink is not None \
+                and self.config.logs_step(self.step_index):
+            warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
+                          "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=2)
+        try:
+            self._end_step()
+        except Exception as exc:
+            self._fail(exc)
         self.step_index += 1
         return self.step_index
 
@@ -241,13 +249,33 @@ class Capture:
         assert self._sink is not None
         self._sink.write(build_record(call, kind, value, self._policy, kwargs, self._dedup))
 
+    def pause(self) -> None:
+        """Stop recording until :meth:`resume`; calls in between are neither logged nor counted.
+
+        For engines that run the model outside real steps (memory profiling, warm-up): pause
+        capture around those runs. The hooks stay attached and return at once.
+        """
+        self._paused = True
+
+    def resume(self) -> None:
+        """Record again after :meth:`pause`."""
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._paused:
+            return
         try:
             self._pre_impl(name, selected, args, kwargs)
         except Exception as exc:
             self._fail(exc)
 
     def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self._paused:
+            return
         try:
             self._post_impl(name, output)
         except Exception as exc:

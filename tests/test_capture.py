@@ -391,3 +391,17 @@ def test_step_whose_forward_raised_is_not_complete(out_dir: Path) -> None:
     with ilstore.open_run(cap.run_dir) as run:
         assert run.steps() == [0, 2] and run.incomplete_steps() == [1] and run.status == "complete"
         assert [c.module for c in run.calls(2)] == ["lin"]
+
+
+def test_pause_resume_manual_steps(out_dir: Path) -> None:
+    model = Thrice()
+    with ilstore.capture(model, _cfg(out_dir, log_step_ids=[]), manual_step=True) as cap:
+        cap.pause()
+        model(torch.randn(1, 4))  # e.g. an engine's warm-up run: not logged, not counted
+        cap.resume()
+        model.other(torch.randn(1, 4))
+        cap.step()
+        with pytest.warns(ilstore.IlstoreWarning, match="no hooked module ran"):
+            cap.step()
+    assert _calls(cap.run_dir, 0) == [("other", 0)]
+    assert ilstore.open_run(cap.run_dir).steps() == [0]

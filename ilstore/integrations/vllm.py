@@ -74,28 +74,26 @@ class EngineCapture(Capture):
     :meth:`end_engine_step` when it ends; between steps the hooks return at once.
     """
 
-    live = False  # a class attribute: Capture.__init__ attaches hooks before our __init__ runs
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause()  # nothing is recorded until the first real engine step
 
-    def _pre(self, *args: Any) -> None:
-        if self.live:
-            super()._pre(*args)
-
-    def _post(self, *args: Any) -> None:
-        if self.live:
-            super()._post(*args)
+    @property
+    def live(self) -> bool:
+        return not self.paused
 
     def begin_engine_step(self) -> None:
         """Let the hooks record: a scheduled ``execute_model`` call starts."""
-        self.live = True
+        self.resume()
 
     def end_engine_step(self) -> None:
         """Close the current step (if one is live) and advance to the next."""
-        if self.live:
-            self.live = False
+        if not self.paused:
+            self.pause()
             self.step()
 
     def close(self, status: str = "complete") -> None:
-        self.live = False
+        self.pause()
         super().close(status)
 
 
