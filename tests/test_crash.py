@@ -14,7 +14,7 @@ import ilstore
 from ilstore.cli import cli
 
 WORKER = Path(__file__).parent / "workers" / "kill_worker.py"
-BACKENDS = ["pt"]
+BACKENDS = ["pt", "safetensors", "hdf5"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -35,3 +35,15 @@ def test_sigkill_mid_step(out_dir: Path, backend: str) -> None:
     result = CliRunner().invoke(cli, ["ls", str(run_dir)])
     assert result.exit_code == 0
     assert "status running" in result.output and "cut before they finished: [2]" in result.output
+
+
+def test_compare_reports_the_cut_step(out_dir: Path) -> None:
+    """Comparing a killed run with a complete one fails closed: the cut step is missing."""
+    from ilstore_compare import compare
+
+    subprocess.run([sys.executable, str(WORKER), str(out_dir / "killed"), "pt", "2"], capture_output=True, timeout=120)
+    subprocess.run([sys.executable, str(WORKER), str(out_dir / "full"), "pt", "3"], capture_output=True, timeout=120)
+    result = compare(out_dir / "killed" / "run", out_dir / "full" / "run")
+    assert result.exit_code == 1
+    assert result.summary.only_in_dir2 > 0 and result.summary.mismatched == 0
+    assert {t.key.step for t in result.tensors if t.status == "only_in_dir2"} == {2}

@@ -24,10 +24,12 @@ class Evil:
         return (os.system, (f"touch {MARKER}",))
 
 
-def _run(out_dir: Path, run_id: str = "run") -> Path:
+def _run(out_dir: Path, run_id: str = "run", backend: str = "pt") -> Path:
     model = Thrice()
-    with ilstore.capture(model, {"output_dir": str(out_dir), "run_id": run_id, "async_writes": False}) as cap:
+    with ilstore.capture(model, {"output_dir": str(out_dir), "run_id": run_id, "async_writes": False,
+                                 "backend": backend, "log_step_ids": [0, 1]}) as cap:
         model(torch.randn(1, 4))
+        model(torch.ones(1, 4))
     assert cap.run_dir is not None
     return cap.run_dir
 
@@ -137,11 +139,14 @@ def test_crafted_manifest(out_dir: Path, patch: dict) -> None:
         assert "ilstore.json" in result.output or str(run_dir) in result.output
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.data())
-def test_mutated_bytes_never_crash_reader(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+@pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_bytes_never_crash_reader(tmp_path_factory: pytest.TempPathFactory, backend: str,
+                                          data: st.DataObject) -> None:
+    """Random byte flips and truncations in any file of a run: readers raise IlstoreError or work."""
     out_dir = tmp_path_factory.mktemp("mut")
-    run_dir = _run(out_dir)
+    run_dir = _run(out_dir, backend=backend)
     files = sorted(p for p in run_dir.rglob("*") if p.is_file())
     # Draw run-independent numbers (paths, and so file sizes, differ between examples).
     victim = files[data.draw(st.integers(0, 10**6)) % len(files)]
@@ -162,3 +167,24 @@ def test_mutated_bytes_never_crash_reader(tmp_path_factory: pytest.TempPathFacto
                     pass
     except ilstore.IlstoreError:
         pass
+
+
+def _plant_evil(run_dir: Path) -> Path:
+    MARKER.unlink(missing_ok=True)
+    target = _first_tensor_file(run_dir)
+    torch.save({"x": Evil()}, target)
+    return target
+
+
+def test_hostile_file_refused_by_convert_and_compare(out_dir: Path, tmp_path: Path) -> None:
+    good = _run(out_dir, "good")
+    bad = _run(out_dir, "bad")
+    target = _plant_evil(bad)
+    for args in (["convert", str(bad), str(tmp_path / "conv"), "--to", "safetensors"],
+                 ["compare", "--dir1", str(bad), "--dir2", str(good)],
+                 ["compare", "--dir1", str(good), "--dir2", str(bad)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert str(target) in result.output and "Traceback" not in result.output
+    assert not MARKER.exists()
+    assert not (tmp_path / "conv").exists()
