@@ -1,0 +1,224 @@
+"""Shared helpers of bench_compare.py and bench_convert.py (not a benchmark itself).
+
+* :func:`workload`: a deterministic list of float32 tensor shapes of mixed sizes adding up to
+  about ``--size-mb`` (largest 64 MiB, or smaller for small runs), shuffled so that large and
+  small tensors alternate as in a real forward.
+* :func:`write_run`: writes one run through ``ilstore.capture`` (one module per tensor,
+  outputs only, synchronous writes), in any backend; variant ``"b"`` differs slightly.
+* :class:`RssSampler`: peak RSS growth sampled from ``/proc/self/statm`` every 2 ms, both the
+  whole resident set and its anonymous part (resident minus file-backed/shared pages; the
+  difference is mostly memory-mapped file pages, e.g. safetensors shards, which the kernel can
+  drop at any time).
+* :func:`drop_page_cache`: ``fsync`` + ``posix_fadvise(DONTNEED)`` on files (cold reads).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+#: (bytes per tensor, share of the run's bytes). A class larger than a sixth of the run is
+#: folded into the next smaller one, so small runs still hold several tensors.
+SIZE_CLASSES: tuple[tuple[int, float], ...] = (
+    (64 * MiB, 0.40), (16 * MiB, 0.26), (4 * MiB, 0.13), (1 * MiB, 0.13), (256 * KiB, 0.075), (16 * KiB, 0.004),
+    (1 * KiB, 0.0001),
+)
+SEED = 1234
+#: One element in PERTURB_EVERY of run "b" is scaled by 1 + PERTURB (a mismatch at rtol 1e-5).
+PERTURB_EVERY = 1009
+PERTURB = 1e-4
+
+
+def workload(size_mb: float) -> list[tuple[int, ...]]:
+    """Shapes (float32) whose bytes add up to about ``size_mb`` MB (10^6 bytes)."""
+    total = size_mb * 1e6
+    carry = 0.0
+    shapes: list[tuple[int, ...]] = []
+    for nbytes, share in SIZE_CLASSES:
+        if nbytes > total / 6 and nbytes > SIZE_CLASSES[-1][0]:
+            carry += share
+            continue
+        count = max(1, round((share + carry) * total / nbytes))
+        carry = 0.0
+        numel = nbytes // 4
+        shape = (numel // 1024, 1024) if numel >= 4096 else (numel,)
+        shapes.extend([shape] * count)
+    random.Random(SEED).shuffle(shapes)
+    return shapes
+
+
+def nbytes_of(shapes: Iterable[tuple[int, ...]]) -> int:
+    return sum(math.prod(s) * 4 for s in shapes)
+
+
+def make_tensor(i: int, shape: tuple[int, ...], variant: str) -> torch.Tensor:
+    """Tensor ``i`` of run ``variant`` ("a" or "b"): the same values, b with a few perturbed."""
+    gen = torch.Generator().manual_seed(SEED + i)
+    t = torch.randn(shape, generator=gen)
+    if variant == "b":
+        flat = t.view(-1)
+        flat[i % PERTURB_EVERY::PERTURB_EVERY] *= 1 + PERTURB
+    return t
+
+
+class _Emitter(torch.nn.Module):
+    """Root module: child ``i`` returns tensor ``i`` of the workload (no inputs)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], variant: str) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_One(i, s, variant) for i, s in enumerate(shapes))
+
+    def forward(self) -> None:
+        for layer in self.layers:
+            layer()
+
+
+class _One(torch.nn.Module):
+    def __init__(self, i: int, shape: tuple[int, ...], variant: str) -> None:
+        super().__init__()
+        self.i, self.shape, self.variant = i, shape, variant
+
+    def forward(self) -> torch.Tensor:
+        return make_tensor(self.i, self.shape, self.variant)
+
+
+def write_run(parent: Path, run_id: str, backend: str, shapes: list[tuple[int, ...]], variant: str) -> Path:
+    """One step, one module call per tensor, outputs only, written by ``ilstore.capture``."""
+    import ilstore
+
+    model = _Emitter(shapes, variant)
+    cfg = {"output_dir": str(parent), "run_id": run_id, "backend": backend, "log_inputs": False,
+           "async_writes": False, "dedup": False, "on_error": "raise"}
+    with ilstore.capture(model, cfg) as cap:
+        with torch.no_grad():
+            model()
+    assert cap.run_dir is not None and cap.error is None
+    return cap.run_dir
+
+
+def write_raw(out: Path, shapes: list[tuple[int, ...]], variant: str) -> list[Path]:
+    """The same tensors as raw float32 files, one per tensor (the floor's input)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, shape in enumerate(shapes):
+        path = out / f"{i:05d}.bin"
+        make_tensor(i, shape, variant).numpy().tofile(path)
+        paths.append(path)
+    return paths
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(Path(dp) / f for dp, _dn, fs in os.walk(path) for f in fs)
+
+
+def dir_size(path: Path) -> tuple[int, int]:
+    files = files_under(path)
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def read_all(paths: Iterable[Path]) -> None:
+    """Read files once (warms the page cache)."""
+    buf = bytearray(16 * MiB)
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def drop_page_cache(paths: Iterable[Path]) -> None:
+    """Write back and evict the files' pages, so the next read comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> tuple[int, int]:
+    """(resident bytes, anonymous resident bytes = resident - file-backed/shared)."""
+    with open("/proc/self/statm") as fh:
+        fields = fh.read().split()
+    resident, shared = int(fields[1]) * _PAGE, int(fields[2]) * _PAGE
+    return resident, resident - shared
+
+
+class RssSampler:
+    """Peak RSS (and anonymous RSS) growth over the value at entry, sampled every 2 ms."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.base = self.peak = self.base_anon = self.peak_anon = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "RssSampler":
+        self.base, self.base_anon = rss()
+        self.peak, self.peak_anon = self.base, self.base_anon
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _sample(self) -> None:
+        r, a = rss()
+        self.peak, self.peak_anon = max(self.peak, r), max(self.peak_anon, a)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self._sample()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+    @property
+    def growth_anon(self) -> int:
+        return self.peak_anon - self.base_anon
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``), so
+    that a row's RSS growth is not hidden by memory an earlier row freed but the heap kept."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, RssSampler, Any]:
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        t1 = time.perf_counter()
+    return t1 - t0, sampler, out

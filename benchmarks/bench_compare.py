@@ -1,0 +1,273 @@
+"""``ilstore_compare.compare`` throughput and memory against a raw-read floor, in one process.
+
+Workload: two runs of about ``--size-mb`` MB each (default 500: ~400 float32 tensors from
+1 KiB to 64 MiB, shuffled), written through ``ilstore.capture`` (one module call per tensor,
+outputs only) in each backend of ``--backends``; run "b" scales one element in 1009 by
+1 + 1e-4, so about 0.1 % of the elements mismatch at the default tolerances. The same tensors
+are also written once as raw float32 files, one per tensor.
+
+Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once per round):
+* ``floor: read only``: ``numpy.fromfile`` of both sides of every pair, nothing else.
+* ``floor: read + f32 metrics`` (THE floor): the same reads plus the metrics that
+  ``ilstore_compare.metrics`` computes (the tolerance check, NaN/Inf counts, |a-b| max and
+  its index, mean |a-b|, max rel diff, the sums for rel-L2 and cosine), in the same 1 Mi-element
+  chunks, in float32 elementwise with float64 sums, skipping the NaN/Inf masking when a chunk is
+  all finite.
+* ``floor: read + metrics.compare_tensors``: the same reads plus the library's own per-tensor
+  arithmetic (float64 upcast): isolates the arithmetic from storage and engine overhead.
+* ``<backend> compare w1`` / ``w2``: ``ilstore_compare.compare(a, b, workers=1|2)``, the whole
+  call (opening both runs, planning, loading, metrics, the result).
+
+Columns: median seconds; MB/s of tensor data read (both runs together); the throughput ratio
+to the floor (floor seconds / row seconds; target >= 0.5); peak RSS growth during the call
+over the RSS before it, sampled every 2 ms, as the whole resident set and as its anonymous part
+(resident minus file-backed pages: memory-mapped shards show up in the first only); and the
+RSS target, 2 x the largest tensor + 300 MB.
+
+By default the page cache is warm: all files were just written or read, so "reads" come from
+memory. ``--cold`` writes back and evicts (``posix_fadvise(DONTNEED)``) the files a row reads
+before each of its rounds, so that row reads from the disk.
+
+Usage:
+    python benchmarks/bench_compare.py [--size-mb 500] [--rounds 3] [--backends pt,safetensors,hdf5]
+        [--workers 1,2] [--cold] [--tmp DIR] [--json FILE] [--profile N]
+    python benchmarks/bench_compare.py --size-mb 50 --rounds 1        # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_common import (MiB, RssSampler, drop_page_cache, files_under, loadavg, nbytes_of, read_all,  # noqa: E402
+                           release_memory, timed, workload, write_raw, write_run)
+
+RTOL, ATOL = 1e-5, 1e-8
+CHUNK = 1 << 20
+
+
+def floor_metrics(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL, atol: float = ATOL,
+                  chunk: int = CHUNK) -> dict[str, Any]:
+    """The metrics of ``ilstore_compare.metrics.compare_tensors``, in float32 with float64 sums."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    n = fa.numel()
+    mismatched = nan1 = nan2 = inf1 = inf2 = n_fin = 0
+    sum_abs = dd = aa = bb = ab = 0.0
+    max_abs, max_at, max_rel = -1.0, -1, -1.0
+    f64 = torch.float64
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            x, y = fa[start:start + chunk], fb[start:start + chunk]
+            d = (x - y).abs()
+            yabs = y.abs()
+            ok = (x == y) | (d <= atol + rtol * yabs)
+            finite = torch.isfinite(x) & torch.isfinite(y)
+            nf = int(finite.sum())
+            counts = [0, 0, 0, 0]
+            if nf != x.numel():  # NaN/Inf present: mask them out of the difference metrics
+                counts = [int(torch.isnan(x).sum()), int(torch.isnan(y).sum()), int(torch.isinf(x).sum()),
+                          int(torch.isinf(y).sum())]
+                zero = torch.zeros((), dtype=x.dtype)
+                d = torch.where(finite, d, zero)
+                x, y, yabs = torch.where(finite, x, zero), torch.where(finite, y, zero), torch.where(finite, yabs, zero)
+            rel = torch.where(yabs > 0, d / yabs, torch.zeros((), dtype=d.dtype))
+            cmax, cidx = d.max(dim=0)
+            vals = torch.stack([
+                (~ok).sum(dtype=f64), d.sum(dtype=f64), (d * d).sum(dtype=f64), (x * x).sum(dtype=f64),
+                (y * y).sum(dtype=f64), (x * y).sum(dtype=f64), cmax.double(), cidx.double(), rel.max().double(),
+            ]).tolist()
+            mismatched += int(vals[0])
+            nan1, nan2, inf1, inf2 = nan1 + counts[0], nan2 + counts[1], inf1 + counts[2], inf2 + counts[3]
+            n_fin += nf
+            sum_abs, dd, aa, bb, ab = sum_abs + vals[1], dd + vals[2], aa + vals[3], bb + vals[4], ab + vals[5]
+            if vals[6] > max_abs:
+                max_abs, max_at = vals[6], start + int(vals[7])
+            max_rel = max(max_rel, vals[8])
+    rel_l2 = math.sqrt(dd) / math.sqrt(bb) if bb > 0 else (0.0 if dd == 0 else None)
+    cosine = max(-1.0, min(1.0, ab / math.sqrt(aa * bb))) if aa > 0 and bb > 0 else (1.0 if aa == bb == 0 else 0.0)
+    return {"mismatched": mismatched, "max_abs": max_abs, "max_at": max_at, "mean_abs": sum_abs / max(n_fin, 1),
+            "max_rel": max_rel, "rel_l2": rel_l2, "cosine": cosine, "nan": (nan1, nan2), "inf": (inf1, inf2)}
+
+
+def _read(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.fromfile(path, dtype=np.float32)).reshape(shape)
+
+
+def floor_read_only(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
+    n = 0
+    for pa, pb, shape in pairs:
+        a, b = _read(pa, shape), _read(pb, shape)
+        n += a.numel() + b.numel()
+        del a, b
+    return n
+
+
+def floor_f32(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
+    mismatched = 0
+    for pa, pb, shape in pairs:
+        a, b = _read(pa, shape), _read(pb, shape)
+        mismatched += floor_metrics(a, b)["mismatched"]
+        del a, b
+    return mismatched
+
+
+def floor_lib(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
+    from ilstore_compare.metrics import compare_tensors
+
+    mismatched = 0
+    for pa, pb, shape in pairs:
+        a, b = _read(pa, shape), _read(pb, shape)
+        mismatched += compare_tensors(a, b, rtol=RTOL, atol=ATOL).mismatched
+        del a, b
+    return mismatched
+
+
+def run_compare(a: Path, b: Path, workers: int) -> int:
+    import ilstore_compare
+
+    result = ilstore_compare.compare(a, b, rtol=RTOL, atol=ATOL, workers=workers)
+    return sum(t.metrics.mismatched for t in result.tensors if t.metrics is not None)
+
+
+class Row:
+    def __init__(self, name: str, fn: Callable[[], int], files: list[Path], group: str) -> None:
+        self.name, self.fn, self.files, self.group = name, fn, files, group
+        self.times: list[float] = []
+        self.rss: list[int] = []
+        self.anon: list[int] = []
+        self.check: int | None = None
+
+    def measure(self, cold: bool) -> None:
+        release_memory()
+        if cold:
+            drop_page_cache(self.files)
+        seconds, sampler, check = timed(self.fn)
+        self.times.append(seconds)
+        self.rss.append(sampler.growth)
+        self.anon.append(sampler.growth_anon)
+        self.check = check
+
+    def result(self) -> dict[str, Any]:
+        return {"name": self.name, "group": self.group, "seconds": statistics.median(self.times),
+                "rss": statistics.median(self.rss), "rss_anon": statistics.median(self.anon),
+                "rss_max": max(self.rss), "rss_anon_max": max(self.anon), "times": self.times,
+                "check_mismatched": self.check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=float, default=500, help="MB (10^6 bytes) of tensor data per run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backends", default="pt,safetensors,hdf5")
+    ap.add_argument("--workers", default="1,2", help="compare(workers=...) values, comma-separated")
+    ap.add_argument("--cold", action="store_true", help="evict the files a row reads before each of its rounds")
+    ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir); removed after")
+    ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the rounds, cProfile one workers=1 compare per backend and print the top N functions")
+    args = ap.parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
+    shapes = workload(args.size_mb)
+    run_bytes = nbytes_of(shapes)
+    largest = max(nbytes_of([s]) for s in shapes)
+    load_before = loadavg()
+    tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-compare-"))
+    try:
+        print(f"building: {len(shapes)} float32 tensors, {run_bytes / 1e6:.1f} MB per run, largest "
+              f"{largest / MiB:.0f} MiB; backends {', '.join(backends)} ...", flush=True)
+        raw_a, raw_b = write_raw(tmp / "raw_a", shapes, "a"), write_raw(tmp / "raw_b", shapes, "b")
+        pairs = list(zip(raw_a, raw_b, shapes))
+        runs: dict[str, tuple[Path, Path]] = {}
+        for backend in backends:
+            runs[backend] = (write_run(tmp / backend, "a", backend, shapes, "a"),
+                             write_run(tmp / backend, "b", backend, shapes, "b"))
+        raw_files = raw_a + raw_b
+        rows = [Row("floor: read only", lambda: floor_read_only(pairs), raw_files, "floor"),
+                Row("floor: read + f32 metrics", lambda: floor_f32(pairs), raw_files, "floor"),
+                Row("floor: read + metrics.compare_tensors", lambda: floor_lib(pairs), raw_files, "floor")]
+        disk: dict[str, tuple[int, int]] = {}
+        for backend, (a, b) in runs.items():
+            files = files_under(a) + files_under(b)
+            disk[backend] = (sum(f.stat().st_size for f in files), len(files))
+            for w in worker_counts:
+                rows.append(Row(f"{backend} compare w{w}", partial(run_compare, a, b, w), files, backend))
+        read_all(raw_files + [f for a, b in runs.values() for f in files_under(a) + files_under(b)])
+        floor_f32(pairs[:8])  # warm-up: first-touch costs of the torch kernels
+        for _ in range(args.rounds):  # interleaved, so slow drifts of the machine hit every row alike
+            for row in rows:
+                row.measure(args.cold)
+        results = [row.result() for row in rows]
+        profiles: dict[str, str] = {}
+        if args.profile:
+            for backend, (a, b) in runs.items():
+                prof = cProfile.Profile()
+                prof.enable()
+                run_compare(a, b, 1)
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile)
+                profiles[backend] = out.getvalue()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    load_after = loadavg()
+
+    floor = next(r for r in results if r["name"] == "floor: read + f32 metrics")["seconds"]
+    both = 2 * run_bytes
+    target_rss = 2 * largest + 300e6
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs; "
+          f"{args.rounds} round(s), medians; {len(shapes)} tensors, {run_bytes / 1e6:.1f} MB per run "
+          f"({both / 1e6:.1f} MB read per compare), largest tensor {largest / MiB:.0f} MiB")
+    print("page cache: " + ("COLD (each row's files evicted with posix_fadvise(DONTNEED) before each round)"
+                            if args.cold else "WARM (every file was just written/read: reads come from memory)"))
+    print(f"loadavg before: {load_before}   after: {load_after}")
+    for backend, (nbytes, nfiles) in disk.items():
+        print(f"  {backend}: both runs {nbytes / 1e6:.1f} MB on disk in {nfiles} files")
+    header = (f"{'row':38} {'s':>7} {'MB/s':>7} {'x floor':>7} {'RSS+MB':>7} {'anon+MB':>7} "
+              f"{'<=target RSS/anon':>17}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        r["mb_per_s"] = both / 1e6 / r["seconds"]
+        r["ratio_to_floor"] = floor / r["seconds"]
+        r["rss_target_ok"] = r["rss"] <= target_rss
+        r["rss_anon_target_ok"] = r["rss_anon"] <= target_rss
+        ok = "/".join("yes" if r[k] else "NO" for k in ("rss_target_ok", "rss_anon_target_ok"))
+        print(f"{r['name']:38} {r['seconds']:7.3f} {r['mb_per_s']:7.0f} {r['ratio_to_floor']:7.2f} "
+              f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {ok:>17}")
+    checks = {r["check_mismatched"] for r in results if r["name"] != "floor: read only"}
+    print(f"check: mismatched elements per row {sorted(checks)} (expect one value)")
+    print("targets: x floor >= 0.5 (throughput vs fromfile + f32 metrics); RSS growth <= 2 x largest tensor "
+          f"+ 300 MB = {target_rss / 1e6:.0f} MB (checked on the whole RSS / on its anonymous part)")
+    for backend, text in profiles.items():
+        print(f"\n== cProfile: {backend} compare workers=1 (tottime) ==\n{text}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "benchmark": "compare", "size_mb": args.size_mb, "rounds": args.rounds, "cold": args.cold,
+            "tensors": len(shapes), "run_bytes": run_bytes, "largest_bytes": largest, "rss_target": target_rss,
+            "floor_seconds": floor, "loadavg_before": load_before, "loadavg_after": load_after,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "disk": {k: {"bytes": v[0], "files": v[1]} for k, v in disk.items()}, "rows": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end at a tiny size and clean up after themselves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_compare_smoke(tmp_path: Path, capsys) -> None:
+    work, out = tmp_path / "work", tmp_path / "compare.json"
+    work.mkdir()
+    assert _load("bench_compare").main(["--size-mb", "4", "--rounds", "1", "--backends", "safetensors",
+                                        "--workers", "1", "--tmp", str(work), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert "floor: read + f32 metrics" in names and "safetensors compare w1" in names
+    # the library and both arithmetic floors agree on the number of mismatched elements
+    assert len({r["check_mismatched"] for r in data["rows"] if r["name"] != "floor: read only"}) == 1
+    assert all(r["seconds"] > 0 for r in data["rows"])
+    assert list(work.iterdir()) == []  # everything it wrote is gone
+    assert "x floor" in capsys.readouterr().out
+
+
+def test_bench_convert_smoke(tmp_path: Path, capsys) -> None:
+    work, out = tmp_path / "work", tmp_path / "convert.json"
+    work.mkdir()
+    assert _load("bench_convert").main(["--size-mb", "4", "--rounds", "1", "--pairs", "pt:safetensors",
+                                        "--tmp", str(work), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"copy floor pt", "read+write floor pt", "pt -> safetensors"}
+    assert rows["pt -> safetensors"]["out_bytes"] >= data["run_bytes"]
+    assert list(work.iterdir()) == []
+    assert "x copy" in capsys.readouterr().out
