@@ -1,7 +1,8 @@
 """The ``ilstore-compare`` command (click). It only parses options and calls :func:`run`.
 
 Exit status: 0 every tensor compared and matched; 1 differences, one-sided tensors, stats-only
-pairs (unless ``--allow-stats-only``) or an empty comparison; 2 a usage or input error (missing
+pairs (unless ``--allow-stats-only``), tensors the map declares unaligned (unless
+``--allow-unaligned``) or an empty comparison; 2 a usage or input error (missing
 or ambiguous run directory, corrupt file, bad map file, bad option). The report goes to stdout
 or ``--output``; errors and the progress bar go to stderr.
 """
@@ -55,6 +56,8 @@ class CompareArgs:
     map_file: Path | None = None
     workers: int = 1
     allow_stats_only: bool = False
+    squeeze_shapes: bool | None = None
+    allow_unaligned: bool = False
 
 
 def report_format(fmt: str | None, output: Path | None) -> str:
@@ -96,7 +99,8 @@ def run(args: CompareArgs) -> int:
         result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=args.steps,
                          modules=list(args.modules) or None, exact=args.exact, equal_nan=args.equal_nan,
                          name_map=args.map_file, workers=args.workers, progress=bar,
-                         allow_stats_only=args.allow_stats_only)
+                         allow_stats_only=args.allow_stats_only, squeeze_shapes=args.squeeze_shapes,
+                         allow_unaligned=args.allow_unaligned)
     finally:
         if bar is not None:
             bar.close()
@@ -111,7 +115,7 @@ def run(args: CompareArgs) -> int:
             raise CompareError(f"{args.output}: cannot write the report: {exc.strerror or exc}") from None
         s = result.summary
         click.echo(f"{result.verdict}: {s.compared} compared, {s.matched} matched, {s.mismatched} mismatched, "
-                   f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2; "
+                   f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2, {s.unaligned} declared unaligned; "
                    f"{fmt} report written to {args.output}")
     return result.exit_code
 
@@ -147,11 +151,13 @@ Examples:
   ilstore-compare --dir1 A --dir2 B --steps 0 --modules 'layers\\.0\\.,lm_head' --verbose
   ilstore-compare --dir1 A --dir2 B --output report.html
   ilstore-compare --dir1 A --dir2 B --exact --format json > report.json
-  ilstore-compare --dir1 vllm_run --dir2 hf_run --map names.json
+  ilstore-compare --dir1 vllm_run --dir2 hf_run --map ilstore_compare/maps/llama_vllm_to_hf.json
+  ilstore-compare --dir1 A --dir2 B --squeeze-shapes
 
 \b
 Exit status: 0 everything compared and matched; 1 differences, tensors in one run only,
-stats-only pairs (unless --allow-stats-only) or nothing compared; 2 usage or input error.
+stats-only pairs (unless --allow-stats-only), tensors the map declares unaligned (unless
+--allow-unaligned) or nothing compared; 2 usage or input error.
 See docs/compare.md for the report, the metrics and the map file format."""
 
 
@@ -174,15 +180,22 @@ See docs/compare.md for the report, the metrics and the map file format."""
 @click.option("--exact", is_flag=True, help="Bitwise comparison instead of tolerances.")
 @click.option("--equal-nan", is_flag=True, help="NaN in the same place on both sides counts as equal.")
 @click.option("--map", "map_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON rename rules aligning module names (see docs/compare.md).")
+              help="JSON map aligning the runs: module renames, tensor path rules, declared unaligned tensors "
+                   "(see docs/compare.md).")
+@click.option("--squeeze-shapes/--no-squeeze-shapes", default=None,
+              help="Compare shapes that differ only by size-1 dimensions ([T,H] vs [1,T,H]) after squeezing "
+                   "[default: as the map says, else off].")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor pairs compared in parallel.")
 @click.option("--allow-stats-only", is_flag=True,
               help="Let pairs compared only by statistics (bodies not stored) count as matched for the exit status.")
+@click.option("--allow-unaligned", is_flag=True,
+              help="Let tensors the map declares unaligned not count against the exit status.")
 @_exit_codes
 def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: float, steps: tuple[int, ...] | None,
                 modules: tuple[str, ...], verbose: bool, fmt: str | None, exact: bool, equal_nan: bool,
-                map_file: Path | None, workers: int, allow_stats_only: bool) -> int:
+                map_file: Path | None, squeeze_shapes: bool | None, workers: int, allow_stats_only: bool,
+                allow_unaligned: bool) -> int:
     """Compare two ilstore runs (any backends) tensor by tensor; dir2 is the reference.
 
     Reports which tensors differ and by how much, and the first module call (in execution
@@ -190,7 +203,8 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
     """
     return run(CompareArgs(dir1=dir1, dir2=dir2, output=output, rtol=rtol, atol=atol, steps=steps, modules=modules,
                            verbose=verbose, fmt=fmt, exact=exact, equal_nan=equal_nan, map_file=map_file,
-                           workers=workers, allow_stats_only=allow_stats_only))
+                           workers=workers, allow_stats_only=allow_stats_only, squeeze_shapes=squeeze_shapes,
+                           allow_unaligned=allow_unaligned))
 
 
 def main() -> None:

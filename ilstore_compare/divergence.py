@@ -25,7 +25,7 @@ from ilstore.keys import CallKey
 
 from .pairing import PlannedCall
 from .result import (BAD_VALUE_STATUSES, MATCH, NOT_COMPARED, ONLY_IN_DIR1, ONLY_IN_DIR2, STATS_ONLY_MATCH,
-                     CallResult, Divergence, TensorResult)
+                     UNALIGNED, CallResult, Divergence, TensorResult)
 
 __all__ = ["INTRODUCED", "INHERITED", "TOP_INTRODUCED", "analyse_calls"]
 
@@ -62,10 +62,12 @@ def _verdict(presence: str, entries: Sequence[TensorResult]) -> str:
     statuses = {e.status for e in entries}
     if statuses & BAD_VALUE_STATUSES:
         return "mismatch"
-    if presence != "both" or statuses & {ONLY_IN_DIR1, ONLY_IN_DIR2}:
-        return "one_sided"
+    if statuses & {ONLY_IN_DIR1, ONLY_IN_DIR2} or (presence != "both" and statuses != {UNALIGNED}):
+        return "one_sided"  # a call in one run only is accounted for when the map declares all its tensors
     if NOT_COMPARED in statuses:
         return "not_compared"
+    if statuses == {UNALIGNED}:
+        return UNALIGNED
     if STATS_ONLY_MATCH in statuses:
         return "stats_only_match"
     return "match" if entries else "no_tensors"
@@ -175,7 +177,8 @@ def analyse_calls(planned: Sequence[PlannedCall], tensors: Sequence[TensorResult
         calls.append(CallResult(
             call=info.planned.call, presence=info.planned.presence, verdict=_verdict(info.planned.presence, es),
             origin=info.origin, order=info.order, tensors=len(es),
-            mismatched_tensors=sum(1 for e in es if e.bad_value), output_rel_l2=info.out_err,
+            mismatched_tensors=sum(1 for e in es if e.bad_value),
+            unaligned_tensors=sum(1 for e in es if e.status == UNALIGNED), output_rel_l2=info.out_err,
             input_rel_l2=info.in_err,
             max_abs_diff=_max(e.metrics.max_abs_diff for e in es if e.metrics is not None),
             max_rel_diff=_max(e.metrics.max_rel_diff for e in es if e.metrics is not None),

@@ -22,13 +22,14 @@ from ilstore.records import tensor_stats
 from ilstore.store.base import StoreReader
 from ilstore.store.registry import open_run
 
+from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
 from .errors import CompareError
 from .mapping import NameMap
 from .metrics import compare_stats, compare_tensors, is_float_dtype
-from .pairing import Pair, Side, build_plan, compile_patterns, resolve_run_dir, split_patterns
+from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir, split_patterns
 from .result import (BAD_VALUE_STATUSES, MATCH, MISMATCH, NOT_COMPARED, ONLY_IN_DIR1, ONLY_IN_DIR2,
-                     SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, CallResult, CompareOptions,
+                     SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, UNALIGNED, CallResult, CompareOptions,
                      CompareResult, Summary, TensorResult)
 
 __all__ = ["compare", "Progress"]
@@ -42,7 +43,8 @@ Progress = Callable[[int, int], None]
 def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: float = 1e-8,
             steps: Iterable[int] | None = None, modules: str | Sequence[str] | None = None, exact: bool = False,
             equal_nan: bool = False, name_map: NameMap | Mapping[str, Any] | str | Path | None = None,
-            workers: int = 1, progress: Progress | None = None, allow_stats_only: bool = False) -> CompareResult:
+            workers: int = 1, progress: Progress | None = None, allow_stats_only: bool = False,
+            squeeze_shapes: bool | None = None, allow_unaligned: bool = False) -> CompareResult:
     """Compare two runs (any backends); dir2 is the reference.
 
     Args:
@@ -55,11 +57,16 @@ def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: flo
             matched against names after the name map.
         exact: compare bits instead of using tolerances.
         equal_nan: NaN in the same place on both sides counts as equal.
-        name_map: rename rules (:class:`NameMap`, its dict form or a JSON file path).
+        name_map: the map (:class:`NameMap`, its dict form or a JSON file path): module
+            renames, path rules, unaligned declarations.
         workers: tensor pairs compared in parallel (threads).
         progress: called as ``progress(done, total)`` after each tensor pair.
         allow_stats_only: let pairs compared only by statistics (bodies not stored) count as
             matched for the exit status; by default coverage fails closed.
+        squeeze_shapes: compare shapes that differ only by size-1 dimensions (``[T, H]`` vs
+            ``[1, T, H]``) after squeezing; None: as the map says (off without a map).
+        allow_unaligned: tensors the map declares unaligned do not count against the exit
+            status; by default they do (coverage fails closed).
 
     Returns:
         The :class:`CompareResult`; ``result.exit_code`` is 0 only when every tensor was
@@ -80,6 +87,9 @@ def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: flo
     nmap = NameMap.coerce(name_map)
     if nmap is not None:
         options = _replace(options, name_map=nmap.to_dict())
+    if squeeze_shapes is None:
+        squeeze_shapes = nmap is not None and nmap.squeeze_shapes
+    options = _replace(options, squeeze_shapes=bool(squeeze_shapes), allow_unaligned=bool(allow_unaligned))
     patterns = compile_patterns(options.modules) if options.modules is not None else None
     path1, path2 = resolve_run_dir(dir1), resolve_run_dir(dir2)
     with open_run(path1) as r1, open_run(path2) as r2:
@@ -176,20 +186,33 @@ def _stored(node: Mapping[str, Any]) -> bool:
     return node.get("stored", True) is not False
 
 
-def _load(reader: StoreReader, side: Side, label: str) -> torch.Tensor:
+def _load_key(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
     try:
-        return reader.load(side.key)
+        return reader.load(key)
     except IlstoreError:
         raise
     except KeyError as exc:
-        raise StoreError(f"{reader.run_dir} ({label}): cannot load {side.key.display()}: {exc}") from None
+        raise StoreError(f"{reader.run_dir} ({label}): cannot load {key.display()}: {exc}") from None
     except Exception as exc:  # a backend (maybe a plug-in) that lets its library's error through
-        raise StoreError(f"{reader.run_dir} ({label}): cannot load {side.key.display()}: "
+        raise StoreError(f"{reader.run_dir} ({label}): cannot load {key.display()}: "
                          f"{type(exc).__name__}: {exc}") from None
+
+
+def _load(reader: StoreReader, side: Side, label: str) -> torch.Tensor:
+    """The side's tensor, with the map's sum or select applied (RuleMismatch when they do not fit)."""
+    return materialize(side, lambda key: _load_key(reader, key, label))
 
 
 def _why_not_stored(node: Mapping[str, Any]) -> str:
     return str(node.get("reason") or "body not stored")
+
+
+_SQUEEZE_HINT = "only size-1 dimensions differ: --squeeze-shapes (or the map's squeeze_shapes) compares the values"
+
+
+def _shape_mismatch(pair: Pair, o: CompareOptions, meta: dict[str, Any]) -> TensorResult:
+    hint = _SQUEEZE_HINT if not o.squeeze_shapes and squeezable(meta["shape1"], meta["shape2"]) else None
+    return TensorResult(pair.key, SHAPE_MISMATCH, note=hint, **meta)
 
 
 def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions) -> TensorResult:
@@ -197,22 +220,36 @@ def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOption
     n2 = pair.side2.node if pair.side2 is not None else None
     meta: dict[str, Any] = dict(renamed_from=pair.renamed_from, shape1=_shape(n1), shape2=_shape(n2),
                                 dtype1=_str(n1, "dtype"), dtype2=_str(n2, "dtype"), device1=_str(n1, "device"),
-                                device2=_str(n2, "device"))
+                                device2=_str(n2, "device"), presence=pair.presence,
+                                alignment=tuple(s.rule for s in (pair.side1, pair.side2) if s is not None and s.rule))
+    if pair.unaligned is not None:
+        return TensorResult(pair.key, UNALIGNED, note=pair.unaligned, **meta)
     if pair.side1 is None or n1 is None:
         return TensorResult(pair.key, ONLY_IN_DIR2, **meta)
     if pair.side2 is None or n2 is None:
         return TensorResult(pair.key, ONLY_IN_DIR1, **meta)
     meta["dtype_mismatch"] = None not in (meta["dtype1"], meta["dtype2"]) and meta["dtype1"] != meta["dtype2"]
+    problems = [f"{label}: {s.problem}" for label, s in (("dir1", pair.side1), ("dir2", pair.side2)) if s.problem]
+    if problems:
+        return TensorResult(pair.key, NOT_COMPARED, note="; ".join(problems), **meta)
     if meta["shape1"] is not None and meta["shape2"] is not None and meta["shape1"] != meta["shape2"]:
-        return TensorResult(pair.key, SHAPE_MISMATCH, **meta)
+        if not (o.squeeze_shapes and squeezable(meta["shape1"], meta["shape2"])):
+            return _shape_mismatch(pair, o, meta)
+        meta["squeezed"] = True
     stored1, stored2 = _stored(n1), _stored(n2)
     if stored1 and stored2:
-        a = _load(r1, pair.side1, "dir1")
-        b = _load(r2, pair.side2, "dir2")
+        try:
+            a = _load(r1, pair.side1, "dir1")
+            b = _load(r2, pair.side2, "dir2")
+        except RuleMismatch as exc:  # a path rule's sum or select does not fit the stored tensors
+            return TensorResult(pair.key, NOT_COMPARED, note=f"map: {exc}", **meta)
         meta.update(shape1=tuple(a.shape), shape2=tuple(b.shape), dtype1=str(a.dtype), dtype2=str(b.dtype),
                     dtype_mismatch=a.dtype != b.dtype)
         if a.shape != b.shape:
-            return TensorResult(pair.key, SHAPE_MISMATCH, **meta)
+            if not (o.squeeze_shapes and squeezable(a.shape, b.shape)):
+                return _shape_mismatch(pair, o, meta)
+            meta["squeezed"] = True
+            a = a.reshape(b.shape)  # same elements in the same order; indices are reported in dir2's shape
         metrics = compare_tensors(a, b, rtol=o.rtol, atol=o.atol, exact=o.exact, equal_nan=o.equal_nan)
         del a, b
         return TensorResult(pair.key, MATCH if metrics.mismatched == 0 else MISMATCH, metrics=metrics, **meta)
@@ -224,8 +261,11 @@ def _compare_by_stats(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOp
     assert pair.side1 is not None and pair.side2 is not None
     notes = [f"{label}: {_why_not_stored(n)}" for label, n, stored in (("dir1", n1, stored1), ("dir2", n2, stored2))
              if not stored]
-    s1 = tensor_stats(_load(r1, pair.side1, "dir1")) if stored1 else n1.get("stats")
-    s2 = tensor_stats(_load(r2, pair.side2, "dir2")) if stored2 else n2.get("stats")
+    try:
+        s1 = tensor_stats(_load(r1, pair.side1, "dir1")) if stored1 else n1.get("stats")
+        s2 = tensor_stats(_load(r2, pair.side2, "dir2")) if stored2 else n2.get("stats")
+    except RuleMismatch as exc:  # a path rule's sum or select does not fit the stored tensor
+        return TensorResult(pair.key, NOT_COMPARED, note="; ".join(notes + [f"map: {exc}"]), **meta)
     if not isinstance(s1, Mapping) or not isinstance(s2, Mapping) or not s1 or not s2:
         missing = [label for label, s in (("dir1", s1), ("dir2", s2)) if not isinstance(s, Mapping) or not s]
         return TensorResult(pair.key, NOT_COMPARED, note="; ".join(notes + [f"no statistics in {', '.join(missing)}"]),
@@ -255,8 +295,10 @@ def _summary(tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps
         dtype_mismatches=sum(1 for t in tensors if t.dtype_mismatch),
         stats_only_matched=count.get(STATS_ONLY_MATCH, 0), stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
         not_compared=count.get(NOT_COMPARED, 0), only_in_dir1=count.get(ONLY_IN_DIR1, 0),
-        only_in_dir2=count.get(ONLY_IN_DIR2, 0), calls=len(calls),
+        only_in_dir2=count.get(ONLY_IN_DIR2, 0), unaligned=count.get(UNALIGNED, 0),
+        squeezed=sum(1 for t in tensors if t.squeezed), calls=len(calls),
         calls_mismatched=sum(1 for c in calls if c.verdict == "mismatch"),
-        calls_only_in_dir1=sum(1 for c in calls if c.presence == "dir1"),
-        calls_only_in_dir2=sum(1 for c in calls if c.presence == "dir2"),
+        calls_only_in_dir1=sum(1 for c in calls if c.presence == "dir1" and c.verdict != UNALIGNED),
+        calls_only_in_dir2=sum(1 for c in calls if c.presence == "dir2" and c.verdict != UNALIGNED),
+        calls_unaligned=sum(1 for c in calls if c.verdict == UNALIGNED),
         steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))

@@ -1,21 +1,35 @@
-"""Module-name mapping: align two runs whose module names differ (``--map FILE``).
+"""The map file (``--map FILE``): align two runs whose module names and tensor layouts differ.
 
 A map file is a JSON object::
 
     {
-      "apply_to": "dir2",
-      "rules": [
-        ["^model\\\\.layers\\\\.(\\\\d+)\\\\.self_attn$", "model.layers.\\\\1.attn"],
-        {"pattern": "^transformer\\\\.h\\\\.", "replacement": "model.layers."}
+      "apply_to": "dir1",
+      "rules": [["^logits_processor$", "lm_head"]],
+      "path_rules": [
+        {"module": "^model\\\\.layers\\\\.\\\\d+$", "sum": ["outputs/0", "outputs/1"], "to": "outputs"},
+        {"module": "\\\\.o_proj$", "path": "outputs/0", "to": "outputs"},
+        {"module": "^lm_head$", "side": "dir2", "path": "outputs", "select": {"dim": -2, "index": -1}}
+      ],
+      "squeeze_shapes": true,
+      "unaligned": [
+        {"module": "\\\\.qkv_proj$", "side": "dir1", "reason": "fused q, k, v projection"}
       ],
       "comment": "free text, ignored"
     }
 
-Each rule is a ``[pattern, replacement]`` pair or a ``{"pattern", "replacement"}`` object.
-The rules rewrite the module names of one run (``apply_to``: ``"dir2"``, the default, or
-``"dir1"``) into the other run's naming. They are applied in order, each to the result of the
-previous one (like a sed script), with :func:`re.sub`: every match is replaced and the
-replacement may use ``\\1`` or ``\\g<name>``. A name no rule matches stays as it is.
+* ``rules`` rename **module names** of one run (``apply_to``: ``"dir2"``, the default, or
+  ``"dir1"``) into the other run's naming: ``[pattern, replacement]`` pairs (or
+  ``{"pattern", "replacement"}`` objects) applied in order, each to the result of the previous
+  one, with :func:`re.sub`. A name no rule matches stays as it is.
+* ``path_rules`` rewrite **tensors inside a module call** (after the renames): move a tensor to
+  another path (``path`` + ``to``), take one index along a dimension (``select``), or add
+  several tensors of the call into one (``sum`` + ``to``). See :class:`PathRule`.
+* ``squeeze_shapes`` compares shapes that differ only by size-1 dimensions after squeezing.
+* ``unaligned`` declares tensors that cannot be aligned, with the reason; they are reported
+  with status ``unaligned`` and counted, never dropped. See :class:`UnalignedRule`.
+
+Tensor paths are written ``kind/elem/...`` (``"outputs/0"``, ``"inputs/hidden_states"``,
+``"outputs"``) or as the reports show them (``"outputs[0]"``).
 
 Example:
     >>> m = NameMap.from_dict({"rules": [["\\\\.self_attn", ".attn"]]})
@@ -32,17 +46,62 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ilstore.keys import KINDS, decode_part, encode_part
+
 from .errors import NameMapError
 
-__all__ = ["NameMap", "Rule"]
+__all__ = ["NameMap", "Rule", "PathRule", "UnalignedRule", "TensorPath", "parse_tensor_path", "format_tensor_path",
+           "display_tensor_path"]
 
-_KEYS = ("rules", "apply_to", "comment")
+_KEYS = ("rules", "apply_to", "path_rules", "squeeze_shapes", "unaligned", "comment")
 _SIDES = ("dir1", "dir2")
+_PATH_RULE_KEYS = ("module", "path", "sum", "to", "select", "side", "comment")
+_UNALIGNED_KEYS = ("module", "tensor", "side", "reason", "comment")
+_UNALIGNED_SIDES = ("any", "dir1", "dir2", "both")
+
+#: A tensor's place in a module call: ``(kind, path)``, e.g. ``("outputs", ("0",))``.
+TensorPath = tuple[str, tuple[str, ...]]
+
+_BRACKETS = re.compile(r"^([A-Za-z_]+)((?:\[[^\[\]]*\])*)$")
+
+
+def parse_tensor_path(text: Any, where: str) -> TensorPath:
+    """``"outputs/0"`` or ``"outputs[0]"`` → ``("outputs", ("0",))``.
+
+    In the slash form each element is percent-decoded like a record key's (``%2F`` for a ``/``).
+
+    Raises:
+        NameMapError: not a string, empty, or an unknown kind (with a "did you mean").
+    """
+    if not isinstance(text, str) or not text:
+        raise NameMapError(f"{where}: expected a tensor path such as \"outputs/0\" or \"inputs/hidden_states\", "
+                           f"got {text!r}")
+    m = _BRACKETS.match(text)
+    if m and "/" not in text:
+        kind, path = m.group(1), tuple(re.findall(r"\[([^\[\]]*)\]", m.group(2)))
+    else:
+        kind, *rest = text.split("/")
+        path = tuple(decode_part(p) for p in rest)
+    if kind not in KINDS:
+        close = difflib.get_close_matches(kind, KINDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; a path starts with one of {', '.join(KINDS)}"
+        raise NameMapError(f"{where}: {text!r} is not a tensor path: unknown kind {kind!r}{hint}")
+    return kind, path
+
+
+def format_tensor_path(tp: TensorPath) -> str:
+    """The slash form, as a map file writes it: ``outputs/0``."""
+    return "/".join([tp[0], *(encode_part(p) for p in tp[1])])
+
+
+def display_tensor_path(tp: TensorPath) -> str:
+    """The report form: ``outputs[0]``."""
+    return tp[0] + "".join(f"[{p}]" for p in tp[1])
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One rename rule: every match of ``pattern`` is replaced by ``replacement``."""
+    """One module rename rule: every match of ``pattern`` is replaced by ``replacement``."""
 
     pattern: re.Pattern[str]
     replacement: str
@@ -52,18 +111,132 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class NameMap:
-    """Ordered rename rules for the module names of one side of a comparison.
+class PathRule:
+    """One tensor rule, applied to the calls of one run whose (renamed) module matches.
+
+    Three forms:
+
+    * move: ``{"module", "path", "to"}`` — the tensor at ``path`` is compared as ``to``;
+    * select: ``{"module", "path", "select": {"dim": d, "index": i}}`` (``to`` optional) — only
+      ``tensor.select(d, i)`` is compared (negative ``d``/``i`` count from the end), e.g. the
+      last position of Hugging Face's ``[1, T, V]`` logits;
+    * sum: ``{"module", "sum": [p1, p2, ...], "to"}`` — the elementwise sum of the listed
+      tensors (same shape; added in their own dtype) is compared as ``to``; the summands are
+      not listed separately.
+
+    A rule applies to a call when ``module`` matches (``re.search``) and every tensor it names
+    exists there; each tensor is taken by the first rule that applies (no chaining).
 
     Attributes:
-        rules: applied in order, each to the previous result.
-        apply_to: ``"dir2"`` (default) or ``"dir1"``: whose module names are rewritten.
+        index: position in ``path_rules`` (for messages).
+        module: regex on the module name, after the renames.
+        side: the run whose tensors it rewrites (default: the map's ``apply_to``).
+        sources: the tensors it takes (one, or several for a sum).
+        target: the path they are compared as.
+        select: ``(dim, index)`` or None.
+    """
+
+    index: int
+    module: re.Pattern[str]
+    side: str
+    sources: tuple[TensorPath, ...]
+    target: TensorPath
+    select: tuple[int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"path_rules[{self.index}]"
+
+    @property
+    def is_sum(self) -> bool:
+        return len(self.sources) > 1
+
+    def describe(self) -> str:
+        """What the rule did to one side, for the report: ``dir1 outputs[0] + outputs[1] (path_rules[3])``."""
+        what = " + ".join(display_tensor_path(s) for s in self.sources)
+        if self.select is not None:
+            what += f" at index {self.select[1]} of dim {self.select[0]}"
+        if self.target != self.sources[0] or self.is_sum:
+            what += f" as {display_tensor_path(self.target)}"
+        return f"{self.side} {what} ({self.label})"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"module": self.module.pattern, "side": self.side}
+        if self.is_sum:
+            out["sum"] = [format_tensor_path(s) for s in self.sources]
+        else:
+            out["path"] = format_tensor_path(self.sources[0])
+        out["to"] = format_tensor_path(self.target)
+        if self.select is not None:
+            out["select"] = {"dim": self.select[0], "index": self.select[1]}
+        return out
+
+
+@dataclass(frozen=True)
+class UnalignedRule:
+    """Tensors declared impossible to align, with the reason.
+
+    A tensor matches when ``module`` (if given) matches its module name (``re.search``, after
+    the renames), ``tensor`` (if given) matches its path in the slash form (``re.fullmatch``,
+    after the path rules, e.g. ``outputs/1`` or ``inputs/position_embeddings/.*``; at least one
+    of the two is required), and ``side`` fits:
+    ``dir1``/``dir2`` — the tensor is in that run only; ``both`` — it is in both runs (same name,
+    different computation); ``any`` (default) — either.
+
+    Attributes:
+        index: position in ``unaligned`` (for messages).
+        module: regex on the module name, or None for every module.
+        tensor: regex on the tensor path, or None for every tensor of the call.
+        side: ``any``, ``dir1``, ``dir2`` or ``both``.
+        reason: why it cannot be aligned (shown in the report).
+    """
+
+    index: int
+    module: re.Pattern[str] | None
+    tensor: re.Pattern[str] | None
+    side: str
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"unaligned[{self.index}]"
+
+    def matches(self, module: str, tp: TensorPath, presence: str) -> bool:
+        """Whether a tensor (``presence``: ``both``, ``dir1`` or ``dir2``) is declared by this rule."""
+        if self.side != "any" and self.side != presence:
+            return False
+        if self.module is not None and not self.module.search(module):
+            return False
+        return self.tensor is None or self.tensor.fullmatch(format_tensor_path(tp)) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"module": self.module.pattern} if self.module is not None else {}
+        if self.tensor is not None:
+            out["tensor"] = self.tensor.pattern
+        out.update(side=self.side, reason=self.reason)
+        return out
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """How one run's module names and tensors line up with the other's.
+
+    Attributes:
+        rules: module rename rules, applied in order, each to the previous result.
+        apply_to: ``"dir2"`` (default) or ``"dir1"``: whose module names are rewritten (and
+            the default side of the path rules).
         source: the file the map came from, for messages.
+        path_rules: tensor rules (move, select, sum), in priority order.
+        squeeze_shapes: compare shapes that differ only by size-1 dimensions.
+        unaligned: declarations of tensors that cannot be aligned.
     """
 
     rules: tuple[Rule, ...] = ()
     apply_to: str = "dir2"
     source: str | None = None
+    path_rules: tuple[PathRule, ...] = ()
+    squeeze_shapes: bool = False
+    unaligned: tuple[UnalignedRule, ...] = ()
 
     def rename(self, module: str) -> str:
         """Rewrite one module name through every rule, in order."""
@@ -71,9 +244,28 @@ class NameMap:
             module = rule.apply(module)
         return module
 
+    def side_rules(self, side: str) -> tuple[PathRule, ...]:
+        """The path rules that rewrite ``side``'s tensors (``"dir1"`` or ``"dir2"``)."""
+        return tuple(r for r in self.path_rules if r.side == side)
+
+    def unaligned_reason(self, module: str, tp: TensorPath, presence: str) -> str | None:
+        """``"unaligned[i]: reason"`` for the first declaration matching a tensor, else None."""
+        for rule in self.unaligned:
+            if rule.matches(module, tp, presence):
+                return f"{rule.label}: {rule.reason}"
+        return None
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (as a map file would hold it)."""
-        return {"apply_to": self.apply_to, "rules": [[r.pattern.pattern, r.replacement] for r in self.rules]}
+        """The JSON form (as a map file would hold it, comments dropped)."""
+        out: dict[str, Any] = {"apply_to": self.apply_to,
+                               "rules": [[r.pattern.pattern, r.replacement] for r in self.rules]}
+        if self.path_rules:
+            out["path_rules"] = [r.to_dict() for r in self.path_rules]
+        if self.squeeze_shapes:
+            out["squeeze_shapes"] = True
+        if self.unaligned:
+            out["unaligned"] = [r.to_dict() for r in self.unaligned]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None) -> "NameMap":
@@ -85,19 +277,25 @@ class NameMap:
         where = source or "name map"
         if not isinstance(data, Mapping):
             raise NameMapError(f"{where}: expected a JSON object with a \"rules\" list, got {type(data).__name__}")
-        for key in data:
-            if key not in _KEYS:
-                close = difflib.get_close_matches(str(key), _KEYS, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(_KEYS)}"
-                raise NameMapError(f"{where}: unknown key {key!r}{hint}")
+        _check_keys(data, _KEYS, where)
         apply_to = data.get("apply_to", "dir2")
         if apply_to not in _SIDES:
             raise NameMapError(f"{where}: apply_to must be \"dir1\" or \"dir2\", got {apply_to!r}")
-        raw = data.get("rules")
+        if not any(key in data for key in ("rules", "path_rules", "unaligned", "squeeze_shapes")):
+            raise NameMapError(f"{where}: the map says nothing: give \"rules\" (a list of [pattern, replacement] "
+                               "pairs), \"path_rules\", \"unaligned\" or \"squeeze_shapes\"")
+        raw = data.get("rules", [])
         if not isinstance(raw, list):
             raise NameMapError(f"{where}: \"rules\" must be a list of [pattern, replacement] pairs")
         rules = tuple(_rule(item, f"{where}: rules[{i}]") for i, item in enumerate(raw))
-        return cls(rules, apply_to, source)
+        path_rules = tuple(_path_rule(item, i, apply_to, f"{where}: path_rules[{i}]")
+                           for i, item in enumerate(_list(data, "path_rules", where)))
+        unaligned = tuple(_unaligned(item, i, f"{where}: unaligned[{i}]")
+                          for i, item in enumerate(_list(data, "unaligned", where)))
+        squeeze = data.get("squeeze_shapes", False)
+        if not isinstance(squeeze, bool):
+            raise NameMapError(f"{where}: squeeze_shapes must be true or false, got {squeeze!r}")
+        return cls(rules, apply_to, source, path_rules, squeeze, unaligned)
 
     @classmethod
     def load(cls, path: str | Path) -> "NameMap":
@@ -127,6 +325,31 @@ class NameMap:
         return cls.from_dict(value)
 
 
+# -- validation -------------------------------------------------------------------------------
+def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(allowed)}"
+            raise NameMapError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise NameMapError(f"{where}: \"{key}\" must be a list of objects, got {type(value).__name__}")
+    return value
+
+
+def _regex(pattern: Any, where: str, what: str) -> re.Pattern[str]:
+    if not isinstance(pattern, str) or not pattern:
+        raise NameMapError(f"{where}: {what} must be a non-empty regex string, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise NameMapError(f"{where}: bad regex {pattern!r} in {what}: {exc}") from None
+
+
 def _rule(item: Any, where: str) -> Rule:
     if isinstance(item, Mapping):
         extra = set(item) - {"pattern", "replacement"}
@@ -149,3 +372,63 @@ def _rule(item: Any, where: str) -> Rule:
     except (re.error, IndexError) as exc:
         raise NameMapError(f"{where}: bad replacement {replacement!r} for {pattern!r}: {exc}") from None
     return Rule(compiled, replacement)
+
+
+def _select(value: Any, where: str) -> tuple[int, int]:
+    if not isinstance(value, Mapping) or set(value) != {"dim", "index"} or not all(
+            isinstance(value[k], int) and not isinstance(value[k], bool) for k in ("dim", "index")):
+        raise NameMapError(f"{where}: select must be {{\"dim\": <int>, \"index\": <int>}} "
+                           f"(e.g. {{\"dim\": -2, \"index\": -1}} for the last position), got {value!r}")
+    return int(value["dim"]), int(value["index"])
+
+
+def _path_rule(item: Any, index: int, default_side: str, where: str) -> PathRule:
+    if not isinstance(item, Mapping):
+        raise NameMapError(f"{where}: expected an object such as {{\"module\": \"\\\\.o_proj$\", "
+                           f"\"path\": \"outputs/0\", \"to\": \"outputs\"}}, got {item!r}")
+    _check_keys(item, _PATH_RULE_KEYS, where)
+    module = _regex(item.get("module"), where, "\"module\"")
+    side = item.get("side", default_side)
+    if side not in _SIDES:
+        raise NameMapError(f"{where}: side must be \"dir1\" or \"dir2\", got {side!r}")
+    if ("path" in item) == ("sum" in item):
+        raise NameMapError(f"{where}: give either \"path\" (one tensor to move or select from) or \"sum\" "
+                           "(a list of tensors to add), not " + ("both" if "path" in item else "neither"))
+    select = _select(item["select"], where) if "select" in item else None
+    if "sum" in item:
+        raw = item["sum"]
+        if not isinstance(raw, list) or len(raw) < 2:
+            raise NameMapError(f"{where}: \"sum\" must list at least two tensor paths, got {raw!r}")
+        sources = tuple(parse_tensor_path(p, f"{where}: sum[{i}]") for i, p in enumerate(raw))
+        if len(set(sources)) != len(sources):
+            raise NameMapError(f"{where}: \"sum\" lists a tensor twice: {raw!r}")
+        if "to" not in item:
+            raise NameMapError(f"{where}: a \"sum\" rule needs \"to\", the path the sum is compared as")
+        if select is not None:
+            raise NameMapError(f"{where}: \"select\" applies to a single \"path\", not to a \"sum\"")
+    else:
+        sources = (parse_tensor_path(item["path"], f"{where}: path"),)
+    target = parse_tensor_path(item["to"], f"{where}: to") if "to" in item else sources[0]
+    if len(sources) == 1 and target == sources[0] and select is None:
+        raise NameMapError(f"{where}: the rule changes nothing: give \"to\" (a different path) or \"select\"")
+    return PathRule(index, module, side, sources, target, select)
+
+
+def _unaligned(item: Any, index: int, where: str) -> UnalignedRule:
+    if not isinstance(item, Mapping):
+        raise NameMapError(f"{where}: expected an object such as {{\"module\": \"\\\\.qkv_proj$\", \"side\": \"dir1\", "
+                           f"\"reason\": \"fused projection\"}}, got {item!r}")
+    _check_keys(item, _UNALIGNED_KEYS, where)
+    if "module" not in item and "tensor" not in item:
+        raise NameMapError(f"{where}: give \"module\" (a regex on module names), \"tensor\" (a regex on tensor "
+                           "paths such as \"outputs/1\"), or both")
+    module = _regex(item["module"], where, "\"module\"") if "module" in item else None
+    tensor = _regex(item["tensor"], where, "\"tensor\"") if "tensor" in item else None
+    side = item.get("side", "any")
+    if side not in _UNALIGNED_SIDES:
+        raise NameMapError(f"{where}: side must be one of {', '.join(_UNALIGNED_SIDES)}, got {side!r}")
+    reason = item.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise NameMapError(f"{where}: \"reason\" is required: say why these tensors cannot be aligned "
+                           "(it is shown in the report)")
+    return UnalignedRule(index, module, tensor, side, reason.strip())

@@ -2,7 +2,9 @@
 
 Only the :class:`~ilstore.store.base.StoreReader` interface is used, so either side may be
 any backend. Tensors pair by :class:`~ilstore.keys.TensorKey` (rank, step, module, call,
-kind, path): the device plays no part. The plan holds metadata only; no tensor is loaded here.
+kind, path), after the map's module renames and path rules (:mod:`.align`): the device plays
+no part. The map's unaligned declarations are attached to the pairs they cover. The plan holds
+metadata only; no tensor is loaded here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 from ilstore.errors import RunNotFoundError
 from ilstore.keys import KINDS, CallKey, TensorKey
@@ -19,8 +21,9 @@ from ilstore.manifest import MANIFEST_NAME
 from ilstore.store.base import StoreReader
 from ilstore.store.registry import detect_backend
 
+from .align import Side, align_call
 from .errors import AmbiguousRunError, CompareError, NameMapError
-from .mapping import NameMap
+from .mapping import NameMap, PathRule, TensorPath
 
 __all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
            "compile_patterns", "build_plan"]
@@ -122,21 +125,25 @@ def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
 
 # -- the plan ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Side:
-    """One side of a pair: the key in that run's own naming and its metadata node."""
-
-    key: TensorKey
-    node: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
 class Pair:
-    """A tensor to compare; ``side1``/``side2`` is None when it is missing from that run."""
+    """A tensor to compare; ``side1``/``side2`` is None when it is missing from that run.
+
+    Attributes:
+        key: the shared key (names after the map's renames and path rules).
+        side1, side2: where each run's tensor comes from.
+        renamed_from: the renamed run's own module name, when a rename rule changed it.
+        unaligned: ``"unaligned[i]: reason"`` when the map declares the tensor unalignable.
+    """
 
     key: TensorKey
     side1: Side | None
     side2: Side | None
     renamed_from: str | None = None
+    unaligned: str | None = None
+
+    @property
+    def presence(self) -> str:
+        return "both" if self.side1 is not None and self.side2 is not None else "dir1" if self.side1 else "dir2"
 
 
 @dataclass(frozen=True)
@@ -199,8 +206,16 @@ def _side_calls(reader: StoreReader, step: int, rename: Callable[[str], str] | N
     return out
 
 
-def _nodes(reader: StoreReader, call: CallKey, kind: str) -> dict[tuple[str, ...], Side]:
-    return {key.path: Side(key, node) for key, node in reader.tensor_nodes(call, kind)}
+def _tensors(reader: StoreReader, own: CallKey | None, shared: CallKey, rules: tuple[PathRule, ...],
+             label: str) -> dict[TensorPath, Side]:
+    """One run's tensors of a call, every kind, after that run's path rules."""
+    if own is None:
+        return {}
+    found = {(kind, key.path): Side(key, node) for kind in KINDS for key, node in reader.tensor_nodes(own, kind)}
+    if not rules:
+        return found
+    where = f"{label} step {shared.step} {shared.module}" + (f"#{shared.call}" if shared.call else "")
+    return align_call(found, shared.module, rules, where)
 
 
 def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
@@ -215,7 +230,7 @@ def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
         name_map: rules renaming one side's modules into the other's naming.
 
     Raises:
-        NameMapError: the map makes two calls of one run collide.
+        NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
         StoreError: a run's metadata is unreadable.
     """
     plan = Plan()
@@ -229,6 +244,8 @@ def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
             plan.notes.append(f"{name} has incomplete step(s) {cut} (cut before they finished); they are not compared")
     rename1 = name_map.rename if name_map is not None and name_map.apply_to == "dir1" else None
     rename2 = name_map.rename if name_map is not None and name_map.apply_to == "dir2" else None
+    rules1 = name_map.side_rules("dir1") if name_map is not None else ()
+    rules2 = name_map.side_rules("dir2") if name_map is not None else ()
     for step in wanted:
         in1, in2 = step in steps1, step in steps2
         if not in1 and not in2:
@@ -255,9 +272,14 @@ def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
                 renamed = c1.own.module
             elif c2 and c2.own.module != call.module:
                 renamed = c2.own.module
-            for kind in KINDS:
-                n1 = _nodes(r1, c1.own, kind) if c1 else {}
-                n2 = _nodes(r2, c2.own, kind) if c2 else {}
-                for path in list(n1) + [p for p in n2 if p not in n1]:
-                    plan.pairs.append(Pair(call.tensor(kind, path), n1.get(path), n2.get(path), renamed))
+            t1 = _tensors(r1, c1.own if c1 else None, call, rules1, "dir1")
+            t2 = _tensors(r2, c2.own if c2 else None, call, rules2, "dir2")
+            for kind in KINDS:  # inputs, then outputs, then post-forward inputs; dir1's order first
+                for tp in [tp for tp in t1 if tp[0] == kind] + [tp for tp in t2 if tp[0] == kind and tp not in t1]:
+                    pair = Pair(call.tensor(*tp), t1.get(tp), t2.get(tp), renamed)
+                    if name_map is not None and name_map.unaligned:
+                        reason = name_map.unaligned_reason(call.module, tp, pair.presence)
+                        if reason is not None:
+                            pair = Pair(pair.key, pair.side1, pair.side2, renamed, reason)
+                    plan.pairs.append(pair)
     return plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 from ilstore.keys import CallKey, TensorKey
@@ -11,7 +12,8 @@ from .result import CallResult, CompareResult, Divergence, TensorResult
 
 __all__ = ["num", "call_label", "tensor_label", "verdict_line", "summary_rows", "options_line", "call_rows",
            "CALL_HEADERS", "tensor_rows", "TENSOR_HEADERS", "divergence_text", "introduced_rows",
-           "INTRODUCED_HEADERS", "calls_by_step", "tensors_by_step", "SEVERE"]
+           "INTRODUCED_HEADERS", "calls_by_step", "tensors_by_step", "SEVERE", "unaligned_rows", "UNALIGNED_HEADERS",
+           "first_divergence_tensors"]
 
 #: Tensor statuses listed by default (without ``--verbose``).
 SEVERE = frozenset({"mismatch", "shape_mismatch", "stats_only_mismatch", "not_compared", "only_in_dir1",
@@ -46,7 +48,12 @@ def verdict_line(result: CompareResult) -> str:
              "mismatch": "MISMATCH: some tensors differ",
              "incomplete": "INCOMPLETE: no values differ, but not every tensor could be compared on both sides",
              "empty": "EMPTY: nothing was compared"}
-    return f"{words[result.verdict]} (exit status {result.exit_code})"
+    line = f"{words[result.verdict]} (exit status {result.exit_code})"
+    s = result.summary
+    if s.unaligned and not result.options.allow_unaligned and result.verdict == "incomplete":
+        line += (f"; {s.unaligned} tensor(s) the map declares unaligned count as gaps "
+                 "(--allow-unaligned accepts them)")
+    return line
 
 
 def options_line(result: CompareResult) -> str:
@@ -62,9 +69,16 @@ def options_line(result: CompareResult) -> str:
     if o.modules is not None:
         parts.append(f"modules matching {', '.join(o.modules)}")
     if o.name_map is not None:
-        parts.append(f"{len(o.name_map['rules'])} rename rule(s) applied to {o.name_map['apply_to']}")
+        m = o.name_map
+        parts.append(f"map: {len(m['rules'])} rename rule(s) applied to {m['apply_to']}, "
+                     f"{len(m.get('path_rules', []))} path rule(s), {len(m.get('unaligned', []))} "
+                     "unaligned declaration(s)")
+    if o.squeeze_shapes:
+        parts.append("shapes that differ only by size-1 dimensions compared squeezed")
     if o.allow_stats_only:
         parts.append("stats-only matches accepted")
+    if o.allow_unaligned:
+        parts.append("tensors declared unaligned accepted")
     return "; ".join(parts)
 
 
@@ -82,10 +96,13 @@ def summary_rows(result: CompareResult) -> list[list[Any]]:
         ["not compared (no body, no statistics)", s.not_compared],
         ["only in dir1", s.only_in_dir1],
         ["only in dir2", s.only_in_dir2],
+        ["declared unaligned by the map (not compared)", s.unaligned],
+        ["compared squeezed (only size-1 dimensions differ)", s.squeezed],
         ["module calls", s.calls],
         ["module calls that differ", s.calls_mismatched],
         ["module calls only in dir1", s.calls_only_in_dir1],
         ["module calls only in dir2", s.calls_only_in_dir2],
+        ["module calls declared unaligned", s.calls_unaligned],
         ["steps", ", ".join(map(str, s.steps)) or "—"],
     ]
     if s.steps_only_in_dir1:
@@ -107,25 +124,66 @@ def divergence_text(d: Divergence) -> str:
 INTRODUCED_HEADERS = ["step", "module call", "output rel L2", "input rel L2", "growth", "differing outputs"]
 
 
+def _short(d: Divergence, display: str) -> str:
+    """``outputs[0]`` from a differing tensor's display form (``rank1 step 0 mod#2 outputs[0]``)."""
+    prefix = CallKey(d.rank, d.step, d.module, d.call).tensor("outputs").display().rsplit(" ", 1)[0] + " "
+    return display.removeprefix(prefix)
+
+
 def introduced_rows(items: Sequence[Divergence]) -> list[list[Any]]:
     rows = []
     for d in items:
         growth = "∞ (identical inputs)" if d.input_rel_l2 == 0 and d.output_rel_l2 else num(d.growth)
         rows.append([d.step, call_label(CallKey(d.rank, d.step, d.module, d.call)), num(d.output_rel_l2),
-                     num(d.input_rel_l2), growth, ", ".join(t.split(" ", 3)[-1] for t in d.tensors) or "—"])
+                     num(d.input_rel_l2), growth, ", ".join(_short(d, t) for t in d.tensors) or "—"])
     return rows
 
 
-CALL_HEADERS = ["module call", "verdict", "origin", "tensors", "differ", "max abs diff", "max rel diff",
+CALL_HEADERS = ["module call", "verdict", "origin", "tensors", "differ", "unaligned", "max abs diff", "max rel diff",
                 "out rel L2", "min cos"]
 
 
 def call_rows(calls: Sequence[CallResult]) -> list[list[Any]]:
     rows = []
     for c in calls:
-        verdict = c.verdict if c.presence == "both" else f"only in {c.presence}"
+        verdict = c.verdict
+        if c.presence != "both":
+            verdict = f"unaligned, only in {c.presence}" if c.verdict == "unaligned" else f"only in {c.presence}"
         rows.append([call_label(c.call), verdict, c.origin or "", c.tensors, c.mismatched_tensors,
-                     num(c.max_abs_diff), num(c.max_rel_diff), num(c.output_rel_l2), num(c.min_cosine)])
+                     c.unaligned_tensors, num(c.max_abs_diff), num(c.max_rel_diff), num(c.output_rel_l2),
+                     num(c.min_cosine)])
+    return rows
+
+
+def first_divergence_tensors(result: CompareResult) -> list[TensorResult]:
+    """The entries of the first divergence's call, in the report's order."""
+    d = result.first_divergence
+    if d is None:
+        return []
+    call = CallKey(d.rank, d.step, d.module, d.call)
+    return [t for t in result.tensors if t.key.call_key == call]
+
+
+UNALIGNED_HEADERS = ["declared by", "found in", "tensors", "module calls", "reason"]
+
+
+def unaligned_rows(tensors: Sequence[TensorResult], max_calls: int = 6) -> list[list[Any]]:
+    """Tensors the map declares unaligned, one row per declaration and run they were found in."""
+    groups: dict[tuple[str, str], list[TensorResult]] = {}
+    for t in tensors:
+        if t.status == "unaligned":
+            groups.setdefault((t.note or "", t.presence), []).append(t)
+    def order(group: tuple[str, str]) -> tuple[int, str]:
+        m = re.match(r"unaligned\[(\d+)\]", group[0])
+        return (int(m.group(1)) if m else -1, group[1])
+
+    rows = []
+    for (note, presence), members in sorted(groups.items(), key=lambda item: order(item[0])):
+        rule, _, reason = note.partition(": ")
+        calls = list(dict.fromkeys(f"{call_label(t.key.call_key)} {tensor_label(t.key)}" for t in members))
+        shown = ", ".join(calls[:max_calls]) + (f", … (+{len(calls) - max_calls})" if len(calls) > max_calls else "")
+        found = "both" if presence == "both" else f"{presence} only"
+        rows.append([rule, found, len(members), shown, reason])
     return rows
 
 
@@ -139,6 +197,10 @@ def _pair(a: Any, b: Any) -> str:
     return fa if fa == fb else f"{fa} vs {fb}"
 
 
+def _join(*parts: str | None) -> str:
+    return "; ".join(p for p in parts if p)
+
+
 def tensor_rows(tensors: Sequence[TensorResult]) -> list[list[Any]]:
     rows = []
     for t in tensors:
@@ -149,9 +211,11 @@ def tensor_rows(tensors: Sequence[TensorResult]) -> list[list[Any]]:
                 f"{name} {num(v1) if isinstance(v1, float) else v1} vs {num(v2) if isinstance(v2, float) else v2}"
                 for name, v1, v2 in t.stats_failed)
         if t.renamed_from:
-            note = (note + "; " if note else "") + f"renamed from {t.renamed_from}"
+            note = _join(note, f"renamed from {t.renamed_from}")
+        note = _join(note, *t.alignment)
+        shape = _pair(t.shape1, t.shape2) + (" (squeezed)" if t.squeezed else "")
         rows.append([
-            call_label(t.key.call_key), tensor_label(t.key), t.status, _pair(t.shape1, t.shape2),
+            call_label(t.key.call_key), tensor_label(t.key), t.status, shape,
             _pair(t.dtype1, t.dtype2),
             f"{m.mismatched} ({num(m.mismatched_pct, pct=True)})" if m else "—",
             num(m.max_abs_diff) if m else "—",

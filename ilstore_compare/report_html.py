@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from .report_common import (CALL_HEADERS, INTRODUCED_HEADERS, SEVERE, TENSOR_HEADERS, call_rows, calls_by_step,
-                            divergence_text, introduced_rows, options_line, summary_rows, tensor_rows,
-                            tensors_by_step, verdict_line)
+from .report_common import (CALL_HEADERS, INTRODUCED_HEADERS, SEVERE, TENSOR_HEADERS, UNALIGNED_HEADERS, call_rows,
+                            calls_by_step, divergence_text, first_divergence_tensors, introduced_rows, options_line,
+                            summary_rows, tensor_rows, tensors_by_step, unaligned_rows, verdict_line)
 from .result import CompareResult
 from .svgplot import error_plot_svg
 
@@ -56,13 +56,16 @@ def render_html(result: CompareResult, verbose: bool = False) -> str:
         out.append("<p>No module call has differing outputs.</p>")
     else:
         out.append(f"<p>{escape(divergence_text(first))}</p>")
-        rows = [t for t in result.tensors if (t.key.step, t.key.rank, t.key.module, t.key.call)
-                == (first.step, first.rank, first.module, first.call)]
-        out.append(_table(tensor_rows(rows), TENSOR_HEADERS))
+        out.append(_table(tensor_rows(first_divergence_tensors(result)), TENSOR_HEADERS))
     if result.introduced:
         out += ["<h2>Where error is introduced</h2>",
                 "<p>Calls whose inputs match but whose outputs differ, by how much the relative L2 error grows "
                 "there (output / input).</p>", _table(introduced_rows(result.introduced), INTRODUCED_HEADERS)]
+    unaligned = unaligned_rows(result.tensors)
+    if unaligned:
+        out += ["<h2>Declared unaligned by the map</h2>",
+                "<p>Tensors the map says cannot be aligned between the runs: counted, not compared.</p>",
+                _table(unaligned, UNALIGNED_HEADERS)]
     for step, calls in calls_by_step(result).items():
         out += [f"<h2>Step {step}</h2>", "<p>Module calls in start order (parents before their children).</p>",
                 _table(call_rows(calls), CALL_HEADERS)]

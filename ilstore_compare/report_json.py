@@ -35,7 +35,8 @@ def _tensor(t: TensorResult) -> dict[str, Any]:
         "shape1": list(t.shape1) if t.shape1 is not None else None,
         "shape2": list(t.shape2) if t.shape2 is not None else None,
         "dtype1": t.dtype1, "dtype2": t.dtype2, "device1": t.device1, "device2": t.device2,
-        "dtype_mismatch": t.dtype_mismatch,
+        "dtype_mismatch": t.dtype_mismatch, "presence": t.presence, "squeezed": t.squeezed,
+        "alignment": list(t.alignment),
     }
     m = t.metrics
     entry.update({
@@ -55,7 +56,8 @@ def _tensor(t: TensorResult) -> dict[str, Any]:
 def _call(c: CallResult) -> dict[str, Any]:
     return {"step": c.call.step, "rank": c.call.rank, "module": c.call.module, "call": c.call.call,
             "presence": c.presence, "verdict": c.verdict, "origin": c.origin, "order": c.order, "tensors": c.tensors,
-            "mismatched_tensors": c.mismatched_tensors, "output_rel_l2": _f(c.output_rel_l2),
+            "mismatched_tensors": c.mismatched_tensors, "unaligned_tensors": c.unaligned_tensors,
+            "output_rel_l2": _f(c.output_rel_l2),
             "input_rel_l2": _f(c.input_rel_l2), "max_abs_diff": _f(c.max_abs_diff),
             "max_rel_diff": _f(c.max_rel_diff), "min_cosine": _f(c.min_cosine)}
 
@@ -83,14 +85,16 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
         "dir2": {"path": result.dir2, "backend": result.backend2, "status": result.status2},
         "options": {"rtol": o.rtol, "atol": o.atol, "steps": list(o.steps) if o.steps is not None else None,
                     "modules": list(o.modules) if o.modules is not None else None, "exact": o.exact,
-                    "equal_nan": o.equal_nan, "allow_stats_only": o.allow_stats_only, "name_map": o.name_map},
+                    "equal_nan": o.equal_nan, "allow_stats_only": o.allow_stats_only, "name_map": o.name_map,
+                    "squeeze_shapes": o.squeeze_shapes, "allow_unaligned": o.allow_unaligned},
         "summary": {
             "tensors": s.tensors, "compared": s.compared, "matched": s.matched, "mismatched": s.mismatched,
             "shape_mismatches": s.shape_mismatches, "dtype_mismatches": s.dtype_mismatches,
             "stats_only_matched": s.stats_only_matched, "stats_only_mismatched": s.stats_only_mismatched,
             "not_compared": s.not_compared, "only_in_dir1": s.only_in_dir1, "only_in_dir2": s.only_in_dir2,
+            "unaligned": s.unaligned, "squeezed": s.squeezed,
             "calls": s.calls, "calls_mismatched": s.calls_mismatched, "calls_only_in_dir1": s.calls_only_in_dir1,
-            "calls_only_in_dir2": s.calls_only_in_dir2, "steps": list(s.steps),
+            "calls_only_in_dir2": s.calls_only_in_dir2, "calls_unaligned": s.calls_unaligned, "steps": list(s.steps),
             "steps_only_in_dir1": list(s.steps_only_in_dir1), "steps_only_in_dir2": list(s.steps_only_in_dir2),
         },
         "first_divergence": _divergence(result.first_divergence),

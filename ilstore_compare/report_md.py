@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from .report_common import (CALL_HEADERS, INTRODUCED_HEADERS, SEVERE, TENSOR_HEADERS, call_rows, calls_by_step,
-                            divergence_text, introduced_rows, options_line, summary_rows, tensor_rows,
-                            tensors_by_step, verdict_line)
+from .report_common import (CALL_HEADERS, INTRODUCED_HEADERS, SEVERE, TENSOR_HEADERS, UNALIGNED_HEADERS, call_rows,
+                            calls_by_step, divergence_text, first_divergence_tensors, introduced_rows, options_line,
+                            summary_rows, tensor_rows, tensors_by_step, unaligned_rows, verdict_line)
 from .result import CompareResult
 
 __all__ = ["render_markdown"]
@@ -50,13 +50,18 @@ def render_markdown(result: CompareResult, verbose: bool = False) -> str:
         out += ["No module call has differing outputs.", ""]
     else:
         out += [divergence_text(first), ""]
-        first_tensors = [t for t in result.tensors if t.key.step == first.step and t.key.module == first.module
-                         and t.key.call == first.call and t.key.rank == first.rank]
-        out += [_table(tensor_rows(first_tensors), TENSOR_HEADERS), ""]
+        out += [_table(tensor_rows(first_divergence_tensors(result)), TENSOR_HEADERS), ""]
     if result.introduced:
         out += ["## Where error is introduced", "",
                 "Calls whose inputs match but whose outputs differ, by how much the relative L2 error grows "
                 "there (output / input).", "", _table(introduced_rows(result.introduced), INTRODUCED_HEADERS), ""]
+    unaligned = unaligned_rows(result.tensors)
+    if unaligned:
+        out += ["## Declared unaligned by the map", "",
+                "Tensors the map says cannot be aligned between the runs: counted, not compared"
+                + (" (accepted with --allow-unaligned)." if result.options.allow_unaligned
+                   else " (they keep the exit status at 1 unless --allow-unaligned)."), "",
+                _table(unaligned, UNALIGNED_HEADERS), ""]
 
     for step, calls in calls_by_step(result).items():
         out += [f"## Step {step}", "", "Module calls in start order (parents before their children).", "",

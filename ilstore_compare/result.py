@@ -11,10 +11,12 @@ Statuses of a tensor entry (:attr:`TensorResult.status`):
 ``not_compared``            neither a body nor statistics to compare on at least one side
 ``only_in_dir1``            the tensor exists only in dir1
 ``only_in_dir2``            the tensor exists only in dir2
+``unaligned``               the map declares it cannot be aligned (one-sided or not); not compared
 ==========================  =====================================================================
 
 A dtype difference is not a status: the values are compared after upcasting and the entry
-carries ``dtype_mismatch=True``.
+carries ``dtype_mismatch=True``. Nor is a shape difference in size-1 dimensions only, with
+``squeeze_shapes``: the values are compared and the entry carries ``squeezed=True``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from ilstore.keys import CallKey, TensorKey
 from .metrics import TensorMetrics
 
 __all__ = ["MATCH", "MISMATCH", "SHAPE_MISMATCH", "STATS_ONLY_MATCH", "STATS_ONLY_MISMATCH", "NOT_COMPARED",
-           "ONLY_IN_DIR1", "ONLY_IN_DIR2", "STATUSES", "BAD_VALUE_STATUSES", "CompareOptions", "TensorResult",
-           "CallResult", "Divergence", "Summary", "CompareResult"]
+           "ONLY_IN_DIR1", "ONLY_IN_DIR2", "UNALIGNED", "STATUSES", "BAD_VALUE_STATUSES", "CompareOptions",
+           "TensorResult", "CallResult", "Divergence", "Summary", "CompareResult"]
 
 MATCH = "match"
 MISMATCH = "mismatch"
@@ -38,8 +40,9 @@ STATS_ONLY_MISMATCH = "stats_only_mismatch"
 NOT_COMPARED = "not_compared"
 ONLY_IN_DIR1 = "only_in_dir1"
 ONLY_IN_DIR2 = "only_in_dir2"
+UNALIGNED = "unaligned"
 STATUSES = (MATCH, MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, NOT_COMPARED,
-            ONLY_IN_DIR1, ONLY_IN_DIR2)
+            ONLY_IN_DIR1, ONLY_IN_DIR2, UNALIGNED)
 #: Statuses that mean the values differ (they drive the first divergence).
 BAD_VALUE_STATUSES = frozenset({MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MISMATCH})
 
@@ -57,7 +60,10 @@ class CompareOptions:
         equal_nan: NaN in the same place on both sides is equal.
         allow_stats_only: a stats-only pair whose statistics agree counts as a match for the
             exit status (by default coverage fails closed: it does not).
-        name_map: the rename rules (JSON form), if any.
+        name_map: the map (JSON form), if any.
+        squeeze_shapes: shapes that differ only by size-1 dimensions are compared squeezed.
+        allow_unaligned: tensors the map declares unaligned do not count against the exit
+            status (by default they do: coverage fails closed).
     """
 
     rtol: float = 1e-5
@@ -68,6 +74,8 @@ class CompareOptions:
     equal_nan: bool = False
     allow_stats_only: bool = False
     name_map: dict[str, Any] | None = None
+    squeeze_shapes: bool = False
+    allow_unaligned: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,12 @@ class TensorResult:
         dtype_mismatch: both sides present with different dtypes.
         metrics: elementwise metrics (``match``/``mismatch``), else None.
         stats_failed: for stats-only pairs, the statistics that disagree ``(name, v1, v2)``.
-        note: why a pair was compared by statistics or not at all.
+        note: why a pair was compared by statistics or not at all (or the map's reason for an
+            ``unaligned`` one).
+        presence: ``both``, ``dir1`` or ``dir2``: the runs the tensor was found in.
+        squeezed: the shapes differ only by size-1 dimensions and the values were compared
+            squeezed (``squeeze_shapes``).
+        alignment: what the map's path rules did to either side (move, select, sum).
     """
 
     key: TensorKey
@@ -99,6 +112,9 @@ class TensorResult:
     metrics: TensorMetrics | None = None
     stats_failed: tuple[tuple[str, Any, Any], ...] = ()
     note: str | None = None
+    presence: str = "both"
+    squeezed: bool = False
+    alignment: tuple[str, ...] = ()
 
     @property
     def bad_value(self) -> bool:
@@ -113,12 +129,15 @@ class CallResult:
         call: the call (names after the name map).
         presence: ``both``, ``dir1`` or ``dir2``.
         verdict: ``mismatch`` (some value differs), ``one_sided`` (some tensor or the call
-            itself is in one run only), ``not_compared``, ``stats_only_match``, ``match`` or
-            ``no_tensors``, the first that applies.
+            itself is in one run only, and not declared unaligned), ``not_compared``,
+            ``unaligned`` (every tensor declared unaligned), ``stats_only_match``, ``match``
+            (the tensors compared match; others may be declared unaligned) or ``no_tensors``,
+            the first that applies.
         origin: for a call whose outputs differ: ``introduced`` or ``inherited``; else None.
         order: position in execution (completion) order over the whole comparison.
         tensors: tensor entries of the call.
         mismatched_tensors: entries whose values differ.
+        unaligned_tensors: entries the map declares unaligned.
         output_rel_l2, input_rel_l2: the largest relative L2 error over outputs / inputs.
         max_abs_diff, max_rel_diff: the largest over all tensors of the call.
         min_cosine: the smallest cosine similarity over all tensors of the call.
@@ -136,6 +155,7 @@ class CallResult:
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
     min_cosine: float | None = None
+    unaligned_tensors: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,11 @@ class Divergence:
 
 @dataclass(frozen=True)
 class Summary:
-    """Counts over the whole comparison (see ``docs/compare.md``)."""
+    """Counts over the whole comparison (see ``docs/compare.md``).
+
+    ``calls_only_in_dir1``/``calls_only_in_dir2`` count one-sided calls that are not wholly
+    declared unaligned; those are ``calls_unaligned``.
+    """
 
     tensors: int = 0
     compared: int = 0
@@ -177,10 +201,13 @@ class Summary:
     not_compared: int = 0
     only_in_dir1: int = 0
     only_in_dir2: int = 0
+    unaligned: int = 0
+    squeezed: int = 0
     calls: int = 0
     calls_mismatched: int = 0
     calls_only_in_dir1: int = 0
     calls_only_in_dir2: int = 0
+    calls_unaligned: int = 0
     steps: tuple[int, ...] = ()
     steps_only_in_dir1: tuple[int, ...] = ()
     steps_only_in_dir2: tuple[int, ...] = ()
@@ -221,13 +248,14 @@ class CompareResult:
     def verdict(self) -> str:
         """``match``, ``mismatch`` (values differ), ``incomplete`` (coverage gaps only) or ``empty``."""
         s = self.summary
-        if s.compared == 0 and not (s.only_in_dir1 or s.only_in_dir2 or s.not_compared):
+        if s.compared == 0 and not (s.only_in_dir1 or s.only_in_dir2 or s.not_compared or s.unaligned):
             return "empty"
         if s.mismatched:
             return "mismatch"
         unverified = s.stats_only_matched if not self.options.allow_stats_only else 0
+        unaligned = s.unaligned if not self.options.allow_unaligned else 0
         if (s.only_in_dir1 or s.only_in_dir2 or s.not_compared or s.calls_only_in_dir1 or s.calls_only_in_dir2
-                or s.steps_only_in_dir1 or s.steps_only_in_dir2 or unverified or s.compared == 0):
+                or s.steps_only_in_dir1 or s.steps_only_in_dir2 or unverified or unaligned or s.compared == 0):
             return "incomplete"
         return "match"
 

@@ -85,3 +85,127 @@ def by_status(result: Any, status: str) -> list[Any]:
 
 
 Factory = Callable[..., Path]
+
+
+# -- the same computation laid out like vLLM and like Hugging Face (for maps) -------------------
+class _Weighted(nn.Module):
+    def __init__(self, seed: int, shape: tuple[int, int]) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(*shape))
+
+
+class Block(_Weighted):
+    """A residual block: vLLM style returns ``(delta, residual)``, Hugging Face style their sum."""
+
+    def __init__(self, split: bool) -> None:
+        super().__init__(1, (4, 4))
+        self.split = split
+
+    def forward(self, h: torch.Tensor) -> Any:
+        delta = torch.tanh(h @ self.w)
+        return (delta, h) if self.split else h + delta
+
+
+class Proj(_Weighted):
+    """A linear: vLLM style returns ``(output, None)``."""
+
+    def __init__(self, seed: int, tuple_out: bool) -> None:
+        super().__init__(seed, (4, 4))
+        self.tuple_out = tuple_out
+
+    def forward(self, h: torch.Tensor) -> Any:
+        y = h @ self.w
+        return (y, None) if self.tuple_out else y
+
+
+class Fused(nn.Module):
+    """vLLM style: two projections in one, outputs concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.cat([Proj(2, False).w, Proj(3, False).w], dim=1).detach())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.w
+
+
+class Act(nn.Module):
+    """``act``: vLLM's takes ``[gate, up]`` and returns ``silu(gate) * up``, HF's ``silu(gate)``."""
+
+    def __init__(self, and_mul: bool) -> None:
+        super().__init__()
+        self.and_mul = and_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.and_mul:
+            gate, up = x.chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+        return torch.nn.functional.silu(x)
+
+
+class Head(_Weighted):
+    """Logits: vLLM style for the last token only (``[1, V]``), HF style for every position."""
+
+    def __init__(self, last_only: bool) -> None:
+        super().__init__(4, (4, 6))
+        self.last_only = last_only
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (h[-1:] if self.last_only else h) @ self.w
+
+
+class EngineLike(nn.Module):
+    """One computation in vLLM's layout (``style="vllm"``: token ids ``[T]``, tensors ``[T, H]``,
+    split residual, tuple outputs, a fused projection, last-token logits) or Hugging Face's
+    (``[1, T]``, ``[1, T, H]``, ...). Both give the same logits for the last token.
+
+    Modules: ``embed``, ``block``, ``proj``, ``fused`` (vLLM) or ``a`` and ``b`` (HF), ``act``, ``head``.
+    """
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.vllm = style == "vllm"
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 4)
+        self.block = Block(split=self.vllm)
+        self.proj = Proj(5, tuple_out=self.vllm)
+        if self.vllm:
+            self.fused = Fused()
+        else:
+            self.a, self.b = Proj(2, False), Proj(3, False)
+        self.act = Act(and_mul=self.vllm)
+        self.head = Head(last_only=self.vllm)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids if self.vllm else ids[None])
+        out = self.block(h)
+        h = out[0] + out[1] if self.vllm else out
+        y = self.proj(h)
+        y = y[0] if self.vllm else y
+        g = self.act(self.fused(y)) if self.vllm else self.act(self.a(y)) * self.b(y)
+        return self.head(g)
+
+
+#: A map aligning ``EngineLike("vllm")`` (dir1) with ``EngineLike("hf")`` (dir2).
+ENGINE_MAP: dict[str, Any] = {
+    "apply_to": "dir1",
+    "squeeze_shapes": True,
+    "path_rules": [
+        {"module": "^block$", "sum": ["outputs/0", "outputs/1"], "to": "outputs"},
+        {"module": "^proj$", "path": "outputs/0", "to": "outputs"},
+        {"module": "^head$", "side": "dir2", "path": "outputs", "select": {"dim": -2, "index": -1}},
+    ],
+    "unaligned": [
+        {"module": "^fused$", "side": "dir1", "reason": "a and b in one projection"},
+        {"module": "^(a|b)$", "side": "dir2", "reason": "fused into one projection in dir1"},
+        {"module": "^act$", "side": "both", "reason": "same name, different function"},
+    ],
+}
+
+
+def engine_runs(out_dir: Path, **config: Any) -> tuple[Path, Path]:
+    """Capture ``EngineLike("vllm")`` and ``EngineLike("hf")`` on the same tokens: (dir1, dir2)."""
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    return (module_run(out_dir, "vllm", EngineLike("vllm"), ids, **config),
+            module_run(out_dir, "hf", EngineLike("hf"), ids, **config))

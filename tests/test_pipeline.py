@@ -140,11 +140,12 @@ def test_pending_memory_is_bounded(tmp_path: Path) -> None:
 
 def test_writer_failure_surfaces_at_step_end_and_close(tmp_path: Path) -> None:
     writer = SlowWriter(tmp_path / "run", fail_at=1)
-    writer.gate.set()
     writer.open(ilstore.manifest.new_manifest("slow", {}))
     sink = ThreadedSink(writer, max_pending_bytes=2**20)
+    writer.gate.clear()  # hold the thread so the three writes are queued before the failure
     for i in range(3):
         sink.write(_record(i, 64))
+    writer.gate.set()
     sink._queue.join()
     with pytest.raises(WriterFailed, match="No space left on device"):
         sink.end_step(StepInfo(0, [], []))

@@ -238,47 +238,110 @@ def test_bad_config_exits_2(vllm_python: Path, tiny_model: Path) -> None:
     assert "log_step_id" in gen.stderr and "did you mean 'log_step_ids'" in gen.stderr
 
 
-def test_matches_hugging_face(vllm_python: Path, tiny_model: Path, tmp_path: Path) -> None:
-    """vLLM and transformers on the same float32 weights agree on embeddings and layer 0.
+def _expected_unaligned(layers: int) -> set[tuple[str, int, str, str]]:
+    """Every tensor the shipped map declares unaligned in a full capture of the tiny Llama, as
+    ``(module, call, tensor path, found in)``."""
+    out = {("model", 0, "inputs/input_ids", "dir2"), ("model", 0, "outputs/last_hidden_state", "dir2")}
+    out |= {("model.rotary_emb", 0, p, "dir2") for p in ("inputs/0", "inputs/position_ids", "outputs/0", "outputs/1")}
+    out.add(("model.norm", 0, "outputs/1", "dir1"))  # vLLM's fused add + RMSNorm returns (normed, x + residual)
+    for n in range(layers):
+        layer = f"model.layers.{n}"
+        out |= {(f"{layer}.self_attn.qkv_proj", 0, p, "dir1") for p in ("inputs/0", "outputs/0")}
+        out |= {(f"{layer}.mlp.gate_up_proj", 0, p, "dir1") for p in ("inputs/0", "outputs/0")}
+        out |= {(f"{layer}.self_attn.attn", 0, p, "dir1") for p in ("inputs/0", "inputs/1", "inputs/2", "outputs")}
+        # one rotary embedding shared by every layer, named after layer 0: layer n's is call n
+        out |= {("model.layers.0.self_attn.rotary_emb", n, p, "dir1")
+                for p in ("inputs/0", "inputs/1", "inputs/2", "outputs/0", "outputs/1")}
+        out |= {(f"{layer}.self_attn.{m}_proj", 0, p, "dir2") for m in "qkv" for p in ("inputs/0", "outputs")}
+        out |= {(f"{layer}.mlp.{m}_proj", 0, p, "dir2") for m in ("gate", "up") for p in ("inputs/0", "outputs")}
+        out |= {(f"{layer}.mlp.act_fn", 0, p, "both") for p in ("inputs/0", "outputs")}  # SiluAndMul vs SiLU
+        out |= {(m, 0, f"inputs/position_embeddings/{i}", "dir2") for m in (layer, f"{layer}.self_attn") for i in "01"}
+        out |= {(f"{layer}.{norm}", 0, "outputs/1", "dir1") for norm in ("input_layernorm", "post_attention_layernorm")
+                if norm == "post_attention_layernorm" or n > 0}  # layer 0's input norm has no residual yet
+    return out
 
-    Compared with ``open_run`` and torch here, after renaming vLLM's names with the shipped map:
-    the comparer pairs tensors only when shapes and paths agree, and vLLM flattens
-    (batch, seq) into tokens and returns some outputs as tuples (see docs/vllm.md).
+
+def test_matches_hf_through_the_shipped_map(vllm_python: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """vLLM and transformers on the same float32 weights, compared with the shipped map.
+
+    Every module is captured on both sides; ``ilstore_compare.compare`` with
+    ``ilstore_compare/maps/llama_vllm_to_hf.json`` pairs what can be paired (squeezing the batch
+    dimension, summing vLLM's split residual, taking HF's last-position logits) and accounts for
+    everything else as declared unaligned. Within 1e-4/1e-5 everything paired matches; bitwise,
+    the runs part inside layer 0, after identical embeddings.
     """
+    from click.testing import CliRunner
     from transformers import AutoModelForCausalLM
 
-    from ilstore_compare import NameMap
+    import ilstore_compare
+    from ilstore_compare.cli import compare_cmd
+    from ilstore_compare.report_json import validate_report
+    from ilstore_compare.report_md import render_markdown
 
-    match = ["embed_tokens", "layers\\.0$", "layers\\.0\\.(self_attn|mlp)$", "model\\.norm$", "logits_processor",
-             "lm_head"]
-    cfg = {"output_dir": str(tmp_path), "run_id": "vllm", "module_call_match": match}
     _example(vllm_python, tiny_model, "--dtype", "float32", "--max-tokens", "1", "--prompt", "Hello, my name is",
-             "--intermediate-log-config", json.dumps(cfg))
-    name_map = NameMap.load(LLAMA_MAP)
-    with ilstore.open_run(tmp_path / "vllm") as run:
-        vllm = {(name_map.rename(k.module), k.kind, k.path): run.load(k) for k in run.keys(0)}
-    input_ids = vllm[("model.embed_tokens", "inputs", ("0",))]
-
+             "--intermediate-log-config", json.dumps({"output_dir": str(tmp_path), "run_id": "vllm"}))
+    vllm_run, hf_run = tmp_path / "vllm", tmp_path / "hf"
+    with ilstore.open_run(vllm_run) as run:
+        ids = next(run.load(k) for k in run.keys(0) if k.module == "model.embed_tokens" and k.kind == "inputs")
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
-    with torch.no_grad(), ilstore.capture(model, {**cfg, "run_id": "hf"}):
-        model(input_ids.long()[None])
-    with ilstore.open_run(tmp_path / "hf") as run:
-        hf = {(k.module, k.kind, k.path): run.load(k)[0] for k in run.keys(0)}  # drop the batch dimension
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "hf"}):
+        model(ids.long()[None])
 
-    layer0 = vllm[("model.layers.0", "outputs", ("0",))] + vllm[("model.layers.0", "outputs", ("1",))]
-    pairs = {  # vLLM tensor, HF tensor
-        "embeddings": (vllm[("model.embed_tokens", "outputs", ())], hf[("model.embed_tokens", "outputs", ())]),
-        "layer 0 attention": (vllm[("model.layers.0.self_attn", "outputs", ())],
-                              hf[("model.layers.0.self_attn", "outputs", ("0",))]),
-        "layer 0 MLP": (vllm[("model.layers.0.mlp", "outputs", ())], hf[("model.layers.0.mlp", "outputs", ())]),
-        # vLLM's decoder layer returns (mlp output, residual); HF adds them
-        "layer 0 output": (layer0, hf[("model.layers.0", "outputs", ())]),
-        "final norm": (vllm[("model.norm", "outputs", ("0",))], hf[("model.norm", "outputs", ())]),
-        # vLLM computes logits for the last token of each sequence only
-        "logits": (vllm[("lm_head", "outputs", ())][-1], hf[("lm_head", "outputs", ())][-1]),
-    }
-    for what, (ours, ref) in pairs.items():
-        assert ours.dtype == ref.dtype == torch.float32, what
-        assert ours.shape == ref.shape, what
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
-    assert torch.equal(pairs["embeddings"][0], pairs["embeddings"][1])  # a lookup: bit-identical
+    result = ilstore_compare.compare(vllm_run, hf_run, name_map=LLAMA_MAP, rtol=1e-4, atol=1e-5,
+                                     allow_unaligned=True)
+    s = result.summary
+    entries = {(t.key.module, t.key.call, "/".join([t.key.kind, *t.key.path])): t for t in result.tensors}
+    assert len(entries) == len(result.tensors)
+    # every tensor of either run is paired or declared unaligned: nothing one-sided, nothing skipped
+    assert (s.only_in_dir1, s.only_in_dir2, s.not_compared, s.calls_only_in_dir1, s.calls_only_in_dir2) == (0,) * 5
+    unaligned = {(m, c, p, t.presence) for (m, c, p), t in entries.items() if t.status == "unaligned"}
+    assert unaligned == _expected_unaligned(2) and s.unaligned == len(unaligned)
+    assert all(t.note and t.note.startswith("unaligned[") for t in result.tensors if t.status == "unaligned")
+    compared = {k: t for k, t in entries.items() if t.status != "unaligned"}
+    assert s.compared == s.matched == len(compared) > 30 and s.mismatched == 0
+    assert result.exit_code == 0 and result.verdict == "match" and result.first_divergence is None
+
+    # embeddings: a lookup, bit-identical once the batch dimension is squeezed
+    emb = entries[("model.embed_tokens", 0, "outputs")]
+    assert emb.squeezed and (emb.shape1, emb.shape2) == ((5, 128), (1, 5, 128))
+    assert emb.metrics is not None and emb.metrics.max_abs_diff == 0
+    token_ids = entries[("model.embed_tokens", 0, "inputs/0")]  # int32 in vLLM, int64 in HF
+    assert token_ids.status == "match" and token_ids.dtype_mismatch and token_ids.squeezed
+    # layer 0 and what follows, each aligned by the map's path rules, within float32 tolerance
+    for key, rule in [(("model.layers.0", "outputs"), "outputs[0] + outputs[1] as outputs"),
+                      (("model.layers.1", "inputs/0"), "inputs[1] + inputs[2] as inputs[0]"),
+                      (("model.layers.0", "inputs/0"), "inputs[1] as inputs[0]"),
+                      (("model.layers.0", "inputs/position_ids"), "inputs[0] as inputs[position_ids]"),
+                      (("model.layers.0.self_attn", "outputs/0"), "outputs as outputs[0]"),
+                      (("model.layers.0.self_attn.o_proj", "outputs"), "outputs[0] as outputs"),
+                      (("model.layers.0.post_attention_layernorm", "inputs/0"), "inputs[0] + inputs[1] as inputs[0]"),
+                      (("model.layers.0.post_attention_layernorm", "outputs"), "outputs[0] as outputs"),
+                      (("model.norm", "outputs"), "outputs[0] as outputs"),
+                      (("lm_head", "outputs"), "dir2 outputs at index -1 of dim -2")]:
+        entry = entries[(key[0], 0, key[1])]
+        assert entry.status == "match" and any(rule in a for a in entry.alignment), (key, entry.alignment)
+    for module in ("model.layers.0.input_layernorm", "model.layers.0.mlp", "model.layers.0.mlp.down_proj"):
+        assert entries[(module, 0, "outputs")].status == "match"
+    logits = entries[("lm_head", 0, "outputs")]  # vLLM: the last token only; HF: every position
+    assert logits.renamed_from == "logits_processor" and (logits.shape1, logits.shape2) == ((1, 1000), (1, 1000))
+
+    # where they part: compared bitwise, the first call whose outputs differ is inside layer 0
+    exact = ilstore_compare.compare(vllm_run, hf_run, name_map=LLAMA_MAP, exact=True, allow_unaligned=True)
+    first = exact.first_divergence
+    assert exact.exit_code == 1 and first is not None and first.module.startswith("model.layers.0")
+    before = [c for c in exact.calls if c.order < next(x.order for x in exact.calls if x.call.module == first.module)]
+    assert {c.call.module for c in before} >= {"model.embed_tokens"}
+    assert all(c.verdict in ("match", "unaligned") for c in before)
+    section = render_markdown(exact).split("## First divergence", 1)[1].split("\n## ", 1)[0]
+    assert section.lstrip().startswith(f"step 0, {first.module}")
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith(f"| {first.module} ")]
+    assert rows and len(rows) == len({tuple(r) for r in rows})  # each tensor once
+
+    # the same through the command line; without --allow-unaligned the declarations keep exit 1
+    args = ["--dir1", str(vllm_run), "--dir2", str(hf_run), "--map", str(LLAMA_MAP), "--rtol", "1e-4", "--atol", "1e-5"]
+    res = CliRunner().invoke(compare_cmd, [*args, "--allow-unaligned", "--format", "json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert validate_report(data) == [] and data["summary"]["unaligned"] == len(unaligned)
+    res = CliRunner().invoke(compare_cmd, args, catch_exceptions=False)
+    assert res.exit_code == 1 and "INCOMPLETE" in res.stdout and "## Declared unaligned by the map" in res.stdout

@@ -28,6 +28,7 @@ files open with any HDF5 1.8+ tool without ``h5clear``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -270,6 +271,36 @@ def _json_attr(path: Path, attrs: Any, name: str) -> Any:
         raise CorruptFileError(path, f"attribute {name!r} is not valid JSON: {exc}") from None
 
 
+def _raised_in_h5py(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "h5py" in tb.tb_frame.f_code.co_filename
+
+
+def _guarded(method: Any) -> Any:
+    """Turn h5py's own errors on a damaged file (KeyError "bad object header", OSError,
+    RuntimeError...) into a CorruptFileError naming the step file; our own KeyErrors pass."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Hdf5Reader", first: Any, *args: Any) -> Any:
+        try:
+            return method(self, first, *args)
+        except CorruptFileError:
+            raise
+        except KeyError as exc:
+            if not _raised_in_h5py(exc):
+                raise
+            err: Exception = exc
+        except (OSError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            err = exc
+        step = first if isinstance(first, int) else first.step
+        path = self._paths.get(step, self.run_dir / f"step_{step}.h5")
+        raise CorruptFileError(path, f"damaged HDF5 data: {_msg(err)}") from None
+
+    return wrapper
+
+
 class Hdf5Reader(StoreReader):
     """Reads a run written by :class:`Hdf5Writer`; each step file is opened once, when first needed."""
 
@@ -341,6 +372,7 @@ class Hdf5Reader(StoreReader):
         rank = f.attrs.get("rank", 0)
         return int(rank) if isinstance(rank, (int, np.integer)) else 0
 
+    @_guarded
     def _list_calls(self, step: int) -> list[CallKey]:
         f = self._file(step)
         path, rank = self._paths[step], self._rank(f)
@@ -379,6 +411,7 @@ class Hdf5Reader(StoreReader):
             raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}")
         return group
 
+    @_guarded
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
         group = self._group(call)
         path = self._paths[call.step]
@@ -389,6 +422,7 @@ class Hdf5Reader(StoreReader):
         except Exception as exc:
             raise CorruptFileError(path, f"cannot read the {kind} of {call.module}#{call.call}: {_msg(exc)}") from None
 
+    @_guarded
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         group = self._group(key.call_key)
         path = self._paths[key.step]
