@@ -116,7 +116,7 @@ class Capture:
         except OSError as exc:
             self._fail(StoreError(f"{self.run_dir}: cannot create the run directory: {exc}"))
             return
-        self._dedup = Deduper() if cfg.dedup and cfg.mode == "tensors" else None
+        self._dedup = Deduper() if cfg.dedup else None
         if cfg.async_writes:
             self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
         else:

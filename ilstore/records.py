@@ -90,14 +90,15 @@ class Deduper:
         return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape), t.stride(),
                 t.dtype, version)
 
-    def lookup(self, t: torch.Tensor) -> tuple[str, dict[str, Any]] | None:
+    def lookup(self, t: torch.Tensor) -> tuple[str | None, dict[str, Any]] | None:
+        """``(key of the stored copy or None if its body was not stored, its statistics)``."""
         ident = self._identity(t)
         hit = self._seen.get(ident) if ident is not None else None
         if hit is None or hit[0]() is None:
             return None
         return hit[1], hit[2]
 
-    def remember(self, t: torch.Tensor, key: str, stats: dict[str, Any]) -> None:
+    def remember(self, t: torch.Tensor, key: str | None, stats: dict[str, Any]) -> None:
         ident = self._identity(t)
         if ident is None:
             return
@@ -172,7 +173,7 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             x = x.float()  # float8 variants have few kernels
         lo, hi = torch.aminmax(x)
-        total = x.sum(dtype=torch.float64)
+        total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)  # cascade-summed
         l2 = torch.linalg.vector_norm(x, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
         mn, mx, sm, nrm = torch.stack([lo.double(), hi.double(), total, l2.double()]).tolist()
         if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(nrm)):
@@ -272,22 +273,24 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
     if reason is not None:
         node.update(stored=False, reason=reason)
         return node
-    if not policy.store_bodies:
-        node.update(stats=tensor_stats(t), stored=False, reason="mode=stats")
-    elif policy.max_numel is not None and t.numel() > policy.max_numel:
-        node.update(stats=tensor_stats(t), stored=False,
-                    reason=f"numel {t.numel()} > max_tensor_size {policy.max_numel}")
+    hit = ctx.dedup.lookup(t) if ctx.dedup is not None else None
+    key = ctx.key_prefix + "".join("/" + encode_part(p) for p in path)
+    if not policy.store_bodies or (policy.max_numel is not None and t.numel() > policy.max_numel):
+        reason = "mode=stats" if not policy.store_bodies else \
+            f"numel {t.numel()} > max_tensor_size {policy.max_numel}"
+        # The same unchanged tensor seen earlier in the step: reuse its statistics.
+        node.update(stats=hit[1] if hit is not None else tensor_stats(t), stored=False, reason=reason)
+        if hit is None and ctx.dedup is not None:
+            ctx.dedup.remember(t, None, node["stats"])
+    elif hit is not None and hit[0] is not None:
+        node.update(stored=True, same_as=hit[0], stats=hit[1])  # shares the first node's (deferred) stats
     else:
         node["stored"] = True
-        hit = ctx.dedup.lookup(t) if ctx.dedup is not None else None
-        if hit is not None:
-            node["same_as"], node["stats"] = hit  # shares the first node's (deferred) stats
-        else:
-            node["stats"] = {}  # filled from the snapshot by finalize_stats, off the hook
-            ctx.out[path], pending = _snapshot(t, policy.pin_memory)
-            ctx.async_copy |= pending
-            if ctx.dedup is not None:
-                ctx.dedup.remember(t, ctx.key_prefix + "".join("/" + encode_part(p) for p in path), node["stats"])
+        node["stats"] = {}  # filled from the snapshot by finalize_stats, off the hook
+        ctx.out[path], pending = _snapshot(t, policy.pin_memory)
+        ctx.async_copy |= pending
+        if ctx.dedup is not None:
+            ctx.dedup.remember(t, key, node["stats"])
     return node
 
 

@@ -166,3 +166,27 @@ def test_fast_stats_match_exact_formulas(dtype: torch.dtype) -> None:
         assert fast.keys() == exact.keys()
         for k in fast:
             assert fast[k] == pytest.approx(exact[k], rel=1e-5, abs=1e-6 * (1 + abs(exact["mean"]))), (k, dtype)
+
+
+def test_stats_mode_computes_each_unchanged_tensor_once(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ilstore.records as records
+
+    calls = {"n": 0}
+    real = records.tensor_stats
+
+    def counting(t: torch.Tensor) -> dict[str, Any]:
+        calls["n"] += 1
+        return real(t)
+
+    monkeypatch.setattr(records, "tensor_stats", counting)
+    counts = {}
+    for dedup in (False, True):
+        calls["n"] = 0
+        run_dir = _capture(out_dir, f"s{dedup}", tiny_llama(), {"input_ids": torch.tensor(DEMO_PROMPT), "use_cache": False},
+                           mode="stats", dedup=dedup)
+        counts[dedup] = calls["n"]
+        with ilstore.open_run(run_dir) as run:
+            a = run.meta(ilstore.TensorKey(0, "model.layers.0.mlp.act_fn", 0, "inputs", ("0",)))["stats"]
+            b = run.meta(ilstore.TensorKey(0, "model.layers.0.mlp.gate_proj", 0, "outputs"))["stats"]
+            assert a == b and a["l2_norm"] > 0
+    assert counts[True] < 0.75 * counts[False]
