@@ -122,8 +122,10 @@ def files_under(path: Path) -> list[Path]:
 
 
 def dir_size(path: Path) -> tuple[int, int]:
+    """(bytes on disk counting each inode once — hard links are de-duplicated tensors, files)."""
     files = files_under(path)
-    return sum(f.stat().st_size for f in files), len(files)
+    sizes = {(st.st_dev, st.st_ino): st.st_size for st in (f.stat() for f in files)}
+    return sum(sizes.values()), len(files)
 
 
 def read_all(paths: Iterable[Path]) -> None:

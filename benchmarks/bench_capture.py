@@ -29,7 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +36,11 @@ from typing import Any, Callable
 import torch
 
 import ilstore
+
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_common import RssSampler, dir_size  # noqa: E402
 
 
 def build_model() -> torch.nn.Module:
@@ -47,37 +51,6 @@ def build_model() -> torch.nn.Module:
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class RssSampler:
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "RssSampler":
-        self.base = _rss()
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -99,19 +72,6 @@ def _attach(model: torch.nn.Module, on_tensors: Callable[[str, str, list[torch.T
             lambda m, a, k, n=name: on_tensors(n, "inputs", _tensors(a) + _tensors(k)), with_kwargs=True))
         handles.append(mod.register_forward_hook(lambda m, a, o, n=name: on_tensors(n, "outputs", _tensors(o))))
     return handles
-
-
-def _dir_size(path: Path) -> tuple[int, int]:
-    nbytes = nfiles = 0
-    seen: set[int] = set()
-    for dp, _dn, fs in os.walk(path):
-        for f in fs:
-            st = os.stat(os.path.join(dp, f))
-            nfiles += 1
-            if st.st_ino not in seen:
-                seen.add(st.st_ino)
-                nbytes += st.st_size
-    return nbytes, nfiles
 
 
 class Row:
@@ -139,7 +99,7 @@ class Row:
         self.fwd.append(t1 - t0)
         self.total.append(t2 - t0)
         self.rss.append(sampler.growth)
-        self.bytes, self.files = _dir_size(out)
+        self.bytes, self.files = dir_size(out)
         shutil.rmtree(out)
 
     def result(self) -> dict[str, Any]:

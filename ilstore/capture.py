@@ -162,18 +162,23 @@ class Capture:
         self._ends: list[CallKey] = []
         self._fired = False
 
-    def _end_step(self) -> None:
+    def _end_step(self, completed: bool = True) -> None:
+        """Close the open step: hand it to the writer, or (a forward that raised) abandon it."""
         if not self._step_open:
             return
         self._step_open = False
+        self._frames = {}
         if self._dedup is not None:
             self._dedup.clear()
-        if self._logging and self._sink is not None:
+        if completed and self._logging and self._sink is not None:
             self._sink.end_step(StepInfo(self.step_index, self._starts, self._ends))
-            if not self._fired and self.hooked_modules:
-                warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
-                              "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=2)
-        self._frames = {}
+            if not self._fired:
+                self._warn_no_hooks()
+
+    def _warn_no_hooks(self) -> None:
+        if self.hooked_modules:
+            warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
+                          "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
 
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if self._in_root == 0:
@@ -183,18 +188,13 @@ class Capture:
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._in_root = max(0, self._in_root - 1)
         if self._in_root == 0 and self._step_open:
-            if output is None and sys.exc_info()[0] is not None:
-                # The forward raised (always_call hooks run while the exception is handled):
-                # the step is abandoned, never marked complete; its partial data is ignored.
-                self._step_open = False
-                self._frames = {}
-                if self._dedup is not None:
-                    self._dedup.clear()
-            else:
-                try:
-                    self._end_step()
-                except Exception as exc:
-                    self._fail(exc)
+            # A forward that raised (always_call hooks run while the exception is handled)
+            # abandons its step: never marked complete, its partial data ignored by readers.
+            raised = output is None and sys.exc_info()[0] is not None
+            try:
+                self._end_step(completed=not raised)
+            except Exception as exc:
+                self._fail(exc)
             self.step_index += 1
 
     # -- failures -------------------------------------------------------------------------------
@@ -233,10 +233,8 @@ class Capture:
         if not self.manual_step:
             raise StoreError("step() is for manual stepping; create the capture with manual_step=True "
                              "(otherwise every forward of the root module is one step)")
-        if not self._step_open and self.hooked_modules and self._sink is not None \
-                and self.config.logs_step(self.step_index):
-            warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
-                          "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=2)
+        if not self._step_open and self._sink is not None and self.config.logs_step(self.step_index):
+            self._warn_no_hooks()  # manual steps open at the first hook: none ran in this one
         try:
             self._end_step()
         except Exception as exc:

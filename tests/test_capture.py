@@ -405,3 +405,18 @@ def test_pause_resume_manual_steps(out_dir: Path) -> None:
             cap.step()
     assert _calls(cap.run_dir, 0) == [("other", 0)]
     assert ilstore.open_run(cap.run_dir).steps() == [0]
+
+
+def test_warns_when_a_step_ends_without_any_hook(out_dir: Path) -> None:
+    class Skips(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # like a compiled region: hooks never fire
+            return x * 2
+
+    model = Skips()
+    with ilstore.capture(model, _cfg(out_dir)):
+        with pytest.warns(ilstore.IlstoreWarning, match="step 0 ended and no hooked module ran"):
+            model(torch.ones(2))
