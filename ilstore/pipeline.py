@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from abc import ABC, abstractmethod
 import threading
 from typing import Any
 
@@ -28,20 +29,23 @@ class WriterFailed(StoreError):
     """Writing failed (disk full, unwritable directory, ...); names the run and the cause."""
 
 
-class RecordSink:
+class RecordSink(ABC):
     """What capture talks to: ``write`` records, ``end_step``, ``close``, in that order."""
 
     def __init__(self, writer: StoreWriter) -> None:
         self.writer = writer
 
+    @abstractmethod
     def write(self, record: Record) -> None:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def end_step(self, info: StepInfo) -> None:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def close(self, status: str, error: str | None = None) -> None:
-        raise NotImplementedError
+        """See the class docstring."""
 
 
 class SyncSink(RecordSink):
