@@ -150,8 +150,14 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     Integer and bool tensors get min and max. Empty tensors get only what is defined.
 
     The common case (all finite) takes three reductions and one device sync: ``aminmax``
-    (which also reveals NaN/Inf), a float64 sum and an L2 norm; std comes from them, and is
-    recomputed exactly with ``var_mean`` when the mean dominates so cancellation could bite.
+    (which also reveals NaN/Inf), a sum and an L2 norm, accumulated in float32 (float64 for
+    float64 tensors); std comes from them, and is recomputed with a two-pass float64 variance
+    when the mean dominates so cancellation could bite.
+
+    The result does not depend on the thread that computes it: only reductions whose result is
+    independent of the intra-op thread count are used (torch's sum, norm, min/max; not
+    ``var_mean``/``std`` or a BLAS dot product), so a tensor gets bit-identical statistics
+    whether the hook, the writer thread (single-threaded) or the producer computed them.
     """
     with torch.no_grad():
         x = t.detach()
@@ -172,18 +178,56 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
             return {"min": int(lo), "max": int(hi)}
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             x = x.float()  # float8 variants have few kernels
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         lo, hi = torch.aminmax(x)
-        total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)  # cascade-summed
-        l2 = torch.linalg.vector_norm(x, dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
-        mn, mx, sm, nrm = torch.stack([lo.double(), hi.double(), total, l2.double()]).tolist()
-        if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(nrm)):
+        if x.dtype != acc:
+            lo, hi = lo.to(acc), hi.to(acc)
+        flat = x.reshape(-1)
+        mn, mx, sm, sq = torch.stack([lo, hi, _fixed_order_sum(flat, acc), _fixed_order_sumsq(flat, acc)]).tolist()
+        if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
             return _slow_stats(x)
+        nrm = math.sqrt(sq)
         mean = sm / n
-        var = max(nrm * nrm / n - mean * mean, 0.0)
+        var = max(sq / n - mean * mean, 0.0)
         if mean * mean > 1e3 * var:
-            var = float(torch.var_mean(x.double(), correction=0)[0])
+            var = _two_pass_var(x.double(), n)
         return {"nan_count": 0, "inf_count": 0, "min": mn, "max": mx, "mean": mean, "std": math.sqrt(var),
                 "abs_max": max(-mn, mx), "l2_norm": nrm}
+
+
+# Reductions are split into rows of this many elements. Below torch's parallel grain size
+# (32768), so a row, and any reduction of fewer than 2 rows, is summed by one thread; a
+# reduction over several rows is parallelised across rows only. Each row is then summed in the
+# same order whatever the thread count, and so is the sum of the row sums.
+_ROW = 16384
+
+
+def _fixed_order_sum(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Sum of a 1-D tensor, accumulated in ``acc``, bit-identical for any intra-op thread count
+    (a plain ``sum()`` of a large tensor splits the work per thread, so its rounding varies)."""
+    m = v.numel() // _ROW
+    if m < 2:
+        return v.sum(dtype=acc)
+    rows = v[: m * _ROW].view(m, _ROW).sum(dim=1, dtype=acc)
+    return _fixed_order_sum(torch.cat([rows, v[m * _ROW:].sum(dtype=acc).reshape(1)]), acc)
+
+
+def _fixed_order_sumsq(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Sum of squares of a 1-D tensor, like :func:`_fixed_order_sum` (row L2 norms, squared)."""
+    m = v.numel() // _ROW
+    if m < 2:
+        return torch.linalg.vector_norm(v, dtype=acc).square()
+    rows = torch.linalg.vector_norm(v[: m * _ROW].view(m, _ROW), dim=1, dtype=acc)
+    tail = torch.linalg.vector_norm(v[m * _ROW:], dtype=acc).reshape(1)
+    return _fixed_order_sum(torch.cat([rows, tail]).square(), acc)
+
+
+def _two_pass_var(x64: torch.Tensor, n: int) -> float:
+    """Population variance of a float64 tensor: mean first, then the mean squared deviation,
+    with fixed-order sums (``var_mean``'s result depends on the thread count)."""
+    flat = x64.reshape(-1)
+    mean = float(_fixed_order_sum(flat, torch.float64)) / n
+    return float(_fixed_order_sum((flat - mean).square(), torch.float64)) / n
 
 
 def _slow_stats(x: torch.Tensor) -> dict[str, Any]:
@@ -192,11 +236,11 @@ def _slow_stats(x: torch.Tensor) -> dict[str, Any]:
         mag = x.abs().double()
         nan = int(torch.isnan(mag).sum())
         inf = int(torch.isinf(mag).sum())
-        fin = mag[torch.isfinite(mag)] if nan or inf else mag
+        fin = mag[torch.isfinite(mag)] if nan or inf else mag.reshape(-1)
         out: dict[str, Any] = {"nan_count": nan, "inf_count": inf}
         if fin.numel():
             out.update(abs_max=_finite_or_none(float(fin.max())),
-                       l2_norm=_finite_or_none(float(fin.square().sum().sqrt())))
+                       l2_norm=_finite_or_none(math.sqrt(float(_fixed_order_sumsq(fin, torch.float64)))))
         return out
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(work)
@@ -209,10 +253,10 @@ def _slow_stats(x: torch.Tensor) -> dict[str, Any]:
         out.update(
             min=_finite_or_none(float(fin.min())),
             max=_finite_or_none(float(fin.max())),
-            mean=_finite_or_none(float(fin64.mean())),
-            std=_finite_or_none(float(fin64.std(correction=0))),
+            mean=_finite_or_none(float(_fixed_order_sum(fin64, torch.float64)) / fin64.numel()),
+            std=_finite_or_none(math.sqrt(_two_pass_var(fin64, fin64.numel()))),
             abs_max=_finite_or_none(float(fin.abs().max())),
-            l2_norm=_finite_or_none(float(fin64.square().sum().sqrt())),
+            l2_norm=_finite_or_none(math.sqrt(float(_fixed_order_sumsq(fin64, torch.float64)))),
         )
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -146,12 +147,81 @@ def test_writer_failure_surfaces_at_step_end_and_close(tmp_path: Path) -> None:
     for i in range(3):
         sink.write(_record(i, 64))
     writer.gate.set()
-    sink._queue.join()
+    with pytest.raises(WriterFailed, match="No space left on device"):
+        sink.flush()
     with pytest.raises(WriterFailed, match="No space left on device"):
         sink.end_step(StepInfo(0, [], []))
     with pytest.raises(WriterFailed):
         sink.close("complete")
     assert writer.manifest["status"] == "failed"
+    assert [r.call.module for r in writer.written] == ["m0"]  # nothing after the failure is written
+
+
+class OrderWriter(StoreWriter):
+    """Records which thread wrote each record, in order."""
+
+    name = "order"
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir)
+        self.log: list[tuple[str, str]] = []
+
+    def _write(self, record: Record) -> None:
+        time.sleep(0.002)
+        self.log.append((record.call.module, threading.current_thread().name))
+
+    def _end_step(self, info: StepInfo) -> None:
+        self.log.append((f"end{info.step}", threading.current_thread().name))
+
+
+def test_producer_helps_in_order_when_it_waits(tmp_path: Path) -> None:
+    """Over the bound, at flush and at close the producer writes queued records itself; the
+    order of records and step ends is kept whoever writes them."""
+    writer = OrderWriter(tmp_path / "run")
+    writer.open(ilstore.manifest.new_manifest("order", {}))
+    sink = ThreadedSink(writer, max_pending_bytes=2 * 4096)
+    expected = []
+    for step in range(3):
+        for i in range(20):
+            sink.write(_record(i, 4096))
+            expected.append(f"m{i}")
+            assert sink.peak_pending_bytes <= 2 * 4096
+        sink.end_step(StepInfo(step, [], []))
+        expected.append(f"end{step}")
+    sink.flush()
+    assert [m for m, _ in writer.log] == expected
+    sink.write(_record(99, 4096))
+    sink.close("complete")
+    assert [m for m, _ in writer.log] == expected + ["m99"]
+    threads = {t for _, t in writer.log}
+    assert threading.current_thread().name in threads  # the producer took part
+
+
+def test_writer_thread_is_quiet() -> None:
+    """The writer thread runs torch single-threaded and (on Linux) at the lowest priority,
+    without changing the thread count of the caller or of threads started later."""
+    from ilstore.pipeline import _quiet_writer_thread
+
+    seen: dict[str, int] = {}
+
+    def writer() -> None:
+        _quiet_writer_thread()
+        seen["threads"] = torch.get_num_threads()
+        if sys.platform.startswith("linux"):
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def later() -> None:
+        seen["later"] = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    for target in (writer, later):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+    assert seen["threads"] == 1
+    assert torch.get_num_threads() == before and seen["later"] == before
+    if sys.platform.startswith("linux"):
+        assert seen["nice"] == 19
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -160,12 +230,36 @@ def test_fast_stats_match_exact_formulas(dtype: torch.dtype) -> None:
 
     g = torch.Generator().manual_seed(0)
     for x in (torch.randn(300, 17, generator=g), torch.randn(1000, generator=g) + 5000.0, torch.tensor([3.5]),
-              torch.full((64,), -2.0)):
+              torch.full((64,), -2.0), torch.randn(17, 300, generator=g).t()):  # last: not contiguous
         x = x.to(dtype)
         fast, exact = tensor_stats(x), _slow_stats(x)
         assert fast.keys() == exact.keys()
         for k in fast:
             assert fast[k] == pytest.approx(exact[k], rel=1e-5, abs=1e-6 * (1 + abs(exact["mean"]))), (k, dtype)
+
+
+def test_stats_do_not_depend_on_the_thread_count() -> None:
+    """The hook (the model's threads), the writer thread (one thread) or the producer may compute
+    a tensor's statistics: the values must be bit-identical whichever did."""
+    from ilstore.records import tensor_stats
+
+    g = torch.Generator().manual_seed(1)
+    nan = torch.randn(300_001, generator=g)
+    nan[::97] = float("nan")
+    nan[5] = float("inf")
+    tensors = [torch.randn(n, generator=g) * 7 + 3 for n in (100, 16_384, 40_000, 131_072, 2_000_003)]
+    tensors += [(torch.randn(300_000, generator=g) * 1e4).half(), torch.randn(300_000, generator=g).bfloat16(),
+                torch.randn(300_000, generator=g) + 5000.0, torch.randn(300_000, generator=g).double(), nan, nan.half(),
+                torch.randn(100_000, dtype=torch.complex64, generator=g), torch.randn(700, 600, generator=g).t()]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append([tensor_stats(t) for t in tensors])
+    finally:
+        torch.set_num_threads(before)
+    assert results[0] == results[1] == results[2]
 
 
 def test_stats_mode_computes_each_unchanged_tensor_once(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
