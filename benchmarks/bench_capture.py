@@ -12,11 +12,13 @@ Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
 * ``ilstore <backend> sync|async``: ``ilstore.capture`` with every module.
 * ``ilstore pt stats``, ``match one module``, ``enabled false``.
 
-Columns: forward (producer-visible) time, total time including flush/close, each as a ratio
-to the baseline forward and to the raw floor's total; bytes and files written; peak RSS growth
-over the process's RSS before the row (sampled every 2 ms).
+Columns: forward (producer-visible) time, total time including flush/close (medians, seconds),
+each as a ratio to the baseline forward and to the raw floor's total; bytes and files written;
+peak RSS growth over the process's RSS before the row (sampled every 2 ms). Ratios are paired:
+the median over rounds of (this row / the reference row of the same round), so a slow drift of
+a shared machine (its disk speed varied 2x between rounds here) cancels out.
 
-Usage: python benchmarks/bench_capture.py [--rounds 5] [--backends pt,safetensors,hdf5] [--tmp DIR]
+Usage: python benchmarks/bench_capture.py [--rounds 7] [--backends pt,safetensors,hdf5] [--rows pt,stats] [--tmp DIR]
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Row:
         out = tmp / f"{self.name.replace(' ', '_')}_{r}"
         out.mkdir(parents=True)
         gc.collect()
+        os.sync()  # earlier rows' dirty pages are written back now, not during this row's timing
         with RssSampler() as sampler:
             state = self.setup(out)
             t0 = time.perf_counter()
@@ -107,10 +110,18 @@ class Row:
                 "bytes": self.bytes, "files": self.files, "rss": statistics.median(self.rss)}
 
 
+def _paired(values: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``values[r] / reference[r]``."""
+    return statistics.median(v / ref for v, ref in zip(values, reference))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--backends", default="pt,safetensors,hdf5")
+    ap.add_argument("--rows", default="",
+                    help="only the rows whose name contains one of these comma-separated words "
+                         "(baseline and raw floor always run)")
     ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -174,23 +185,31 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ilstore_row("ilstore pt stats", mode="stats"))
     rows.append(ilstore_row("ilstore match one module", module_call_match="^model\\.layers\\.3\\.mlp\\.down_proj$"))
     rows.append(ilstore_row("ilstore enabled false", enabled=False))
+    wanted = [w for w in args.rows.split(",") if w]
+    if wanted:
+        rows = [r for r in rows if r.name in ("baseline", "raw floor") or any(w in r.name for w in wanted)]
     for r in range(args.rounds):  # interleaved, so slow drifts of the machine hit every row alike
         for row in rows:
             row.measure(r, tmp, model, ids)
     shutil.rmtree(tmp, ignore_errors=True)
-    rows = [row.result() for row in rows]  # type: ignore[misc]
-
-    base = rows[0]["forward"]
-    floor = next(r for r in rows if r["name"] == "raw floor")["total"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians)")
+    base_row, floor_row = rows[0], next(r for r in rows if r.name == "raw floor")
+    results = []
+    for row in rows:
+        res = row.result()
+        res["fwd/base"] = _paired(row.fwd, base_row.fwd)
+        res["tot/base"] = _paired(row.total, base_row.fwd)
+        res["tot/floor"] = _paired(row.total, floor_row.total)
+        results.append(res)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians; "
+          "ratios are medians of same-round ratios)")
     header = f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} {'MB':>7} {'files':>6} {'RSS+MB':>7}"
     print(header)
     print("-" * len(header))
-    for r in rows:
-        print(f"{r['name']:28} {r['forward']:9.3f} {r['forward'] / base:8.2f} {r['total']:8.3f} {r['total'] / base:8.2f} "
-              f"{r['total'] / floor:9.2f} {r['bytes'] / 1e6:7.1f} {r['files']:6d} {r['rss'] / 2**20:7.0f}")
+    for r in results:
+        print(f"{r['name']:28} {r['forward']:9.3f} {r['fwd/base']:8.2f} {r['total']:8.3f} {r['tot/base']:8.2f} "
+              f"{r['tot/floor']:9.2f} {r['bytes'] / 1e6:7.1f} {r['files']:6d} {r['rss'] / 2**20:7.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
