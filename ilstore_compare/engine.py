@@ -24,6 +24,7 @@ from ilstore.store.registry import open_run
 
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
+from ._heap import HeapGuard
 from .errors import CompareError
 from .mapping import NameMap
 from .metrics import compare_stats, compare_tensors, is_float_dtype
@@ -96,8 +97,12 @@ def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: flo
         plan = build_plan(r1, r2, steps=options.steps, modules=patterns, name_map=nmap)
         _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
 
+        heap = HeapGuard()
+
         def one(pair: Pair) -> TensorResult:
-            return _compare_pair(pair, r1, r2, options)
+            result = _compare_pair(pair, r1, r2, options)
+            heap.after(_pair_bytes(pair))
+            return result
 
         tensors = tuple(_stream(plan.pairs, one, workers, progress))
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
@@ -169,6 +174,16 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
         finally:
             for future in window:  # after an error: don't start anything new
                 future.cancel()
+
+
+def _pair_bytes(pair: Pair) -> int:
+    total = 0
+    for side in (pair.side1, pair.side2):
+        node = side.node if side is not None else None
+        numel = node.get("numel") if isinstance(node, Mapping) else None
+        if isinstance(numel, int) and not isinstance(numel, bool):
+            total += numel * 4  # an estimate is enough here
+    return total
 
 
 # -- one pair ---------------------------------------------------------------------------------

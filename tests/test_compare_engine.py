@@ -264,3 +264,20 @@ def test_truncated_tensor_file_raises_naming_it(runs: dict[str, Path], tmp_path:
 def test_bad_options_raise(runs: dict[str, Path], kwargs: dict) -> None:
     with pytest.raises(CompareError):
         compare(runs["a"], runs["b"], **kwargs)
+
+
+def test_heap_guard_trims_only_past_its_slack() -> None:
+    """The compare hands freed heap memory back only when the process outgrew the slack, and only
+    after large pairs (trimming costs page faults later)."""
+    from ilstore_compare._heap import HeapGuard, _malloc_trim
+
+    if _malloc_trim() is None or not Path("/proc/self/statm").exists():
+        pytest.skip("needs glibc and /proc")
+    guard = HeapGuard(slack=2**40)
+    guard.after(2**30)
+    assert guard.trims == 0  # within the slack
+    eager = HeapGuard(slack=-1)
+    eager.after(2**10)
+    assert eager.trims == 0  # a small pair never trims
+    eager.after(2**21)
+    assert eager.trims == 1
