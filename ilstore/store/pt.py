@@ -233,8 +233,18 @@ class PtReader(StoreReader):
     def _list_calls(self, step: int) -> list[CallKey]:
         return list(self._dirs_of(step))
 
+    def _child(self, call_dir: Path, name: str) -> Path:
+        """``call_dir / name`` for a plain file name in an already resolved call directory: it can
+        only lead outside the run through a symbolic link, so only a link is resolved and
+        checked (a full resolution per file cost ~8 % of a compare)."""
+        path = call_dir / name
+        return check_inside(self.run_dir, path) if path.is_symlink() else path
+
     def _read_json(self, path: Path) -> Any:
         check_inside(self.run_dir, path)
+        return self._parse_json(path)
+
+    def _parse_json(self, path: Path) -> Any:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -312,10 +322,10 @@ class PtReader(StoreReader):
 
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
         call_dir = self._call_dir(call)
-        path = call_dir / f"{kind}.json"
+        path = self._child(call_dir, f"{kind}.json")
         if not path.is_file():
             return None
-        doc = self._read_json(path)
+        doc = self._parse_json(path)
         if not isinstance(doc, dict):
             raise CorruptFileError(path, "expected a JSON object describing the captured structure")
         doc.pop("ilstore", None)
@@ -342,7 +352,7 @@ class PtReader(StoreReader):
         fname = node.get("file")
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in (".", ".."):
             raise CorruptFileError(self._call_dir(key.call_key), f"bad file reference {fname!r} for {key}")
-        path = check_inside(self.run_dir, self._call_dir(key.call_key) / fname)
+        path = self._child(self._call_dir(key.call_key), fname)
         return load_pt_file(path, node)
 
 
