@@ -182,19 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loadavg before: {load_before}   after: {load_after}")
     for b, (nbytes, nfiles) in disk.items():
         print(f"  source {b}: {nbytes / 1e6:.1f} MB on disk in {nfiles} files")
-    header = (f"{'row':28} {'s':>7} {'MB/s':>7} {'x copy':>7} {'x r+w':>7} {'RSS+MB':>7} {'anon+MB':>7} "
-              f"{'out MB':>7} {'files':>6}")
+    header = (f"{'row':28} {'s':>7} {'MB/s':>7} {'x copy':>7} {'x r+w':>7} {'x cp dst':>8} {'RSS+MB':>7} "
+              f"{'anon+MB':>7} {'out MB':>7} {'files':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
         r["mb_per_s"] = run_bytes / 1e6 / r["seconds"]
         r["ratio_to_copy"] = floors[r["source"]] / r["seconds"]
         r["ratio_to_read_write"] = rw_floors[r["source"]] / r["seconds"]
+        dest = r["name"].split(" -> ")[1] if r["kind"] == "convert" else r["source"]
+        r["ratio_to_copy_dest"] = floors[dest] / r["seconds"] if dest in floors else None
+        dst_text = f"{r['ratio_to_copy_dest']:8.2f}" if r["ratio_to_copy_dest"] is not None else f"{'-':>8}"
         print(f"{r['name']:28} {r['seconds']:7.3f} {r['mb_per_s']:7.0f} {r['ratio_to_copy']:7.2f} "
-              f"{r['ratio_to_read_write']:7.2f} "
+              f"{r['ratio_to_read_write']:7.2f} {dst_text} "
               f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {r['out_bytes'] / 1e6:7.1f} {r['out_files']:6d}")
     print("target: x copy >= 0.5 (throughput vs shutil.copyfile of the source run's files); x r+w: vs the "
-          "read+write floor of the same source")
+          "read+write floor of the same source; x cp dst: vs copying a run of the target backend (the same bytes "
+          "in the target's layout: its file count)")
     for name, text in profiles.items():
         print(f"\n== cProfile: {name} (tottime) ==\n{text}")
     if args.json:
