@@ -117,8 +117,12 @@ class ThreadedSink(RecordSink):
         self._error: BaseException | None = None
         self._closed = False
         self.peak_pending_bytes = 0
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
         self._thread.start()
+        # The writer briefly changes torch's default thread count (see _quiet_writer_thread):
+        # return only once it is restored, before the model runs again.
+        self._ready.wait()
 
     def _process(self, op: str, item: Any, nbytes: int) -> None:
         try:
@@ -151,7 +155,10 @@ class ThreadedSink(RecordSink):
             return op
 
     def _run(self) -> None:
-        _quiet_writer_thread()
+        try:
+            _quiet_writer_thread()
+        finally:
+            self._ready.set()
         while True:
             with self._cond:
                 while not self._items:
