@@ -65,6 +65,22 @@ def test_file_layout(out_dir: Path) -> None:
         assert f["1#0"]["inputs:0"].id == g["outputs"].id
 
 
+def test_attributes_have_h5py_types(out_dir: Path, tmp_path: Path) -> None:
+    """The writer creates attributes through h5py's low-level API: the same HDF5 types and
+    shapes as ``attrs[name] = value`` (a scalar variable-length UTF-8 string, a scalar int64)."""
+    run_dir = _capture(out_dir)
+    with h5py.File(tmp_path / "ref.h5", "w") as ref:
+        ref.attrs["s"], ref.attrs["i"] = "text", 3
+        ref_types = {"s": ref.attrs.get_id("s").get_type(), "i": ref.attrs.get_id("i").get_type()}
+        with h5py.File(run_dir / "step_0.h5", "r") as f:
+            g = f["0#0"]
+            for name, kind in (("module", "s"), ("inputs", "s"), ("call", "i"), ("step", "i"), ("rank", "i")):
+                aid = g.attrs.get_id(name)
+                assert aid.get_type().equal(ref_types[kind]) and aid.shape == (), name
+            assert g["outputs"].attrs.get_id("dtype").get_type().equal(ref_types["s"])
+            assert isinstance(g.attrs["module"], str) and type(g.attrs["call"]) is np.int64
+
+
 def test_bfloat16_and_float8_stored_as_raw_bits(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Identity())
     values = {k: v for k, v in conformance_tensors().items() if k in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
