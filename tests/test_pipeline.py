@@ -230,7 +230,8 @@ def test_fast_stats_match_exact_formulas(dtype: torch.dtype) -> None:
 
     g = torch.Generator().manual_seed(0)
     for x in (torch.randn(300, 17, generator=g), torch.randn(1000, generator=g) + 5000.0, torch.tensor([3.5]),
-              torch.full((64,), -2.0), torch.randn(17, 300, generator=g).t()):  # last: not contiguous
+              torch.full((64,), -2.0), torch.randn(17, 300, generator=g).t(),  # not contiguous
+              torch.randn(8, 16_384, generator=g) * 3 - 1, torch.randn(40_000, generator=g)):  # whole rows, rows + tail
         x = x.to(dtype)
         fast, exact = tensor_stats(x), _slow_stats(x)
         assert fast.keys() == exact.keys()
@@ -247,7 +248,7 @@ def test_stats_do_not_depend_on_the_thread_count() -> None:
     nan = torch.randn(300_001, generator=g)
     nan[::97] = float("nan")
     nan[5] = float("inf")
-    tensors = [torch.randn(n, generator=g) * 7 + 3 for n in (100, 16_384, 40_000, 131_072, 2_000_003)]
+    tensors = [torch.randn(n, generator=g) * 7 + 3 for n in (100, 16_384, 40_000, 131_072, 1_638_400, 2_000_003)]
     tensors += [(torch.randn(300_000, generator=g) * 1e4).half(), torch.randn(300_000, generator=g).bfloat16(),
                 torch.randn(300_000, generator=g) + 5000.0, torch.randn(300_000, generator=g).double(), nan, nan.half(),
                 torch.randn(100_000, dtype=torch.complex64, generator=g), torch.randn(700, 600, generator=g).t()]
