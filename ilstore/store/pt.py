@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -159,18 +160,75 @@ def _save_tensor(tensor: torch.Tensor, path: str) -> None:
 
     The legacy (non-zip) format is used where the dtype allows: ``torch.load`` reads it the
     same way, and it skips the zip container's CRC32 pass over the bytes (a third of the cost
-    of writing them). It is written through :class:`_PlainWriter`, so torch hands the tensor's
-    bytes to ``write`` without an intermediate copy and a full disk or a file-size limit fails
-    with a clear ``OSError`` (ENOSPC, EFBIG) rather than torch's "write(): fd 3 failed".
-    Other dtypes (float8, uint16+) use the zip format, built in memory and written once.
+    of writing them). A plain contiguous tensor is written as torch.save's own header bytes for
+    its (dtype, shape, strides), produced once by ``torch.save`` and cached, then its size and
+    bytes (:func:`_legacy_header`); anything else goes through ``torch.save`` itself, via
+    :class:`_PlainWriter`, so torch hands the bytes to ``write`` without an intermediate copy.
+    Either way a full disk or a file-size limit fails with a clear ``OSError`` (ENOSPC, EFBIG)
+    rather than torch's "write(): fd 3 failed". Other dtypes (float8, uint16+) use the zip
+    format, built in memory and written once.
     """
     with open(path, "wb") as fh:
         if tensor.dtype in _LEGACY_DTYPES:
-            torch.save(tensor, _PlainWriter(fh), _use_new_zipfile_serialization=False)
+            header = _legacy_header(tensor) if _plain_contiguous(tensor) else None
+            if header is None:
+                torch.save(tensor, _PlainWriter(fh), _use_new_zipfile_serialization=False)
+            else:
+                fh.write(header)
+                fh.write(_SIZE.pack(tensor.numel()))
+                fh.write(_raw_bytes(tensor))
         else:
             buf = io.BytesIO()
             torch.save(tensor, buf)
             fh.write(buf.getbuffer())
+
+
+_SIZE = struct.Struct("<q")  # the storage's element count, as legacy torch.save writes it here
+#: (dtype, shape, strides) → torch.save's legacy bytes before the storage's size and data, or
+#: None when they could not be confirmed (then torch.save writes every such tensor).
+_HEADERS: dict[tuple[Any, ...], bytes | None] = {}
+_MAX_HEADERS = 4096
+
+
+def _plain_contiguous(tensor: torch.Tensor) -> bool:
+    """A plain CPU tensor that owns exactly its contiguous storage (what capture's snapshots are)."""
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu" and not tensor.requires_grad
+            and not tensor.is_conj() and not tensor.is_neg() and tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() and not tensor.__dict__)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _legacy_header(tensor: torch.Tensor) -> bytes | None:
+    """The bytes legacy ``torch.save`` writes before a plain contiguous tensor's storage.
+
+    They depend only on (dtype, shape, strides): the magic number, protocol and system-info
+    pickles, the tensor's pickle (its storage is the first, key "0", on "cpu", of this size)
+    and the list of storage keys. Pickling them took ~40 % of the CPU time of writing a
+    capture's tensors; here it happens once per distinct signature. The cached bytes are
+    taken from a real ``torch.save`` of the first tensor of each signature and used only if
+    that output is exactly these bytes + the element count + the tensor's bytes, so another
+    torch version (or byte order) with a different layout falls back to ``torch.save``.
+    """
+    sig = (tensor.dtype, tuple(tensor.shape), tensor.stride())
+    header = _HEADERS.get(sig, False)
+    if header is not False:
+        return header  # type: ignore[return-value]
+    buf = io.BytesIO()
+    torch.save(tensor, buf, _use_new_zipfile_serialization=False)
+    full = buf.getbuffer()
+    nbytes = tensor.numel() * tensor.element_size()
+    cut = len(full) - nbytes - _SIZE.size
+    ok = cut > 0 and full[cut:cut + _SIZE.size] == _SIZE.pack(tensor.numel()) and full[cut + _SIZE.size:] == _raw_bytes(tensor)
+    header = bytes(full[:cut]) if ok else None
+    del full
+    if len(_HEADERS) >= _MAX_HEADERS:
+        _HEADERS.clear()
+    _HEADERS[sig] = header
+    return header
 
 
 class _PlainWriter:
