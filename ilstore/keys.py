@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
@@ -27,6 +28,7 @@ KINDS = ("inputs", "outputs", "post_fwd_inputs")
 _EMPTY = "%"
 
 
+@functools.lru_cache(maxsize=8192)  # module names and paths repeat every step; quote() is slow
 def encode_part(text: str) -> str:
     """Percent-encode one free-text part of a key (no '/' survives)."""
     return quote(text, safe="") if text else _EMPTY
