@@ -14,7 +14,8 @@ Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
 
 Columns: forward (producer-visible) time, total time including flush/close (medians, seconds),
 each as a ratio to the baseline forward and to the raw floor's total; bytes and files written;
-peak RSS growth over the process's RSS before the row (sampled every 2 ms). Ratios are paired:
+peak RSS growth over the process's RSS before the row (the kernel's high-water mark, reset
+before the row: no sampling thread competes with the timed forward). Ratios are paired:
 the median over rounds of (this row / the reference row of the same round), so a slow drift of
 a shared machine (its disk speed varied 2x between rounds here) cancels out.
 
@@ -42,7 +43,7 @@ import ilstore
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import RssSampler, dir_size  # noqa: E402
+from _bench_common import PeakRss, dir_size  # noqa: E402
 
 
 def build_model() -> torch.nn.Module:
@@ -91,7 +92,7 @@ class Row:
         out.mkdir(parents=True)
         gc.collect()
         os.sync()  # earlier rows' dirty pages are written back now, not during this row's timing
-        with RssSampler() as sampler:
+        with PeakRss() as sampler:
             state = self.setup(out)
             t0 = time.perf_counter()
             with torch.no_grad():

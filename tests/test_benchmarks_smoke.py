@@ -47,3 +47,20 @@ def test_bench_convert_smoke(tmp_path: Path, capsys) -> None:
     assert rows["pt -> safetensors"]["out_bytes"] >= data["run_bytes"]
     assert list(work.iterdir()) == []
     assert "x copy" in capsys.readouterr().out
+
+
+def test_peak_rss_sees_a_short_peak() -> None:
+    """bench_capture's RSS column: a buffer allocated, touched and freed inside the block counts
+    (the kernel's high-water mark, or the sampler where it cannot be reset)."""
+    import numpy as np
+
+    _load("bench_compare")  # puts benchmarks/ on sys.path
+    from _bench_common import PeakRss
+
+    with PeakRss() as peak:
+        buf = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, every page touched
+        del buf
+    assert peak.growth >= 48 * 2**20
+    with PeakRss() as quiet:
+        pass
+    assert quiet.growth < 16 * 2**20
