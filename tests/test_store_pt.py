@@ -48,9 +48,10 @@ def test_tensor_files_are_legacy_torch_save(tmp_path: Path, dtype: torch.dtype) 
     from ilstore.store.pt import _save_tensor
 
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (3, 4), (), (0,), (1, 256, 40), (2, 1, 3)]
+    shapes = [(3, 4), (3, 4), (), (0,), (1, 256, 40), (2, 1, 3), (1500, 1000)]  # the last: several write chunks
     tensors = [(torch.randn(s, generator=g) * 50).to(dtype) for s in shapes]
-    tensors += [(torch.randn(7, 5, generator=g) * 50).to(dtype).t(), (torch.randn(9, generator=g) * 50).to(dtype)[2:6]]
+    tensors += [(torch.randn(7, 5, generator=g) * 50).to(dtype).t(), (torch.randn(9, generator=g) * 50).to(dtype)[2:6],
+                (torch.randn(1000, 1500, generator=g) * 50).to(dtype).t()]  # torch.save itself, in chunks
     for i, tensor in enumerate(tensors):
         path = tmp_path / f"{i}.pt"
         _save_tensor(tensor, str(path))

@@ -176,11 +176,30 @@ def _save_tensor(tensor: torch.Tensor, path: str) -> None:
             else:
                 fh.write(header)
                 fh.write(_SIZE.pack(tensor.numel()))
-                fh.write(_raw_bytes(tensor))
+                _write_chunked(fh.write, _raw_bytes(tensor))
         else:
             buf = io.BytesIO()
             torch.save(tensor, buf)
-            fh.write(buf.getbuffer())
+            _write_chunked(fh.write, buf.getbuffer())
+
+
+#: Bytes per ``write`` system call. Measured on this project's VM (ext4, 2 cores): writing a
+#: 64 MB file in one call took 0.100 s, in 1 MiB calls 0.015 s; files of 2 MiB and more written
+#: in one call were 4-7x slower than in 1 MiB calls, 512 KiB ones equally fast. (One large
+#: write makes the kernel allocate large page-cache folios, which there come from memory the
+#: guest had handed back to its host.) Elsewhere the extra calls cost microseconds.
+_CHUNK = 1 << 20
+
+
+def _write_chunked(write: Any, data: Any) -> None:
+    """``write(data)`` in pieces of at most :data:`_CHUNK` bytes, without copying."""
+    view = memoryview(data)
+    if view.nbytes <= _CHUNK:
+        write(view)
+        return
+    view = view.cast("B")
+    for start in range(0, view.nbytes, _CHUNK):
+        write(view[start:start + _CHUNK])
 
 
 _SIZE = struct.Struct("<q")  # the storage's element count, as legacy torch.save writes it here
@@ -233,12 +252,18 @@ def _legacy_header(tensor: torch.Tensor) -> bytes | None:
 
 class _PlainWriter:
     """A file seen by torch only through ``write``: no ``fileno``, so torch does not write to the
-    descriptor itself (its errors would lose the errno) but passes memoryviews to ``write``."""
+    descriptor itself (its errors would lose the errno) but passes memoryviews to ``write``,
+    which go to the file in :data:`_CHUNK` pieces."""
 
-    __slots__ = ("write",)
+    __slots__ = ("_write",)
 
     def __init__(self, fh: Any) -> None:
-        self.write = fh.write
+        self._write = fh.write
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        _write_chunked(self._write, view)
+        return view.nbytes
 
     def flush(self) -> None:
         """Nothing buffered here; the file is flushed when it is closed."""
