@@ -8,6 +8,8 @@ Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
 * ``baseline``: the forward without hooks.
 * ``clone-only``: hooks that clone every tensor, no disk.
 * ``raw floor``: hooks + clone + one ``numpy.tofile`` per tensor (the cost of writing the bytes).
+* ``raw floor, 1 MiB writes``: the same bytes written in 1 MiB ``write`` calls, as ilstore's pt
+  writer does (on this project's VMs one large write was measured several times slower).
 * ``naive torch.save``: one ``torch.save`` per tensor + a JSON per module (the earlier vLLM code).
 * ``ilstore <backend> sync|async``: ``ilstore.capture`` with every module.
 * ``ilstore pt stats``, ``match one module``, ``enabled false``.
@@ -110,6 +112,23 @@ class Row:
                 "bytes": self.bytes, "files": self.files, "rss": statistics.median(self.rss)}
 
 
+def _fs_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/mounts; "" if unknown)."""
+    best, kind, where = "", "", str(path.resolve())
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1]
+                if (where == mount or where.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
 def _paired(values: list[float], reference: list[float]) -> float:
     """Median over rounds of ``values[r] / reference[r]``."""
     return statistics.median(v / ref for v, ref in zip(values, reference))
@@ -121,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="pt,safetensors,hdf5")
     ap.add_argument("--rows", default="",
                     help="only the rows whose name contains one of these comma-separated words "
-                         "(baseline and raw floor always run)")
+                         "(baseline and the raw floors always run)")
     ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -159,6 +178,20 @@ def main(argv: list[str] | None = None) -> int:
 
     rows.append(Row("raw floor", hooks(raw), remove))
 
+    def raw_chunked(out: Path) -> Callable[..., None]:
+        counter = [0]
+
+        def write(n: str, k: str, ts: list[torch.Tensor]) -> None:
+            for t in ts:
+                counter[0] += 1
+                view = memoryview(t.detach().clone().numpy()).cast("B")
+                with open(out / f"{counter[0]}.bin", "wb") as fh:
+                    for start in range(0, view.nbytes, 1 << 20):
+                        fh.write(view[start:start + (1 << 20)])
+        return write
+
+    rows.append(Row("raw floor, 1 MiB writes", hooks(raw_chunked), remove))
+
     def naive(out: Path) -> Callable[..., None]:
         calls: dict[str, int] = {}
 
@@ -187,17 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ilstore_row("ilstore enabled false", enabled=False))
     wanted = [w for w in args.rows.split(",") if w]
     if wanted:
-        rows = [r for r in rows if r.name in ("baseline", "raw floor") or any(w in r.name for w in wanted)]
+        rows = [r for r in rows if r.name == "baseline" or r.name.startswith("raw floor") or any(w in r.name for w in wanted)]
+    # Rows are interleaved, so slow drifts of the machine hit every row alike, and the order
+    # rotates each round. Runs are kept until the end where the disk has room: on ext4 mounted
+    # with online discard (this project's VMs) creating files right after deleting many was
+    # measured 4-20x slower per file (0.03 ms -> 0.2-0.6 ms), which would penalise whichever row
+    # follows a deletion; without room, runs are deleted between rounds.
+    keep = None
     for r in range(args.rounds):
-        # Interleaved, so slow drifts of the machine hit every row alike; the order rotates each
-        # round and runs are deleted only between rounds, because on ext4 creating files right
-        # after many were deleted was measured 10x slower (~1 ms instead of ~0.08 ms per inode)
-        # and would penalise whichever row follows a big one.
         for row in rows[r % len(rows):] + rows[:r % len(rows)]:
             row.measure(r, tmp, model, ids)
-        for sub in list(tmp.iterdir()):
-            shutil.rmtree(sub)
-        os.sync()
+        if keep is None:
+            per_round = sum(dir_size(sub)[0] for sub in tmp.iterdir())
+            keep = (_fs_type(tmp) not in ("tmpfs", "ramfs")  # memory: deleting costs nothing there
+                    and shutil.disk_usage(tmp).free > 1.5 * per_round * args.rounds + 2e9)
+            if not keep and _fs_type(tmp) not in ("tmpfs", "ramfs"):
+                print("(not enough free space to keep every run: runs are deleted between rounds)")
+        if not keep:
+            for sub in list(tmp.iterdir()):
+                shutil.rmtree(sub)
+            os.sync()
     shutil.rmtree(tmp, ignore_errors=True)
     base_row, floor_row = rows[0], next(r for r in rows if r.name == "raw floor")
     results = []
