@@ -22,6 +22,7 @@ the median over rounds of (this row / the reference row of the same round), so a
 a shared machine (its disk speed varied 2x between rounds here) cancels out.
 
 Usage: python benchmarks/bench_capture.py [--rounds 7] [--backends pt,safetensors,hdf5] [--rows pt,stats] [--tmp DIR]
+       [--delete-between-rounds]
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(baseline and the raw floors always run)")
     ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--delete-between-rounds", action="store_true",
+                    help="delete the runs after each round even where the disk has room to keep them")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = build_model()
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # with online discard (this project's VMs) creating files right after deleting many was
     # measured 4-20x slower per file (0.03 ms -> 0.2-0.6 ms), which would penalise whichever row
     # follows a deletion; without room, runs are deleted between rounds.
-    keep = None
+    keep = False if args.delete_between_rounds else None
     for r in range(args.rounds):
         for row in rows[r % len(rows):] + rows[:r % len(rows)]:
             row.measure(r, tmp, model, ids)
