@@ -64,3 +64,11 @@ def test_peak_rss_sees_a_short_peak() -> None:
     with PeakRss() as quiet:
         pass
     assert quiet.growth < 16 * 2**20
+
+
+def test_bench_write_size_smoke(tmp_path: Path, capsys) -> None:
+    assert _load("bench_write_size").main(["--dir", str(tmp_path), "--size-mb", "3", "--rounds", "1",
+                                           "--pause", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "one file, one call" in out and "2048 KiB files, 1 MiB calls" in out
+    assert list(tmp_path.iterdir()) == []
