@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             row.measure(r, tmp, model, ids)
         if keep is None:
             per_round = sum(dir_size(sub)[0] for sub in tmp.iterdir())
-            keep = (_fs_type(tmp) not in ("tmpfs", "ramfs")  # memory: deleting costs nothing there
-                    and shutil.disk_usage(tmp).free > 1.5 * per_round * args.rounds + 2e9)
-            if not keep and _fs_type(tmp) not in ("tmpfs", "ramfs"):
+            in_memory = _fs_type(tmp) in ("tmpfs", "ramfs")  # deleting costs nothing there
+            keep = not in_memory and shutil.disk_usage(tmp).free > 1.5 * per_round * args.rounds + 2e9
+            if not keep and not in_memory:
                 print("(not enough free space to keep every run: runs are deleted between rounds)")
         if not keep:
             for sub in list(tmp.iterdir()):

@@ -268,14 +268,14 @@ class Hdf5Writer(StoreWriter):
 
 
 @functools.lru_cache(maxsize=None)
-def _attr_types() -> tuple[Any, Any, Any]:
-    """(variable-length UTF-8 string type, int64 type, scalar dataspace): what h5py's
-    ``attrs[name] = value`` creates for a ``str`` and an ``int``."""
+def _attr_api() -> tuple[Any, Any, Any, Any, Any]:
+    """(h5py's ``h5a`` module, variable-length UTF-8 string type, int64 type, scalar dataspace,
+    numpy dtype of h5py strings): what ``attrs[name] = value`` creates for a ``str``/``int``."""
     import h5py
-    from h5py import h5s, h5t
+    from h5py import h5a, h5s, h5t
 
-    return (h5t.py_create(h5py.string_dtype(), logical=True), h5t.py_create(np.dtype("<i8")),
-            h5s.create(h5s.SCALAR))
+    return (h5a, h5t.py_create(h5py.string_dtype(), logical=True), h5t.py_create(np.dtype("<i8")),
+            h5s.create(h5s.SCALAR), h5py.string_dtype())
 
 
 def _set_attr(obj: Any, name: str, value: str | int) -> None:
@@ -283,17 +283,14 @@ def _set_attr(obj: Any, name: str, value: str | int) -> None:
     and layout, through h5py's low-level API: the high-level one writes a temporary attribute
     and renames it (to allow overwriting), about twice the time; it took a fifth of a full
     capture's writer time. An attribute that already exists goes the high-level way."""
-    import h5py
-    from h5py import h5a
-
-    vlen_str, i64, scalar = _attr_types()
+    h5a, vlen_str, i64, scalar, str_dtype = _attr_api()
     is_str = isinstance(value, str)
     try:
         attr = h5a.create(obj.id, name.encode("utf-8"), vlen_str if is_str else i64, scalar)
     except (OSError, RuntimeError, ValueError):  # it exists (never, as the writer uses it)
         obj.attrs[name] = value
         return
-    attr.write(np.array(value, dtype=h5py.string_dtype() if is_str else "<i8"))
+    attr.write(np.array(value, dtype=str_dtype if is_str else "<i8"))
 
 
 def _json_attr(path: Path, attrs: Any, name: str) -> Any:

@@ -160,27 +160,33 @@ def _save_tensor(tensor: torch.Tensor, path: str) -> None:
 
     The legacy (non-zip) format is used where the dtype allows: ``torch.load`` reads it the
     same way, and it skips the zip container's CRC32 pass over the bytes (a third of the cost
-    of writing them). A plain contiguous tensor is written as torch.save's own header bytes for
-    its (dtype, shape, strides), produced once by ``torch.save`` and cached, then its size and
-    bytes (:func:`_legacy_header`); anything else goes through ``torch.save`` itself, via
-    :class:`_PlainWriter`, so torch hands the bytes to ``write`` without an intermediate copy.
-    Either way a full disk or a file-size limit fails with a clear ``OSError`` (ENOSPC, EFBIG)
-    rather than torch's "write(): fd 3 failed". Other dtypes (float8, uint16+) use the zip
-    format, built in memory and written once.
+    of writing them). ``torch.save`` writes through :class:`_PlainWriter`, so torch hands the
+    tensor's bytes to ``write`` without an intermediate copy. For a plain contiguous tensor the
+    bytes before its data depend only on (dtype, shape, strides): the writer records them while
+    ``torch.save`` writes the first such tensor and writes later ones itself as those bytes +
+    the element count + the data (:data:`_HEADERS`). Either way a full disk or a file-size
+    limit fails with a clear ``OSError`` (ENOSPC, EFBIG) rather than torch's "write(): fd 3
+    failed". Other dtypes (float8, uint16+) use the zip format, built in memory and written once.
     """
     with open(path, "wb") as fh:
-        if tensor.dtype in _LEGACY_DTYPES:
-            header = _legacy_header(tensor) if _plain_contiguous(tensor) else None
-            if header is None:
-                torch.save(tensor, _PlainWriter(fh), _use_new_zipfile_serialization=False)
-            else:
-                fh.write(header)
-                fh.write(_SIZE.pack(tensor.numel()))
-                _write_chunked(fh.write, _raw_bytes(tensor))
-        else:
+        if tensor.dtype not in _LEGACY_DTYPES:
             buf = io.BytesIO()
             torch.save(tensor, buf)
             _write_chunked(fh.write, buf.getbuffer())
+            return
+        sig = (tensor.dtype, tuple(tensor.shape), tensor.stride()) if _plain_contiguous(tensor) else None
+        header = _HEADERS.get(sig, False) if sig is not None else None
+        if header:
+            fh.write(header)
+            fh.write(_SIZE.pack(tensor.numel()))
+            _write_chunked(fh.write, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            return
+        writer = _PlainWriter(fh, record_head=header is False)
+        torch.save(tensor, writer, _use_new_zipfile_serialization=False)
+        if header is False:
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.clear()
+            _HEADERS[sig] = writer.header(tensor)
 
 
 #: Bytes per ``write`` system call. Measured on this project's VM (ext4, 2 cores): writing a
@@ -203,8 +209,13 @@ def _write_chunked(write: Any, data: Any) -> None:
 
 
 _SIZE = struct.Struct("<q")  # the storage's element count, as legacy torch.save writes it here
-#: (dtype, shape, strides) → torch.save's legacy bytes before the storage's size and data, or
-#: None when they could not be confirmed (then torch.save writes every such tensor).
+#: (dtype, shape, strides) → legacy torch.save's bytes before a plain contiguous tensor's
+#: element count and data: the magic number, protocol and system-info pickles, the tensor's
+#: pickle and the storage-key list. Pickling them took a third of the pt writer's time; they
+#: are recorded from the first ``torch.save`` of each signature. The storage key inside is that
+#: first tensor's (torch uses the storage's address, an arbitrary name). None: the recorded
+#: output did not have the expected layout (another torch version or byte order), so
+#: ``torch.save`` writes every tensor of that signature.
 _HEADERS: dict[tuple[Any, ...], bytes | None] = {}
 _MAX_HEADERS = 4096
 
@@ -217,53 +228,38 @@ def _plain_contiguous(tensor: torch.Tensor) -> bool:
             and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() and not tensor.__dict__)
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-def _legacy_header(tensor: torch.Tensor) -> bytes | None:
-    """The bytes legacy ``torch.save`` writes before a plain contiguous tensor's storage.
-
-    They depend only on (dtype, shape, strides): the magic number, protocol and system-info
-    pickles, the tensor's pickle (its storage is the first, key "0", on "cpu", of this size)
-    and the list of storage keys. Pickling them took ~40 % of the CPU time of writing a
-    capture's tensors; here it happens once per distinct signature. The cached bytes are
-    taken from a real ``torch.save`` of the first tensor of each signature and used only if
-    that output is exactly these bytes + the element count + the tensor's bytes, so another
-    torch version (or byte order) with a different layout falls back to ``torch.save``.
-    """
-    sig = (tensor.dtype, tuple(tensor.shape), tensor.stride())
-    header = _HEADERS.get(sig, False)
-    if header is not False:
-        return header  # type: ignore[return-value]
-    buf = io.BytesIO()
-    torch.save(tensor, buf, _use_new_zipfile_serialization=False)
-    full = buf.getbuffer()
-    nbytes = tensor.numel() * tensor.element_size()
-    cut = len(full) - nbytes - _SIZE.size
-    ok = cut > 0 and full[cut:cut + _SIZE.size] == _SIZE.pack(tensor.numel()) and full[cut + _SIZE.size:] == _raw_bytes(tensor)
-    header = bytes(full[:cut]) if ok else None
-    del full
-    if len(_HEADERS) >= _MAX_HEADERS:
-        _HEADERS.clear()
-    _HEADERS[sig] = header
-    return header
-
-
 class _PlainWriter:
     """A file seen by torch only through ``write``: no ``fileno``, so torch does not write to the
     descriptor itself (its errors would lose the errno) but passes memoryviews to ``write``,
-    which go to the file in :data:`_CHUNK` pieces."""
+    which go to the file in :data:`_CHUNK` pieces. With ``record_head`` it also keeps copies of
+    the small writes (the pickles), from which :meth:`header` takes the cacheable prefix."""
 
-    __slots__ = ("_write",)
+    __slots__ = ("_write", "_head", "_recording", "_written")
+    _SMALL = 1 << 16
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, record_head: bool = False) -> None:
         self._write = fh.write
+        self._head: list[bytes] = []
+        self._recording = record_head  # until the first large write (the data)
+        self._written = 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
+        self._recording = self._recording and view.nbytes <= self._SMALL
+        if self._recording:
+            self._head.append(bytes(view))
         _write_chunked(self._write, view)
+        self._written += view.nbytes
         return view.nbytes
+
+    def header(self, tensor: torch.Tensor) -> bytes | None:
+        """The bytes before ``tensor``'s element count, if what was written is exactly those
+        bytes + the count + the tensor's data; otherwise None."""
+        head = b"".join(self._head)
+        cut = self._written - tensor.numel() * tensor.element_size() - _SIZE.size
+        if cut <= 0 or len(head) < cut + _SIZE.size or head[cut:cut + _SIZE.size] != _SIZE.pack(tensor.numel()):
+            return None
+        return head[:cut]
 
     def flush(self) -> None:
         """Nothing buffered here; the file is flushed when it is closed."""
