@@ -72,3 +72,14 @@ def test_bench_write_size_smoke(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "one file, one call" in out and "2048 KiB files, 1 MiB calls" in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_capture_smoke(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "capture.json"
+    assert _load("bench_capture").main(["--rounds", "1", "--backends", "pt", "--rows", "pt sync",
+                                        "--tmp", str(tmp_path), "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"baseline", "raw floor", "raw floor, 1 MiB writes", "ilstore pt sync"}
+    assert rows["raw floor"]["bytes"] > rows["ilstore pt sync"]["bytes"] > 0  # de-duplication
+    assert [p for p in tmp_path.iterdir() if p != out] == []  # every run deleted at the end
+    assert "tot/floor" in capsys.readouterr().out
