@@ -19,8 +19,7 @@ from typing import Any, Mapping
 
 import jsonschema
 
-import schemas
-
+from . import schemas
 from .errors import ConfigError
 
 __all__ = ["Config", "ModuleSelector", "load_config", "ENV_VAR", "DEFAULTS"]

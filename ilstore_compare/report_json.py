@@ -114,7 +114,7 @@ def validate_report(data: Any) -> list[str]:
     """Check report data against ``schemas/report.schema.json``; one message per problem."""
     import jsonschema
 
-    import schemas
+    from ilstore import schemas
 
     validator = jsonschema.Draft202012Validator(schemas.load("report"))
     return [f"{'/'.join(str(p) for p in err.absolute_path) or '(root)'}: {err.message}"

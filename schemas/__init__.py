@@ -1,4 +1,7 @@
-"""JSON Schemas shipped with ilstore (config and compare report).
+"""JSON Schemas shipped with ilstore (config and compare report), installed as ``ilstore.schemas``.
+
+The files live in the repository's top-level ``schemas/`` folder; ``pyproject.toml`` maps that
+folder to the package ``ilstore.schemas``, so nothing named ``schemas`` is installed at the top level.
 
 Load them with :func:`load`, which reads the packaged files through
 ``importlib.resources`` so it works from a wheel, an sdist or an editable install.
