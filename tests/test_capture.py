@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import ilstore
-from conftest import Thrice
+from support import Thrice
 from ilstore.demo import DEMO_PROMPT, tiny_llama
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import ilstore
 from compare_helpers import PERTURBED, Named, llama_run, module_run, need_backend
-from conftest import VLLM_DUMP, VLLM_RUN, fixture_inputs, fixture_model
+from support import VLLM_DUMP, VLLM_RUN, fixture_inputs, fixture_model
 from ilstore_compare.cli import compare_cmd
 from ilstore_compare.report_json import validate_report
 

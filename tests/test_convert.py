@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import ilstore
-from conftest import VLLM_RUN, native_hdf5, native_safetensors
+from support import VLLM_RUN, native_hdf5, native_safetensors
 from ilstore.cli import cli
 from ilstore.convert import convert, replay_order
 from ilstore.demo import DEMO_PROMPT, tiny_llama

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import ilstore
-from conftest import VLLM_RUN, fixture_inputs, fixture_model
+from support import VLLM_RUN, fixture_inputs, fixture_model
 
 
 def _tree(run_dir: Path) -> dict[str, set[str]]:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ilstore
-from conftest import Thrice
+from support import Thrice
 from ilstore.cli import cli
 
 MARKER = Path("/tmp/ilstore-pwned-marker")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ilstore
-from conftest import VLLM_RUN, Thrice
+from support import VLLM_RUN, Thrice
 from ilstore.cli import cli
 from ilstore.demo import DEMO_PROMPT, tiny_llama
 from ilstore.keys import TensorKey

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import native_pt
+from support import native_pt
 from ilstore.keys import TensorKey
 from ilstore.testing import StoreConformance
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import ilstore
-from conftest import native_safetensors
+from support import native_safetensors
 from ilstore.keys import CallKey, TensorKey
 from ilstore.manifest import new_manifest
 from ilstore.records import TensorPolicy, build_record, finalize_stats

@@ -1,0 +1,98 @@
+"""Helpers shared by the tests: the vLLM dump fixture's model and inputs, a root that calls one
+module three times, and "bypass" readers that read each format with its own library only.
+
+Tests import this module by name (pytest puts tests/ on sys.path); conftest.py keeps only fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VLLM_DUMP = FIXTURES / "vllm_pr_dump"
+VLLM_RUN = VLLM_DUMP / "e9d340f1-195b-4b59-b707-d34544334ca1"
+
+
+def fixture_model() -> torch.nn.Module:
+    """The model that wrote tests/fixtures/vllm_pr_dump, with its shipped weights."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    record = json.loads((VLLM_DUMP / "run_record.json").read_text())
+    cfg = {k: v for k, v in record["llama_config"].items() if k not in ("attn_implementation", "dtype", "device", "init")}
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(load_file(str(VLLM_DUMP / "tiny_llama_weights.safetensors")))
+    return model.eval()
+
+
+def fixture_inputs() -> list[torch.Tensor]:
+    record = json.loads((VLLM_DUMP / "run_record.json").read_text())
+    return [torch.tensor(s["input_ids"]) for s in record["steps"]]
+
+
+class Thrice(torch.nn.Module):
+    """A root that calls the same Linear three times per forward (for call selectors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4)
+        self.other = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.lin(self.lin(self.lin(x))))
+
+
+# -- bypass readers: each format read with its own library only, following docs/format-*.md --------
+def native_pt(run_dir: Path, key, meta: dict) -> torch.Tensor:
+    for call_dir in (run_dir / f"step_{key.step}").iterdir():
+        doc_path = call_dir / f"{key.kind}.json"
+        if doc_path.is_file():
+            info = json.loads(doc_path.read_text())["ilstore"]
+            if (info["module"], info["call"]) == (key.module, key.call):
+                return torch.load(call_dir / meta["file"], weights_only=True)
+    raise AssertionError(f"no directory holds {key}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def native_safetensors(run_dir: Path, key) -> torch.Tensor:
+    from safetensors import safe_open
+
+    index = json.loads((run_dir / f"step_{key.step}" / "index.json").read_text())
+    entry = index["tensors"][str(key)]
+    with safe_open(str(run_dir / f"step_{key.step}" / entry["shard"]), framework="pt") as f:
+        t = f.get_tensor(entry["name"])
+    if entry.get("encoding") == "real":
+        t = torch.view_as_complex(t)
+    elif entry.get("encoding") == "bits":
+        t = t.view(_dtype(entry["dtype"]))
+    assert t.dtype == _dtype(entry["dtype"]) and list(t.shape) == entry["shape"]
+    return t
+
+
+def native_hdf5(run_dir: Path, key) -> torch.Tensor:
+    from urllib.parse import quote
+
+    import h5py
+    import numpy as np
+
+    group = (quote(key.module, safe="") or "%") + f"#{key.call}"
+    name = ":".join([key.kind, *((quote(p, safe="") or "%") for p in key.path)])
+    with h5py.File(run_dir / f"step_{key.step}.h5", "r") as f:
+        ds = f[group][name]
+        t = torch.from_numpy(np.array(ds[()]))
+        dtype, encoding = _dtype(ds.attrs["dtype"]), ds.attrs.get("encoding", "")
+    if encoding == "bits":
+        t = t.view(dtype)
+    elif encoding == "real":
+        t = torch.view_as_complex(t)
+    assert t.dtype == dtype
+    return t
