@@ -20,8 +20,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -168,7 +169,7 @@ class RssSampler:
         self.base = self.peak = self.base_anon = self.peak_anon = 0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self.base, self.base_anon = rss()
         self.peak, self.peak_anon = self.base, self.base_anon
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -204,7 +205,7 @@ class PeakRss:
     up to 10 % (measured on 2 cores); the kernel's mark also misses no short peak. Falls back
     to :class:`RssSampler` where the mark cannot be reset."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._sampler: RssSampler | None = None
         try:
             with open("/proc/self/clear_refs", "w") as fh:

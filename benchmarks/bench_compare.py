@@ -47,9 +47,10 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,8 +58,19 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import (MiB, RssSampler, drop_page_cache, files_under, loadavg, nbytes_of, read_all,  # noqa: E402
-                           release_memory, timed, workload, write_raw, write_run)
+from _bench_common import (  # noqa: E402
+    MiB,
+    drop_page_cache,
+    files_under,
+    loadavg,
+    nbytes_of,
+    read_all,
+    release_memory,
+    timed,
+    workload,
+    write_raw,
+    write_run,
+)
 
 RTOL, ATOL = 1e-5, 1e-8
 CHUNK = 1 << 20

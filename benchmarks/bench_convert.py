@@ -41,17 +41,29 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import (MiB, dir_size, drop_page_cache, files_under, loadavg, nbytes_of,  # noqa: E402
-                           read_all, release_memory, timed, workload, write_run)
+from _bench_common import (  # noqa: E402
+    MiB,
+    dir_size,
+    drop_page_cache,
+    files_under,
+    loadavg,
+    nbytes_of,
+    read_all,
+    release_memory,
+    timed,
+    workload,
+    write_run,
+)
 
 BACKENDS = ("pt", "safetensors", "hdf5")
 

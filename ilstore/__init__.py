@@ -19,8 +19,15 @@ __version__ = "0.1.0"
 
 from .capture import Capture, IlstoreWarning, capture
 from .config import Config, load_config
-from .errors import (BackendError, ConfigError, CorruptFileError, IlstoreError, RunNotFoundError, StoreError,
-                     UnsafePathError)
+from .errors import (
+                     BackendError,
+                     ConfigError,
+                     CorruptFileError,
+                     IlstoreError,
+                     RunNotFoundError,
+                     StoreError,
+                     UnsafePathError,
+)
 from .keys import CallKey, TensorKey
 from .store import StoreReader, StoreWriter, get_backend, open_run, register_backend
 

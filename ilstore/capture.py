@@ -341,7 +341,7 @@ class Capture:
         if isinstance(self._sink, ThreadedSink):
             self._sink.flush()
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -10,8 +10,9 @@ import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from tabulate import tabulate

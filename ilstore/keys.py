@@ -47,7 +47,7 @@ class CallKey:
     module: str
     call: int
 
-    def tensor(self, kind: str, path: tuple[str, ...] = ()) -> "TensorKey":
+    def tensor(self, kind: str, path: tuple[str, ...] = ()) -> TensorKey:
         return TensorKey(step=self.step, module=self.module, call=self.call, kind=kind, path=path, rank=self.rank)
 
 
@@ -88,7 +88,7 @@ class TensorKey:
         return "/".join(parts)
 
     @classmethod
-    def parse(cls, text: str) -> "TensorKey":
+    def parse(cls, text: str) -> TensorKey:
         """Inverse of ``str(key)``; raises ValueError on a malformed key."""
         parts = text.split("/")
         if len(parts) < 5 or not parts[0].startswith("r") or not parts[1].startswith("s"):

@@ -13,8 +13,9 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import ilstore
+
 from .errors import CorruptFileError
 from .keys import CallKey, TensorKey
 from .manifest import MANIFEST_NAME, new_manifest

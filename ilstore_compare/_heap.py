@@ -13,7 +13,8 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["HeapGuard"]
 

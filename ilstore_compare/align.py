@@ -9,8 +9,9 @@ only; :func:`materialize` applies the same transform to the loaded tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 

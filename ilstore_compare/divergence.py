@@ -19,13 +19,23 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ilstore.keys import CallKey
 
 from .pairing import PlannedCall
-from .result import (BAD_VALUE_STATUSES, MATCH, NOT_COMPARED, ONLY_IN_DIR1, ONLY_IN_DIR2, STATS_ONLY_MATCH,
-                     UNALIGNED, CallResult, Divergence, TensorResult)
+from .result import (
+    BAD_VALUE_STATUSES,
+    MATCH,
+    NOT_COMPARED,
+    ONLY_IN_DIR1,
+    ONLY_IN_DIR2,
+    STATS_ONLY_MATCH,
+    UNALIGNED,
+    CallResult,
+    Divergence,
+    TensorResult,
+)
 
 __all__ = ["INTRODUCED", "INHERITED", "TOP_INTRODUCED", "analyse_calls"]
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -22,16 +23,30 @@ from ilstore.records import tensor_stats
 from ilstore.store.base import StoreReader
 from ilstore.store.registry import open_run
 
+from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
-from ._heap import HeapGuard
 from .errors import CompareError
 from .mapping import NameMap
 from .metrics import compare_stats, compare_tensors, is_float_dtype
 from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir, split_patterns
-from .result import (BAD_VALUE_STATUSES, MATCH, MISMATCH, NOT_COMPARED, ONLY_IN_DIR1, ONLY_IN_DIR2,
-                     SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, UNALIGNED, CallResult, CompareOptions,
-                     CompareResult, Summary, TensorResult)
+from .result import (
+    BAD_VALUE_STATUSES,
+    MATCH,
+    MISMATCH,
+    NOT_COMPARED,
+    ONLY_IN_DIR1,
+    ONLY_IN_DIR2,
+    SHAPE_MISMATCH,
+    STATS_ONLY_MATCH,
+    STATS_ONLY_MISMATCH,
+    UNALIGNED,
+    CallResult,
+    CompareOptions,
+    CompareResult,
+    Summary,
+    TensorResult,
+)
 
 __all__ = ["compare", "Progress"]
 

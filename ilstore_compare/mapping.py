@@ -42,9 +42,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ilstore.keys import KINDS, decode_part, encode_part
 
@@ -268,7 +269,7 @@ class NameMap:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | None = None) -> "NameMap":
+    def from_dict(cls, data: Any, source: str | None = None) -> NameMap:
         """Validate and build a map from its parsed JSON form.
 
         Raises:
@@ -298,7 +299,7 @@ class NameMap:
         return cls(rules, apply_to, source, path_rules, squeeze, unaligned)
 
     @classmethod
-    def load(cls, path: str | Path) -> "NameMap":
+    def load(cls, path: str | Path) -> NameMap:
         """Read and validate a map file.
 
         Raises:
@@ -316,7 +317,7 @@ class NameMap:
         return cls.from_dict(data, str(p))
 
     @classmethod
-    def coerce(cls, value: "NameMap | Mapping[str, Any] | str | Path | None") -> "NameMap | None":
+    def coerce(cls, value: NameMap | Mapping[str, Any] | str | Path | None) -> NameMap | None:
         """Accept a map, its dict form, or a file path (None stays None)."""
         if value is None or isinstance(value, NameMap):
             return value

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ilstore.errors import RunNotFoundError
 from ilstore.keys import KINDS, CallKey, TensorKey

@@ -3,14 +3,30 @@ in one self-contained file (inline CSS and SVG; no script, no network)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
-from typing import Any, Sequence
+from typing import Any
 
 from tabulate import tabulate
 
-from .report_common import (CALL_HEADERS, INTRODUCED_HEADERS, SEVERE, TENSOR_HEADERS, UNALIGNED_HEADERS, call_rows,
-                            calls_by_step, divergence_text, first_divergence_tensors, introduced_rows, options_line,
-                            summary_rows, tensor_rows, tensors_by_step, unaligned_rows, verdict_line)
+from .report_common import (
+    CALL_HEADERS,
+    INTRODUCED_HEADERS,
+    SEVERE,
+    TENSOR_HEADERS,
+    UNALIGNED_HEADERS,
+    call_rows,
+    calls_by_step,
+    divergence_text,
+    first_divergence_tensors,
+    introduced_rows,
+    options_line,
+    summary_rows,
+    tensor_rows,
+    tensors_by_step,
+    unaligned_rows,
+    verdict_line,
+)
 from .result import CompareResult
 from .svgplot import error_plot_svg
 

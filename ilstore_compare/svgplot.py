@@ -9,8 +9,8 @@ introduced; a vertical line marks the first divergence and dashed lines separate
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 from .report_common import call_label
 from .result import CallResult, Divergence

@@ -10,14 +10,14 @@ Load them with :func:`load`, which reads the packaged files through
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
 __all__ = ["load"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str) -> dict[str, Any]:
     """Return the parsed schema ``<name>.schema.json``.
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import ilstore
-from support import Thrice
 from ilstore.demo import DEMO_PROMPT, tiny_llama
+from support import Thrice
 
 
 def _cfg(out_dir: Path, **kw: Any) -> dict[str, Any]:

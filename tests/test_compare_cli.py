@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 import ilstore
 from compare_helpers import PERTURBED, Named, llama_run, module_run, need_backend
-from support import VLLM_DUMP, VLLM_RUN, fixture_inputs, fixture_model
 from ilstore_compare.cli import compare_cmd
 from ilstore_compare.report_json import validate_report
+from support import VLLM_DUMP, VLLM_RUN, fixture_inputs, fixture_model
 
 
 def invoke(*args: str | Path) -> object:

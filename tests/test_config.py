@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from click.testing import CliRunner
 
 from ilstore.cli import cli
 from ilstore.cli_args import add_intermediate_log_args, config_from_args

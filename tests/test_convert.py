@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 
 import ilstore
-from support import VLLM_RUN, native_hdf5, native_safetensors
 from ilstore.cli import cli
 from ilstore.convert import convert, replay_order
 from ilstore.demo import DEMO_PROMPT, tiny_llama
@@ -22,6 +21,7 @@ from ilstore.records import TensorPolicy, build_record, finalize_stats
 from ilstore.store.base import StepInfo
 from ilstore.store.registry import get_backend
 from ilstore.testing import ConformanceModel, assert_bits_equal, neutral_meta
+from support import VLLM_RUN, native_hdf5, native_safetensors
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
 _MANIFEST_KEYS = ("config", "steps", "calls", "call_ends", "status", "rank", "world_size", "torch_version")

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ilstore
-from support import Thrice
 from ilstore.cli import cli
+from support import Thrice
 
 MARKER = Path("/tmp/ilstore-pwned-marker")
 

@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ilstore
-from support import VLLM_RUN, Thrice
 from ilstore.cli import cli
 from ilstore.demo import DEMO_PROMPT, tiny_llama
 from ilstore.keys import TensorKey
 from ilstore.store.pt import module_dir_name, tensor_file_name
+from support import VLLM_RUN, Thrice
 
 
 def _capture_llama(out_dir: Path, run_id: str = "llama") -> Path:

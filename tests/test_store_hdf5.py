@@ -17,10 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ilstore
-from support import native_hdf5
 from ilstore.keys import KINDS, TensorKey
 from ilstore.store.hdf5 import Hdf5Writer, dataset_name, group_name, parse_dataset_name, parse_group_name
 from ilstore.testing import StoreConformance, assert_bits_equal, conformance_tensors
+from support import native_hdf5
 
 
 class TestHdf5Store(StoreConformance):

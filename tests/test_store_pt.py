@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from support import native_pt
 from ilstore.keys import TensorKey
 from ilstore.testing import StoreConformance
+from support import native_pt
 
 
 class TestPtStore(StoreConformance):

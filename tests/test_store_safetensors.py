@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 
 import ilstore
-from support import native_safetensors
 from ilstore.keys import CallKey, TensorKey
 from ilstore.manifest import new_manifest
 from ilstore.records import TensorPolicy, build_record, finalize_stats
 from ilstore.store.base import StepInfo
 from ilstore.store.safetensors import SafetensorsReader, SafetensorsWriter
 from ilstore.testing import StoreConformance, assert_bits_equal
+from support import native_safetensors
 
 
 class TestSafetensorsStore(StoreConformance):

@@ -112,7 +112,7 @@ def _register(monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]) -> None:
 def _loaded(cls: type[FakeRunner], **kwargs: Any) -> tuple[FakeRunner, plugin.EngineCapture]:
     runner = cls(**kwargs)
     runner.load_model()
-    cap = getattr(runner, "_ilstore_capture")
+    cap = runner._ilstore_capture
     assert isinstance(cap, plugin.EngineCapture)
     return runner, cap
 
@@ -209,7 +209,7 @@ def test_capture_that_cannot_start_leaves_the_engine_running(fake_vllm: type[Fak
     runner = fake_vllm()
     with pytest.warns(ilstore.IlstoreWarning, match="capture not attached.*already exists"):
         runner.load_model()
-    assert getattr(runner, "_ilstore_capture") is None
+    assert runner._ilstore_capture is None
     _engine_step(runner, 2)  # the wrappers pass straight through
     _register(monkeypatch, {**config, "on_error": "raise"})
     with pytest.raises(ilstore.StoreError, match="already exists"):

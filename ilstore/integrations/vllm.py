@@ -37,7 +37,8 @@ import logging
 import multiprocessing.util
 import os
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -14,7 +14,7 @@ Both are views, so encoding copies nothing and decoding gives back the exact bit
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -270,7 +271,7 @@ class StoreReader(ABC):
     def close(self) -> None:
         self._structures.clear()
 
-    def __enter__(self) -> "StoreReader":
+    def __enter__(self) -> StoreReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,8 +33,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,7 +268,7 @@ class Hdf5Writer(StoreWriter):
             _log.warning("ilstore: %s", exc)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _attr_api() -> tuple[Any, Any, Any, Any, Any]:
     """(h5py's ``h5a`` module, variable-length UTF-8 string type, int64 type, scalar dataspace,
     numpy dtype of h5py strings): what ``attrs[name] = value`` creates for a ``str``/``int``."""
@@ -317,7 +318,7 @@ def _guarded(method: Any) -> Any:
     RuntimeError...) into a CorruptFileError naming the step file; our own KeyErrors pass."""
 
     @functools.wraps(method)
-    def wrapper(self: "Hdf5Reader", first: Any, *args: Any) -> Any:
+    def wrapper(self: Hdf5Reader, first: Any, *args: Any) -> Any:
         try:
             return method(self, first, *args)
         except CorruptFileError:

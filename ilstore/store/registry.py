@@ -12,11 +12,12 @@ import difflib
 import importlib
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import BackendError, RunNotFoundError, StoreError
 from .base import StoreReader, StoreWriter, read_manifest
