@@ -16,9 +16,10 @@ from ilstore.cli import cli
 from ilstore.convert import convert, replay_order
 from ilstore.demo import DEMO_PROMPT, tiny_llama
 from ilstore.keys import CallKey, TensorKey
-from ilstore.manifest import new_manifest, write_json_atomic
+from ilstore.manifest import new_manifest
 from ilstore.records import TensorPolicy, build_record, finalize_stats
 from ilstore.store.base import StepInfo
+from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
 from ilstore.store.registry import get_backend
 from ilstore.testing import ConformanceModel, assert_bits_equal, neutral_meta
 from support import VLLM_RUN, native_hdf5, native_safetensors
@@ -174,10 +175,19 @@ def test_failed_conversion_leaves_nothing_and_keeps_old_destination(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
 
 
+def test_ranks_manifest_and_rank_dirs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "new" / "ranked"
+    write_ranks_manifest(run_dir, backend="pt", world_size=2, config={"run_id": "ranked"})
+    assert json.loads((run_dir / "ilstore.json").read_text()) == {
+        "format": "ilstore", "format_version": 1, "layout": "ranks", "world_size": 2, "ranks": [0, 1],
+        "backend": "pt", "config": {"run_id": "ranked"}}
+    assert rank_run_dir(run_dir, 0, 1) == run_dir and rank_run_dir(run_dir, 1, 2) == run_dir / "rank_1"
+
+
 def test_multi_rank_run_converts_rank_by_rank(tmp_path: Path) -> None:
     run_dir = tmp_path / "ranked"
     for rank in (0, 1):
-        writer = get_backend("pt").writer(run_dir / f"rank_{rank}")
+        writer = get_backend("pt").writer(rank_run_dir(run_dir, rank, 2))
         writer.open(new_manifest("pt", {}, rank=rank, world_size=2))
         call = CallKey(rank, 0, "mlp", 0)
         rec = build_record(call, "outputs", torch.full((2,), float(rank)), TensorPolicy(pin_memory=False))
@@ -185,8 +195,7 @@ def test_multi_rank_run_converts_rank_by_rank(tmp_path: Path) -> None:
         writer.write(rec)
         writer.end_step(StepInfo(0, [call], [call]))
         writer.close()
-    write_json_atomic(run_dir / "ilstore.json", {"format": "ilstore", "format_version": 1, "layout": "ranks",
-                                                 "world_size": 2, "ranks": [0, 1], "backend": "pt", "config": {}})
+    write_ranks_manifest(run_dir, backend="pt", world_size=2, config={})
     dst = convert(run_dir, tmp_path / "h5", to="hdf5")
     assert sorted(os.listdir(dst)) == ["ilstore.json", "rank_0", "rank_1"]
     assert json.loads((dst / "ilstore.json").read_text())["backend"] == "hdf5"

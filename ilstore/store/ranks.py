@@ -16,14 +16,50 @@ import torch
 
 from ..errors import CorruptFileError, RunNotFoundError
 from ..keys import CallKey, TensorKey
-from ..manifest import MANIFEST_NAME
+from ..manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
 from .base import StoreReader
 
-__all__ = ["RankedReader", "rank_dir_name", "is_ranked"]
+__all__ = ["RankedReader", "rank_dir_name", "rank_run_dir", "write_ranks_manifest", "is_ranked"]
 
 
 def rank_dir_name(rank: int) -> str:
+    """The sub-directory of rank ``rank`` in a multi-rank run.
+
+    Example:
+        >>> rank_dir_name(3)
+        'rank_3'
+    """
     return f"rank_{rank}"
+
+
+def rank_run_dir(run_dir: Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` writes its own run: ``run_dir`` itself when ``world_size == 1``, else
+    ``run_dir / rank_dir_name(rank)``.
+
+    Example:
+        >>> rank_run_dir(Path("runs/a"), 0, 1).as_posix(), rank_run_dir(Path("runs/a"), 1, 2).as_posix()
+        ('runs/a', 'runs/a/rank_1')
+    """
+    return run_dir if world_size == 1 else run_dir / rank_dir_name(rank)
+
+
+def write_ranks_manifest(run_dir: Path, *, backend: str, world_size: int, config: dict[str, Any]) -> None:
+    """Rank 0 of a multi-rank run: create ``run_dir`` and write its top-level ``ilstore.json``
+    with ``"layout": "ranks"``, listing ranks ``0 .. world_size - 1``.
+
+    Args:
+        run_dir: the run directory shared by every rank.
+        backend: the registered name of the backend every rank writes with.
+        world_size: the number of ranks.
+        config: the resolved capture config.
+
+    Raises:
+        OSError: the directory or the manifest cannot be written.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / MANIFEST_NAME, {
+        "format": "ilstore", "format_version": FORMAT_VERSION, "layout": "ranks",
+        "world_size": world_size, "ranks": list(range(world_size)), "backend": backend, "config": config})
 
 
 def is_ranked(manifest: dict[str, Any] | None) -> bool:
