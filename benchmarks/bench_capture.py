@@ -133,7 +133,7 @@ def _fs_type(path: Path) -> str:
 
 def _paired(values: list[float], reference: list[float]) -> float:
     """Median over rounds of ``values[r] / reference[r]``."""
-    return statistics.median(v / ref for v, ref in zip(values, reference))
+    return statistics.median(v / ref for v, ref in zip(values, reference, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(Row("raw floor, 1 MiB writes", hooks(raw_chunked), remove))
 
     def naive(out: Path) -> Callable[..., None]:
-        calls: dict[str, int] = {}
-
         def write(n: str, k: str, ts: list[torch.Tensor]) -> None:
             d = out / n
             d.mkdir(exist_ok=True)
@@ -224,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ilstore_row("ilstore enabled false", enabled=False))
     wanted = [w for w in args.rows.split(",") if w]
     if wanted:
-        rows = [r for r in rows if r.name == "baseline" or r.name.startswith("raw floor") or any(w in r.name for w in wanted)]
+        rows = [r for r in rows
+                if r.name == "baseline" or r.name.startswith("raw floor") or any(w in r.name for w in wanted)]
     # Rows are interleaved, so slow drifts of the machine hit every row alike, and the order
     # rotates each round. Runs are kept until the end where the disk has room: on ext4 mounted
     # with online discard (this project's VMs) creating files right after deleting many was
@@ -255,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians; "
           "ratios are medians of same-round ratios)")
-    header = f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} {'MB':>7} {'files':>6} {'RSS+MB':>7}"
+    header = (f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} "
+              f"{'MB':>7} {'files':>6} {'RSS+MB':>7}")
     print(header)
     print("-" * len(header))
     for r in results:

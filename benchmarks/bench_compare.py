@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building: {len(shapes)} float32 tensors, {run_bytes / 1e6:.1f} MB per run, largest "
               f"{largest / MiB:.0f} MiB; backends {', '.join(backends)} ...", flush=True)
         raw_a, raw_b = write_raw(tmp / "raw_a", shapes, "a"), write_raw(tmp / "raw_b", shapes, "b")
-        pairs = list(zip(raw_a, raw_b, shapes))
+        pairs = list(zip(raw_a, raw_b, shapes, strict=True))
         runs: dict[str, tuple[Path, Path]] = {}
         for backend in backends:
             runs[backend] = (write_run(tmp / backend, "a", backend, shapes, "a"),

@@ -22,7 +22,8 @@ def fixture_model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     record = json.loads((VLLM_DUMP / "run_record.json").read_text())
-    cfg = {k: v for k, v in record["llama_config"].items() if k not in ("attn_implementation", "dtype", "device", "init")}
+    skip = ("attn_implementation", "dtype", "device", "init")
+    cfg = {k: v for k, v in record["llama_config"].items() if k not in skip}
     config = LlamaConfig(**cfg)
     config._attn_implementation = "eager"
     model = LlamaForCausalLM(config)

@@ -38,7 +38,8 @@ def main() -> int:
         cap.close()
     except ilstore.IlstoreError as exc:
         raised = str(exc)
-    print(json.dumps({"same": len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected)),
+    same = len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    print(json.dumps({"same": same,
                       "n_outputs": len(got), "error": None if cap.error is None else str(cap.error),
                       "raised": raised, "hooks_left": bool(model[0]._forward_hooks)}))
     return 0
