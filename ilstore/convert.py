@@ -2,11 +2,13 @@
 
 Built only on the reader/writer interfaces: the source is opened with
 :func:`~ilstore.store.registry.open_run` (any backend, with or without a manifest, single- or
-multi-rank) and every step is replayed into the target backend's writer record by record, in
-the order capture wrote them (a call's inputs when it starts, its outputs when it ends), so
-de-duplicated tensors (``same_as``) always follow the tensor they point to. Structures,
-statistics, call order, call-end order and the config are kept; only the keys the source
-reader uses to locate bodies (:attr:`StoreReader.locator_keys`) are dropped.
+multi-rank); each run it is made of (:meth:`StoreReader.parts`: the run itself, or one per
+rank, kept in the same layout) is converted on its own, and every step is replayed into the
+target backend's writer record by record, in the order capture wrote them (a call's inputs
+when it starts, its outputs when it ends), so de-duplicated tensors (``same_as``) always
+follow the tensor they point to. Structures, statistics, call order, call-end order and the
+config are kept; only the keys the source reader uses to locate bodies
+(:attr:`StoreReader.locator_keys`) are dropped.
 
 The target is built in a temporary directory beside ``dst`` and renamed into place at the
 end, so a failed conversion leaves no half-written run and an existing ``dst`` (replaced only
@@ -30,7 +32,6 @@ from .keys import CallKey
 from .manifest import MANIFEST_NAME, new_manifest, write_json_atomic
 from .records import Record, iter_tensor_nodes
 from .store.base import StepInfo, StoreReader, read_manifest
-from .store.ranks import RankedReader, rank_dir_name
 from .store.registry import Backend, detect_backend, get_backend, open_run
 
 __all__ = ["convert", "replay_order"]
@@ -182,21 +183,22 @@ def _structure_or_none(reader: StoreReader, call: CallKey, kind: str) -> Any:
 
 def _convert_reader(reader: StoreReader, out_dir: Path, backend: Backend, steps: list[int],
                     options: Mapping[str, Any], src: Path, bar: Any) -> None:
-    if isinstance(reader, RankedReader):
-        # A multi-rank run: each rank's sub-run is converted on its own, the layout is kept.
-        for rank, sub in reader.ranks.items():
-            sub_steps = [s for s in steps if s in sub.steps()]
-            _convert_reader(sub, out_dir / rank_dir_name(rank), backend, sub_steps, options, src / rank_dir_name(rank),
-                            bar)
-        top = dict(reader.manifest or {})
-        top["backend"] = backend.name
+    """Convert each part of the run (itself, or one per rank), then the layout's own manifest."""
+    for rel, part in reader.parts():
+        done = set(part.steps())
+        _convert_part(part, out_dir / rel, backend, [s for s in steps if s in done], options, src / rel, bar)
+    top = reader.layout_manifest(backend.name)
+    if top is not None:
         write_json_atomic(out_dir / MANIFEST_NAME, top)
-        return
+
+
+def _convert_part(reader: StoreReader, out_dir: Path, backend: Backend, steps: list[int],
+                  options: Mapping[str, Any], src: Path, bar: Any) -> None:
     source = reader.manifest or {}
     manifest = new_manifest(backend.name, dict(source.get("config", {})))
     manifest.update({k: v for k, v in source.items() if k not in _RUN_STATE})
     manifest["converted_from"] = {"path": str(src), "backend": reader.name}
-    status = source.get("status") if source.get("status") in _STATUSES else "complete"
+    status = str(source["status"]) if source.get("status") in _STATUSES else "complete"
     writer = backend.writer(out_dir, options)
     writer.open(manifest)
     try:

@@ -1,27 +1,49 @@
 """The two storage interfaces every backend implements: :class:`StoreWriter` and :class:`StoreReader`.
 
 Capture, convert and compare use only these, so a backend is one module that subclasses both
-and registers a name (see :mod:`ilstore.store.registry`).
+and exposes them as its ``writer`` and ``reader`` attributes (see :mod:`ilstore.store.registry`).
+What every backend needs — the manifest, options checking, the on-disk form of a structure,
+bodies a structure promises, completed steps and call order, shape and dtype checks after a
+load — lives here; a backend module implements only its file format, through the private
+hooks each class lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import CorruptFileError, UnsafePathError
+from ..errors import BackendError, CorruptFileError, StoreError, UnsafePathError
 from ..keys import KINDS, CallKey, TensorKey
 from ..manifest import MANIFEST_NAME, calls_from_json, calls_to_json, write_json_atomic
 from ..records import Record, iter_tensor_nodes
 
-__all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_inside"]
+__all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_inside", "STEP_DIR", "step_dir_name"]
+
+#: The name of a step's directory (``step_<N>``), as the ``pt`` and ``safetensors`` layouts use it.
+STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+def step_dir_name(step: int) -> str:
+    """The directory (or file stem) of one step.
+
+    Example:
+        >>> step_dir_name(7), bool(STEP_DIR.match(step_dir_name(7)))
+        ('step_7', True)
+    """
+    return f"step_{step}"
+
+
+@dataclass(frozen=True)
 class StepInfo:
     """What a writer learns at the end of a step: its index and the module call order.
 
@@ -31,10 +53,9 @@ class StepInfo:
         call_ends: the same calls in the order they finished (children before parents).
     """
 
-    __slots__ = ("step", "calls", "call_ends")
-
-    def __init__(self, step: int, calls: list[CallKey], call_ends: list[CallKey]) -> None:
-        self.step, self.calls, self.call_ends = step, calls, call_ends
+    step: int
+    calls: list[CallKey]
+    call_ends: list[CallKey]
 
 
 class StoreWriter(ABC):
@@ -51,28 +72,42 @@ class StoreWriter(ABC):
 
     The base class owns the manifest (``ilstore.json``): it is written atomically at
     ``open``, after every ``end_step`` and at ``close``, so a step exists for readers only
-    once the backend has finished it. Implementers provide ``_open``, ``_write``,
-    ``_end_step`` and ``_close`` and must guarantee that every tensor comes back
-    bit-identical, with its dtype, shape and the record's structure.
+    once the backend has finished it. Its ``"backend"`` field is the name the backend is
+    registered under, which the caller puts in the manifest it passes to ``open``
+    (:func:`~ilstore.manifest.new_manifest`). The constructor rejects invalid options
+    (:meth:`validate_options`) with a :class:`~ilstore.errors.BackendError`; ``write`` hands
+    ``_write`` a record whose structure is always a JSON object (a plain value is wrapped as
+    ``{"type": "value", "value": ...}``). Implementers provide ``_open``, ``_write``,
+    ``_end_step`` and ``_close`` (``_stored_bodies`` walks a record's bodies) and must
+    guarantee that every tensor comes back bit-identical, with its dtype, shape and the
+    record's structure.
     """
 
-    #: Registry name of the backend (``pt``, ``safetensors``, ``hdf5``, ...).
+    #: The name the backend declares for itself; only a default: the manifest's ``"backend"``
+    #: field, set by whoever registered and opened the backend, is authoritative.
     name: ClassVar[str] = ""
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.options = dict(options or {})
+        problems = self.validate_options(self.options)
+        if problems:
+            raise BackendError("invalid backend_options: " + "; ".join(problems))
         self.manifest: dict[str, Any] = {}
         self._closed = False
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
-        """Return one message per problem in ``backend_options`` (empty when valid)."""
-        return [f"backend_options.{k}: unknown option for the {cls.name!r} backend" for k in options]
+        """Return one message per problem in ``backend_options`` (empty when valid).
+
+        The default accepts no option at all.
+        """
+        backend = f"the {cls.name!r} backend" if cls.name else "this backend"
+        return [f"backend_options.{k}: unknown option for {backend} (it takes none)" for k in options]
 
     def open(self, manifest: dict[str, Any]) -> None:
         self.manifest = manifest
-        self.manifest["backend"] = self.name
+        self.manifest.setdefault("backend", self.name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._open()
         self._save_manifest()
@@ -81,6 +116,8 @@ class StoreWriter(ABC):
         if self.manifest.get("current_step") != record.call.step:
             self.manifest["current_step"] = record.call.step
             self._save_manifest()
+        if not isinstance(record.structure, dict):
+            record = dataclasses.replace(record, structure={"type": "value", "value": record.structure})
         self._write(record)
 
     def end_step(self, info: StepInfo) -> None:
@@ -108,18 +145,37 @@ class StoreWriter(ABC):
     def _save_manifest(self) -> None:
         write_json_atomic(self.run_dir / MANIFEST_NAME, self.manifest)
 
-    def _open(self) -> None:
+    def _open(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Prepare backend files (optional)."""
 
     @abstractmethod
     def _write(self, record: Record) -> None:
-        """Store one record (its structure and its tensor bodies)."""
+        """Store one record (its structure, always a JSON object here, and its tensor bodies)."""
+
+    @staticmethod
+    def _stored_bodies(record: Record) -> Iterator[tuple[tuple[str, ...], dict[str, Any], torch.Tensor | None]]:
+        """``(path, node, tensor)`` for each tensor node of ``record`` whose body is stored.
+
+        ``tensor`` is None for a de-duplicated node (``same_as``): its body is the earlier
+        tensor's. Raises StoreError when the structure promises a body the record lacks.
+        """
+        for path, node in iter_tensor_nodes(record.structure):
+            if not node.get("stored"):
+                continue
+            if node.get("same_as") is not None:
+                yield path, node, None
+                continue
+            tensor = record.tensors.get(path)
+            if tensor is None:
+                raise StoreError(f"{record.key(path)}: the structure says the body is stored but the record has no "
+                                 "tensor for it")
+            yield path, node, tensor
 
     @abstractmethod
     def _end_step(self, info: StepInfo) -> None:
         """Finish the step's files; after this they must survive a crash."""
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Release backend resources (optional)."""
 
 
@@ -138,22 +194,31 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 
 
 class StoreReader(ABC):
-    """Reads one run directory written by one backend.
+    """Reads one run directory.
 
     Usage order: construct (cheap), query any number of times, ``close()`` (or use it as a
-    context manager). Implementers provide ``can_open``, ``_list_steps``, ``_list_calls``,
-    ``_read_structure`` and ``_load``; key listing, metadata lookup and execution order are
-    built on those here, so every backend orders and names records the same way. A reader
-    must give back each record's structure exactly as it was written (plus, at most, the
-    keys it declares in :attr:`locator_keys`).
+    context manager). A backend's reader implements ``can_open``, ``_list_calls``,
+    ``_read_structure`` and ``_load``, and where its layout differs from the defaults
+    ``_list_steps`` (default: the ``step_<N>`` directories), ``_completed_steps`` (default:
+    every step on disk), ``_list_call_ends`` (default: none recorded) and ``_body_path`` (for
+    error messages). Everything public is built on those here: the manifest, when there is one,
+    is the authority on completed steps and call order; the files are asked otherwise. So every
+    backend orders, names, de-duplicates and checks records the same way. A reader must give
+    back each record's structure exactly as it was written (plus, at most, the keys it declares
+    in :attr:`locator_keys`).
+
+    A reader of a run made of several runs (the multi-rank layout, :mod:`.ranks`) composes
+    their readers: it overrides the public queries and :meth:`parts`.
     """
 
-    name: ClassVar[str] = ""
+    #: The name of the backend that wrote the run. A class declares its default; the registry
+    #: sets the name a backend is registered under on each reader it opens.
+    name: str = ""
 
     #: Keys this reader adds to tensor nodes only to find their bodies (``pt``: ``file``). They
     #: are not part of the backend-neutral metadata: convert drops them before writing a node
     #: into another backend, and comparisons of metadata ignore them.
-    locator_keys: ClassVar[frozenset[str]] = frozenset()
+    locator_keys: frozenset[str] = frozenset()
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -166,13 +231,32 @@ class StoreReader(ABC):
         """Cheap check (a few stats) whether this backend wrote ``run_dir``."""
 
     # -- what a backend implements -------------------------------------------------------
-    @abstractmethod
     def _list_steps(self) -> list[int]:
-        """Steps present on disk (completed or not), ascending."""
+        """Steps present on disk (completed or not), ascending.
+
+        The default lists the run's ``step_<N>`` directories.
+        """
+        try:
+            with os.scandir(self.run_dir) as it:
+                return sorted(int(m.group(1)) for e in it if (m := STEP_DIR.match(e.name)) and e.is_dir())
+        except OSError as exc:
+            raise StoreError(f"{self.run_dir}: cannot list the run directory: {exc.strerror}") from None
+
+    def _completed_steps(self) -> list[int]:
+        """Steps the files show as completed, ascending; asked only when there is no manifest.
+
+        The default: every step on disk (a layout that cannot tell).
+        """
+        return self._list_steps()
 
     @abstractmethod
     def _list_calls(self, step: int) -> list[CallKey]:
         """Module calls of a step in start order, from the files (used without a manifest)."""
+
+    def _list_call_ends(self, step: int) -> list[CallKey] | None:
+        """Module calls of a step in end order, from the files (used when the manifest lacks
+        them); None when the files do not record it (it is then derived from the nesting)."""
+        return None
 
     @abstractmethod
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
@@ -180,7 +264,12 @@ class StoreReader(ABC):
 
     @abstractmethod
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
-        """Load one stored tensor body, bit-exact, on the CPU."""
+        """Load one stored tensor body, bit-exact, on the CPU (its shape and dtype are checked
+        against ``node`` by :meth:`load`)."""
+
+    def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
+        """The file that holds ``key``'s body, named in errors; the run directory by default."""
+        return self.run_dir
 
     # -- the public reader API ------------------------------------------------------------
     @property
@@ -189,11 +278,11 @@ class StoreReader(ABC):
         return str(self.manifest.get("status", "unknown")) if self.manifest else "unknown"
 
     def steps(self) -> list[int]:
-        """Readable steps, ascending: the completed ones when there is a manifest."""
+        """Readable steps, ascending: the completed ones."""
         if self.manifest is not None:
             done = self.manifest.get("steps", [])
             return sorted(s for s in done if isinstance(s, int))
-        return self._list_steps()
+        return self._completed_steps()
 
     def incomplete_steps(self) -> list[int]:
         """Steps with files on disk that never completed (a run killed mid-step)."""
@@ -202,25 +291,29 @@ class StoreReader(ABC):
 
     def calls(self, step: int) -> list[CallKey]:
         """Module calls of ``step`` in start order (parents before their children)."""
-        if self.manifest is not None and str(step) in self.manifest.get("calls", {}):
-            try:
-                return calls_from_json(self.manifest["calls"][str(step)], step, self.manifest.get("rank", 0))
-            except ValueError as exc:
-                raise CorruptFileError(self.run_dir / MANIFEST_NAME, f"calls of step {step}: {exc}") from None
-        return self._list_calls(step)
+        calls = self._manifest_calls("calls", step)
+        return self._list_calls(step) if calls is None else calls
 
     def call_ends(self, step: int) -> list[CallKey]:
         """Module calls of ``step`` in the order they finished (children before parents).
 
-        Dumps without a manifest do not record it; it is then derived from the start order
-        and the dotted-name nesting (a call ends after the calls of its submodules).
+        Dumps without a manifest or a backend record of it do not have it; it is then derived
+        from the start order and the dotted-name nesting (a call ends after the calls of its
+        submodules).
         """
-        if self.manifest is not None and str(step) in self.manifest.get("call_ends", {}):
-            try:
-                return calls_from_json(self.manifest["call_ends"][str(step)], step, self.manifest.get("rank", 0))
-            except ValueError as exc:
-                raise CorruptFileError(self.run_dir / MANIFEST_NAME, f"call_ends of step {step}: {exc}") from None
-        return _ends_from_nesting(self.calls(step))
+        ends = self._manifest_calls("call_ends", step)
+        if ends is None:
+            ends = self._list_call_ends(step)
+        return _ends_from_nesting(self.calls(step)) if ends is None else ends
+
+    def _manifest_calls(self, field: str, step: int) -> list[CallKey] | None:
+        """``calls`` or ``call_ends`` of ``step`` as the manifest records them, None if it does not."""
+        if self.manifest is None or str(step) not in self.manifest.get(field, {}):
+            return None
+        try:
+            return calls_from_json(self.manifest[field][str(step)], step, self.manifest.get("rank", 0))
+        except ValueError as exc:
+            raise CorruptFileError(self.run_dir / MANIFEST_NAME, f"{field} of step {step}: {exc}") from None
 
     def structure(self, call: CallKey, kind: str) -> Any | None:
         """The JSON structure of one captured side of a call (None if not captured)."""
@@ -251,7 +344,8 @@ class StoreReader(ABC):
 
         Raises:
             KeyError: no such key, or its body was not stored (``stored`` is false).
-            CorruptFileError: the file is truncated, corrupt or unsafe; names the file.
+            CorruptFileError: the file is truncated, corrupt or unsafe, or holds another shape
+                or dtype than the metadata says; names the file.
         """
         node = self.meta(key)
         if node.get("stored") is False:
@@ -266,7 +360,24 @@ class StoreReader(ABC):
             if original.step != key.step or original == key:
                 raise CorruptFileError(self.run_dir, f"{key}: same_as must name another tensor of step {key.step}")
             return self.load(original)
-        return self._load(key, node)
+        tensor = self._load(key, node)
+        shape, dtype = node.get("shape"), node.get("dtype")
+        if shape is not None and list(tensor.shape) != list(shape) or dtype is not None and str(tensor.dtype) != dtype:
+            raise CorruptFileError(self._body_path(key, node), f"{key}: holds {tensor.dtype} {list(tensor.shape)} "
+                                   f"but its metadata says {dtype} {shape}")
+        return tensor
+
+    def parts(self) -> list[tuple[str, StoreReader]]:
+        """The single runs this reader reads, as ``(directory relative to run_dir, reader)``.
+
+        A plain run is one part, itself at ``"."``; a multi-rank run has one per rank.
+        """
+        return [(".", self)]
+
+    def layout_manifest(self, backend: str) -> dict[str, Any] | None:
+        """The top-level manifest a copy of this run written by ``backend`` needs above its
+        :meth:`parts`; None for a plain run (its writer writes its own)."""
+        return None
 
     def close(self) -> None:
         self._structures.clear()

@@ -40,15 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BackendError, CorruptFileError, StoreError
+from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey, decode_part, encode_part
 from ..manifest import calls_from_json, calls_to_json
-from ..records import Record, dtype_from_str, iter_tensor_nodes
+from ..records import Record, dtype_from_str
 from ._encode import decode, encode
-from .base import StepInfo, StoreReader, StoreWriter
+from .base import StepInfo, StoreReader, StoreWriter, step_dir_name
 
 __all__ = ["Hdf5Writer", "Hdf5Reader", "FILE_FORMAT", "group_name", "parse_group_name", "dataset_name",
-           "parse_dataset_name"]
+           "parse_dataset_name", "writer", "reader"]
 
 FILE_FORMAT = "ilstore-hdf5"
 FILE_VERSION = 1
@@ -92,10 +92,6 @@ def _msg(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _document(structure: Any) -> dict[str, Any]:
-    return structure if isinstance(structure, dict) else {"type": "value", "value": structure}
-
-
 class Hdf5Writer(StoreWriter):
     """Writes ``step_<N>.h5.partial``, flushing after each record, and renames it at step end.
 
@@ -108,9 +104,6 @@ class Hdf5Writer(StoreWriter):
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(run_dir, options)
-        problems = self.validate_options(self.options)
-        if problems:
-            raise BackendError("invalid backend_options: " + "; ".join(problems))
         self._filters: dict[str, Any] = {k: self.options[k] for k in ("compression", "compression_opts", "shuffle")
                                          if self.options.get(k) is not None}
         self._file: Any = None
@@ -128,12 +121,14 @@ class Hdf5Writer(StoreWriter):
         for key, value in options.items():
             if key == "compression":
                 if value not in (None, "gzip", "lzf"):
-                    problems.append(f"backend_options.compression: must be \"gzip\" or \"lzf\" (or null), got {value!r}")
+                    problems.append("backend_options.compression: must be \"gzip\" or \"lzf\" (or null), "
+                                    f"got {value!r}")
             elif key == "compression_opts":
                 if compression != "gzip":
                     problems.append("backend_options.compression_opts: only valid with \"compression\": \"gzip\"")
                 elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9:
-                    problems.append(f"backend_options.compression_opts: gzip level must be an integer 0-9, got {value!r}")
+                    problems.append("backend_options.compression_opts: gzip level must be an integer 0-9, "
+                                    f"got {value!r}")
             elif key == "shuffle":
                 if not isinstance(value, bool):
                     problems.append(f"backend_options.shuffle: must be true or false, got {value!r}")
@@ -143,7 +138,7 @@ class Hdf5Writer(StoreWriter):
         return problems
 
     def _paths(self, step: int) -> tuple[Path, Path]:
-        final = self.run_dir / f"step_{step}.h5"
+        final = self.run_dir / f"{step_dir_name(step)}.h5"
         return final, final.with_name(final.name + ".partial")
 
     def _begin(self, step: int) -> Any:
@@ -206,24 +201,17 @@ class Hdf5Writer(StoreWriter):
             for name, value in (("module", call.module), ("call", call.call), ("step", call.step),
                                 ("rank", call.rank)):
                 _set_attr(group, name, value)
-        structure = _document(record.structure)
-        for path, node in iter_tensor_nodes(structure):
-            if not node.get("stored"):
-                continue
-            key = str(record.key(path))
+        for path, node, tensor in self._stored_bodies(record):
             dname = dataset_name(record.kind, path)
-            same_as = node.get("same_as")
-            if same_as is not None:
-                original = self._datasets.get(same_as)
+            if tensor is None:
+                original = self._datasets.get(node["same_as"])
                 if original is not None:  # an HDF5 hard link: plain h5py readers see the tensor too
                     group[dname] = original
                 continue
-            tensor = record.tensors.get(path)
-            if tensor is None:
-                raise StoreError(f"{key}: the structure says the body is stored but the record has no tensor for it")
+            key = str(record.key(path))
             self._datasets[key] = self._create_dataset(group, dname, tensor, key)
         try:
-            text = json.dumps(structure, allow_nan=False)
+            text = json.dumps(record.structure, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
         _set_attr(group, record.kind, text)
@@ -330,7 +318,7 @@ def _guarded(method: Any) -> Any:
         except (OSError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             err = exc
         step = first if isinstance(first, int) else first.step
-        path = self._paths.get(step, self.run_dir / f"step_{step}.h5")
+        path = self._paths.get(step, self.run_dir / f"{step_dir_name(step)}.h5")
         raise CorruptFileError(path, f"damaged HDF5 data: {_msg(err)}") from None
 
     return wrapper
@@ -375,16 +363,14 @@ class Hdf5Reader(StoreReader):
     def _list_steps(self) -> list[int]:
         return sorted(self._scan())
 
-    def steps(self) -> list[int]:
-        if self.manifest is not None:
-            return super().steps()
+    def _completed_steps(self) -> list[int]:
         return sorted(s for s, done in self._scan().items() if done)
 
     def _file(self, step: int) -> Any:
         f = self._files.get(step)
         if f is not None:
             return f
-        path = self.run_dir / f"step_{step}.h5"
+        path = self.run_dir / f"{step_dir_name(step)}.h5"
         if not path.is_file():
             partial = path.with_name(path.name + ".partial")
             if not partial.is_file():
@@ -424,16 +410,15 @@ class Hdf5Reader(StoreReader):
         except ValueError as exc:
             raise CorruptFileError(path, f"bad module call list: {exc}") from None
 
-    def call_ends(self, step: int) -> list[CallKey]:
-        if self.manifest is None or str(step) not in self.manifest.get("call_ends", {}):
-            f = self._file(step)
-            ends = _json_attr(self._paths[step], f.attrs, "call_ends")
-            if ends is not None:
-                try:
-                    return calls_from_json(ends, step, self._rank(f))
-                except ValueError as exc:
-                    raise CorruptFileError(self._paths[step], f"bad call_ends: {exc}") from None
-        return super().call_ends(step)
+    def _list_call_ends(self, step: int) -> list[CallKey] | None:
+        f = self._file(step)
+        ends = _json_attr(self._paths[step], f.attrs, "call_ends")
+        if ends is None:
+            return None
+        try:
+            return calls_from_json(ends, step, self._rank(f))
+        except ValueError as exc:
+            raise CorruptFileError(self._paths[step], f"bad call_ends: {exc}") from None
 
     def _group(self, call: CallKey) -> Any:
         f = self._file(call.step)
@@ -487,11 +472,10 @@ class Hdf5Reader(StoreReader):
             tensor = decode(stored, str(encoding), dtype)
         except (ValueError, TypeError, RuntimeError) as exc:
             raise CorruptFileError(path, f"{key}: cannot decode dataset {group.name}/{dname}: {exc}") from None
-        want_shape, want_dtype = node.get("shape", list(tensor.shape)), node.get("dtype", str(tensor.dtype))
-        if list(tensor.shape) != list(want_shape) or str(tensor.dtype) != want_dtype:
-            raise CorruptFileError(path, f"{key}: holds {tensor.dtype} {list(tensor.shape)} but its metadata says "
-                                   f"{want_dtype} {want_shape}")
         return tensor
+
+    def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
+        return self._paths.get(key.step, self.run_dir / f"{step_dir_name(key.step)}.h5")
 
     def close(self) -> None:
         for f in self._files.values():
@@ -501,3 +485,7 @@ class Hdf5Reader(StoreReader):
                 pass
         self._files.clear()
         super().close()
+
+
+#: What the registry loads (as for any backend: see :mod:`ilstore.store.registry`).
+writer, reader = Hdf5Writer, Hdf5Reader

@@ -27,13 +27,13 @@ import torch
 
 from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey
+from ..manifest import MANIFEST_NAME
 from ..records import Record, iter_tensor_nodes
-from .base import StepInfo, StoreReader, StoreWriter, check_inside
+from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
 
-__all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name"]
+__all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "writer", "reader"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _DEVICE_SUFFIX = re.compile(r"^[a-z][a-z0-9]*(?:_\d+)?$")
 _MAX_NAME = 200
 
@@ -84,9 +84,6 @@ class PtWriter(StoreWriter):
         self._made: set[str] = set()
         self._step: int | None = None
 
-    def _step_dir(self, step: int) -> Path:
-        return self.run_dir / f"step_{step}"
-
     def _call_dir(self, call: CallKey) -> str:
         """The call's directory (created on first use). Its name comes from
         :func:`module_dir_name`, which %-encodes separators and leading dots, so it cannot
@@ -102,7 +99,7 @@ class PtWriter(StoreWriter):
                 name = f"{base}~{n}"
             self._dirs[call] = name
             self._used.add(name)
-        path = os.path.join(self.run_dir, f"step_{call.step}", name)
+        path = os.path.join(self.run_dir, step_dir_name(call.step), name)
         if path not in self._made:
             os.makedirs(path, exist_ok=True)
             self._made.add(path)
@@ -111,9 +108,7 @@ class PtWriter(StoreWriter):
     def _write(self, record: Record) -> None:
         call_dir = self._call_dir(record.call)
         used: set[str] = set()
-        for path, node in iter_tensor_nodes(record.structure):
-            if not node.get("stored"):
-                continue
+        for path, node, tensor in self._stored_bodies(record):
             fname = base = tensor_file_name(record.kind, path, node["device"])
             n = 1
             while fname in used:
@@ -122,14 +117,13 @@ class PtWriter(StoreWriter):
             used.add(fname)
             node["file"] = fname
             target = os.path.join(call_dir, fname)
-            same_as = node.get("same_as")
-            if same_as is not None:
+            if tensor is None:
                 # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
-                _link_or_copy(self._files[same_as], target)
+                _link_or_copy(self._files[node["same_as"]], target)
             else:
-                _save_tensor(record.tensors[path], target)
+                _save_tensor(tensor, target)
             self._files[str(record.key(path))] = target
-        doc = dict(record.structure) if isinstance(record.structure, dict) else {"type": "value", "value": record.structure}
+        doc = dict(record.structure)
         doc["ilstore"] = {"module": record.call.module, "call": record.call.call, "step": record.call.step,
                           "rank": record.call.rank, "kind": record.kind}
         # Compact JSON from ``json.dumps``: only that one-shot form uses the C encoder (``dump``
@@ -140,7 +134,7 @@ class PtWriter(StoreWriter):
             fh.write(text)
 
     def _end_step(self, info: StepInfo) -> None:
-        step_dir = self._step_dir(info.step)
+        step_dir = self.run_dir / step_dir_name(info.step)
         step_dir.mkdir(parents=True, exist_ok=True)
         dirs = self._dirs if self._step == info.step else {}
         lines = [dirs.get(c) or module_dir_name(c.module, c.call) for c in info.calls]
@@ -288,7 +282,7 @@ class PtReader(StoreReader):
     def can_open(cls, run_dir: Path) -> bool:
         try:
             for entry in _scan(run_dir):
-                if entry.is_dir() and _STEP_DIR.match(entry.name):
+                if entry.is_dir() and STEP_DIR.match(entry.name):
                     step = Path(entry.path)
                     if (step / "module_calls.txt").is_file():
                         return True
@@ -297,17 +291,6 @@ class PtReader(StoreReader):
         except OSError:
             return False
         return False
-
-    def _list_steps(self) -> list[int]:
-        steps = []
-        try:
-            for entry in _scan(self.run_dir):
-                m = _STEP_DIR.match(entry.name)
-                if m and entry.is_dir():
-                    steps.append(int(m.group(1)))
-        except OSError as exc:
-            raise StoreError(f"{self.run_dir}: cannot list the run directory: {exc.strerror}") from None
-        return sorted(steps)
 
     def _list_calls(self, step: int) -> list[CallKey]:
         return list(self._dirs_of(step))
@@ -349,7 +332,7 @@ class PtReader(StoreReader):
         """
         if step in self._call_dirs:
             return self._call_dirs[step]
-        step_dir = self.run_dir / f"step_{step}"
+        step_dir = self.run_dir / step_dir_name(step)
         order_file = step_dir / "module_calls.txt"
         names: list[str] | None = None
         if order_file.is_file():
@@ -362,7 +345,7 @@ class PtReader(StoreReader):
         if self.manifest is not None and names is not None and str(step) in self.manifest.get("calls", {}):
             calls = self.calls(step)
             if len(calls) == len(names):
-                for call, name in zip(calls, names):
+                for call, name in zip(calls, names, strict=True):
                     mapping[call] = check_inside(self.run_dir, step_dir / name)
                 self._call_dirs[step] = mapping
                 return mapping
@@ -394,7 +377,7 @@ class PtReader(StoreReader):
             return self._dirs_of(call.step)[call]
         except KeyError:
             if self.manifest is not None and call in self.calls(call.step):
-                raise CorruptFileError(self.run_dir / "ilstore.json",
+                raise CorruptFileError(self.run_dir / MANIFEST_NAME,
                                        f"lists module call {call.module}#{call.call} of step {call.step}, but the run "
                                        "has no data for it (the manifest and the files disagree)") from None
             raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}") from None
@@ -428,14 +411,20 @@ class PtReader(StoreReader):
         return doc
 
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        return load_pt_file(self._body_path(key, node))
+
+    def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
         fname = node.get("file")
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in (".", ".."):
             raise CorruptFileError(self._call_dir(key.call_key), f"bad file reference {fname!r} for {key}")
-        path = self._child(self._call_dir(key.call_key), fname)
-        return load_pt_file(path, node)
+        return self._child(self._call_dir(key.call_key), fname)
 
 
-def load_pt_file(path: Path, node: dict[str, Any] | None = None) -> torch.Tensor:
+#: What the registry loads (as for any backend: see :mod:`ilstore.store.registry`).
+writer, reader = PtWriter, PtReader
+
+
+def load_pt_file(path: Path) -> torch.Tensor:
     """``torch.load(weights_only=True)`` one tensor, with errors that name the file."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -446,11 +435,8 @@ def load_pt_file(path: Path, node: dict[str, Any] | None = None) -> torch.Tensor
         if "weights_only" in str(exc).lower() or "unpickl" in str(exc).lower():
             raise CorruptFileError(path, "refused to load: the file needs unpickling arbitrary objects, "
                                    f"which ilstore never does (weights_only=True): {text}") from None
-        raise CorruptFileError(path, f"cannot load tensor (truncated or corrupt?): {type(exc).__name__}: {text}") from None
+        raise CorruptFileError(path, f"cannot load tensor (truncated or corrupt?): {type(exc).__name__}: "
+                               f"{text}") from None
     if not isinstance(obj, torch.Tensor):
         raise CorruptFileError(path, f"expected one tensor, found {type(obj).__name__}")
-    if node is not None:
-        shape, dtype = node.get("shape"), node.get("dtype")
-        if shape is not None and list(obj.shape) != list(shape) or dtype is not None and str(obj.dtype) != dtype:
-            raise CorruptFileError(path, f"holds {str(obj.dtype)} {list(obj.shape)} but its metadata says {dtype} {shape}")
     return obj

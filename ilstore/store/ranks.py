@@ -1,14 +1,19 @@
 """Runs written by several ranks (torchrun): one sub-run per rank behind one reader.
 
 Under ``torch.distributed`` every rank writes its own complete run, in any backend, into
-``<run_dir>/rank_<r>/``; rank 0 also writes ``<run_dir>/ilstore.json`` with
-``"layout": "ranks"`` and the list of ranks. Nothing is shared between ranks, so nothing can
-collide, whatever devices they run on. :class:`RankedReader` presents the whole run as one:
-every :class:`~ilstore.keys.CallKey` / :class:`~ilstore.keys.TensorKey` carries its rank.
+``<run_dir>/rank_<r>/`` (:func:`rank_run_dir`); rank 0 also writes ``<run_dir>/ilstore.json``
+with ``"layout": "ranks"`` and the list of ranks (:func:`write_ranks_manifest`). Nothing is
+shared between ranks, so nothing can collide, whatever devices they run on.
+:class:`RankedReader` presents the whole run as one: every :class:`~ilstore.keys.CallKey` /
+:class:`~ilstore.keys.TensorKey` carries its rank. It opens each rank's run through the opener
+it is given (the registry passes :func:`~ilstore.store.registry.open_run`), so this module does
+not depend on the registry, and it exposes the ranks as its :meth:`~RankedReader.parts`, which
+is all convert needs to copy the layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +22,12 @@ import torch
 from ..errors import CorruptFileError, RunNotFoundError
 from ..keys import CallKey, TensorKey
 from ..manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
-from .base import StoreReader
+from .base import StoreReader, read_manifest
 
-__all__ = ["RankedReader", "rank_dir_name", "rank_run_dir", "write_ranks_manifest", "is_ranked"]
+__all__ = ["RankedReader", "rank_dir_name", "rank_run_dir", "write_ranks_manifest", "is_ranked", "RANKS_LAYOUT"]
+
+#: The manifest's ``"layout"`` of a multi-rank run.
+RANKS_LAYOUT = "ranks"
 
 
 def rank_dir_name(rank: int) -> str:
@@ -58,21 +66,30 @@ def write_ranks_manifest(run_dir: Path, *, backend: str, world_size: int, config
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / MANIFEST_NAME, {
-        "format": "ilstore", "format_version": FORMAT_VERSION, "layout": "ranks",
+        "format": "ilstore", "format_version": FORMAT_VERSION, "layout": RANKS_LAYOUT,
         "world_size": world_size, "ranks": list(range(world_size)), "backend": backend, "config": config})
 
 
 def is_ranked(manifest: dict[str, Any] | None) -> bool:
-    return bool(manifest) and manifest.get("layout") == "ranks"  # type: ignore[union-attr]
+    """Whether a top-level manifest describes a multi-rank run."""
+    return manifest is not None and manifest.get("layout") == RANKS_LAYOUT
 
 
 class RankedReader(StoreReader):
-    """One reader over the per-rank sub-runs of a multi-rank run."""
+    """One reader over the per-rank sub-runs of a multi-rank run.
 
-    def __init__(self, run_dir: str | Path) -> None:
+    Args:
+        run_dir: the run directory holding ``ilstore.json`` (``"layout": "ranks"``) and the
+            ``rank_<r>/`` sub-runs.
+        open_part: opens one rank's run (any backend) and returns its reader.
+
+    Raises:
+        CorruptFileError: the manifest's ``"ranks"`` is not a list of integers.
+        RunNotFoundError: a listed rank wrote nothing.
+    """
+
+    def __init__(self, run_dir: str | Path, open_part: Callable[[Path], StoreReader]) -> None:
         super().__init__(run_dir)
-        from .registry import open_run  # the sub-runs may use any backend
-
         ranks = (self.manifest or {}).get("ranks")
         if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
             raise CorruptFileError(self.run_dir / MANIFEST_NAME, "\"ranks\" must be a list of integers")
@@ -81,14 +98,15 @@ class RankedReader(StoreReader):
             sub = self.run_dir / rank_dir_name(rank)
             if not sub.is_dir():
                 raise RunNotFoundError(f"{sub}: rank {rank} listed in {self.run_dir / MANIFEST_NAME} wrote nothing")
-            self.ranks[rank] = open_run(sub)
+            self.ranks[rank] = open_part(sub)
         first = next(iter(self.ranks.values()), None)
         self.name = first.name if first is not None else "ranks"
         self.locator_keys = frozenset().union(*(r.locator_keys for r in self.ranks.values()))
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
-        return False  # only ever chosen through the manifest
+        """Whether ``run_dir`` has a top-level manifest with ``"layout": "ranks"``."""
+        return is_ranked(read_manifest(run_dir))
 
     def _reader(self, rank: int) -> StoreReader:
         try:
@@ -96,8 +114,10 @@ class RankedReader(StoreReader):
         except KeyError:
             raise KeyError(f"no rank {rank} in {self.run_dir}") from None
 
+    # -- the run-level queries, over every rank ----------------------------------------------
     @property
     def status(self) -> str:
+        """The worst status of any rank: ``failed``, then ``running``, then ``unknown``."""
         statuses = {r.status for r in self.ranks.values()}
         for worst in ("failed", "running", "unknown"):
             if worst in statuses:
@@ -105,19 +125,36 @@ class RankedReader(StoreReader):
         return "complete" if statuses else "unknown"
 
     def steps(self) -> list[int]:
+        """Steps completed by at least one rank."""
         return sorted({s for r in self.ranks.values() for s in r.steps()})
 
-    def _list_steps(self) -> list[int]:
-        return sorted({s for r in self.ranks.values() for s in r._list_steps()})
-
     def incomplete_steps(self) -> list[int]:
+        """Steps some rank started and never completed."""
         return sorted({s for r in self.ranks.values() for s in r.incomplete_steps()})
 
     def calls(self, step: int) -> list[CallKey]:
+        """The calls of ``step``, rank after rank (each rank's in start order)."""
         return [c for r in self.ranks.values() if step in r.steps() for c in r.calls(step)]
 
     def call_ends(self, step: int) -> list[CallKey]:
+        """The calls of ``step`` in end order, rank after rank."""
         return [c for r in self.ranks.values() if step in r.steps() for c in r.call_ends(step)]
+
+    def load(self, key: TensorKey) -> torch.Tensor:
+        """Load from the rank ``key`` names (which resolves ``same_as`` and checks the tensor)."""
+        return self._reader(key.rank).load(key)
+
+    def parts(self) -> list[tuple[str, StoreReader]]:
+        """One part per rank: ``("rank_<r>", that rank's reader)``."""
+        return [(rank_dir_name(rank), reader) for rank, reader in self.ranks.items()]
+
+    def layout_manifest(self, backend: str) -> dict[str, Any] | None:
+        """This run's top-level manifest, naming ``backend`` instead."""
+        return {**(self.manifest or {}), "backend": backend}
+
+    # -- the per-call hooks, dispatched by rank ---------------------------------------------------
+    def _list_steps(self) -> list[int]:
+        return sorted({*self.steps(), *self.incomplete_steps()})
 
     def _list_calls(self, step: int) -> list[CallKey]:
         return self.calls(step)
@@ -126,9 +163,6 @@ class RankedReader(StoreReader):
         return self._reader(call.rank).structure(call, kind)
 
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
-        return self._reader(key.rank).load(key)
-
-    def load(self, key: TensorKey) -> torch.Tensor:
         return self._reader(key.rank).load(key)
 
     def close(self) -> None:

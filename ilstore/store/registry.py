@@ -1,16 +1,19 @@
-"""Backend registry: names → (writer, reader) classes, built-ins imported lazily.
+"""Backend registry: names → (writer, reader) classes, every backend resolved the same way.
 
-Built-ins are dotted paths imported on first use (so ``import ilstore`` never imports h5py);
-third-party backends come from the entry-point group ``ilstore.backends``, loaded once, on the
-first lookup that needs them; a plug-in that fails to load is skipped with a warning. An entry
-point must resolve to an object with ``writer`` and ``reader`` attributes (a module or class).
+A backend is declared by an object with ``writer`` and ``reader`` attributes — a module or a
+class — named by a dotted path (``"package.module"`` or ``"package.module:attribute"``).
+Built-ins are such paths in :data:`BUILTIN_BACKENDS` (each backend module sets ``writer`` and
+``reader``), imported on first use, so ``import ilstore`` never imports h5py; third-party
+backends come from the entry-point group ``ilstore.backends``, whose values are the same kind
+of path, listed once, on the first lookup that needs them. A plug-in that fails to load is
+skipped with a warning. The registered name lives in the :class:`Backend` record only: the
+classes are never changed; readers opened here carry the name, and writers get it through the
+manifest (:func:`~ilstore.manifest.new_manifest`).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,12 +23,21 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import BackendError, RunNotFoundError, StoreError
+from ..manifest import MANIFEST_NAME
 from .base import StoreReader, StoreWriter, read_manifest
+from .ranks import RankedReader
 
-__all__ = ["Backend", "ENTRY_POINT_GROUP", "get_backend", "backend_names", "register_backend", "detect_backend", "open_run"]
+__all__ = ["Backend", "ENTRY_POINT_GROUP", "BUILTIN_BACKENDS", "get_backend", "backend_names", "register_backend",
+           "detect_backend", "open_run"]
 
 ENTRY_POINT_GROUP = "ilstore.backends"
-_log = logging.getLogger(__name__)
+
+#: name → (dotted path of the object with ``writer`` and ``reader``, install hint).
+BUILTIN_BACKENDS: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "pt": ("ilstore.store.pt", "pip install torch"),
+    "safetensors": ("ilstore.store.safetensors", "pip install safetensors"),
+    "hdf5": ("ilstore.store.hdf5", "pip install h5py"),
+})
 
 
 @dataclass(frozen=True)
@@ -36,13 +48,13 @@ class Backend:
     writer: type[StoreWriter]
     reader: type[StoreReader]
 
+    def open_reader(self, run_dir: str | Path) -> StoreReader:
+        """A reader of ``run_dir`` that carries this backend's registered name."""
+        reader = self.reader(run_dir)
+        reader.name = self.name
+        return reader
 
-# name -> "module:attribute prefix" (module defines <Prefix>Writer and <Prefix>Reader), install hint
-_BUILTIN: dict[str, tuple[str, str, str]] = {
-    "pt": ("ilstore.store.pt", "Pt", "pip install torch"),
-    "safetensors": ("ilstore.store.safetensors", "Safetensors", "pip install safetensors"),
-    "hdf5": ("ilstore.store.hdf5", "Hdf5", "pip install h5py"),
-}
+
 _loaded: dict[str, Backend] = {}
 _plugins: dict[str, Any] | None = None
 
@@ -55,24 +67,34 @@ def _entry_points() -> dict[str, Any]:
 
 
 def _available() -> list[str]:
-    return sorted({*_BUILTIN, *_loaded, *_entry_points()})
+    return sorted({*BUILTIN_BACKENDS, *_loaded, *_entry_points()})
+
+
+def _resolve(name: str, path: str) -> Backend:
+    """Import ``path`` (``"module[:attribute]"``, as an entry point's value) and take its
+    ``writer`` and ``reader``: the one way built-ins and plug-ins are loaded."""
+    obj = metadata.EntryPoint(name, path, ENTRY_POINT_GROUP).load()
+    return Backend(name, obj.writer, obj.reader)
 
 
 def backend_names() -> Mapping[str, str]:
     """Read-only view: every known backend name → where it comes from."""
-    out = {n: "built-in" for n in _BUILTIN}
-    out.update({n: "plug-in" for n in _entry_points() if n not in _BUILTIN})
+    out = {n: "built-in" for n in BUILTIN_BACKENDS}
+    out.update({n: "plug-in" for n in _entry_points() if n not in BUILTIN_BACKENDS})
     out.update({n: "registered" for n in _loaded if n not in out})
     return MappingProxyType(out)
 
 
-def register_backend(name: str, writer: type[StoreWriter], reader: type[StoreReader], *, override: bool = False) -> Backend:
-    """Register a backend under ``name``; a clash with an existing name is an error unless ``override``."""
-    if not override and (name in _loaded or name in _BUILTIN or name in _entry_points()):
+def register_backend(name: str, writer: type[StoreWriter], reader: type[StoreReader], *,
+                     override: bool = False) -> Backend:
+    """Register a backend under ``name``; a clash with an existing name is an error unless ``override``.
+
+    The classes are not modified: readers opened through the registry carry ``name``, and a
+    run's manifest records it (``new_manifest(backend.name, ...)``).
+    """
+    if not override and (name in _loaded or name in BUILTIN_BACKENDS or name in _entry_points()):
         raise BackendError(f"a backend named {name!r} is already registered; pass override=True to replace it")
-    backend = Backend(name, writer, reader)
-    writer.name = reader.name = name
-    _loaded[name] = backend
+    backend = _loaded[name] = Backend(name, writer, reader)
     return backend
 
 
@@ -85,22 +107,19 @@ def get_backend(name: str) -> Backend:
     """
     if name in _loaded:
         return _loaded[name]
-    if name in _BUILTIN:
-        module_name, prefix, hint = _BUILTIN[name]
+    if name in BUILTIN_BACKENDS:
+        path, hint = BUILTIN_BACKENDS[name]
         try:
-            module = importlib.import_module(module_name)
+            backend = _resolve(name, path)
         except ImportError as exc:
             raise BackendError(f"backend {name!r} needs a missing package ({exc.name}): {hint}") from None
-        backend = Backend(name, getattr(module, f"{prefix}Writer"), getattr(module, f"{prefix}Reader"))
     elif name in _entry_points():
         ep = _entry_points()[name]
         try:
-            obj = ep.load()
-            backend = Backend(name, obj.writer, obj.reader)
+            backend = _resolve(name, ep.value)
         except Exception as exc:  # a broken plug-in must not break ilstore
             warnings.warn(f"ilstore backend plug-in {name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
             raise BackendError(f"backend plug-in {name!r} ({ep.value}) failed to load: {exc}") from None
-        backend.writer.name = backend.reader.name = name
     else:
         names = _available()
         hint = difflib.get_close_matches(name, names, n=1)
@@ -123,11 +142,11 @@ def detect_backend(run_dir: Path) -> Backend:
         if backend.reader.can_open(run_dir):
             return backend
     raise RunNotFoundError(f"{run_dir}: not a run directory any backend can read "
-                           f"(no {'ilstore.json'}, no step_<N> data; tried {', '.join(_available())})")
+                           f"(no {MANIFEST_NAME}, no step_<N> data; tried {', '.join(_available())})")
 
 
 def open_run(path: str | Path) -> StoreReader:
-    """Open a run directory written by any backend and return its reader.
+    """Open a run directory written by any backend, single- or multi-rank, and return its reader.
 
     Example:
         >>> with open_run("/tmp/vllm_intermediates/my-run") as run:  # doctest: +SKIP
@@ -138,12 +157,10 @@ def open_run(path: str | Path) -> StoreReader:
         raise RunNotFoundError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
         raise RunNotFoundError(f"{run_dir}: not a directory")
-    from .ranks import RankedReader, is_ranked
-
     try:
-        if is_ranked(read_manifest(run_dir)):
-            return RankedReader(run_dir)
-        return detect_backend(run_dir).reader(run_dir)
+        if RankedReader.can_open(run_dir):
+            return RankedReader(run_dir, open_run)
+        return detect_backend(run_dir).open_reader(run_dir)
     except StoreError:
         raise
     except OSError as exc:

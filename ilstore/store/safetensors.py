@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,36 +29,41 @@ from typing import Any
 
 import torch
 
-from ..errors import BackendError, CorruptFileError, StoreError
+from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey
 from ..manifest import calls_from_json, calls_to_json, write_json_atomic
-from ..records import Record, dtype_from_str, iter_tensor_nodes
+from ..records import Record, dtype_from_str
 from ._encode import decode, encode
-from .base import StepInfo, StoreReader, StoreWriter, check_inside
+from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
 
-__all__ = ["SafetensorsWriter", "SafetensorsReader", "INDEX_NAME", "INDEX_FORMAT", "DEFAULT_SHARD_SIZE_MB"]
+__all__ = ["SafetensorsWriter", "SafetensorsReader", "INDEX_NAME", "INDEX_FORMAT", "DEFAULT_SHARD_SIZE_MB", "writer",
+           "reader"]
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "ilstore-safetensors"
 INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE_MB = 1024
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _log = logging.getLogger(__name__)
+_SUPPORTED: dict[torch.dtype, bool] = {}
 
 
 def _supported(dtype: torch.dtype) -> bool:
-    from safetensors.torch import _TYPES
+    """Whether safetensors stores ``dtype`` as is: an empty tensor of it survives a round trip
+    through the public ``save``/``load`` (tried once per dtype)."""
+    ok = _SUPPORTED.get(dtype)
+    if ok is None:
+        from safetensors.torch import load, save
 
-    return dtype in _TYPES.values()
+        try:
+            ok = load(save({"t": torch.empty(0, dtype=dtype)}))["t"].dtype == dtype
+        except Exception:  # safetensors refuses the dtype on writing (or cannot read it back)
+            ok = False
+        _SUPPORTED[dtype] = ok
+    return ok
 
 
 def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
-
-
-def structure_document(structure: Any) -> dict[str, Any]:
-    """The structure as a JSON object (a non-object value is wrapped like the pt backend does)."""
-    return structure if isinstance(structure, dict) else {"type": "value", "value": structure}
 
 
 class SafetensorsWriter(StoreWriter):
@@ -74,9 +78,6 @@ class SafetensorsWriter(StoreWriter):
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(run_dir, options)
-        problems = self.validate_options(self.options)
-        if problems:
-            raise BackendError("invalid backend_options: " + "; ".join(problems))
         self._shard_bytes = max(1, int(float(self.options.get("shard_size_mb", DEFAULT_SHARD_SIZE_MB)) * 2**20))
         self._step: int | None = None
         self._reset(None)
@@ -103,7 +104,7 @@ class SafetensorsWriter(StoreWriter):
         self._shards: list[str] = []
 
     def _step_dir(self, step: int) -> Path:
-        return self.run_dir / f"step_{step}"
+        return self.run_dir / step_dir_name(step)
 
     def _begin(self, step: int) -> None:
         if self._step == step:
@@ -121,17 +122,12 @@ class SafetensorsWriter(StoreWriter):
     def _write(self, record: Record) -> None:
         self._begin(record.call.step)
         try:
-            structure = json.loads(json.dumps(structure_document(record.structure), allow_nan=False))
+            structure = json.loads(json.dumps(record.structure, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{record.call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
-        for path, node in iter_tensor_nodes(structure):
-            if not node.get("stored") or "same_as" in node:
-                continue
-            key = str(record.key(path))
-            tensor = record.tensors.get(path)
-            if tensor is None:
-                raise StoreError(f"{key}: the structure says the body is stored but the record has no tensor for it")
-            self._add(key, tensor)
+        for path, _node, tensor in self._stored_bodies(record):
+            if tensor is not None:
+                self._add(str(record.key(path)), tensor)
         self._records.append({"module": record.call.module, "call": record.call.call, "rank": record.call.rank,
                               "step": record.call.step, "kind": record.kind, "structure": structure})
 
@@ -276,7 +272,7 @@ class SafetensorsReader(StoreReader):
         try:
             with os.scandir(run_dir) as it:
                 for entry in it:
-                    if _STEP_DIR.match(entry.name) and entry.is_dir():
+                    if STEP_DIR.match(entry.name) and entry.is_dir():
                         index = Path(entry.path) / INDEX_NAME
                         if index.is_file():
                             with open(index, "rb") as fh:
@@ -285,23 +281,14 @@ class SafetensorsReader(StoreReader):
             return False
         return False
 
-    def _list_steps(self) -> list[int]:
-        try:
-            with os.scandir(self.run_dir) as it:
-                return sorted(int(m.group(1)) for e in it if (m := _STEP_DIR.match(e.name)) and e.is_dir())
-        except OSError as exc:
-            raise StoreError(f"{self.run_dir}: cannot list the run directory: {exc.strerror}") from None
-
-    def steps(self) -> list[int]:
-        if self.manifest is not None:
-            return super().steps()
-        # Without a manifest a step is complete exactly when its index exists.
-        return [s for s in self._list_steps() if (self.run_dir / f"step_{s}" / INDEX_NAME).is_file()]
+    def _completed_steps(self) -> list[int]:
+        # A step is complete exactly when its index exists.
+        return [s for s in self._list_steps() if (self.run_dir / step_dir_name(s) / INDEX_NAME).is_file()]
 
     def _index(self, step: int) -> _Index:
         if step in self._indexes:
             return self._indexes[step]
-        path = self.run_dir / f"step_{step}" / INDEX_NAME
+        path = self.run_dir / step_dir_name(step) / INDEX_NAME
         if not path.is_file():
             if step in self._list_steps():
                 raise CorruptFileError(path, f"step {step} has no index: it was cut before it finished")
@@ -317,12 +304,9 @@ class SafetensorsReader(StoreReader):
         index = self._index(step)
         return [CallKey(index.rank, step, m, c) for m, c in index.calls]
 
-    def call_ends(self, step: int) -> list[CallKey]:
-        if self.manifest is None or str(step) not in self.manifest.get("call_ends", {}):
-            index = self._index(step)
-            if index.call_ends is not None:
-                return [CallKey(index.rank, step, m, c) for m, c in index.call_ends]
-        return super().call_ends(step)
+    def _list_call_ends(self, step: int) -> list[CallKey] | None:
+        index = self._index(step)
+        return None if index.call_ends is None else [CallKey(index.rank, step, m, c) for m, c in index.call_ends]
 
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
         index = self._index(call.step)
@@ -344,28 +328,30 @@ class SafetensorsReader(StoreReader):
             self._handles[path] = handle
         return handle
 
-    def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+    def _entry(self, key: TensorKey) -> tuple[dict[str, Any], Path]:
+        """The index entry of a stored tensor and the path of its shard."""
         index = self._index(key.step)
-        name = str(key)
-        entry = index.tensors.get(name)
+        entry = index.tensors.get(str(key))
         if entry is None:
-            raise CorruptFileError(index.path, f"{name}: stored according to its metadata, but the index maps it "
+            raise CorruptFileError(index.path, f"{key}: stored according to its metadata, but the index maps it "
                                    "to no shard")
-        path = check_inside(self.run_dir, index.path.parent / entry["shard"])
+        return entry, check_inside(self.run_dir, index.path.parent / entry["shard"])
+
+    def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
+        return self._entry(key)[1]
+
+    def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        name = str(key)
+        entry, path = self._entry(key)
         handle = self._handle(path)
         try:
             stored = handle.get_tensor(entry.get("name", name))
         except Exception as exc:  # SafetensorError: missing name, or a shard cut short
             raise CorruptFileError(path, f"cannot read tensor {entry.get('name', name)!r}: {exc}") from None
         try:
-            tensor = decode(stored, entry.get("encoding", ""), dtype_from_str(entry["dtype"]))
+            return decode(stored, entry.get("encoding", ""), dtype_from_str(entry["dtype"]))
         except ValueError as exc:
             raise CorruptFileError(path, f"{name}: {exc}") from None
-        shape, dtype = node.get("shape", entry["shape"]), node.get("dtype", entry["dtype"])
-        if list(tensor.shape) != list(shape) or str(tensor.dtype) != dtype:
-            raise CorruptFileError(path, f"{name}: holds {tensor.dtype} {list(tensor.shape)} but its metadata says "
-                                   f"{dtype} {shape}")
-        return tensor
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -378,3 +364,7 @@ class SafetensorsReader(StoreReader):
         self._handles.clear()
         self._indexes.clear()
         super().close()
+
+
+#: What the registry loads (as for any backend: see :mod:`ilstore.store.registry`).
+writer, reader = SafetensorsWriter, SafetensorsReader
