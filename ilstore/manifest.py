@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,9 +51,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    """The version of the ilstore package this module belongs to.
 
-    return __version__
+    Read from the package object, which Python has always imported before this module:
+    importing it here (``from . import __version__``) would make the manifest depend on
+    ``ilstore/__init__.py``, which imports capture, which imports the manifest (a cycle).
+    """
+    return str(getattr(sys.modules[__package__ or "ilstore"], "__version__", "unknown"))
 
 
 def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class Deduper:
     """
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[Any, ...], tuple[Any, str, dict[str, Any]]] = {}
+        self._seen: dict[tuple[Any, ...], tuple[Any, str | None, dict[str, Any]]] = {}
 
     def clear(self) -> None:
         self._seen.clear()

@@ -81,8 +81,10 @@ def conformance_tensors() -> dict[str, torch.Tensor]:
         "int64": torch.tensor([-(2**63), -1, 0, 1, 2**63 - 1], dtype=torch.int64),
         "uint8": torch.arange(256, dtype=torch.int16).to(torch.uint8),
         "bool": torch.tensor([[True, False, True], [False, False, True]]),
-        "complex64": torch.complex(torch.tensor(f32, dtype=torch.float32), torch.tensor(f32[::-1], dtype=torch.float32)),
-        "complex128": torch.complex(torch.tensor(f64, dtype=torch.float64), torch.tensor(f64[::-1], dtype=torch.float64)),
+        "complex64": torch.complex(torch.tensor(f32, dtype=torch.float32),
+                                   torch.tensor(f32[::-1], dtype=torch.float32)),
+        "complex128": torch.complex(torch.tensor(f64, dtype=torch.float64),
+                                    torch.tensor(f64[::-1], dtype=torch.float64)),
         "float32_0d": torch.tensor(-0.0),
         "bfloat16_0d": torch.tensor(3.0, dtype=torch.bfloat16),
         "float8_e4m3fn_0d": torch.tensor(448.0).to(torch.float8_e4m3fn),
@@ -353,11 +355,11 @@ class StoreConformance:
         with open_run(run_dir) as run:
             call = CallKey(0, 0, "nested", 0)
             inputs = run.structure(call, "inputs")
-            assert inputs["type"] == "tuple" and inputs["items"][1]["type"] == "tuple"
+            assert inputs is not None and inputs["type"] == "tuple" and inputs["items"][1]["type"] == "tuple"
             assert inputs["kwargs"]["scale"] == 2.0 and inputs["kwargs"]["tag"] == "abc"
             assert inputs["kwargs"]["mask"]["type"] == "tensor"
             outputs = run.structure(call, "outputs")
-            assert outputs["type"] == "dict" and outputs["class"] == "FakeModelOutput"
+            assert outputs is not None and outputs["type"] == "dict" and outputs["class"] == "FakeModelOutput"
             items = outputs["items"]
             assert items["attentions"] is None and items["hidden_states"]["type"] == "tuple"
             assert items["extra"]["items"]["n"] == 3 and items["extra"]["items"]["list"]["type"] == "list"
@@ -545,6 +547,7 @@ class StoreConformance:
             with pytest.raises(ValueError):
                 model(torch.randn(1, 2))
             model(torch.randn(1, 2))
+        assert cap.run_dir is not None
         with open_run(cap.run_dir) as run:
             assert run.steps() == [0, 2] and run.incomplete_steps() == [1] and run.status == "complete"
             assert [c.module for c in run.calls(2)] == ["lin"]
@@ -577,8 +580,8 @@ class StoreConformance:
             except CorruptFileError as exc:
                 errors.append(exc)
             assert errors, f"{mode}: reading a run whose files were damaged raised no CorruptFileError"
-            for exc in errors:
-                assert str(run_dir) in str(exc) or (run_dir.name in str(exc)), exc
+            for err in errors:
+                assert str(run_dir) in str(err) or (run_dir.name in str(err)), err
 
     # -- discovery, tools, conversion ---------------------------------------------------------------------
     def test_open_run_detects_the_backend(self, tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ def test_one_run_dir_both_ranks(runs: dict[str, dict]) -> None:
     with ilstore.open_run(run_dir) as run:
         assert run.status == "complete" and run.steps() == [0, 1]
         calls = run.calls(0)
-        assert [(c.rank, c.module) for c in calls] == [(0, "up"), (0, "act"), (0, "down"), (1, "up"), (1, "act"), (1, "down")]
+        assert [(c.rank, c.module) for c in calls] == [(0, "up"), (0, "act"), (0, "down"),
+                                                       (1, "up"), (1, "act"), (1, "down")]
         for step in (0, 1):
             full = _full_model_outputs(step)
             for rank in (0, 1):

@@ -47,7 +47,8 @@ def test_tensor_json_and_files(out_dir: Path) -> None:
     doc = json.loads((d / "outputs.json").read_text())
     assert doc["type"] == "tensor" and doc["shape"] == [1, 12, 64] and doc["dtype"] == "torch.float32"
     assert doc["numel"] == 768 and doc["device"] == "cpu" and doc["file"] == "outputs_cpu.pt"
-    assert doc["ilstore"] == {"module": "model.layers.0.mlp.down_proj", "call": 0, "step": 0, "rank": 0, "kind": "outputs"}
+    assert doc["ilstore"] == {"module": "model.layers.0.mlp.down_proj", "call": 0, "step": 0, "rank": 0,
+                              "kind": "outputs"}
     inputs = json.loads((d / "inputs.json").read_text())
     assert inputs["type"] == "tuple" and inputs["items"][0]["file"] == "inputs_0_cpu.pt"
     t = torch.load(d / "outputs_cpu.pt", weights_only=True)
@@ -68,8 +69,8 @@ def test_names() -> None:
     assert tensor_file_name("inputs", ("3", "1"), "cpu") == "inputs_3_1_cpu.pt"
 
 
-@given(st.integers(0, 10**6), st.text(min_size=1), st.integers(0, 1000), st.sampled_from(["inputs", "outputs", "post_fwd_inputs"]),
-       st.lists(st.text(), max_size=4), st.integers(0, 64))
+@given(st.integers(0, 10**6), st.text(min_size=1), st.integers(0, 1000),
+       st.sampled_from(["inputs", "outputs", "post_fwd_inputs"]), st.lists(st.text(), max_size=4), st.integers(0, 64))
 def test_key_string_round_trip(step: int, module: str, call: int, kind: str, path: list[str], rank: int) -> None:
     key = TensorKey(step, module, call, kind, tuple(path), rank)
     text = str(key)

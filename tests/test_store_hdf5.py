@@ -84,7 +84,8 @@ def test_attributes_have_h5py_types(out_dir: Path, tmp_path: Path) -> None:
 def test_bfloat16_and_float8_stored_as_raw_bits(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Identity())
     values = {k: v for k, v in conformance_tensors().items() if k in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
-    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r", "backend": "hdf5"}) as cap:
+    config = {"output_dir": str(tmp_path), "run_id": "r", "backend": "hdf5"}
+    with torch.no_grad(), ilstore.capture(model, config) as cap:
         model(values)
     with h5py.File(cap.run_dir / "step_0.h5", "r") as f:
         for name, tensor in values.items():

@@ -41,8 +41,9 @@ class TestSmallShards(StoreConformance):
 def _capture(out_dir: Path, shard_mb: float, run_id: str = "run") -> Path:
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
     x = torch.randn(64, 256)
-    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(out_dir), "run_id": run_id, "backend": "safetensors",
-                                                  "backend_options": {"shard_size_mb": shard_mb}}) as cap:
+    config = {"output_dir": str(out_dir), "run_id": run_id, "backend": "safetensors",
+              "backend_options": {"shard_size_mb": shard_mb}}
+    with torch.no_grad(), ilstore.capture(model, config) as cap:
         model(x)
     assert cap.run_dir is not None
     return cap.run_dir

@@ -170,14 +170,14 @@ def _save_tensor(tensor: torch.Tensor, path: str) -> None:
             return
         sig = (tensor.dtype, tuple(tensor.shape), tensor.stride()) if _plain_contiguous(tensor) else None
         header = _HEADERS.get(sig, False) if sig is not None else None
-        if header:
+        if isinstance(header, bytes) and header:
             fh.write(header)
             fh.write(_SIZE.pack(tensor.numel()))
-            _write_chunked(fh.write, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            _write_chunked(fh.write, tensor.reshape(-1).view(torch.uint8).numpy())
             return
         writer = _PlainWriter(fh, record_head=header is False)
-        torch.save(tensor, writer, _use_new_zipfile_serialization=False)
-        if header is False:
+        torch.save(tensor, writer, _use_new_zipfile_serialization=False)  # type: ignore[arg-type]  # write-only
+        if header is False and sig is not None:
             if len(_HEADERS) >= _MAX_HEADERS:
                 _HEADERS.clear()
             _HEADERS[sig] = writer.header(tensor)

@@ -122,8 +122,8 @@ def get_backend(name: str) -> Backend:
             raise BackendError(f"backend plug-in {name!r} ({ep.value}) failed to load: {exc}") from None
     else:
         names = _available()
-        hint = difflib.get_close_matches(name, names, n=1)
-        did = f"did you mean {hint[0]!r}? " if hint else ""
+        close = difflib.get_close_matches(name, names, n=1)
+        did = f"did you mean {close[0]!r}? " if close else ""
         raise BackendError(f"unknown backend {name!r}; {did}installed backends: {', '.join(names)}")
     _loaded[name] = backend
     return backend
