@@ -63,9 +63,7 @@ class RawReader(StoreReader):
     def _list_steps(self) -> list[int]:
         return sorted(int(p.name[4:]) for p in self.run_dir.iterdir() if p.name.startswith("raw_"))
 
-    def steps(self) -> list[int]:
-        if self.manifest is not None:
-            return super().steps()
+    def _completed_steps(self) -> list[int]:
         return [s for s in self._list_steps() if (self.run_dir / f"raw_{s}" / "meta.json").is_file()]
 
     def _meta(self, step: int) -> dict[str, Any]:
@@ -165,3 +163,28 @@ def test_broken_plugin_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr(registry, "_plugins", None)
     with pytest.warns(UserWarning, match="failed to load"), pytest.raises(ilstore.BackendError, match="broken"):
         convert(tmp_path, tmp_path.parent / "out-broken", to="broken")
+
+
+def test_registering_leaves_the_classes_alone_and_the_name_reaches_the_manifest(tmp_path: Path) -> None:
+    backend = ilstore.register_backend("rawbin2", RawWriter, RawReader)
+    assert backend == registry.get_backend("rawbin2") and backend.name == "rawbin2"
+    assert RawWriter.name == "" and RawReader.name == ""  # the name lives in the Backend record only
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r2",
+                                                  "backend": "rawbin2"}) as cap:
+        model(torch.ones(1, 3))
+    assert json.loads((cap.run_dir / "ilstore.json").read_text())["backend"] == "rawbin2"
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.name == "rawbin2" and isinstance(run, RawReader)
+    with ilstore.open_run(convert(cap.run_dir, tmp_path / "again", to="rawbin2")) as run:
+        assert run.name == "rawbin2" and run.manifest["backend"] == "rawbin2"
+    assert RawWriter.name == "" and RawReader.name == ""
+
+
+def test_builtins_are_declared_as_a_plugin_is() -> None:
+    import importlib
+
+    for name, (path, _hint) in registry.BUILTIN_BACKENDS.items():
+        module = importlib.import_module(path)
+        backend = registry.get_backend(name)
+        assert (backend.writer, backend.reader) == (module.writer, module.reader), name

@@ -155,3 +155,17 @@ def test_cut_step_is_not_listed_without_a_manifest(tmp_path: Path) -> None:
     (cap.run_dir / "ilstore.json").unlink()
     with ilstore.open_run(cap.run_dir) as run:
         assert run.name == "safetensors" and run.steps() == [0] and run.incomplete_steps() == [1]
+
+
+def test_dtypes_stored_as_is_are_the_ones_safetensors_reads_back() -> None:
+    from ilstore.store.safetensors import _supported
+
+    stored_as_is = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                    torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn,
+                    torch.float8_e5m2}
+    for dtype in stored_as_is:
+        assert _supported(dtype), dtype
+    for dtype in (torch.complex128, torch.complex32):  # encoded ("real" / "bits"), the true dtype in the index
+        assert not _supported(dtype), dtype
+    if hasattr(torch, "float8_e8m0fnu"):  # safetensors 0.8 writes it but cannot read it back
+        assert not _supported(torch.float8_e8m0fnu)
