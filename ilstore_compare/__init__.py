@@ -21,9 +21,10 @@ Example:
 from __future__ import annotations
 
 from .engine import compare
-from .errors import AmbiguousRunError, CompareError, NameMapError
+from .errors import AmbiguousRunError, CompareError, NameMapError, OptionError
 from .mapping import NameMap
-from .result import CallResult, CompareOptions, CompareResult, Divergence, Summary, TensorResult
+from .options import CompareOptions
+from .result import CallResult, CompareResult, Divergence, Summary, TensorResult
 
 __all__ = ["compare", "CompareResult", "CompareOptions", "TensorResult", "CallResult", "Divergence", "Summary",
-           "NameMap", "CompareError", "AmbiguousRunError", "NameMapError"]
+           "NameMap", "CompareError", "OptionError", "AmbiguousRunError", "NameMapError"]

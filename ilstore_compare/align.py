@@ -105,13 +105,14 @@ def _summed_node(nodes: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> t
     shapes = [_shape(n) for n in nodes]
     problem = None
     if None not in shapes and any(s != shapes[0] for s in shapes):
-        problem = "sum: shapes differ (" + ", ".join(f"{label} {s}" for label, s in zip(labels, shapes)) + ")"
+        listed = ", ".join(f"{label} {s}" for label, s in zip(labels, shapes, strict=True))
+        problem = f"sum: shapes differ ({listed})"
     elif shapes[0] is not None:
         out.update(shape=shapes[0], numel=math.prod(shapes[0]))
     dtype = _result_dtype([n.get("dtype") for n in nodes])
     if dtype is not None:
         out["dtype"] = dtype
-    missing = [label for label, n in zip(labels, nodes) if not _stored(n)]
+    missing = [label for label, n in zip(labels, nodes, strict=True) if not _stored(n)]
     if missing:
         out.update(stored=False, reason=f"{', '.join(missing)} not stored; a sum rule needs every body")
     else:

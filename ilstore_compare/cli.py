@@ -13,7 +13,6 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +21,26 @@ import click
 from ilstore.errors import IlstoreError
 
 from .engine import compare
-from .errors import CompareError
+from .errors import OptionError
+from .mapping import NameMap
+from .options import CompareOptions
 from .pairing import parse_steps
 from .report_html import render_html
 from .report_json import render_json
 from .report_md import render_markdown
 from .result import CompareResult
 
-__all__ = ["compare_cmd", "main", "run", "CompareArgs", "RENDERERS"]
-
-_log = logging.getLogger(__name__)
+__all__ = ["compare_cmd", "main", "run", "RENDERERS", "FLAGS"]
 
 #: Report format → renderer ``(result, verbose) -> text``.
 RENDERERS: dict[str, Callable[[CompareResult, bool], str]] = {
     "md": render_markdown, "json": render_json, "html": render_html}
 _EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html", ".htm": "html"}
 
-
-@dataclass(frozen=True)
-class CompareArgs:
-    """Parsed command-line options of ``ilstore-compare``."""
-
-    dir1: Path
-    dir2: Path
-    output: Path | None = None
-    rtol: float = 1e-5
-    atol: float = 1e-8
-    steps: tuple[int, ...] | None = None
-    modules: tuple[str, ...] = ()
-    verbose: bool = False
-    fmt: str | None = None
-    exact: bool = False
-    equal_nan: bool = False
-    map_file: Path | None = None
-    workers: int = 1
-    allow_stats_only: bool = False
-    squeeze_shapes: bool | None = None
-    allow_unaligned: bool = False
+#: :class:`CompareOptions` field → the flag that sets it (the one place the two namings meet).
+FLAGS = {"rtol": "--rtol", "atol": "--atol", "steps": "--steps", "modules": "--modules", "exact": "--exact",
+         "equal_nan": "--equal-nan", "allow_stats_only": "--allow-stats-only", "name_map": "--map",
+         "squeeze_shapes": "--squeeze-shapes", "allow_unaligned": "--allow-unaligned", "workers": "--workers"}
 
 
 def report_format(fmt: str | None, output: Path | None) -> str:
@@ -88,47 +70,55 @@ class _ProgressBar:
             self._bar.close()
 
 
-def run(args: CompareArgs) -> int:
+def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None = None, fmt: str | None = None,
+        verbose: bool = False) -> int:
     """Compare, render and write the report; returns the exit status (0 or 1).
+
+    Args:
+        dir1: the run to check.
+        dir2: the reference run.
+        options: what to compare and how.
+        output: write the report here (default: stdout).
+        fmt: report format (default: from ``output``'s extension, else markdown).
+        verbose: list every tensor in the report.
 
     Raises:
         IlstoreError: bad input (the CLI turns it into exit status 2).
     """
-    fmt = report_format(args.fmt, args.output)
+    fmt = report_format(fmt, output)
     bar = _ProgressBar() if sys.stderr.isatty() else None
     try:
-        result = compare(args.dir1, args.dir2, rtol=args.rtol, atol=args.atol, steps=args.steps,
-                         modules=list(args.modules) or None, exact=args.exact, equal_nan=args.equal_nan,
-                         name_map=args.map_file, workers=args.workers, progress=bar,
-                         allow_stats_only=args.allow_stats_only, squeeze_shapes=args.squeeze_shapes,
-                         allow_unaligned=args.allow_unaligned)
+        result = compare(dir1, dir2, options, progress=bar)
     finally:
         if bar is not None:
             bar.close()
-    text = RENDERERS[fmt](result, args.verbose)
-    if args.output is None:
+    text = RENDERERS[fmt](result, verbose)
+    if output is None:
         click.echo(text, nl=False)
     else:
         try:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(text, encoding="utf-8")
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text, encoding="utf-8")
         except OSError as exc:
-            raise CompareError(f"{args.output}: cannot write the report: {exc.strerror or exc}") from None
+            raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
         s = result.summary
         click.echo(f"{result.verdict}: {s.compared} compared, {s.matched} matched, {s.mismatched} mismatched, "
                    f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2, {s.unaligned} declared unaligned; "
-                   f"{fmt} report written to {args.output}")
+                   f"{fmt} report written to {output}")
     return result.exit_code
 
 
 def _exit_codes(fn: Callable[..., int]) -> Callable[..., None]:
-    """An :class:`IlstoreError` becomes one message on stderr and exit status 2."""
+    """An :class:`IlstoreError` becomes one message on stderr and exit status 2 (an option named by its flag)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         ctx = click.get_current_context()
         try:
             code = fn(*args, **kwargs)
+        except OptionError as exc:
+            click.echo(f"error: {FLAGS.get(exc.option, exc.option)}: {exc.detail}", err=True)
+            ctx.exit(2)
         except IlstoreError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
@@ -142,8 +132,8 @@ def _steps_option(ctx: click.Context, param: click.Parameter, value: str | None)
         return None
     try:
         return parse_steps(value)
-    except CompareError as exc:
-        raise click.BadParameter(str(exc).removeprefix("--steps: ")) from None
+    except OptionError as exc:
+        raise click.BadParameter(exc.detail) from None
 
 
 _EPILOG = """\b
@@ -202,10 +192,11 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
     Reports which tensors differ and by how much, and the first module call (in execution
     order) whose outputs differ, with whether it introduced or inherited the error.
     """
-    return run(CompareArgs(dir1=dir1, dir2=dir2, output=output, rtol=rtol, atol=atol, steps=steps, modules=modules,
-                           verbose=verbose, fmt=fmt, exact=exact, equal_nan=equal_nan, map_file=map_file,
-                           workers=workers, allow_stats_only=allow_stats_only, squeeze_shapes=squeeze_shapes,
-                           allow_unaligned=allow_unaligned))
+    options = CompareOptions(rtol=rtol, atol=atol, steps=steps, modules=modules or None, exact=exact,
+                             equal_nan=equal_nan, allow_stats_only=allow_stats_only,
+                             name_map=NameMap.load(map_file).to_dict() if map_file is not None else None,
+                             squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers)
+    return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,9 @@ from ilstore.store.registry import open_run
 from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
-from .errors import CompareError
-from .mapping import NameMap
 from .metrics import compare_stats, compare_tensors, is_float_dtype
-from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir, split_patterns
+from .options import CompareOptions
+from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir
 from .result import (
     BAD_VALUE_STATUSES,
     MATCH,
@@ -42,7 +41,6 @@ from .result import (
     STATS_ONLY_MISMATCH,
     UNALIGNED,
     CallResult,
-    CompareOptions,
     CompareResult,
     Summary,
     TensorResult,
@@ -56,33 +54,19 @@ _log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
-def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: float = 1e-8,
-            steps: Iterable[int] | None = None, modules: str | Sequence[str] | None = None, exact: bool = False,
-            equal_nan: bool = False, name_map: NameMap | Mapping[str, Any] | str | Path | None = None,
-            workers: int = 1, progress: Progress | None = None, allow_stats_only: bool = False,
-            squeeze_shapes: bool | None = None, allow_unaligned: bool = False) -> CompareResult:
+def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None = None, *,
+            progress: Progress | None = None, **changes: Any) -> CompareResult:
     """Compare two runs (any backends); dir2 is the reference.
 
     Args:
         dir1: a run directory, or a directory holding exactly one run.
         dir2: the reference run, same.
-        rtol: relative tolerance: an element matches when ``|a - b| <= atol + rtol * |b|``.
-        atol: absolute tolerance.
-        steps: steps to compare (default: every step of either run).
-        modules: module-name regexes (``re.search``; a comma-separated string or a list);
-            matched against names after the name map.
-        exact: compare bits instead of using tolerances.
-        equal_nan: NaN in the same place on both sides counts as equal.
-        name_map: the map (:class:`NameMap`, its dict form or a JSON file path): module
-            renames, path rules, unaligned declarations.
-        workers: tensor pairs compared in parallel (threads).
+        options: what to compare and how (default: :class:`CompareOptions`'s defaults).
         progress: called as ``progress(done, total)`` after each tensor pair.
-        allow_stats_only: let pairs compared only by statistics (bodies not stored) count as
-            matched for the exit status; by default coverage fails closed.
-        squeeze_shapes: compare shapes that differ only by size-1 dimensions (``[T, H]`` vs
-            ``[1, T, H]``) after squeezing; None: as the map says (off without a map).
-        allow_unaligned: tensors the map declares unaligned do not count against the exit
-            status; by default they do (coverage fails closed).
+        **changes: options given by name instead (or on top of ``options``):
+            ``rtol``, ``atol``, ``steps``, ``modules``, ``exact``, ``equal_nan``,
+            ``allow_stats_only``, ``name_map``, ``squeeze_shapes``, ``allow_unaligned``,
+            ``workers``; see :class:`CompareOptions`.
 
     Returns:
         The :class:`CompareResult`; ``result.exit_code`` is 0 only when every tensor was
@@ -93,19 +77,24 @@ def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: flo
         AmbiguousRunError: a directory holds several runs.
         CorruptFileError: a tensor or metadata file is unreadable (the message names it).
         NameMapError: a bad name map.
-        CompareError: a bad option.
+        OptionError: a bad or unknown option (a :class:`CompareError`).
 
     Example:
-        >>> result = compare("runs/bf16", "runs/fp32", rtol=1e-2, atol=1e-3)  # doctest: +SKIP
-        >>> result.exit_code, result.first_divergence
+        >>> import tempfile, torch, ilstore
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> def run(x):
+        ...     with ilstore.capture(model, {"output_dir": tempfile.mkdtemp()}) as cap:
+        ...         _ = model(x)
+        ...     return cap.run_dir
+        >>> result = compare(run(torch.ones(1, 4)), run(torch.full((1, 4), 1.5)), rtol=1e-2, atol=1e-3)
+        >>> result.exit_code, result.verdict, result.summary.mismatched
+        (1, 'mismatch', 2)
+        >>> d = result.first_divergence
+        >>> d.module, d.origin
+        ('0', 'inherited')
     """
-    options = _options(rtol, atol, steps, modules, exact, equal_nan, allow_stats_only, workers)
-    nmap = NameMap.coerce(name_map)
-    if nmap is not None:
-        options = _replace(options, name_map=nmap.to_dict())
-    if squeeze_shapes is None:
-        squeeze_shapes = nmap is not None and nmap.squeeze_shapes
-    options = _replace(options, squeeze_shapes=bool(squeeze_shapes), allow_unaligned=bool(allow_unaligned))
+    options = CompareOptions.create(options, **changes)
+    nmap = options.map
     patterns = compile_patterns(options.modules) if options.modules is not None else None
     path1, path2 = resolve_run_dir(dir1), resolve_run_dir(dir2)
     with open_run(path1) as r1, open_run(path2) as r2:
@@ -119,7 +108,7 @@ def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: flo
             heap.after(_pair_bytes(pair))
             return result
 
-        tensors = tuple(_stream(plan.pairs, one, workers, progress))
+        tensors = tuple(_stream(plan.pairs, one, options.workers, progress))
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
     calls, first, introduced = analyse_calls(plan.calls, tensors)
     summary = _summary(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
@@ -127,37 +116,6 @@ def compare(dir1: str | Path, dir2: str | Path, *, rtol: float = 1e-5, atol: flo
                          status2=status2, options=options, tensors=tensors, calls=tuple(calls),
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(plan.notes))
-
-
-def _replace(options: CompareOptions, **changes: Any) -> CompareOptions:
-    import dataclasses
-
-    return dataclasses.replace(options, **changes)
-
-
-def _options(rtol: float, atol: float, steps: Iterable[int] | None, modules: str | Sequence[str] | None,
-             exact: bool, equal_nan: bool, allow_stats_only: bool, workers: int) -> CompareOptions:
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise CompareError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise CompareError(f"workers must be an integer >= 1, got {workers!r}")
-    step_tuple = None
-    if steps is not None:
-        step_list = list(steps)
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in step_list):
-            raise CompareError(f"steps must be integers >= 0, got {step_list!r}")
-        step_tuple = tuple(sorted(set(step_list)))
-    module_tuple = None
-    if modules is not None:
-        if isinstance(modules, str):
-            module_tuple = tuple(split_patterns(modules))
-        else:
-            module_tuple = tuple(p for m in modules for p in split_patterns(m))
-        if not module_tuple:
-            raise CompareError("modules: no pattern given (pass None to compare every module)")
-    return CompareOptions(rtol=float(rtol), atol=float(atol), steps=step_tuple, modules=module_tuple, exact=exact,
-                          equal_nan=equal_nan, allow_stats_only=allow_stats_only)
 
 
 def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,

@@ -14,13 +14,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
-__all__ = ["CHUNK", "TensorMetrics", "StatsCheck", "compare_tensors", "compare_stats", "is_float_dtype"]
+__all__ = ["CHUNK", "TensorMetrics", "MetricInfo", "metric_infos", "StatsCheck", "compare_tensors", "compare_stats",
+           "is_float_dtype"]
 
 #: Elements per chunk: 1 Mi elements, i.e. 8 MiB per float64 temporary.
 CHUNK = 1 << 20
@@ -37,11 +38,50 @@ def is_float_dtype(dtype: str | None) -> bool:
 
 
 @dataclass(frozen=True)
+class MetricInfo:
+    """How a :class:`TensorMetrics` field is computed and reported (the field's ``metadata["metric"]``).
+
+    The reports are driven by these: every field is a JSON key of a tensor entry, every field
+    with a ``label`` a column of the markdown and HTML tensor tables, in field order.
+
+    Attributes:
+        key: the JSON key (default: the field name).
+        label: the column header in the markdown and HTML tables; None: JSON only (another
+            field's cell shows it).
+        cell: ``cell(metrics, num) -> str`` renders the column (``num`` formats one number);
+            None: ``num(value)``.
+        chunk: for a metric streamed chunk by chunk beside the built-in ones:
+            ``chunk(a_chunk, b_chunk)`` returns the chunk's value (None: nothing to measure in
+            it), raw chunks in their own dtypes (``a`` from dir1, ``b`` the reference).
+        combine: merges two chunk values (both present); the metric is None when no chunk
+            gave a value.
+    """
+
+    key: str = ""
+    label: str | None = None
+    cell: Callable[[Any, Callable[..., str]], str] | None = None
+    chunk: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+    combine: Callable[[Any, Any], Any] = max
+
+
+def _metric(label: str | None, *, key: str = "", cell: Callable[[Any, Callable[..., str]], str] | None = None,
+            chunk: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+            combine: Callable[[Any, Any], Any] = max) -> dict[str, MetricInfo]:
+    """The ``metadata`` of a :class:`TensorMetrics` field: its :class:`MetricInfo`."""
+    return {"metric": MetricInfo(key=key, label=label, cell=cell, chunk=chunk, combine=combine)}
+
+
+def _index_cell(m: TensorMetrics, num: Callable[..., str]) -> str:
+    return str(list(m.max_abs_diff_index)) if m.max_abs_diff_index is not None else "—"
+
+
+@dataclass(frozen=True)
 class TensorMetrics:
     """How two tensors of the same shape differ (``a`` from dir1, ``b`` the dir2 reference).
 
     Difference metrics are taken over the elements finite on both sides; NaN/Inf are counted
     separately (and count as mismatches unless they agree, see :func:`compare_tensors`).
+    Each field's :class:`MetricInfo` says how the reports show it.
 
     Attributes:
         numel: elements compared.
@@ -56,19 +96,31 @@ class TensorMetrics:
         nan1, nan2, inf1, inf2: NaN and Inf counts in a and b.
     """
 
-    numel: int
-    mismatched: int
-    mismatched_pct: float
-    max_abs_diff: float | None
-    max_abs_diff_index: tuple[int, ...] | None
-    mean_abs_diff: float | None
-    max_rel_diff: float | None
-    rel_l2: float | None
-    cosine: float | None
-    nan1: int = 0
-    nan2: int = 0
-    inf1: int = 0
-    inf2: int = 0
+    numel: int = field(metadata=_metric(None))
+    mismatched: int = field(metadata=_metric(
+        "mismatched", cell=lambda m, num: f"{m.mismatched} ({num(m.mismatched_pct, pct=True)})"))
+    mismatched_pct: float = field(metadata=_metric(None))
+    max_abs_diff: float | None = field(metadata=_metric("max abs diff"))
+    max_abs_diff_index: tuple[int, ...] | None = field(metadata=_metric("at", cell=_index_cell))
+    mean_abs_diff: float | None = field(metadata=_metric("mean abs diff"))
+    max_rel_diff: float | None = field(metadata=_metric("max rel diff"))
+    rel_l2: float | None = field(metadata=_metric("rel L2"))
+    cosine: float | None = field(metadata=_metric("cos", key="cosine_similarity"))
+    nan1: int = field(default=0, metadata=_metric("NaN 1/2", key="nan_count1", cell=lambda m, _: f"{m.nan1}/{m.nan2}"))
+    nan2: int = field(default=0, metadata=_metric(None, key="nan_count2"))
+    inf1: int = field(default=0, metadata=_metric("Inf 1/2", key="inf_count1", cell=lambda m, _: f"{m.inf1}/{m.inf2}"))
+    inf2: int = field(default=0, metadata=_metric(None, key="inf_count2"))
+
+
+def metric_infos() -> tuple[tuple[str, MetricInfo], ...]:
+    """``(field name, info)`` of every :class:`TensorMetrics` field, in order (``info.key`` filled in)."""
+    return _INFOS
+
+
+_INFOS: tuple[tuple[str, MetricInfo], ...] = tuple(
+    (f.name, replace(f.metadata["metric"], key=f.metadata["metric"].key or f.name)) for f in fields(TensorMetrics))
+#: Metrics computed chunk by chunk by their own function (``MetricInfo.chunk``).
+_STREAMED = tuple((name, info) for name, info in _INFOS if info.chunk is not None)
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -83,24 +135,122 @@ def _is_exact_type(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex())
 
 
-def _finite_chunk(x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float) -> tuple[Any, ...] | None:
-    """Metrics of one float64 chunk with a handful of temporaries, or None if any element of
-    either side is NaN/Inf (the general path then handles it).
+@dataclass
+class _Accumulator:
+    """Running totals of one tensor pair, added to chunk by chunk (sums in float64).
 
-    ``|x - y|`` is finite everywhere exactly when both sides are, and its sum is finite exactly
-    when every term is, so one reduction decides; dot products replace elementwise squares.
+    Attributes:
+        mismatched: elements failing the verdict so far.
+        finite: elements finite on both sides (the difference metrics' population).
+        nan1, nan2, inf1, inf2: NaN and Inf counts on each side.
+        sum_abs, dd, aa, bb, ab: ``sum |a-b|``, ``sum |a-b|^2``, ``sum |a|^2``, ``sum |b|^2``,
+            ``Re sum a conj(b)`` over the finite elements.
+        max_abs, max_at, max_rel: the largest ``|a-b|``, its flat index, the largest relative
+            difference (-1: none yet).
+        streamed: the values of the metrics with their own chunk function, by field name.
     """
-    d = torch.sub(x, y).abs_()
-    c_sum = float(d.sum())
-    if not math.isfinite(c_sum):
-        return None
-    yabs = y.abs()
-    tol = torch.mul(yabs, rtol).add_(atol)
-    c_mis = int((d > tol).sum())
-    cmax, cidx = d.max(dim=0)
-    rel = torch.div(d, yabs, out=tol).masked_fill_(yabs == 0, 0.0)
-    return (c_mis, c_sum, float(torch.dot(d, d)), float(torch.dot(x, x)), float(torch.dot(y, y)),
-            float(torch.dot(x, y)), float(cmax), int(cidx), float(rel.max()))
+
+    mismatched: int = 0
+    finite: int = 0
+    nan1: int = 0
+    nan2: int = 0
+    inf1: int = 0
+    inf2: int = 0
+    sum_abs: float = 0.0
+    dd: float = 0.0
+    aa: float = 0.0
+    bb: float = 0.0
+    ab: float = 0.0
+    max_abs: float = -1.0
+    max_at: int = -1
+    max_rel: float = -1.0
+    streamed: dict[str, Any] = field(default_factory=dict)
+
+    def add_max(self, cmax: float, at: int, crel: float) -> None:
+        if cmax > self.max_abs:
+            self.max_abs, self.max_at = cmax, at
+        self.max_rel = max(self.max_rel, crel)
+
+    def add_finite(self, x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float, start: int) -> bool:
+        """Add one float64 chunk with a handful of temporaries; False (nothing added) if any
+        element of either side is NaN/Inf (the general path then handles it).
+
+        ``|x - y|`` is finite everywhere exactly when both sides are, and its sum is finite
+        exactly when every term is, so one reduction decides; dot products replace elementwise
+        squares.
+        """
+        d = torch.sub(x, y).abs_()
+        c_sum = float(d.sum())
+        if not math.isfinite(c_sum):
+            return False
+        yabs = y.abs()
+        tol = torch.mul(yabs, rtol).add_(atol)
+        self.mismatched += int((d > tol).sum())
+        cmax, cidx = d.max(dim=0)
+        rel = torch.div(d, yabs, out=tol).masked_fill_(yabs == 0, 0.0)
+        self.finite += x.numel()
+        self.sum_abs += c_sum
+        self.dd += float(torch.dot(d, d))
+        self.aa += float(torch.dot(x, x))
+        self.bb += float(torch.dot(y, y))
+        self.ab += float(torch.dot(x, y))
+        self.add_max(float(cmax), start + int(cidx), float(rel.max()))
+        return True
+
+    def add_general(self, ok: torch.Tensor, x: torch.Tensor, y: torch.Tensor, start: int) -> None:
+        """Add one chunk that may hold NaN/Inf, complex values or exact types (``ok``: the verdict)."""
+        zero = torch.zeros((), dtype=torch.float64)
+        finite = torch.isfinite(x) & torch.isfinite(y)
+        d = torch.where(finite, (x - y).abs(), zero)
+        yabs = y.abs()
+        rel = torch.where(finite & (yabs > 0), d / torch.where(yabs > 0, yabs, 1.0), zero)
+        xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+        yf = torch.where(finite, y, torch.zeros((), dtype=x.dtype))
+        cmax, cidx = d.max(dim=0)
+        dot = (xf * yf.conj()).sum()
+        # one stacked transfer instead of a synchronising .item() per value
+        (mis, nan1, nan2, inf1, inf2, fin, s_abs, dd, aa, bb, ab, c_max, c_idx, c_rel) = torch.stack([
+            (~ok).sum().double(), torch.isnan(x).sum().double(), torch.isnan(y).sum().double(),
+            torch.isinf(x).sum().double(), torch.isinf(y).sum().double(), finite.sum().double(),
+            d.sum(), (d * d).sum(), (xf.abs() ** 2).sum(), (yf.abs() ** 2).sum(),
+            dot.real if dot.is_complex() else dot, cmax, cidx.double(), rel.max(),
+        ]).tolist()
+        self.mismatched += int(mis)
+        self.nan1, self.nan2 = self.nan1 + int(nan1), self.nan2 + int(nan2)
+        self.inf1, self.inf2 = self.inf1 + int(inf1), self.inf2 + int(inf2)
+        self.finite += int(fin)
+        self.sum_abs, self.dd, self.aa, self.bb, self.ab = (self.sum_abs + s_abs, self.dd + dd, self.aa + aa,
+                                                            self.bb + bb, self.ab + ab)
+        self.add_max(c_max, start + int(c_idx), c_rel)
+
+    def add_streamed(self, ca: torch.Tensor, cb: torch.Tensor) -> None:
+        for name, info in _STREAMED:
+            assert info.chunk is not None
+            value = info.chunk(ca, cb)
+            if value is not None:
+                old = self.streamed.get(name)
+                self.streamed[name] = value if old is None else info.combine(old, value)
+
+    def result(self, n: int, shape: tuple[int, ...]) -> TensorMetrics:
+        if self.finite == 0:
+            max_abs_diff = mean_abs = max_rel_diff = None
+            index = None
+        else:
+            max_abs_diff, mean_abs, max_rel_diff = self.max_abs, self.sum_abs / self.finite, self.max_rel
+            index = _unravel(self.max_at, shape) if self.max_abs > 0 else None
+        if self.bb > 0:
+            rel_l2: float | None = math.sqrt(self.dd) / math.sqrt(self.bb)
+        else:
+            rel_l2 = 0.0 if self.dd == 0 else None
+        if self.aa > 0 and self.bb > 0:
+            cosine: float | None = max(-1.0, min(1.0, self.ab / (math.sqrt(self.aa) * math.sqrt(self.bb))))
+        else:
+            cosine = 1.0 if self.aa == self.bb == 0 else 0.0
+        return TensorMetrics(numel=n, mismatched=self.mismatched,
+                             mismatched_pct=100.0 * self.mismatched / n if n else 0.0, max_abs_diff=max_abs_diff,
+                             max_abs_diff_index=index, mean_abs_diff=mean_abs, max_rel_diff=max_rel_diff,
+                             rel_l2=rel_l2, cosine=cosine if n else None, nan1=self.nan1, nan2=self.nan2,
+                             inf1=self.inf1, inf2=self.inf2, **self.streamed)
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: float, exact: bool = False,
@@ -129,7 +279,6 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     """
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-    shape = tuple(a.shape)
     n = a.numel()
     fa, fb = a.reshape(-1), b.reshape(-1)
     bitwise = exact and a.dtype == b.dtype
@@ -137,25 +286,16 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     work = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
     if exact:
         rtol = atol = 0.0
-    mismatched = nan1 = nan2 = inf1 = inf2 = n_fin = 0
-    sum_abs = dd = aa = bb = ab = 0.0
-    max_abs, max_at, max_rel = -1.0, -1, -1.0
-    zero = torch.zeros((), dtype=torch.float64)
+    acc = _Accumulator()
     with torch.no_grad():
         for start in range(0, n, chunk):
             ca, cb = fa[start:start + chunk], fb[start:start + chunk]
             x, y = ca.to(work), cb.to(work)
-            if not (bitwise or integral or x.is_complex()):
-                fast = _finite_chunk(x, y, rtol, atol)
-                if fast is not None:  # the common case: every element finite on both sides
-                    c_mis, c_sum, c_dd, c_aa, c_bb, c_ab, cmax, cidx, crel = fast
-                    mismatched += c_mis
-                    n_fin += x.numel()
-                    sum_abs, dd, aa, bb, ab = sum_abs + c_sum, dd + c_dd, aa + c_aa, bb + c_bb, ab + c_ab
-                    if cmax > max_abs:
-                        max_abs, max_at = cmax, start + cidx
-                    max_rel = max(max_rel, crel)
-                    continue
+            if _STREAMED:
+                acc.add_streamed(ca, cb)
+            # the common case: every element finite on both sides
+            if not (bitwise or integral or x.is_complex()) and acc.add_finite(x, y, rtol, atol, start):
+                continue
             if bitwise:
                 size = ca.element_size()
                 ok = (ca.contiguous().view(torch.uint8).view(-1, size)
@@ -166,45 +306,8 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
                 ok = (x == y) | ((x - y).abs() <= atol + rtol * y.abs())
                 if equal_nan:
                     ok |= torch.isnan(x) & torch.isnan(y)
-            finite = torch.isfinite(x) & torch.isfinite(y)
-            d = torch.where(finite, (x - y).abs(), zero)
-            yabs = y.abs()
-            rel = torch.where(finite & (yabs > 0), d / torch.where(yabs > 0, yabs, 1.0), zero)
-            xf = torch.where(finite, x, torch.zeros((), dtype=work))
-            yf = torch.where(finite, y, torch.zeros((), dtype=work))
-            cmax, cidx = d.max(dim=0)
-            dot = (xf * yf.conj()).sum()
-            vals = torch.stack([
-                (~ok).sum().double(), torch.isnan(x).sum().double(), torch.isnan(y).sum().double(),
-                torch.isinf(x).sum().double(), torch.isinf(y).sum().double(), finite.sum().double(),
-                d.sum(), (d * d).sum(), (xf.abs() ** 2).sum(), (yf.abs() ** 2).sum(),
-                dot.real if dot.is_complex() else dot, cmax, cidx.double(), rel.max(),
-            ]).tolist()
-            mismatched += int(vals[0])
-            nan1, nan2, inf1, inf2, n_fin = (nan1 + int(vals[1]), nan2 + int(vals[2]), inf1 + int(vals[3]),
-                                             inf2 + int(vals[4]), n_fin + int(vals[5]))
-            sum_abs, dd, aa, bb, ab = sum_abs + vals[6], dd + vals[7], aa + vals[8], bb + vals[9], ab + vals[10]
-            if vals[11] > max_abs:
-                max_abs, max_at = vals[11], start + int(vals[12])
-            max_rel = max(max_rel, vals[13])
-    if n_fin == 0:
-        max_abs_diff = mean_abs = max_rel_diff = None
-        index = None
-    else:
-        max_abs_diff, mean_abs, max_rel_diff = max_abs, sum_abs / n_fin, max_rel
-        index = _unravel(max_at, shape) if max_abs > 0 else None
-    if bb > 0:
-        rel_l2: float | None = math.sqrt(dd) / math.sqrt(bb)
-    else:
-        rel_l2 = 0.0 if dd == 0 else None
-    if aa > 0 and bb > 0:
-        cosine: float | None = max(-1.0, min(1.0, ab / (math.sqrt(aa) * math.sqrt(bb))))
-    else:
-        cosine = 1.0 if aa == bb == 0 else 0.0
-    return TensorMetrics(numel=n, mismatched=mismatched, mismatched_pct=100.0 * mismatched / n if n else 0.0,
-                         max_abs_diff=max_abs_diff, max_abs_diff_index=index, mean_abs_diff=mean_abs,
-                         max_rel_diff=max_rel_diff, rel_l2=rel_l2, cosine=cosine if n else None,
-                         nan1=nan1, nan2=nan2, inf1=inf1, inf2=inf2)
+            acc.add_general(ok, x, y, start)
+    return acc.result(n, tuple(a.shape))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ilstore.store.base import StoreReader
 from ilstore.store.registry import detect_backend
 
 from .align import Side, align_call
-from .errors import AmbiguousRunError, CompareError, NameMapError
+from .errors import AmbiguousRunError, NameMapError, OptionError
 from .mapping import NameMap, PathRule, TensorPath
 
 __all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
@@ -75,16 +75,16 @@ def parse_steps(text: str) -> tuple[int, ...]:
     """``"0,2,5-7"`` → ``(0, 2, 5, 6, 7)``.
 
     Raises:
-        CompareError: anything but non-negative integers and ranges.
+        OptionError: anything but non-negative integers and ranges (option ``steps``).
     """
     steps: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not m:
-            raise CompareError(f"--steps: {part!r} is not a step number or a range like 2-5 (in {text!r})")
+            raise OptionError("steps", f"{part!r} is not a step number or a range like 2-5 (in {text!r})")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise CompareError(f"--steps: empty range {part!r}")
+            raise OptionError("steps", f"empty range {part!r}")
         steps.extend(range(lo, hi + 1))
     return tuple(sorted(set(steps)))
 
@@ -113,13 +113,13 @@ def split_patterns(text: str) -> list[str]:
 
 
 def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    """Compile module regexes; CompareError names a bad one."""
+    """Compile module regexes; an :class:`OptionError` (option ``modules``) names a bad one."""
     compiled = []
     for pattern in patterns:
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:
-            raise CompareError(f"--modules: bad regex {pattern!r}: {exc}") from None
+            raise OptionError("modules", f"bad regex {pattern!r}: {exc}") from None
     return compiled
 
 

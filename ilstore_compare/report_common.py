@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ilstore.keys import CallKey, TensorKey
 
+from .metrics import MetricInfo, metric_infos
 from .result import CallResult, CompareResult, Divergence, TensorResult
 
 __all__ = ["num", "call_label", "tensor_label", "verdict_line", "summary_rows", "options_line", "call_rows",
-           "CALL_HEADERS", "tensor_rows", "TENSOR_HEADERS", "divergence_text", "introduced_rows",
+           "CALL_HEADERS", "tensor_rows", "TENSOR_HEADERS", "TENSOR_COLUMNS", "divergence_text", "introduced_rows",
            "INTRODUCED_HEADERS", "calls_by_step", "tensors_by_step", "SEVERE", "unaligned_rows", "UNALIGNED_HEADERS",
            "first_divergence_tensors"]
 
@@ -188,10 +189,6 @@ def unaligned_rows(tensors: Sequence[TensorResult], max_calls: int = 6) -> list[
     return rows
 
 
-TENSOR_HEADERS = ["module call", "tensor", "status", "shape", "dtype", "mismatched", "max abs diff", "at",
-                  "mean abs diff", "max rel diff", "rel L2", "cos", "NaN 1/2", "Inf 1/2", "note"]
-
-
 def _pair(a: Any, b: Any) -> str:
     fa = "—" if a is None else (str(list(a)) if isinstance(a, tuple) else str(a).removeprefix("torch."))
     fb = "—" if b is None else (str(list(b)) if isinstance(b, tuple) else str(b).removeprefix("torch."))
@@ -202,30 +199,43 @@ def _join(*parts: str | None) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def tensor_rows(tensors: Sequence[TensorResult]) -> list[list[Any]]:
-    rows = []
-    for t in tensors:
+def _tensor_note(t: TensorResult) -> str:
+    note = t.note or ""
+    if t.stats_failed:
+        note = "; ".join([note] if note else []) + ("; " if note else "") + "differ: " + ", ".join(
+            f"{name} {num(v1) if isinstance(v1, float) else v1} vs {num(v2) if isinstance(v2, float) else v2}"
+            for name, v1, v2 in t.stats_failed)
+    if t.renamed_from:
+        note = _join(note, f"renamed from {t.renamed_from}")
+    return _join(note, *t.alignment)
+
+
+def _metric_cell(name: str, info: MetricInfo) -> Callable[[TensorResult], str]:
+    def cell(t: TensorResult) -> str:
         m = t.metrics
-        note = t.note or ""
-        if t.stats_failed:
-            note = "; ".join([note] if note else []) + ("; " if note else "") + "differ: " + ", ".join(
-                f"{name} {num(v1) if isinstance(v1, float) else v1} vs {num(v2) if isinstance(v2, float) else v2}"
-                for name, v1, v2 in t.stats_failed)
-        if t.renamed_from:
-            note = _join(note, f"renamed from {t.renamed_from}")
-        note = _join(note, *t.alignment)
-        shape = _pair(t.shape1, t.shape2) + (" (squeezed)" if t.squeezed else "")
-        rows.append([
-            call_label(t.key.call_key), tensor_label(t.key), t.status, shape,
-            _pair(t.dtype1, t.dtype2),
-            f"{m.mismatched} ({num(m.mismatched_pct, pct=True)})" if m else "—",
-            num(m.max_abs_diff) if m else "—",
-            str(list(m.max_abs_diff_index)) if m and m.max_abs_diff_index is not None else "—",
-            num(m.mean_abs_diff) if m else "—", num(m.max_rel_diff) if m else "—", num(m.rel_l2) if m else "—",
-            num(m.cosine) if m else "—", f"{m.nan1}/{m.nan2}" if m else "—", f"{m.inf1}/{m.inf2}" if m else "—",
-            note,
-        ])
-    return rows
+        if m is None:
+            return "—"
+        return info.cell(m, num) if info.cell is not None else num(getattr(m, name))
+
+    return cell
+
+
+#: The columns of the tensor tables, ``(header, cell)``: who and what, then one column per
+#: labelled :class:`~ilstore_compare.metrics.TensorMetrics` field (its :class:`MetricInfo`), then the note.
+TENSOR_COLUMNS: list[tuple[str, Callable[[TensorResult], str]]] = [
+    ("module call", lambda t: call_label(t.key.call_key)),
+    ("tensor", lambda t: tensor_label(t.key)),
+    ("status", lambda t: t.status),
+    ("shape", lambda t: _pair(t.shape1, t.shape2) + (" (squeezed)" if t.squeezed else "")),
+    ("dtype", lambda t: _pair(t.dtype1, t.dtype2)),
+    *((info.label, _metric_cell(name, info)) for name, info in metric_infos() if info.label is not None),
+    ("note", _tensor_note),
+]
+TENSOR_HEADERS = [header for header, _ in TENSOR_COLUMNS]
+
+
+def tensor_rows(tensors: Sequence[TensorResult]) -> list[list[Any]]:
+    return [[cell(t) for _, cell in TENSOR_COLUMNS] for t in tensors]
 
 
 def calls_by_step(result: CompareResult) -> dict[int, list[CallResult]]:

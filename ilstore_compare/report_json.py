@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
 
-from .result import CallResult, CompareResult, Divergence, TensorResult
+from ilstore.keys import CallKey, TensorKey
+
+from .metrics import TensorMetrics, metric_infos
+from .options import reported_options
+from .result import CallResult, CompareResult, TensorResult
 
 __all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "validate_report"]
 
@@ -15,66 +20,51 @@ REPORT_FORMAT = "ilstore-compare-report"
 REPORT_VERSION = 1
 
 
-def _f(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def _plain(value: Any) -> Any:
+    """JSON-ready data: tuples become lists, non-finite floats null."""
     if isinstance(value, float):
-        return _f(value)
+        return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields, shallow (nested dataclasses stay objects)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _key(key: TensorKey | CallKey) -> dict[str, Any]:
+    out = {"step": key.step, "rank": key.rank, "module": key.module, "call": key.call}
+    if isinstance(key, TensorKey):
+        out.update(kind=key.kind, path=list(key.path))
+    return out
+
+
+def _metrics(m: TensorMetrics | None) -> dict[str, Any]:
+    """Every metric under its JSON key (:class:`~ilstore_compare.metrics.MetricInfo`); null without metrics."""
+    return {info.key: getattr(m, name) if m is not None else None for name, info in metric_infos()}
+
+
 def _tensor(t: TensorResult) -> dict[str, Any]:
-    k = t.key
-    entry: dict[str, Any] = {
-        "step": k.step, "rank": k.rank, "module": k.module, "call": k.call, "kind": k.kind, "path": list(k.path),
-        "status": t.status, "renamed_from": t.renamed_from,
-        "shape1": list(t.shape1) if t.shape1 is not None else None,
-        "shape2": list(t.shape2) if t.shape2 is not None else None,
-        "dtype1": t.dtype1, "dtype2": t.dtype2, "device1": t.device1, "device2": t.device2,
-        "dtype_mismatch": t.dtype_mismatch, "presence": t.presence, "squeezed": t.squeezed,
-        "alignment": list(t.alignment),
-    }
-    m = t.metrics
-    entry.update({
-        "numel": m.numel if m else None, "mismatched": m.mismatched if m else None,
-        "mismatched_pct": _f(m.mismatched_pct) if m else None, "max_abs_diff": _f(m.max_abs_diff) if m else None,
-        "max_abs_diff_index": list(m.max_abs_diff_index) if m and m.max_abs_diff_index is not None else None,
-        "mean_abs_diff": _f(m.mean_abs_diff) if m else None, "max_rel_diff": _f(m.max_rel_diff) if m else None,
-        "rel_l2": _f(m.rel_l2) if m else None, "cosine_similarity": _f(m.cosine) if m else None,
-        "nan_count1": m.nan1 if m else None, "nan_count2": m.nan2 if m else None,
-        "inf_count1": m.inf1 if m else None, "inf_count2": m.inf2 if m else None,
-        "stats_failed": [{"stat": name, "value1": _plain(v1), "value2": _plain(v2)} for name, v1, v2 in t.stats_failed],
-        "note": t.note,
-    })
-    return entry
+    entry = _fields(t)
+    key, metrics, stats_failed, note = (entry.pop(k) for k in ("key", "metrics", "stats_failed", "note"))
+    return _plain({**_key(key), **entry, **_metrics(metrics),
+                   "stats_failed": [{"stat": name, "value1": v1, "value2": v2} for name, v1, v2 in stats_failed],
+                   "note": note})
 
 
 def _call(c: CallResult) -> dict[str, Any]:
-    return {"step": c.call.step, "rank": c.call.rank, "module": c.call.module, "call": c.call.call,
-            "presence": c.presence, "verdict": c.verdict, "origin": c.origin, "order": c.order, "tensors": c.tensors,
-            "mismatched_tensors": c.mismatched_tensors, "unaligned_tensors": c.unaligned_tensors,
-            "output_rel_l2": _f(c.output_rel_l2),
-            "input_rel_l2": _f(c.input_rel_l2), "max_abs_diff": _f(c.max_abs_diff),
-            "max_rel_diff": _f(c.max_rel_diff), "min_cosine": _f(c.min_cosine)}
-
-
-def _divergence(d: Divergence | None) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    return {"step": d.step, "rank": d.rank, "module": d.module, "call": d.call, "origin": d.origin,
-            "output_rel_l2": _f(d.output_rel_l2), "input_rel_l2": _f(d.input_rel_l2), "growth": _f(d.growth),
-            "tensors": list(d.tensors)}
+    entry = _fields(c)
+    return _plain({**_key(entry.pop("call")), **entry})
 
 
 def report_dict(result: CompareResult) -> dict[str, Any]:
     """The report as plain JSON-ready data (every tensor, every call)."""
     from ilstore import __version__
 
-    o, s = result.options, result.summary
     return {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
@@ -83,22 +73,10 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
         "exit_code": result.exit_code,
         "dir1": {"path": result.dir1, "backend": result.backend1, "status": result.status1},
         "dir2": {"path": result.dir2, "backend": result.backend2, "status": result.status2},
-        "options": {"rtol": o.rtol, "atol": o.atol, "steps": list(o.steps) if o.steps is not None else None,
-                    "modules": list(o.modules) if o.modules is not None else None, "exact": o.exact,
-                    "equal_nan": o.equal_nan, "allow_stats_only": o.allow_stats_only, "name_map": o.name_map,
-                    "squeeze_shapes": o.squeeze_shapes, "allow_unaligned": o.allow_unaligned},
-        "summary": {
-            "tensors": s.tensors, "compared": s.compared, "matched": s.matched, "mismatched": s.mismatched,
-            "shape_mismatches": s.shape_mismatches, "dtype_mismatches": s.dtype_mismatches,
-            "stats_only_matched": s.stats_only_matched, "stats_only_mismatched": s.stats_only_mismatched,
-            "not_compared": s.not_compared, "only_in_dir1": s.only_in_dir1, "only_in_dir2": s.only_in_dir2,
-            "unaligned": s.unaligned, "squeezed": s.squeezed,
-            "calls": s.calls, "calls_mismatched": s.calls_mismatched, "calls_only_in_dir1": s.calls_only_in_dir1,
-            "calls_only_in_dir2": s.calls_only_in_dir2, "calls_unaligned": s.calls_unaligned, "steps": list(s.steps),
-            "steps_only_in_dir1": list(s.steps_only_in_dir1), "steps_only_in_dir2": list(s.steps_only_in_dir2),
-        },
-        "first_divergence": _divergence(result.first_divergence),
-        "introduced": [_divergence(d) for d in result.introduced],
+        "options": _plain(reported_options(result.options)),
+        "summary": _plain(dataclasses.asdict(result.summary)),
+        "first_divergence": _plain(dataclasses.asdict(result.first_divergence)) if result.first_divergence else None,
+        "introduced": [_plain(dataclasses.asdict(d)) for d in result.introduced],
         "notes": list(result.notes),
         "calls": [_call(c) for c in result.calls],
         "tensors": [_tensor(t) for t in result.tensors],
@@ -112,10 +90,11 @@ def render_json(result: CompareResult, verbose: bool = False) -> str:
 
 def validate_report(data: Any) -> list[str]:
     """Check report data against ``schemas/report.schema.json``; one message per problem."""
-    import jsonschema
+    import importlib
 
-    from ilstore import schemas
+    import jsonschema  # type: ignore[import-untyped]
 
+    schemas = importlib.import_module("ilstore.schemas")  # the top-level schemas/ folder, installed under ilstore
     validator = jsonschema.Draft202012Validator(schemas.load("report"))
     return [f"{'/'.join(str(p) for p in err.absolute_path) or '(root)'}: {err.message}"
             for err in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))]

@@ -27,6 +27,7 @@ from typing import Any
 from ilstore.keys import CallKey, TensorKey
 
 from .metrics import TensorMetrics
+from .options import CompareOptions
 
 __all__ = ["MATCH", "MISMATCH", "SHAPE_MISMATCH", "STATS_ONLY_MATCH", "STATS_ONLY_MISMATCH", "NOT_COMPARED",
            "ONLY_IN_DIR1", "ONLY_IN_DIR2", "UNALIGNED", "STATUSES", "BAD_VALUE_STATUSES", "CompareOptions",
@@ -45,37 +46,6 @@ STATUSES = (MATCH, MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMAT
             ONLY_IN_DIR1, ONLY_IN_DIR2, UNALIGNED)
 #: Statuses that mean the values differ (they drive the first divergence).
 BAD_VALUE_STATUSES = frozenset({MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MISMATCH})
-
-
-@dataclass(frozen=True)
-class CompareOptions:
-    """What was asked for; reported with the result.
-
-    Attributes:
-        rtol: relative tolerance (against the dir2 value).
-        atol: absolute tolerance.
-        steps: steps to compare (None: all).
-        modules: regexes, ``re.search`` on the module name (after the name map); None: all.
-        exact: bitwise comparison.
-        equal_nan: NaN in the same place on both sides is equal.
-        allow_stats_only: a stats-only pair whose statistics agree counts as a match for the
-            exit status (by default coverage fails closed: it does not).
-        name_map: the map (JSON form), if any.
-        squeeze_shapes: shapes that differ only by size-1 dimensions are compared squeezed.
-        allow_unaligned: tensors the map declares unaligned do not count against the exit
-            status (by default they do: coverage fails closed).
-    """
-
-    rtol: float = 1e-5
-    atol: float = 1e-8
-    steps: tuple[int, ...] | None = None
-    modules: tuple[str, ...] | None = None
-    exact: bool = False
-    equal_nan: bool = False
-    allow_stats_only: bool = False
-    name_map: dict[str, Any] | None = None
-    squeeze_shapes: bool = False
-    allow_unaligned: bool = False
 
 
 @dataclass(frozen=True)

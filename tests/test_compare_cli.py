@@ -255,3 +255,22 @@ def test_corrupt_tensor_file_exits_2_naming_it(tmp_path: Path, backend: str, dam
 def test_help_has_examples() -> None:
     res = invoke("--help")
     assert res.exit_code == 0 and "Examples:" in res.stdout and "--equal-nan" in res.stdout
+
+
+def test_option_errors_name_the_flag(runs: dict[str, Path]) -> None:
+    res = invoke("--dir1", runs["a"], "--dir2", runs["b"], "--modules", "(")
+    assert res.exit_code == 2 and res.stderr.startswith("error: --modules: bad regex"), res.stderr
+
+
+def test_html_applies_the_brief_limit_like_markdown(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from ilstore_compare import compare, report_outline
+    from ilstore_compare.report_html import render_html
+    from ilstore_compare.report_md import render_markdown
+
+    monkeypatch.setattr(report_outline, "BRIEF_LIMIT", 3)
+    result = compare(runs["a"], runs["p"])
+    differing = sum(1 for t in result.tensors if t.status == "mismatch")
+    assert differing > 3
+    more = f"… and {differing - 3} more"
+    assert more in render_markdown(result) and more in render_html(result)
+    assert more not in render_html(result, verbose=True)

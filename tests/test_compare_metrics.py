@@ -161,3 +161,18 @@ def test_origin_rules() -> None:
     assert first is not None and first.module == "p.b" and first.growth == pytest.approx(1e4)
     assert [d.module for d in introduced] == ["p.b"]
     assert [c.order for c in calls] == [2, 0, 1, 3]
+
+
+def test_options_are_validated_once_and_name_the_option() -> None:
+    from ilstore_compare import CompareOptions, OptionError
+
+    o = CompareOptions(steps=[2, 0, 2], modules=["a,b{1,2}", "c"], rtol=1)
+    assert o.steps == (0, 2) and o.modules == ("a", "b{1,2}", "c") and o.rtol == 1.0 and o.squeeze_shapes is False
+    with pytest.raises(OptionError, match=r"^modules: bad regex") as err:
+        CompareOptions(modules="(")
+    assert err.value.option == "modules"
+    with pytest.raises(OptionError, match="did you mean 'rtol'"):
+        CompareOptions.create(rtoll=1.0)
+    assert CompareOptions.create(o, atol=0.5).atol == 0.5 and CompareOptions.create(o) is o
+    with pytest.raises(OptionError, match=r"^steps: "):
+        parse_steps("x")

@@ -1,0 +1,141 @@
+"""The options of a comparison: one validated, frozen object from the caller to the report.
+
+:class:`CompareOptions` is what :func:`ilstore_compare.compare` takes and what the result (and
+the JSON report, through :func:`dataclasses.asdict`) records. Construction validates every
+field and brings it to one canonical form; a bad value raises an
+:class:`~ilstore_compare.errors.OptionError` naming the option (the command line maps option
+names to its flags).
+
+Example:
+    >>> o = CompareOptions(rtol=1e-2, steps=[3, 1, 3], modules=r"layers\\.0\\.,lm_head")
+    >>> o.steps, o.modules
+    ((1, 3), ('layers\\\\.0\\\\.', 'lm_head'))
+    >>> CompareOptions(workers=0)
+    Traceback (most recent call last):
+        ...
+    ilstore_compare.errors.OptionError: workers: must be an integer >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OptionError
+from .mapping import NameMap
+from .pairing import compile_patterns, split_patterns
+
+__all__ = ["CompareOptions", "reported_options"]
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What to compare and how; validated and normalised on construction.
+
+    Fields accept a few loose forms, stored canonically: ``steps`` any iterable of integers
+    (stored sorted, without repeats), ``modules`` a comma-separated string or a list of them
+    (stored as one tuple of regexes), ``name_map`` a :class:`~ilstore_compare.mapping.NameMap`,
+    its dict form or a JSON file path (stored as the map's JSON form), ``squeeze_shapes`` None
+    (stored as what the map says, off without a map).
+
+    Attributes:
+        rtol: relative tolerance (against the dir2 value): an element matches when
+            ``|a - b| <= atol + rtol * |b|``.
+        atol: absolute tolerance.
+        steps: steps to compare (None: every step of either run).
+        modules: regexes, ``re.search`` on the module name (after the name map); None: all.
+        exact: bitwise comparison instead of tolerances.
+        equal_nan: NaN in the same place on both sides is equal.
+        allow_stats_only: a stats-only pair whose statistics agree counts as a match for the
+            exit status (by default coverage fails closed: it does not).
+        name_map: the map (JSON form), if any: module renames, path rules, unaligned
+            declarations.
+        squeeze_shapes: shapes that differ only by size-1 dimensions are compared squeezed.
+        allow_unaligned: tensors the map declares unaligned do not count against the exit
+            status (by default they do: coverage fails closed).
+        workers: tensor pairs compared in parallel (threads); it does not change the result,
+            so the report does not record it.
+
+    Raises:
+        OptionError: a bad value (the message names the option).
+        NameMapError: a bad map (the message names the file and the rule).
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    steps: tuple[int, ...] | None = None
+    modules: tuple[str, ...] | None = None
+    exact: bool = False
+    equal_nan: bool = False
+    allow_stats_only: bool = False
+    name_map: dict[str, Any] | None = None
+    squeeze_shapes: bool | None = None
+    allow_unaligned: bool = False
+    workers: int = field(default=1, metadata={"reported": False})
+
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise OptionError(name, f"must be a finite number >= 0, got {value!r}")
+            self._set(name, float(value))
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise OptionError("workers", f"must be an integer >= 1, got {self.workers!r}")
+        if self.steps is not None:
+            steps = list(self.steps)
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
+                raise OptionError("steps", f"must be integers >= 0, got {steps!r}")
+            self._set("steps", tuple(sorted(set(steps))))
+        if self.modules is not None:
+            raw: Any = self.modules
+            parts = [raw] if isinstance(raw, str) else list(raw)
+            patterns = tuple(p for part in parts for p in split_patterns(part))
+            if not patterns:
+                raise OptionError("modules", "no pattern given (pass None to compare every module)")
+            compile_patterns(patterns)
+            self._set("modules", patterns)
+        nmap = NameMap.coerce(self.name_map)
+        self._set("name_map", nmap.to_dict() if nmap is not None else None)
+        squeeze = self.squeeze_shapes
+        if squeeze is None:  # as the map says
+            squeeze = nmap is not None and nmap.squeeze_shapes
+        self._set("squeeze_shapes", bool(squeeze))
+        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned"):
+            self._set(name, bool(getattr(self, name)))
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # normalising a frozen instance while it is built
+
+    @property
+    def map(self) -> NameMap | None:
+        """The name map as an object (None without one)."""
+        return NameMap.from_dict(self.name_map) if self.name_map is not None else None
+
+    @classmethod
+    def create(cls, base: CompareOptions | None = None, **changes: Any) -> CompareOptions:
+        """Options by name, on top of ``base`` if given (validated like a new object).
+
+        With a ``base``, ``squeeze_shapes`` keeps its resolved value unless it is given (pass
+        None to follow a new ``name_map``).
+
+        Raises:
+            OptionError: an unknown option name (with a "did you mean") or a bad value.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in changes:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"options are {', '.join(names)}"
+                raise OptionError(name, f"unknown option; {hint}")
+        if base is None:
+            return cls(**changes)
+        return dataclasses.replace(base, **changes) if changes else base
+
+
+def reported_options(options: CompareOptions) -> dict[str, Any]:
+    """The options the result depends on, as plain data (what the JSON report records)."""
+    reported = {f.name for f in dataclasses.fields(options) if f.metadata.get("reported", True)}
+    return {k: v for k, v in dataclasses.asdict(options).items() if k in reported}

@@ -1,0 +1,137 @@
+"""The outline of the markdown and HTML reports, written once: a list of blocks each format renders.
+
+:func:`outline` decides what the report says and in which order (sections, paragraphs,
+tables, what ``--verbose`` and the brief limit change); :mod:`.report_md` and
+:mod:`.report_html` only turn blocks into their syntax. Blocks a format cannot show (the
+error plot in markdown) name the formats that show them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .report_common import (
+    CALL_HEADERS,
+    INTRODUCED_HEADERS,
+    SEVERE,
+    TENSOR_HEADERS,
+    UNALIGNED_HEADERS,
+    call_rows,
+    calls_by_step,
+    divergence_text,
+    first_divergence_tensors,
+    introduced_rows,
+    options_line,
+    summary_rows,
+    tensor_rows,
+    tensors_by_step,
+    unaligned_rows,
+    verdict_line,
+)
+from .result import CompareResult
+from .svgplot import error_plot_svg
+
+__all__ = ["BRIEF_LIMIT", "Heading", "Text", "Notes", "Table", "Figure", "Block", "outline"]
+
+#: One-sided and differing tensors listed without ``--verbose``.
+BRIEF_LIMIT = 50
+
+
+@dataclass(frozen=True)
+class Heading:
+    """A section title; ``level`` 1 is the report's title."""
+
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph; ``style`` ``verdict`` is the headline verdict (``css`` its class)."""
+
+    text: str
+    style: str = ""
+    css: str = ""
+
+
+@dataclass(frozen=True)
+class Notes:
+    """Remarks for the reader, one per line."""
+
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """Inline markup (the SVG plot), rendered only by the formats in ``formats``, under its own heading."""
+
+    title: str
+    markup: Callable[[], str]
+    formats: frozenset[str]
+
+
+Block = Heading | Text | Notes | Table | Figure
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> Table:
+    return Table(tuple(headers), tuple(tuple(r) for r in rows))
+
+
+def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
+    """The report's blocks, in order.
+
+    Args:
+        result: what :func:`ilstore_compare.compare` returned.
+        verbose: list every tensor (default: only those that differ or are one-sided, at most
+            :data:`BRIEF_LIMIT`).
+    """
+    out: list[Block] = [Heading("ilstore compare report", 1), Text(verdict_line(result), "verdict", result.verdict),
+                        _table([["path", result.dir1, result.dir2], ["backend", result.backend1, result.backend2],
+                                ["run status", result.status1, result.status2]], ["", "dir1", "dir2 (reference)"]),
+                        Text(f"Verdict rule: {options_line(result)}.")]
+    if result.notes:
+        out.append(Notes(result.notes))
+    out += [Heading("Summary"), _table(summary_rows(result), ["", "count"])]
+    out.append(Figure("Error along execution order",
+                      lambda: error_plot_svg(result.calls, result.first_divergence, result.options.rtol),
+                      frozenset({"html"})))
+
+    out.append(Heading("First divergence"))
+    first = result.first_divergence
+    if first is None:
+        out.append(Text("No module call has differing outputs."))
+    else:
+        out += [Text(divergence_text(first)), _table(tensor_rows(first_divergence_tensors(result)), TENSOR_HEADERS)]
+    if result.introduced:
+        out += [Heading("Where error is introduced"),
+                Text("Calls whose inputs match but whose outputs differ, by how much the relative L2 error grows "
+                     "there (output / input)."), _table(introduced_rows(result.introduced), INTRODUCED_HEADERS)]
+    unaligned = unaligned_rows(result.tensors)
+    if unaligned:
+        out += [Heading("Declared unaligned by the map"),
+                Text("Tensors the map says cannot be aligned between the runs: counted, not compared"
+                     + (" (accepted with --allow-unaligned)." if result.options.allow_unaligned
+                        else " (they keep the exit status at 1 unless --allow-unaligned).")),
+                _table(unaligned, UNALIGNED_HEADERS)]
+
+    for step, calls in calls_by_step(result).items():
+        out += [Heading(f"Step {step}"), Text("Module calls in start order (parents before their children)."),
+                _table(call_rows(calls), CALL_HEADERS)]
+
+    shown = list(result.tensors) if verbose else [t for t in result.tensors if t.status in SEVERE]
+    if shown:
+        out.append(Heading("Tensor details" if verbose else "Tensors that differ or are one-sided"))
+        cut = shown if verbose else shown[:BRIEF_LIMIT]
+        for step, tensors in tensors_by_step(cut).items():
+            out += [Heading(f"Step {step}", 3), _table(tensor_rows(tensors), TENSOR_HEADERS)]
+        if len(cut) < len(shown):
+            out.append(Text(f"… and {len(shown) - len(cut)} more; use --verbose (or --format json) for all."))
+    return out
