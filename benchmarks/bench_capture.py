@@ -23,6 +23,13 @@ a shared machine (its disk speed varied 2x between rounds here) cancels out.
 
 Usage: python benchmarks/bench_capture.py [--rounds 7] [--backends pt,safetensors,hdf5] [--rows pt,stats] [--tmp DIR]
        [--delete-between-rounds]
+
+Long-run mode (issue 13), a different workload, one run per backend and mode and directory:
+       python benchmarks/bench_capture.py --steps 100000 [--modes stats,tensors] [--tmp /dev/shm,/var/tmp]
+       [--no-compare]
+prints, per run, the forward time per step of the first and last 10 % of steps, ``close()`` time,
+peak RSS growth, the manifest's size, ``ilstore ls`` and one-step read times, and the compare
+throughput of two such runs (see ``_long_run.py``).
 """
 
 from __future__ import annotations
@@ -147,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--delete-between-rounds", action="store_true",
                     help="delete the runs after each round even where the disk has room to keep them")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="long-run mode: capture this many steps of the small long-run model instead")
+    ap.add_argument("--modes", default="stats,tensors", help="long-run mode: capture modes")
+    ap.add_argument("--no-compare", action="store_true", help="long-run mode: skip the second run and the compare")
     args = ap.parse_args(argv)
+    if args.steps:
+        return _long(args)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = build_model()
     ids = torch.randint(0, 8000, (1, 256), generator=torch.Generator().manual_seed(0))
@@ -263,6 +276,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tot/floor']:9.2f} {r['bytes'] / 1e6:7.1f} {r['files']:6d} {r['rss'] / 2**20:7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _long(args: argparse.Namespace) -> int:
+    """``--steps N``: the long-run rows, in each ``--tmp`` directory (comma-separated); runs kept until the end."""
+    import _long_run
+
+    rows: list[dict[str, Any]] = []
+    for where in (args.tmp or tempfile.gettempdir()).split(","):
+        tmp = Path(tempfile.mkdtemp(dir=where, prefix="ilstore-long-"))
+        try:
+            print(f"filesystem: {_fs_type(tmp) or '?'}")
+            _long_run.main(args.steps, [b for b in args.backends.split(",") if b],
+                           [m for m in args.modes.split(",") if m], tmp, with_compare=not args.no_compare,
+                           json_rows=rows)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

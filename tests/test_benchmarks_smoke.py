@@ -83,3 +83,17 @@ def test_bench_capture_smoke(tmp_path: Path, capsys) -> None:
     assert rows["raw floor"]["bytes"] > rows["ilstore pt sync"]["bytes"] > 0  # de-duplication
     assert [p for p in tmp_path.iterdir() if p != out] == []  # every run deleted at the end
     assert "tot/floor" in capsys.readouterr().out
+
+
+def test_bench_capture_long_run_smoke(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "long.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    assert _load("bench_capture").main(["--steps", "20", "--backends", "pt", "--modes", "tensors",
+                                        "--tmp", str(work), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["backend"], row["mode"], row["steps"]) == ("pt", "tensors", 20)
+    assert row["first_ms"] > 0 and row["last_ms"] > 0 and row["close_s"] >= 0 and row["manifest_mb"] > 0
+    assert row["compare_exit"] == 0 and row["compare_steps_per_s"] > 0  # two identical runs compare equal
+    assert list(work.iterdir()) == []
+    assert "last/1st" in capsys.readouterr().out

@@ -1,0 +1,115 @@
+"""Long runs (issue 13): does a step cost the same at step 100,000 as at step 10?
+
+Workload: 8 x (Linear 64->64 + ReLU) in an ``nn.Sequential``, 16 module calls per step, one
+1 x 64 input, every step logged (``log_step_ids: []``), asynchronous writes as by default. For
+each backend and mode it reports, from one run:
+
+* forward time per step over the first and the last 10 % of steps (ms) and their ratio;
+* ``close()`` time (the writer's backlog shows here);
+* peak RSS growth over the run (the kernel's high-water mark);
+* the manifest's size, and the run's size on disk;
+* ``ilstore ls`` of the run (the CLI in a fresh process, so its start-up is included), reading
+  one step's records (the middle step: every tensor's metadata, and its body where stored), and
+  comparing two such runs in process (steps per second).
+
+Run it through ``bench_capture.py --steps N`` (see there for the options).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from _bench_common import PeakRss, dir_size  # benchmarks/ is on sys.path
+
+import ilstore
+from ilstore.manifest import MANIFEST_NAME
+
+
+def long_run_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(8):
+        layers += [torch.nn.Linear(64, 64), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def capture_run(out: Path, run_id: str, steps: int, backend: str, mode: str) -> dict[str, Any]:
+    """Capture ``steps`` forwards into ``out/run_id``; per-step times, close time, peak RSS."""
+    model = long_run_model()
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
+    config = {"output_dir": str(out), "run_id": run_id, "backend": backend, "mode": mode, "log_step_ids": []}
+    times = [0.0] * steps
+    with torch.no_grad(), PeakRss() as peak:
+        cap = ilstore.capture(model, config)
+        for i in range(steps):
+            t0 = time.perf_counter()
+            model(x)
+            times[i] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cap.close()
+        close_s = time.perf_counter() - t0
+    tenth = max(1, steps // 10)
+    first, last = sum(times[:tenth]) / tenth, sum(times[-tenth:]) / tenth
+    assert cap.run_dir is not None
+    return {"run_dir": cap.run_dir, "first_ms": first * 1e3, "last_ms": last * 1e3, "last_over_first": last / first,
+            "close_s": close_s, "rss_mb": peak.growth / 2**20,
+            "manifest_mb": (cap.run_dir / MANIFEST_NAME).stat().st_size / 2**20,
+            "run_mb": dir_size(cap.run_dir)[0] / 2**20}
+
+
+def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:
+    """``ilstore ls`` in a fresh process, and one step's records read in this one."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ilstore", "ls", str(run_dir)], check=True, stdout=subprocess.DEVNULL)
+    ls_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ilstore.open_run(run_dir) as run:
+        step = steps // 2
+        for key in run.keys(step):
+            meta = run.meta(key)
+            if meta.get("stored", True):
+                run.load(key)
+    return {"ls_s": ls_s, "read_step_s": time.perf_counter() - t0}
+
+
+def compare_cost(dir1: Path, dir2: Path, steps: int) -> dict[str, Any]:
+    from ilstore_compare import compare
+
+    t0 = time.perf_counter()
+    result = compare(dir1, dir2)
+    seconds = time.perf_counter() - t0
+    return {"compare_steps_per_s": steps / seconds, "compare_exit": result.exit_code}
+
+
+def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *, with_compare: bool = True,
+         json_rows: list[dict[str, Any]] | None = None) -> int:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    header = (f"{'backend':12} {'mode':8} {'first ms':>8} {'last ms':>8} {'last/1st':>8} {'close s':>8} "
+              f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7} {'ls s':>6} {'step s':>7} {'cmp st/s':>9}")
+    print(f"long run: {steps} steps, 16 module calls per step, every step logged; {tmp}")
+    print(header)
+    print("-" * len(header))
+    for backend in backends:
+        for mode in modes:
+            row: dict[str, Any] = {"backend": backend, "mode": mode, "steps": steps}
+            first = capture_run(tmp, f"{backend}-{mode}-a", steps, backend, mode)
+            row.update({k: v for k, v in first.items() if k != "run_dir"})
+            row.update(read_costs(first["run_dir"], steps))
+            cmp = "-"
+            if with_compare:
+                second = capture_run(tmp, f"{backend}-{mode}-b", steps, backend, mode)
+                row.update(compare_cost(first["run_dir"], second["run_dir"], steps))
+                cmp = f"{row['compare_steps_per_s']:9.0f}"
+            print(f"{backend:12} {mode:8} {row['first_ms']:8.2f} {row['last_ms']:8.2f} {row['last_over_first']:8.2f} "
+                  f"{row['close_s']:8.2f} {row['rss_mb']:7.1f} {row['manifest_mb']:8.2f} {row['run_mb']:7.1f} "
+                  f"{row['ls_s']:6.2f} {row['read_step_s']:7.3f} {cmp:>9}", flush=True)
+            if json_rows is not None:
+                json_rows.append(row)
+    return 0
