@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHUNK", "TensorMetrics", "MetricInfo", "metric_infos", "StatsCheck", "compare_tensors", "compare_stats",
-           "is_float_dtype"]
+__all__ = ["CHUNK", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp", "StatsCheck", "compare_tensors",
+           "compare_stats", "is_float_dtype"]
 
 #: Elements per chunk: 1 Mi elements, i.e. 8 MiB per float64 temporary.
 CHUNK = 1 << 20
@@ -75,6 +75,85 @@ def _index_cell(m: TensorMetrics, num: Callable[..., str]) -> str:
     return str(list(m.max_abs_diff_index)) if m.max_abs_diff_index is not None else "—"
 
 
+#: Floating dtypes stored as sign and magnitude: the integer type of the same width, the largest
+#: magnitude (bits without the sign) that is not NaN, and whether the "negative zero" pattern is
+#: NaN (the ``fnuz`` types). Other dtypes (complex, ``float8_e8m0fnu``...) have no ``max_ulp``.
+_ULP_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, bool]] = {
+    torch.float64: (torch.int64, 0x7FF0000000000000, False),
+    torch.float32: (torch.int32, 0x7F800000, False),
+    torch.float16: (torch.int16, 0x7C00, False),
+    torch.bfloat16: (torch.int16, 0x7F80, False),
+    **{dtype: layout for name, layout in (("float8_e5m2", (torch.int8, 0x7C, False)),
+                                          ("float8_e4m3fn", (torch.int8, 0x7E, False)),
+                                          ("float8_e5m2fnuz", (torch.int8, 0x7F, True)),
+                                          ("float8_e4m3fnuz", (torch.int8, 0x7F, True)))
+       if isinstance(dtype := getattr(torch, name, None), torch.dtype)},
+}
+_WIDER = {torch.int8: torch.int16, torch.int16: torch.int32, torch.int32: torch.int64}
+
+
+def max_ulp(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """The largest distance in units in the last place between ``a`` and ``b``, in ``a``'s dtype.
+
+    ``b`` (the reference) is cast to ``a``'s dtype (the candidate's), then the distance of two
+    values is how many representable numbers of that dtype lie between them: the difference of
+    their positions in the ordered set of its values (the bit patterns read as sign and
+    magnitude). ``+0`` and ``-0`` are 0 apart; infinities are the last positions (the largest
+    finite value and infinity are 1 apart); elements where either side is NaN are skipped.
+    Integer arithmetic, exact for every width (a float64 distance can reach ``2**64 - 2**53``;
+    it is returned as a Python int).
+
+    Args:
+        a: the candidate (dir1), flat.
+        b: the reference (dir2), same number of elements, any real dtype.
+
+    Returns:
+        The largest distance; None when ``a`` is not a floating dtype with a sign bit, ``b`` is
+        complex, or no element is free of NaN.
+
+    Example:
+        >>> one = torch.tensor([1.0])
+        >>> max_ulp(torch.nextafter(one, torch.tensor([2.0])), one), max_ulp(torch.tensor([-0.0]), torch.tensor([0.0]))
+        (1, 0)
+    """
+    layout = _ULP_LAYOUTS.get(a.dtype)
+    if layout is None or b.is_complex():
+        return None
+    itype, nan_above, nan_negative_zero = layout
+    ia, ib = a.view(itype), b.to(a.dtype).view(itype)
+    low = torch.iinfo(itype).min  # the sign bit alone: -0, or NaN for the fnuz types
+
+    def is_nan(i: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return (o.abs() > nan_above) | (i == low) if nan_negative_zero else o.abs() > nan_above
+
+    if itype == torch.int64:
+        return _max_ulp_64(ia, ib, is_nan)
+    # positions in the ordered set: a negative pattern low + m is the value -m; they fit the
+    # integer type, their difference the next wider one
+    oa = torch.where(ia < 0, low - ia, ia)
+    ob = torch.where(ib < 0, low - ib, ib)
+    d = oa.to(_WIDER[itype]).sub_(ob).abs_()
+    top, at = d.max(dim=0)
+    if not bool(is_nan(ia[at], oa[at]) | is_nan(ib[at], ob[at])):
+        return int(top)  # the largest distance is between non-NaN values: NaN elsewhere cannot change it
+    top = d.masked_fill_(is_nan(ia, oa) | is_nan(ib, ob), -1).max()
+    return int(top) if top >= 0 else None
+
+
+def _max_ulp_64(ia: torch.Tensor, ib: torch.Tensor,
+                is_nan: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int | None:
+    """:func:`max_ulp` for 64-bit patterns, whose distances need 65 bits: opposite signs add
+    the magnitudes, which wraps around below -1 from ``2**63`` on; the largest of those is the
+    largest distance."""
+    mask = (1 << 63) - 1
+    ma, mb = ia & mask, ib & mask
+    d = torch.where((ia ^ ib) < 0, ma + mb, (ma - mb).abs_()).masked_fill_(is_nan(ia, ma) | is_nan(ib, mb), -1)
+    if int(d.min()) < -1:
+        return int(d[d < -1].max()) + (1 << 64)
+    top = int(d.max())
+    return top if top >= 0 else None
+
+
 @dataclass(frozen=True)
 class TensorMetrics:
     """How two tensors of the same shape differ (``a`` from dir1, ``b`` the dir2 reference).
@@ -94,6 +173,8 @@ class TensorMetrics:
         rel_l2: ``||a - b|| / ||b||``; 0 when both are zero, None (infinite) when only b is.
         cosine: ``<a, b> / (||a|| ||b||)``; 1 when both are zero, 0 when only one is.
         nan1, nan2, inf1, inf2: NaN and Inf counts in a and b.
+        max_ulp: the largest distance in units in the last place, in a's dtype (see
+            :func:`max_ulp`); None for non-floating dtypes or when every element has a NaN.
     """
 
     numel: int = field(metadata=_metric(None))
@@ -110,6 +191,7 @@ class TensorMetrics:
     nan2: int = field(default=0, metadata=_metric(None, key="nan_count2"))
     inf1: int = field(default=0, metadata=_metric("Inf 1/2", key="inf_count1", cell=lambda m, _: f"{m.inf1}/{m.inf2}"))
     inf2: int = field(default=0, metadata=_metric(None, key="inf_count2"))
+    max_ulp: int | None = field(default=None, metadata=_metric("max_ulp", chunk=max_ulp))
 
 
 def metric_infos() -> tuple[tuple[str, MetricInfo], ...]:

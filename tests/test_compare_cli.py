@@ -274,3 +274,20 @@ def test_html_applies_the_brief_limit_like_markdown(runs: dict[str, Path], monke
     more = f"… and {differing - 3} more"
     assert more in render_markdown(result) and more in render_html(result)
     assert more not in render_html(result, verbose=True)
+
+
+def test_max_ulp_in_every_report(tmp_path: Path) -> None:
+    lin = torch.nn.Sequential(torch.nn.Identity())
+    x = torch.tensor([1.0, 2.0, 4.0])
+    run1 = module_run(tmp_path, "one", lin, torch.nextafter(x, torch.full_like(x, 10.0)))
+    run2 = module_run(tmp_path, "two", lin, x)
+    data = json.loads(invoke("--dir1", run1, "--dir2", run2, "--format", "json").stdout)
+    assert validate_report(data) == [] and {t["max_ulp"] for t in data["tensors"]} == {1}
+    md = invoke("--dir1", run1, "--dir2", run2, "--verbose").stdout
+    lines = md.splitlines()
+    header = next(n for n, line in enumerate(lines) if line.startswith("| module call") and "max_ulp" in line)
+    column = [c.strip() for c in lines[header].strip("|").split("|")].index("max_ulp")
+    row = lines[header + 2]  # after the separator: the first tensor
+    assert [c.strip() for c in row.strip("|").split("|")][column] == "1"
+    html = invoke("--dir1", run1, "--dir2", run2, "--format", "html", "--verbose").stdout
+    assert "<th>max_ulp" in html

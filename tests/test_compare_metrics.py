@@ -176,3 +176,49 @@ def test_options_are_validated_once_and_name_the_option() -> None:
     assert CompareOptions.create(o, atol=0.5).atol == 0.5 and CompareOptions.create(o) is o
     with pytest.raises(OptionError, match=r"^steps: "):
         parse_steps("x")
+
+
+def test_max_ulp_exact_values() -> None:
+    one = torch.tensor([1.0, -1.0, 0.0, 3.0])
+    up = torch.nextafter(one, torch.full_like(one, 10.0))
+    assert compare_tensors(up, one, **TOL).max_ulp == 1  # nextafter neighbours, across zero too (0 -> denormal)
+    assert compare_tensors(torch.tensor([-0.0, 0.0]), torch.tensor([0.0, -0.0]), **TOL).max_ulp == 0
+    tiny = torch.tensor([-1.4e-45, 1.4e-45])  # the smallest denormals on either side of zero: 2 apart
+    assert compare_tensors(tiny[:1], tiny[1:], **TOL).max_ulp == 2
+    nan = torch.tensor([float("nan"), 1.0])
+    assert compare_tensors(nan, torch.tensor([5.0, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))]),
+                           **TOL).max_ulp == 1  # the NaN element is skipped
+    assert compare_tensors(nan[:1], torch.tensor([1.0]), **TOL).max_ulp is None
+    big = torch.finfo(torch.float32).max
+    assert compare_tensors(torch.tensor([big]), torch.tensor([float("inf")]), **TOL).max_ulp == 1
+    # bf16 candidate against an fp32 reference: the reference is rounded to bf16 first
+    bf = torch.tensor([1.0, 2.0, 3.0]).to(torch.bfloat16)
+    ref = torch.tensor([1.0 + 2 ** -9, 2.0 + 2 ** -6, 3.0 - 3 * 2 ** -6])  # 0 (rounds to 1), 1 and 3 bf16 ulps
+    assert compare_tensors(bf, ref, **TOL).max_ulp == 3
+    f64 = torch.tensor([2.0, -2.0], dtype=torch.float64)  # 2**63 apart: beyond int64, still exact
+    assert compare_tensors(f64, -f64, **TOL).max_ulp == 2 * 0x4000000000000000
+    assert compare_tensors(torch.tensor([1, 2]), torch.tensor([1, 3]), **TOL).max_ulp is None
+    assert compare_tensors(torch.tensor([1j]), torch.tensor([1j]), **TOL).max_ulp is None
+    assert compare_tensors(torch.zeros(0), torch.zeros(0), **TOL).max_ulp is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
+def test_max_ulp_matches_a_brute_force_count_in_chunks(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(500, generator=g, dtype=torch.float64) * 4).to(dtype)
+    b = torch.randn(500, generator=g, dtype=torch.float64) * 4
+    b[7] = float("nan")
+    width = 8 * a.element_size()
+    itype = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
+
+    def position(bits: int) -> int:
+        bits &= (1 << width) - 1
+        magnitude = bits & ((1 << (width - 1)) - 1)
+        return -magnitude if bits >> (width - 1) else magnitude
+
+    cast = b.to(dtype)
+    pairs = [(p, q) for p, q, nan in zip(a.view(itype).tolist(), cast.view(itype).tolist(),
+                                         (a.double().isnan() | cast.double().isnan()).tolist(), strict=True) if not nan]
+    expected = max(abs(position(p) - position(q)) for p, q in pairs)
+    assert compare_tensors(a, b, **TOL, chunk=64).max_ulp == expected == compare_tensors(a, b, **TOL).max_ulp
