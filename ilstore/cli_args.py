@@ -38,8 +38,6 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
     """
     text = getattr(args, "intermediate_log_config", None)
     path = getattr(args, "intermediate_log_config_path", None)
-    if text is None and path is None:
-        return None
     try:
         if text is not None:
             stripped = text.strip()
@@ -47,7 +45,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser |
                 raise ConfigError([f"--intermediate-log-config expects JSON object text, got {text[:40]!r} "
                                    "(use --intermediate-log-config-path for a file)"])
             return load_config(stripped)
-        return load_config(Path(path))
+        if path is not None:
+            return load_config(Path(path))
+        return None
     except ConfigError as exc:
         if parser is None:
             raise

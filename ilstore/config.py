@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs in the lint extra
 
-from . import schemas
+# mypy cannot see this package: pyproject.toml maps the top-level schemas/ folder to ilstore.schemas.
+from . import schemas  # type: ignore[attr-defined]
 from .errors import ConfigError
 
 __all__ = ["Config", "ModuleSelector", "load_config", "ENV_VAR", "DEFAULTS"]
@@ -288,7 +289,8 @@ def _read_source(source: Any) -> tuple[Any, str | None]:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError([f"config file not found: {path} (give JSON text or an existing file)"], str(path)) from None
+            raise ConfigError([f"config file not found: {path} (give JSON text or an existing file)"],
+                              str(path)) from None
         except OSError as exc:
             raise ConfigError([f"cannot read config file {path}: {exc.strerror}"], str(path)) from None
         return _parse_json(text, str(path)), str(path)

@@ -47,10 +47,12 @@ def test_call_selectors(out_dir: Path) -> None:
     c1 = model.lin(c0)
     with ilstore.open_run(cap.run_dir) as run:
         keys = run.keys(0)
-        assert [(k.module, k.call, k.kind, k.path) for k in keys] == [("lin", 1, "inputs", ("0",)), ("lin", 1, "outputs", ())]
+        assert [(k.module, k.call, k.kind, k.path) for k in keys] == [("lin", 1, "inputs", ("0",)),
+                                                                      ("lin", 1, "outputs", ())]
         assert torch.equal(run.load(keys[0]), c0) and torch.equal(run.load(keys[1]), c1)
     assert sorted(os.listdir(cap.run_dir / "step_0")) == ["lin_1", "module_calls.txt"]
-    assert sorted(os.listdir(cap.run_dir / "step_0" / "lin_1")) == ["inputs.json", "inputs_0_cpu.pt", "outputs.json", "outputs_cpu.pt"]
+    assert sorted(os.listdir(cap.run_dir / "step_0" / "lin_1")) == ["inputs.json", "inputs_0_cpu.pt", "outputs.json",
+                                                                    "outputs_cpu.pt"]
 
 
 def test_object_selector_and_union(out_dir: Path) -> None:
@@ -138,7 +140,8 @@ def test_max_tensor_size(out_dir: Path) -> None:
             assert meta["numel"] > 600 and "max_tensor_size" in meta["reason"]
             assert meta["shape"] and meta["dtype"].startswith("torch.")
             if meta["dtype"] == "torch.float32":
-                assert {"min", "max", "mean", "std", "abs_max", "l2_norm", "nan_count", "inf_count"} <= set(meta["stats"])
+                stats = {"min", "max", "mean", "std", "abs_max", "l2_norm", "nan_count", "inf_count"}
+                assert stats <= set(meta["stats"])
             with pytest.raises(KeyError, match="not stored"):
                 run.load(k)
         logits = next(k for k in keys if k.module == "lm_head" and k.kind == "outputs")

@@ -131,7 +131,8 @@ def test_argparse_helper(tmp_path: Path) -> None:
     parser.add_argument("--model")
     add_intermediate_log_args(parser)
     assert config_from_args(parser.parse_args([]), parser) is None
-    args = parser.parse_args(["--intermediate-log-config", '{"enabled": true, "module_call_match": "layers\\\\.0\\\\."}'])
+    args = parser.parse_args(["--intermediate-log-config",
+                              '{"enabled": true, "module_call_match": "layers\\\\.0\\\\."}'])
     cfg = config_from_args(args, parser)
     assert cfg is not None and cfg.selectors is not None and cfg.selectors[0].pattern == "layers\\.0\\."
     path = tmp_path / "c.json"
@@ -147,7 +148,8 @@ def test_argparse_helper(tmp_path: Path) -> None:
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
                      | st.text(max_size=12),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     lambda inner: (st.lists(inner, max_size=4)
+                                    | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                      max_leaves=12)
 _keys = st.sampled_from(sorted(DEFAULTS) + ["log_step_id", "modul_call_match", "", "x"])
 

@@ -59,7 +59,7 @@ def test_llama_logits_bitwise(out_dir: Path, backend: str, variant: str, dtype: 
         cfg = {"output_dir": str(out_dir), "run_id": "r", "log_step_ids": [], "backend": backend, **VARIANTS[variant]}
         with ilstore.capture(model, cfg) as cap:
             got = [model(input_ids=ids[:, : 12 - i], use_cache=False).logits for i in range(2)]
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         assert torch.equal(_bits(a), _bits(b))
     assert cap.error is None and ilstore.open_run(cap.run_dir).steps() == [0, 1]
 

@@ -277,8 +277,8 @@ def test_stats_mode_computes_each_unchanged_tensor_once(out_dir: Path, monkeypat
     counts = {}
     for dedup in (False, True):
         calls["n"] = 0
-        run_dir = _capture(out_dir, f"s{dedup}", tiny_llama(), {"input_ids": torch.tensor(DEMO_PROMPT), "use_cache": False},
-                           mode="stats", dedup=dedup)
+        run_dir = _capture(out_dir, f"s{dedup}", tiny_llama(),
+                           {"input_ids": torch.tensor(DEMO_PROMPT), "use_cache": False}, mode="stats", dedup=dedup)
         counts[dedup] = calls["n"]
         with ilstore.open_run(run_dir) as run:
             a = run.meta(ilstore.TensorKey(0, "model.layers.0.mlp.act_fn", 0, "inputs", ("0",)))["stats"]
