@@ -73,3 +73,15 @@ def test_unconfirmed_header_falls_back_to_torch_save(tmp_path: Path, monkeypatch
     pt._save_tensor(tensor, str(tmp_path / "a.pt"))
     assert list(pt._HEADERS.values()) == [None]
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True), tensor)
+
+
+def test_a_nul_byte_in_the_call_order_is_an_ilstore_error(tmp_path: Path) -> None:
+    import ilstore
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r"}) as cap:
+        model(torch.ones(1, 2))
+    order = cap.run_dir / "step_0" / "module_calls.txt"
+    order.write_bytes(order.read_bytes().replace(b"0", b"\x00"))
+    with pytest.raises(ilstore.UnsafePathError, match="not a usable path"), ilstore.open_run(cap.run_dir) as run:
+        run.keys()

@@ -405,9 +405,16 @@ def _ends_from_nesting(calls: list[CallKey]) -> list[CallKey]:
 
 
 def check_inside(run_dir: Path, path: Path) -> Path:
-    """Resolve ``path`` and make sure it stays inside ``run_dir`` (no ``..``, no symlink escape)."""
+    """Resolve ``path`` and make sure it stays inside ``run_dir`` (no ``..``, no symlink escape).
+
+    A name read back from a damaged file may not be a path at all (a NUL byte, a symlink loop):
+    that is an UnsafePathError too, not a ValueError.
+    """
     root = run_dir.resolve()
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise UnsafePathError(f"{path!r}: not a usable path inside the run directory {run_dir}: {exc}") from None
     if resolved != root and root not in resolved.parents:
         raise UnsafePathError(f"{path}: resolves outside the run directory {run_dir}")
     return resolved
