@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,11 @@ from torch import nn
 from .config import Config, load_config
 from .errors import IlstoreError, StoreError
 from .keys import CallKey
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, new_manifest, write_json_atomic
+from .manifest import MANIFEST_NAME, new_manifest
 from .pipeline import RecordSink, SyncSink, ThreadedSink, WriterFailed
 from .records import Deduper, TensorPolicy, build_record
 from .store.base import StepInfo
-from .store.ranks import rank_dir_name
+from .store.ranks import rank_run_dir, write_ranks_manifest
 from .store.registry import get_backend
 
 __all__ = ["Capture", "capture", "IlstoreWarning"]
@@ -39,10 +39,24 @@ class IlstoreWarning(UserWarning):
 
 @dataclass
 class _Frame:
+    """One call of a hooked module in progress: its key, whether it is selected, its arguments."""
+
     call: CallKey
     take: bool
     args: Any = None
     kwargs: Any = None
+
+
+@dataclass(slots=True)
+class _StepState:
+    """What one step accumulates: created when the step starts, dropped when it ends."""
+
+    logging: bool  # whether config.log_step_ids selects this step
+    counters: dict[str, int] = field(default_factory=dict)  # module name -> calls started so far
+    frames: dict[str, list[_Frame]] = field(default_factory=dict)  # module name -> calls in progress
+    starts: list[CallKey] = field(default_factory=list)  # selected calls, in start order
+    ends: list[CallKey] = field(default_factory=list)  # selected calls, in end order
+    fired: bool = False  # some hooked module ran in this step
 
 
 def _agree_run_id(config: Config) -> Config:
@@ -52,6 +66,11 @@ def _agree_run_id(config: Config) -> Config:
     if box[0] == config.run_id:
         return config
     return load_config(config, run_id=box[0])
+
+
+def _tensor_policy(config: Config) -> TensorPolicy:
+    return TensorPolicy(store_bodies=config.mode == "tensors", max_numel=config.max_tensor_size,
+                        device_ok=config.logs_device)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -66,9 +85,15 @@ class Capture:
 
     Attributes:
         config: the resolved :class:`~ilstore.config.Config`.
+        model: the root module.
+        manual_step: steps advance only on :meth:`step`.
         run_dir: the run directory, or None when capture is disabled.
         step_index: the current step (advances on every root forward, logged or not, or on
             every :meth:`step` call in manual mode).
+        rank, world_size: this process's place under ``torch.distributed`` (0 and 1 outside
+            it, and when capture is disabled).
+        hooked_modules: names of the modules that have hooks.
+        error: what stopped the capture (``on_error: "warn"``), or None.
     """
 
     def __init__(self, model: nn.Module, config: Any = None, *, manual_step: bool = False) -> None:
@@ -77,16 +102,18 @@ class Capture:
         self.manual_step = manual_step
         self.step_index = 0
         self.run_dir: Path | None = None
+        self.rank, self.world_size = 0, 1
         self.hooked_modules: list[str] = []
+        self.error: Exception | None = None
+        self._policy = _tensor_policy(self.config)
         self._handles: list[Any] = []
         self._sink: RecordSink | None = None
-        self._closed = False
-        self._step_open = False
-        self._in_root = 0
-        self._stray_warned = False
-        self.error: Exception | None = None
-        self._paused = False
         self._dedup: Deduper | None = None
+        self._closed = False
+        self._paused = False
+        self._in_root = 0  # nesting depth of root forwards (automatic steps)
+        self._stray_warned = False
+        self._step: _StepState | None = None  # the open step, if any
         if not self.config.enabled:
             return
         cfg = self.config
@@ -95,11 +122,9 @@ class Capture:
         if self.world_size > 1:
             cfg = self.config = _agree_run_id(cfg)
         self.run_dir = cfg.run_dir
-        self._policy = TensorPolicy(store_bodies=cfg.mode == "tensors", max_numel=cfg.max_tensor_size,
-                                    device_ok=cfg.logs_device)
         # One process writes the documented tree at the run directory's top; under
         # torch.distributed each rank writes its own sub-run, rank_<r>/, so nothing collides.
-        rank_dir = self.run_dir if self.world_size == 1 else self.run_dir / rank_dir_name(self.rank)
+        rank_dir = rank_run_dir(self.run_dir, self.rank, self.world_size)
         if (rank_dir / MANIFEST_NAME).exists():
             raise StoreError(f"{self.run_dir}: a run already exists there; choose another run_id or output_dir "
                              "(ilstore never overwrites a run)")
@@ -107,11 +132,8 @@ class Capture:
         manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
         try:
             if self.world_size > 1 and self.rank == 0:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(self.run_dir / MANIFEST_NAME, {
-                    "format": "ilstore", "format_version": FORMAT_VERSION, "layout": "ranks",
-                    "world_size": self.world_size, "ranks": list(range(self.world_size)),
-                    "backend": backend.name, "config": cfg.to_dict()})
+                write_ranks_manifest(self.run_dir, backend=backend.name, world_size=self.world_size,
+                                     config=cfg.to_dict())
             writer.open(manifest)
         except OSError as exc:
             self._fail(StoreError(f"{self.run_dir}: cannot create the run directory: {exc}"))
@@ -153,26 +175,21 @@ class Capture:
         self._handles.clear()
 
     # -- steps --------------------------------------------------------------------------------
-    def _begin_step(self) -> None:
-        self._step_open = True
-        self._logging = self.config.logs_step(self.step_index)
-        self._counters: dict[str, int] = {}
-        self._frames: dict[str, list[_Frame]] = {}
-        self._starts: list[CallKey] = []
-        self._ends: list[CallKey] = []
-        self._fired = False
+    def _begin_step(self) -> _StepState:
+        step = self._step = _StepState(self.config.logs_step(self.step_index))
+        return step
 
     def _end_step(self, completed: bool = True) -> None:
         """Close the open step: hand it to the writer, or (a forward that raised) abandon it."""
-        if not self._step_open:
+        step = self._step
+        if step is None:
             return
-        self._step_open = False
-        self._frames = {}
+        self._step = None
         if self._dedup is not None:
             self._dedup.clear()
-        if completed and self._logging and self._sink is not None:
-            self._sink.end_step(StepInfo(self.step_index, self._starts, self._ends))
-            if not self._fired:
+        if completed and step.logging and self._sink is not None:
+            self._sink.end_step(StepInfo(self.step_index, step.starts, step.ends))
+            if not step.fired:
                 self._warn_no_hooks()
 
     def _warn_no_hooks(self) -> None:
@@ -187,7 +204,7 @@ class Capture:
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._in_root = max(0, self._in_root - 1)
-        if self._in_root == 0 and self._step_open:
+        if self._in_root == 0 and self._step is not None:
             # A forward that raised (always_call hooks run while the exception is handled)
             # abandons its step: never marked complete, its partial data ignored by readers.
             raised = output is None and sys.exc_info()[0] is not None
@@ -215,7 +232,7 @@ class Capture:
         _log.error("ilstore: capture stopped at step %d, the model keeps running: %s (run %s)",
                    self.step_index, exc, self.run_dir)
         self._detach()
-        self._step_open = False
+        self._step = None
         self._closed = True
         if self._sink is not None:
             try:
@@ -233,7 +250,7 @@ class Capture:
         if not self.manual_step:
             raise StoreError("step() is for manual stepping; create the capture with manual_step=True "
                              "(otherwise every forward of the root module is one step)")
-        if not self._step_open and self._sink is not None and self.config.logs_step(self.step_index):
+        if self._step is None and self._sink is not None and self.config.logs_step(self.step_index):
             self._warn_no_hooks()  # manual steps open at the first hook: none ran in this one
         try:
             self._end_step()
@@ -280,32 +297,36 @@ class Capture:
             self._fail(exc)
 
     def _pre_impl(self, name: str, selected: frozenset[int] | None, args: Any, kwargs: Any) -> None:
-        if not self._step_open:
+        step = self._step
+        if step is None:
             if not self.manual_step:
                 if not self._stray_warned:
                     self._stray_warned = True
                     warnings.warn(f"ilstore: {name} was called outside a forward of the root module; such calls are "
                                   "not logged unless the capture uses manual_step=True", IlstoreWarning, stacklevel=2)
                 return
-            self._begin_step()
-        self._fired = True
-        if not self._logging:
+            step = self._begin_step()
+        step.fired = True
+        if not step.logging:
             return
-        idx = self._counters.get(name, 0)
-        self._counters[name] = idx + 1
+        idx = step.counters.get(name, 0)
+        step.counters[name] = idx + 1
         call = CallKey(self.rank, self.step_index, name, idx)
         take = selected is None or idx in selected
         frame = _Frame(call, take)
         if take:
-            self._starts.append(call)
+            step.starts.append(call)
             if self.config.log_inputs:
                 self._write(call, "inputs", tuple(args), kwargs)
             if self.config.log_post_fwd_inputs:
                 frame.args, frame.kwargs = args, kwargs
-        self._frames.setdefault(name, []).append(frame)
+        step.frames.setdefault(name, []).append(frame)
 
     def _post_impl(self, name: str, output: Any) -> None:
-        stack = self._frames.get(name) if self._step_open else None
+        step = self._step
+        if step is None:
+            return
+        stack = step.frames.get(name)
         if not stack:
             return
         frame = stack.pop()
@@ -315,7 +336,7 @@ class Capture:
             self._write(frame.call, "outputs", output)
         if self.config.log_post_fwd_inputs:
             self._write(frame.call, "post_fwd_inputs", tuple(frame.args), frame.kwargs)
-        self._ends.append(frame.call)
+        step.ends.append(frame.call)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self, status: str = "complete") -> None:
@@ -326,7 +347,7 @@ class Capture:
         self._detach()
         if self._sink is not None:
             try:
-                if self._step_open and (self.manual_step or status == "complete"):
+                if self._step is not None and (self.manual_step or status == "complete"):
                     self._end_step()
             except Exception as exc:
                 self._fail(exc)

@@ -423,3 +423,14 @@ def test_warns_when_a_step_ends_without_any_hook(out_dir: Path) -> None:
     with ilstore.capture(model, _cfg(out_dir)):
         with pytest.warns(ilstore.IlstoreWarning, match="step 0 ended and no hooked module ran"):
             model(torch.ones(2))
+
+
+def test_attributes_exist_whether_enabled_or_not(out_dir: Path) -> None:
+    model = Thrice()
+    for enabled in (False, True):
+        with ilstore.capture(model, _cfg(out_dir, run_id=f"e{enabled}", enabled=enabled)) as cap:
+            assert (cap.rank, cap.world_size, cap.error, cap.step_index) == (0, 1, None, 0)
+            assert (cap.run_dir is None) is not enabled and cap._step is None  # no step before a forward
+            model(torch.randn(1, 4))
+            assert cap._step is None and cap.step_index == (1 if enabled else 0)  # the step ended with its forward
+
