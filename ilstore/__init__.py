@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 from .capture import Capture, IlstoreWarning, capture
 from .config import Config, load_config
+from .engine_capture import EngineCapture
 from .errors import (
                      BackendError,
                      ConfigError,
@@ -32,7 +33,7 @@ from .keys import CallKey, TensorKey
 from .store import StoreReader, StoreWriter, get_backend, open_run, register_backend
 
 __all__ = [
-    "__version__", "capture", "Capture", "IlstoreWarning", "Config", "load_config", "open_run", "get_backend",
-    "register_backend", "StoreReader", "StoreWriter", "CallKey", "TensorKey", "IlstoreError", "ConfigError",
-    "BackendError", "StoreError", "RunNotFoundError", "CorruptFileError", "UnsafePathError",
+    "__version__", "capture", "Capture", "EngineCapture", "IlstoreWarning", "Config", "load_config", "open_run",
+    "get_backend", "register_backend", "StoreReader", "StoreWriter", "CallKey", "TensorKey", "IlstoreError",
+    "ConfigError", "BackendError", "StoreError", "RunNotFoundError", "CorruptFileError", "UnsafePathError",
 ]

@@ -434,3 +434,23 @@ def test_attributes_exist_whether_enabled_or_not(out_dir: Path) -> None:
             model(torch.randn(1, 4))
             assert cap._step is None and cap.step_index == (1 if enabled else 0)  # the step ended with its forward
 
+
+def test_engine_capture_records_only_live_steps(out_dir: Path) -> None:
+    from ilstore.engine_capture import EngineCapture
+    from ilstore.integrations import vllm
+
+    assert ilstore.EngineCapture is EngineCapture is vllm.EngineCapture  # where it lived first still works
+    model = Thrice()
+    cap = EngineCapture(model, _cfg(out_dir, log_step_ids=[]), manual_step=True)
+    model(torch.randn(1, 4))  # warm-up outside an engine step: neither logged nor counted
+    assert not cap.live and cap.step_index == 0
+    for _ in range(2):
+        cap.begin_engine_step()
+        assert cap.live
+        model.other(torch.randn(1, 4))
+        cap.end_engine_step()
+    cap.end_engine_step()  # no live step: nothing happens
+    cap.close()
+    assert cap.step_index == 2 and not cap.live
+    assert ilstore.open_run(cap.run_dir).steps() == [0, 1] and _calls(cap.run_dir, 1) == [("other", 0)]
+

@@ -42,8 +42,9 @@ from typing import Any
 
 from torch import nn
 
-from ..capture import Capture, IlstoreWarning
+from ..capture import IlstoreWarning
 from ..config import ENV_VAR, Config, load_config
+from ..engine_capture import EngineCapture  # it lived here first; still importable from this module
 from ..errors import IlstoreError
 
 __all__ = ["register", "EngineCapture", "RUNNER_CLASSES"]
@@ -64,38 +65,6 @@ RUNNER_CLASSES: tuple[tuple[str, str], ...] = (
 _WRAPPED = "__ilstore_wrapped__"  # marks our wrappers so a second register() never wraps twice
 _STATE = "_ilstore_capture"  # the runner attribute that holds its EngineCapture
 _config: Config | None = None
-
-
-class EngineCapture(Capture):
-    """A manual-step capture whose hooks record only while an engine step is live.
-
-    vLLM runs the model outside scheduled steps too (memory profiling, compile warm-up,
-    data-parallel dummy batches); in manual-step mode a plain :class:`Capture` would log those
-    as step 0. The runner wrappers call :meth:`begin_engine_step` when a real step starts and
-    :meth:`end_engine_step` when it ends; between steps the hooks return at once.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pause()  # nothing is recorded until the first real engine step
-
-    @property
-    def live(self) -> bool:
-        return not self.paused
-
-    def begin_engine_step(self) -> None:
-        """Let the hooks record: a scheduled ``execute_model`` call starts."""
-        self.resume()
-
-    def end_engine_step(self) -> None:
-        """Close the current step (if one is live) and advance to the next."""
-        if not self.paused:
-            self.pause()
-            self.step()
-
-    def close(self, status: str = "complete") -> None:
-        self.pause()
-        super().close(status)
 
 
 def register() -> None:
