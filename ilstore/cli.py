@@ -15,22 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tabulate import tabulate
 
 from .config import load_config
 from .errors import ConfigError, IlstoreError
-from .keys import KINDS
 from .store.registry import open_run
+from .summary import format_summary, human_bytes, summarize_run
 
 __all__ = ["cli", "main", "handle_errors", "human_bytes", "ls_run", "convert_run"]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
@@ -57,7 +48,37 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _load_compare() -> click.Command:
+    # ``ilstore compare`` is the same click command as ``ilstore-compare``.
+    from ilstore_compare.cli import compare_cmd
+
+    return compare_cmd
+
+
+class _LazyGroup(click.Group):
+    """A command group some of whose commands are imported only when used (run, or listed in --help).
+
+    So ``import ilstore.cli`` (and every other command) never imports the comparer.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, Callable[[], click.Command]] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        load = self.lazy_commands.get(cmd_name)
+        if load is not None:
+            self.add_command(load(), cmd_name)
+            del self.lazy_commands[cmd_name]
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, lazy_commands={"compare": _load_compare},
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.version_option(package_name="ilstore")
@@ -81,53 +102,9 @@ def validate_config_cmd(config: str) -> int:
 
 def ls_run(run_dir: Path, show_calls: bool = False, as_json: bool = False) -> int:
     """Print a run's steps with call/tensor counts and bytes; returns the exit status."""
-    with open_run(run_dir) as run:
-        steps = []
-        for step in run.steps():
-            calls = []
-            for call in run.calls(step):
-                tensors = stored = nbytes = 0
-                for kind in KINDS:
-                    for _key, node in run.tensor_nodes(call, kind):
-                        tensors += 1
-                        if node.get("stored", True):
-                            stored += 1
-                            nbytes += _node_bytes(node)
-                calls.append({"module": call.module, "call": call.call, "tensors": tensors, "stored": stored,
-                              "bytes": nbytes})
-            steps.append({"step": step, "calls": calls,
-                          "tensors": sum(c["tensors"] for c in calls), "stored": sum(c["stored"] for c in calls),
-                          "bytes": sum(c["bytes"] for c in calls)})
-        info = {"run_dir": str(run_dir), "backend": run.name, "status": run.status,
-                "steps": steps, "incomplete_steps": run.incomplete_steps()}
-    if as_json:
-        click.echo(json.dumps(info, indent=1))
-        return 0
-    click.echo(f"run {run_dir}\nbackend {info['backend']}, status {info['status']}, {len(steps)} step(s)")
-    rows = [[s["step"], len(s["calls"]), s["tensors"], s["stored"], human_bytes(s["bytes"])] for s in steps]
-    click.echo(tabulate(rows, headers=["step", "module calls", "tensors", "stored", "bytes"], tablefmt="simple"))
-    if info["incomplete_steps"]:
-        click.echo(f"incomplete step(s), cut before they finished: {info['incomplete_steps']}")
-    if show_calls:
-        for s in steps:
-            click.echo(f"\nstep {s['step']}")
-            rows = [[c["module"] + (f"#{c['call']}" if c["call"] else ""), c["tensors"], c["stored"],
-                     human_bytes(c["bytes"])] for c in s["calls"]]
-            click.echo(tabulate(rows, headers=["module call", "tensors", "stored", "bytes"], tablefmt="simple"))
+    summary = summarize_run(run_dir)
+    click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else format_summary(summary, show_calls=show_calls))
     return 0
-
-
-def _node_bytes(node: dict[str, Any]) -> int:
-    import torch
-
-    from .records import dtype_from_str
-
-    try:
-        itemsize = torch.empty((), dtype=dtype_from_str(str(node.get("dtype")))).element_size()
-    except (ValueError, TypeError):
-        return 0
-    numel = node.get("numel")
-    return int(numel) * itemsize if isinstance(numel, int) else 0
 
 
 @cli.command("ls", epilog="""\b
@@ -211,16 +188,6 @@ def demo_cmd(output_dir: Path, backend: str) -> int:
     from .demo import run_demo
 
     return run_demo(output_dir, backend)
-
-
-def _attach_compare() -> None:
-    # ``ilstore compare`` is the same click command as ``ilstore-compare``.
-    from ilstore_compare.cli import compare_cmd
-
-    cli.add_command(compare_cmd, "compare")
-
-
-_attach_compare()
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ import click
 import torch
 
 from .capture import capture
+from .manifest import MANIFEST_NAME
+from .summary import format_summary, summarize_run
 
 __all__ = ["tiny_llama", "DEMO_PROMPT", "run_demo", "capture_demo_run"]
 
@@ -31,14 +33,14 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: A
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    params = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  tie_word_embeddings=False)
+    params: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=False)
     params.update(overrides)
     config = LlamaConfig(**params)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model: torch.nn.Module = LlamaForCausalLM(config)
     return model.to(dtype).eval()
 
 
@@ -74,14 +76,12 @@ def run_demo(output_dir: Path, backend: str = "pt") -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in ("fp32", "bf16"):
         old = output_dir / name
-        if (old / "ilstore.json").is_file():  # only ever delete the demo's own earlier runs
+        if (old / MANIFEST_NAME).is_file():  # only ever delete the demo's own earlier runs
             shutil.rmtree(old)
     fp32, token = capture_demo_run(output_dir, "fp32", torch.float32, backend)
     bf16, _ = capture_demo_run(output_dir, "bf16", torch.bfloat16, backend, next_token=token)
     click.echo(f"captured float32 run:  {fp32}\ncaptured bfloat16 run: {bf16}\n")
-    from .cli import ls_run
-
-    ls_run(fp32)
+    click.echo(format_summary(summarize_run(fp32)))
     click.echo("")
     result = compare(bf16, fp32, rtol=1e-2, atol=1e-2)
     md, html = output_dir / "report.md", output_dir / "report.html"

@@ -454,3 +454,24 @@ def test_engine_capture_records_only_live_steps(out_dir: Path) -> None:
     assert cap.step_index == 2 and not cap.live
     assert ilstore.open_run(cap.run_dir).steps() == [0, 1] and _calls(cap.run_dir, 1) == [("other", 0)]
 
+
+def test_summarize_run_counts_what_ls_prints(out_dir: Path) -> None:
+    from ilstore.summary import format_summary, human_bytes, summarize_run
+
+    model = Thrice()
+    with ilstore.capture(model, _cfg(out_dir, run_id="stats", mode="stats")) as cap:
+        model(torch.randn(1, 4))
+    (step,) = summarize_run(cap.run_dir).steps
+    assert (step.tensors, step.stored, step.nbytes) == (8, 0, 0)  # bytes count stored bodies only
+    with ilstore.capture(model, _cfg(out_dir)) as cap:
+        model(torch.randn(1, 4))  # lin runs three times, other once; [1, 4] float32 tensors: 16 bytes each
+    summary = summarize_run(cap.run_dir)
+    assert (summary.backend, summary.status, summary.incomplete_steps) == ("pt", "complete", ())
+    (step,) = summary.steps
+    assert [(c.module, c.call, c.tensors, c.stored, c.nbytes) for c in step.calls] == [
+        ("lin", 0, 2, 2, 32), ("lin", 1, 2, 2, 32), ("lin", 2, 2, 2, 32), ("other", 0, 2, 2, 32)]
+    assert (step.tensors, step.stored, step.nbytes) == (8, 8, 128)
+    assert summary.to_dict()["steps"][0]["bytes"] == 128 and summary.to_dict()["run_dir"] == str(cap.run_dir)
+    assert format_summary(summary).splitlines()[:2] == [f"run {cap.run_dir}", "backend pt, status complete, 1 step(s)"]
+    assert "\nstep 0\nmodule call" in format_summary(summary, show_calls=True)
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 2**30)] == ["0 B", "1023 B", "1.5 KiB", "5.0 GiB"]
