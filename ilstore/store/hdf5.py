@@ -318,8 +318,7 @@ def _guarded(method: Any) -> Any:
         except (OSError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             err = exc
         step = first if isinstance(first, int) else first.step
-        path = self._paths.get(step, self.run_dir / f"{step_dir_name(step)}.h5")
-        raise CorruptFileError(path, f"damaged HDF5 data: {_msg(err)}") from None
+        raise CorruptFileError(self._step_path(step), f"damaged HDF5 data: {_msg(err)}") from None
 
     return wrapper
 
@@ -474,8 +473,12 @@ class Hdf5Reader(StoreReader):
             raise CorruptFileError(path, f"{key}: cannot decode dataset {group.name}/{dname}: {exc}") from None
         return tensor
 
+    def _step_path(self, step: int) -> Path:
+        """The file of ``step`` this reader opened (``.h5`` or ``.h5.partial``), else its ``.h5``."""
+        return self._paths.get(step, self.run_dir / f"{step_dir_name(step)}.h5")
+
     def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
-        return self._paths.get(key.step, self.run_dir / f"{step_dir_name(key.step)}.h5")
+        return self._step_path(key.step)
 
     def close(self) -> None:
         for f in self._files.values():
