@@ -15,19 +15,18 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .capture import Capture, IlstoreWarning, capture
 from .config import Config, load_config
 from .engine_capture import EngineCapture
 from .errors import (
-                     BackendError,
-                     ConfigError,
-                     CorruptFileError,
-                     IlstoreError,
-                     RunNotFoundError,
-                     StoreError,
-                     UnsafePathError,
+    BackendError,
+    ConfigError,
+    CorruptFileError,
+    IlstoreError,
+    RunNotFoundError,
+    StoreError,
+    UnsafePathError,
 )
 from .keys import CallKey, TensorKey
 from .store import StoreReader, StoreWriter, get_backend, open_run, register_backend

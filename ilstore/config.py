@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]  # no stubs in the lint extra
+import jsonschema
 
-# mypy cannot see this package: pyproject.toml maps the top-level schemas/ folder to ilstore.schemas.
-from . import schemas  # type: ignore[attr-defined]
 from .errors import ConfigError
+from .schemas import load as load_schema
 
 __all__ = ["Config", "ModuleSelector", "load_config", "ENV_VAR", "DEFAULTS"]
 
@@ -209,14 +208,15 @@ def _leaf_errors(err: jsonschema.ValidationError) -> list[jsonschema.ValidationE
 
 
 def _schema_problems(data: Any) -> list[str]:
-    validator = jsonschema.Draft202012Validator(schemas.load("config"))
-    known = list(schemas.load("config")["properties"])
+    validator = jsonschema.Draft202012Validator(load_schema("config"))
+    known = list(load_schema("config")["properties"])
     problems: list[str] = []
     errors = [leaf for e in validator.iter_errors(data) for leaf in _leaf_errors(e)]
     for err in sorted(errors, key=lambda e: list(map(str, e.absolute_path))):
         where = _key_path(err.absolute_path)
+        instance: Any = err.instance  # jsonschema types it as possibly "unset"; a reported error has one
         if err.validator == "additionalProperties" and not err.absolute_path:
-            for key in sorted(set(err.instance) - set(known)):
+            for key in sorted(set(instance) - set(known)):
                 hint = difflib.get_close_matches(key, known, n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}"
                 shown = key if re.fullmatch(r"[A-Za-z_]\w*", key) else json.dumps(key)
@@ -229,7 +229,8 @@ def _schema_problems(data: Any) -> list[str]:
                 f"or an array of those, got {_describe(err.instance)}"
             )
         elif err.validator == "type":
-            want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+            value: Any = err.validator_value
+            want = value if isinstance(value, list) else [value]
             problems.append(f"{where}: expected {' or '.join(want)}, got {_describe(err.instance)}")
         else:
             problems.append(f"{where}: {err.message}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
 from .keys import CallKey
 
 __all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "write_json_atomic", "new_manifest", "calls_to_json", "calls_from_json"]
@@ -50,16 +50,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def _version() -> str:
-    """The version of the ilstore package this module belongs to.
-
-    Read from the package object, which Python has always imported before this module:
-    importing it here (``from . import __version__``) would make the manifest depend on
-    ``ilstore/__init__.py``, which imports capture, which imports the manifest (a cycle).
-    """
-    return str(getattr(sys.modules[__package__ or "ilstore"], "__version__", "unknown"))
-
-
 def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """A fresh manifest for a run that is about to start."""
     return {
@@ -67,7 +57,7 @@ def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_s
         "format_version": FORMAT_VERSION,
         "backend": backend,
         "config": config,
-        "ilstore_version": _version(),
+        "ilstore_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "rank": rank,

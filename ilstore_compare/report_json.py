@@ -90,11 +90,10 @@ def render_json(result: CompareResult, verbose: bool = False) -> str:
 
 def validate_report(data: Any) -> list[str]:
     """Check report data against ``schemas/report.schema.json``; one message per problem."""
-    import importlib
+    import jsonschema
 
-    import jsonschema  # type: ignore[import-untyped]
+    from ilstore.schemas import load as load_schema
 
-    schemas = importlib.import_module("ilstore.schemas")  # the top-level schemas/ folder, installed under ilstore
-    validator = jsonschema.Draft202012Validator(schemas.load("report"))
+    validator = jsonschema.Draft202012Validator(load_schema("report"))
     return [f"{'/'.join(str(p) for p in err.absolute_path) or '(root)'}: {err.message}"
             for err in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))]
