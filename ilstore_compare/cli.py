@@ -22,7 +22,6 @@ from ilstore.errors import IlstoreError
 
 from .engine import compare
 from .errors import OptionError
-from .mapping import NameMap
 from .options import CompareOptions
 from .pairing import parse_steps
 from .report_html import render_html
@@ -194,7 +193,7 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
     """
     options = CompareOptions(rtol=rtol, atol=atol, steps=steps, modules=modules or None, exact=exact,
                              equal_nan=equal_nan, allow_stats_only=allow_stats_only,
-                             name_map=NameMap.load(map_file).to_dict() if map_file is not None else None,
+                             name_map=map_file,
                              squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers)
     return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose)
 

@@ -99,7 +99,9 @@ def max_ulp(a: torch.Tensor, b: torch.Tensor) -> int | None:
     values is how many representable numbers of that dtype lie between them: the difference of
     their positions in the ordered set of its values (the bit patterns read as sign and
     magnitude). ``+0`` and ``-0`` are 0 apart; infinities are the last positions (the largest
-    finite value and infinity are 1 apart); elements where either side is NaN are skipped.
+    finite value and infinity are 1 apart); elements where either side is NaN are skipped. The
+    ``fnuz`` float8 types have no infinity: a reference value beyond their range (or infinite)
+    counts as their largest finite value.
     Integer arithmetic, exact for every width (a float64 distance can reach ``2**64 - 2**53``;
     it is returned as a Python int).
 
@@ -120,6 +122,11 @@ def max_ulp(a: torch.Tensor, b: torch.Tensor) -> int | None:
     if layout is None or b.is_complex():
         return None
     itype, nan_above, nan_negative_zero = layout
+    if nan_negative_zero:
+        # the fnuz types have no infinity: a reference beyond their range would cast to NaN and
+        # be skipped; saturate it at the largest finite value instead, so it still counts
+        limit = torch.finfo(a.dtype).max
+        b = b.to(torch.float32).clamp(-limit, limit)
     ia, ib = a.view(itype), b.to(a.dtype).view(itype)
     low = torch.iinfo(itype).min  # the sign bit alone: -0, or NaN for the fnuz types
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import OptionError
@@ -71,7 +73,7 @@ class CompareOptions:
     exact: bool = False
     equal_nan: bool = False
     allow_stats_only: bool = False
-    name_map: dict[str, Any] | None = None
+    name_map: dict[str, Any] | NameMap | str | Path | None = None  # stored as the dict form
     squeeze_shapes: bool | None = None
     allow_unaligned: bool = False
     workers: int = field(default=1, metadata={"reported": False})
@@ -99,6 +101,7 @@ class CompareOptions:
             self._set("modules", patterns)
         nmap = NameMap.coerce(self.name_map)
         self._set("name_map", nmap.to_dict() if nmap is not None else None)
+        self.__dict__["map"] = nmap  # the parsed map, so the ``map`` property need not parse it again
         squeeze = self.squeeze_shapes
         if squeeze is None:  # as the map says
             squeeze = nmap is not None and nmap.squeeze_shapes
@@ -109,9 +112,9 @@ class CompareOptions:
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalising a frozen instance while it is built
 
-    @property
+    @functools.cached_property
     def map(self) -> NameMap | None:
-        """The name map as an object (None without one)."""
+        """The name map as an object (None without one); parsed once."""
         return NameMap.from_dict(self.name_map) if self.name_map is not None else None
 
     @classmethod

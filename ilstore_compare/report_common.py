@@ -27,7 +27,7 @@ def num(x: float | int | None, pct: bool = False) -> str:
     if x is None:
         return "—"
     if isinstance(x, int) and not isinstance(x, bool):
-        return str(x)
+        return f"{x}%" if pct else str(x)
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
@@ -70,11 +70,10 @@ def options_line(result: CompareResult) -> str:
         parts.append(f"steps {', '.join(map(str, o.steps))}")
     if o.modules is not None:
         parts.append(f"modules matching {', '.join(o.modules)}")
-    if o.name_map is not None:
-        m = o.name_map
-        parts.append(f"map: {len(m['rules'])} rename rule(s) applied to {m['apply_to']}, "
-                     f"{len(m.get('path_rules', []))} path rule(s), {len(m.get('unaligned', []))} "
-                     "unaligned declaration(s)")
+    if o.map is not None:
+        m = o.map
+        parts.append(f"map: {len(m.rules)} rename rule(s) applied to {m.apply_to}, "
+                     f"{len(m.path_rules)} path rule(s), {len(m.unaligned)} unaligned declaration(s)")
     if o.squeeze_shapes:
         parts.append("shapes that differ only by size-1 dimensions compared squeezed")
     if o.allow_stats_only:

@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from ilstore._version import __version__
 from ilstore.keys import CallKey, TensorKey
 
 from .metrics import TensorMetrics, metric_infos
@@ -63,8 +64,6 @@ def _call(c: CallResult) -> dict[str, Any]:
 
 def report_dict(result: CompareResult) -> dict[str, Any]:
     """The report as plain JSON-ready data (every tensor, every call)."""
-    from ilstore import __version__
-
     return {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,

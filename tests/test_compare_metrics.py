@@ -222,3 +222,19 @@ def test_max_ulp_matches_a_brute_force_count_in_chunks(dtype: torch.dtype) -> No
                                          (a.double().isnan() | cast.double().isnan()).tolist(), strict=True) if not nan]
     expected = max(abs(position(p) - position(q)) for p, q in pairs)
     assert compare_tensors(a, b, **TOL, chunk=64).max_ulp == expected == compare_tensors(a, b, **TOL).max_ulp
+
+
+def test_max_ulp_fnuz_reference_out_of_range_saturates() -> None:
+    """A float8 fnuz candidate has no infinity; a reference beyond its range must not turn into a
+    NaN that max_ulp skips (which would report 0 ULP for a real mismatch)."""
+    from ilstore_compare.metrics import max_ulp
+
+    dtype = getattr(torch, "float8_e4m3fnuz", None)
+    if dtype is None:
+        pytest.skip("this torch has no float8_e4m3fnuz")
+    a = torch.tensor([1.0, 1.0]).to(dtype)
+    top = torch.tensor([torch.finfo(dtype).max]).to(dtype)
+    expected = max_ulp(a[1:], top)  # 1.0 against the largest finite value
+    assert expected is not None and expected > 0
+    assert max_ulp(a, torch.tensor([1.0, 1000.0])) == expected
+    assert max_ulp(a, torch.tensor([1.0, float("inf")])) == expected
