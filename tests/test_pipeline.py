@@ -285,3 +285,125 @@ def test_stats_mode_computes_each_unchanged_tensor_once(out_dir: Path, monkeypat
             b = run.meta(ilstore.TensorKey(0, "model.layers.0.mlp.gate_proj", 0, "outputs"))["stats"]
             assert a == b and a["l2_norm"] > 0
     assert counts[True] < 0.75 * counts[False]
+
+
+class CountingSlowWriter(StoreWriter):
+    """A writer made slow on purpose; records what it is handed, in order, and how much work
+    was pending (queued or in progress) each time it was called."""
+
+    name = "counting-slow"
+
+    def __init__(self, run_dir: Path, delay: float = 0.0005) -> None:
+        super().__init__(run_dir)
+        self.delay = delay
+        self.log: list[str] = []
+        self.pending_seen: list[int] = []
+        self.sink: ThreadedSink | None = None
+
+    def _seen(self) -> None:
+        assert self.sink is not None
+        self.pending_seen.append(len(self.sink._items) + 1)  # queued, plus the one being processed
+
+    def _write(self, record: Record) -> None:
+        self._seen()
+        time.sleep(self.delay)
+        self.log.append(record.call.module)
+
+    def _end_step(self, info: StepInfo) -> None:
+        self._seen()
+        self.log.append(f"end{info.step}")
+
+    def end_step(self, info: StepInfo) -> None:  # no manifest kept: only the order matters here
+        self._end_step(info)
+
+
+def _bodiless(i: int) -> Record:
+    """A record like ``mode: "stats"`` makes: metadata only, zero bytes of body."""
+    return Record(ilstore.CallKey(0, 0, f"m{i}", 0), "outputs", {"type": "tensor", "stored": False}, {})
+
+
+def test_pending_items_are_bounded_with_a_slow_writer(tmp_path: Path) -> None:
+    """Records without bodies do not touch the byte bound; the item bound still holds: the
+    pending work never exceeds it, the producer waits (doing work itself), nothing is lost and
+    everything is written in order."""
+    writer = CountingSlowWriter(tmp_path / "run")
+    writer.open(ilstore.manifest.new_manifest("counting-slow", {}))
+    sink = ThreadedSink(writer, max_pending_bytes=2**30, max_pending_items=8)
+    writer.sink = sink
+    expected = []
+    for step in range(30):
+        for i in range(10):
+            sink.write(_bodiless(i))
+            expected.append(f"m{i}")
+            assert sink._pending_items <= 8
+        sink.end_step(StepInfo(step, [], []))
+        expected.append(f"end{step}")
+    assert sink.peak_pending_items == 8  # the producer outran the writer and was held at the bound
+    sink.close("complete")
+    assert writer.log == expected
+    assert max(writer.pending_seen) <= 8
+    assert sink.peak_pending_bytes == 0
+
+
+def test_default_item_bound_holds_over_a_long_run(tmp_path: Path) -> None:
+    from ilstore.pipeline import MAX_PENDING_ITEMS
+
+    writer = CountingSlowWriter(tmp_path / "run", delay=0.0)
+    writer.open(ilstore.manifest.new_manifest("counting-slow", {}))
+    sink = ThreadedSink(writer, max_pending_bytes=2**30)
+    writer.sink = sink
+    assert sink.max_pending_items == MAX_PENDING_ITEMS
+    n = 3 * MAX_PENDING_ITEMS
+    for i in range(n):
+        sink.write(_bodiless(i))
+    sink.close("complete")
+    assert sink.peak_pending_items <= MAX_PENDING_ITEMS
+    assert writer.log == [f"m{i}" for i in range(n)]
+
+
+class _NullWriter(StoreWriter):
+    """Counts records and steps and keeps nothing (no manifest growth: a capture's own memory
+    is what is measured)."""
+
+    name = "null-long-run"
+    records = 0
+
+    def _write(self, record: Record) -> None:
+        type(self).records += 1
+
+    def _end_step(self, info: StepInfo) -> None:
+        pass
+
+    def end_step(self, info: StepInfo) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_100k_steps(out_dir: Path) -> None:
+    """10^5 logged steps in ``mode: "stats"`` (records with no bytes): the number of live Python
+    container objects at step 100,000 is what it was at step 10,000, and the writer's queue
+    never exceeds its item bound."""
+    import gc
+
+    from ilstore.store.registry import register_backend
+    from ilstore.store.safetensors import SafetensorsReader
+
+    register_backend("null-long-run", _NullWriter, SafetensorsReader, override=True)
+    model = nn.Sequential(nn.ReLU())
+    x = torch.randn(2, 8)
+    counts = {}
+    _NullWriter.records = 0
+    cfg = {"output_dir": str(out_dir), "run_id": "long", "backend": "null-long-run", "mode": "stats",
+           "log_step_ids": []}
+    with torch.no_grad(), ilstore.capture(model, cfg) as cap:
+        sink = cap._sink
+        assert isinstance(sink, ThreadedSink)
+        for step in range(100_000):
+            model(x)
+            if step + 1 in (10_000, 100_000):
+                cap.flush()
+                gc.collect()
+                counts[step + 1] = len(gc.get_objects())
+    assert _NullWriter.records == 100_000 * 2
+    assert sink.peak_pending_items <= sink.max_pending_items
+    assert counts[100_000] - counts[10_000] < 1000, counts
