@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,9 @@ def _supported(dtype: torch.dtype) -> bool:
         from safetensors.torch import load, save
 
         try:
-            ok = load(save({"t": torch.empty(0, dtype=dtype)}))["t"].dtype == dtype
+            with warnings.catch_warnings():  # e.g. torch's "ComplexHalf support is experimental"
+                warnings.simplefilter("ignore")
+                ok = load(save({"t": torch.empty(0, dtype=dtype)}))["t"].dtype == dtype
         except Exception:  # safetensors refuses the dtype on writing (or cannot read it back)
             ok = False
         _SUPPORTED[dtype] = ok
