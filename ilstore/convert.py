@@ -8,7 +8,9 @@ target backend's writer record by record, in the order capture wrote them (a cal
 when it starts, its outputs when it ends), so de-duplicated tensors (``same_as``) always
 follow the tensor they point to. Structures, statistics, call order, call-end order and the
 config are kept; only the keys the source reader uses to locate bodies
-(:attr:`StoreReader.locator_keys`) are dropped.
+(:attr:`StoreReader.locator_keys`) are dropped. The target is always written in the current
+format (2: its writer keeps its own step journal), also when the source is a format-1 run of
+ilstore 0.1 or a dump without a manifest.
 
 The target is built in a temporary directory beside ``dst`` and renamed into place at the
 end, so a failed conversion leaves no half-written run and an existing ``dst`` (replaced only
@@ -38,9 +40,10 @@ __all__ = ["convert", "replay_order"]
 
 _log = logging.getLogger(__name__)
 
-# Manifest keys that describe the writing of a run, not the capture: the target sets its own.
-_RUN_STATE = frozenset({"format", "format_version", "backend", "ilstore_version", "status", "steps", "current_step",
-                        "calls", "call_ends", "error", "converted_from"})
+# Manifest keys that describe the writing of a run, not the capture: the target sets its own
+# (its writer keeps its own step journal; the steps and call orders of format 1 are not copied either).
+_RUN_STATE = frozenset({"format", "format_version", "backend", "ilstore_version", "status", "journal", "error",
+                        "converted_from", "steps", "current_step", "calls", "call_ends"})
 _STATUSES = ("complete", "failed", "running")
 
 

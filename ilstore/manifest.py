@@ -1,18 +1,30 @@
-"""The run manifest ``ilstore.json`` and atomic JSON writes.
+"""The run manifest ``ilstore.json``, the step journal ``steps.jsonl``, and atomic JSON writes.
 
-A run directory's manifest records the format version, backend, resolved config, library
-and torch versions, world size, the completed steps, the module call order of each step and
-the run status (``running`` → ``complete``, or ``failed``). It is rewritten atomically
-(temp file + ``os.replace``) at open, at every step end and at close, so a reader never sees a
-half-written manifest and a killed run still lists every step completed before it died.
+A run directory's manifest (format version 2) records the format version, backend, resolved
+config, library and torch versions, rank and world size, the run status (``running`` →
+``complete``, or ``failed``) and the name of the run's step journal. It is written atomically
+(temp file + ``os.replace``) only when the run opens and when it closes, so a reader never sees
+a half-written manifest and its size does not depend on the length of the run.
+
+The step journal (:data:`JOURNAL_NAME`) holds what grows with the run: one line per completed
+step, appended once the step is durable, with the step's module call order and its totals
+(:class:`JournalWriter`). Appending costs what the step wrote, whatever the step number; a
+reader indexes the journal once and parses only the lines it needs (:class:`JournalReader`).
+A run killed at any point keeps every step whose line is complete. Runs written by ilstore 0.1
+(format version 1) keep the steps and call orders in the manifest itself (``steps``,
+``calls``, ``call_ends``); readers read both.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import re
 import tempfile
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,21 +32,38 @@ from typing import Any
 import torch
 
 from ._version import __version__
+from .errors import CorruptFileError
 from .keys import CallKey
 
-__all__ = ["MANIFEST_NAME", "FORMAT_VERSION", "write_json_atomic", "new_manifest", "calls_to_json", "calls_from_json"]
+__all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "TOTALS_KEYS", "write_json_atomic", "new_manifest",
+           "calls_to_json", "calls_from_json", "JournalWriter", "JournalReader"]
+
+_log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "ilstore.json"
-FORMAT_VERSION = 1
+#: The step journal of a format-2 run, in its run directory (the manifest's ``"journal"``).
+JOURNAL_NAME = "steps.jsonl"
+FORMAT_VERSION = 2
+#: The keys of a journal line's ``"totals"``: what ``ilstore ls`` prints per step.
+TOTALS_KEYS = ("module_calls", "tensors", "stored", "bytes")
+
+# A line starts with its step number: the writer puts "step" first, so the index needs no parse.
+_STEP_PREFIX = re.compile(rb'\{\s*"step"\s*:\s*(\d+)\s*[,}]')
+# The end of a line as the writer spells it, for listing a long run without parsing every line.
+_TOTALS_TAIL = re.compile(rb'"totals": \{"module_calls": (\d+), "tensors": (\d+), "stored": (\d+), '
+                          rb'"bytes": (\d+)\}\}\n\Z')
+_DECODER = json.JSONDecoder()
+# Parsed journal lines kept per reader (the lines others point to with "calls_as" are reused).
+_LINE_CACHE = 64
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file in the same directory and a rename.
 
     Compact, from ``json.dumps``: only that one-shot form uses the C encoder (``json.dump`` to a
-    file, or any ``indent``, runs the pure-Python one, ~6x slower). The manifest is rewritten at
-    every step end and a safetensors step index lists every tensor: indenting them cost ~20 ms
-    per step of the benchmark workload. ``python -m json.tool`` or ``ilstore ls`` pretty-print.
+    file, or any ``indent``, runs the pure-Python one, ~6x slower). A safetensors step index
+    lists every tensor of its step: indenting it cost ~20 ms per step of the benchmark
+    workload. ``python -m json.tool`` or ``ilstore ls`` pretty-print.
     """
     text = json.dumps(data, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -51,7 +80,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """A fresh manifest for a run that is about to start."""
+    """A fresh manifest for a run that is about to start.
+
+    Example:
+        >>> m = new_manifest("pt", {})
+        >>> m["format_version"], m["status"], m["journal"]
+        (2, 'running', 'steps.jsonl')
+    """
     return {
         "format": "ilstore",
         "format_version": FORMAT_VERSION,
@@ -63,10 +98,7 @@ def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_s
         "rank": rank,
         "world_size": world_size,
         "status": "running",
-        "steps": [],
-        "current_step": None,
-        "calls": {},
-        "call_ends": {},
+        "journal": JOURNAL_NAME,
     }
 
 
@@ -85,3 +117,266 @@ def calls_from_json(data: Any, step: int, rank: int = 0) -> list[CallKey]:
             raise ValueError(f"bad call entry {item!r}; expected [module name, call index]")
         out.append(CallKey(rank, step, item[0], item[1]))
     return out
+
+
+class JournalWriter:
+    """Appends one line per completed step to a run's step journal.
+
+    A line is ``{"step": N, "calls": [[module, call], ...], "call_ends": [...], "totals":
+    {"module_calls": .., "tensors": .., "stored": .., "bytes": ..}}``, written by one
+    ``os.write`` to a file opened with ``O_APPEND`` and ended by a newline: a line without its
+    newline is one a killed process did not finish, and readers ignore it. When a step's
+    ``calls`` and ``call_ends`` equal those of the last line that spelled them out, the line
+    says ``"calls_as": <that step>`` instead, so a line stays short when the call order
+    repeats. The file is created empty (an earlier journal at ``path`` is truncated).
+
+    Args:
+        path: the journal file, in the run directory.
+
+    Raises:
+        OSError: the file cannot be created.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        self._size = 0
+        self._spelled: tuple[int, list[list[Any]], list[list[Any]]] | None = None
+
+    def append(self, step: int, calls: list[list[Any]], call_ends: list[list[Any]], totals: dict[str, int]) -> None:
+        """Append the line of one completed step (``calls``/``call_ends`` as :func:`calls_to_json` gives them).
+
+        Raises:
+            OSError: the write failed (the journal is cut back to its last complete line).
+        """
+        if self._fd is None:
+            raise OSError(f"{self.path}: the step journal is closed")
+        line: dict[str, Any] = {"step": step}
+        spelled = self._spelled
+        if spelled is not None and spelled[1] == calls and spelled[2] == call_ends:
+            line["calls_as"] = spelled[0]
+        else:
+            line["calls"], line["call_ends"] = calls, call_ends
+        line["totals"] = totals
+        data = (json.dumps(line, allow_nan=False) + "\n").encode("utf-8")
+        try:
+            done = os.write(self._fd, data)
+            while done < len(data):  # a short write (a signal, a full disk): finish or fail
+                done += os.write(self._fd, data[done:])
+        except OSError:
+            # No partial line may stay: the next append would complete it into a corrupt one.
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise
+        self._size += len(data)
+        if "calls" in line:
+            self._spelled = (step, calls, call_ends)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+class JournalReader:
+    """Reads a step journal written by :class:`JournalWriter`, lazily.
+
+    The first query indexes the file once: it reads it line by line and takes each complete
+    line's step number from the line's start, without parsing the rest; a step's line is
+    parsed only when that step is asked about (and the line its ``calls_as`` names, kept).
+    A partial last line (a process killed mid-append) is ignored. A complete line that is not
+    valid JSON is a :class:`~ilstore.errors.CorruptFileError` naming the file and the line
+    number when its step is read; a line whose step number cannot be read is skipped with a
+    warning (its step then counts as incomplete). When a step has several lines, the last wins.
+
+    Args:
+        path: the journal file.
+        rank: the rank put into the :class:`~ilstore.keys.CallKey` s it returns.
+    """
+
+    def __init__(self, path: Path, rank: int = 0) -> None:
+        self.path = path
+        self.rank = rank
+        self._steps: array[int] | None = None  # ascending, unique
+        self._offsets: array[int] = array("q")
+        self._lengths: array[int] = array("q")
+        self._lines: array[int] = array("q")  # 1-based line numbers, for errors
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._fd: int | None = None  # for reading lines, opened on first use
+
+    # -- the index -------------------------------------------------------------------------
+    def _index(self) -> array[int]:
+        if self._steps is None:
+            self._scan(collect_totals=False)
+        assert self._steps is not None
+        return self._steps
+
+    def _scan(self, collect_totals: bool) -> dict[int, dict[str, int] | None]:
+        """One pass over the file: builds the index if there is none yet and, if asked, parses
+        every complete line for its totals (then a damaged line raises, naming it)."""
+        build = self._steps is None
+        steps, offsets, lengths, lines = array("q"), array("q"), array("q"), array("q")
+        totals: dict[int, dict[str, int] | None] = {}
+        ordered, offset, bad = True, 0, []
+        match, tail, parse, totals_of = _STEP_PREFIX.match, _TOTALS_TAIL.match, self._parse, self._totals_of
+        last = -1
+        try:
+            with open(self.path, "rb") as fh:
+                for number, raw in enumerate(fh, 1):
+                    size = len(raw)
+                    if raw[-1:] == b"\n":
+                        m = match(raw)
+                        if m is None:
+                            bad.append(number)
+                        else:
+                            step = int(m.group(1))
+                            if build:
+                                if step <= last:
+                                    ordered = False
+                                last = step
+                                steps.append(step)
+                                offsets.append(offset)
+                                lengths.append(size)
+                                lines.append(number)
+                            if collect_totals:
+                                t = tail(raw, max(0, raw.rfind(b'"totals": ')))
+                                totals[step] = (dict(zip(TOTALS_KEYS, map(int, t.groups()), strict=True)) if t
+                                                else totals_of(parse(raw, number, step), number, step))
+                    offset += size
+        except FileNotFoundError:
+            raise CorruptFileError(self.path, "the step journal the manifest names is missing") from None
+        except (OSError, OverflowError) as exc:
+            raise CorruptFileError(self.path, f"unreadable step journal: {exc}") from None
+        if not build:
+            return totals
+        if bad:
+            _log.warning("%s: line(s) %s do not start with a step number; their steps count as incomplete",
+                         self.path, ", ".join(map(str, bad[:10])))
+        if not ordered:  # duplicated or out-of-order steps: sort, the last line of a step wins
+            where = {step: i for i, step in enumerate(steps)}
+            order = [where[s] for s in sorted(where)]
+            steps = array("q", (steps[i] for i in order))
+            offsets = array("q", (offsets[i] for i in order))
+            lengths = array("q", (lengths[i] for i in order))
+            lines = array("q", (lines[i] for i in order))
+        self._offsets, self._lengths, self._lines = offsets, lengths, lines
+        self._steps = steps
+        return totals
+
+    def _position(self, step: int) -> int | None:
+        steps = self._index()
+        i = bisect_left(steps, step)
+        return i if i < len(steps) and steps[i] == step else None
+
+    def steps(self) -> list[int]:
+        """The steps with a complete line, ascending."""
+        return list(self._index())
+
+    def __contains__(self, step: object) -> bool:
+        return isinstance(step, int) and self._position(step) is not None
+
+    # -- one line --------------------------------------------------------------------------
+    def _line(self, step: int) -> tuple[dict[str, Any], int]:
+        """The parsed line of ``step`` and its line number; KeyError when the journal has none."""
+        i = self._position(step)
+        if i is None:
+            raise KeyError(step)
+        number = self._lines[i]
+        doc = self._cache.get(step)
+        if doc is None:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                # pread: no shared file position, so threads may read lines at the same time
+                raw = os.pread(self._fd, self._lengths[i], self._offsets[i])
+            except OSError as exc:
+                raise CorruptFileError(self.path, f"line {number} (step {step}): unreadable: {exc}") from None
+            doc = self._parse(raw, number, step)
+            if len(self._cache) >= _LINE_CACHE:
+                del self._cache[next(iter(self._cache))]
+            self._cache[step] = doc
+        return doc, number
+
+    def _parse(self, raw: bytes, number: int, step: int) -> dict[str, Any]:
+        try:
+            doc = _DECODER.decode(raw.decode("utf-8"))  # a str: json.loads would sniff the encoding of bytes
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptFileError(self.path, f"line {number} (step {step}): not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("step") != step:
+            raise CorruptFileError(self.path, f"line {number} (step {step}): expected a JSON object whose "
+                                   "\"step\" is the step number")
+        return doc
+
+    def calls(self, step: int, field: str = "calls") -> list[CallKey] | None:
+        """``calls`` or ``call_ends`` of ``step``, following ``calls_as``; None when no line has the step.
+
+        Raises:
+            CorruptFileError: the line (or the line it points to) is damaged; names the line.
+        """
+        try:
+            doc, number = self._line(step)
+        except KeyError:
+            return None
+        if "calls_as" in doc:
+            ref = doc["calls_as"]
+            try:
+                target, target_number = self._line(ref) if isinstance(ref, int) and ref != step else ({}, 0)
+            except KeyError:
+                target, target_number = {}, 0
+            if field not in target:
+                raise CorruptFileError(self.path, f"line {number} (step {step}): \"calls_as\": {ref!r} names no "
+                                       f"step whose line lists {field}")
+            doc, number = target, target_number
+        try:
+            return calls_from_json(doc.get(field), step, self.rank)
+        except ValueError as exc:
+            raise CorruptFileError(self.path, f"line {number} (step {step}): {field}: {exc}") from None
+
+    def totals(self, step: int) -> dict[str, int] | None:
+        """The ``totals`` of ``step`` (:data:`TOTALS_KEYS`), None when no line has the step or it has none.
+
+        Raises:
+            CorruptFileError: the line is damaged; names the line.
+        """
+        try:
+            doc, number = self._line(step)
+        except KeyError:
+            return None
+        return self._totals_of(doc, number, step)
+
+    def all_totals(self) -> dict[int, dict[str, int] | None]:
+        """The totals of every step in one pass over the file (much cheaper than :meth:`totals`
+        step by step); None for a line without totals. A line that ends the way the writer ends
+        it is not parsed further (its other fields are checked when its step is read); any
+        other line is parsed whole.
+
+        Raises:
+            CorruptFileError: a line is damaged; names the line.
+        """
+        return self._scan(collect_totals=True)
+
+    def _totals_of(self, doc: dict[str, Any], number: int, step: int) -> dict[str, int] | None:
+        totals = doc.get("totals")
+        if totals is None:
+            return None
+        try:
+            out = {k: totals[k] for k in TOTALS_KEYS}
+        except (KeyError, TypeError, IndexError):
+            out = {}
+        if len(out) != len(TOTALS_KEYS) or not all(type(v) is int and v >= 0 for v in out.values()):
+            raise CorruptFileError(self.path, f"line {number} (step {step}): \"totals\" needs non-negative integers "
+                                   f"{', '.join(TOTALS_KEYS)}")
+        return out
+
+    def close(self) -> None:
+        """Close the file and forget the parsed lines (idempotent; the index stays)."""
+        self._cache.clear()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()

@@ -33,7 +33,7 @@ import ilstore
 
 from .errors import CorruptFileError
 from .keys import CallKey, TensorKey
-from .manifest import MANIFEST_NAME, new_manifest
+from .manifest import JOURNAL_NAME, MANIFEST_NAME, new_manifest
 from .records import Record, TensorPolicy, build_record, finalize_stats
 from .store.base import StepInfo, StoreReader, StoreWriter
 from .store.registry import get_backend, open_run
@@ -559,7 +559,7 @@ class StoreConformance:
             for dirpath, _dirs, files in os.walk(run_dir):
                 for name in files:
                     path = Path(dirpath) / name
-                    if name == MANIFEST_NAME:
+                    if name in (MANIFEST_NAME, JOURNAL_NAME):  # the run's own metadata, not the backend's
                         continue
                     data = path.read_bytes()
                     path.write_bytes(data[: len(data) // 2] if mode == "truncate" else b"\x00garbage" * 3)
@@ -606,6 +606,20 @@ class StoreConformance:
         result = CliRunner().invoke(cli, ["ls", str(run_dir), "--calls"])
         assert result.exit_code == 0, result.output
         assert f"backend {self.backend}, status complete" in result.output and "nested" in result.output
+
+    def test_journal_totals_match_the_structures(self, tmp_path: Path) -> None:
+        """What the writer counted into the step journal is what counting the files gives."""
+        from .summary import summarize_run
+
+        run_dir = self.capture_model(tmp_path, ConformanceModel(), [torch.randn(3, 4), torch.randn(3, 4)],
+                                     log_step_ids=[], max_tensor_size=6, log_post_fwd_inputs=True)
+        detailed, totals_only = summarize_run(run_dir), summarize_run(run_dir, calls=False)
+        with open_run(run_dir) as run:
+            for step, from_journal in zip(detailed.steps, totals_only.steps, strict=True):
+                totals = run.step_totals(step.step)
+                assert totals is not None and from_journal.calls is None
+                assert (totals["module_calls"], totals["tensors"], totals["stored"], totals["bytes"]) == step.counts()
+                assert from_journal.counts() == step.counts() and 0 < step.stored < step.tensors and step.nbytes > 0
 
     def test_convert_to_pt_and_back_is_bit_exact(self, tmp_path: Path) -> None:
         from .convert import convert

@@ -25,7 +25,7 @@ from ilstore.testing import ConformanceModel, assert_bits_equal, neutral_meta
 from support import VLLM_RUN, native_hdf5, native_safetensors
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
-_MANIFEST_KEYS = ("config", "steps", "calls", "call_ends", "status", "rank", "world_size", "torch_version")
+_MANIFEST_KEYS = ("config", "format_version", "journal", "status", "rank", "world_size", "torch_version")
 
 
 def assert_same_run(a_dir: Path, b_dir: Path, manifest: bool = True) -> int:
@@ -38,6 +38,8 @@ def assert_same_run(a_dir: Path, b_dir: Path, manifest: bool = True) -> int:
                 assert a.manifest.get(key) == b.manifest.get(key), key
         for step in a.steps():
             assert a.calls(step) == b.calls(step) and a.call_ends(step) == b.call_ends(step)
+            totals = a.step_totals(step)
+            assert totals is None or totals == b.step_totals(step), step
         keys = a.keys()
         assert keys == b.keys()
         for key in keys:

@@ -32,12 +32,17 @@ def _capture_llama(out_dir: Path, run_id: str = "llama") -> Path:
 def test_manifest(out_dir: Path) -> None:
     run_dir = _capture_llama(out_dir)
     m = json.loads((run_dir / "ilstore.json").read_text())
-    assert m["format"] == "ilstore" and m["format_version"] == 1 and m["backend"] == "pt"
-    assert m["status"] == "complete" and m["steps"] == [0, 1] and m["world_size"] == 1
+    assert m["format"] == "ilstore" and m["format_version"] == 2 and m["backend"] == "pt"
+    assert m["status"] == "complete" and m["journal"] == "steps.jsonl" and m["world_size"] == 1
     assert m["torch_version"] == torch.__version__ and m["ilstore_version"] == ilstore.__version__
     assert m["config"]["log_step_ids"] == [0, 1] and m["config"]["run_id"] == "llama"
-    assert m["calls"]["0"][0] == ["model", 0] and len(m["calls"]["0"]) == 31
-    assert m["call_ends"]["0"][-1] == ["lm_head", 0] and m["call_ends"]["0"][-2] == ["model", 0]
+    assert not {"steps", "calls", "call_ends", "current_step"} & m.keys()  # format 2: they are in the journal
+    lines = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    assert lines[0]["calls"][0] == ["model", 0] and len(lines[0]["calls"]) == 31
+    assert lines[0]["call_ends"][-1] == ["lm_head", 0] and lines[0]["call_ends"][-2] == ["model", 0]
+    assert lines[1]["calls_as"] == 0 and "calls" not in lines[1]  # the same call order, not repeated
+    assert lines[0]["totals"] == {"module_calls": 31, "tensors": 82, "stored": 82, "bytes": lines[0]["totals"]["bytes"]}
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".partial")]
 
 

@@ -11,6 +11,7 @@ hooks each class lists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -24,10 +25,20 @@ import torch
 
 from ..errors import BackendError, CorruptFileError, StoreError, UnsafePathError
 from ..keys import KINDS, CallKey, TensorKey
-from ..manifest import MANIFEST_NAME, calls_from_json, calls_to_json, write_json_atomic
-from ..records import Record, iter_tensor_nodes
+from ..manifest import (
+    FORMAT_VERSION,
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    JournalReader,
+    JournalWriter,
+    calls_from_json,
+    calls_to_json,
+    write_json_atomic,
+)
+from ..records import Record, dtype_from_str, iter_tensor_nodes
 
-__all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_inside", "STEP_DIR", "step_dir_name"]
+__all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_inside", "STEP_DIR", "step_dir_name",
+           "node_nbytes"]
 
 #: The name of a step's directory (``step_<N>``), as the ``pt`` and ``safetensors`` layouts use it.
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -41,6 +52,32 @@ def step_dir_name(step: int) -> str:
         ('step_7', True)
     """
     return f"step_{step}"
+
+
+# Manifest keys of format 1 (ilstore 0.1), which kept the steps in the manifest itself.
+_V1_KEYS = ("steps", "current_step", "calls", "call_ends")
+
+
+@functools.lru_cache(maxsize=64)  # bounded: a damaged run may name any dtype
+def _itemsize(dtype: str) -> int:
+    try:
+        return torch.empty((), dtype=dtype_from_str(dtype)).element_size()
+    except (ValueError, TypeError):
+        return 0
+
+
+def node_nbytes(node: dict[str, Any]) -> int:
+    """The bytes of a tensor node's body: ``numel`` times its dtype's item size (0 if either is unknown).
+
+    What ``ilstore ls`` counts per stored tensor, whether the step journal's totals or the
+    structures are asked.
+
+    Example:
+        >>> node_nbytes({"type": "tensor", "dtype": "torch.bfloat16", "numel": 6}), node_nbytes({"dtype": "?"})
+        (12, 0)
+    """
+    numel = node.get("numel")
+    return int(numel) * _itemsize(str(node.get("dtype"))) if isinstance(numel, int) else 0
 
 
 @dataclass(frozen=True)
@@ -70,11 +107,15 @@ class StoreWriter(ABC):
             w.end_step(info)           # makes the step durable and readable
         w.close(status, error)         # once, also after an error ("failed", with a message)
 
-    The base class owns the manifest (``ilstore.json``): it is written atomically at
-    ``open``, after every ``end_step`` and at ``close``, so a step exists for readers only
-    once the backend has finished it. Its ``"backend"`` field is the name the backend is
-    registered under, which the caller puts in the manifest it passes to ``open``
-    (:func:`~ilstore.manifest.new_manifest`). The constructor rejects invalid options
+    The base class owns the run's own metadata. The manifest (``ilstore.json``) is written
+    atomically at ``open`` and at ``close`` only. After every ``end_step``, once the backend's
+    ``_end_step`` made the step durable, the base appends the step's line to the step journal
+    (``steps.jsonl``, :class:`~ilstore.manifest.JournalWriter`): its call order and its totals
+    (module calls, tensors, stored tensors, bytes), counted here from the records ``write``
+    was handed. So a step exists for readers only once the backend has finished it, and a step
+    end costs what the step wrote, however long the run. The manifest's ``"backend"`` field is
+    the name the backend is registered under, which the caller puts in the manifest it passes
+    to ``open`` (:func:`~ilstore.manifest.new_manifest`). The constructor rejects invalid options
     (:meth:`validate_options`) with a :class:`~ilstore.errors.BackendError`; ``write`` hands
     ``_write`` a record whose structure is always a JSON object (a plain value is wrapped as
     ``{"type": "value", "value": ...}``). Implementers provide ``_open``, ``_write``,
@@ -95,6 +136,9 @@ class StoreWriter(ABC):
             raise BackendError("invalid backend_options: " + "; ".join(problems))
         self.manifest: dict[str, Any] = {}
         self._closed = False
+        self._journal: JournalWriter | None = None
+        self._counted_step: int | None = None  # the step whose records _counts counts
+        self._counts = [0, 0, 0]  # tensors, stored tensors, stored bytes
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
@@ -106,29 +150,52 @@ class StoreWriter(ABC):
         return [f"backend_options.{k}: unknown option for {backend} (it takes none)" for k in options]
 
     def open(self, manifest: dict[str, Any]) -> None:
+        """Create the run directory, the backend's files, an empty step journal, then the manifest.
+
+        The manifest is made a format-2 one whatever the caller passed: ``format_version``
+        and ``journal`` are set, and the format-1 keys (``steps``, ``calls``, ``call_ends``,
+        ``current_step``) dropped.
+        """
         self.manifest = manifest
         self.manifest.setdefault("backend", self.name)
+        for key in _V1_KEYS:
+            self.manifest.pop(key, None)
+        self.manifest.update(format_version=FORMAT_VERSION, journal=JOURNAL_NAME)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._open()
+        path = self.run_dir / JOURNAL_NAME
+        try:
+            self._journal = JournalWriter(path)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the step journal: {exc}") from exc
         self._save_manifest()
 
     def write(self, record: Record) -> None:
-        if self.manifest.get("current_step") != record.call.step:
-            self.manifest["current_step"] = record.call.step
-            self._save_manifest()
         if not isinstance(record.structure, dict):
             record = dataclasses.replace(record, structure={"type": "value", "value": record.structure})
         self._write(record)
+        if self._counted_step != record.call.step:  # a new step (also after one that was cut)
+            self._counted_step, self._counts = record.call.step, [0, 0, 0]
+        counts = self._counts
+        for _path, node in iter_tensor_nodes(record.structure):
+            counts[0] += 1
+            if node.get("stored", True):
+                counts[1] += 1
+                counts[2] += node_nbytes(node)
 
     def end_step(self, info: StepInfo) -> None:
         self._end_step(info)
-        key = str(info.step)
-        self.manifest["calls"][key] = calls_to_json(info.calls)
-        self.manifest["call_ends"][key] = calls_to_json(info.call_ends)
-        if info.step not in self.manifest["steps"]:
-            self.manifest["steps"].append(info.step)
-        self.manifest["current_step"] = None
-        self._save_manifest()
+        tensors, stored, nbytes = self._counts if self._counted_step == info.step else (0, 0, 0)
+        self._counted_step, self._counts = None, [0, 0, 0]
+        if self._journal is None:
+            raise StoreError(f"{self.run_dir}: end_step before open")
+        try:
+            self._journal.append(info.step, calls_to_json(info.calls), calls_to_json(info.call_ends),
+                                 {"module_calls": len(info.calls), "tensors": tensors, "stored": stored,
+                                  "bytes": nbytes})
+        except OSError as exc:
+            raise StoreError(f"{self._journal.path}: cannot append step {info.step} to the step journal: "
+                             f"{exc}") from exc
 
     def close(self, status: str = "complete", error: str | None = None) -> None:
         if self._closed:
@@ -137,6 +204,8 @@ class StoreWriter(ABC):
         try:
             self._close()
         finally:
+            if self._journal is not None:
+                self._journal.close()
             self.manifest["status"] = status
             if error:
                 self.manifest["error"] = error
@@ -224,6 +293,7 @@ class StoreReader(ABC):
         self.run_dir = Path(run_dir)
         self.manifest = read_manifest(self.run_dir)
         self._structures: dict[tuple[CallKey, str], Any] = {}
+        self._journal = _journal_of(self.run_dir, self.manifest)
 
     @classmethod
     @abstractmethod
@@ -279,6 +349,8 @@ class StoreReader(ABC):
 
     def steps(self) -> list[int]:
         """Readable steps, ascending: the completed ones."""
+        if self._journal is not None:
+            return self._journal.steps()
         if self.manifest is not None:
             done = self.manifest.get("steps", [])
             return sorted(s for s in done if isinstance(s, int))
@@ -306,8 +378,37 @@ class StoreReader(ABC):
             ends = self._list_call_ends(step)
         return _ends_from_nesting(self.calls(step)) if ends is None else ends
 
+    def step_totals(self, step: int) -> dict[str, int] | None:
+        """What ``ilstore ls`` prints for ``step``, as the writer counted it, without reading a structure.
+
+        Returns:
+            ``{"module_calls": .., "tensors": .., "stored": .., "bytes": ..}`` (bytes of the
+            stored bodies, :func:`node_nbytes`) from the step journal; None when the run does
+            not record them (runs of format 1, dumps without a manifest) or ``step`` is not a
+            completed step. Then count them from the structures.
+
+        Raises:
+            CorruptFileError: the step's journal line is damaged (names the file and line).
+        """
+        return self._journal.totals(step) if self._journal is not None else None
+
+    def all_step_totals(self) -> dict[int, dict[str, int] | None] | None:
+        """:meth:`step_totals` of every completed step, read in one pass over the step journal.
+
+        Returns:
+            Step number -> totals (None for a step whose line has none); None when the run does
+            not record totals at all (format 1, dumps).
+
+        Raises:
+            CorruptFileError: a journal line is damaged (names the file and line).
+        """
+        return self._journal.all_totals() if self._journal is not None else None
+
     def _manifest_calls(self, field: str, step: int) -> list[CallKey] | None:
-        """``calls`` or ``call_ends`` of ``step`` as the manifest records them, None if it does not."""
+        """``calls`` or ``call_ends`` of ``step`` as the step journal (format 2) or the manifest
+        (format 1) records them, None if neither does."""
+        if self._journal is not None:
+            return self._journal.calls(step, field)
         if self.manifest is None or str(step) not in self.manifest.get(field, {}):
             return None
         try:
@@ -316,10 +417,24 @@ class StoreReader(ABC):
             raise CorruptFileError(self.run_dir / MANIFEST_NAME, f"{field} of step {step}: {exc}") from None
 
     def structure(self, call: CallKey, kind: str) -> Any | None:
-        """The JSON structure of one captured side of a call (None if not captured)."""
+        """The JSON structure of one captured side of a call (None if not captured).
+
+        Raises:
+            KeyError: the step has no such call.
+            CorruptFileError: the step journal (or manifest) lists the call but the backend's
+                files have no data for it; names the journal (or manifest).
+        """
         cache_key = (call, kind)
         if cache_key not in self._structures:
-            self._structures[cache_key] = self._read_structure(call, kind)
+            try:
+                self._structures[cache_key] = self._read_structure(call, kind)
+            except KeyError:
+                recorded = self._manifest_calls("calls", call.step)
+                if recorded is None or call not in recorded:
+                    raise
+                source = self._journal.path if self._journal is not None else self.run_dir / MANIFEST_NAME
+                raise CorruptFileError(source, f"lists module call {call.module}#{call.call} of step {call.step}, "
+                                       "but the run has no data for it (the files disagree)") from None
         return self._structures[cache_key]
 
     def tensor_nodes(self, call: CallKey, kind: str) -> Iterator[tuple[TensorKey, dict[str, Any]]]:
@@ -381,6 +496,8 @@ class StoreReader(ABC):
 
     def close(self) -> None:
         self._structures.clear()
+        if self._journal is not None:
+            self._journal.close()
 
     def __enter__(self) -> StoreReader:
         return self
@@ -390,6 +507,18 @@ class StoreReader(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.run_dir}>"
+
+
+def _journal_of(run_dir: Path, manifest: dict[str, Any] | None) -> JournalReader | None:
+    """The step journal a format-2 manifest names (None for format 1, dumps and multi-rank tops)."""
+    if manifest is None or "journal" not in manifest:
+        return None
+    name = manifest["journal"]
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise CorruptFileError(run_dir / MANIFEST_NAME, f"\"journal\" must name a file in the run directory, "
+                               f"got {name!r}")
+    rank = manifest.get("rank", 0)
+    return JournalReader(run_dir / name, rank if isinstance(rank, int) and not isinstance(rank, bool) else 0)
 
 
 def _ends_from_nesting(calls: list[CallKey]) -> list[CallKey]:

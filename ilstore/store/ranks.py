@@ -3,7 +3,8 @@
 Under ``torch.distributed`` every rank writes its own complete run, in any backend, into
 ``<run_dir>/rank_<r>/`` (:func:`rank_run_dir`); rank 0 also writes ``<run_dir>/ilstore.json``
 with ``"layout": "ranks"`` and the list of ranks (:func:`write_ranks_manifest`). Nothing is
-shared between ranks, so nothing can collide, whatever devices they run on.
+shared between ranks, so nothing can collide, whatever devices they run on; each rank's
+sub-run has its own manifest and step journal, and the top-level manifest is written once.
 :class:`RankedReader` presents the whole run as one: every :class:`~ilstore.keys.CallKey` /
 :class:`~ilstore.keys.TensorKey` carries its rank. It opens each rank's run through the opener
 it is given (the registry passes :func:`~ilstore.store.registry.open_run`), so this module does
@@ -21,13 +22,16 @@ import torch
 
 from ..errors import CorruptFileError, RunNotFoundError
 from ..keys import CallKey, TensorKey
-from ..manifest import FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
+from ..manifest import MANIFEST_NAME, TOTALS_KEYS, write_json_atomic
 from .base import StoreReader, read_manifest
 
 __all__ = ["RankedReader", "rank_dir_name", "rank_run_dir", "write_ranks_manifest", "is_ranked", "RANKS_LAYOUT"]
 
 #: The manifest's ``"layout"`` of a multi-rank run.
 RANKS_LAYOUT = "ranks"
+#: The ``format_version`` of the top-level manifest, which has not changed since ilstore 0.1
+#: (the per-rank sub-runs are ordinary runs with their own manifest and version).
+RANKS_FORMAT_VERSION = 1
 
 
 def rank_dir_name(rank: int) -> str:
@@ -66,7 +70,7 @@ def write_ranks_manifest(run_dir: Path, *, backend: str, world_size: int, config
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / MANIFEST_NAME, {
-        "format": "ilstore", "format_version": FORMAT_VERSION, "layout": RANKS_LAYOUT,
+        "format": "ilstore", "format_version": RANKS_FORMAT_VERSION, "layout": RANKS_LAYOUT,
         "world_size": world_size, "ranks": list(range(world_size)), "backend": backend, "config": config})
 
 
@@ -99,6 +103,7 @@ class RankedReader(StoreReader):
             if not sub.is_dir():
                 raise RunNotFoundError(f"{sub}: rank {rank} listed in {self.run_dir / MANIFEST_NAME} wrote nothing")
             self.ranks[rank] = open_part(sub)
+        self._rank_steps: dict[int, frozenset[int]] = {}  # each rank's completed steps, read once
         first = next(iter(self.ranks.values()), None)
         self.name = first.name if first is not None else "ranks"
         self.locator_keys = frozenset().union(*(r.locator_keys for r in self.ranks.values()))
@@ -132,13 +137,50 @@ class RankedReader(StoreReader):
         """Steps some rank started and never completed."""
         return sorted({s for r in self.ranks.values() for s in r.incomplete_steps()})
 
+    def _ranks_with(self, step: int) -> list[StoreReader]:
+        """The readers of the ranks that completed ``step``, in rank order."""
+        out = []
+        for rank, reader in self.ranks.items():
+            done = self._rank_steps.get(rank)
+            if done is None:
+                done = self._rank_steps[rank] = frozenset(reader.steps())
+            if step in done:
+                out.append(reader)
+        return out
+
     def calls(self, step: int) -> list[CallKey]:
         """The calls of ``step``, rank after rank (each rank's in start order)."""
-        return [c for r in self.ranks.values() if step in r.steps() for c in r.calls(step)]
+        return [c for r in self._ranks_with(step) for c in r.calls(step)]
 
     def call_ends(self, step: int) -> list[CallKey]:
         """The calls of ``step`` in end order, rank after rank."""
-        return [c for r in self.ranks.values() if step in r.steps() for c in r.call_ends(step)]
+        return [c for r in self._ranks_with(step) for c in r.call_ends(step)]
+
+    def step_totals(self, step: int) -> dict[str, int] | None:
+        """The sums of the totals of the ranks that completed ``step``; None unless every one of
+        them records its totals (or none completed it)."""
+        parts = [r.step_totals(step) for r in self._ranks_with(step)]
+        if not parts or any(p is None for p in parts):
+            return None
+        return {key: sum(p[key] for p in parts if p is not None) for key in TOTALS_KEYS}
+
+    def all_step_totals(self) -> dict[int, dict[str, int] | None] | None:
+        """Per step, the sums over the ranks that completed it (None where one of them has no
+        totals); None unless every rank records totals."""
+        per_rank = [r.all_step_totals() for r in self.ranks.values()]
+        if not per_rank or any(t is None for t in per_rank):
+            return None
+        out: dict[int, dict[str, int] | None] = {}
+        for totals in per_rank:
+            assert totals is not None
+            for step, part in totals.items():
+                if step in out and (out[step] is None or part is None):
+                    out[step] = None
+                elif step in out:
+                    out[step] = {key: out[step][key] + part[key] for key in TOTALS_KEYS}  # type: ignore[index]
+                else:
+                    out[step] = part
+        return out
 
     def load(self, key: TensorKey) -> torch.Tensor:
         """Load from the rank ``key`` names (which resolves ``same_as`` and checks the tensor)."""
