@@ -101,8 +101,12 @@ def validate_config_cmd(config: str) -> int:
 
 
 def ls_run(run_dir: Path, show_calls: bool = False, as_json: bool = False) -> int:
-    """Print a run's steps with call/tensor counts and bytes; returns the exit status."""
-    summary = summarize_run(run_dir)
+    """Print a run's steps with call/tensor counts and bytes; returns the exit status.
+
+    Only ``show_calls`` reads every structure of the run (the per-call counts, also in the
+    JSON); otherwise the step journal's totals suffice, however long the run.
+    """
+    summary = summarize_run(run_dir, calls=show_calls)
     click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else format_summary(summary, show_calls=show_calls))
     return 0
 
@@ -112,11 +116,15 @@ Examples:
   ilstore ls /tmp/vllm_intermediates/<run_id>
   ilstore ls RUN --calls""")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--calls", "show_calls", is_flag=True, help="Also list every module call of every step.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--calls", "show_calls", is_flag=True,
+              help="Also list every module call of every step (reads the whole run).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (per-call counts with --calls).")
 @handle_errors
 def ls_cmd(run_dir: Path, show_calls: bool, as_json: bool) -> int:
-    """List a run's steps, module calls, tensor counts and bytes, and its status."""
+    """List a run's steps, module calls, tensor counts and bytes, and its status.
+
+    Three or more consecutive steps with the same counts share one row (e.g. 1-99999).
+    """
     return ls_run(run_dir, show_calls, as_json)
 
 
