@@ -37,6 +37,32 @@ def test_sigkill_mid_step(out_dir: Path, backend: str) -> None:
     assert "status running" in result.output and "cut before they finished: [2]" in result.output
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_at_a_late_step(out_dir: Path, backend: str) -> None:
+    """Killed at step 1,500 of a run logging every step: every earlier step is listed (from the
+    step journal) and readable, the cut step is reported, and ``ilstore ls`` lists the run."""
+    kill = 1500
+    proc = subprocess.run([sys.executable, str(WORKER), str(out_dir), backend, str(kill), "small"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_dir = out_dir / "run"
+    with ilstore.open_run(run_dir) as run:
+        assert run.status == "running"
+        assert run.steps() == list(range(kill)) and run.incomplete_steps() == [kill]
+        for step in (0, 1, kill // 2, kill - 1):
+            assert [(c.module, c.call) for c in run.calls(step)] == [("0", 0), ("1", 0)]
+            assert [(c.module, c.call) for c in run.call_ends(step)] == [("0", 0), ("1", 0)]
+            keys = run.keys(step)
+            assert len(keys) == 4 and all(run.load(k).shape == (1, 8) for k in keys)
+            assert run.step_totals(step) == {"module_calls": 2, "tensors": 4, "stored": 4, "bytes": 128}
+    result = CliRunner().invoke(cli, ["ls", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"status running, {kill} step(s)" in result.output
+    assert f"cut before they finished: [{kill}]" in result.output
+    assert [ln.split()[:4] for ln in result.output.splitlines() if ln.startswith("0-")] == [
+        [f"0-{kill - 1}", "2", "4", "4"]]
+
+
 def test_compare_reports_the_cut_step(out_dir: Path) -> None:
     """Comparing a killed run with a complete one fails closed: the cut step is missing."""
     from ilstore_compare import compare

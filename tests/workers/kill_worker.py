@@ -1,6 +1,10 @@
-"""Capture a few steps, then SIGKILL ourselves in the middle of step KILL_STEP.
+"""Capture steps, then SIGKILL ourselves in the middle of step KILL_STEP.
 
-Usage: python kill_worker.py OUT_DIR BACKEND KILL_STEP
+Usage: python kill_worker.py OUT_DIR BACKEND KILL_STEP [MODEL]
+
+MODEL ``llama`` (the default): the tiny demo Llama, every step logged
+(``log_step_ids: []``). MODEL ``small``: two Linear layers, every step logged, for runs killed
+after thousands of steps.
 """
 
 from __future__ import annotations
@@ -17,7 +21,22 @@ from ilstore.demo import DEMO_PROMPT, tiny_llama
 
 def main() -> None:
     out_dir, backend, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    model = tiny_llama()
+    which = sys.argv[4] if len(sys.argv) > 4 else "llama"
+    model: torch.nn.Module
+    if which == "small":
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        x = torch.randn(1, 8)
+        last: torch.nn.Module = model[1]
+
+        def forward() -> None:
+            model(x)
+    else:
+        model = tiny_llama()
+        last = model.model.layers[1].mlp
+
+        def forward() -> None:
+            model(input_ids=torch.tensor(DEMO_PROMPT), use_cache=False)
     cap = ilstore.capture(model, {"output_dir": out_dir, "run_id": "run", "log_step_ids": [], "backend": backend})
 
     def die(module: torch.nn.Module, args: object, out: object) -> None:
@@ -25,10 +44,10 @@ def main() -> None:
             cap.flush()  # what a slow process would have on disk by then
             os.kill(os.getpid(), signal.SIGKILL)
 
-    model.model.layers[1].mlp.register_forward_hook(die)
+    last.register_forward_hook(die)
     with torch.no_grad():
         for _ in range(kill_step + 2):
-            model(input_ids=torch.tensor(DEMO_PROMPT), use_cache=False)
+            forward()
     raise SystemExit("not killed")
 
 
