@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import platform
 import re
@@ -26,6 +27,7 @@ import tempfile
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,9 @@ TOTALS_KEYS = ("module_calls", "tensors", "stored", "bytes")
 _STEP_PREFIX = re.compile(rb'\{\s*"step"\s*:\s*(\d+)\s*[,}]')
 # The end of a line as the writer spells it, for listing a long run without parsing every line.
 _TOTALS_TAIL = re.compile(rb'"totals": \{"module_calls": (\d+), "tensors": (\d+), "stored": (\d+), '
-                          rb'"bytes": (\d+)\}\}\n\Z')
+                          rb'"bytes": (\d+)\}\}\Z')
 _DECODER = json.JSONDecoder()
+_SCAN_CHUNK = 1 << 23
 # Parsed journal lines kept per reader (the lines others point to with "calls_as" are reused).
 _LINE_CACHE = 64
 
@@ -117,6 +120,12 @@ def calls_from_json(data: Any, step: int, rank: int = 0) -> list[CallKey]:
             raise ValueError(f"bad call entry {item!r}; expected [module name, call index]")
         out.append(CallKey(rank, step, item[0], item[1]))
     return out
+
+
+def _step_of(line: bytes) -> int:
+    """The step number a journal line starts with, -1 if it does not start with one."""
+    m = _STEP_PREFIX.match(line)
+    return int(m.group(1)) if m else -1
 
 
 class JournalWriter:
@@ -220,32 +229,43 @@ class JournalReader:
         build = self._steps is None
         steps, offsets, lengths, lines = array("q"), array("q"), array("q"), array("q")
         totals: dict[int, dict[str, int] | None] = {}
-        ordered, offset, bad = True, 0, []
-        match, tail, parse, totals_of = _STEP_PREFIX.match, _TOTALS_TAIL.match, self._parse, self._totals_of
-        last = -1
+        bad: list[int] = []
+        tail, parse, totals_of = _TOTALS_TAIL.match, self._parse, self._totals_of
+        offset, number, rest = 0, 0, b""
         try:
             with open(self.path, "rb") as fh:
-                for number, raw in enumerate(fh, 1):
-                    size = len(raw)
-                    if raw[-1:] == b"\n":
-                        m = match(raw)
-                        if m is None:
-                            bad.append(number)
+                # Chunks split into lines by C code, and the writer's own prefix checked without
+                # a regex: a Python loop per line was most of reading one step of a long run.
+                while chunk := fh.read(_SCAN_CHUNK):
+                    parts = (rest + chunk).split(b"\n")
+                    rest = parts.pop()  # the part after the last newline: not a complete line
+                    found = [int(raw[9:end]) if raw.startswith(b'{"step": ') and (end := raw.find(b",", 9, 40)) > 9
+                             and raw[9:end].isdigit() else _step_of(raw) for raw in parts]
+                    sizes = [len(raw) + 1 for raw in parts]
+                    if build:
+                        starts = list(accumulate(sizes, initial=offset))[:-1]
+                        if min(found, default=0) >= 0:  # the usual case: every line has its step
+                            steps.extend(found)
+                            offsets.extend(starts)
+                            lengths.extend(sizes)
+                            lines.extend(range(number + 1, number + 1 + len(parts)))
                         else:
-                            step = int(m.group(1))
-                            if build:
-                                if step <= last:
-                                    ordered = False
-                                last = step
-                                steps.append(step)
-                                offsets.append(offset)
-                                lengths.append(size)
-                                lines.append(number)
-                            if collect_totals:
+                            for i, step in enumerate(found):
+                                if step >= 0:
+                                    steps.append(step)
+                                    offsets.append(starts[i])
+                                    lengths.append(sizes[i])
+                                    lines.append(number + 1 + i)
+                                else:
+                                    bad.append(number + 1 + i)
+                    if collect_totals:
+                        for i, (raw, step) in enumerate(zip(parts, found, strict=True)):
+                            if step >= 0:
                                 t = tail(raw, max(0, raw.rfind(b'"totals": ')))
                                 totals[step] = (dict(zip(TOTALS_KEYS, map(int, t.groups()), strict=True)) if t
-                                                else totals_of(parse(raw, number, step), number, step))
-                    offset += size
+                                                else totals_of(parse(raw, number + 1 + i, step), number + 1 + i, step))
+                    offset += sum(sizes)
+                    number += len(parts)
         except FileNotFoundError:
             raise CorruptFileError(self.path, "the step journal the manifest names is missing") from None
         except (OSError, OverflowError) as exc:
@@ -255,7 +275,7 @@ class JournalReader:
         if bad:
             _log.warning("%s: line(s) %s do not start with a step number; their steps count as incomplete",
                          self.path, ", ".join(map(str, bad[:10])))
-        if not ordered:  # duplicated or out-of-order steps: sort, the last line of a step wins
+        if any(map(operator.ge, steps, islice(steps, 1, None))):  # duplicated or out of order: the last line wins
             where = {step: i for i, step in enumerate(steps)}
             order = [where[s] for s in sorted(where)]
             steps = array("q", (steps[i] for i in order))

@@ -167,7 +167,7 @@ def test_journal_listing_a_call_the_files_lack_names_the_journal(out_dir: Path, 
     run_dir = _capture(out_dir, 2, backend=backend)
     journal = run_dir / JOURNAL_NAME
     lines = journal.read_bytes().splitlines(keepends=True)
-    lines[1] = b'{"step": 1, "calls": [["0", 0], ["ghost", 0]], "call_ends": [], "totals": null}\n'
+    lines[1] = b'{"step": 1, "calls": [["0", 0], ["1", 0], ["ghost", 0]], "call_ends": [], "totals": null}\n'
     journal.write_bytes(b"".join(lines))
     with ilstore.open_run(run_dir) as run:
         assert len(run.keys(0)) == 4
@@ -285,3 +285,20 @@ def test_ls_collapses_three_or_more_identical_consecutive_steps(out_dir: Path) -
     assert table([(0, 1), (1, 1)]) == ["0", "1"]
     assert table([(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (5, 1), (6, 1), (7, 1), (8, 1)]) == ["0-2", "3", "4", "5-8"]
     assert table([(0, 1), (2, 1), (4, 1)]) == ["0", "2", "4"]  # not consecutive step numbers
+
+
+def test_index_is_the_same_whatever_the_read_size(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal is scanned in chunks: lines cut by a chunk's end are joined, whatever its size."""
+    run_dir = _capture(out_dir, 5)
+    journal = run_dir / JOURNAL_NAME
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[2] = b"garbage\n"
+    journal.write_bytes(b"".join(lines) + b'{"step": 5, "calls_as"')  # a partial last line
+    expected = None
+    for size in (1 << 23, 1, 7, 64, 100):
+        monkeypatch.setattr(ilstore.manifest, "_SCAN_CHUNK", size)
+        with ilstore.open_run(run_dir) as run:
+            seen = (run.steps(), [run.calls(s) for s in run.steps()], run.all_step_totals())
+        assert seen[0] == [0, 1, 3, 4]
+        assert expected is None or seen == expected, size
+        expected = seen
