@@ -342,8 +342,10 @@ class PtReader(StoreReader):
                 raise CorruptFileError(order_file, f"unreadable call order: {exc}") from None
         rank = (self.manifest or {}).get("rank", 0)
         mapping: dict[CallKey, Path] = {}
-        if self.manifest is not None and names is not None and str(step) in self.manifest.get("calls", {}):
-            calls = self.calls(step)
+        # the recorded call order (the journal, or a format-1 manifest) lines up with the order file
+        recorded = self._manifest_calls("calls", step) if names is not None else None
+        if recorded is not None and names is not None:
+            calls = recorded
             if len(calls) == len(names):
                 for call, name in zip(calls, names, strict=True):
                     mapping[call] = check_inside(self.run_dir, step_dir / name)
