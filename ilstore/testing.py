@@ -504,6 +504,25 @@ class StoreConformance:
             for i, name in enumerate(names):
                 assert_bits_equal(run.load(TensorKey(0, name, 0, "outputs")), torch.full((2,), float(i)), name)
 
+    # -- what the base classes guarantee for every backend ----------------------------------------------
+    def test_a_plain_value_structure_comes_back_wrapped(self, tmp_path: Path) -> None:
+        writer = self.new_writer(tmp_path / "run")
+        call = CallKey(0, 0, "m", 0)
+        writer.write(Record(call, "outputs", 42, {}))
+        writer.end_step(StepInfo(0, [call], [call]))
+        writer.close()
+        with open_run(tmp_path / "run") as run:
+            assert run.structure(call, "outputs") == {"type": "value", "value": 42}
+            assert run.keys(0) == []
+
+    def test_a_promised_body_that_is_missing_is_a_store_error(self, tmp_path: Path) -> None:
+        writer = self.new_writer(tmp_path / "run")
+        rec = self.record(0, "m", "outputs", torch.ones(3))
+        with pytest.raises(ilstore.StoreError, match="body is stored but the record has no tensor"):
+            writer.write(dataclasses.replace(rec, tensors={}))
+            writer.end_step(StepInfo(0, [rec.call], [rec.call]))
+        writer.close("failed", "test")
+
     # -- crashes and corruption -------------------------------------------------------------------------
     def _write_cut_run(self, run_dir: Path) -> StoreWriter:
         writer = self.new_writer(run_dir)

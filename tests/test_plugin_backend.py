@@ -19,7 +19,7 @@ from ilstore.convert import convert
 from ilstore.errors import CorruptFileError
 from ilstore.keys import CallKey, TensorKey
 from ilstore.manifest import calls_from_json, calls_to_json, write_json_atomic
-from ilstore.records import Record, iter_tensor_nodes
+from ilstore.records import Record
 from ilstore.store import registry
 from ilstore.store.base import StepInfo, StoreReader, StoreWriter, check_inside
 from ilstore.testing import StoreConformance, assert_bits_equal
@@ -39,9 +39,9 @@ class RawWriter(StoreWriter):
     def _write(self, record: Record) -> None:
         self._begin(record.call.step)
         with open(self.run_dir / f"raw_{record.call.step}" / "data.bin", "ab") as fh:
-            for path, node in iter_tensor_nodes(record.structure):
-                if node.get("stored") and "same_as" not in node:
-                    t = record.tensors[path].contiguous()
+            for path, _node, tensor in self._stored_bodies(record):
+                if tensor is not None:  # None: de-duplicated, the earlier tensor's body serves
+                    t = tensor.contiguous()
                     data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
                     self._tensors[str(record.key(path))] = {"offset": fh.tell(), "nbytes": len(data),
                                                             "dtype": str(t.dtype), "shape": list(t.shape)}
