@@ -452,7 +452,9 @@ def test_engine_capture_records_only_live_steps(out_dir: Path) -> None:
     cap.end_engine_step()  # no live step: nothing happens
     cap.close()
     assert cap.step_index == 2 and not cap.live
-    assert ilstore.open_run(cap.run_dir).steps() == [0, 1] and _calls(cap.run_dir, 1) == [("other", 0)]
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.steps() == [0, 1]
+    assert _calls(cap.run_dir, 1) == [("other", 0)]
 
 
 def test_summarize_run_counts_what_ls_prints(out_dir: Path) -> None:
