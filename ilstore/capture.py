@@ -1,7 +1,9 @@
 """Capture: forward hooks that snapshot module inputs/outputs and hand them to a store writer.
 
 Hooks never return a value, so they cannot replace a module's arguments or outputs; they only
-read tensors (statistics) and copy them (snapshots). Only modules that some
+read tensors (statistics) and copy them (snapshots). The one exception is replay
+(``replay_from``): there the pre-hook of a selected call returns the reference's inputs, by design
+(:mod:`ilstore.replay`). Only modules that some
 ``module_call_match`` pattern can select get hooks; with ``enabled: false`` none do.
 """
 
@@ -24,9 +26,10 @@ from .keys import CallKey
 from .manifest import MANIFEST_NAME, new_manifest
 from .pipeline import RecordSink, SyncSink, ThreadedSink, WriterFailed
 from .records import Deduper, TensorPolicy, build_record
+from .replay import CallReplay, ReplaySource, open_reference, rng_marker
 from .store.base import StepInfo
 from .store.ranks import rank_run_dir, write_ranks_manifest
-from .store.registry import get_backend
+from .store.registry import get_backend, open_run
 
 __all__ = ["Capture", "capture", "IlstoreWarning"]
 
@@ -45,6 +48,7 @@ class _Frame:
     take: bool
     args: Any = None
     kwargs: Any = None
+    replay: CallReplay | None = None
 
 
 @dataclass(slots=True)
@@ -56,6 +60,7 @@ class _StepState:
     frames: dict[str, list[_Frame]] = field(default_factory=dict)  # module name -> calls in progress
     starts: list[CallKey] = field(default_factory=list)  # selected calls, in start order
     ends: list[CallKey] = field(default_factory=list)  # selected calls, in end order
+    open: list[_Frame] = field(default_factory=list)  # selected calls in progress (replay: containers)
     fired: bool = False  # some hooked module ran in this step
 
 
@@ -71,6 +76,12 @@ def _agree_run_id(config: Config) -> Config:
 def _tensor_policy(config: Config) -> TensorPolicy:
     return TensorPolicy(store_bodies=config.mode == "tensors", max_numel=config.max_tensor_size,
                         device_ok=config.logs_device)
+
+
+def _rng_devices() -> set[torch.device]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {torch.device("cuda", torch.cuda.current_device())}
+    return set()
 
 
 def _dist_info() -> tuple[int, int]:
@@ -114,6 +125,7 @@ class Capture:
         self._in_root = 0  # nesting depth of root forwards (automatic steps)
         self._stray_warned = False
         self._step: _StepState | None = None  # the open step, if any
+        self._replay: ReplaySource | None = None
         if not self.config.enabled:
             return
         cfg = self.config
@@ -128,8 +140,12 @@ class Capture:
         if (rank_dir / MANIFEST_NAME).exists():
             raise StoreError(f"{self.run_dir}: a run already exists there; choose another run_id or output_dir "
                              "(ilstore never overwrites a run)")
+        if cfg.replay_from is not None:  # a bad reference fails here, before anything is written
+            self._replay = open_reference(cfg.replay_from, open_run)
         writer = backend.writer(rank_dir, cfg.backend_options)
         manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
+        if self._replay is not None:
+            manifest["replayed_from"] = self._replay.describe()
         try:
             if self.world_size > 1 and self.rank == 0:
                 write_ranks_manifest(self.run_dir, backend=backend.name, world_size=self.world_size,
@@ -260,9 +276,13 @@ class Capture:
         return self.step_index
 
     # -- hooks --------------------------------------------------------------------------------
-    def _write(self, call: CallKey, kind: str, value: Any, kwargs: Any = None) -> None:
+    def _write(self, call: CallKey, kind: str, value: Any, kwargs: Any = None,
+               replay: dict[str, Any] | None = None) -> None:
         assert self._sink is not None
-        self._sink.write(build_record(call, kind, value, self._policy, kwargs, self._dedup))
+        record = build_record(call, kind, value, self._policy, kwargs, self._dedup)
+        if replay is not None and isinstance(record.structure, dict):
+            record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
+        self._sink.write(record)
 
     def pause(self) -> None:
         """Stop recording until :meth:`resume`; calls in between are neither logged nor counted.
@@ -280,13 +300,15 @@ class Capture:
     def paused(self) -> bool:
         return self._paused
 
-    def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any, kwargs: Any) -> None:
+    def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any,
+             kwargs: Any) -> tuple[Any, Any] | None:
         if self._paused:
-            return
+            return None
         try:
-            self._pre_impl(name, selected, args, kwargs)
+            return self._pre_impl(name, selected, args, kwargs)
         except Exception as exc:
             self._fail(exc)
+            return None
 
     def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self._paused:
@@ -296,7 +318,7 @@ class Capture:
         except Exception as exc:
             self._fail(exc)
 
-    def _pre_impl(self, name: str, selected: frozenset[int] | None, args: Any, kwargs: Any) -> None:
+    def _pre_impl(self, name: str, selected: frozenset[int] | None, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         step = self._step
         if step is None:
             if not self.manual_step:
@@ -304,23 +326,40 @@ class Capture:
                     self._stray_warned = True
                     warnings.warn(f"ilstore: {name} was called outside a forward of the root module; such calls are "
                                   "not logged unless the capture uses manual_step=True", IlstoreWarning, stacklevel=2)
-                return
+                return None
             step = self._begin_step()
         step.fired = True
         if not step.logging:
-            return
+            return None
         idx = step.counters.get(name, 0)
         step.counters[name] = idx + 1
         call = CallKey(self.rank, self.step_index, name, idx)
         take = selected is None or idx in selected
         frame = _Frame(call, take)
+        fed = None
         if take:
+            if self._replay is not None:
+                fed = self._replay_call(step, frame, args, kwargs)
+                if fed is not None:
+                    args, kwargs = fed
             step.starts.append(call)
             if self.config.log_inputs:
                 self._write(call, "inputs", tuple(args), kwargs)
             if self.config.log_post_fwd_inputs:
                 frame.args, frame.kwargs = args, kwargs
         step.frames.setdefault(name, []).append(frame)
+        return fed
+
+    def _replay_call(self, step: _StepState, frame: _Frame, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        """Replay: the reference's inputs for this call, or None to run it on its live inputs."""
+        assert self._replay is not None
+        if step.open:
+            step.open[-1].replay.container = True  # type: ignore[union-attr]
+        new_args, new_kwargs, info = self._replay.feed(frame.call, tuple(args), dict(kwargs))
+        info.marker = rng_marker(_rng_devices())
+        frame.replay = info
+        step.open.append(frame)
+        return (new_args, new_kwargs) if info.replaced else None
 
     def _post_impl(self, name: str, output: Any) -> None:
         step = self._step
@@ -332,8 +371,14 @@ class Capture:
         frame = stack.pop()
         if not frame.take:
             return
+        replay = None
+        if frame.replay is not None:
+            if step.open and step.open[-1] is frame:
+                step.open.pop()
+            frame.replay.finish(_rng_devices())
+            replay = frame.replay.metadata()
         if self.config.log_outputs:
-            self._write(frame.call, "outputs", output)
+            self._write(frame.call, "outputs", output, replay=replay)
         if self.config.log_post_fwd_inputs:
             self._write(frame.call, "post_fwd_inputs", tuple(frame.args), frame.kwargs)
         step.ends.append(frame.call)
@@ -356,6 +401,8 @@ class Capture:
                 self._sink.close(status)
             except Exception as exc:
                 self._fail(exc)
+        if self._replay is not None:
+            self._replay.close()
 
     def flush(self) -> None:
         """Wait until everything captured so far is written (asynchronous writes only)."""

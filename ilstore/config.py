@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "max_pending_mb": 1024,
     "dedup": True,
     "on_error": "warn",
+    "replay_from": None,
 }
 
 # A selector suffix: ":1", ":0,2", ":1-3", ":0,2-4". Only a suffix that parses like this is a
@@ -128,6 +129,7 @@ class Config:
     dedup: bool
     on_error: str
     selectors: tuple[ModuleSelector, ...] | None = field(compare=False, repr=False)
+    replay_from: str | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -180,6 +182,7 @@ class Config:
             "max_pending_mb": self.max_pending_mb,
             "dedup": self.dedup,
             "on_error": self.on_error,
+            "replay_from": self.replay_from,
         }
 
 
@@ -344,6 +347,8 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
     problems += _regex_problems(data.get("module_call_match"))
     if isinstance(data.get("backend", ""), str) and isinstance(data.get("backend_options", {}), dict):
         problems += _backend_problems(data)
+    if data.get("replay_from") is not None and data.get("log_outputs") is False:
+        problems.append("replay_from: a replay run measures each call's outputs; it needs log_outputs: true")
     if problems:
         raise ConfigError(problems, where)
     merged = {**DEFAULTS, **data}
@@ -368,4 +373,5 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
         dedup=merged["dedup"],
         on_error=merged["on_error"],
         selectors=None if entries is None else tuple(_parse_selector(e) for e in entries),
+        replay_from=None if merged["replay_from"] is None else str(merged["replay_from"]),
     )

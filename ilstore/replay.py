@@ -1,0 +1,290 @@
+"""Replay: feed selected module calls the inputs a reference run recorded (config ``replay_from``).
+
+Before each selected call, :class:`ReplaySource` replaces the call's tensor inputs (positional,
+keyword, nested) with the tensors the reference recorded for the same (rank, step, module, call,
+path), cast to the live tensor's dtype and device. Everything it cannot replace stays live, and
+the reason is kept for the call's metadata. The capture then records the outputs as usual, so
+the difference between a replay run's outputs and the reference's outputs is the error that
+call itself introduces (its *local error*; see ``docs/replay.md``).
+
+The per-call metadata is a ``"replay"`` object on the top level of the call's ``outputs``
+structure::
+
+    {"replayed": true,            # every tensor input was fed from the reference
+     "replaced": ["0", "hidden_states"],   # input paths fed from the reference ('.'-joined)
+     "kept": {"position_ids": "not in the reference"},   # inputs left live, with the reason
+     "reason": null,              # why the call is not (fully) replayed
+     "random": false,             # the call drew random numbers (the RNG state moved)
+     "container": false}          # another selected call ran inside this one
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import IlstoreError, RunNotFoundError, StoreError
+from .keys import CallKey, TensorKey
+from .manifest import MANIFEST_NAME
+from .records import iter_tensor_nodes
+from .store.base import StoreReader, read_manifest
+
+__all__ = ["ReplaySource", "CallReplay", "resolve_reference", "rng_marker"]
+
+_log = logging.getLogger(__name__)
+_MAX_DEPTH = 32  # the same nesting limit as records._walk: deeper values are not tensors there
+
+
+def resolve_reference(path: str | Path) -> Path:
+    """The run ``replay_from`` names: the directory itself, or the one run inside an output_dir.
+
+    Raises:
+        RunNotFoundError: no such directory, or neither a run nor a directory holding one.
+        StoreError: the directory holds several runs (they are named).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise RunNotFoundError(f"replay_from: {p}: no such run directory")
+    if (p / MANIFEST_NAME).exists() or any(c.name.startswith("step_") for c in p.iterdir()):
+        return p
+    runs = sorted(c for c in p.iterdir() if c.is_dir() and (c / MANIFEST_NAME).exists())
+    if len(runs) == 1:
+        return runs[0]
+    if runs:
+        raise StoreError(f"replay_from: {p} holds {len(runs)} runs ({', '.join(r.name for r in runs)}); "
+                         "name one run directory")
+    raise RunNotFoundError(f"replay_from: {p}: not a run directory and no run inside it")
+
+
+def rng_marker(devices: set[torch.device]) -> tuple[Any, ...]:
+    """Something that changes when a call draws random numbers on the CPU or those devices."""
+    parts: list[Any] = [torch.random.default_generator.get_state()]
+    for dev in devices:
+        if dev.type == "cuda" and torch.cuda.is_initialized():
+            gen = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+            offset = getattr(gen, "get_offset", None)
+            parts.append(offset() if offset is not None else gen.get_state())
+    return tuple(parts)
+
+
+def _same_marker(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@dataclasses.dataclass
+class CallReplay:
+    """What replay did to one call; :meth:`metadata` is what the call's outputs record carries."""
+
+    replaced: list[str] = dataclasses.field(default_factory=list)
+    kept: dict[str, str] = dataclasses.field(default_factory=dict)
+    reason: str | None = None
+    random: bool = False
+    container: bool = False
+    marker: tuple[Any, ...] | None = None  # RNG marker taken before the call ran
+
+    @property
+    def replayed(self) -> bool:
+        return self.reason is None and bool(self.replaced) and not self.kept
+
+    def finish(self, devices: set[torch.device]) -> None:
+        """After the call: note whether it drew random numbers."""
+        if self.marker is not None:
+            self.random = not _same_marker(self.marker, rng_marker(devices))
+            self.marker = None
+
+    def metadata(self) -> dict[str, Any]:
+        reason = self.reason
+        if reason is None and self.kept:
+            reason = "; ".join(f"input {p or '(whole)'} kept live: {why}" for p, why in self.kept.items())
+        elif reason is None and not self.replaced:
+            reason = "the call has no tensor inputs"
+        if self.random:
+            note = "the call drew random numbers (e.g. dropout in training mode); its local error includes them"
+            reason = note if reason is None else f"{reason}; {note}"
+        return {"replayed": self.replayed, "replaced": list(self.replaced), "kept": dict(self.kept),
+                "reason": reason, "random": self.random, "container": self.container}
+
+
+def _why_no_body(node: Mapping[str, Any]) -> str:
+    why = str(node.get("reason") or "")
+    if "mode=stats" in why:
+        return "the reference kept only statistics (mode=stats)"
+    if "max_tensor_size" in why:
+        return f"the reference skipped the body ({why})"
+    return f"the reference stored no body ({why or 'not stored'})"
+
+
+class ReplaySource:
+    """The reference run, read call by call for a capture with ``replay_from``.
+
+    Args:
+        run_dir: the reference run (any backend, single or multi-rank).
+        reader: an open reader of it (the registry's ``open_run``), owned from now on.
+    """
+
+    def __init__(self, run_dir: Path, reader: StoreReader) -> None:
+        self.run_dir = run_dir
+        self.reader = reader
+        manifest = read_manifest(run_dir) or {}
+        self.run_id = str(manifest.get("run_id") or run_dir.name)
+        self._steps = set(reader.steps())
+        self._calls: dict[tuple[int, int], set[tuple[str, int]]] = {}  # (rank, step) -> calls
+
+    def describe(self) -> dict[str, str]:
+        """What the replay run's manifest records as ``replayed_from``."""
+        return {"path": str(self.run_dir), "run_id": self.run_id}
+
+    def _has_call(self, call: CallKey) -> bool:
+        key = (call.rank, call.step)
+        calls = self._calls.get(key)
+        if calls is None:
+            calls = self._calls[key] = {(c.module, c.call) for c in self.reader.calls(call.step) if c.rank == call.rank}
+        return (call.module, call.call) in calls
+
+    def feed(self, call: CallKey, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
+            tuple[Any, ...], dict[str, Any], CallReplay]:
+        """The call's arguments with every replaceable tensor taken from the reference.
+
+        Returns the new ``(args, kwargs)`` (the same objects when nothing was replaced) and what
+        was done. Never raises for a mismatch: each one becomes a reason.
+        """
+        info = CallReplay()
+        if call.step not in self._steps:
+            info.reason = f"step {call.step} is not in the reference (stepping mismatch)"
+            return args, kwargs, info
+        if not self._has_call(call):
+            info.reason = (f"call {call.call} of {call.module} is not in the reference's step {call.step} "
+                           "(stepping mismatch)")
+            return args, kwargs, info
+        try:
+            structure = self.reader.structure(call, "inputs")
+        except IlstoreError as exc:
+            info.reason = f"the reference's inputs cannot be read: {exc}"
+            return args, kwargs, info
+        if structure is None:
+            info.reason = "the reference recorded no inputs for this call"
+            return args, kwargs, info
+        nodes = {path: node for path, node in iter_tensor_nodes(structure)}
+        swap = _Swap(self, call, nodes, info)
+        new_args = swap.walk(args, (), 0)
+        if kwargs and not isinstance(structure.get("kwargs") if isinstance(structure, dict) else None, dict):
+            swap.missing = "keyword input not in the reference (it recorded no keyword inputs)"
+        new_kwargs = {k: swap.walk(v, (k,), 1) for k, v in kwargs.items()}
+        if not swap.changed:
+            return args, kwargs, info
+        return new_args, new_kwargs, info
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class _Swap:
+    """One call's walk over its live arguments, replacing tensors by the reference's."""
+
+    def __init__(self, source: ReplaySource, call: CallKey, nodes: dict[tuple[str, ...], Any],
+                 info: CallReplay) -> None:
+        self.source, self.call, self.nodes, self.info = source, call, nodes, info
+        self.changed = False
+        self.missing = "not in the reference"  # the reason for a live tensor the reference lacks
+
+    def tensor(self, live: torch.Tensor, path: tuple[str, ...]) -> torch.Tensor:
+        name = ".".join(path)
+        node = self.nodes.get(path)
+        if node is None:
+            self.info.kept[name] = self.missing
+            return live
+        if not node.get("stored", True) or node.get("type") != "tensor":
+            self.info.kept[name] = _why_no_body(node)
+            return live
+        ref_shape = [int(d) for d in node.get("shape", [])]
+        if ref_shape != list(live.shape):
+            self.info.kept[name] = f"shape differs: live {list(live.shape)}, reference {ref_shape}"
+            return live
+        key = TensorKey(self.call.step, self.call.module, self.call.call, "inputs", path, self.call.rank)
+        try:
+            ref = self.source.reader.load(key)
+        except (IlstoreError, OSError, RuntimeError) as exc:
+            self.info.kept[name] = f"the reference body cannot be read: {exc}"
+            return live
+        if list(ref.shape) != list(live.shape):
+            self.info.kept[name] = f"shape differs: live {list(live.shape)}, reference {list(ref.shape)}"
+            return live
+        with torch.no_grad():
+            fed = ref.to(device=live.device, dtype=live.dtype, copy=True)  # never a read-only mmap
+        if live.requires_grad and fed.is_floating_point():
+            fed.requires_grad_(True)
+        self.info.replaced.append(name)
+        self.changed = True
+        return fed
+
+    def walk(self, value: Any, path: tuple[str, ...], depth: int) -> Any:
+        """Mirror of records._walk: the same paths, the same containers, rebuilt only when changed."""
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, path)
+        if depth >= _MAX_DEPTH:
+            return value
+        if isinstance(value, Mapping):
+            items = {k: self.walk(v, path + (str(k),), depth + 1) for k, v in value.items()}
+            if all(items[k] is value[k] for k in items):
+                return value
+            return _rebuild_mapping(value, items)
+        if isinstance(value, (tuple, list)):
+            seq = [self.walk(v, path + (str(i),), depth + 1) for i, v in enumerate(value)]
+            if all(a is b for a, b in zip(seq, value, strict=True)):
+                return value
+            if isinstance(value, list):
+                return type(value)(seq) if type(value) is not list else seq
+            make = getattr(type(value), "_make", None)  # namedtuple
+            return make(seq) if make is not None else type(value)(seq)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            new = {k: self.walk(v, path + (k,), depth + 1) for k, v in fields.items()}
+            changed = {k: v for k, v in new.items() if v is not fields[k]}
+            if not changed:
+                return value
+            copy = dataclasses.replace(value) if all(f.init for f in dataclasses.fields(value)) else value
+            if copy is value:
+                copy = type(value).__new__(type(value))
+                copy.__dict__.update(value.__dict__)
+            for k, v in changed.items():
+                object.__setattr__(copy, k, v)
+            return copy
+        return value
+
+
+def _rebuild_mapping(value: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
+    if type(value) is dict:
+        return items
+    try:
+        copy = value.copy()  # type: ignore[attr-defined]
+        for k, v in items.items():
+            copy[k] = v
+        return copy
+    except Exception:  # an exotic mapping: a plain dict keeps the values the module reads
+        _log.debug("ilstore replay: rebuilding %s as a dict", type(value).__name__)
+        return dict(items)
+
+
+def open_reference(path: str | Path, open_run: Any) -> ReplaySource:
+    """Resolve ``replay_from`` and open it (``open_run`` is the registry's opener)."""
+    run_dir = resolve_reference(path)
+    try:
+        reader = open_run(run_dir)
+    except IlstoreError:
+        raise
+    except OSError as exc:
+        raise StoreError(f"replay_from: {run_dir}: cannot open the run: {exc}") from None
+    return ReplaySource(run_dir, reader)
