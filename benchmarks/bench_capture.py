@@ -13,6 +13,10 @@ Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
 * ``naive torch.save``: one ``torch.save`` per tensor + a JSON per module (the earlier vLLM code).
 * ``ilstore <backend> sync|async``: ``ilstore.capture`` with every module.
 * ``ilstore pt stats``, ``match one module``, ``enabled false``.
+* ``ilstore pt replay``: ``ilstore.capture`` with every module and ``replay_from`` a pt run of the
+  same forward (written once before the rounds): every call reads the reference's inputs
+  before it runs. Its ``replay/capture`` ratio (issue 14: at most 1.5) is paired with the
+  ``ilstore pt async`` row, the capture of the same selection.
 
 Columns: forward (producer-visible) time, total time including flush/close (medians, seconds),
 each as a ratio to the baseline forward and to the raw floor's total; bytes and files written;
@@ -233,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(ilstore_row("ilstore pt stats", mode="stats"))
     rows.append(ilstore_row("ilstore match one module", module_call_match="^model\\.layers\\.3\\.mlp\\.down_proj$"))
     rows.append(ilstore_row("ilstore enabled false", enabled=False))
+    reference = tmp / "replay_reference"
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(reference), "run_id": "ref"}):
+        model(input_ids=ids, use_cache=False)
+    rows.append(ilstore_row("ilstore pt replay", replay_from=str(reference / "ref")))
     wanted = [w for w in args.rows.split(",") if w]
     if wanted:
         rows = [r for r in rows
@@ -247,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows[r % len(rows):] + rows[:r % len(rows)]:
             row.measure(r, tmp, model, ids)
         if keep is None:
-            per_round = sum(dir_size(sub)[0] for sub in tmp.iterdir())
+            per_round = sum(dir_size(sub)[0] for sub in tmp.iterdir() if sub != reference)
             in_memory = _fs_type(tmp) in ("tmpfs", "ramfs")  # deleting costs nothing there
             keep = not in_memory and shutil.disk_usage(tmp).free > 1.5 * per_round * args.rounds + 2e9
             if not keep and not in_memory:
                 print("(not enough free space to keep every run: runs are deleted between rounds)")
         if not keep:
             for sub in list(tmp.iterdir()):
-                shutil.rmtree(sub)
+                if sub != reference:
+                    shutil.rmtree(sub)
             os.sync()
     shutil.rmtree(tmp, ignore_errors=True)
     base_row, floor_row = rows[0], next(r for r in rows if r.name == "raw floor")
@@ -274,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['name']:28} {r['forward']:9.3f} {r['fwd/base']:8.2f} {r['total']:8.3f} {r['tot/base']:8.2f} "
               f"{r['tot/floor']:9.2f} {r['bytes'] / 1e6:7.1f} {r['files']:6d} {r['rss'] / 2**20:7.0f}")
+    by_name = {row.name: row for row in rows}
+    if "ilstore pt replay" in by_name and "ilstore pt async" in by_name:
+        ratio = _paired(by_name["ilstore pt replay"].total, by_name["ilstore pt async"].total)
+        print(f"replay/capture (ilstore pt replay total / ilstore pt async total, paired): {ratio:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
