@@ -14,14 +14,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 __all__ = ["CHUNK", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp", "StatsCheck", "compare_tensors",
-           "compare_stats", "is_float_dtype"]
+           "compare_many", "compare_stats", "is_float_dtype"]
 
 #: Elements per chunk: 1 Mi elements, i.e. 8 MiB per float64 temporary.
 CHUNK = 1 << 20
@@ -368,6 +368,47 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     """
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    acc = _Accumulator()
+    _feed(acc, a, b, 0, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk)
+    return acc.result(a.numel(), tuple(a.shape))
+
+
+def compare_many(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, rtol: float, atol: float,
+                 exact: bool = False, equal_nan: bool = False, chunk: int = CHUNK) -> TensorMetrics:
+    """Compare several tensor pairs as one: the metrics of their concatenation, without concatenating.
+
+    What the local error of a module call is made of (all its output tensors together):
+    ``rel_l2`` is ``sqrt(sum ||a_i - b_i||^2) / sqrt(sum ||b_i||^2)`` over the pairs, maxima
+    (``max_abs_diff``, ``max_ulp``, each in its own pair's dtype) are over every pair, counts
+    are summed. The pairs are consumed one at a time (a generator that loads them keeps one
+    pair in memory). ``max_abs_diff_index`` is the flat position in the pairs laid end to end.
+
+    Args:
+        pairs: ``(a, b)`` tensors, each pair of one shape (``b`` the reference).
+        rtol, atol, exact, equal_nan, chunk: as for :func:`compare_tensors`.
+
+    Raises:
+        ValueError: a pair's shapes differ.
+
+    Example:
+        >>> m = compare_many([(torch.tensor([3.0]), torch.tensor([4.0])), (torch.zeros(2), torch.zeros(2))],
+        ...                  rtol=0.0, atol=0.0)
+        >>> m.numel, m.mismatched, m.rel_l2, m.max_abs_diff
+        (3, 1, 0.25, 1.0)
+    """
+    acc = _Accumulator()
+    n = 0
+    for a, b in pairs:
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+        _feed(acc, a, b, n, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk)
+        n += a.numel()
+    return acc.result(n, (n,))
+
+
+def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, rtol: float, atol: float,
+          exact: bool, equal_nan: bool, chunk: int) -> None:
+    """Add the pair ``(a, b)`` (same shape) to ``acc``, chunk by chunk; ``offset``: its first flat position."""
     n = a.numel()
     fa, fb = a.reshape(-1), b.reshape(-1)
     bitwise = exact and a.dtype == b.dtype
@@ -375,7 +416,6 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     work = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
     if exact:
         rtol = atol = 0.0
-    acc = _Accumulator()
     with torch.no_grad():
         for start in range(0, n, chunk):
             ca, cb = fa[start:start + chunk], fb[start:start + chunk]
@@ -383,7 +423,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
             if _STREAMED:
                 acc.add_streamed(ca, cb)
             # the common case: every element finite on both sides
-            if not (bitwise or integral or x.is_complex()) and acc.add_finite(x, y, rtol, atol, start):
+            if not (bitwise or integral or x.is_complex()) and acc.add_finite(x, y, rtol, atol, offset + start):
                 continue
             if bitwise:
                 size = ca.element_size()
@@ -395,8 +435,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
                 ok = (x == y) | ((x - y).abs() <= atol + rtol * y.abs())
                 if equal_nan:
                     ok |= torch.isnan(x) & torch.isnan(y)
-            acc.add_general(ok, x, y, start)
-    return acc.result(n, tuple(a.shape))
+            acc.add_general(ok, x, y, offset + start)
 
 
 @dataclass(frozen=True)
