@@ -7,11 +7,13 @@ metrics are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,12 @@ from ilstore.store.registry import open_run
 from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
+from .local import local_errors, local_notes, local_report, measured_divergence
 from .metrics import compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
+from .oracle import oracle_calls
 from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir
+from .provenance import find_sources, open_option_run
 from .result import (
     BAD_VALUE_STATUSES,
     MATCH,
@@ -42,6 +47,7 @@ from .result import (
     UNALIGNED,
     CallResult,
     CompareResult,
+    OracleReport,
     Summary,
     TensorResult,
 )
@@ -66,18 +72,22 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         **changes: options given by name instead (or on top of ``options``):
             ``rtol``, ``atol``, ``steps``, ``modules``, ``exact``, ``equal_nan``,
             ``allow_stats_only``, ``name_map``, ``squeeze_shapes``, ``allow_unaligned``,
-            ``workers``; see :class:`CompareOptions`.
+            ``workers``, ``replay``, ``oracle``, ``oracle_factor``; see :class:`CompareOptions`.
 
     Returns:
         The :class:`CompareResult`; ``result.exit_code`` is 0 only when every tensor was
-        compared and matched.
+        compared and matched. When dir1 is a replay of dir2 (its manifest's ``replayed_from``),
+        or with ``replay``, ``result.local`` holds every call's local error and
+        ``first_divergence`` is the measured one; with ``oracle``, ``result.oracle`` holds the
+        oracle verdict, which decides the exit status.
 
     Raises:
         RunNotFoundError: a directory is missing or holds no run.
         AmbiguousRunError: a directory holds several runs.
         CorruptFileError: a tensor or metadata file is unreadable (the message names it).
         NameMapError: a bad name map.
-        OptionError: a bad or unknown option (a :class:`CompareError`).
+        OptionError: a bad or unknown option (a :class:`CompareError`); a ``replay`` run that
+            is not a replay of dir2, or a dir1/dir2 that is not a replay of ``oracle``.
 
     Example:
         >>> import tempfile, torch, ilstore
@@ -97,7 +107,12 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
     nmap = options.map
     patterns = compile_patterns(options.modules) if options.modules is not None else None
     path1, path2 = resolve_run_dir(dir1), resolve_run_dir(dir2)
-    with open_run(path1) as r1, open_run(path2) as r2:
+    with ExitStack() as stack:
+        r1 = stack.enter_context(open_run(path1))
+        r2 = stack.enter_context(open_run(path2))
+        replay = open_option_run(stack, options, "replay")
+        oracle = open_option_run(stack, options, "oracle")
+        sources = find_sources(r1, r2, replay, oracle)  # checked before the long part
         plan = build_plan(r1, r2, steps=options.steps, modules=patterns, name_map=nmap)
         _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
 
@@ -110,12 +125,27 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
 
         tensors = tuple(_stream(plan.pairs, one, options.workers, progress))
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
-    calls, first, introduced = analyse_calls(plan.calls, tensors)
+        calls, first, introduced = analyse_calls(plan.calls, tensors)
+        notes = list(plan.notes) + sources.notes
+        local = oracle_report = threshold = None
+        if sources.local_run is not None:
+            local = local_report(sources.local_run, sources.local_source, sources.replayed_from, r2, options, nmap,
+                                 patterns, calls)
+            by_call = {e.call: e for e in local.errors}
+            calls = [dataclasses.replace(c, local=by_call.get(c.call)) for c in calls]
+            threshold, first = first, measured_divergence(local, calls, tensors)
+            notes += local_notes(local)
+        elif oracle is not None:
+            assert options.oracle_factor is not None
+            cand = local_errors(r1, oracle, options, patterns=patterns)
+            ref = local_errors(r2, oracle, options, patterns=patterns)
+            oracle_report = OracleReport(str(oracle.run_dir), sources.oracle_id, options.oracle_factor,
+                                         tuple(oracle_calls(cand, ref, options.oracle_factor)))
     summary = _summary(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
                          status2=status2, options=options, tensors=tensors, calls=tuple(calls),
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
-                         notes=tuple(plan.notes))
+                         notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report)
 
 
 def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,

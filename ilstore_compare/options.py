@@ -60,6 +60,13 @@ class CompareOptions:
             status (by default they do: coverage fails closed).
         workers: tensor pairs compared in parallel (threads); it does not change the result,
             so the report does not record it.
+        replay: a replay of dir2 (a run captured with ``replay_from`` dir2): the report adds
+            each call's local error (replay vs dir2) beside the propagated error (dir1 vs
+            dir2). Stored as a string.
+        oracle: the run dir1 and dir2 were both replayed from (e.g. float64): each call is
+            flagged when dir1's local error against it exceeds ``oracle_factor`` times dir2's.
+            Stored as a string; not with ``replay``.
+        oracle_factor: K of the oracle verdict (> 0; default 2 with an oracle, None without).
 
     Raises:
         OptionError: a bad value (the message names the option).
@@ -77,6 +84,9 @@ class CompareOptions:
     squeeze_shapes: bool | None = None
     allow_unaligned: bool = False
     workers: int = field(default=1, metadata={"reported": False})
+    replay: str | Path | None = None  # stored as a string
+    oracle: str | Path | None = None  # stored as a string
+    oracle_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -108,6 +118,30 @@ class CompareOptions:
         self._set("squeeze_shapes", bool(squeeze))
         for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned"):
             self._set(name, bool(getattr(self, name)))
+        self._check_replay()
+
+    def _check_replay(self) -> None:
+        for name in ("replay", "oracle"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise OptionError(name, f"must be a run directory, got {value!r}")
+            self._set(name, str(value))
+        if self.replay is not None and self.oracle is not None:
+            raise OptionError("oracle", "cannot be combined with replay: --replay measures the local error of one "
+                              "run against dir2, --oracle compares two replays against a third run; run them "
+                              "separately")
+        factor = self.oracle_factor
+        if factor is None:
+            if self.oracle is not None:
+                self._set("oracle_factor", 2.0)
+            return
+        if self.oracle is None:
+            raise OptionError("oracle_factor", "needs an oracle run (--oracle RUN)")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) or factor <= 0:
+            raise OptionError("oracle_factor", f"must be a finite number > 0, got {factor!r}")
+        self._set("oracle_factor", float(factor))
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalising a frozen instance while it is built

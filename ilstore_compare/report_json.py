@@ -13,9 +13,9 @@ from ilstore.keys import CallKey, TensorKey
 
 from .metrics import TensorMetrics, metric_infos
 from .options import reported_options
-from .result import CallResult, CompareResult, TensorResult
+from .result import CallResult, CompareResult, LocalError, LocalReport, OracleCall, OracleReport, TensorResult
 
-__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "validate_report"]
+__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "validate_report", "local_error_item"]
 
 REPORT_FORMAT = "ilstore-compare-report"
 REPORT_VERSION = 1
@@ -57,14 +57,48 @@ def _tensor(t: TensorResult) -> dict[str, Any]:
                    "note": note})
 
 
-def _call(c: CallResult) -> dict[str, Any]:
+def _call(c: CallResult, local: bool) -> dict[str, Any]:
     entry = _fields(c)
+    e: LocalError | None = entry.pop("local")
+    if local:  # the local error beside the propagated one
+        entry.update(local_rel_l2=e.rel_l2 if e is not None else None,
+                     local_max_abs_diff=e.max_abs_diff if e is not None else None,
+                     replayed=e.replayed if e is not None else None)
     return _plain({**_key(entry.pop("call")), **entry})
 
 
+def local_error_item(e: LocalError) -> dict[str, Any]:
+    """One ``local_errors`` item (``rel_l2`` null when not measured, or infinite: ``compared`` tells)."""
+    return _plain({**_key(e.call), "rel_l2": e.rel_l2, "max_abs_diff": e.max_abs_diff, "max_ulp": e.max_ulp,
+                   "mismatched": e.mismatched, "replayed": e.replayed, "compared": e.compared, "reason": e.reason,
+                   "container": e.container, "random": e.random, "order": e.order})
+
+
+def _replay(local: LocalReport) -> dict[str, Any]:
+    return {"run": local.replay, "source": local.source, "replayed_from": dict(local.replayed_from),
+            "not_compared": len(local.not_compared)}
+
+
+def _oracle_call(c: OracleCall) -> dict[str, Any]:
+    return _plain({**_key(c.call), "candidate_rel_l2": c.candidate_rel_l2, "reference_rel_l2": c.reference_rel_l2,
+                   "ratio": c.ratio, "flagged": c.flagged, "evaluated": c.evaluated, "reason": c.reason,
+                   "container": c.container})
+
+
+def _oracle(o: OracleReport) -> dict[str, Any]:
+    return {"run": o.run, "run_id": o.run_id, "factor": o.factor, "verdict": o.verdict,
+            "flagged": [_key(c.call) for c in o.flagged], "not_evaluated": len(o.not_evaluated),
+            "calls": [_oracle_call(c) for c in o.calls]}
+
+
 def report_dict(result: CompareResult) -> dict[str, Any]:
-    """The report as plain JSON-ready data (every tensor, every call)."""
-    return {
+    """The report as plain JSON-ready data (every tensor, every call).
+
+    With local errors (a replay), also ``replay``, ``local_errors`` (ranked) and
+    ``threshold_divergence``; with an oracle, ``oracle``.
+    """
+    local = result.local
+    out = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
         "ilstore_version": __version__,
@@ -77,9 +111,16 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
         "first_divergence": _plain(dataclasses.asdict(result.first_divergence)) if result.first_divergence else None,
         "introduced": [_plain(dataclasses.asdict(d)) for d in result.introduced],
         "notes": list(result.notes),
-        "calls": [_call(c) for c in result.calls],
+        "calls": [_call(c, local is not None) for c in result.calls],
         "tensors": [_tensor(t) for t in result.tensors],
     }
+    if local is not None:
+        d = result.threshold_divergence
+        out.update(replay=_replay(local), local_errors=[local_error_item(e) for e in local.errors],
+                   threshold_divergence=_plain(dataclasses.asdict(d)) if d is not None else None)
+    if result.oracle is not None:
+        out["oracle"] = _oracle(result.oracle)
+    return out
 
 
 def render_json(result: CompareResult, verbose: bool = False) -> str:

@@ -31,7 +31,8 @@ from .options import CompareOptions
 
 __all__ = ["MATCH", "MISMATCH", "SHAPE_MISMATCH", "STATS_ONLY_MATCH", "STATS_ONLY_MISMATCH", "NOT_COMPARED",
            "ONLY_IN_DIR1", "ONLY_IN_DIR2", "UNALIGNED", "STATUSES", "BAD_VALUE_STATUSES", "CompareOptions",
-           "TensorResult", "CallResult", "Divergence", "Summary", "CompareResult"]
+           "TensorResult", "CallResult", "Divergence", "Summary", "LocalError", "LocalReport", "OracleCall",
+           "OracleReport", "CompareResult", "THRESHOLD", "MEASURED"]
 
 MATCH = "match"
 MISMATCH = "mismatch"
@@ -46,6 +47,10 @@ STATUSES = (MATCH, MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMAT
             ONLY_IN_DIR1, ONLY_IN_DIR2, UNALIGNED)
 #: Statuses that mean the values differ (they drive the first divergence).
 BAD_VALUE_STATUSES = frozenset({MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MISMATCH})
+#: :attr:`Divergence.basis`: located by the tolerance along the propagated comparison, or
+#: measured by replay (the call's local error crosses the tolerance).
+THRESHOLD = "threshold"
+MEASURED = "measured"
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class CallResult:
         output_rel_l2, input_rel_l2: the largest relative L2 error over outputs / inputs.
         max_abs_diff, max_rel_diff: the largest over all tensors of the call.
         min_cosine: the smallest cosine similarity over all tensors of the call.
+        local: the call's local error (measured by replay) when the comparison has one, else None.
     """
 
     call: CallKey
@@ -126,6 +132,7 @@ class CallResult:
     max_rel_diff: float | None = None
     min_cosine: float | None = None
     unaligned_tensors: int = 0
+    local: LocalError | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,11 @@ class Divergence:
         input_rel_l2: largest over its inputs (None: no input compared elementwise).
         growth: ``output_rel_l2 / input_rel_l2``; None when the inputs are identical (or unknown).
         tensors: the differing output tensors (display form).
+        basis: ``threshold`` (where the tolerance is first crossed along the propagated
+            comparison; ``origin`` says whether the call's inputs already differed) or
+            ``measured`` (the first call, in execution order, whose local error measured by
+            replay crosses the tolerance: introduced there by measurement).
+        local_rel_l2: the call's local error (relative L2) when measured by replay.
     """
 
     step: int
@@ -150,6 +162,8 @@ class Divergence:
     input_rel_l2: float | None
     growth: float | None
     tensors: tuple[str, ...] = ()
+    basis: str = THRESHOLD
+    local_rel_l2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,138 @@ class Summary:
 
 
 @dataclass(frozen=True)
+class LocalError:
+    """The error one module call introduces, measured by replay.
+
+    A replay run fed every selected call the reference's recorded inputs; the call's outputs
+    against the reference's outputs (all output tensors together, :func:`~.metrics.compare_many`)
+    are its local error.
+
+    Attributes:
+        call: the call (names after the name map).
+        rel_l2: ``||a - b|| / ||b||`` over all output tensors; ``math.inf`` when the reference's
+            outputs are zero and the replay's are not; None when not measured (``compared``
+            false).
+        max_abs_diff: the largest ``|a - b|`` over the outputs.
+        max_ulp: the largest distance in units in the last place (the replay's dtype), where
+            the metric exists.
+        mismatched: output elements outside the comparison's tolerance (None: not measured);
+            above 0 means the local error crosses the tolerance.
+        replayed: the replay run fed this call the reference's inputs.
+        compared: the local error was measured.
+        reason: why the call was not replayed or not measured; or, for a measured call, what
+            to keep in mind (it drew random numbers, inputs kept live).
+        container: another selected call ran inside this one: its local error only carries
+            the error of what runs after its last replayed child.
+        random: the call drew random numbers (its local error includes them).
+        order: position in the replay run's execution (completion) order.
+    """
+
+    call: CallKey
+    rel_l2: float | None
+    max_abs_diff: float | None
+    max_ulp: int | None
+    mismatched: int | None
+    replayed: bool
+    compared: bool
+    reason: str | None
+    container: bool
+    random: bool
+    order: int
+
+    @property
+    def exceeds(self) -> bool:
+        """The local error crosses the comparison's tolerance (some output element is out of it)."""
+        return bool(self.mismatched)
+
+
+@dataclass(frozen=True)
+class LocalReport:
+    """Local errors of every selected call of a replay run, against the run it was replayed from.
+
+    Attributes:
+        replay: the replay run's directory.
+        reference: the reference run's directory.
+        replayed_from: what the replay run's manifest records (``path``, ``run_id``).
+        source: ``dir1`` (dir1 is a replay of dir2) or ``replay`` (``--replay``).
+        errors: one entry per call, largest ``rel_l2`` first, unmeasured calls last.
+        first: the first call in execution order whose local error crosses the tolerance.
+    """
+
+    replay: str
+    reference: str
+    replayed_from: dict[str, str]
+    source: str
+    errors: tuple[LocalError, ...]
+    first: LocalError | None
+
+    @property
+    def not_compared(self) -> tuple[LocalError, ...]:
+        """Calls whose local error could not be measured (they fail the comparison closed)."""
+        return tuple(e for e in self.errors if not e.compared)
+
+
+@dataclass(frozen=True)
+class OracleCall:
+    """One call's oracle verdict: the candidate's local error against K times the reference's.
+
+    Attributes:
+        call: the call.
+        candidate_rel_l2: local error of the candidate's replay (dir1) against the oracle.
+        reference_rel_l2: local error of the reference's replay (dir2) against the oracle.
+        ratio: ``candidate_rel_l2 / reference_rel_l2`` (None when undefined).
+        flagged: ``candidate_rel_l2 > factor * reference_rel_l2`` (with a zero reference
+            error: any candidate error).
+        evaluated: both local errors were measured.
+        reason: why the call could not be evaluated, or what to keep in mind.
+        container: the call is a container in either replay.
+    """
+
+    call: CallKey
+    candidate_rel_l2: float | None
+    reference_rel_l2: float | None
+    ratio: float | None
+    flagged: bool
+    evaluated: bool
+    reason: str | None
+    container: bool
+
+
+@dataclass(frozen=True)
+class OracleReport:
+    """The oracle verdict over every call (see ``docs/compare.md``, "Oracle verdict").
+
+    Attributes:
+        run: the oracle run's directory.
+        run_id: its run id.
+        factor: K.
+        calls: every call, in the candidate replay's execution order.
+    """
+
+    run: str
+    run_id: str | None
+    factor: float
+    calls: tuple[OracleCall, ...]
+
+    @property
+    def flagged(self) -> tuple[OracleCall, ...]:
+        return tuple(c for c in self.calls if c.flagged)
+
+    @property
+    def not_evaluated(self) -> tuple[OracleCall, ...]:
+        return tuple(c for c in self.calls if not c.evaluated)
+
+    @property
+    def verdict(self) -> str:
+        """``mismatch`` (some call flagged), ``incomplete`` (some call not evaluated), ``empty`` or ``match``."""
+        if not self.calls:
+            return "empty"
+        if self.flagged:
+            return "mismatch"
+        return "incomplete" if self.not_evaluated else "match"
+
+
+@dataclass(frozen=True)
 class CompareResult:
     """Everything a comparison found; reports are rendered from it.
 
@@ -198,6 +344,12 @@ class CompareResult:
         introduced: calls where error is introduced, largest growth first (a few).
         summary: the counts.
         notes: remarks for the reader (incomplete steps, steps missing on one side...).
+        local: local errors measured by replay (dir1 a replay of dir2, or ``--replay``), else None.
+            Then ``first_divergence`` is the measured one (``basis`` ``measured``, None when no
+            call's local error crosses the tolerance) and ``threshold_divergence`` the one the
+            tolerance locates along the propagated comparison.
+        threshold_divergence: see ``local``; None without local errors.
+        oracle: the oracle verdict (``--oracle``), else None; it then decides the verdict.
     """
 
     dir1: str
@@ -213,10 +365,29 @@ class CompareResult:
     introduced: tuple[Divergence, ...]
     summary: Summary
     notes: tuple[str, ...] = field(default=())
+    local: LocalReport | None = None
+    threshold_divergence: Divergence | None = None
+    oracle: OracleReport | None = None
 
     @property
     def verdict(self) -> str:
-        """``match``, ``mismatch`` (values differ), ``incomplete`` (coverage gaps only) or ``empty``."""
+        """``match``, ``mismatch`` (values differ), ``incomplete`` (coverage gaps only) or ``empty``.
+
+        With an oracle, the oracle's verdict (:attr:`OracleReport.verdict`). With local errors,
+        a call whose local error crosses the tolerance is a mismatch, and one that could not
+        be measured a coverage gap.
+        """
+        if self.oracle is not None:
+            return self.oracle.verdict
+        verdict = self._compared_verdict()
+        if self.local is not None and verdict in ("match", "incomplete"):
+            if self.local.first is not None:
+                return "mismatch"
+            if self.local.not_compared:
+                return "incomplete"
+        return verdict
+
+    def _compared_verdict(self) -> str:
         s = self.summary
         if s.compared == 0 and not (s.only_in_dir1 or s.only_in_dir2 or s.not_compared or s.unaligned):
             return "empty"

@@ -1,0 +1,334 @@
+"""Local error: what each module call introduces, measured by replay.
+
+A replay run (captured with ``replay_from``) fed every selected call the inputs the reference
+run recorded for it, so the difference between the replay's outputs and the reference's outputs
+of the same call is the error that call itself introduces, whatever happened upstream. This
+module measures the local error of every call (all its output tensors together, with
+:func:`~.metrics.compare_many`: the comparer's own metrics), ranks the calls by it and finds
+the first call, in execution order, whose local error crosses the comparison's tolerance.
+
+The per-call replay record is the ``"replay"`` object on the top level of the call's
+``outputs`` structure: ``replayed``, ``replaced``, ``kept``, ``reason``, ``random``,
+``container`` (see ``docs/compare.md``, "Replay and local error").
+
+A call that could not be replayed, or whose local error cannot be measured (outputs missing on
+a side, shapes that differ, bodies not stored, no tensor outputs), is listed with the reason and
+counts as not compared: the comparison fails closed. Where the replay comes from, and the check
+that it is a replay of the run it is compared with, is :mod:`.provenance`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ilstore.errors import IlstoreError, StoreError
+from ilstore.keys import CallKey, TensorKey
+from ilstore.records import iter_tensor_nodes
+from ilstore.store.base import StoreReader
+
+from .divergence import INTRODUCED
+from .mapping import NameMap
+from .metrics import compare_many
+from .options import CompareOptions
+from .result import MEASURED, CallResult, Divergence, LocalError, LocalReport, TensorResult
+
+__all__ = ["REPLAY_KEY", "local_errors", "rank", "first_exceeding", "not_replayed", "local_report",
+           "measured_divergence", "local_notes"]
+
+#: The key of the per-call replay record on the top level of a call's ``outputs`` structure.
+REPLAY_KEY = "replay"
+
+_RANDOM_NOTE = "the call drew random numbers (RNG state changed across it): its local error includes them"
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _execution_order(reader: StoreReader, steps: Sequence[int]) -> dict[CallKey, int]:
+    """Position of each call in completion order: by step, then position among its rank's calls, then rank."""
+    keys = []
+    for step in steps:
+        counters: dict[int, int] = {}
+        for c in reader.call_ends(step):
+            pos = counters.get(c.rank, 0)
+            counters[c.rank] = pos + 1
+            keys.append(((step, pos, c.rank), c))
+    return {c: n for n, (_, c) in enumerate(sorted(keys, key=lambda item: item[0]))}
+
+
+def _containers(reader: StoreReader, step: int) -> set[CallKey]:
+    """Calls another selected call started and ended inside (from the start and end orders)."""
+    out: set[CallKey] = set()
+    starts: dict[CallKey, int] = {}
+    ends: dict[CallKey, int] = {}
+    for n, c in enumerate(reader.calls(step)):
+        starts[c] = n
+    for n, c in enumerate(reader.call_ends(step)):
+        ends[c] = n
+    by_start = sorted(starts, key=lambda c: (c.rank, starts[c]))
+    for i, c in enumerate(by_start):
+        nxt = by_start[i + 1] if i + 1 < len(by_start) else None
+        if nxt is not None and nxt.rank == c.rank and ends.get(nxt, -1) < ends.get(c, -1):
+            out.add(c)  # the next call to start ended before this one did: it ran inside it
+    return out
+
+
+def _replay_record(structure: Any) -> dict[str, Any] | None:
+    record = structure.get(REPLAY_KEY) if isinstance(structure, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+def _join(*parts: str | None) -> str | None:
+    text = "; ".join(p for p in parts if p)
+    return text or None
+
+
+def _note_of(record: Mapping[str, Any]) -> str | None:
+    """The record's reason, with the inputs kept live and the randomness said when it does not say them."""
+    reason = record.get("reason") if isinstance(record.get("reason"), str) else None
+    kept = record.get("kept")
+    if reason is None and isinstance(kept, Mapping) and kept:
+        reason = "inputs kept live: " + ", ".join(f"{p or '(whole)'} ({why})" for p, why in kept.items())
+    if record.get("random") is True and not (reason and "random" in reason):
+        reason = _join(reason, _RANDOM_NOTE)
+    return reason
+
+
+def _unmeasured(call: CallKey, reason: str, *, replayed: bool, container: bool, random: bool,
+                order: int) -> LocalError:
+    return LocalError(call, rel_l2=None, max_abs_diff=None, max_ulp=None, mismatched=None, replayed=replayed,
+                      compared=False, reason=reason, container=container, random=random, order=order)
+
+
+def _load(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
+    try:
+        return reader.load(key)
+    except IlstoreError:
+        raise
+    except Exception as exc:  # a backend (maybe a plug-in) that lets its library's error through
+        raise StoreError(f"{reader.run_dir} ({label}): cannot load {key.display()}: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _outputs_problem(nodes: Mapping[tuple[str, ...], dict[str, Any]],
+                     ref_nodes: Mapping[tuple[str, ...], dict[str, Any]]) -> str | None:
+    """Why the replay's and the reference's outputs cannot be compared as they are, or None."""
+    if not ref_nodes and not nodes:
+        return "no tensor outputs"
+    only = [p for p in nodes if p not in ref_nodes]
+    missing = [p for p in ref_nodes if p not in nodes]
+    if only or missing:
+        def show(paths: list[tuple[str, ...]]) -> str:
+            return ", ".join("outputs" + "".join(f"[{e}]" for e in p) for p in paths[:4])
+        parts = ([f"only in the replay: {show(only)}"] if only else []) + (
+            [f"only in the reference: {show(missing)}"] if missing else [])
+        return "outputs differ in structure (" + "; ".join(parts) + ")"
+    for path, node in nodes.items():
+        ref = ref_nodes[path]
+        name = "outputs" + "".join(f"[{e}]" for e in path)
+        if node.get("shape") is not None and ref.get("shape") is not None and list(node["shape"]) != list(ref["shape"]):
+            return f"{name}: shape differs: replay {list(node['shape'])}, reference {list(ref['shape'])}"
+        for side, n in (("replay", node), ("reference", ref)):
+            if n.get("stored", True) is False:
+                return f"{name}: body not stored in the {side} ({n.get('reason') or 'not stored'})"
+    return None
+
+
+def _measure(replay: StoreReader, reference: StoreReader, call: CallKey, paths: Iterable[tuple[str, ...]],
+             options: CompareOptions) -> tuple[Any, str | None]:
+    """The metrics of the call's outputs, all tensors together; or a reason they cannot be compared."""
+    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for path in paths:
+            key = call.tensor("outputs", path)
+            a, b = _load(replay, key, "replay"), _load(reference, key, "reference")
+            if a.shape != b.shape:
+                raise _ShapeDiffers(f"outputs{''.join(f'[{e}]' for e in path)}: shape differs: replay "
+                                    f"{list(a.shape)}, reference {list(b.shape)}")
+            yield a, b
+
+    try:
+        return compare_many(pairs(), rtol=options.rtol, atol=options.atol, exact=options.exact,
+                            equal_nan=options.equal_nan), None
+    except _ShapeDiffers as exc:
+        return None, str(exc)
+
+
+class _ShapeDiffers(Exception):
+    pass
+
+
+def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOptions, *,
+                 rename: Callable[[str], str] | None = None, patterns: Sequence[re.Pattern[str]] | None = None,
+                 expected: Iterable[CallKey] = ()) -> list[LocalError]:
+    """The local error of every selected call of ``replay`` against ``reference``, ranked.
+
+    Args:
+        replay: the replay run.
+        reference: the run it was replayed from.
+        options: the comparison's options (steps, tolerances, ``exact``, ``equal_nan``).
+        rename: turns the runs' module names into the names the report uses (a name map).
+        patterns: module-name regexes (after ``rename``); None for every module.
+        expected: further calls (report names) the report needs a local error for: those the
+            replay run lacks are listed as not compared.
+
+    Returns:
+        One entry per call: measured calls by ``rel_l2``, largest first (infinite first, ties
+        in execution order), then the calls not measured, in execution order.
+
+    Raises:
+        IlstoreError: a run's files cannot be read (the message names the file).
+    """
+    steps = sorted(replay.steps()) if options.steps is None else [s for s in options.steps if s in set(replay.steps())]
+    ref_steps = set(reference.steps())
+    order = _execution_order(replay, steps)
+    entries: list[LocalError] = []
+    seen: set[CallKey] = set()
+    for step in steps:
+        containers = _containers(replay, step)
+        ref_calls = set(reference.calls(step)) if step in ref_steps else set()
+        for call in replay.calls(step):
+            shown = CallKey(call.rank, call.step, rename(call.module), call.call) if rename else call
+            if patterns is not None and not any(p.search(shown.module) for p in patterns):
+                continue
+            seen.add(shown)
+            entries.append(_one(replay, reference, call, shown, options, step in ref_steps, call in ref_calls,
+                                call in containers, order.get(call, len(order))))
+    extra = [c for c in expected if c not in seen and (options.steps is None or c.step in options.steps)]
+    for n, call in enumerate(extra, len(order)):
+        entries.append(_unmeasured(call, "not in the replay run (it did not capture this call)", replayed=False,
+                                   container=False, random=False, order=n))
+    return rank(entries)
+
+
+def _one(replay: StoreReader, reference: StoreReader, call: CallKey, shown: CallKey, options: CompareOptions,
+         step_in_ref: bool, in_ref: bool, nested: bool, order: int) -> LocalError:
+    structure = replay.structure(call, "outputs")
+    record = _replay_record(structure)
+    container = bool(record.get("container")) if record is not None and "container" in record else nested
+    random = bool(record.get("random")) if record is not None else False
+    if structure is None:
+        return _unmeasured(shown, "outputs not captured (log_outputs is off): no local error", replayed=False,
+                           container=container, random=random, order=order)
+    if record is None:
+        return _unmeasured(shown, "no replay record on its outputs (not a replayed call)", replayed=False,
+                           container=container, random=random, order=order)
+    note = _note_of(record)
+    if record.get("replayed") is not True:
+        return _unmeasured(shown, note or "not replayed (no reason recorded)", replayed=False, container=container,
+                           random=random, order=order)
+    problem = None
+    nodes: dict[tuple[str, ...], dict[str, Any]] = {}
+    if not step_in_ref:
+        problem = f"step {call.step} is not in the reference"
+    elif not in_ref:
+        problem = "call not in the reference"
+    else:
+        ref_structure = reference.structure(call, "outputs")
+        if ref_structure is None:
+            problem = "the reference recorded no outputs for this call"
+        else:
+            nodes = dict(iter_tensor_nodes(structure))
+            problem = _outputs_problem(nodes, dict(iter_tensor_nodes(ref_structure)))
+    metrics = None
+    if problem is None:
+        metrics, problem = _measure(replay, reference, call, list(nodes), options)
+    if problem is not None or metrics is None:
+        return _unmeasured(shown, _join(problem, note) or "not measured", replayed=True, container=container,
+                           random=random, order=order)
+    rel_l2 = metrics.rel_l2
+    if rel_l2 is None:  # the reference's outputs are zero and the replay's are not
+        rel_l2 = math.inf
+        note = _join("relative L2 infinite: the reference's outputs are zero, the replay's are not", note)
+    return LocalError(shown, rel_l2=rel_l2, max_abs_diff=metrics.max_abs_diff, max_ulp=metrics.max_ulp,
+                      mismatched=metrics.mismatched, replayed=True, compared=True, reason=note, container=container,
+                      random=random, order=order)
+
+
+def rank(entries: Iterable[LocalError]) -> list[LocalError]:
+    """Measured entries by ``rel_l2`` (largest first, ties in execution order), then unmeasured ones in order."""
+    def key(e: LocalError) -> tuple[int, float, int]:
+        if e.compared and e.rel_l2 is not None:
+            return (0, -e.rel_l2, e.order)
+        return (1, 0.0, e.order)
+
+    return sorted(entries, key=key)
+
+
+def first_exceeding(entries: Iterable[LocalError]) -> LocalError | None:
+    """The first call in execution order whose local error crosses the tolerance (None: no such call)."""
+    crossing = [e for e in entries if e.compared and e.exceeds]
+    return min(crossing, key=lambda e: e.order) if crossing else None
+
+
+def not_replayed(entries: Iterable[LocalError], before: int | None = None) -> list[LocalError]:
+    """The unmeasured entries, in execution order (only those before position ``before`` if given)."""
+    out = [e for e in entries if not e.compared and (before is None or e.order < before)]
+    return sorted(out, key=lambda e: e.order)
+
+
+# -- into the comparison's result ------------------------------------------------------------------
+def local_report(replay: StoreReader, source: str, replayed: dict[str, str], reference: StoreReader,
+                 options: CompareOptions, nmap: NameMap | None, patterns: Sequence[re.Pattern[str]] | None,
+                 calls: Sequence[CallResult]) -> LocalReport:
+    """The local errors of ``replay`` against ``reference`` for the comparison whose calls are ``calls``.
+
+    Args:
+        replay: the replay of dir2 (dir1 itself, or ``--replay``).
+        source: ``dir1`` or ``replay``.
+        replayed: its ``replayed_from`` record.
+        reference: dir2.
+        options: the comparison's options.
+        nmap: the comparison's name map: the replay shares dir2's module names, renamed when
+            the map applies to dir2.
+        patterns: the comparison's module filters.
+        calls: the comparison's calls; with ``--replay``, those in both dir1 and dir2 need a
+            local error (the replay run lacking one fails closed).
+    """
+    rename = nmap.rename if nmap is not None and nmap.apply_to == "dir2" else None
+    expected = [c.call for c in calls if c.presence == "both"] if source == "replay" else []
+    errors = local_errors(replay, reference, options, rename=rename, patterns=patterns, expected=expected)
+    return LocalReport(replay=str(replay.run_dir), reference=str(reference.run_dir), replayed_from=replayed,
+                       source=source, errors=tuple(errors), first=first_exceeding(errors))
+
+
+def measured_divergence(local: LocalReport, calls: Sequence[CallResult],
+                        tensors: Sequence[TensorResult]) -> Divergence | None:
+    """The first divergence labelled from the measurement: the first call whose local error crosses the
+    tolerance (``basis`` ``measured``, ``origin`` ``introduced``), with its propagated errors; None if none."""
+    m = local.first
+    if m is None:
+        return None
+    c = next((c for c in calls if c.call == m.call), None)
+    out, inp = (c.output_rel_l2, c.input_rel_l2) if c is not None else (None, None)
+    growth = out / inp if out is not None and inp is not None and 0 < inp < math.inf else None
+    bad = tuple(t.key.display() for t in tensors if t.key.call_key == m.call and t.key.kind != "inputs" and t.bad_value)
+    return Divergence(step=m.call.step, module=m.call.module, call=m.call.call, rank=m.call.rank, origin=INTRODUCED,
+                      output_rel_l2=out, input_rel_l2=inp, growth=growth, tensors=bad, basis=MEASURED,
+                      local_rel_l2=m.rel_l2)
+
+
+def _label(e: LocalError) -> str:
+    k = e.call
+    return f"step {k.step} {'rank' + str(k.rank) + ' ' if k.rank else ''}{k.module}" + (f"#{k.call}" if k.call else "")
+
+
+def _listing(entries: Sequence[LocalError]) -> str:
+    return ", ".join(f"{_label(e)} ({e.reason})" for e in entries[:3]) + (" …" if len(entries) > 3 else "")
+
+
+def local_notes(local: LocalReport) -> list[str]:
+    """What the report must say about calls without a local error (the measurement cannot speak for them)."""
+    if not local.not_compared:
+        return []
+    if local.first is None:
+        missing = not_replayed(local.errors)
+        return [f"{len(missing)} call(s) could not be replayed or measured; their local error is unknown: "
+                + _listing(missing)]
+    before = not_replayed(local.errors, local.first.order)
+    if not before:
+        return []
+    return [f"{len(before)} call(s) before the measured first divergence could not be replayed or measured, so the "
+            f"error may start earlier: {_listing(before)}"]
