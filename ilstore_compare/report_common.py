@@ -55,7 +55,13 @@ def verdict_line(result: CompareResult) -> str:
     if s.unaligned and not result.options.allow_unaligned and result.verdict == "incomplete":
         line += (f"; {s.unaligned} tensor(s) the map declares unaligned count as gaps "
                  "(--allow-unaligned accepts them)")
+    local = result.local
+    if local is not None and local.not_compared:
+        line += f"; {len(local.not_compared)} call(s) could not be replayed or measured (not compared)"
+    if local is not None and local.first is not None and s.mismatched == 0:
+        line += "; a call's local error crosses the tolerance"
     return line
+
 
 
 def options_line(result: CompareResult) -> str:
@@ -80,6 +86,10 @@ def options_line(result: CompareResult) -> str:
         parts.append("stats-only matches accepted")
     if o.allow_unaligned:
         parts.append("tensors declared unaligned accepted")
+    if o.replay is not None:
+        parts.append(f"local error from the replay run {o.replay}")
+    if o.oracle is not None:
+        parts.append(f"oracle {o.oracle}, factor {o.oracle_factor:g}")
     return "; ".join(parts)
 
 
@@ -144,7 +154,8 @@ CALL_HEADERS = ["module call", "verdict", "origin", "tensors", "differ", "unalig
                 "out rel L2", "min cos"]
 
 
-def call_rows(calls: Sequence[CallResult]) -> list[list[Any]]:
+def call_rows(calls: Sequence[CallResult], local: Callable[[CallResult], list[str]] | None = None) -> list[list[Any]]:
+    """One row per call (:data:`CALL_HEADERS`), then ``local(call)``'s cells when given (the local error)."""
     rows = []
     for c in calls:
         verdict = c.verdict
@@ -152,7 +163,7 @@ def call_rows(calls: Sequence[CallResult]) -> list[list[Any]]:
             verdict = f"unaligned, only in {c.presence}" if c.verdict == "unaligned" else f"only in {c.presence}"
         rows.append([call_label(c.call), verdict, c.origin or "", c.tensors, c.mismatched_tensors,
                      c.unaligned_tensors, num(c.max_abs_diff), num(c.max_rel_diff), num(c.output_rel_l2),
-                     num(c.min_cosine)])
+                     num(c.min_cosine)] + (local(c) if local is not None else []))
     return rows
 
 

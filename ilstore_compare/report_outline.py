@@ -30,6 +30,22 @@ from .report_common import (
     unaligned_rows,
     verdict_line,
 )
+from .report_local import (
+    CALL_LOCAL_HEADERS,
+    LOCAL_HEADERS,
+    ORACLE_HEADERS,
+    TOP_LOCAL,
+    UNREPLAYED_HEADERS,
+    call_local_cells,
+    local_intro,
+    local_rows,
+    measured_text,
+    no_measured_text,
+    oracle_intro,
+    oracle_line,
+    oracle_rows,
+    unreplayed_rows,
+)
 from .result import CompareResult
 from .svgplot import error_plot_svg
 
@@ -93,7 +109,10 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
         verbose: list every tensor (default: only those that differ or are one-sided, at most
             :data:`BRIEF_LIMIT`).
     """
-    out: list[Block] = [Heading("ilstore compare report", 1), Text(verdict_line(result), "verdict", result.verdict),
+    headline = verdict_line(result)
+    if result.oracle is not None:
+        headline = f"{oracle_line(result.oracle)} (exit status {result.exit_code})"
+    out: list[Block] = [Heading("ilstore compare report", 1), Text(headline, "verdict", result.verdict),
                         _table([["path", result.dir1, result.dir2], ["backend", result.backend1, result.backend2],
                                 ["run status", result.status1, result.status2]], ["", "dir1", "dir2 (reference)"]),
                         Text(f"Verdict rule: {options_line(result)}.")]
@@ -106,10 +125,16 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
 
     out.append(Heading("First divergence"))
     first = result.first_divergence
-    if first is None:
+    if result.local is not None:
+        out += _measured_first(result)
+    elif first is None:
         out.append(Text("No module call has differing outputs."))
     else:
         out += [Text(divergence_text(first)), _table(tensor_rows(first_divergence_tensors(result)), TENSOR_HEADERS)]
+    if result.local is not None:
+        out += _local_section(result, verbose)
+    if result.oracle is not None:
+        out += _oracle_section(result, verbose)
     if result.introduced:
         out += [Heading("Where error is introduced"),
                 Text("Calls whose inputs match but whose outputs differ, by how much the relative L2 error grows "
@@ -122,9 +147,13 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
                         else " (they keep the exit status at 1 unless --allow-unaligned).")),
                 _table(unaligned, UNALIGNED_HEADERS)]
 
+    side = call_local_cells if result.local is not None else None
+    headers = CALL_HEADERS + (CALL_LOCAL_HEADERS if side is not None else [])
     for step, calls in calls_by_step(result).items():
-        out += [Heading(f"Step {step}"), Text("Module calls in start order (parents before their children)."),
-                _table(call_rows(calls), CALL_HEADERS)]
+        out += [Heading(f"Step {step}"), Text("Module calls in start order (parents before their children)."
+                                              + (" Propagated error (dir1 vs dir2) and local error (measured by "
+                                                 "replay) side by side." if side is not None else "")),
+                _table(call_rows(calls, side), headers)]
 
     shown = list(result.tensors) if verbose else [t for t in result.tensors if t.status in SEVERE]
     if shown:
@@ -134,4 +163,54 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
             out += [Heading(f"Step {step}", 3), _table(tensor_rows(tensors), TENSOR_HEADERS)]
         if len(cut) < len(shown):
             out.append(Text(f"… and {len(shown) - len(cut)} more; use --verbose (or --format json) for all."))
+    return out
+
+
+def _measured_first(result: CompareResult) -> list[Block]:
+    """The first divergence labelled from the measurement, and the threshold-based guess beside it."""
+    assert result.local is not None
+    first, guess = result.first_divergence, result.threshold_divergence
+    out: list[Block] = []
+    if first is None:
+        out.append(Text(no_measured_text(result)))
+    else:
+        out += [Text(measured_text(first, result.local)),
+                _table(tensor_rows(first_divergence_tensors(result)), TENSOR_HEADERS)]
+    if guess is not None:
+        out.append(Text(f"Without replay, the tolerance alone would point at: {divergence_text(guess)}."))
+    return out
+
+
+def _local_section(result: CompareResult, verbose: bool) -> list[Block]:
+    local = result.local
+    assert local is not None
+    measured = [e for e in local.errors if e.compared]
+    nonzero = [e for e in measured if e.rel_l2 != 0]
+    shown = measured if verbose else nonzero[:TOP_LOCAL]
+    out: list[Block] = [Heading("Local error (where error is introduced, measured)"), Text(local_intro(local))]
+    if shown:
+        cut = "." if len(shown) == len(nonzero) or verbose else (
+            f"; the top {len(shown)} of {len(nonzero)} (--verbose or --format json for all).")
+        out += [Text("Calls by local error (relative L2 over all their outputs), largest first" + cut),
+                _table(local_rows(shown, result.calls), LOCAL_HEADERS)]
+    if not verbose and len(nonzero) < len(measured):
+        out.append(Text(f"{len(measured) - len(nonzero)} measured call(s) reproduce the reference's outputs exactly "
+                        "(local error 0)" + (" and are not listed (--verbose lists them)." if nonzero else ".")))
+    if local.not_compared:
+        out += [Heading("Calls not replayed or not measured", 3),
+                Text("No local error for these; they count as not compared (exit status 1)."),
+                _table(unreplayed_rows(local.not_compared), UNREPLAYED_HEADERS)]
+    return out
+
+
+def _oracle_section(result: CompareResult, verbose: bool) -> list[Block]:
+    o = result.oracle
+    assert o is not None
+    out: list[Block] = [Heading("Oracle verdict"), Text(oracle_intro(o))]
+    if o.flagged:
+        out += [Heading("Flagged calls", 3), _table(oracle_rows(o.flagged), ORACLE_HEADERS)]
+    if o.not_evaluated:
+        out += [Heading("Calls not evaluated", 3), _table(oracle_rows(o.not_evaluated), ORACLE_HEADERS)]
+    if verbose:
+        out += [Heading("Every call", 3), _table(oracle_rows(o.calls), ORACLE_HEADERS)]
     return out
