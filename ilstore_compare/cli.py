@@ -2,9 +2,11 @@
 
 Exit status: 0 every tensor compared and matched; 1 differences, one-sided tensors, stats-only
 pairs (unless ``--allow-stats-only``), tensors the map declares unaligned (unless
-``--allow-unaligned``) or an empty comparison; 2 a usage or input error (missing
-or ambiguous run directory, corrupt file, bad map file, bad option). The report goes to stdout
-or ``--output``; errors and the progress bar go to stderr.
+``--allow-unaligned``), calls a replay could not replay or measure, or an empty comparison; 2 a
+usage or input error (missing or ambiguous run directory, corrupt file, bad map file, bad
+option, a ``--replay``/``--oracle`` run not replayed from the run it must be). With ``--oracle``
+the oracle verdict decides: 1 when a call is flagged or could not be evaluated. The report goes
+to stdout or ``--output``; errors and the progress bar go to stderr.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ _EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html",
 #: :class:`CompareOptions` field → the flag that sets it (the one place the two namings meet).
 FLAGS = {"rtol": "--rtol", "atol": "--atol", "steps": "--steps", "modules": "--modules", "exact": "--exact",
          "equal_nan": "--equal-nan", "allow_stats_only": "--allow-stats-only", "name_map": "--map",
-         "squeeze_shapes": "--squeeze-shapes", "allow_unaligned": "--allow-unaligned", "workers": "--workers"}
+         "squeeze_shapes": "--squeeze-shapes", "allow_unaligned": "--allow-unaligned", "workers": "--workers",
+         "replay": "--replay", "oracle": "--oracle", "oracle_factor": "--oracle-factor"}
 
 
 def report_format(fmt: str | None, output: Path | None) -> str:
@@ -101,9 +104,15 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
         except OSError as exc:
             raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
         s = result.summary
+        extra = ""
+        if result.local is not None:
+            extra = f", {len(result.local.not_compared)} call(s) not replayed or measured"
+        if result.oracle is not None:
+            extra = (f", oracle: {len(result.oracle.flagged)} call(s) flagged, {len(result.oracle.not_evaluated)} "
+                     "not evaluated")
         click.echo(f"{result.verdict}: {s.compared} compared, {s.matched} matched, {s.mismatched} mismatched, "
-                   f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2, {s.unaligned} declared unaligned; "
-                   f"{fmt} report written to {output}")
+                   f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2, {s.unaligned} declared unaligned"
+                   f"{extra}; {fmt} report written to {output}")
     return result.exit_code
 
 
@@ -143,12 +152,16 @@ Examples:
   ilstore-compare --dir1 A --dir2 B --exact --format json > report.json
   ilstore-compare --dir1 vllm_run --dir2 hf_run --map ilstore_compare/maps/llama_vllm_to_hf.json
   ilstore-compare --dir1 A --dir2 B --squeeze-shapes
+  ilstore-compare --dir1 runs/bf16 --dir2 runs/fp32 --replay runs/bf16_on_fp32_inputs
+  ilstore-compare --dir1 cand_on_fp64 --dir2 ref_on_fp64 --oracle runs/fp64 --oracle-factor 2
 
 \b
 Exit status: 0 everything compared and matched; 1 differences, tensors in one run only,
 stats-only pairs (unless --allow-stats-only), tensors the map declares unaligned (unless
---allow-unaligned) or nothing compared; 2 usage or input error.
-See docs/compare.md for the report, the metrics and the map file format."""
+--allow-unaligned), calls a replay could not replay or measure, or nothing compared;
+with --oracle, 1 when a call is flagged or could not be evaluated; 2 usage or input error
+(including a --replay or --oracle run not replayed from the run it must be).
+See docs/compare.md for the report, the metrics, replay and the map file format."""
 
 
 @click.command("compare", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"],
@@ -181,20 +194,31 @@ See docs/compare.md for the report, the metrics and the map file format."""
               help="Let pairs compared only by statistics (bodies not stored) count as matched for the exit status.")
 @click.option("--allow-unaligned", is_flag=True,
               help="Let tensors the map declares unaligned not count against the exit status.")
+@click.option("--replay", "replay", type=click.Path(path_type=Path),
+              help="A replay of dir2 (captured with replay_from=dir2): add each call's local error, measured, beside "
+                   "the propagated error.")
+@click.option("--oracle", "oracle", type=click.Path(path_type=Path),
+              help="Oracle run (e.g. float64) that dir1 and dir2 were both replayed from: flag the calls whose "
+                   "local error in dir1 exceeds --oracle-factor times dir2's.")
+@click.option("--oracle-factor", "oracle_factor", type=float, default=None,
+              help="K of the oracle verdict (> 0)  [default: 2]")
 @_exit_codes
 def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: float, steps: tuple[int, ...] | None,
                 modules: tuple[str, ...], verbose: bool, fmt: str | None, exact: bool, equal_nan: bool,
                 map_file: Path | None, squeeze_shapes: bool | None, workers: int, allow_stats_only: bool,
-                allow_unaligned: bool) -> int:
+                allow_unaligned: bool, replay: Path | None, oracle: Path | None, oracle_factor: float | None) -> int:
     """Compare two ilstore runs (any backends) tensor by tensor; dir2 is the reference.
 
     Reports which tensors differ and by how much, and the first module call (in execution
-    order) whose outputs differ, with whether it introduced or inherited the error.
+    order) whose outputs differ, with whether it introduced or inherited the error. With a
+    replay (dir1 itself, or --replay), the error each call introduces, measured; with --oracle,
+    which calls are worse than a correct reference.
     """
     options = CompareOptions(rtol=rtol, atol=atol, steps=steps, modules=modules or None, exact=exact,
                              equal_nan=equal_nan, allow_stats_only=allow_stats_only,
                              name_map=map_file,
-                             squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers)
+                             squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers,
+                             replay=replay, oracle=oracle, oracle_factor=oracle_factor)
     return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose)
 
 
