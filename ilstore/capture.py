@@ -203,6 +203,8 @@ class Capture:
         self._step = None
         if self._dedup is not None:
             self._dedup.clear()
+        if self._replay is not None:
+            self._replay.end_step()
         if completed and step.logging and self._sink is not None:
             self._sink.end_step(StepInfo(self.step_index, step.starts, step.ends))
             if not step.fired:
@@ -279,7 +281,8 @@ class Capture:
     def _write(self, call: CallKey, kind: str, value: Any, kwargs: Any = None,
                replay: dict[str, Any] | None = None) -> None:
         assert self._sink is not None
-        record = build_record(call, kind, value, self._policy, kwargs, self._dedup)
+        known = self._replay.known_stats if self._replay is not None else None
+        record = build_record(call, kind, value, self._policy, kwargs, self._dedup, known)
         if replay is not None and isinstance(record.structure, dict):
             record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
         self._sink.write(record)

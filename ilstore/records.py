@@ -320,6 +320,7 @@ class _Ctx:
     key_prefix: str
     dedup: Deduper | None
     async_copy: bool = False
+    known_stats: Callable[[torch.Tensor], dict[str, Any] | None] | None = None
 
 
 def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
@@ -345,14 +346,18 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
         reason = "mode=stats" if not policy.store_bodies else \
             f"numel {t.numel()} > max_tensor_size {policy.max_numel}"
         # The same unchanged tensor seen earlier in the step: reuse its statistics.
-        node.update(stats=hit[1] if hit is not None else tensor_stats(t), stored=False, reason=reason)
+        known = ctx.known_stats(t) if hit is None and ctx.known_stats is not None else None
+        stats = hit[1] if hit is not None else dict(known) if known else tensor_stats(t)
+        node.update(stats=stats, stored=False, reason=reason)
         if hit is None and ctx.dedup is not None:
             ctx.dedup.remember(t, None, node["stats"])
     elif hit is not None and hit[0] is not None:
         node.update(stored=True, same_as=hit[0], stats=hit[1])  # shares the first node's (deferred) stats
     else:
         node["stored"] = True
-        node["stats"] = {}  # filled from the snapshot by finalize_stats, off the hook
+        known = ctx.known_stats(t) if ctx.known_stats is not None else None
+        # filled from the snapshot by finalize_stats, off the hook, unless already known (replay)
+        node["stats"] = dict(known) if known else {}
         ctx.out[path], pending = _snapshot(t, policy.pin_memory)
         ctx.async_copy |= pending
         if ctx.dedup is not None:
@@ -393,7 +398,8 @@ def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
 
 
 def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
-                 kwargs: Mapping[str, Any] | None = None, dedup: Deduper | None = None) -> Record:
+                 kwargs: Mapping[str, Any] | None = None, dedup: Deduper | None = None,
+                 known_stats: Callable[[torch.Tensor], dict[str, Any] | None] | None = None) -> Record:
     """Describe ``value`` as a JSON tree and snapshot the tensors whose bodies are stored.
 
     For inputs, ``value`` is the positional-argument tuple and ``kwargs`` the keyword
@@ -401,8 +407,10 @@ def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
     ``"kwargs"`` dict beside the positional ``"items"``. Statistics of stored tensors are left
     empty here and filled by :func:`finalize_stats` (on the writer thread when writes are
     asynchronous); statistics of tensors whose body is not stored are computed now.
+    ``known_stats`` may supply the statistics of a tensor whose exact bits were read from a run
+    that already computed them (replay), so they are not computed twice.
     """
-    ctx = _Ctx(policy, {}, str(call.tensor(kind)), dedup)
+    ctx = _Ctx(policy, {}, str(call.tensor(kind)), dedup, known_stats=known_stats)
     structure = _walk(value, (), ctx, 0)
     if kwargs is not None:
         structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}

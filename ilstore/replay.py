@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,48 @@ class ReplaySource:
         self.run_id = str(manifest.get("run_id") or run_dir.name)
         self._steps = set(reader.steps())
         self._calls: dict[tuple[int, int], set[tuple[str, int]]] = {}  # (rank, step) -> calls
+        # Within a step: reference body -> the tensor fed from it, while that tensor is alive and
+        # unmodified, so calls the reference fed the same tensor get the same object again
+        # (one read, and capture's de-duplication sees one tensor, as in the reference).
+        self._fed: dict[tuple[TensorKey, torch.dtype, torch.device], tuple[weakref.ref[torch.Tensor], int]] = {}
+        # id(fed tensor) -> (weak reference, the reference's statistics when the bits are the reference's)
+        self._stats: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, Any]]] = {}
+
+    def end_step(self) -> None:
+        """Forget the step's fed tensors."""
+        self._fed.clear()
+        self._stats.clear()
+
+    def known_stats(self, t: torch.Tensor) -> dict[str, Any] | None:
+        """The reference's statistics of ``t`` if ``t`` was fed from the reference unchanged."""
+        hit = self._stats.get(id(t))
+        if hit is None or hit[0]() is not t:
+            return None
+        return hit[1]
+
+    def load_fed(self, key: TensorKey, node: Mapping[str, Any], live: torch.Tensor) -> torch.Tensor:
+        """The reference tensor at ``key`` as ``live``'s dtype and device (a tensor of its own)."""
+        source = _resolve_same_as(key, node)
+        cache_key = (source, live.dtype, live.device)
+        hit = self._fed.get(cache_key)
+        if hit is not None:
+            fed = hit[0]()
+            if fed is not None and _version(fed) == hit[1] and hit[1] is not None:
+                return fed
+        ref = self.reader.load(key)
+        with torch.no_grad():
+            fed = ref.to(device=live.device, dtype=live.dtype, copy=True)  # never a read-only mmap
+        version = _version(fed)
+        try:
+            ref_weak = weakref.ref(fed)
+        except TypeError:
+            return fed
+        if version is not None:
+            self._fed[cache_key] = (ref_weak, version)
+        stats = node.get("stats")
+        if ref.dtype == fed.dtype and isinstance(stats, dict) and stats:
+            self._stats[id(fed)] = (ref_weak, stats)
+        return fed
 
     def describe(self) -> dict[str, str]:
         """What the replay run's manifest records as ``replayed_from``."""
@@ -215,15 +258,13 @@ class _Swap:
             return live
         key = TensorKey(self.call.step, self.call.module, self.call.call, "inputs", path, self.call.rank)
         try:
-            ref = self.source.reader.load(key)
-        except (IlstoreError, OSError, RuntimeError) as exc:
+            fed = self.source.load_fed(key, node, live)
+        except (IlstoreError, OSError, RuntimeError, KeyError) as exc:
             self.info.kept[name] = f"the reference body cannot be read: {exc}"
             return live
-        if list(ref.shape) != list(live.shape):
-            self.info.kept[name] = f"shape differs: live {list(live.shape)}, reference {list(ref.shape)}"
+        if list(fed.shape) != list(live.shape):
+            self.info.kept[name] = f"shape differs: live {list(live.shape)}, reference {list(fed.shape)}"
             return live
-        with torch.no_grad():
-            fed = ref.to(device=live.device, dtype=live.dtype, copy=True)  # never a read-only mmap
         if live.requires_grad and fed.is_floating_point():
             fed.requires_grad_(True)
         self.info.replaced.append(name)
@@ -263,6 +304,23 @@ class _Swap:
                 object.__setattr__(copy, k, v)
             return copy
         return value
+
+
+def _resolve_same_as(key: TensorKey, node: Mapping[str, Any]) -> TensorKey:
+    same_as = node.get("same_as")
+    if isinstance(same_as, str):
+        try:
+            return TensorKey.parse(same_as)
+        except ValueError:
+            return key
+    return key
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference-mode tensor tracks no version: never reused
+        return None
 
 
 def _rebuild_mapping(value: Mapping[Any, Any], items: dict[Any, Any]) -> Any:

@@ -212,3 +212,47 @@ def test_without_replay_from_the_hooks_return_nothing(tmp_path: Path) -> None:
     cap = ilstore.capture(model, {"output_dir": str(tmp_path)})
     assert cap._pre("0", None, model[0], (torch.ones(1, 3),), {}) is None  # noqa: SLF001 - the hook itself
     cap.close()
+
+
+class Bump(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_place = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.add_(1) if self.in_place else x + 1
+
+
+class Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Bump(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.b(x)
+
+
+def test_calls_fed_the_same_reference_tensor_share_it_unless_one_modified_it(tmp_path: Path) -> None:
+    model = Pair()
+    x = torch.zeros(3)
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "ref"}) as ref:
+        model(x.clone())
+    with ilstore.open_run(ref.run_dir) as run:  # the reference saw one tensor passed twice
+        assert run.meta(ilstore.TensorKey(0, "b", 0, "inputs", ("0",)))["same_as"] == "r0/s0/a/0/inputs/0"
+    model.a.in_place = True  # now a modifies what it is fed
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "rep", "replay_from": str(ref.run_dir)}) as rep:
+        a_out, b_out = model(x + 5)
+    assert torch.equal(a_out, torch.ones(3)) and torch.equal(b_out, torch.zeros(3))  # b got the reference's zeros
+    info = _replay_info(rep.run_dir)
+    assert info[(0, "a", 0)]["replayed"] and info[(0, "b", 0)]["replayed"]
+
+
+def test_replayed_inputs_keep_the_reference_statistics_and_sharing(tmp_path: Path) -> None:
+    ref, _ = _llama_run(tmp_path, "ref")
+    rep, _ = _llama_run(tmp_path, "rep", replay_from=str(ref))
+    with ilstore.open_run(ref) as a, ilstore.open_run(rep) as b:
+        inputs = [k for k in b.keys(0) if k.kind == "inputs" and b.meta(k)["stored"]]
+        assert inputs and all(b.meta(k)["stats"] == a.meta(k)["stats"] for k in inputs)
+        # q, k and v projections were fed one tensor in the reference: one read, one body here too
+        k_in = b.meta(ilstore.TensorKey(0, "model.layers.0.self_attn.k_proj", 0, "inputs", ("0",)))
+        assert k_in.get("same_as") is not None
