@@ -12,9 +12,10 @@ The per-call replay record is the ``"replay"`` object on the top level of the ca
 ``container`` (see ``docs/compare.md``, "Replay and local error").
 
 A call that could not be replayed, or whose local error cannot be measured (outputs missing on
-a side, shapes that differ, bodies not stored, no tensor outputs), is listed with the reason and
-counts as not compared: the comparison fails closed. Where the replay comes from, and the check
-that it is a replay of the run it is compared with, is :mod:`.provenance`'s.
+a side, shapes that differ, bodies not stored), is listed with the reason and counts as not
+compared: the comparison fails closed. A call whose outputs hold no tensor on either side
+(``None``, a number) has nothing to measure and no entry. Where the replay comes from, and the
+check that it is a replay of the run it is compared with, is :mod:`.provenance`'s.
 """
 
 from __future__ import annotations
@@ -116,8 +117,6 @@ def _load(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
 def _outputs_problem(nodes: Mapping[tuple[str, ...], dict[str, Any]],
                      ref_nodes: Mapping[tuple[str, ...], dict[str, Any]]) -> str | None:
     """Why the replay's and the reference's outputs cannot be compared as they are, or None."""
-    if not ref_nodes and not nodes:
-        return "no tensor outputs"
     only = [p for p in nodes if p not in ref_nodes]
     missing = [p for p in ref_nodes if p not in nodes]
     if only or missing:
@@ -175,8 +174,10 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
             replay run lacks are listed as not compared.
 
     Returns:
-        One entry per call: measured calls by ``rel_l2``, largest first (infinite first, ties
-        in execution order), then the calls not measured, in execution order.
+        One entry per call with tensor outputs (a call whose outputs hold no tensor on either
+        side has nothing to measure and no entry): measured calls by ``rel_l2``, largest first
+        (infinite first; at equal error leaves before containers, then execution order), then
+        the calls not measured, in execution order.
 
     Raises:
         IlstoreError: a run's files cannot be read (the message names the file).
@@ -194,8 +195,10 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
             if patterns is not None and not any(p.search(shown.module) for p in patterns):
                 continue
             seen.add(shown)
-            entries.append(_one(replay, reference, call, shown, options, step in ref_steps, call in ref_calls,
-                                call in containers, order.get(call, len(order))))
+            entry = _one(replay, reference, call, shown, options, step in ref_steps, call in ref_calls,
+                         call in containers, order.get(call, len(order)))
+            if entry is not None:
+                entries.append(entry)
     extra = [c for c in expected if c not in seen and (options.steps is None or c.step in options.steps)]
     for n, call in enumerate(extra, len(order)):
         entries.append(_unmeasured(call, "not in the replay run (it did not capture this call)", replayed=False,
@@ -203,9 +206,17 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
     return rank(entries)
 
 
+def _no_tensors(structure: Any) -> bool:
+    return next(iter_tensor_nodes(structure), None) is None
+
+
 def _one(replay: StoreReader, reference: StoreReader, call: CallKey, shown: CallKey, options: CompareOptions,
-         step_in_ref: bool, in_ref: bool, nested: bool, order: int) -> LocalError:
+         step_in_ref: bool, in_ref: bool, nested: bool, order: int) -> LocalError | None:
+    """The call's local error; None when there is nothing to measure (no tensor output on either side)."""
     structure = replay.structure(call, "outputs")
+    if (structure is not None and _no_tensors(structure)
+            and not (in_ref and not _no_tensors(reference.structure(call, "outputs")))):
+        return None  # None, a number...: capture records no replay object, and there is no error to measure
     record = _replay_record(structure)
     container = bool(record.get("container")) if record is not None and "container" in record else nested
     random = bool(record.get("random")) if record is not None else False
@@ -248,11 +259,12 @@ def _one(replay: StoreReader, reference: StoreReader, call: CallKey, shown: Call
 
 
 def rank(entries: Iterable[LocalError]) -> list[LocalError]:
-    """Measured entries by ``rel_l2`` (largest first, ties in execution order), then unmeasured ones in order."""
-    def key(e: LocalError) -> tuple[int, float, int]:
+    """Measured entries by ``rel_l2`` (largest first; at equal error leaves before containers, then in
+    execution order), then unmeasured ones in execution order."""
+    def key(e: LocalError) -> tuple[int, float, bool, int]:
         if e.compared and e.rel_l2 is not None:
-            return (0, -e.rel_l2, e.order)
-        return (1, 0.0, e.order)
+            return (0, -e.rel_l2, e.container, e.order)
+        return (1, 0.0, False, e.order)
 
     return sorted(entries, key=key)
 
