@@ -210,3 +210,68 @@ def engine_runs(out_dir: Path, **config: Any) -> tuple[Path, Path]:
     ids = torch.tensor([3, 1, 4, 1, 5])
     return (module_run(out_dir, "vllm", EngineLike("vllm"), ids, **config),
             module_run(out_dir, "hf", EngineLike("hf"), ids, **config))
+
+
+# -- replay runs (the shape a capture with replay_from writes) -------------------------------------
+def fake_replay(reference: Path, out_dir: Path, run_id: str, *, backend: str = "pt",
+                scale: dict[str, float] | None = None, unreplayed: dict[str, str] | None = None,
+                random: frozenset[str] = frozenset(), source: dict[str, str] | None = None) -> Path:
+    """Write the replay run a capture with ``replay_from=reference`` gives on the reference's machine and dtype.
+
+    Every call is fed the reference's recorded inputs, so its outputs are the reference's bit for
+    bit, except where the call itself computes differently: the outputs of the modules in
+    ``scale`` are multiplied by the factor (the error that call introduces). Calls of the modules
+    in ``unreplayed`` were not replayed (the value is the reason; their outputs stay the
+    reference's, so only the replay record says so); those in ``random`` drew random numbers.
+    The manifest says ``replayed_from`` (``source``, by default the reference's path and run id)
+    and each call's outputs carry the ``"replay"`` record.
+    """
+    import copy
+
+    from ilstore.convert import replay_order
+    from ilstore.manifest import new_manifest
+    from ilstore.records import Record, iter_tensor_nodes, tensor_stats
+    from ilstore.store.base import StepInfo
+
+    scale, unreplayed = scale or {}, unreplayed or {}
+    run_dir = out_dir / run_id
+    chosen = ilstore.get_backend(backend)
+    with ilstore.open_run(reference) as ref:
+        config = dict((ref.manifest or {}).get("config", {}))
+        manifest = new_manifest(chosen.name, {**config, "run_id": run_id, "backend": chosen.name})
+        manifest["replayed_from"] = source or {"path": str(reference), "run_id": str(config.get("run_id"))}
+        writer = chosen.writer(run_dir, {})
+        writer.open(manifest)
+        for step in ref.steps():
+            calls, ends = ref.calls(step), ref.call_ends(step)
+            start_at = {c: n for n, c in enumerate(calls)}
+            end_at = {c: n for n, c in enumerate(ends)}
+            for call, is_end in replay_order(calls, ends):
+                kind = "outputs" if is_end else "inputs"
+                structure = ref.structure(call, kind)
+                if structure is None:
+                    continue
+                doc = copy.deepcopy(structure)
+                factor = scale.get(call.module, 1.0) if is_end else 1.0
+                tensors = {}
+                for path, node in iter_tensor_nodes(doc):
+                    for key in ref.locator_keys:
+                        node.pop(key, None)
+                    node.pop("same_as", None)
+                    if node.get("stored", True) is False:
+                        continue
+                    node["stored"] = True
+                    t = ref.load(call.tensor(kind, path)).clone()  # de-duplicated bodies come back shared
+                    if factor != 1.0 and t.is_floating_point():
+                        t = t * factor
+                        node["stats"] = tensor_stats(t)
+                    tensors[path] = t
+                if is_end:
+                    nested = any(start_at[o] > start_at[call] and end_at[o] < end_at[call] for o in calls)
+                    reason = unreplayed.get(call.module)
+                    doc["replay"] = {"replayed": reason is None, "replaced": [] if reason else ["0"], "kept": {},
+                                     "reason": reason, "random": call.module in random, "container": nested}
+                writer.write(Record(call, kind, doc, tensors))
+            writer.end_step(StepInfo(step, calls, ends))
+        writer.close()
+    return run_dir
