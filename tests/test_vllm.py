@@ -27,6 +27,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,9 +73,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _example(python: Path, model: Path, *args: str, mode: str = "in-process", expect: int = 0) -> Generation:
+def _example(python: Path, model: Path, *args: str, mode: str = "in-process", expect: int = 0,
+             extra_env: dict[str, str] | None = None) -> Generation:
     env = {k: v for k, v in os.environ.items() if k not in ("ILSTORE_CONFIG", "VLLM_ENABLE_V1_MULTIPROCESSING")}
-    env.update(HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     if mode == "in-process":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     proc = subprocess.run([str(python), str(EXAMPLE), "--model", str(model), *args], capture_output=True, text=True,
@@ -345,3 +347,85 @@ def test_matches_hf_through_the_shipped_map(vllm_python: Path, tiny_model: Path,
     assert validate_report(data) == [] and data["summary"]["unaligned"] == len(unaligned)
     res = CliRunner().invoke(compare_cmd, args, catch_exceptions=False)
     assert res.exit_code == 1 and "INCOMPLETE" in res.stdout and "## Declared unaligned by the map" in res.stdout
+
+
+# A test-only perturbation: a sitecustomize module (on PYTHONPATH of the vLLM process) that wraps
+# the plug-in's attach step and scales one module's output by (1 + 1e-3) before capture's hooks
+# run. Nothing in ilstore knows about it.
+_PERTURB_SITE = '''
+import os
+_name = os.environ.get("ILSTORE_TEST_PERTURB")
+if _name:
+    import ilstore.integrations.vllm as _plugin
+    _attach = _plugin._attach
+
+    def _scale(module, args, out):
+        if isinstance(out, tuple):
+            return (out[0] * (1 + 1e-3),) + tuple(out[1:])
+        return out * (1 + 1e-3)
+
+    def _perturbed_attach(runner, config):
+        runner.get_model().get_submodule(_name).register_forward_hook(_scale)
+        return _attach(runner, config)
+
+    _plugin._attach = _perturbed_attach
+'''
+
+
+def _local_errors(replay: Path, reference: Path) -> dict[tuple[int, str, int], tuple[float, dict[str, Any]]]:
+    """Per call of the replay run: (output rel-L2 against the reference, the call's replay object)."""
+    from ilstore.records import iter_tensor_nodes
+
+    out = {}
+    with ilstore.open_run(replay) as a, ilstore.open_run(reference) as b:
+        for step in a.steps():
+            for call in a.calls(step):
+                structure = a.structure(call, "outputs")
+                num = den = 0.0
+                for path, node in iter_tensor_nodes(structure):
+                    if not node.get("stored"):
+                        continue
+                    key = call.tensor("outputs", path)
+                    x, y = a.load(key).double(), b.load(key).double()
+                    num += float(((x - y) ** 2).sum())
+                    den += float((y ** 2).sum())
+                out[(step, call.module, call.call)] = ((num / den) ** 0.5 if den else num ** 0.5, structure["replay"])
+    return out
+
+
+def test_replay_of_a_vllm_run(vllm_python: Path, tiny_model: Path, baseline: dict[str, list[int]],
+                              tmp_path: Path) -> None:
+    """A vLLM run replayed from another vLLM run's capture: no local error; one perturbed module stands out."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_PERTURB_SITE)
+    runs = tmp_path / "runs"
+    common = {"output_dir": str(runs), "log_step_ids": [0, 1], "device_names": ["cpu"]}
+
+    def generate(run_id: str, env: dict[str, str] | None = None, **extra: Any) -> Generation:
+        cfg = json.dumps({**common, "run_id": run_id, **extra})
+        return _example(vllm_python, tiny_model, *GENERATION, "--intermediate-log-config", cfg, extra_env=env)
+
+    ref = generate("ref")
+    assert ref.tokens == baseline
+    same = generate("same", replay_from=str(runs / "ref"))
+    assert same.tokens == baseline  # fed the inputs it would have computed: the same tokens
+    manifest = json.loads((runs / "same" / "ilstore.json").read_text())
+    assert manifest["replayed_from"] == {"path": str(runs / "ref"), "run_id": "ref"}
+    errors = _local_errors(runs / "same", runs / "ref")
+    assert len(errors) > 40
+    replayed = {k: e for k, (e, info) in errors.items() if info["replayed"]}
+    unreplayed = {k: info["reason"] for k, (e, info) in errors.items() if not info["replayed"]}
+    assert all(reason for reason in unreplayed.values())
+    assert len(replayed) >= 0.8 * len(errors), unreplayed
+    assert set(replayed.values()) == {0.0}
+
+    target = "model.layers.0.mlp.down_proj"
+    env = {"ILSTORE_TEST_PERTURB": target, "PYTHONPATH": os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    generate("perturbed", replay_from=str(runs / "ref"), env=env)
+    errors = _local_errors(runs / "perturbed", runs / "ref")
+    leaves = {k: e for k, (e, info) in errors.items() if info["replayed"] and not info["container"]}
+    ranked = sorted(leaves, key=lambda k: -leaves[k])
+    assert ranked[0][1] == target and leaves[ranked[0]] == pytest.approx(1e-3, rel=1e-2)
+    assert all(leaves[k] == 0.0 for k in leaves if k[1] != target)
