@@ -117,7 +117,7 @@ def check_replay(option: str, replay: StoreReader, ref_flag: str, reference: Sto
 
 
 # -- where the local errors come from ----------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Sources:
     """What :func:`find_sources` found, once the runs' provenance is checked.
 
