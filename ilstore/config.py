@@ -272,6 +272,16 @@ def _regex_problems(mcm: Any) -> list[str]:
     return problems
 
 
+def _run_id_problems(run_id: Any) -> list[str]:
+    """``run_id`` names one directory inside ``output_dir``: one path component, nothing else."""
+    if not isinstance(run_id, str) or not run_id:
+        return []  # the schema reports it
+    if "/" in run_id or "\\" in run_id or "\x00" in run_id or run_id in (".", ".."):
+        return [f"run_id: {run_id!r} is not one path component (it names the run directory inside output_dir: "
+                "no '/', '\\', NUL, and not '.' or '..')"]
+    return []
+
+
 def _backend_problems(data: dict[str, Any]) -> list[str]:
     # The registry, not the schema, checks backend names, so plug-in backends validate too.
     from .errors import BackendError
@@ -347,6 +357,7 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
     problems += _regex_problems(data.get("module_call_match"))
     if isinstance(data.get("backend", ""), str) and isinstance(data.get("backend_options", {}), dict):
         problems += _backend_problems(data)
+    problems += _run_id_problems(data.get("run_id"))
     if data.get("replay_from") is not None and data.get("log_outputs") is False:
         problems.append("replay_from: a replay run measures each call's outputs; it needs log_outputs: true")
     if problems:

@@ -176,3 +176,15 @@ def test_fuzzed_text_never_raises_other_errors(text: str) -> None:
         load_config(text if text.lstrip().startswith("{") else "{" + text)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("run_id", ["../../etc", "a/b", "..", ".", "a\\b", "x\x00y"])
+def test_run_id_is_one_path_component(run_id: str, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"run_id: .* is not one path component") as info:
+        load_config({"run_id": run_id, "output_dir": str(tmp_path)})
+    assert len(info.value.problems) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_id_with_dots_inside_is_fine() -> None:
+    assert load_config({"run_id": "bf16..v2.run"}).run_id == "bf16..v2.run"
