@@ -302,6 +302,8 @@ def _snapshot(t: torch.Tensor, pin_memory: bool) -> tuple[torch.Tensor, bool]:
 
 
 def _unsupported(t: torch.Tensor) -> str | None:
+    if t.is_nested:
+        return "nested tensors (torch.nested) are not supported"
     if t.layout != torch.strided:
         return f"layout {t.layout} is not supported"
     if t.is_quantized:
@@ -323,7 +325,48 @@ class _Ctx:
     known_stats: Callable[[torch.Tensor], dict[str, Any] | None] | None = None
 
 
+def _shape_of(t: torch.Tensor) -> list[int] | None:
+    """The shape as a list of ints; None when the tensor has none (nested tensors: ragged or no sizes)."""
+    try:
+        shape = list(t.shape)
+    except Exception:  # a strided nested tensor has no sizes
+        return None
+    return shape if all(isinstance(d, int) for d in shape) else None
+
+
+def _unsupported_node(t: torch.Tensor, path: tuple[str, ...], reason: str) -> dict[str, Any]:
+    """Metadata of a tensor whose body cannot be captured, as far as the tensor can tell it."""
+    node: dict[str, Any] = {"type": "tensor", "shape": _shape_of(t), "dtype": None, "numel": None, "device": None,
+                            "path": list(path), "stored": False, "reason": reason}
+    for field_name, get in (("dtype", lambda: str(t.dtype)), ("numel", t.numel), ("device", lambda: str(t.device))):
+        try:
+            node[field_name] = get()
+        except Exception:  # noqa: S112 - whatever the tensor cannot tell stays null
+            continue
+    if node["shape"] is None:
+        try:
+            node["size"] = repr(tuple(t.shape))  # a ragged size as text, e.g. "(2, j1, 3)"
+        except Exception:  # noqa: S110 - a strided nested tensor has no size at all
+            pass
+    if type(t) is not torch.Tensor:
+        node["class"] = f"{type(t).__module__}.{type(t).__qualname__}"
+    return node
+
+
 def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+    try:
+        reason = _unsupported(t)
+    except Exception as exc:  # a tensor-like object that cannot even say what it is
+        reason = f"cannot be inspected: {type(exc).__name__}: {exc}"
+    if reason is not None:
+        return _unsupported_node(t, path, reason)
+    try:
+        return _supported_node(t, path, ctx)
+    except Exception as exc:  # never stop the capture for one tensor: record why instead
+        return _unsupported_node(t, path, f"cannot be captured: {type(exc).__name__}: {exc}")
+
+
+def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
     policy = ctx.policy
     device = str(t.device)
     node: dict[str, Any] = {
@@ -334,11 +377,8 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
         "device": device,
         "path": list(path),
     }
-    reason = _unsupported(t)
-    if reason is None and not policy.device_ok(device):
-        reason = "device not in device_names"
-    if reason is not None:
-        node.update(stored=False, reason=reason)
+    if not policy.device_ok(device):
+        node.update(stored=False, reason="device not in device_names")
         return node
     hit = ctx.dedup.lookup(t) if ctx.dedup is not None else None
     key = ctx.key_prefix + "".join("/" + encode_part(p) for p in path)

@@ -140,7 +140,9 @@ class ReplaySource:
         self.run_dir = run_dir
         self.reader = reader
         manifest = read_manifest(run_dir) or {}
-        self.run_id = str(manifest.get("run_id") or run_dir.name)
+        config = manifest.get("config")
+        run_id = config.get("run_id") if isinstance(config, dict) else None
+        self.run_id = str(run_id or manifest.get("run_id") or run_dir.name)
         self._steps = set(reader.steps())
         self._calls: dict[tuple[int, int], set[tuple[str, int]]] = {}  # (rank, step) -> calls
         # Within a step: reference body -> the tensor fed from it, while that tensor is alive and
