@@ -2,7 +2,10 @@
 
 Nothing is downloaded: the model is built from a small ``LlamaConfig`` with a fixed seed.
 ``ilstore demo`` writes ``<output_dir>/fp32`` and ``<output_dir>/bf16``, two steps each
-(a prompt, then the prompt plus the float32 run's next token), and shows where they diverge.
+(a prompt, then the prompt plus the float32 run's next token), and ``<output_dir>/bf16_replay``:
+the bfloat16 model again, every call fed the float32 run's inputs (``replay_from``). It shows
+where the runs diverge by the tolerance alone, and the calls that introduce the most error,
+measured by the replay (docs/replay.md).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: A
 
 
 def capture_demo_run(output_dir: Path, run_id: str, dtype: torch.dtype, backend: str = "pt",
-                     prompt: list[list[int]] | None = None, next_token: int | None = None) -> tuple[Path, int]:
+                     prompt: list[list[int]] | None = None, next_token: int | None = None,
+                     replay_from: Path | None = None) -> tuple[Path, int]:
     """Capture two forward steps of :func:`tiny_llama` in ``dtype``.
 
     Returns:
@@ -53,7 +57,10 @@ def capture_demo_run(output_dir: Path, run_id: str, dtype: torch.dtype, backend:
     """
     model = tiny_llama(dtype)
     ids = torch.tensor(prompt or DEMO_PROMPT)
-    config = {"output_dir": str(output_dir), "run_id": run_id, "log_step_ids": [0, 1], "backend": backend}
+    config: dict[str, Any] = {"output_dir": str(output_dir), "run_id": run_id, "log_step_ids": [0, 1],
+                              "backend": backend}
+    if replay_from is not None:
+        config["replay_from"] = str(replay_from)
     with torch.no_grad(), capture(model, config) as cap:
         logits = model(input_ids=ids, use_cache=False).logits
         token = int(logits[0, -1].float().argmax()) if next_token is None else next_token
@@ -74,16 +81,19 @@ def run_demo(output_dir: Path, backend: str = "pt") -> int:
     from ilstore_compare.report_md import render_markdown
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("fp32", "bf16"):
+    for name in ("fp32", "bf16", "bf16_replay"):
         old = output_dir / name
         if (old / MANIFEST_NAME).is_file():  # only ever delete the demo's own earlier runs
             shutil.rmtree(old)
     fp32, token = capture_demo_run(output_dir, "fp32", torch.float32, backend)
     bf16, _ = capture_demo_run(output_dir, "bf16", torch.bfloat16, backend, next_token=token)
-    click.echo(f"captured float32 run:  {fp32}\ncaptured bfloat16 run: {bf16}\n")
+    replay, _ = capture_demo_run(output_dir, "bf16_replay", torch.bfloat16, backend, next_token=token,
+                                 replay_from=fp32)
+    click.echo(f"captured float32 run:  {fp32}\ncaptured bfloat16 run: {bf16}\n"
+               f"bfloat16 replayed on float32's inputs: {replay}\n")
     click.echo(format_summary(summarize_run(fp32)))
     click.echo("")
-    result = compare(bf16, fp32, rtol=1e-2, atol=1e-2)
+    result = compare(bf16, fp32, rtol=1e-2, atol=1e-2, replay=replay)
     md, html = output_dir / "report.md", output_dir / "report.html"
     md.write_text(render_markdown(result, False), encoding="utf-8")
     html.write_text(render_html(result, False), encoding="utf-8")
@@ -91,14 +101,28 @@ def run_demo(output_dir: Path, backend: str = "pt") -> int:
     click.echo(f"compare bf16 (dir1) against fp32 (dir2, reference), rtol 1e-2, atol 1e-2: {result.verdict}")
     click.echo(f"  {s.compared} tensors compared, {s.matched} matched, {s.mismatched} mismatched, "
                f"{s.only_in_dir1 + s.only_in_dir2} one-sided")
-    first = result.first_divergence
-    if first is None:
-        click.echo("  no divergence found")
+    guess = result.threshold_divergence
+    if guess is None:
+        click.echo("  by the tolerance alone: no divergence found")
     else:
-        click.echo(f"  first divergence: step {first.step}, {first.module} call {first.call} ({first.origin})")
+        click.echo(f"  by the tolerance alone, the first divergence is step {guess.step}, {guess.module} "
+                   f"call {guess.call} ({guess.origin})")
         for div in result.introduced[:5]:
             growth = "n/a" if div.growth is None else f"{div.growth:.3g}x"
-            click.echo(f"  error introduced at step {div.step} {div.module} call {div.call} (grows {growth})")
+            click.echo(f"    error 'introduced' at step {div.step} {div.module} call {div.call} (grows {growth})")
+    measured = result.first_divergence
+    click.echo("  measured by replay: " + ("no single call adds error beyond the tolerance; the difference "
+                                           "accumulates over many calls" if measured is None else
+                                           f"the first call whose own error crosses the tolerance is step "
+                                           f"{measured.step}, {measured.module} call {measured.call}"))
+    local = result.local
+    if local is not None:
+        click.echo("  the five calls with the largest local error (rel-L2 of its outputs, fed float32's inputs):")
+        for e in [e for e in local.errors if e.rel_l2 is not None][:5]:
+            kind = "container" if e.container else "leaf"
+            click.echo(f"    {e.rel_l2:.3e}  step {e.call.step} {e.call.module} call {e.call.call} ({kind})")
+        for e in local.not_compared[:5]:
+            click.echo(f"    not measured: step {e.call.step} {e.call.module}: {e.reason}")
     click.echo(f"\nreports: {md}\n         {html}\n"
-               f"(same as: ilstore-compare --dir1 {bf16} --dir2 {fp32} --rtol 1e-2 --atol 1e-2)")
+               f"(same as: ilstore-compare --dir1 {bf16} --dir2 {fp32} --replay {replay} --rtol 1e-2 --atol 1e-2)")
     return 0

@@ -31,7 +31,7 @@ from .divergence import analyse_calls
 from .local import local_errors, local_notes, local_report, measured_divergence
 from .metrics import compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
-from .oracle import oracle_calls
+from .oracle import enclosing_calls, explain_containers, oracle_calls
 from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir
 from .provenance import find_sources, open_option_run
 from .result import (
@@ -139,8 +139,10 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             assert options.oracle_factor is not None
             cand = local_errors(r1, oracle, options, patterns=patterns)
             ref = local_errors(r2, oracle, options, patterns=patterns)
+            verdicts = oracle_calls(cand, ref, options.oracle_factor)
+            verdicts = explain_containers(verdicts, enclosing_calls(r1, sorted({c.call.step for c in verdicts})))
             oracle_report = OracleReport(str(oracle.run_dir), sources.oracle_id, options.oracle_factor,
-                                         tuple(oracle_calls(cand, ref, options.oracle_factor)))
+                                         tuple(verdicts))
     summary = _summary(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
                          status2=status2, options=options, tensors=tensors, calls=tuple(calls),

@@ -21,14 +21,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ilstore.keys import CallKey
+from ilstore.store.base import StoreReader
 
 from .result import LocalError, OracleCall
 
-__all__ = ["oracle_calls", "is_flagged"]
+__all__ = ["oracle_calls", "is_flagged", "enclosing_calls", "explain_containers"]
 
 
 def is_flagged(candidate: float, reference: float, factor: float) -> bool:
@@ -83,4 +85,48 @@ def oracle_calls(candidate: Sequence[LocalError], reference: Sequence[LocalError
         assert c is not None and r is not None and c.rel_l2 is not None and r.rel_l2 is not None
         out.append(OracleCall(call, c.rel_l2, r.rel_l2, _ratio(c.rel_l2, r.rel_l2),
                               is_flagged(c.rel_l2, r.rel_l2, factor), True, "; ".join(notes) or None, container))
+    return out
+
+
+def enclosing_calls(reader: StoreReader, steps: Sequence[int]) -> dict[CallKey, tuple[CallKey, ...]]:
+    """For each call of ``steps``, the calls it ran inside (outermost first), from the start and end orders.
+
+    A call ran inside another when it started after it and ended before it. Calls of other
+    ranks never nest.
+    """
+    out: dict[CallKey, tuple[CallKey, ...]] = {}
+    for step in steps:
+        starts = {c: n for n, c in enumerate(reader.calls(step))}
+        ends = {c: n for n, c in enumerate(reader.call_ends(step))}
+        stack: list[CallKey] = []
+        for call in sorted(starts, key=lambda c: (c.rank, starts[c])):
+            while stack and (stack[-1].rank != call.rank or ends.get(stack[-1], -1) < ends.get(call, -1)):
+                stack.pop()  # that call had returned before this one started
+            out[call] = tuple(stack)
+            stack.append(call)
+    return out
+
+
+def explain_containers(calls: Sequence[OracleCall], enclosing: Mapping[CallKey, Sequence[CallKey]]) -> list[OracleCall]:
+    """Unflag a container whose flag is explained by a flagged call that ran inside it.
+
+    With every call fed the oracle's inputs, a container's output carries the error of its last
+    child (e.g. an MLP's output is its down projection's), so a faulty child flags its containers
+    too. The child is the finding; each container it explains keeps its figures, is not flagged
+    and says which flagged call it carries.
+    """
+    flagged_inside: dict[CallKey, list[CallKey]] = {}
+    for c in calls:
+        if c.flagged:
+            for outer in enclosing.get(c.call, ()):
+                flagged_inside.setdefault(outer, []).append(c.call)
+    out = []
+    for c in calls:
+        inner = flagged_inside.get(c.call)
+        if c.flagged and inner:
+            names = ", ".join(f"{k.module}#{k.call}" if k.call else k.module for k in inner[:3])
+            more = f" and {len(inner) - 3} more" if len(inner) > 3 else ""
+            note = f"not flagged itself: it carries the error of {names}{more}, flagged inside it"
+            c = dataclasses.replace(c, flagged=False, reason="; ".join(p for p in (c.reason, note) if p))
+        out.append(c)
     return out

@@ -148,8 +148,11 @@ def test_ls_errors(tmp_path: Path) -> None:
 def test_demo_cli(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["demo", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    for name in ("fp32", "bf16"):
+    for name in ("fp32", "bf16", "bf16_replay"):
         assert ilstore.open_run(tmp_path / name).steps() == [0, 1]
+    assert "by the tolerance alone, the first divergence is step" in result.output
+    assert "the five calls with the largest local error" in result.output
+    assert "## Local error (where error is introduced, measured)" in (tmp_path / "report.md").read_text()
     # rerunnable: the demo replaces its own earlier runs
     again = CliRunner().invoke(cli, ["demo", "--output-dir", str(tmp_path)])
     assert again.exit_code == result.exit_code
