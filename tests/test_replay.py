@@ -256,3 +256,22 @@ def test_replayed_inputs_keep_the_reference_statistics_and_sharing(tmp_path: Pat
         # q, k and v projections were fed one tensor in the reference: one read, one body here too
         k_in = b.meta(ilstore.TensorKey(0, "model.layers.0.self_attn.k_proj", 0, "inputs", ("0",)))
         assert k_in.get("same_as") is not None
+
+
+def test_the_report_on_a_replay_from_the_earlier_vllm_dump_lists_the_calls_it_could_not_feed(tmp_path: Path) -> None:
+    from ilstore_compare import compare
+
+    model = fixture_model()
+    cfg = {"output_dir": str(tmp_path), "run_id": "rep", "log_step_ids": [0, 1], "replay_from": str(VLLM_RUN)}
+    with torch.no_grad(), ilstore.capture(model, cfg) as cap:
+        for ids in fixture_inputs():
+            model(input_ids=ids, use_cache=False)
+    result = compare(cap.run_dir, VLLM_RUN)
+    local = result.local
+    assert local is not None and local.source == "dir1"
+    missing = {(e.call.step, e.call.module) for e in local.not_compared}
+    assert missing and all("keyword input not in the reference" in (e.reason or "") for e in local.not_compared)
+    assert {m for _, m in missing} >= {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    measured = [e for e in local.errors if e.compared]
+    assert {e.call.module for e in measured} >= {"model.layers.0.mlp.down_proj", "lm_head", "model.norm"}
+    assert result.exit_code == 1  # calls not replayed: fail closed
