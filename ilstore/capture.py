@@ -168,21 +168,32 @@ class Capture:
             warnings.warn("ilstore: the model is compiled (torch.compile); forward hooks do not fire inside "
                           "compiled regions, so capture may record nothing. Attach capture to the eager model.",
                           IlstoreWarning, stacklevel=3)
+        has_children = next(model.children(), None) is not None
+        root = self.config.capture_root if self.config.capture_root is not None else not has_children
         for name, module in model.named_modules():
-            if module is model or not self.config.module_may_match(name):
+            if module is model:
+                if not root:
+                    continue
+                selected: frozenset[int] | None = None  # the root's own calls: every one, under the name ""
+            elif not self.config.module_may_match(name):
                 continue
-            selected = self.config.selected_calls(name)
-            if selected is not None and not selected:
-                continue
+            else:
+                selected = self.config.selected_calls(name)
+                if selected is not None and not selected:
+                    continue
             self._handles.append(module.register_forward_pre_hook(partial(self._pre, name, selected), with_kwargs=True))
             self._handles.append(module.register_forward_hook(partial(self._post, name), with_kwargs=True,
                                                               always_call=True))
             self.hooked_modules.append(name)
         if not self.hooked_modules:
-            warnings.warn(f"ilstore: module_call_match {list(self.config.module_call_match or [])} matches no "
-                          "module of the model; nothing will be captured", IlstoreWarning, stacklevel=3)
+            if self.config.module_call_match is not None and has_children:
+                why = f"module_call_match {list(self.config.module_call_match)} matches no module of the model"
+            else:
+                why = "the model has no submodules and capture_root is false"
+            warnings.warn(f"ilstore: {why}; nothing will be captured", IlstoreWarning, stacklevel=3)
         if not self.manual_step:
-            self._handles.append(model.register_forward_pre_hook(self._root_pre))
+            # The step opens before the root's own capture hook (prepend) and ends after it.
+            self._handles.append(model.register_forward_pre_hook(self._root_pre, prepend=True))
             self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
 
     def _detach(self) -> None:
@@ -216,7 +227,7 @@ class Capture:
                           "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
 
     def _root_pre(self, module: nn.Module, args: Any) -> None:
-        if self._in_root == 0:
+        if self._in_root == 0 and self._step is None:  # else: calls made outside a forward opened it
             self._begin_step()
         self._in_root += 1
 
@@ -324,12 +335,15 @@ class Capture:
     def _pre_impl(self, name: str, selected: frozenset[int] | None, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         step = self._step
         if step is None:
-            if not self.manual_step:
+            if not self.manual_step and self.config.calls_outside_forward == "ignore":
                 if not self._stray_warned:
                     self._stray_warned = True
                     warnings.warn(f"ilstore: {name} was called outside a forward of the root module; such calls are "
-                                  "not logged unless the capture uses manual_step=True", IlstoreWarning, stacklevel=2)
+                                  "not logged (calls_outside_forward: ignore)", IlstoreWarning, stacklevel=2)
                 return None
+            # Manual stepping: the step opens at its first call. Automatic stepping: a call made
+            # outside any root forward (the encoder generate() runs itself) opens the step that
+            # the next root forward continues and ends.
             step = self._begin_step()
         step.fired = True
         if not step.logging:

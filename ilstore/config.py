@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "dedup": True,
     "on_error": "warn",
     "replay_from": None,
+    "capture_root": None,
+    "calls_outside_forward": "next_step",
 }
 
 # A selector suffix: ":1", ":0,2", ":1-3", ":0,2-4". Only a suffix that parses like this is a
@@ -130,6 +132,8 @@ class Config:
     on_error: str
     selectors: tuple[ModuleSelector, ...] | None = field(compare=False, repr=False)
     replay_from: str | None = None
+    capture_root: bool | None = None
+    calls_outside_forward: str = "next_step"
 
     @property
     def run_dir(self) -> Path:
@@ -183,6 +187,8 @@ class Config:
             "dedup": self.dedup,
             "on_error": self.on_error,
             "replay_from": self.replay_from,
+            "capture_root": self.capture_root,
+            "calls_outside_forward": self.calls_outside_forward,
         }
 
 
@@ -385,4 +391,6 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
         on_error=merged["on_error"],
         selectors=None if entries is None else tuple(_parse_selector(e) for e in entries),
         replay_from=None if merged["replay_from"] is None else str(merged["replay_from"]),
+        capture_root=merged["capture_root"],
+        calls_outside_forward=merged["calls_outside_forward"],
     )

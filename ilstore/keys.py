@@ -105,4 +105,4 @@ class TensorKey:
         call = f"#{self.call}" if self.call else ""
         path = "".join(f"[{p}]" for p in self.path)
         rank = f"rank{self.rank} " if self.rank else ""
-        return f"{rank}step {self.step} {self.module}{call} {self.kind}{path}"
+        return f"{rank}step {self.step} {self.module or '(root)'}{call} {self.kind}{path}"
