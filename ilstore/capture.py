@@ -78,6 +78,19 @@ def _tensor_policy(config: Config) -> TensorPolicy:
                         device_ok=config.logs_device)
 
 
+def model_info(model: nn.Module) -> dict[str, str]:
+    """What the manifest records about the model: its class and architecture name.
+
+    The architecture is the Hugging Face config's first ``architectures`` entry when the model
+    has one, else the class name (vLLM's model classes carry Hugging Face's names); the class's
+    module tells engines apart (``transformers.models...`` vs ``vllm.model_executor...``).
+    """
+    cls = type(model)
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    arch = archs[0] if isinstance(archs, (list, tuple)) and archs and isinstance(archs[0], str) else cls.__name__
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "architecture": arch}
+
+
 def _rng_devices() -> set[torch.device]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {torch.device("cuda", torch.cuda.current_device())}
@@ -144,6 +157,7 @@ class Capture:
             self._replay = open_reference(cfg.replay_from, open_run)
         writer = backend.writer(rank_dir, cfg.backend_options)
         manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
+        manifest["model"] = model_info(model)
         if self._replay is not None:
             manifest["replayed_from"] = self._replay.describe()
         try:

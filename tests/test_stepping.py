@@ -104,3 +104,18 @@ def test_the_warning_says_what_is_true(tmp_path: Path) -> None:
         ilstore.capture(nn.Linear(2, 2), {"output_dir": str(tmp_path), "capture_root": False}).close()
     with pytest.warns(IlstoreWarning, match=r"module_call_match \['nothing'\] matches no module"):
         ilstore.capture(Two(), {"output_dir": str(tmp_path), "module_call_match": "nothing"}).close()
+
+
+def test_the_manifest_names_the_model(tmp_path: Path) -> None:
+    import json
+
+    from ilstore.demo import tiny_llama
+
+    with ilstore.capture(tiny_llama(), {"output_dir": str(tmp_path), "run_id": "m"}) as cap:
+        pass
+    manifest = json.loads((cap.run_dir / "ilstore.json").read_text())
+    assert manifest["model"] == {"class": "transformers.models.llama.modeling_llama.LlamaForCausalLM",
+                                 "architecture": "LlamaForCausalLM"}
+    with ilstore.capture(Two(), {"output_dir": str(tmp_path), "run_id": "t"}) as cap:
+        pass
+    assert json.loads((cap.run_dir / "ilstore.json").read_text())["model"]["architecture"] == "Two"
