@@ -6,6 +6,12 @@ A :class:`Record` is one side (inputs, outputs or post-forward inputs) of one mo
 containers ``{"type": "tuple"|"list"|"dict", "items": ...}``, plain JSON values stay as they
 are and anything else becomes ``{"type": "value", "class": ..., "repr": ...}``. The tensor
 bodies travel beside it in ``tensors``, keyed by path.
+
+A sparse or quantized tensor is a ``"dict"`` container with ``"class": "torch.Tensor"`` and an
+``"encoding"`` whose items are ordinary dense tensors (indices and values; the integer
+representation, scale and zero point), so every backend, convert and compare handle it as
+they handle any dict of tensors; :func:`rebuild_tensor` and :func:`load_tensor` put it back
+together bit-exactly. See ``docs/format-pt.md`` ("Sparse and quantized tensors").
 """
 
 from __future__ import annotations
@@ -15,14 +21,15 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from .errors import StoreError
 from .keys import CallKey, TensorKey, encode_part
 
 __all__ = ["Record", "TensorPolicy", "Deduper", "build_record", "finalize_stats", "iter_tensor_nodes", "tensor_stats",
-           "dtype_from_str"]
+           "dtype_from_str", "ENCODINGS", "node_at", "rebuild_tensor", "load_tensor"]
 
 _MAX_DEPTH = 32
 
@@ -301,18 +308,61 @@ def _snapshot(t: torch.Tensor, pin_memory: bool) -> tuple[torch.Tensor, bool]:
         return x.to("cpu", memory_format=torch.contiguous_format, copy=True), False
 
 
+#: Sparse layouts stored as their parts, and the names of a compressed layout's two index tensors.
+_COMPRESSED = {torch.sparse_csr: ("crow_indices", "col_indices"), torch.sparse_bsr: ("crow_indices", "col_indices"),
+               torch.sparse_csc: ("ccol_indices", "row_indices"), torch.sparse_bsc: ("ccol_indices", "row_indices")}
+_SPARSE_LAYOUTS = {str(layout): layout for layout in (torch.sparse_coo, *_COMPRESSED)}
+#: Quantized dtypes whose ``int_repr`` has one element per element (quint4x2 and quint2x4 pack
+#: several into a byte, and torch cannot build them back from it).
+_QUANTIZED_DTYPES = (torch.qint8, torch.quint8, torch.qint32)
+_PER_TENSOR = (torch.per_tensor_affine,)
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_affine_float_qparams)
+
+#: The ``"encoding"`` of a container node that stands for one sparse or quantized tensor.
+ENCODINGS = ("sparse_coo", "sparse_compressed", "quantized_per_tensor", "quantized_per_channel")
+
+
 def _unsupported(t: torch.Tensor) -> str | None:
     if t.is_nested:
         return "nested tensors (torch.nested) are not supported"
-    if t.layout != torch.strided:
-        return f"layout {t.layout} is not supported"
-    if t.is_quantized:
-        return "quantized tensors are not supported"
     if t.device.type == "meta":
         return "meta tensors have no data"
+    if t.layout != torch.strided and str(t.layout) not in _SPARSE_LAYOUTS:
+        return f"layout {t.layout} is not supported"
+    if t.is_quantized:
+        if t.dtype not in _QUANTIZED_DTYPES:
+            return f"quantized dtype {t.dtype} is not supported (its integer representation is packed)"
+        if t.qscheme() not in _PER_TENSOR + _PER_CHANNEL:
+            return f"quantization scheme {t.qscheme()} is not supported"
     if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         return f"tensor subclass {type(t).__name__} is not supported"
     return None
+
+
+def _encode(x: torch.Tensor) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(encoding, descriptive fields, dense parts)`` of a sparse or quantized tensor.
+
+    The parts are the tensor's own representation, unchanged: an uncoalesced COO tensor keeps
+    its duplicate indices (coalescing would sum them, which may round), so the rebuilt tensor
+    has the same bits, not merely the same value.
+    """
+    if x.layout == torch.sparse_coo:
+        return "sparse_coo", {"layout": str(x.layout), "sparse_dim": x.sparse_dim(), "dense_dim": x.dense_dim(),
+                              "coalesced": x.is_coalesced()}, {"indices": x._indices(), "values": x._values()}
+    if x.layout in _COMPRESSED:
+        compressed, plain = _COMPRESSED[x.layout]
+        by_row = x.layout in (torch.sparse_csr, torch.sparse_bsr)
+        return "sparse_compressed", {"layout": str(x.layout), "dense_dim": x.dense_dim()}, {
+            compressed: x.crow_indices() if by_row else x.ccol_indices(),
+            plain: x.col_indices() if by_row else x.row_indices(),
+            "values": x.values()}
+    if x.qscheme() in _PER_TENSOR:
+        return "quantized_per_tensor", {"qscheme": str(x.qscheme())}, {
+            "int_repr": x.int_repr(),
+            "scale": torch.tensor(x.q_scale(), dtype=torch.float64, device=x.device),
+            "zero_point": torch.tensor(x.q_zero_point(), dtype=torch.int64, device=x.device)}
+    return "quantized_per_channel", {"qscheme": str(x.qscheme()), "axis": x.q_per_channel_axis()}, {
+        "int_repr": x.int_repr(), "scales": x.q_per_channel_scales(), "zero_points": x.q_per_channel_zero_points()}
 
 
 @dataclass
@@ -361,12 +411,42 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
     if reason is not None:
         return _unsupported_node(t, path, reason)
     try:
+        if t.layout != torch.strided or t.is_quantized:
+            return _encoded_node(t, path, ctx)
         return _supported_node(t, path, ctx)
     except Exception as exc:  # never stop the capture for one tensor: record why instead
         return _unsupported_node(t, path, f"cannot be captured: {type(exc).__name__}: {exc}")
 
 
-def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+def _encoded_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+    """A sparse or quantized tensor as a container of dense tensor nodes (see :func:`_encode`).
+
+    ``max_tensor_size`` applies to the parts together (what would be written), so either all
+    parts are stored or none is. The parts are fresh tensors or aliases that die with the
+    record, so they are never de-duplicated: a sparse tensor captured twice is written twice.
+    """
+    with torch.no_grad():
+        encoding, fields, parts = _encode(t.detach())
+    node: dict[str, Any] = {"type": "dict", "class": "torch.Tensor", "encoding": encoding, "shape": list(t.shape),
+                            "dtype": str(t.dtype), "numel": t.numel(), "device": str(t.device), "path": list(path),
+                            **fields}
+    limit = ctx.policy.max_numel
+    total = sum(p.numel() for p in parts.values())
+    over = f"numel {total} of the {encoding} parts > max_tensor_size {limit}" if limit is not None and total > limit \
+        else None
+    node["items"] = {name: _supported_node(part, path + (name,), ctx, over_limit=over, dedup=False)
+                     for name, part in parts.items()}
+    return node
+
+
+def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limit: str | None = None,
+                    dedup: bool = True) -> dict[str, Any]:
+    """A dense tensor's node; its body snapshotted into ``ctx.out`` unless the policy says otherwise.
+
+    ``over_limit``: the reason the tensor is too large to store, decided by the caller (the parts
+    of a sparse or quantized tensor are judged together); ``dedup``: whether to look it up and
+    remember it in ``ctx.dedup``.
+    """
     policy = ctx.policy
     device = str(t.device)
     node: dict[str, Any] = {
@@ -380,17 +460,18 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[s
     if not policy.device_ok(device):
         node.update(stored=False, reason="device not in device_names")
         return node
-    hit = ctx.dedup.lookup(t) if ctx.dedup is not None else None
+    deduper = ctx.dedup if dedup else None
+    hit = deduper.lookup(t) if deduper is not None else None
     key = ctx.key_prefix + "".join("/" + encode_part(p) for p in path)
-    if not policy.store_bodies or (policy.max_numel is not None and t.numel() > policy.max_numel):
+    if not policy.store_bodies or over_limit or (policy.max_numel is not None and t.numel() > policy.max_numel):
         reason = "mode=stats" if not policy.store_bodies else \
-            f"numel {t.numel()} > max_tensor_size {policy.max_numel}"
+            over_limit or f"numel {t.numel()} > max_tensor_size {policy.max_numel}"
         # The same unchanged tensor seen earlier in the step: reuse its statistics.
         known = ctx.known_stats(t) if hit is None and ctx.known_stats is not None else None
         stats = hit[1] if hit is not None else dict(known) if known else tensor_stats(t)
         node.update(stats=stats, stored=False, reason=reason)
-        if hit is None and ctx.dedup is not None:
-            ctx.dedup.remember(t, None, node["stats"])
+        if hit is None and deduper is not None:
+            deduper.remember(t, None, node["stats"])
     elif hit is not None and hit[0] is not None:
         node.update(stored=True, same_as=hit[0], stats=hit[1])  # shares the first node's (deferred) stats
     else:
@@ -400,8 +481,8 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[s
         node["stats"] = dict(known) if known else {}
         ctx.out[path], pending = _snapshot(t, policy.pin_memory)
         ctx.async_copy |= pending
-        if ctx.dedup is not None:
-            ctx.dedup.remember(t, key, node["stats"])
+        if deduper is not None:
+            deduper.remember(t, key, node["stats"])
     return node
 
 
@@ -484,3 +565,137 @@ def iter_tensor_nodes(structure: Any, path: tuple[str, ...] = ()) -> Iterator[tu
     if isinstance(kwargs, dict):
         for k, item in kwargs.items():
             yield from iter_tensor_nodes(item, path + (str(k),))
+
+
+_MISSING = object()
+
+
+def node_at(structure: Any, path: tuple[str, ...]) -> Any:
+    """The node of ``structure`` at ``path``, with paths as :func:`iter_tensor_nodes` derives them.
+
+    Raises:
+        KeyError: nothing is at ``path``.
+
+    Example:
+        >>> tree = {"type": "tuple", "items": [{"type": "tensor"}], "kwargs": {"mask": None}}
+        >>> node_at(tree, ("0",)), node_at(tree, ("mask",))
+        ({'type': 'tensor'}, None)
+    """
+    node = structure
+    for part in path:
+        found: Any = _MISSING
+        if isinstance(node, dict):
+            items = node.get("items")
+            if node.get("type") in ("tuple", "list") and isinstance(items, list) and part.isdigit() \
+                    and str(int(part)) == part and int(part) < len(items):
+                found = items[int(part)]
+            elif node.get("type") == "dict" and isinstance(items, dict):
+                found = items.get(part, _MISSING)
+            kwargs = node.get("kwargs")
+            if found is _MISSING and isinstance(kwargs, dict):
+                found = kwargs.get(part, _MISSING)
+        if found is _MISSING:
+            raise KeyError(f"no node at path {'/'.join(path) or '(top)'}")
+        node = found
+    return node
+
+
+def rebuild_tensor(node: Any, load: Callable[[tuple[str, ...]], torch.Tensor],
+                   path: tuple[str, ...] = (), *, name: str | None = None) -> torch.Tensor:
+    """The tensor a structure node describes: a stored tensor, or a sparse or quantized one rebuilt from its parts.
+
+    Args:
+        node: a ``"tensor"`` node, or a container node with an ``"encoding"`` (:data:`ENCODINGS`).
+        load: loads the dense tensor at a path (e.g. ``lambda p: reader.load(call.tensor(kind, p))``).
+        path: the path of ``node``; its parts are at ``path + (part name,)``.
+        name: how error messages name the tensor (default: its path).
+
+    Returns:
+        The tensor on the CPU, bit-exact: a sparse tensor with the same indices, values and
+        coalesced flag; a quantized one with the same integer representation, scales and zero points.
+
+    Raises:
+        KeyError: a body was not stored (from ``load``).
+        StoreError: ``node`` is no tensor, or its parts do not make the tensor it describes.
+
+    Example:
+        >>> t = torch.tensor([[0.0, 2.0], [0.0, 0.0]]).to_sparse()
+        >>> record = build_record(CallKey(0, 0, "m", 0), "outputs", t, TensorPolicy(pin_memory=False))
+        >>> torch.equal(rebuild_tensor(record.structure, record.tensors.__getitem__).to_dense(), t.to_dense())
+        True
+    """
+    where = name or "/".join(path) or "(top)"
+    if not isinstance(node, dict):
+        raise StoreError(f"{where}: not a tensor but {type(node).__name__} {node!r:.60}")
+    if node.get("type") == "tensor":
+        return load(path)
+    encoding = node.get("encoding")
+    items = node.get("items")
+    if node.get("type") != "dict" or encoding not in ENCODINGS or not isinstance(items, dict):
+        raise StoreError(f"{where}: not a tensor but a {node.get('type')!r} node")
+
+    def part(part_name: str) -> torch.Tensor:
+        if part_name not in items:
+            raise StoreError(f"{where}: the {encoding} tensor has no {part_name!r} part")
+        return load(path + (part_name,))
+
+    shape, dtype = node.get("shape"), node.get("dtype")
+    try:
+        if encoding == "sparse_coo":
+            out = torch.sparse_coo_tensor(part("indices"), part("values"), shape, check_invariants=True,
+                                          is_coalesced=bool(node.get("coalesced")))
+        elif encoding == "sparse_compressed":
+            layout = _SPARSE_LAYOUTS.get(str(node.get("layout")))
+            if layout not in _COMPRESSED:
+                raise StoreError(f"{where}: unknown compressed sparse layout {node.get('layout')!r}")
+            compressed, plain = _COMPRESSED[layout]
+            out = torch.sparse_compressed_tensor(part(compressed), part(plain), part("values"), shape, layout=layout,
+                                                 check_invariants=True)
+        elif encoding == "quantized_per_tensor":
+            scale, zero_point = part("scale"), part("zero_point")
+            out = torch._make_per_tensor_quantized_tensor(part("int_repr"), float(scale), int(zero_point))
+        else:
+            out = torch._make_per_channel_quantized_tensor(part("int_repr"), part("scales"), part("zero_points"),
+                                                           int(node.get("axis", 0)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise StoreError(f"{where}: the parts of the {encoding} tensor do not make one: {exc}") from None
+    qscheme = node.get("qscheme")
+    if (list(out.shape) != shape or str(out.dtype) != dtype
+            or qscheme is not None and str(out.qscheme()) != qscheme):
+        got = f"{out.dtype} {list(out.shape)}" + (f" {out.qscheme()}" if out.is_quantized else "")
+        raise StoreError(f"{where}: the parts make a {got} tensor but the metadata says {dtype} {shape}"
+                         + (f" {qscheme}" if qscheme else ""))
+    return out
+
+
+class _Reader(Protocol):
+    def structure(self, call: CallKey, kind: str) -> Any: ...
+
+    def load(self, key: TensorKey) -> torch.Tensor: ...
+
+
+def load_tensor(reader: _Reader, key: TensorKey) -> torch.Tensor:
+    """Load the tensor at ``key`` from a run: a stored tensor as ``reader.load`` gives it, a
+    sparse or quantized one rebuilt from its parts (:func:`rebuild_tensor`).
+
+    ``key`` names the tensor as it was captured (``outputs/0``); the parts of a sparse or
+    quantized tensor have keys of their own below it (``outputs/0/values``) that
+    ``reader.keys()`` lists and ``reader.load`` loads.
+
+    Raises:
+        KeyError: the call, side or path does not exist, or a body was not stored.
+        StoreError: what :func:`rebuild_tensor` and ``reader.load`` raise.
+
+    Example:
+        >>> with ilstore.open_run(run_dir) as reader:  # doctest: +SKIP
+        ...     weight = load_tensor(reader, TensorKey(0, "fc", 0, "inputs", ("0",)))
+    """
+    call = key.call_key
+    structure = reader.structure(call, key.kind)
+    if structure is None:
+        raise KeyError(f"{key}: no {key.kind} were captured for this call")
+    try:
+        node = node_at(structure, key.path)
+    except KeyError:
+        raise KeyError(f"no tensor {key}") from None
+    return rebuild_tensor(node, lambda p: reader.load(call.tensor(key.kind, p)), key.path, name=str(key))
