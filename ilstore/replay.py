@@ -32,7 +32,7 @@ import torch
 from .errors import IlstoreError, RunNotFoundError, StoreError
 from .keys import CallKey, TensorKey
 from .manifest import MANIFEST_NAME
-from .records import iter_tensor_nodes
+from .records import iter_tensor_nodes, node_at, rebuild_tensor
 from .store.base import StoreReader, read_manifest
 
 __all__ = ["ReplaySource", "CallReplay", "resolve_reference", "rng_marker"]
@@ -223,7 +223,7 @@ class ReplaySource:
             info.reason = "the reference recorded no inputs for this call"
             return args, kwargs, info
         nodes = {path: node for path, node in iter_tensor_nodes(structure)}
-        swap = _Swap(self, call, nodes, info)
+        swap = _Swap(self, call, nodes, info, structure)
         new_args = swap.walk(args, (), 0)
         if kwargs and not isinstance(structure.get("kwargs") if isinstance(structure, dict) else None, dict):
             swap.missing = "keyword input not in the reference (it recorded no keyword inputs)"
@@ -240,8 +240,8 @@ class _Swap:
     """One call's walk over its live arguments, replacing tensors by the reference's."""
 
     def __init__(self, source: ReplaySource, call: CallKey, nodes: dict[tuple[str, ...], Any],
-                 info: CallReplay) -> None:
-        self.source, self.call, self.nodes, self.info = source, call, nodes, info
+                 info: CallReplay, structure: Any) -> None:
+        self.source, self.call, self.nodes, self.info, self.structure = source, call, nodes, info, structure
         self.changed = False
         self.missing = "not in the reference"  # the reason for a live tensor the reference lacks
 
@@ -249,6 +249,9 @@ class _Swap:
         name = ".".join(path)
         node = self.nodes.get(path)
         if node is None:
+            encoded = self._encoded(path)
+            if encoded is not None:  # a sparse or quantized tensor, stored as its parts
+                return self.rebuilt(live, path, encoded)
             self.info.kept[name] = self.missing
             return live
         if not node.get("stored", True) or node.get("type") != "tensor":
@@ -269,6 +272,40 @@ class _Swap:
             return live
         if live.requires_grad and fed.is_floating_point():
             fed.requires_grad_(True)
+        self.info.replaced.append(name)
+        self.changed = True
+        return fed
+
+    def _encoded(self, path: tuple[str, ...]) -> dict[str, Any] | None:
+        try:
+            node = node_at(self.structure, path)
+        except KeyError:
+            return None
+        return node if isinstance(node, dict) and node.get("encoding") else None
+
+    def rebuilt(self, live: torch.Tensor, path: tuple[str, ...], node: dict[str, Any]) -> torch.Tensor:
+        """A sparse or quantized reference tensor, rebuilt from its parts, on the live device."""
+        name = ".".join(path)
+        ref_shape = node.get("shape")
+        if ref_shape is not None and [int(d) for d in ref_shape] != list(live.shape):
+            self.info.kept[name] = f"shape differs: live {list(live.shape)}, reference {list(ref_shape)}"
+            return live
+        call, reader = self.call, self.source.reader
+        try:
+            ref = rebuild_tensor(node, lambda p: reader.load(call.tensor("inputs", p)), path)
+            fed = ref.to(device=live.device) if ref.is_quantized else ref.to(device=live.device, dtype=live.dtype)
+            if fed is ref:
+                fed = ref.clone()
+        except KeyError as exc:
+            self.info.kept[name] = _why_no_body({"reason": str(exc)})
+            return live
+        except (IlstoreError, OSError, RuntimeError) as exc:
+            self.info.kept[name] = f"the reference body cannot be read: {exc}"
+            return live
+        if fed.layout != live.layout or fed.dtype != live.dtype:
+            self.info.kept[name] = (f"layout or dtype differs: live {live.layout} {live.dtype}, "
+                                    f"reference {fed.layout} {fed.dtype}")
+            return live
         self.info.replaced.append(name)
         self.changed = True
         return fed

@@ -275,3 +275,34 @@ def test_the_report_on_a_replay_from_the_earlier_vllm_dump_lists_the_calls_it_co
     measured = [e for e in local.errors if e.compared]
     assert {e.call.module for e in measured} >= {"model.layers.0.mlp.down_proj", "lm_head", "model.norm"}
     assert result.exit_code == 1  # calls not replayed: fail closed
+
+
+class SparseUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = SparseInner()
+
+    def forward(self, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.inner(s, q)
+
+
+class SparseInner(nn.Module):
+    def forward(self, s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return s.to_dense() * 2 + q.dequantize()
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled:UserWarning")
+@pytest.mark.parametrize("backend", ["pt", "hdf5"])
+def test_sparse_and_quantized_inputs_are_fed_rebuilt(tmp_path: Path, backend: str) -> None:
+    dense = torch.tensor([[0.0, 1.5], [2.0, 0.0]])
+    q = torch.quantize_per_tensor(torch.tensor([[0.5, 1.0], [1.5, 2.0]]), 0.5, 1, torch.qint8)
+    model = SparseUser()
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "ref", "backend": backend}) as ref:
+        expected = model(dense.to_sparse(), q)
+    other = torch.quantize_per_tensor(torch.zeros(2, 2), 0.5, 1, torch.qint8)
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "rep", "replay_from": str(ref.run_dir)}) as rep:
+        got = model(torch.zeros(2, 2).to_sparse(), other)
+    assert torch.equal(got, expected)
+    info = _replay_info(rep.run_dir)[(0, "inner", 0)]
+    assert info["replayed"] and sorted(info["replaced"]) == ["0", "1"]
