@@ -3,10 +3,13 @@
 Exit status: 0 every tensor compared and matched; 1 differences, one-sided tensors, stats-only
 pairs (unless ``--allow-stats-only``), tensors the map declares unaligned (unless
 ``--allow-unaligned``), calls a replay could not replay or measure, or an empty comparison; 2 a
-usage or input error (missing or ambiguous run directory, corrupt file, bad map file, bad
-option, a ``--replay``/``--oracle`` run not replayed from the run it must be). With ``--oracle``
-the oracle verdict decides: 1 when a call is flagged or could not be evaluated. The report goes
-to stdout or ``--output``; errors and the progress bar go to stderr.
+usage or input error (missing or ambiguous run directory, unreadable manifest, journal or index,
+bad map file, bad option, a ``--replay``/``--oracle`` run not replayed from the run it must be):
+no report. A tensor file that cannot be read (missing, truncated, corrupt) does not stop the
+comparison: the report lists it, everything else is compared, and the exit status is 2, whatever
+else was found. With ``--oracle`` the oracle verdict decides between 0 and 1: 1 when a call is
+flagged or could not be evaluated. The report goes to stdout or ``--output``; errors (one line
+per unreadable tensor too) and the progress bar go to stderr.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class _ProgressBar:
 
 def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None = None, fmt: str | None = None,
         verbose: bool = False) -> int:
-    """Compare, render and write the report; returns the exit status (0 or 1).
+    """Compare, render and write the report; returns the exit status (0, 1, or 2 when a tensor file
+    could not be read: the report lists it and the rest is compared, ``keep_going``).
 
     Args:
         dir1: the run to check.
@@ -88,12 +92,14 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
         IlstoreError: bad input (the CLI turns it into exit status 2).
     """
     fmt = report_format(fmt, output)
+    options = CompareOptions.create(options, keep_going=True)
     bar = _ProgressBar() if sys.stderr.isatty() else None
     try:
         result = compare(dir1, dir2, options, progress=bar)
     finally:
         if bar is not None:
             bar.close()
+    _say_unreadable(result)
     text = RENDERERS[fmt](result, verbose)
     if output is None:
         click.echo(text, nl=False)
@@ -110,10 +116,26 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
         if result.oracle is not None:
             extra = (f", oracle: {len(result.oracle.flagged)} call(s) flagged, {len(result.oracle.not_evaluated)} "
                      "not evaluated")
+        if result.unreadable:
+            extra += f", {len(result.unreadable)} unreadable"
         click.echo(f"{result.verdict}: {s.compared} compared, {s.matched} matched, {s.mismatched} mismatched, "
                    f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2, {s.unaligned} declared unaligned"
                    f"{extra}; {fmt} report written to {output}")
     return result.exit_code
+
+
+#: Unreadable tensors named on stderr (the report lists them all).
+_SAY_AT_MOST = 20
+
+
+def _say_unreadable(result: CompareResult) -> None:
+    """One line per unreadable tensor on stderr, so a log shows why the exit status is 2."""
+    lost = result.unreadable
+    for u in lost[:_SAY_AT_MOST]:
+        click.echo(f"error: {u.text()} ({u.key.display()}; not compared)", err=True)
+    if len(lost) > _SAY_AT_MOST:
+        click.echo(f"error: … and {len(lost) - _SAY_AT_MOST} more unreadable tensor(s); the report lists them all",
+                   err=True)
 
 
 def _exit_codes(fn: Callable[..., int]) -> Callable[..., None]:
@@ -160,7 +182,8 @@ Exit status: 0 everything compared and matched; 1 differences, tensors in one ru
 stats-only pairs (unless --allow-stats-only), tensors the map declares unaligned (unless
 --allow-unaligned), calls a replay could not replay or measure, or nothing compared;
 with --oracle, 1 when a call is flagged or could not be evaluated; 2 usage or input error
-(including a --replay or --oracle run not replayed from the run it must be).
+(including a --replay or --oracle run not replayed from the run it must be), or a tensor
+file that could not be read: the report lists it, the rest is compared (2 wins over 1).
 See docs/compare.md for the report, the metrics, replay and the map file format."""
 
 

@@ -32,6 +32,7 @@ from .result import (
     ONLY_IN_DIR2,
     STATS_ONLY_MATCH,
     UNALIGNED,
+    UNREADABLE,
     CallResult,
     Divergence,
     TensorResult,
@@ -72,6 +73,8 @@ def _verdict(presence: str, entries: Sequence[TensorResult]) -> str:
     statuses = {e.status for e in entries}
     if statuses & BAD_VALUE_STATUSES:
         return "mismatch"
+    if UNREADABLE in statuses:
+        return UNREADABLE  # a damaged run: the first thing to fix
     if statuses & {ONLY_IN_DIR1, ONLY_IN_DIR2} or (presence != "both" and statuses != {UNALIGNED}):
         return "one_sided"  # a call in one run only is accounted for when the map declares all its tensors
     if NOT_COMPARED in statuses:

@@ -45,11 +45,13 @@ from .result import (
     STATS_ONLY_MATCH,
     STATS_ONLY_MISMATCH,
     UNALIGNED,
+    UNREADABLE,
     CallResult,
     CompareResult,
     OracleReport,
     Summary,
     TensorResult,
+    Unreadable,
 )
 
 __all__ = ["compare", "Progress"]
@@ -72,19 +74,23 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         **changes: options given by name instead (or on top of ``options``):
             ``rtol``, ``atol``, ``steps``, ``modules``, ``exact``, ``equal_nan``,
             ``allow_stats_only``, ``name_map``, ``squeeze_shapes``, ``allow_unaligned``,
-            ``workers``, ``replay``, ``oracle``, ``oracle_factor``; see :class:`CompareOptions`.
+            ``workers``, ``replay``, ``oracle``, ``oracle_factor``, ``keep_going``; see
+            :class:`CompareOptions`.
 
     Returns:
         The :class:`CompareResult`; ``result.exit_code`` is 0 only when every tensor was
         compared and matched. When dir1 is a replay of dir2 (its manifest's ``replayed_from``),
         or with ``replay``, ``result.local`` holds every call's local error and
         ``first_divergence`` is the measured one; with ``oracle``, ``result.oracle`` holds the
-        oracle verdict, which decides the exit status.
+        oracle verdict, which decides the exit status. With ``keep_going``, a tensor body that
+        cannot be read is listed in ``result.unreadable`` (status ``unreadable``) and the rest
+        is compared; ``result.exit_code`` is then 2.
 
     Raises:
         RunNotFoundError: a directory is missing or holds no run.
         AmbiguousRunError: a directory holds several runs.
-        CorruptFileError: a tensor or metadata file is unreadable (the message names it).
+        CorruptFileError: a metadata file (manifest, journal, index, structure) is unreadable, or,
+            without ``keep_going``, a tensor file (the message names it).
         NameMapError: a bad name map.
         OptionError: a bad or unknown option (a :class:`CompareError`); a ``replay`` run that
             is not a replay of dir2, or a dir1/dir2 that is not a replay of ``oracle``.
@@ -124,6 +130,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             return result
 
         tensors = tuple(_stream(plan.pairs, one, options.workers, progress))
+        lost = [u for t in tensors for u in t.unreadable]
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
         calls, first, introduced = analyse_calls(plan.calls, tensors)
         notes = list(plan.notes) + sources.notes
@@ -131,14 +138,16 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         if sources.local_run is not None:
             local = local_report(sources.local_run, sources.local_source, sources.replayed_from, r2, options, nmap,
                                  patterns, calls)
+            lost += [u for e in local.errors for u in e.unreadable]
             by_call = {e.call: e for e in local.errors}
             calls = [dataclasses.replace(c, local=by_call.get(c.call)) for c in calls]
             threshold, first = first, measured_divergence(local, calls, tensors)
             notes += local_notes(local)
         elif oracle is not None:
             assert options.oracle_factor is not None
-            cand = local_errors(r1, oracle, options, patterns=patterns)
-            ref = local_errors(r2, oracle, options, patterns=patterns)
+            cand = local_errors(r1, oracle, options, patterns=patterns, labels=("dir1", "oracle"))
+            ref = local_errors(r2, oracle, options, patterns=patterns, labels=("dir2", "oracle"))
+            lost += [u for e in cand + ref for u in e.unreadable]
             verdicts = oracle_calls(cand, ref, options.oracle_factor)
             verdicts = explain_containers(verdicts, enclosing_calls(r1, sorted({c.call.step for c in verdicts})))
             oracle_report = OracleReport(str(oracle.run_dir), sources.oracle_id, options.oracle_factor,
@@ -147,7 +156,16 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
                          status2=status2, options=options, tensors=tensors, calls=tuple(calls),
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
-                         notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report)
+                         notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
+                         unreadable=_once(lost))
+
+
+def _once(entries: Sequence[Unreadable]) -> tuple[Unreadable, ...]:
+    """Each run's tensor once (the pair and a replay measurement may both have tried it), in order."""
+    seen: dict[tuple[str, str, object], Unreadable] = {}
+    for u in entries:
+        seen.setdefault((u.run, u.run_dir, u.key), u)
+    return tuple(seen.values())
 
 
 def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,
@@ -218,9 +236,66 @@ def _load_key(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
                          f"{type(exc).__name__}: {exc}") from None
 
 
-def _load(reader: StoreReader, side: Side, label: str) -> torch.Tensor:
-    """The side's tensor, with the map's sum or select applied (RuleMismatch when they do not fit)."""
-    return materialize(side, lambda key: _load_key(reader, key, label))
+class _Unreadable(Exception):
+    """A record could not be read (carried through the map's sum or select, which must not catch it)."""
+
+    def __init__(self, entry: Unreadable) -> None:
+        super().__init__(entry.text())
+        self.entry = entry
+
+
+def _load(reader: StoreReader, side: Side, label: str, keep_going: bool = False) -> torch.Tensor:
+    """The side's tensor, with the map's sum or select applied (RuleMismatch when they do not fit).
+
+    Raises:
+        StoreError: a record cannot be read (without ``keep_going``).
+        _Unreadable: the same, with ``keep_going``: the entry that says which record and why.
+    """
+    def one(key: TensorKey) -> torch.Tensor:
+        try:
+            return _load_key(reader, key, label)
+        except StoreError as exc:
+            if not keep_going:
+                raise
+            raise _Unreadable(Unreadable.from_error(exc, run=label, run_dir=reader.run_dir, key=key)) from None
+
+    return materialize(side, one)
+
+
+def _load_both(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions, want1: bool = True,
+               want2: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[Unreadable, ...]]:
+    """Each wanted side's tensor (None where not wanted or unreadable) and what could not be read.
+
+    Both sides are tried, so a report names every damaged file, not only the first; an unreadable
+    side outranks a map rule that does not fit the other (the run must be repaired first).
+
+    Raises:
+        RuleMismatch: a map rule does not fit (and nothing was unreadable).
+        StoreError: a record cannot be read, without ``keep_going``.
+    """
+    assert pair.side1 is not None and pair.side2 is not None
+    out: list[torch.Tensor | None] = []
+    lost: list[Unreadable] = []
+    misfit: RuleMismatch | None = None
+    for reader, side, label, want in ((r1, pair.side1, "dir1", want1), (r2, pair.side2, "dir2", want2)):
+        tensor = None
+        if want and misfit is None:
+            try:
+                tensor = _load(reader, side, label, o.keep_going)
+            except _Unreadable as exc:
+                lost.append(exc.entry)
+            except RuleMismatch as exc:
+                misfit = exc
+        out.append(tensor)
+    if misfit is not None and not lost:
+        raise misfit
+    return out[0], out[1], tuple(lost)
+
+
+def _unreadable(pair: Pair, lost: tuple[Unreadable, ...], meta: dict[str, Any],
+                notes: Sequence[str] = ()) -> TensorResult:
+    note = "; ".join([*notes, *(f"unreadable in {u.text()}" for u in lost)])
+    return TensorResult(pair.key, UNREADABLE, note=note, unreadable=lost, **meta)
 
 
 def _why_not_stored(node: Mapping[str, Any]) -> str:
@@ -259,10 +334,11 @@ def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOption
     stored1, stored2 = _stored(n1), _stored(n2)
     if stored1 and stored2:
         try:
-            a = _load(r1, pair.side1, "dir1")
-            b = _load(r2, pair.side2, "dir2")
+            a, b, lost = _load_both(pair, r1, r2, o)
         except RuleMismatch as exc:  # a path rule's sum or select does not fit the stored tensors
             return TensorResult(pair.key, NOT_COMPARED, note=f"map: {exc}", **meta)
+        if lost or a is None or b is None:
+            return _unreadable(pair, lost, meta)
         meta.update(shape1=tuple(a.shape), shape2=tuple(b.shape), dtype1=str(a.dtype), dtype2=str(b.dtype),
                     dtype_mismatch=a.dtype != b.dtype)
         if a.shape != b.shape:
@@ -282,10 +358,14 @@ def _compare_by_stats(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOp
     notes = [f"{label}: {_why_not_stored(n)}" for label, n, stored in (("dir1", n1, stored1), ("dir2", n2, stored2))
              if not stored]
     try:
-        s1 = tensor_stats(_load(r1, pair.side1, "dir1")) if stored1 else n1.get("stats")
-        s2 = tensor_stats(_load(r2, pair.side2, "dir2")) if stored2 else n2.get("stats")
+        a, b, lost = _load_both(pair, r1, r2, o, stored1, stored2)
     except RuleMismatch as exc:  # a path rule's sum or select does not fit the stored tensor
         return TensorResult(pair.key, NOT_COMPARED, note="; ".join(notes + [f"map: {exc}"]), **meta)
+    if lost:
+        return _unreadable(pair, lost, meta, notes)
+    s1 = tensor_stats(a) if a is not None else n1.get("stats")
+    s2 = tensor_stats(b) if b is not None else n2.get("stats")
+    del a, b
     if not isinstance(s1, Mapping) or not isinstance(s2, Mapping) or not s1 or not s2:
         missing = [label for label, s in (("dir1", s1), ("dir2", s2)) if not isinstance(s, Mapping) or not s]
         return TensorResult(pair.key, NOT_COMPARED, note="; ".join(notes + [f"no statistics in {', '.join(missing)}"]),
@@ -314,7 +394,8 @@ def _summary(tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps
         matched=count.get(MATCH, 0), mismatched=mismatched, shape_mismatches=count.get(SHAPE_MISMATCH, 0),
         dtype_mismatches=sum(1 for t in tensors if t.dtype_mismatch),
         stats_only_matched=count.get(STATS_ONLY_MATCH, 0), stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
-        not_compared=count.get(NOT_COMPARED, 0), only_in_dir1=count.get(ONLY_IN_DIR1, 0),
+        not_compared=count.get(NOT_COMPARED, 0) + count.get(UNREADABLE, 0), unreadable=count.get(UNREADABLE, 0),
+        only_in_dir1=count.get(ONLY_IN_DIR1, 0),
         only_in_dir2=count.get(ONLY_IN_DIR2, 0), unaligned=count.get(UNALIGNED, 0),
         squeezed=sum(1 for t in tensors if t.squeezed), calls=len(calls),
         calls_mismatched=sum(1 for c in calls if c.verdict == "mismatch"),

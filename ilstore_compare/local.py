@@ -12,8 +12,9 @@ The per-call replay record is the ``"replay"`` object on the top level of the ca
 ``container`` (see ``docs/compare.md``, "Replay and local error").
 
 A call that could not be replayed, or whose local error cannot be measured (outputs missing on
-a side, shapes that differ, bodies not stored), is listed with the reason and counts as not
-compared: the comparison fails closed. A call whose outputs hold no tensor on either side
+a side, shapes that differ, bodies not stored, and, with ``keep_going``, a body whose file
+cannot be read), is listed with the reason and counts as not compared: the comparison fails
+closed. A call whose outputs hold no tensor on either side
 (``None``, a number) has nothing to measure and no entry. Where the replay comes from, and the
 check that it is a replay of the run it is compared with, is :mod:`.provenance`'s.
 """
@@ -36,7 +37,7 @@ from .divergence import INTRODUCED
 from .mapping import NameMap
 from .metrics import compare_many
 from .options import CompareOptions
-from .result import MEASURED, CallResult, Divergence, LocalError, LocalReport, TensorResult
+from .result import MEASURED, CallResult, Divergence, LocalError, LocalReport, TensorResult, Unreadable
 
 __all__ = ["REPLAY_KEY", "local_errors", "rank", "first_exceeding", "not_replayed", "local_report",
            "measured_divergence", "local_notes"]
@@ -99,9 +100,10 @@ def _note_of(record: Mapping[str, Any]) -> str | None:
 
 
 def _unmeasured(call: CallKey, reason: str, *, replayed: bool, container: bool, random: bool,
-                order: int) -> LocalError:
+                order: int, unreadable: tuple[Unreadable, ...] = ()) -> LocalError:
     return LocalError(call, rel_l2=None, max_abs_diff=None, max_ulp=None, mismatched=None, replayed=replayed,
-                      compared=False, reason=reason, container=container, random=random, order=order)
+                      compared=False, reason=reason, container=container, random=random, order=order,
+                      unreadable=unreadable)
 
 
 def _load(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
@@ -136,13 +138,30 @@ def _outputs_problem(nodes: Mapping[tuple[str, ...], dict[str, Any]],
     return None
 
 
+def _load_pair(replay: StoreReader, reference: StoreReader, key: TensorKey, labels: tuple[str, str],
+               keep_going: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' bodies; with ``keep_going`` an unreadable one (both tried) raises :class:`_Unreadables`."""
+    out: list[torch.Tensor] = []
+    lost: list[Unreadable] = []
+    for reader, label in zip((replay, reference), labels, strict=True):
+        try:
+            out.append(_load(reader, key, label))
+        except StoreError as exc:
+            if not keep_going:
+                raise
+            lost.append(Unreadable.from_error(exc, run=label, run_dir=reader.run_dir, key=key, during="local_error"))
+    if lost:
+        raise _Unreadables(tuple(lost))
+    return out[0], out[1]
+
+
 def _measure(replay: StoreReader, reference: StoreReader, call: CallKey, paths: Iterable[tuple[str, ...]],
-             options: CompareOptions) -> tuple[Any, str | None]:
-    """The metrics of the call's outputs, all tensors together; or a reason they cannot be compared."""
+             options: CompareOptions, labels: tuple[str, str]) -> tuple[Any, str | None, tuple[Unreadable, ...]]:
+    """The metrics of the call's outputs, all tensors together; or a reason they cannot be compared (and the
+    bodies that could not be read, if that is the reason)."""
     def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for path in paths:
-            key = call.tensor("outputs", path)
-            a, b = _load(replay, key, "replay"), _load(reference, key, "reference")
+            a, b = _load_pair(replay, reference, call.tensor("outputs", path), labels, options.keep_going)
             if a.shape != b.shape:
                 raise _ShapeDiffers(f"outputs{''.join(f'[{e}]' for e in path)}: shape differs: replay "
                                     f"{list(a.shape)}, reference {list(b.shape)}")
@@ -150,18 +169,27 @@ def _measure(replay: StoreReader, reference: StoreReader, call: CallKey, paths: 
 
     try:
         return compare_many(pairs(), rtol=options.rtol, atol=options.atol, exact=options.exact,
-                            equal_nan=options.equal_nan), None
+                            equal_nan=options.equal_nan), None, ()
     except _ShapeDiffers as exc:
-        return None, str(exc)
+        return None, str(exc), ()
+    except _Unreadables as exc:
+        return None, "; ".join(f"unreadable in {u.text()}" for u in exc.entries), exc.entries
 
 
 class _ShapeDiffers(Exception):
     pass
 
 
+class _Unreadables(Exception):
+    def __init__(self, entries: tuple[Unreadable, ...]) -> None:
+        super().__init__("; ".join(u.text() for u in entries))
+        self.entries = entries
+
+
 def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOptions, *,
                  rename: Callable[[str], str] | None = None, patterns: Sequence[re.Pattern[str]] | None = None,
-                 expected: Iterable[CallKey] = ()) -> list[LocalError]:
+                 expected: Iterable[CallKey] = (), labels: tuple[str, str] = ("replay", "reference")
+                 ) -> list[LocalError]:
     """The local error of every selected call of ``replay`` against ``reference``, ranked.
 
     Args:
@@ -172,6 +200,8 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
         patterns: module-name regexes (after ``rename``); None for every module.
         expected: further calls (report names) the report needs a local error for: those the
             replay run lacks are listed as not compared.
+        labels: what messages and :class:`~.result.Unreadable` entries call the two runs
+            (``dir1``, ``dir2``, ``replay``, ``oracle``).
 
     Returns:
         One entry per call with tensor outputs (a call whose outputs hold no tensor on either
@@ -180,7 +210,9 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
         the calls not measured, in execution order.
 
     Raises:
-        IlstoreError: a run's files cannot be read (the message names the file).
+        IlstoreError: a run's files cannot be read (the message names the file); with
+            ``options.keep_going`` an unreadable output body instead leaves its call unmeasured,
+            the entry naming the file and the reason.
     """
     steps = sorted(replay.steps()) if options.steps is None else [s for s in options.steps if s in set(replay.steps())]
     ref_steps = set(reference.steps())
@@ -196,7 +228,7 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
                 continue
             seen.add(shown)
             entry = _one(replay, reference, call, shown, options, step in ref_steps, call in ref_calls,
-                         call in containers, order.get(call, len(order)))
+                         call in containers, order.get(call, len(order)), labels)
             if entry is not None:
                 entries.append(entry)
     extra = [c for c in expected if c not in seen and (options.steps is None or c.step in options.steps)]
@@ -211,7 +243,7 @@ def _no_tensors(structure: Any) -> bool:
 
 
 def _one(replay: StoreReader, reference: StoreReader, call: CallKey, shown: CallKey, options: CompareOptions,
-         step_in_ref: bool, in_ref: bool, nested: bool, order: int) -> LocalError | None:
+         step_in_ref: bool, in_ref: bool, nested: bool, order: int, labels: tuple[str, str]) -> LocalError | None:
     """The call's local error; None when there is nothing to measure (no tensor output on either side)."""
     structure = replay.structure(call, "outputs")
     if (structure is not None and _no_tensors(structure)
@@ -244,11 +276,12 @@ def _one(replay: StoreReader, reference: StoreReader, call: CallKey, shown: Call
             nodes = dict(iter_tensor_nodes(structure))
             problem = _outputs_problem(nodes, dict(iter_tensor_nodes(ref_structure)))
     metrics = None
+    lost: tuple[Unreadable, ...] = ()
     if problem is None:
-        metrics, problem = _measure(replay, reference, call, list(nodes), options)
+        metrics, problem, lost = _measure(replay, reference, call, list(nodes), options, labels)
     if problem is not None or metrics is None:
         return _unmeasured(shown, _join(problem, note) or "not measured", replayed=True, container=container,
-                           random=random, order=order)
+                           random=random, order=order, unreadable=lost)
     rel_l2 = metrics.rel_l2
     if rel_l2 is None:  # the reference's outputs are zero and the replay's are not
         rel_l2 = math.inf
@@ -301,7 +334,9 @@ def local_report(replay: StoreReader, source: str, replayed: dict[str, str], ref
     """
     rename = nmap.rename if nmap is not None and nmap.apply_to == "dir2" else None
     expected = [c.call for c in calls if c.presence == "both"] if source == "replay" else []
-    errors = local_errors(replay, reference, options, rename=rename, patterns=patterns, expected=expected)
+    labels = ("dir1" if source == "dir1" else "replay", "dir2")
+    errors = local_errors(replay, reference, options, rename=rename, patterns=patterns, expected=expected,
+                          labels=labels)
     return LocalReport(replay=str(replay.run_dir), reference=str(reference.run_dir), replayed_from=replayed,
                        source=source, errors=tuple(errors), first=first_exceeding(errors))
 

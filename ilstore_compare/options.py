@@ -67,6 +67,11 @@ class CompareOptions:
             flagged when dir1's local error against it exceeds ``oracle_factor`` times dir2's.
             Stored as a string; not with ``replay``.
         oracle_factor: K of the oracle verdict (> 0; default 2 with an oracle, None without).
+        keep_going: a tensor body that cannot be read (file missing, truncated, corrupt) is
+            reported (status ``unreadable``, :attr:`CompareResult.unreadable
+            <ilstore_compare.result.CompareResult.unreadable>`, exit code 2) and the rest
+            compared; off, the comparison stops with the store's error. ``ilstore-compare``
+            always keeps going. Not recorded in the report (a report exists only with it).
 
     Raises:
         OptionError: a bad value (the message names the option).
@@ -87,6 +92,7 @@ class CompareOptions:
     replay: str | Path | None = None  # stored as a string
     oracle: str | Path | None = None  # stored as a string
     oracle_factor: float | None = None
+    keep_going: bool = field(default=False, metadata={"reported": False})
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -116,7 +122,7 @@ class CompareOptions:
         if squeeze is None:  # as the map says
             squeeze = nmap is not None and nmap.squeeze_shapes
         self._set("squeeze_shapes", bool(squeeze))
-        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned"):
+        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned", "keep_going"):
             self._set(name, bool(getattr(self, name)))
         self._check_replay()
 

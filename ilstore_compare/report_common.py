@@ -10,16 +10,16 @@ from typing import Any
 from ilstore.keys import CallKey, TensorKey
 
 from .metrics import MetricInfo, metric_infos
-from .result import CallResult, CompareResult, Divergence, TensorResult
+from .result import CallResult, CompareResult, Divergence, TensorResult, Unreadable
 
 __all__ = ["num", "call_label", "tensor_label", "verdict_line", "summary_rows", "options_line", "call_rows",
            "CALL_HEADERS", "tensor_rows", "TENSOR_HEADERS", "TENSOR_COLUMNS", "divergence_text", "introduced_rows",
            "INTRODUCED_HEADERS", "calls_by_step", "tensors_by_step", "SEVERE", "unaligned_rows", "UNALIGNED_HEADERS",
-           "first_divergence_tensors"]
+           "first_divergence_tensors", "unreadable_rows", "UNREADABLE_HEADERS", "unreadable_line"]
 
 #: Tensor statuses listed by default (without ``--verbose``).
 SEVERE = frozenset({"mismatch", "shape_mismatch", "stats_only_mismatch", "not_compared", "only_in_dir1",
-                    "only_in_dir2"})
+                    "only_in_dir2", "unreadable"})
 
 
 def num(x: float | int | None, pct: bool = False) -> str:
@@ -51,6 +51,8 @@ def verdict_line(result: CompareResult) -> str:
              "incomplete": "INCOMPLETE: no values differ, but not every tensor could be compared on both sides",
              "empty": "EMPTY: nothing was compared"}
     line = f"{words[result.verdict]} (exit status {result.exit_code})"
+    if result.unreadable:
+        line += "; " + unreadable_line(result)
     s = result.summary
     if s.unaligned and not result.options.allow_unaligned and result.verdict == "incomplete":
         line += (f"; {s.unaligned} tensor(s) the map declares unaligned count as gaps "
@@ -104,7 +106,8 @@ def summary_rows(result: CompareResult) -> list[list[Any]]:
         ["  of which stats-only mismatches", s.stats_only_mismatched],
         ["stats-only matches (bodies not stored)", s.stats_only_matched],
         ["dtype differs (values compared upcast)", s.dtype_mismatches],
-        ["not compared (no body, no statistics)", s.not_compared],
+        ["not compared (no body, no statistics, or unreadable)", s.not_compared],
+        ["  of which unreadable (file missing or damaged)", s.unreadable],
         ["only in dir1", s.only_in_dir1],
         ["only in dir2", s.only_in_dir2],
         ["declared unaligned by the map (not compared)", s.unaligned],
@@ -121,6 +124,22 @@ def summary_rows(result: CompareResult) -> list[list[Any]]:
     if s.steps_only_in_dir2:
         rows.append(["steps only in dir2", ", ".join(map(str, s.steps_only_in_dir2))])
     return rows
+
+
+def unreadable_line(result: CompareResult) -> str:
+    """What the unreadable tensors mean for the reader (the headline and the section say it)."""
+    files = {u.file or u.reason for u in result.unreadable}
+    return (f"{len(result.unreadable)} tensor(s) could not be read ({len(files)} file(s) missing or damaged) and "
+            "were not compared: repair or recapture the run")
+
+
+UNREADABLE_HEADERS = ["run", "tensor", "file", "reason", "during"]
+
+
+def unreadable_rows(entries: Sequence[Unreadable]) -> list[list[Any]]:
+    """One row per unreadable tensor: the run, the tensor (that run's naming), the file and the reason."""
+    return [[u.run, u.key.display(), u.file or "—", u.reason,
+             "local error" if u.during == "local_error" else "compare"] for u in entries]
 
 
 def divergence_text(d: Divergence) -> str:

@@ -13,9 +13,19 @@ from ilstore.keys import CallKey, TensorKey
 
 from .metrics import TensorMetrics, metric_infos
 from .options import reported_options
-from .result import CallResult, CompareResult, LocalError, LocalReport, OracleCall, OracleReport, TensorResult
+from .result import (
+    CallResult,
+    CompareResult,
+    LocalError,
+    LocalReport,
+    OracleCall,
+    OracleReport,
+    TensorResult,
+    Unreadable,
+)
 
-__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "validate_report", "local_error_item"]
+__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "validate_report", "local_error_item",
+           "unreadable_item"]
 
 REPORT_FORMAT = "ilstore-compare-report"
 REPORT_VERSION = 1
@@ -51,7 +61,8 @@ def _metrics(m: TensorMetrics | None) -> dict[str, Any]:
 
 def _tensor(t: TensorResult) -> dict[str, Any]:
     entry = _fields(t)
-    key, metrics, stats_failed, note = (entry.pop(k) for k in ("key", "metrics", "stats_failed", "note"))
+    key, metrics, stats_failed, note, _ = (entry.pop(k) for k in ("key", "metrics", "stats_failed", "note",
+                                                                   "unreadable"))  # those: top-level
     return _plain({**_key(key), **entry, **_metrics(metrics),
                    "stats_failed": [{"stat": name, "value1": v1, "value2": v2} for name, v1, v2 in stats_failed],
                    "note": note})
@@ -74,6 +85,12 @@ def local_error_item(e: LocalError) -> dict[str, Any]:
                    "container": e.container, "random": e.random, "order": e.order})
 
 
+def unreadable_item(u: Unreadable) -> dict[str, Any]:
+    """One ``unreadable`` item: which run, which tensor (that run's own naming), the file and the reason."""
+    return {"run": u.run, "run_dir": u.run_dir, **_key(u.key), "tensor": u.key.display(), "file": u.file,
+            "reason": u.reason, "during": u.during}
+
+
 def _replay(local: LocalReport) -> dict[str, Any]:
     return {"run": local.replay, "source": local.source, "replayed_from": dict(local.replayed_from),
             "not_compared": len(local.not_compared)}
@@ -94,6 +111,7 @@ def _oracle(o: OracleReport) -> dict[str, Any]:
 def report_dict(result: CompareResult) -> dict[str, Any]:
     """The report as plain JSON-ready data (every tensor, every call).
 
+    ``unreadable`` lists every tensor body that could not be read (then ``exit_code`` is 2).
     With local errors (a replay), also ``replay``, ``local_errors`` (ranked) and
     ``threshold_divergence``; with an oracle, ``oracle``.
     """
@@ -113,6 +131,7 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
         "notes": list(result.notes),
         "calls": [_call(c, local is not None) for c in result.calls],
         "tensors": [_tensor(t) for t in result.tensors],
+        "unreadable": [unreadable_item(u) for u in result.unreadable],
     }
     if local is not None:
         d = result.threshold_divergence

@@ -18,6 +18,7 @@ from .report_common import (
     SEVERE,
     TENSOR_HEADERS,
     UNALIGNED_HEADERS,
+    UNREADABLE_HEADERS,
     call_rows,
     calls_by_step,
     divergence_text,
@@ -28,6 +29,8 @@ from .report_common import (
     tensor_rows,
     tensors_by_step,
     unaligned_rows,
+    unreadable_line,
+    unreadable_rows,
     verdict_line,
 )
 from .report_local import (
@@ -112,12 +115,19 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
     headline = verdict_line(result)
     if result.oracle is not None:
         headline = f"{oracle_line(result.oracle)} (exit status {result.exit_code})"
+        if result.unreadable:
+            headline += "; " + unreadable_line(result)
     out: list[Block] = [Heading("ilstore compare report", 1), Text(headline, "verdict", result.verdict),
                         _table([["path", result.dir1, result.dir2], ["backend", result.backend1, result.backend2],
                                 ["run status", result.status1, result.status2]], ["", "dir1", "dir2 (reference)"]),
                         Text(f"Verdict rule: {options_line(result)}.")]
     if result.notes:
         out.append(Notes(result.notes))
+    if result.unreadable:  # every entry, verbose or not: each is a file to repair
+        out += [Heading("Unreadable tensors"),
+                Text("These stored tensor bodies could not be read (file missing, truncated or corrupt): they were "
+                     "not compared, everything else was. Repair or recapture the run; the exit status is 2."),
+                _table(unreadable_rows(result.unreadable), UNREADABLE_HEADERS)]
     out += [Heading("Summary"), _table(summary_rows(result), ["", "count"])]
     out.append(Figure("Error along execution order",
                       lambda: error_plot_svg(result.calls, result.first_divergence, result.options.rtol),
@@ -198,7 +208,8 @@ def _local_section(result: CompareResult, verbose: bool) -> list[Block]:
                         "(local error 0)" + (" and are not listed (--verbose lists them)." if nonzero else ".")))
     if local.not_compared:
         out += [Heading("Calls not replayed or not measured", 3),
-                Text("No local error for these; they count as not compared (exit status 1)."),
+                Text("No local error for these; they count as not compared (exit status 1, or 2 where a file "
+                     "could not be read)."),
                 _table(unreplayed_rows(local.not_compared), UNREPLAYED_HEADERS)]
     return out
 

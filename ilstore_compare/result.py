@@ -12,6 +12,8 @@ Statuses of a tensor entry (:attr:`TensorResult.status`):
 ``only_in_dir1``            the tensor exists only in dir1
 ``only_in_dir2``            the tensor exists only in dir2
 ``unaligned``               the map declares it cannot be aligned (one-sided or not); not compared
+``unreadable``              a stored body could not be read (file missing, truncated, corrupt); not
+                            compared, and the comparison exits 2 (see :class:`Unreadable`)
 ==========================  =====================================================================
 
 A dtype difference is not a status: the values are compared after upcasting and the entry
@@ -24,15 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ilstore.errors import CorruptFileError, StoreError
 from ilstore.keys import CallKey, TensorKey
 
 from .metrics import TensorMetrics
 from .options import CompareOptions
 
 __all__ = ["MATCH", "MISMATCH", "SHAPE_MISMATCH", "STATS_ONLY_MATCH", "STATS_ONLY_MISMATCH", "NOT_COMPARED",
-           "ONLY_IN_DIR1", "ONLY_IN_DIR2", "UNALIGNED", "STATUSES", "BAD_VALUE_STATUSES", "CompareOptions",
-           "TensorResult", "CallResult", "Divergence", "Summary", "LocalError", "LocalReport", "OracleCall",
-           "OracleReport", "CompareResult", "THRESHOLD", "MEASURED"]
+           "ONLY_IN_DIR1", "ONLY_IN_DIR2", "UNALIGNED", "UNREADABLE", "STATUSES", "BAD_VALUE_STATUSES",
+           "CompareOptions", "TensorResult", "CallResult", "Divergence", "Summary", "LocalError", "LocalReport",
+           "OracleCall", "OracleReport", "CompareResult", "THRESHOLD", "MEASURED", "Unreadable"]
 
 MATCH = "match"
 MISMATCH = "mismatch"
@@ -43,14 +46,51 @@ NOT_COMPARED = "not_compared"
 ONLY_IN_DIR1 = "only_in_dir1"
 ONLY_IN_DIR2 = "only_in_dir2"
 UNALIGNED = "unaligned"
+UNREADABLE = "unreadable"
 STATUSES = (MATCH, MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, NOT_COMPARED,
-            ONLY_IN_DIR1, ONLY_IN_DIR2, UNALIGNED)
+            ONLY_IN_DIR1, ONLY_IN_DIR2, UNALIGNED, UNREADABLE)
 #: Statuses that mean the values differ (they drive the first divergence).
 BAD_VALUE_STATUSES = frozenset({MISMATCH, SHAPE_MISMATCH, STATS_ONLY_MISMATCH})
 #: :attr:`Divergence.basis`: located by the tolerance along the propagated comparison, or
 #: measured by replay (the call's local error crosses the tolerance).
 THRESHOLD = "threshold"
 MEASURED = "measured"
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored tensor body that could not be read: the run's file is missing, truncated or corrupt.
+
+    The comparison goes on without it (the tensor, or the call whose local error needed it,
+    counts as not compared) and exits 2 at the end: the user must fix or recapture the run.
+
+    Attributes:
+        run: which run: ``dir1``, ``dir2``, ``replay`` or ``oracle``.
+        run_dir: that run's directory.
+        key: the tensor, in that run's own naming (before the name map).
+        file: the file the store named (None when the error named no file).
+        reason: what is wrong with it.
+        during: ``compare`` (the dir1 vs dir2 pair) or ``local_error`` (measuring a replay).
+    """
+
+    run: str
+    run_dir: str
+    key: TensorKey
+    file: str | None
+    reason: str
+    during: str = "compare"
+
+    @classmethod
+    def from_error(cls, exc: StoreError, *, run: str, run_dir: object, key: TensorKey,
+                   during: str = "compare") -> Unreadable:
+        """The entry for a store error raised while loading ``key`` (a :class:`CorruptFileError` names its file)."""
+        if isinstance(exc, CorruptFileError):
+            return cls(run, str(run_dir), key, exc.path, exc.reason, during)
+        return cls(run, str(run_dir), key, None, str(exc), during)
+
+    def text(self) -> str:
+        """One line for a note or a message: ``dir1: <file>: <reason>``."""
+        return f"{self.run}: {self.file}: {self.reason}" if self.file else f"{self.run}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +112,7 @@ class TensorResult:
         squeezed: the shapes differ only by size-1 dimensions and the values were compared
             squeezed (``squeeze_shapes``).
         alignment: what the map's path rules did to either side (move, select, sum).
+        unreadable: for status ``unreadable``, the side(s) whose body could not be read.
     """
 
     key: TensorKey
@@ -90,6 +131,7 @@ class TensorResult:
     presence: str = "both"
     squeezed: bool = False
     alignment: tuple[str, ...] = ()
+    unreadable: tuple[Unreadable, ...] = ()
 
     @property
     def bad_value(self) -> bool:
@@ -103,7 +145,8 @@ class CallResult:
     Attributes:
         call: the call (names after the name map).
         presence: ``both``, ``dir1`` or ``dir2``.
-        verdict: ``mismatch`` (some value differs), ``one_sided`` (some tensor or the call
+        verdict: ``mismatch`` (some value differs), ``unreadable`` (a tensor body could not be
+            read), ``one_sided`` (some tensor or the call
             itself is in one run only, and not declared unaligned), ``not_compared``,
             ``unaligned`` (every tensor declared unaligned), ``stats_only_match``, ``match``
             (the tensors compared match; others may be declared unaligned) or ``no_tensors``,
@@ -171,7 +214,8 @@ class Summary:
     """Counts over the whole comparison (see ``docs/compare.md``).
 
     ``calls_only_in_dir1``/``calls_only_in_dir2`` count one-sided calls that are not wholly
-    declared unaligned; those are ``calls_unaligned``.
+    declared unaligned; those are ``calls_unaligned``. ``not_compared`` includes the
+    ``unreadable`` tensors (a body that could not be read is not compared).
     """
 
     tensors: int = 0
@@ -183,6 +227,7 @@ class Summary:
     stats_only_matched: int = 0
     stats_only_mismatched: int = 0
     not_compared: int = 0
+    unreadable: int = 0
     only_in_dir1: int = 0
     only_in_dir2: int = 0
     unaligned: int = 0
@@ -223,6 +268,7 @@ class LocalError:
             the error of what runs after its last replayed child.
         random: the call drew random numbers (its local error includes them).
         order: position in the replay run's execution (completion) order.
+        unreadable: output bodies that could not be read (then not measured; ``reason`` names them).
     """
 
     call: CallKey
@@ -236,6 +282,7 @@ class LocalError:
     container: bool
     random: bool
     order: int
+    unreadable: tuple[Unreadable, ...] = ()
 
     @property
     def exceeds(self) -> bool:
@@ -350,6 +397,8 @@ class CompareResult:
             tolerance locates along the propagated comparison.
         threshold_divergence: see ``local``; None without local errors.
         oracle: the oracle verdict (``--oracle``), else None; it then decides the verdict.
+        unreadable: every tensor body that could not be read (compare and local error), each
+            run's file once; any makes :attr:`exit_code` 2.
     """
 
     dir1: str
@@ -368,6 +417,7 @@ class CompareResult:
     local: LocalReport | None = None
     threshold_divergence: Divergence | None = None
     oracle: OracleReport | None = None
+    unreadable: tuple[Unreadable, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -402,7 +452,11 @@ class CompareResult:
 
     @property
     def exit_code(self) -> int:
-        """0 when everything was compared and matched; 1 otherwise (never 0 for an empty comparison)."""
+        """2 when a tensor body could not be read (the user must repair or recapture a run, whatever
+        else was found); else 0 when everything was compared and matched; 1 otherwise (never 0 for
+        an empty comparison)."""
+        if self.unreadable:
+            return 2
         return 0 if self.verdict == "match" else 1
 
     @property
