@@ -2,6 +2,9 @@
 
 Exit status: 0 success, 1 differences found (compare), 2 the user must fix something (bad
 config, missing or corrupt run, bad option). Results go to stdout; logs and errors to stderr.
+
+Each command imports what it needs when it runs: ``ilstore ls`` of a run with a step journal
+reads JSON only and never imports torch (its start-up would be most of the command's time).
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from typing import Any
 
 import click
 
-from .config import load_config
 from .errors import ConfigError, IlstoreError
-from .store.registry import open_run
 from .summary import format_summary, human_bytes, summarize_run
 
 __all__ = ["cli", "main", "handle_errors", "human_bytes", "ls_run", "convert_run"]
@@ -95,6 +96,8 @@ Examples:
 @handle_errors
 def validate_config_cmd(config: str) -> int:
     """Validate CONFIG (JSON text or a file) and print the resolved config."""
+    from .config import load_config
+
     cfg = load_config(config)
     click.echo(json.dumps(cfg.to_dict(), indent=2))
     return 0
@@ -104,7 +107,8 @@ def ls_run(run_dir: Path, show_calls: bool = False, as_json: bool = False) -> in
     """Print a run's steps with call/tensor counts and bytes; returns the exit status.
 
     Only ``show_calls`` reads every structure of the run (the per-call counts, also in the
-    JSON); otherwise the step journal's totals suffice, however long the run.
+    JSON); otherwise the step journal's totals suffice, however long the run, and a run in a
+    built-in backend is listed without importing torch (:func:`~ilstore.summary.summarize_run`).
     """
     summary = summarize_run(run_dir, calls=show_calls)
     click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else format_summary(summary, show_calls=show_calls))
@@ -156,6 +160,7 @@ def convert_run(src: Path, dst: Path, backend: str, steps: list[int] | None = No
                 options: dict[str, Any] | None = None) -> int:
     """Convert SRC into DST written by ``backend`` and print a one-line summary; returns 0."""
     from .convert import convert
+    from .store.registry import open_run
 
     out = convert(src, dst, to=backend, steps=steps, overwrite=overwrite, options=options)
     with open_run(out) as run:

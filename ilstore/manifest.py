@@ -31,14 +31,12 @@ from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ._version import __version__
 from .errors import CorruptFileError
 from .keys import CallKey
 
-__all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "TOTALS_KEYS", "write_json_atomic", "new_manifest",
-           "calls_to_json", "calls_from_json", "JournalWriter", "JournalReader"]
+__all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "TOTALS_KEYS", "TotalCounts", "write_json_atomic",
+           "read_manifest", "new_manifest", "calls_to_json", "calls_from_json", "JournalWriter", "JournalReader"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,8 +52,12 @@ _STEP_PREFIX = re.compile(rb'\{\s*"step"\s*:\s*(\d+)\s*[,}]')
 # The end of a line as the writer spells it, for listing a long run without parsing every line.
 _TOTALS_TAIL = re.compile(rb'"totals": \{"module_calls": (\d+), "tensors": (\d+), "stored": (\d+), '
                           rb'"bytes": (\d+)\}\}\Z')
+#: A step's totals as a tuple, in :data:`TOTALS_KEYS` order.
+TotalCounts = tuple[int, int, int, int]
 _DECODER = json.JSONDecoder()
 _SCAN_CHUNK = 1 << 23
+# Distinct line endings remembered while reading every step's totals.
+_SEEN_ENDINGS = 1024
 # Parsed journal lines kept per reader (the lines others point to with "calls_as" are reused).
 _LINE_CACHE = 64
 
@@ -82,6 +84,26 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The manifest of ``run_dir``, None if it has none.
+
+    The same check as :func:`ilstore.store.base.read_manifest`, importable without torch.
+
+    Raises:
+        CorruptFileError: the file is unreadable, not JSON, or not an ilstore manifest.
+    """
+    path = run_dir / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(path, f"unreadable manifest: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != "ilstore":
+        raise CorruptFileError(path, "not an ilstore manifest (no \"format\": \"ilstore\")")
+    return data
+
+
 def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """A fresh manifest for a run that is about to start.
 
@@ -90,6 +112,8 @@ def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_s
         >>> m["format_version"], m["status"], m["journal"]
         (2, 'running', 'steps.jsonl')
     """
+    import torch  # here, not at the top: reading a run's manifest and journal (ilstore ls) needs no torch
+
     return {
         "format": "ilstore",
         "format_version": FORMAT_VERSION,
@@ -223,12 +247,14 @@ class JournalReader:
         assert self._steps is not None
         return self._steps
 
-    def _scan(self, collect_totals: bool) -> dict[int, dict[str, int] | None]:
+    def _scan(self, collect_totals: bool) -> dict[int, TotalCounts | None]:
         """One pass over the file: builds the index if there is none yet and, if asked, parses
-        every complete line for its totals (then a damaged line raises, naming it)."""
+        every complete line for its totals, as tuples in :data:`TOTALS_KEYS` order (then a damaged
+        line raises, naming it)."""
         build = self._steps is None
         steps, offsets, lengths, lines = array("q"), array("q"), array("q"), array("q")
-        totals: dict[int, dict[str, int] | None] = {}
+        totals: dict[int, TotalCounts | None] = {}
+        seen: dict[bytes, TotalCounts] = {}
         bad: list[int] = []
         tail, parse, totals_of = _TOTALS_TAIL.match, self._parse, self._totals_of
         offset, number, rest = 0, 0, b""
@@ -260,10 +286,23 @@ class JournalReader:
                                     bad.append(number + 1 + i)
                     if collect_totals:
                         for i, (raw, step) in enumerate(zip(parts, found, strict=True)):
-                            if step >= 0:
-                                t = tail(raw, max(0, raw.rfind(b'"totals": ')))
-                                totals[step] = (dict(zip(TOTALS_KEYS, map(int, t.groups()), strict=True)) if t
-                                                else totals_of(parse(raw, number + 1 + i, step), number + 1 + i, step))
+                            if step < 0:
+                                continue
+                            # Consecutive steps mostly end alike: each distinct ending is matched once.
+                            ending = raw[max(0, raw.rfind(b'"totals": ')):]
+                            counts = seen.get(ending)
+                            if counts is None:
+                                t = tail(ending)
+                                if t is None:  # not the writer's spelling: parse the whole line
+                                    doc = totals_of(parse(raw, number + 1 + i, step), number + 1 + i, step)
+                                    totals[step] = None if doc is None else (
+                                        doc["module_calls"], doc["tensors"], doc["stored"], doc["bytes"])
+                                    continue
+                                if len(seen) >= _SEEN_ENDINGS:  # a run whose totals keep changing
+                                    seen.clear()
+                                module_calls, tensors, stored, nbytes = map(int, t.groups())
+                                counts = seen[ending] = (module_calls, tensors, stored, nbytes)
+                            totals[step] = counts
                     offset += sum(sizes)
                     number += len(parts)
         except FileNotFoundError:
@@ -372,6 +411,26 @@ class JournalReader:
         step by step); None for a line without totals. A line that ends the way the writer ends
         it is not parsed further (its other fields are checked when its step is read); any
         other line is parsed whole.
+
+        Raises:
+            CorruptFileError: a line is damaged; names the line.
+        """
+        return {step: None if counts is None else dict(zip(TOTALS_KEYS, counts, strict=True))
+                for step, counts in self._scan(collect_totals=True).items()}
+
+    def all_total_counts(self) -> dict[int, TotalCounts | None]:
+        """:meth:`all_totals` as tuples in :data:`TOTALS_KEYS` order, read the same way; steps whose
+        lines end alike share one tuple. What listing 10⁵ steps wants: no dict per step.
+
+        Example:
+            >>> import tempfile
+            >>> path = Path(tempfile.mkdtemp()) / JOURNAL_NAME
+            >>> writer = JournalWriter(path)
+            >>> for step in range(3):
+            ...     writer.append(step, [["fc", 0]], [["fc", 0]], dict(zip(TOTALS_KEYS, (1, 2, 2, 64))))
+            >>> writer.close()
+            >>> JournalReader(path).all_total_counts()
+            {0: (1, 2, 2, 64), 1: (1, 2, 2, 64), 2: (1, 2, 2, 64)}
 
         Raises:
             CorruptFileError: a line is damaged; names the line.

@@ -19,18 +19,35 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import os
+import re
+import sys
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+from .errors import IlstoreError
 from .keys import KINDS, CallKey
-from .store.base import StoreReader, node_nbytes
-from .store.registry import open_run
+from .manifest import JournalReader, TotalCounts, read_manifest
+
+if TYPE_CHECKING:
+    from .store.base import StoreReader
 
 __all__ = ["CallSummary", "StepSummary", "RunSummary", "summarize_run", "format_summary", "human_bytes"]
+
+# How each built-in backend's reader lists the steps on disk, completed or not (its
+# ``_list_steps``: step_<N> directories, or hdf5's step_<N>.h5[.partial] files), for the
+# listing that imports no torch (the backend modules do). tests/test_ls_fast.py checks that
+# both listings agree in every backend.
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_H5 = re.compile(r"^step_(\d+)\.h5(\.partial)?$")
+_STEP_LAYOUTS: dict[str, tuple[re.Pattern[str], bool]] = {  # backend -> (name pattern, directories only)
+    "pt": (_STEP_DIR, True), "safetensors": (_STEP_DIR, True), "hdf5": (_STEP_H5, False)}
+_RANKS_LAYOUT = "ranks"  # ilstore.store.ranks.RANKS_LAYOUT
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,7 @@ class CallSummary:
                 "bytes": self.nbytes}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing of 10⁵ steps builds 10⁵ of them
 class StepSummary:
     """One step: its totals and, when they were read, its module calls in call-start order.
 
@@ -74,7 +91,7 @@ class StepSummary:
         return cls(step, len(calls), sum(c.tensors for c in calls), sum(c.stored for c in calls),
                    sum(c.nbytes for c in calls), calls)
 
-    def counts(self) -> tuple[int, int, int, int]:
+    def counts(self) -> TotalCounts:
         """``(module_calls, tensors, stored, nbytes)``: what one row of ``ilstore ls`` shows."""
         return self.module_calls, self.tensors, self.stored, self.nbytes
 
@@ -109,9 +126,11 @@ def summarize_run(run_dir: str | Path, *, calls: bool = True) -> RunSummary:
         run_dir: the run directory (any backend, also multi-rank runs and dumps without a
             manifest).
         calls: also count every module call (:attr:`StepSummary.calls`): this reads every
-            structure of the run. Without it, a run that keeps a step journal (format 2) is
-            summarised from the journal's totals alone, whatever its length; runs that do not
-            (format 1, dumps) are still counted from their structures.
+            structure of the run. Without it, a run that keeps a step journal (format 2) in a
+            built-in backend is summarised from its manifest, its journal's totals and a
+            listing of its directory, without importing torch, whatever its length; any other
+            run (format 1, dumps, plug-in backends, a journal line without totals, an error)
+            is read through its backend's reader, with the same result.
 
     Returns:
         The :class:`RunSummary`; bytes count stored tensor bodies only.
@@ -121,6 +140,17 @@ def summarize_run(run_dir: str | Path, *, calls: bool = True) -> RunSummary:
             :func:`~ilstore.store.registry.open_run`).
     """
     run_dir = Path(run_dir)
+    if not calls:
+        summary = _summary_from_journal(run_dir)
+        if summary is not None:
+            return summary
+    return _summary_from_reader(run_dir, calls)
+
+
+def _summary_from_reader(run_dir: Path, calls: bool) -> RunSummary:
+    """:func:`summarize_run` through the run's backend reader: works for every run."""
+    from .store.registry import open_run
+
     with open_run(run_dir) as run:
         steps = []
         journal = None if calls else run.all_step_totals()  # first: its pass over the journal also indexes it
@@ -135,7 +165,108 @@ def summarize_run(run_dir: str | Path, *, calls: bool = True) -> RunSummary:
         return RunSummary(run_dir, run.name, run.status, tuple(steps), tuple(run.incomplete_steps()))
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """What :func:`_summary_from_journal` reads of one run: backend name, status, each completed
+    step's totals (ascending steps, :data:`~ilstore.manifest.TOTALS_KEYS` order), incomplete steps."""
+
+    backend: str
+    status: str
+    totals: dict[int, TotalCounts]
+    incomplete: list[int]
+
+
+def _summary_from_journal(run_dir: Path) -> RunSummary | None:
+    """:func:`summarize_run` without calls, from the manifests and step journals alone (no torch);
+    None whenever that cannot give what the backend's reader gives (then ask the reader)."""
+    listing = _listing(run_dir)
+    if listing is None:
+        return None
+    steps = tuple(StepSummary(step, *counts) for step, counts in listing.totals.items())
+    return RunSummary(run_dir, listing.backend, listing.status, steps, tuple(listing.incomplete))
+
+
+def _listing(run_dir: Path) -> _Listing | None:
+    """The :class:`_Listing` of a run, as its reader would answer (:func:`~ilstore.store.registry.open_run`
+    and :class:`~ilstore.store.base.StoreReader`); None where only the reader can tell."""
+    try:
+        manifest = read_manifest(run_dir) if run_dir.is_dir() else None
+    except IlstoreError:
+        return None
+    if manifest is None:  # not a run, or a dump: the reader says which
+        return None
+    if manifest.get("layout") == _RANKS_LAYOUT:
+        return _ranks_listing(run_dir, manifest)
+    backend, journal_name = manifest.get("backend"), manifest.get("journal")
+    if (not isinstance(backend, str) or backend not in _STEP_LAYOUTS or not _builtin_reader(backend)
+            or not isinstance(journal_name, str) or journal_name in ("", ".", "..")
+            or any(c in journal_name for c in "/\\\0")):
+        return None  # format 1, a plug-in backend, or a manifest the reader rejects
+    journal = JournalReader(run_dir / journal_name)
+    try:
+        counts = journal.all_total_counts()  # first: its pass over the file also indexes it
+        steps = journal.steps()
+        totals = {}
+        for step in steps:
+            step_counts = counts.get(step)
+            if step_counts is None:  # a line without totals: the reader counts that step from its files
+                return None
+            totals[step] = step_counts
+        incomplete = _incomplete_on_disk(run_dir, backend, totals)
+    except (IlstoreError, OSError):
+        return None
+    finally:
+        journal.close()
+    return _Listing(backend, str(manifest.get("status", "unknown")), totals, incomplete)
+
+
+def _builtin_reader(backend: str) -> bool:
+    """Whether ``backend`` still reads with its built-in reader: ``register_backend(..., override=True)``
+    may have replaced it in this process (nothing did if the registry was never imported)."""
+    registry = sys.modules.get("ilstore.store.registry")
+    loaded = getattr(registry, "_loaded", {}).get(backend) if registry is not None else None
+    return loaded is None or loaded.reader.__module__ == f"ilstore.store.{backend}"
+
+
+def _incomplete_on_disk(run_dir: Path, backend: str, done: Container[int]) -> list[int]:
+    """The steps a built-in backend's reader lists on disk (``_list_steps``) that are not ``done``,
+    in its order: what its ``incomplete_steps`` gives. Only those few names are stat'ed."""
+    pattern, dirs_only = _STEP_LAYOUTS[backend]
+    match, isdir = pattern.match, os.path.isdir
+    cut = [step for name in os.listdir(run_dir) if (m := match(name)) and (step := int(m.group(1))) not in done
+           and (not dirs_only or isdir(os.path.join(run_dir, name)))]
+    return sorted(cut) if dirs_only else sorted(set(cut))
+
+
+def _ranks_listing(run_dir: Path, manifest: dict[str, Any]) -> _Listing | None:
+    """A multi-rank run as :class:`~ilstore.store.ranks.RankedReader` lists it: the first rank's
+    backend, the worst status, and per step the sums of the totals of the ranks that completed it."""
+    ranks = manifest.get("ranks")
+    if "journal" in manifest or not isinstance(ranks, list) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        return None  # a manifest the reader rejects
+    parts = []
+    for rank in dict.fromkeys(ranks):
+        part = _listing(run_dir / f"rank_{rank}")  # ilstore.store.ranks.rank_dir_name
+        if part is None:
+            return None
+        parts.append(part)
+    statuses = {p.status for p in parts}
+    status = next((worst for worst in ("failed", "running", "unknown") if worst in statuses),
+                  "complete" if statuses else "unknown")
+    totals: dict[int, TotalCounts] = {}
+    for part in parts:
+        for step, counts in part.totals.items():
+            have = totals.get(step)
+            totals[step] = counts if have is None else (
+                have[0] + counts[0], have[1] + counts[1], have[2] + counts[2], have[3] + counts[3])
+    return _Listing(parts[0].backend if parts else _RANKS_LAYOUT, status, dict(sorted(totals.items())),
+                    sorted({s for p in parts for s in p.incomplete}))
+
+
 def _call_summary(run: StoreReader, call: CallKey) -> CallSummary:
+    from .store.base import node_nbytes
+
     tensors = stored = nbytes = 0
     for kind in KINDS:
         for _key, node in run.tensor_nodes(call, kind):
@@ -180,15 +311,13 @@ def format_summary(summary: RunSummary, *, show_calls: bool = False) -> str:
 def _step_rows(steps: tuple[StepSummary, ...]) -> Iterator[tuple[int | str, StepSummary]]:
     """``(label, step)`` per table row: a step, or the first of >= 3 consecutive identical steps
     with the label ``"<first>-<last>"``."""
-    i = 0
-    while i < len(steps):
-        j = i
-        while (j + 1 < len(steps) and steps[j + 1].step == steps[j].step + 1
-               and steps[j + 1].counts() == steps[i].counts()):
-            j += 1
-        if j - i >= 2:
-            yield f"{steps[i].step}-{steps[j].step}", steps[i]
-            i = j + 1
+    numbers = list(map(attrgetter("step"), steps))
+    counts = list(map(attrgetter("module_calls", "tensors", "stored", "nbytes"), steps))  # as counts()
+    # where each run of consecutive step numbers with the same counts begins
+    neighbours = zip(numbers, numbers[1:], counts, counts[1:], strict=False)
+    starts = [0, *(i for i, (n0, n1, c0, c1) in enumerate(neighbours, 1) if n1 != n0 + 1 or c1 != c0)]
+    for first, end in zip(starts, [*starts[1:], len(steps)], strict=True):
+        if end - first >= 3:
+            yield f"{numbers[first]}-{numbers[end - 1]}", steps[first]
         else:
-            yield steps[i].step, steps[i]
-            i += 1
+            yield from ((numbers[i], steps[i]) for i in range(first, end))

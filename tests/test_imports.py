@@ -110,3 +110,29 @@ def test_core_imports_without_the_comparer() -> None:
             "bad = sorted(m for m in sys.modules if m.startswith('ilstore_compare')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_package_names_are_imported_on_first_use() -> None:
+    """``import ilstore`` imports no torch (PEP 562); every public name, and the submodules the
+    package used to import, resolve to the objects their modules define; the function
+    ``ilstore.capture`` keeps its name when the submodule of that name is imported later."""
+    code = ("import sys, importlib, ilstore\n"
+            "assert 'torch' not in sys.modules, 'import ilstore imported torch'\n"
+            "import ilstore.engine_capture  # imports the submodule ilstore.capture\n"
+            "assert callable(ilstore.capture) and ilstore.capture is sys.modules['ilstore.capture'].capture\n"
+            "for name in ilstore.__all__:\n"
+            "    value = getattr(ilstore, name)\n"
+            "    module = ilstore._LAZY.get(name)\n"
+            "    assert module is None or value is getattr(importlib.import_module('ilstore.' + module), name), name\n"
+            "for name in ('config', 'errors', 'keys', 'manifest', 'records', 'schemas', 'store', 'pipeline'):\n"
+            "    assert getattr(ilstore, name) is sys.modules['ilstore.' + name], name\n"
+            "from ilstore import *  # noqa\n"
+            "assert open_run is ilstore.store.open_run and capture is ilstore.capture\n"
+            "assert set(ilstore.__all__) <= set(dir(ilstore))\n"
+            "try:\n"
+            "    ilstore.no_such_name\n"
+            "except AttributeError as exc:\n"
+            "    assert 'no_such_name' in str(exc)\n"
+            "else:\n"
+            "    raise AssertionError('no AttributeError')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
