@@ -8,9 +8,10 @@ each backend and mode it reports, from one run:
 * ``close()`` time (the writer's backlog shows here);
 * peak RSS growth over the run (the kernel's high-water mark);
 * the manifest's size, and the run's size on disk;
-* ``ilstore ls`` of the run (the CLI in a fresh process, so its start-up is included), reading
-  one step's records (the middle step: every tensor's metadata, and its body where stored), and
-  comparing two such runs in process (steps per second).
+* ``ilstore ls`` of the run (the CLI in a fresh process, so its start-up is included: it imports
+  no torch), reading one step's records (the last step: every tensor's metadata, and its body
+  where stored; a reader that scanned the run would be slowest there), and comparing two such
+  runs in process (steps per second).
 
 Run it through ``bench_capture.py --steps N`` (see there for the options).
 """
@@ -69,9 +70,10 @@ def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "ilstore", "ls", str(run_dir)], check=True, stdout=subprocess.DEVNULL)
     ls_s = time.perf_counter() - t0
+    open_run = ilstore.open_run  # imported on first use: not part of the read
     t0 = time.perf_counter()
-    with ilstore.open_run(run_dir) as run:
-        step = steps // 2
+    with open_run(run_dir) as run:
+        step = steps - 1
         for key in run.keys(step):
             meta = run.meta(key)
             if meta.get("stored", True):
