@@ -62,6 +62,7 @@ class _StepState:
     ends: list[CallKey] = field(default_factory=list)  # selected calls, in end order
     open: list[_Frame] = field(default_factory=list)  # selected calls in progress (replay: containers)
     fired: bool = False  # some hooked module ran in this step
+    graph_breaks: int = -1  # torch.compile's count of graph breaks at disabled functions when the step began
 
 
 def _agree_run_id(config: Config) -> Config:
@@ -78,6 +79,40 @@ def _tensor_policy(config: Config) -> TensorPolicy:
                         device_ok=config.logs_device)
 
 
+def _opaque(hook: Any, skip_in_graph: bool = False) -> Any:
+    """The hook as torch.compile sees it: one opaque call, never traced.
+
+    Inside a compiled region dynamo would otherwise trace ilstore's own bookkeeping, guard on it
+    (a recompilation per module name and call counter) and break graphs wherever it meets
+    something untraceable. Disabled, each hook is a graph break that runs eagerly on the values
+    the compiled pieces computed. With ``skip_in_graph`` (compilers that allow no graph break,
+    e.g. vLLM's ``fullgraph=True``), a traced hook does nothing at all instead, so calls inside
+    compiled regions are not recorded (as with CUDA graph replays).
+    """
+    opaque = torch.compiler.disable(hook, recursive=True)
+    if not skip_in_graph:
+        return opaque
+
+    def step_aside(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return None
+        return opaque(*args, **kwargs)
+
+    return step_aside
+
+
+_DISABLED_BREAK = "torch.compiler.disable"
+
+
+def _hook_graph_breaks() -> int:
+    """How many graph breaks at disabled functions torch.compile has counted so far (-1: dynamo not loaded)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return -1
+    breaks = utils.counters.get("graph_break", {})
+    return sum(n for reason, n in breaks.items() if _DISABLED_BREAK in reason)
+
+
 def model_info(model: nn.Module) -> dict[str, str]:
     """What the manifest records about the model: its class and architecture name.
 
@@ -85,6 +120,9 @@ def model_info(model: nn.Module) -> dict[str, str]:
     has one, else the class name (vLLM's model classes carry Hugging Face's names); the class's
     module tells engines apart (``transformers.models...`` vs ``vllm.model_executor...``).
     """
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module):  # torch.compile's wrapper
+        model = orig
     cls = type(model)
     archs = getattr(getattr(model, "config", None), "architectures", None)
     arch = archs[0] if isinstance(archs, (list, tuple)) and archs and isinstance(archs[0], str) else cls.__name__
@@ -120,10 +158,14 @@ class Capture:
         error: what stopped the capture (``on_error: "warn"``), or None.
     """
 
-    def __init__(self, model: nn.Module, config: Any = None, *, manual_step: bool = False) -> None:
+    def __init__(self, model: nn.Module, config: Any = None, *, manual_step: bool = False,
+                 in_compiled: str = "break") -> None:
         self.config: Config = load_config(config)
         self.model = model
         self.manual_step = manual_step
+        if in_compiled not in ("break", "skip"):
+            raise ValueError(f"in_compiled must be 'break' or 'skip', got {in_compiled!r}")
+        self._skip_in_graph = in_compiled == "skip"
         self.step_index = 0
         self.run_dir: Path | None = None
         self.rank, self.world_size = 0, 1
@@ -137,6 +179,7 @@ class Capture:
         self._paused = False
         self._in_root = 0  # nesting depth of root forwards (automatic steps)
         self._stray_warned = False
+        self._compile_warned = False
         self._step: _StepState | None = None  # the open step, if any
         self._replay: ReplaySource | None = None
         if not self.config.enabled:
@@ -178,10 +221,9 @@ class Capture:
     # -- hook management --------------------------------------------------------------------
     def _attach(self) -> None:
         model = self.model
-        if hasattr(model, "_orig_mod") or type(model).__name__ == "OptimizedModule":
-            warnings.warn("ilstore: the model is compiled (torch.compile); forward hooks do not fire inside "
-                          "compiled regions, so capture may record nothing. Attach capture to the eager model.",
-                          IlstoreWarning, stacklevel=3)
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module):  # torch.compile's wrapper: hook the eager model, under its names
+            model = orig
         has_children = next(model.children(), None) is not None
         root = self.config.capture_root if self.config.capture_root is not None else not has_children
         for name, module in model.named_modules():
@@ -195,9 +237,11 @@ class Capture:
                 selected = self.config.selected_calls(name)
                 if selected is not None and not selected:
                     continue
-            self._handles.append(module.register_forward_pre_hook(partial(self._pre, name, selected), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(partial(self._post, name), with_kwargs=True,
-                                                              always_call=True))
+            skip = self._skip_in_graph
+            self._handles.append(module.register_forward_pre_hook(_opaque(partial(self._pre, name, selected), skip),
+                                                                  with_kwargs=True))
+            self._handles.append(module.register_forward_hook(_opaque(partial(self._post, name), skip),
+                                                              with_kwargs=True, always_call=True))
             self.hooked_modules.append(name)
         if not self.hooked_modules:
             if self.config.module_call_match is not None and has_children:
@@ -207,8 +251,9 @@ class Capture:
             warnings.warn(f"ilstore: {why}; nothing will be captured", IlstoreWarning, stacklevel=3)
         if not self.manual_step:
             # The step opens before the root's own capture hook (prepend) and ends after it.
-            self._handles.append(model.register_forward_pre_hook(self._root_pre, prepend=True))
-            self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+            skip = self._skip_in_graph
+            self._handles.append(model.register_forward_pre_hook(_opaque(self._root_pre, skip), prepend=True))
+            self._handles.append(model.register_forward_hook(_opaque(self._root_post, skip), always_call=True))
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -218,7 +263,21 @@ class Capture:
     # -- steps --------------------------------------------------------------------------------
     def _begin_step(self) -> _StepState:
         step = self._step = _StepState(self.config.logs_step(self.step_index))
+        step.graph_breaks = _hook_graph_breaks()
         return step
+
+    def _warn_graph_breaks(self, step: _StepState) -> None:
+        """torch.compile compiled this step with ilstore's hooks in it: say what that cost, once."""
+        if self._compile_warned or step.graph_breaks < 0:
+            return
+        added = _hook_graph_breaks() - step.graph_breaks
+        if added > 0:
+            self._compile_warned = True
+            warnings.warn(f"ilstore: torch.compile split the model's graphs at ilstore's hooks {added} time(s) while "
+                          f"compiling step {self.step_index}: each hooked call runs outside the compiled graphs "
+                          "(fewer fusions, more compiled pieces). The values recorded are those the compiled "
+                          "pieces computed. Hook fewer modules (module_call_match) to split less.",
+                          IlstoreWarning, stacklevel=4)
 
     def _end_step(self, completed: bool = True) -> None:
         """Close the open step: hand it to the writer, or (a forward that raised) abandon it."""
@@ -226,6 +285,7 @@ class Capture:
         if step is None:
             return
         self._step = None
+        self._warn_graph_breaks(step)
         if self._dedup is not None:
             self._dedup.clear()
         if self._replay is not None:
@@ -450,7 +510,7 @@ class Capture:
         return f"<Capture run_dir={self.run_dir} step={self.step_index} modules={len(self.hooked_modules)}>"
 
 
-def capture(model: nn.Module, config: Any = None, *, manual_step: bool = False) -> Capture:
+def capture(model: nn.Module, config: Any = None, *, manual_step: bool = False, in_compiled: str = "break") -> Capture:
     """Attach capture to ``model``: every forward of ``model`` is one step.
 
     Args:
@@ -459,6 +519,10 @@ def capture(model: nn.Module, config: Any = None, *, manual_step: bool = False) 
             (or the defaults).
         manual_step: steps advance only on :meth:`Capture.step` (for engines whose step is not
             one root forward).
+        in_compiled: what a hook does when torch.compile traces the model: ``"break"`` (the
+            default) runs it eagerly at a graph break, so compiled models are captured in full;
+            ``"skip"`` makes it vanish from compiled graphs (for ``fullgraph=True`` compilation,
+            where a graph break is an error; calls inside compiled regions are then not recorded).
 
     Returns:
         A :class:`Capture`; use it as a context manager or call ``close()``.
@@ -471,4 +535,4 @@ def capture(model: nn.Module, config: Any = None, *, manual_step: bool = False) 
         >>> sorted(p.name for p in (cap.run_dir / "step_0").iterdir())
         ['0', '1', 'module_calls.txt']
     """
-    return Capture(model, config, manual_step=manual_step)
+    return Capture(model, config, manual_step=manual_step, in_compiled=in_compiled)

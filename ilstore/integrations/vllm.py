@@ -173,9 +173,11 @@ def _wrap_sample_tokens(sample_tokens: Callable[..., Any]) -> Callable[..., Any]
 
 def _attach(runner: Any, config: Config) -> EngineCapture | None:
     model: nn.Module = runner.get_model()
-    _warn_if_compiled(runner)
+    compiled = _warn_if_compiled(runner)
     try:
-        cap = EngineCapture(model, config, manual_step=True)
+        # vLLM compiles with fullgraph=True, where a graph break is an error: inside its compiled
+        # regions the hooks step aside instead of breaking the graph.
+        cap = EngineCapture(model, config, manual_step=True, in_compiled="skip" if compiled else "break")
     except IlstoreError as exc:  # e.g. the run directory already holds a run
         if config.on_error == "raise":
             raise
@@ -194,8 +196,8 @@ def _attach(runner: Any, config: Config) -> EngineCapture | None:
     return cap
 
 
-def _warn_if_compiled(runner: Any) -> None:
-    """Forward hooks do not fire inside torch.compile'd regions or CUDA graph replays."""
+def _warn_if_compiled(runner: Any) -> bool:
+    """Forward hooks do not fire inside torch.compile'd regions or CUDA graph replays; True if vLLM compiles."""
     vllm_config = getattr(runner, "vllm_config", None)
     compilation = getattr(vllm_config, "compilation_config", None)
     model_config = getattr(vllm_config, "model_config", None)
@@ -207,6 +209,8 @@ def _warn_if_compiled(runner: Any) -> None:
               f"mode={mode}, cudagraphs={cudagraphs}); forward hooks do not fire inside compiled regions or graph "
               "replays, so capture may record nothing or only the modules outside them. Run with "
               "enforce_eager=True (--enforce-eager) to capture every module.")
+        return True
+    return False
 
 
 def _warn(message: str) -> None:
