@@ -44,8 +44,8 @@ _EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html",
 #: :class:`CompareOptions` field → the flag that sets it (the one place the two namings meet).
 FLAGS = {"rtol": "--rtol", "atol": "--atol", "steps": "--steps", "modules": "--modules", "exact": "--exact",
          "equal_nan": "--equal-nan", "allow_stats_only": "--allow-stats-only", "name_map": "--map",
-         "squeeze_shapes": "--squeeze-shapes", "allow_unaligned": "--allow-unaligned", "workers": "--workers",
-         "replay": "--replay", "oracle": "--oracle", "oracle_factor": "--oracle-factor"}
+         "squeeze_shapes": "--squeeze-shapes", "auto_map": "--no-auto-map", "allow_unaligned": "--allow-unaligned",
+         "workers": "--workers", "replay": "--replay", "oracle": "--oracle", "oracle_factor": "--oracle-factor"}
 
 
 def report_format(fmt: str | None, output: Path | None) -> str:
@@ -172,7 +172,8 @@ Examples:
   ilstore-compare --dir1 A --dir2 B --steps 0 --modules 'layers\\.0\\.,lm_head' --verbose
   ilstore-compare --dir1 A --dir2 B --output report.html
   ilstore-compare --dir1 A --dir2 B --exact --format json > report.json
-  ilstore-compare --dir1 vllm_run --dir2 hf_run --map ilstore_compare/maps/llama_vllm_to_hf.json
+  ilstore-compare --dir1 vllm_run --dir2 hf_run --rtol 1e-4 --atol 1e-5 --allow-unaligned
+  ilstore-compare --dir1 vllm_run --dir2 hf_run --map llama_vllm_to_hf
   ilstore-compare --dir1 A --dir2 B --squeeze-shapes
   ilstore-compare --dir1 runs/bf16 --dir2 runs/fp32 --replay runs/bf16_on_fp32_inputs
   ilstore-compare --dir1 cand_on_fp64 --dir2 ref_on_fp64 --oracle runs/fp64 --oracle-factor 2
@@ -184,6 +185,8 @@ stats-only pairs (unless --allow-stats-only), tensors the map declares unaligned
 with --oracle, 1 when a call is flagged or could not be evaluated; 2 usage or input error
 (including a --replay or --oracle run not replayed from the run it must be), or a tensor
 file that could not be read: the report lists it, the rest is compared (2 wins over 1).
+Without --map, a shipped map declared for the two runs' models and engines (vLLM vs Hugging
+Face Llama, Qwen2, Mixtral) is used by itself; the report's notes say which.
 See docs/compare.md for the report, the metrics, replay and the map file format."""
 
 
@@ -205,9 +208,12 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
               help="Report format [default: from --output's extension, else md].")
 @click.option("--exact", is_flag=True, help="Bitwise comparison instead of tolerances.")
 @click.option("--equal-nan", is_flag=True, help="NaN in the same place on both sides counts as equal.")
-@click.option("--map", "map_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--map", "map_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE|NAME",
               help="JSON map aligning the runs: module renames, tensor path rules, declared unaligned tensors "
-                   "(see docs/compare.md).")
+                   "(see docs/compare.md); a file, or the name of a shipped map (e.g. llama_vllm_to_hf). "
+                   "[default: the shipped map declared for the runs' models, if any]")
+@click.option("--no-auto-map", "no_auto_map", is_flag=True,
+              help="Without --map, use no map (not the shipped map the runs' manifests would pick).")
 @click.option("--squeeze-shapes/--no-squeeze-shapes", default=None,
               help="Compare shapes that differ only by size-1 dimensions ([T,H] vs [1,T,H]) after squeezing "
                    "[default: as the map says, else off].")
@@ -228,8 +234,9 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
 @_exit_codes
 def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: float, steps: tuple[int, ...] | None,
                 modules: tuple[str, ...], verbose: bool, fmt: str | None, exact: bool, equal_nan: bool,
-                map_file: Path | None, squeeze_shapes: bool | None, workers: int, allow_stats_only: bool,
-                allow_unaligned: bool, replay: Path | None, oracle: Path | None, oracle_factor: float | None) -> int:
+                map_file: Path | None, no_auto_map: bool, squeeze_shapes: bool | None, workers: int,
+                allow_stats_only: bool, allow_unaligned: bool, replay: Path | None, oracle: Path | None,
+                oracle_factor: float | None) -> int:
     """Compare two ilstore runs (any backends) tensor by tensor; dir2 is the reference.
 
     Reports which tensors differ and by how much, and the first module call (in execution
@@ -239,7 +246,7 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
     """
     options = CompareOptions(rtol=rtol, atol=atol, steps=steps, modules=modules or None, exact=exact,
                              equal_nan=equal_nan, allow_stats_only=allow_stats_only,
-                             name_map=map_file,
+                             name_map=map_file, auto_map=not no_auto_map,
                              squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers,
                              replay=replay, oracle=oracle, oracle_factor=oracle_factor)
     return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose)

@@ -29,6 +29,7 @@ from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
 from .local import local_errors, local_notes, local_report, measured_divergence
+from .maps import pick_map
 from .metrics import compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
 from .oracle import enclosing_calls, explain_containers, oracle_calls
@@ -110,12 +111,13 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         ('0', 'inherited')
     """
     options = CompareOptions.create(options, **changes)
-    nmap = options.map
     patterns = compile_patterns(options.modules) if options.modules is not None else None
     path1, path2 = resolve_run_dir(dir1), resolve_run_dir(dir2)
     with ExitStack() as stack:
         r1 = stack.enter_context(open_run(path1))
         r2 = stack.enter_context(open_run(path2))
+        options, pick_notes = _auto_map(options, r1, r2)
+        nmap = options.map
         replay = open_option_run(stack, options, "replay")
         oracle = open_option_run(stack, options, "oracle")
         sources = find_sources(r1, r2, replay, oracle)  # checked before the long part
@@ -133,7 +135,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         lost = [u for t in tensors for u in t.unreadable]
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
         calls, first, introduced = analyse_calls(plan.calls, tensors)
-        notes = list(plan.notes) + sources.notes
+        notes = pick_notes + list(plan.notes) + sources.notes
         local = oracle_report = threshold = None
         if sources.local_run is not None:
             local = local_report(sources.local_run, sources.local_source, sources.replayed_from, r2, options, nmap,
@@ -158,6 +160,17 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
                          unreadable=_once(lost))
+
+
+def _auto_map(options: CompareOptions, r1: StoreReader, r2: StoreReader) -> tuple[CompareOptions, list[str]]:
+    """Without a map, the shipped map declared for the runs' models, if one is (and a note)."""
+    if options.name_map is not None or not options.auto_map:
+        return options, []
+    pick = pick_map(r1.manifest, r2.manifest)
+    if pick.map is not None:
+        _log.info("%s", pick.note)
+        options = options.with_map(pick.map)
+    return options, [pick.note] if pick.note else []
 
 
 def _once(entries: Sequence[Unreadable]) -> tuple[Unreadable, ...]:

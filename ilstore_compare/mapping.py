@@ -3,6 +3,8 @@
 A map file is a JSON object::
 
     {
+      "architectures": ["LlamaForCausalLM"],
+      "engines": {"dir1": "vllm", "dir2": "transformers"},
       "apply_to": "dir1",
       "rules": [["^logits_processor$", "lm_head"]],
       "path_rules": [
@@ -27,6 +29,11 @@ A map file is a JSON object::
 * ``squeeze_shapes`` compares shapes that differ only by size-1 dimensions after squeezing.
 * ``unaligned`` declares tensors that cannot be aligned, with the reason; they are reported
   with status ``unaligned`` and counted, never dropped. See :class:`UnalignedRule`.
+* ``architectures`` and ``engines`` (given together, both optional) say which runs the map is
+  for, so the comparer can pick it without ``--map``: the model architectures it aligns (the
+  manifest's ``model.architecture``, e.g. ``LlamaForCausalLM``) and the engine of each run (the
+  top-level package of the manifest's ``model.class``: ``vllm``, ``transformers``). See
+  :meth:`NameMap.applies_to` and :mod:`ilstore_compare.maps`.
 
 Tensor paths are written ``kind/elem/...`` (``"outputs/0"``, ``"inputs/hidden_states"``,
 ``"outputs"``) or as the reports show them (``"outputs[0]"``).
@@ -43,7 +50,7 @@ import difflib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +59,9 @@ from ilstore.keys import KINDS, decode_part, encode_part
 from .errors import NameMapError
 
 __all__ = ["NameMap", "Rule", "PathRule", "UnalignedRule", "TensorPath", "parse_tensor_path", "format_tensor_path",
-           "display_tensor_path"]
+           "display_tensor_path", "model_engine"]
 
-_KEYS = ("rules", "apply_to", "path_rules", "squeeze_shapes", "unaligned", "comment")
+_KEYS = ("rules", "apply_to", "path_rules", "squeeze_shapes", "unaligned", "architectures", "engines", "comment")
 _SIDES = ("dir1", "dir2")
 _PATH_RULE_KEYS = ("module", "path", "sum", "to", "select", "side", "comment")
 _UNALIGNED_KEYS = ("module", "tensor", "side", "reason", "comment")
@@ -88,6 +95,19 @@ def parse_tensor_path(text: Any, where: str) -> TensorPath:
         hint = f"; did you mean {close[0]!r}?" if close else f"; a path starts with one of {', '.join(KINDS)}"
         raise NameMapError(f"{where}: {text!r} is not a tensor path: unknown kind {kind!r}{hint}")
     return kind, path
+
+
+def model_engine(model: Mapping[str, Any] | None) -> str | None:
+    """The engine a run's model comes from: the top-level package of its manifest ``model.class``.
+
+    Example:
+        >>> model_engine({"class": "vllm.model_executor.models.llama.LlamaForCausalLM"})
+        'vllm'
+        >>> model_engine(None) is None
+        True
+    """
+    cls = model.get("class") if isinstance(model, Mapping) else None
+    return cls.split(".", 1)[0] if isinstance(cls, str) and cls else None
 
 
 def format_tensor_path(tp: TensorPath) -> str:
@@ -230,6 +250,9 @@ class NameMap:
         path_rules: tensor rules (move, select, sum), in priority order.
         squeeze_shapes: compare shapes that differ only by size-1 dimensions.
         unaligned: declarations of tensors that cannot be aligned.
+        architectures: the model architectures the map is for (empty: not picked by itself).
+        engines: ``{"dir1": engine, "dir2": engine}`` the map is for (empty with
+            ``architectures``).
     """
 
     rules: tuple[Rule, ...] = ()
@@ -238,6 +261,25 @@ class NameMap:
     path_rules: tuple[PathRule, ...] = ()
     squeeze_shapes: bool = False
     unaligned: tuple[UnalignedRule, ...] = ()
+    architectures: tuple[str, ...] = ()
+    engines: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def applies_to(self, model1: Mapping[str, Any] | None, model2: Mapping[str, Any] | None) -> bool:
+        """Whether the map is declared for runs of these models (the manifests' ``model`` entries).
+
+        True when the map declares ``architectures`` and ``engines``, both runs' architectures
+        are among the map's, and each run's engine (:func:`model_engine`) is the one the map
+        names for its side. A run without a ``model`` entry (captured before ilstore recorded
+        it) matches nothing.
+        """
+        if not self.architectures:
+            return False
+        for side, model in (("dir1", model1), ("dir2", model2)):
+            if not isinstance(model, Mapping) or model.get("architecture") not in self.architectures:
+                return False
+            if model_engine(model) != self.engines.get(side):
+                return False
+        return True
 
     def rename(self, module: str) -> str:
         """Rewrite one module name through every rule, in order."""
@@ -266,6 +308,9 @@ class NameMap:
             out["squeeze_shapes"] = True
         if self.unaligned:
             out["unaligned"] = [r.to_dict() for r in self.unaligned]
+        if self.architectures:
+            out["architectures"] = list(self.architectures)
+            out["engines"] = dict(self.engines)
         return out
 
     @classmethod
@@ -296,7 +341,8 @@ class NameMap:
         squeeze = data.get("squeeze_shapes", False)
         if not isinstance(squeeze, bool):
             raise NameMapError(f"{where}: squeeze_shapes must be true or false, got {squeeze!r}")
-        return cls(rules, apply_to, source, path_rules, squeeze, unaligned)
+        architectures, engines = _applies(data, where)
+        return cls(rules, apply_to, source, path_rules, squeeze, unaligned, architectures, engines)
 
     @classmethod
     def load(cls, path: str | Path) -> NameMap:
@@ -333,6 +379,32 @@ def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(allowed)}"
             raise NameMapError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _applies(data: Mapping[str, Any], where: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """``architectures`` and ``engines``: both or neither."""
+    if ("architectures" in data) != ("engines" in data):
+        given, missing = ("architectures", "engines") if "architectures" in data else ("engines", "architectures")
+        raise NameMapError(f"{where}: \"{given}\" needs \"{missing}\" too: a map says which runs it is for with "
+                           "both (e.g. \"architectures\": [\"LlamaForCausalLM\"], \"engines\": "
+                           "{\"dir1\": \"vllm\", \"dir2\": \"transformers\"})")
+    if "architectures" not in data:
+        return (), {}
+    archs = data["architectures"]
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) and a for a in archs):
+        raise NameMapError(f"{where}: \"architectures\" must be a non-empty list of architecture names "
+                           f"(a manifest's model.architecture, e.g. \"LlamaForCausalLM\"), got {archs!r}")
+    engines = data["engines"]
+    if not isinstance(engines, Mapping):
+        raise NameMapError(f"{where}: \"engines\" must be an object {{\"dir1\": engine, \"dir2\": engine}}, "
+                           f"got {engines!r}")
+    _check_keys(engines, _SIDES, f"{where}: engines")
+    for side in _SIDES:
+        value = engines.get(side)
+        if not isinstance(value, str) or not value or "." in value:
+            raise NameMapError(f"{where}: engines.{side} must be the top-level package of the model class of "
+                               f"that run (e.g. \"vllm\", \"transformers\"), got {value!r}")
+    return tuple(archs), {side: str(engines[side]) for side in _SIDES}
 
 
 def _list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import OptionError
 from .mapping import NameMap
+from .maps import resolve_map
 from .pairing import compile_patterns, split_patterns
 
 __all__ = ["CompareOptions", "reported_options"]
@@ -40,8 +41,9 @@ class CompareOptions:
     Fields accept a few loose forms, stored canonically: ``steps`` any iterable of integers
     (stored sorted, without repeats), ``modules`` a comma-separated string or a list of them
     (stored as one tuple of regexes), ``name_map`` a :class:`~ilstore_compare.mapping.NameMap`,
-    its dict form or a JSON file path (stored as the map's JSON form), ``squeeze_shapes`` None
-    (stored as what the map says, off without a map).
+    its dict form, a JSON file path or a shipped map's name (stored as the map's JSON form),
+    ``squeeze_shapes`` None (stored as what the map says, off without a map; it then follows
+    the map the comparer picks by itself, see ``auto_map``).
 
     Attributes:
         rtol: relative tolerance (against the dir2 value): an element matches when
@@ -56,6 +58,10 @@ class CompareOptions:
         name_map: the map (JSON form), if any: module renames, path rules, unaligned
             declarations.
         squeeze_shapes: shapes that differ only by size-1 dimensions are compared squeezed.
+        auto_map: without ``name_map``, use the shipped map declared for the two runs'
+            models and engines (their manifests' ``model``), if exactly one is
+            (:func:`ilstore_compare.maps.pick_map`); the report's notes say which, and its
+            options record the map as ``name_map``. Not recorded itself.
         allow_unaligned: tensors the map declares unaligned do not count against the exit
             status (by default they do: coverage fails closed).
         workers: tensor pairs compared in parallel (threads); it does not change the result,
@@ -87,6 +93,7 @@ class CompareOptions:
     allow_stats_only: bool = False
     name_map: dict[str, Any] | NameMap | str | Path | None = None  # stored as the dict form
     squeeze_shapes: bool | None = None
+    auto_map: bool = field(default=True, metadata={"reported": False})
     allow_unaligned: bool = False
     workers: int = field(default=1, metadata={"reported": False})
     replay: str | Path | None = None  # stored as a string
@@ -115,14 +122,15 @@ class CompareOptions:
                 raise OptionError("modules", "no pattern given (pass None to compare every module)")
             compile_patterns(patterns)
             self._set("modules", patterns)
-        nmap = NameMap.coerce(self.name_map)
+        nmap = resolve_map(self.name_map)
         self._set("name_map", nmap.to_dict() if nmap is not None else None)
         self.__dict__["map"] = nmap  # the parsed map, so the ``map`` property need not parse it again
         squeeze = self.squeeze_shapes
+        self.__dict__["squeeze_follows_map"] = squeeze is None
         if squeeze is None:  # as the map says
             squeeze = nmap is not None and nmap.squeeze_shapes
         self._set("squeeze_shapes", bool(squeeze))
-        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned", "keep_going"):
+        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned", "keep_going", "auto_map"):
             self._set(name, bool(getattr(self, name)))
         self._check_replay()
 
@@ -157,12 +165,22 @@ class CompareOptions:
         """The name map as an object (None without one); parsed once."""
         return NameMap.from_dict(self.name_map) if self.name_map is not None else None
 
+    @property
+    def squeeze_follows_map(self) -> bool:
+        """``squeeze_shapes`` was not given: it is what the map says (and follows a new map)."""
+        return bool(self.__dict__.get("squeeze_follows_map", False))
+
+    def with_map(self, name_map: NameMap) -> CompareOptions:
+        """These options with ``name_map`` (``squeeze_shapes`` follows it unless it was given)."""
+        return self.create(self, name_map=name_map)
+
     @classmethod
     def create(cls, base: CompareOptions | None = None, **changes: Any) -> CompareOptions:
         """Options by name, on top of ``base`` if given (validated like a new object).
 
-        With a ``base``, ``squeeze_shapes`` keeps its resolved value unless it is given (pass
-        None to follow a new ``name_map``).
+        With a ``base``, ``squeeze_shapes`` stays as it was given: if the base's was given, its
+        value is kept; if it followed the base's map, it follows the new options' map (pass
+        a value to set it, None to follow the map).
 
         Raises:
             OptionError: an unknown option name (with a "did you mean") or a bad value.
@@ -175,7 +193,11 @@ class CompareOptions:
                 raise OptionError(name, f"unknown option; {hint}")
         if base is None:
             return cls(**changes)
-        return dataclasses.replace(base, **changes) if changes else base
+        if not changes:
+            return base
+        if "squeeze_shapes" not in changes and base.squeeze_follows_map:
+            changes["squeeze_shapes"] = None
+        return dataclasses.replace(base, **changes)
 
 
 def reported_options(options: CompareOptions) -> dict[str, Any]:
