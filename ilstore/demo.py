@@ -34,6 +34,9 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: A
         seed: ``torch.manual_seed`` used before building, so weights are reproducible.
         **overrides: ``LlamaConfig`` fields to change.
     """
+    from .errors import require
+
+    require("transformers", "the demo model (a tiny Hugging Face Llama)", "hf")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     params: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

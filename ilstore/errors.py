@@ -15,6 +15,8 @@ __all__ = [
     "RunNotFoundError",
     "CorruptFileError",
     "UnsafePathError",
+    "MissingDependencyError",
+    "require",
 ]
 
 
@@ -60,3 +62,24 @@ class CorruptFileError(StoreError):
 
 class UnsafePathError(StoreError):
     """A name or a file reference would resolve outside the run directory."""
+
+
+class MissingDependencyError(IlstoreError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+
+def require(module: str, feature: str, extra: str) -> object:
+    """Import an optional dependency, or raise :class:`MissingDependencyError` saying how to get it.
+
+    Example:
+        >>> require("json", "the demo", "hf").__name__
+        'json'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{feature} needs the Python package {module!r}, which is not installed ({exc}); "
+            f"install it with: pip install 'ilstore[{extra}]'") from None

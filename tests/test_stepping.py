@@ -119,3 +119,17 @@ def test_the_manifest_names_the_model(tmp_path: Path) -> None:
     with ilstore.capture(Two(), {"output_dir": str(tmp_path), "run_id": "t"}) as cap:
         pass
     assert json.loads((cap.run_dir / "ilstore.json").read_text())["model"]["architecture"] == "Two"
+
+
+def test_a_missing_optional_dependency_names_the_extra(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"  # as if transformers were not installed
+            "from ilstore.cli import main\n"
+            f"sys.argv = ['ilstore', 'demo', '--output-dir', {str(tmp_path)!r}]\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "needs the Python package 'transformers'" in proc.stderr and "pip install 'ilstore[hf]'" in proc.stderr
