@@ -153,9 +153,10 @@ class ReplaySource:
         self._stats: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, Any]]] = {}
 
     def end_step(self) -> None:
-        """Forget the step's fed tensors."""
+        """Forget the step's fed tensors and call lists (a long replay keeps memory flat)."""
         self._fed.clear()
         self._stats.clear()
+        self._calls.clear()
 
     def known_stats(self, t: torch.Tensor) -> dict[str, Any] | None:
         """The reference's statistics of ``t`` if ``t`` was fed from the reference unchanged."""

@@ -302,3 +302,15 @@ def test_index_is_the_same_whatever_the_read_size(out_dir: Path, monkeypatch: py
         assert seen[0] == [0, 1, 3, 4]
         assert expected is None or seen == expected, size
         expected = seen
+
+
+@pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
+def test_reading_a_run_step_by_step_keeps_few_steps_cached(out_dir: Path, backend: str) -> None:
+    run_dir = _capture(out_dir, 12, backend=backend)
+    with ilstore.open_run(run_dir) as run:
+        for step in run.steps():
+            for key in run.keys(step):
+                run.meta(key)
+            assert set(run._structures) <= set(range(step - 3, step + 1))  # noqa: SLF001 - the cache itself
+        assert len(run._structures) == 4  # noqa: SLF001
+        assert run.meta(run.keys(0)[0])["shape"] == [1, 4]  # an evicted step is read again

@@ -16,6 +16,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,10 @@ class StoreWriter(ABC):
         """Release backend resources (optional)."""
 
 
+#: How many steps' structures a reader keeps (the most recently read ones).
+_CACHED_STEPS = 4
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     """The run's manifest, None if there is none; CorruptFileError if it is unreadable."""
     path = run_dir / MANIFEST_NAME
@@ -292,7 +297,9 @@ class StoreReader(ABC):
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.manifest = read_manifest(self.run_dir)
-        self._structures: dict[tuple[CallKey, str], Any] = {}
+        # Structures of the most recently read steps only (step -> (call, kind) -> structure), so
+        # streaming a long run (compare, convert, replay) keeps memory flat.
+        self._structures: OrderedDict[int, dict[tuple[CallKey, str], Any]] = OrderedDict()
         self._journal = _journal_of(self.run_dir, self.manifest)
 
     @classmethod
@@ -425,9 +432,16 @@ class StoreReader(ABC):
                 files have no data for it; names the journal (or manifest).
         """
         cache_key = (call, kind)
-        if cache_key not in self._structures:
+        step_cache = self._structures.get(call.step)
+        if step_cache is None:
+            step_cache = self._structures[call.step] = {}
+            while len(self._structures) > _CACHED_STEPS:
+                self._structures.popitem(last=False)
+        else:
+            self._structures.move_to_end(call.step)
+        if cache_key not in step_cache:
             try:
-                self._structures[cache_key] = self._read_structure(call, kind)
+                step_cache[cache_key] = self._read_structure(call, kind)
             except KeyError:
                 recorded = self._manifest_calls("calls", call.step)
                 if recorded is None or call not in recorded:
@@ -435,7 +449,7 @@ class StoreReader(ABC):
                 source = self._journal.path if self._journal is not None else self.run_dir / MANIFEST_NAME
                 raise CorruptFileError(source, f"lists module call {call.module}#{call.call} of step {call.step}, "
                                        "but the run has no data for it (the files disagree)") from None
-        return self._structures[cache_key]
+        return step_cache[cache_key]
 
     def tensor_nodes(self, call: CallKey, kind: str) -> Iterator[tuple[TensorKey, dict[str, Any]]]:
         for path, node in iter_tensor_nodes(self.structure(call, kind)):
