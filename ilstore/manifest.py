@@ -87,7 +87,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     """The manifest of ``run_dir``, None if it has none.
 
-    The same check as :func:`ilstore.store.base.read_manifest`, importable without torch.
+    Importable without torch (``ilstore ls`` reads runs with it); the store readers use it too.
 
     Raises:
         CorruptFileError: the file is unreadable, not JSON, or not an ilstore manifest.

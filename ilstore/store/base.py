@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from abc import ABC, abstractmethod
@@ -34,6 +33,7 @@ from ..manifest import (
     JournalWriter,
     calls_from_json,
     calls_to_json,
+    read_manifest,
     write_json_atomic,
 )
 from ..records import Record, dtype_from_str, iter_tensor_nodes
@@ -251,20 +251,6 @@ class StoreWriter(ABC):
 
 #: How many steps' structures a reader keeps (the most recently read ones).
 _CACHED_STEPS = 4
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    """The run's manifest, None if there is none; CorruptFileError if it is unreadable."""
-    path = run_dir / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(path, f"unreadable manifest: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != "ilstore":
-        raise CorruptFileError(path, "not an ilstore manifest (no \"format\": \"ilstore\")")
-    return data
 
 
 class StoreReader(ABC):
