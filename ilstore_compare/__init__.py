@@ -20,11 +20,35 @@ Example:
 
 from __future__ import annotations
 
-from .engine import compare
-from .errors import AmbiguousRunError, CompareError, NameMapError, OptionError
-from .mapping import NameMap
-from .options import CompareOptions
-from .result import CallResult, CompareResult, Divergence, Summary, TensorResult
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .engine import compare
+    from .errors import AmbiguousRunError, CompareError, NameMapError, OptionError
+    from .mapping import NameMap
+    from .options import CompareOptions
+    from .result import CallResult, CompareResult, Divergence, Summary, TensorResult
 
 __all__ = ["compare", "CompareResult", "CompareOptions", "TensorResult", "CallResult", "Divergence", "Summary",
            "NameMap", "CompareError", "OptionError", "AmbiguousRunError", "NameMapError"]
+
+#: Public name -> the submodule that defines it. Imported on first use (PEP 562), so
+#: ``ilstore-compare --help`` and the command line's option checks do not import torch.
+_LAZY = {
+    "compare": "engine", "CompareOptions": "options", "NameMap": "mapping",
+    **{name: "errors" for name in ("CompareError", "OptionError", "AmbiguousRunError", "NameMapError")},
+    **{name: "result" for name in ("CompareResult", "TensorResult", "CallResult", "Divergence", "Summary")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -15,30 +15,42 @@ per unreadable tensor too) and the progress bar go to stderr.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ilstore.errors import IlstoreError
 
-from .engine import compare
 from .errors import OptionError
 from .options import CompareOptions
-from .pairing import parse_steps
-from .report_html import render_html
-from .report_json import render_json
-from .report_md import render_markdown
-from .result import CompareResult
+from .selection import parse_steps
+
+if TYPE_CHECKING:
+    from .result import CompareResult
+
+# The engine and the report renderers (torch and all) are imported when a comparison runs, so
+# `ilstore-compare --help` and option errors answer without importing torch.
 
 __all__ = ["compare_cmd", "main", "run", "RENDERERS", "FLAGS"]
 
 #: Report format → renderer ``(result, verbose) -> text``.
+def _renderer(module: str, name: str) -> Callable[[CompareResult, bool], str]:
+    def render(result: CompareResult, verbose: bool) -> str:
+        fn: Callable[[CompareResult, bool], str] = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        return fn(result, verbose)
+
+    render.__name__ = name
+    return render
+
+
 RENDERERS: dict[str, Callable[[CompareResult, bool], str]] = {
-    "md": render_markdown, "json": render_json, "html": render_html}
+    "md": _renderer("report_md", "render_markdown"), "json": _renderer("report_json", "render_json"),
+    "html": _renderer("report_html", "render_html")}
 _EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html", ".htm": "html"}
 
 #: :class:`CompareOptions` field → the flag that sets it (the one place the two namings meet).
@@ -91,6 +103,8 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
     Raises:
         IlstoreError: bad input (the CLI turns it into exit status 2).
     """
+    from .engine import compare
+
     fmt = report_format(fmt, output)
     options = CompareOptions.create(options, keep_going=True)
     bar = _ProgressBar() if sys.stderr.isatty() else None

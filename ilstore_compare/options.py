@@ -29,7 +29,7 @@ from typing import Any
 from .errors import OptionError
 from .mapping import NameMap
 from .maps import resolve_map
-from .pairing import compile_patterns, split_patterns
+from .selection import compile_patterns, split_patterns
 
 __all__ = ["CompareOptions", "reported_options"]
 

@@ -22,8 +22,9 @@ from ilstore.store.base import StoreReader
 from ilstore.store.registry import detect_backend
 
 from .align import Side, align_call
-from .errors import AmbiguousRunError, NameMapError, OptionError
+from .errors import AmbiguousRunError, NameMapError
 from .mapping import NameMap, PathRule, TensorPath
+from .selection import compile_patterns, parse_steps, split_patterns  # re-exported: they lived here
 
 __all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
            "compile_patterns", "build_plan"]
@@ -68,59 +69,6 @@ def resolve_run_dir(path: str | Path) -> Path:
     if runs:
         raise AmbiguousRunError(p, [str(r) for r in runs])
     raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
-
-
-# -- filters ----------------------------------------------------------------------------------
-def parse_steps(text: str) -> tuple[int, ...]:
-    """``"0,2,5-7"`` → ``(0, 2, 5, 6, 7)``.
-
-    Raises:
-        OptionError: anything but non-negative integers and ranges (option ``steps``).
-    """
-    steps: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not m:
-            raise OptionError("steps", f"{part!r} is not a step number or a range like 2-5 (in {text!r})")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise OptionError("steps", f"empty range {part!r}")
-        steps.extend(range(lo, hi + 1))
-    return tuple(sorted(set(steps)))
-
-
-def split_patterns(text: str) -> list[str]:
-    """Split a comma-separated regex list at top-level commas only (``a{1,3},b`` → two)."""
-    out, depth, cur, escaped = [], 0, [], False
-    for ch in text:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-            continue
-        if ch == "\\":
-            escaped = True
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth = max(0, depth - 1)
-        elif ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-            continue
-        cur.append(ch)
-    out.append("".join(cur).strip())
-    return [p for p in out if p]
-
-
-def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    """Compile module regexes; an :class:`OptionError` (option ``modules``) names a bad one."""
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise OptionError("modules", f"bad regex {pattern!r}: {exc}") from None
-    return compiled
 
 
 # -- the plan ---------------------------------------------------------------------------------

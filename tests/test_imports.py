@@ -136,3 +136,20 @@ def test_package_names_are_imported_on_first_use() -> None:
             "else:\n"
             "    raise AssertionError('no AttributeError')\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_compare_help_and_option_errors_import_no_torch() -> None:
+    """``ilstore-compare --help`` (issue 18: at most 0.3 s) and a bad option answer before torch is needed."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from ilstore_compare.cli import main\n"
+            "sys.argv = ['ilstore-compare'] + sys.argv[1:]\n"
+            "try:\n    main()\n"
+            "except SystemExit as exc:\n    code = exc.code\n"
+            "heavy = [m for m in ('torch', 'h5py', 'safetensors') if m in sys.modules]\n"
+            "print('HEAVY', heavy, 'CODE', code)\n")
+    for args, expect in ((["--help"], 0), (["--dir1", "a", "--dir2", "b", "--rtol", "-1"], 2)):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert f"HEAVY [] CODE {expect}" in proc.stdout, (args, proc.stdout, proc.stderr)

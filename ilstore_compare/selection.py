@@ -1,0 +1,65 @@
+"""Step and module selections of a comparison: parsing only, importable without torch.
+
+``ilstore-compare --help`` and option checking use these before any run is opened.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import OptionError
+
+__all__ = ["parse_steps", "split_patterns", "compile_patterns"]
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """``"0,2,5-7"`` → ``(0, 2, 5, 6, 7)``.
+
+    Raises:
+        OptionError: anything but non-negative integers and ranges (option ``steps``).
+    """
+    steps: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise OptionError("steps", f"{part!r} is not a step number or a range like 2-5 (in {text!r})")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise OptionError("steps", f"empty range {part!r}")
+        steps.extend(range(lo, hi + 1))
+    return tuple(sorted(set(steps)))
+
+
+def split_patterns(text: str) -> list[str]:
+    """Split a comma-separated regex list at top-level commas only (``a{1,3},b`` → two)."""
+    out, depth, cur, escaped = [], 0, [], False
+    for ch in text:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+            continue
+        if ch == "\\":
+            escaped = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return [p for p in out if p]
+
+
+def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    """Compile module regexes; an :class:`OptionError` (option ``modules``) names a bad one."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise OptionError("modules", f"bad regex {pattern!r}: {exc}") from None
+    return compiled
