@@ -89,6 +89,11 @@ def _opaque(hook: Any, skip_in_graph: bool = False) -> Any:
     e.g. vLLM's ``fullgraph=True``), a traced hook does nothing at all instead, so calls inside
     compiled regions are not recorded (as with CUDA graph replays).
     """
+    if "torch._dynamo" not in sys.modules:
+        # Nobody has compiled anything yet: importing dynamo only to wrap the hooks would add a
+        # second or more to every capture's set-up. Attach the capture after torch.compile(...)
+        # (docs/capture.md); Capture warns when dynamo appears later.
+        return hook
     opaque = torch.compiler.disable(hook, recursive=True)
     if not skip_in_graph:
         return opaque
@@ -166,6 +171,7 @@ class Capture:
         if in_compiled not in ("break", "skip"):
             raise ValueError(f"in_compiled must be 'break' or 'skip', got {in_compiled!r}")
         self._skip_in_graph = in_compiled == "skip"
+        self._opaque_hooks = "torch._dynamo" in sys.modules  # see _opaque
         self.step_index = 0
         self.run_dir: Path | None = None
         self.rank, self.world_size = 0, 1
@@ -264,6 +270,12 @@ class Capture:
     def _begin_step(self) -> _StepState:
         step = self._step = _StepState(self.config.logs_step(self.step_index))
         step.graph_breaks = _hook_graph_breaks()
+        if not self._opaque_hooks and "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+            self._opaque_hooks = True  # warn once
+            warnings.warn("ilstore: torch.compile was first used after this capture was attached, so its hooks are "
+                          "not opaque to dynamo: a compiled forward traces ilstore's own code (recompilations, "
+                          "slow compiles). Attach the capture after calling torch.compile(...).",
+                          IlstoreWarning, stacklevel=4)
         return step
 
     def _warn_graph_breaks(self, step: _StepState) -> None:

@@ -87,3 +87,16 @@ def test_fullgraph_compilation_needs_hooks_that_step_aside(tmp_path: Path) -> No
         model(x)  # an eager call is recorded as usual
     with ilstore.open_run(cap.run_dir) as run:
         assert run.steps() == [0] and [c.module for c in run.calls(0)] == ["0", "1", "2"]
+
+
+def test_a_capture_of_an_eager_model_does_not_import_dynamo() -> None:
+    """Wrapping the hooks for dynamo needs dynamo (a second or more to import); without compile, no cost."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile, torch, ilstore\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(2, 2))\n"
+            "with ilstore.capture(m, {'output_dir': tempfile.mkdtemp()}):\n    m(torch.ones(1, 2))\n"
+            "print('DYNAMO', 'torch._dynamo' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "DYNAMO False" in proc.stdout, proc.stderr
