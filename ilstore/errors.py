@@ -16,6 +16,7 @@ __all__ = [
     "CorruptFileError",
     "UnsafePathError",
     "MissingDependencyError",
+    "AmbiguousRunError",
     "require",
 ]
 
@@ -62,6 +63,21 @@ class CorruptFileError(StoreError):
 
 class UnsafePathError(StoreError):
     """A name or a file reference would resolve outside the run directory."""
+
+
+class AmbiguousRunError(StoreError):
+    """A directory given as a run holds several runs; the message lists them.
+
+    Attributes:
+        directory: the directory given.
+        runs: the run directories found inside.
+    """
+
+    def __init__(self, directory: object, runs: list[str]) -> None:
+        self.directory = str(directory)
+        self.runs = list(runs)
+        listing = "\n".join(f"  - {r}" for r in self.runs)
+        super().__init__(f"{self.directory}: holds {len(self.runs)} runs; pass one of them:\n{listing}")
 
 
 class MissingDependencyError(IlstoreError, ImportError):

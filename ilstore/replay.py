@@ -31,9 +31,9 @@ import torch
 
 from .errors import IlstoreError, RunNotFoundError, StoreError
 from .keys import CallKey, TensorKey
-from .manifest import MANIFEST_NAME
 from .records import iter_tensor_nodes, node_at, rebuild_tensor
 from .store.base import StoreReader, read_manifest
+from .store.registry import find_run
 
 __all__ = ["ReplaySource", "CallReplay", "resolve_reference", "rng_marker"]
 
@@ -48,18 +48,12 @@ def resolve_reference(path: str | Path) -> Path:
         RunNotFoundError: no such directory, or neither a run nor a directory holding one.
         StoreError: the directory holds several runs (they are named).
     """
-    p = Path(path)
-    if not p.is_dir():
-        raise RunNotFoundError(f"replay_from: {p}: no such run directory")
-    if (p / MANIFEST_NAME).exists() or any(c.name.startswith("step_") for c in p.iterdir()):
-        return p
-    runs = sorted(c for c in p.iterdir() if c.is_dir() and (c / MANIFEST_NAME).exists())
-    if len(runs) == 1:
-        return runs[0]
-    if runs:
-        raise StoreError(f"replay_from: {p} holds {len(runs)} runs ({', '.join(r.name for r in runs)}); "
-                         "name one run directory")
-    raise RunNotFoundError(f"replay_from: {p}: not a run directory and no run inside it")
+    try:
+        return find_run(path)
+    except RunNotFoundError as exc:
+        raise RunNotFoundError(f"replay_from: {exc}") from None
+    except StoreError as exc:
+        raise StoreError(f"replay_from: {exc}") from None
 
 
 def rng_marker(devices: set[torch.device]) -> tuple[Any, ...]:

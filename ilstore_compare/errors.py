@@ -5,6 +5,7 @@ The CLI turns every one of them into exit status 2 ("the user must fix something
 
 from __future__ import annotations
 
+from ilstore.errors import AmbiguousRunError as _CoreAmbiguousRunError
 from ilstore.errors import IlstoreError, RunNotFoundError
 
 __all__ = ["CompareError", "OptionError", "AmbiguousRunError", "NameMapError", "RunNotFoundError"]
@@ -31,18 +32,8 @@ class OptionError(CompareError):
         super().__init__(f"{option}: {detail}")
 
 
-class AmbiguousRunError(CompareError):
-    """A directory given as a run holds several runs; the message lists them.
-
-    Attributes:
-        runs: the run directories found inside.
-    """
-
-    def __init__(self, directory: object, runs: list[str]) -> None:
-        self.directory = str(directory)
-        self.runs = list(runs)
-        listing = "\n".join(f"  - {r}" for r in self.runs)
-        super().__init__(f"{self.directory}: holds {len(self.runs)} runs; pass one of them:\n{listing}")
+class AmbiguousRunError(CompareError, _CoreAmbiguousRunError):
+    """A directory given as a run holds several runs; the message lists them (``directory``, ``runs``)."""
 
 
 class NameMapError(CompareError):

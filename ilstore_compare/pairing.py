@@ -9,17 +9,15 @@ metadata only; no tensor is loaded here.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ilstore.errors import RunNotFoundError
+from ilstore.errors import AmbiguousRunError as CoreAmbiguousRunError
 from ilstore.keys import KINDS, CallKey, TensorKey
-from ilstore.manifest import MANIFEST_NAME
 from ilstore.store.base import StoreReader
-from ilstore.store.registry import detect_backend
+from ilstore.store.registry import find_run
 
 from .align import Side, align_call
 from .errors import AmbiguousRunError, NameMapError
@@ -29,20 +27,7 @@ from .selection import compile_patterns, parse_steps, split_patterns  # re-expor
 __all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
            "compile_patterns", "build_plan"]
 
-_log = logging.getLogger(__name__)
-
-
 # -- run directories -------------------------------------------------------------------------
-def _is_run(path: Path) -> bool:
-    if (path / MANIFEST_NAME).is_file():
-        return True
-    try:
-        detect_backend(path)
-    except RunNotFoundError:
-        return False
-    return True
-
-
 def resolve_run_dir(path: str | Path) -> Path:
     """The run directory ``path`` stands for: itself, or the one run inside an ``output_dir``.
 
@@ -51,24 +36,10 @@ def resolve_run_dir(path: str | Path) -> Path:
             directory holding one.
         AmbiguousRunError: ``path`` holds several runs (they are listed).
     """
-    p = Path(path)
-    if not p.exists():
-        raise RunNotFoundError(f"{p}: no such run directory")
-    if not p.is_dir():
-        raise RunNotFoundError(f"{p}: not a directory")
-    if _is_run(p):
-        return p
     try:
-        children = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
-    except OSError as exc:
-        raise RunNotFoundError(f"{p}: cannot list the directory: {exc.strerror}") from None
-    runs = [c for c in children if _is_run(c)]
-    if len(runs) == 1:
-        _log.info("%s holds one run; using %s", p, runs[0])
-        return runs[0]
-    if runs:
-        raise AmbiguousRunError(p, [str(r) for r in runs])
-    raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
+        return find_run(path)
+    except CoreAmbiguousRunError as exc:
+        raise AmbiguousRunError(exc.directory, exc.runs) from None
 
 
 # -- the plan ---------------------------------------------------------------------------------

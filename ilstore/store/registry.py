@@ -14,6 +14,7 @@ manifest (:func:`~ilstore.manifest.new_manifest`).
 from __future__ import annotations
 
 import difflib
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,13 +23,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ..errors import BackendError, RunNotFoundError, StoreError
+from ..errors import AmbiguousRunError, BackendError, RunNotFoundError, StoreError
 from ..manifest import MANIFEST_NAME
 from .base import StoreReader, StoreWriter, read_manifest
 from .ranks import RankedReader
 
 __all__ = ["Backend", "ENTRY_POINT_GROUP", "BUILTIN_BACKENDS", "get_backend", "backend_names", "register_backend",
-           "detect_backend", "open_run"]
+           "detect_backend", "open_run", "find_run"]
 
 ENTRY_POINT_GROUP = "ilstore.backends"
 
@@ -165,3 +166,44 @@ def open_run(path: str | Path) -> StoreReader:
         raise
     except OSError as exc:
         raise StoreError(f"{run_dir}: cannot open run: {exc}") from None
+
+
+_log = logging.getLogger(__name__)
+
+
+def _is_run(path: Path) -> bool:
+    if (path / MANIFEST_NAME).is_file():
+        return True
+    try:
+        detect_backend(path)
+    except RunNotFoundError:
+        return False
+    return True
+
+
+def find_run(path: str | Path) -> Path:
+    """The run directory ``path`` stands for: itself, or the one run inside an ``output_dir``.
+
+    Raises:
+        RunNotFoundError: ``path`` is missing, not a directory, or neither a run nor a
+            directory holding one.
+        AmbiguousRunError: ``path`` holds several runs (they are listed).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RunNotFoundError(f"{p}: no such run directory")
+    if not p.is_dir():
+        raise RunNotFoundError(f"{p}: not a directory")
+    if _is_run(p):
+        return p
+    try:
+        children = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+    except OSError as exc:
+        raise RunNotFoundError(f"{p}: cannot list the directory: {exc.strerror}") from None
+    runs = [c for c in children if _is_run(c)]
+    if len(runs) == 1:
+        _log.info("%s holds one run; using %s", p, runs[0])
+        return runs[0]
+    if runs:
+        raise AmbiguousRunError(p, [str(r) for r in runs])
+    raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
