@@ -7,6 +7,7 @@ Tests import this module by name (pytest puts tests/ on sys.path); conftest.py k
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -97,3 +98,35 @@ def native_hdf5(run_dir: Path, key) -> torch.Tensor:
         t = torch.view_as_complex(t)
     assert t.dtype == dtype
     return t
+
+
+# -- shared by several test modules -------------------------------------------------------------
+VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+
+
+def require_vllm_python() -> Path:
+    """The vLLM venv's python; a failure in CI (the tier must run there), a skip elsewhere."""
+    import pytest
+
+    if not VLLM_PYTHON.exists():
+        message = f"{VLLM_PYTHON} is missing: run `bash scripts/setup_vllm.sh` first"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return VLLM_PYTHON
+
+
+class Skipping(torch.nn.Module):
+    """Two Linears; the second runs only on the forwards (1-based) in ``second_on``, so
+    consecutive steps differ in their calls."""
+
+    def __init__(self, second_on: tuple[int, ...]) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.second_on = second_on
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.n += 1
+        y = self.a(x)
+        return self.b(y) if self.n in self.second_on else y

@@ -25,6 +25,7 @@ from ilstore.store.base import StepInfo
 from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
 from ilstore.store.registry import get_backend
 from ilstore.summary import summarize_run
+from support import Skipping
 
 
 def _small() -> torch.nn.Module:
@@ -86,22 +87,8 @@ def test_thousands_of_steps_append_constant_lines(out_dir: Path, monkeypatch: py
                                                                 "stored": 0, "bytes": 0}
 
 
-class _Skipping(torch.nn.Module):
-    """Calls its second layer only on odd steps, so the call order changes from step to step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        self.n = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.n += 1
-        y = self.a(x)
-        return self.b(y) if self.n in (2, 3, 5) else y
-
-
 def test_call_order_is_spelled_out_when_it_changes(out_dir: Path) -> None:
-    model = _Skipping()
+    model = Skipping((2, 3, 5))
     with torch.no_grad(), ilstore.capture(model, {"output_dir": str(out_dir), "run_id": "r",
                                                   "log_step_ids": []}) as cap:
         for _ in range(6):

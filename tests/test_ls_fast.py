@@ -27,27 +27,14 @@ from ilstore.store import registry
 from ilstore.store.base import StepInfo
 from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
 from ilstore.summary import _summary_from_journal, _summary_from_reader, summarize_run
+from support import Skipping
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
 FIXTURES = Path(__file__).parent / "fixtures" / "ilstore_0_1_runs"
 
 
-class _Skipping(torch.nn.Module):
-    """Its second layer runs on some steps only, so consecutive steps differ and some collapse."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        self.n = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.n += 1
-        y = self.a(x)
-        return self.b(y) if self.n in (2, 3, 4, 7) else y
-
-
 def _capture(out_dir: Path, backend: str, mode: str, steps: int = 8, run_id: str = "run") -> Path:
-    model = _Skipping()
+    model = Skipping((2, 3, 4, 7))
     config = {"output_dir": str(out_dir), "run_id": run_id, "backend": backend, "mode": mode, "log_step_ids": []}
     with torch.no_grad(), ilstore.capture(model, config) as cap:
         for _ in range(steps):

@@ -34,11 +34,11 @@ import torch
 
 import ilstore
 from ilstore.store.base import StoreReader
+from support import require_vllm_python
 
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 EXAMPLE = ROOT / "examples" / "offline_inference" / "llm_engine_example.py"
 LLAMA_MAP = ROOT / "ilstore_compare" / "maps" / "llama_vllm_to_hf.json"
 DEFAULT_OUTPUT_DIR = Path("/tmp/vllm_intermediates")  # the config's default output_dir
@@ -57,12 +57,7 @@ class Generation:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    if not VLLM_PYTHON.exists():
-        message = f"{VLLM_PYTHON} is missing: run `bash scripts/setup_vllm.sh` first"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return VLLM_PYTHON
+    return require_vllm_python()
 
 
 @pytest.fixture(scope="session")

@@ -24,11 +24,11 @@ import pytest
 import torch
 
 import ilstore
+from support import require_vllm_python
 
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 EXAMPLE = ROOT / "examples" / "offline_inference" / "llm_engine_example.py"
 PROMPT = "Hello, my name is"
 LAYERS = 2
@@ -36,12 +36,7 @@ LAYERS = 2
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    if not VLLM_PYTHON.exists():
-        message = f"{VLLM_PYTHON} is missing: run `bash scripts/setup_vllm.sh` first"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return VLLM_PYTHON
+    return require_vllm_python()
 
 
 def _vllm_and_hf_runs(python: Path, arch: str, out: Path) -> tuple[Path, Path]:
