@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ._kernel import Totals, fused
+
 __all__ = ["CHUNK", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp", "StatsCheck", "compare_tensors",
            "compare_many", "compare_stats", "is_float_dtype"]
 
@@ -210,6 +212,10 @@ _INFOS: tuple[tuple[str, MetricInfo], ...] = tuple(
     (f.name, replace(f.metadata["metric"], key=f.metadata["metric"].key or f.name)) for f in fields(TensorMetrics))
 #: Metrics computed chunk by chunk by their own function (``MetricInfo.chunk``).
 _STREAMED = tuple((name, info) for name, info in _INFOS if info.chunk is not None)
+_STREAMED_INFO = dict(_STREAMED)
+#: The dtypes the fused kernel reads as they are; other floating dtypes (float16, bfloat16,
+#: float8) are widened to float32 chunk by chunk first, which is exact.
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -312,13 +318,27 @@ class _Accumulator:
                                                             self.bb + bb, self.ab + ab)
         self.add_max(c_max, start + int(c_idx), c_rel)
 
-    def add_streamed(self, ca: torch.Tensor, cb: torch.Tensor) -> None:
+    def add_streamed(self, ca: torch.Tensor, cb: torch.Tensor, skip: tuple[str, ...] = ()) -> None:
         for name, info in _STREAMED:
-            assert info.chunk is not None
-            value = info.chunk(ca, cb)
-            if value is not None:
-                old = self.streamed.get(name)
-                self.streamed[name] = value if old is None else info.combine(old, value)
+            if name not in skip:
+                assert info.chunk is not None
+                self.add_value(name, info.chunk(ca, cb))
+
+    def add_value(self, name: str, value: Any) -> None:
+        """Combine one more value of a streamed metric (None: nothing measured)."""
+        if value is not None:
+            old = self.streamed.get(name)
+            self.streamed[name] = value if old is None else _STREAMED_INFO[name].combine(old, value)
+
+    def add_totals(self, t: Totals, start: int) -> None:
+        """Add what the fused kernel measured over elements ``start...``."""
+        self.mismatched += t.mismatched
+        self.finite += t.finite
+        self.nan1, self.nan2, self.inf1, self.inf2 = (self.nan1 + t.nan1, self.nan2 + t.nan2, self.inf1 + t.inf1,
+                                                      self.inf2 + t.inf2)
+        self.sum_abs, self.dd, self.aa, self.bb, self.ab = (self.sum_abs + t.sum_abs, self.dd + t.dd, self.aa + t.aa,
+                                                            self.bb + t.bb, self.ab + t.ab)
+        self.add_max(t.max_abs, start + t.max_at, t.max_rel)
 
     def result(self, n: int, shape: tuple[int, ...]) -> TensorMetrics:
         if self.finite == 0:
@@ -416,6 +436,9 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
     work = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
     if exact:
         rtol = atol = 0.0
+    if (not exact and n and a.is_floating_point() and b.is_floating_point()
+            and _feed_fused(acc, fa, fb, offset, rtol=rtol, atol=atol, equal_nan=equal_nan, chunk=chunk)):
+        return
     with torch.no_grad():
         for start in range(0, n, chunk):
             ca, cb = fa[start:start + chunk], fb[start:start + chunk]
@@ -436,6 +459,45 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
                 if equal_nan:
                     ok |= torch.isnan(x) & torch.isnan(y)
             acc.add_general(ok, x, y, offset + start)
+
+
+def _kernel_side(t: torch.Tensor) -> Any:
+    """A flat chunk as the numpy array the kernel reads (float16/bfloat16/float8 widened to float32)."""
+    if t.dtype not in _KERNEL_DTYPES:
+        t = t.to(torch.float32)
+    return t.detach().contiguous().numpy()
+
+
+def _feed_fused(acc: _Accumulator, fa: torch.Tensor, fb: torch.Tensor, offset: int, *, rtol: float, atol: float,
+                equal_nan: bool, chunk: int) -> bool:
+    """:func:`_feed` through the fused kernel (real floating tensors, flat, on the CPU); False
+    (nothing added) when the kernel is not available.
+
+    float32 and float64 tensors are read in place, whole; other dtypes chunk by chunk. The
+    kernel measures ``max_ulp`` itself when both sides have one such dtype; other streamed
+    metrics are still computed chunk by chunk by their own function.
+    """
+    if fa.device.type != "cpu" or fb.device.type != "cpu":
+        return False
+    n = fa.numel()
+    own_ulp = fa.dtype == fb.dtype and fa.dtype in _KERNEL_DTYPES
+    whole = fa.dtype in _KERNEL_DTYPES and fb.dtype in _KERNEL_DTYPES
+    step = n if whole else chunk
+    skip = ("max_ulp",) if own_ulp else ()
+    with torch.no_grad():
+        for start in range(0, n, step):
+            ca, cb = fa[start:start + step], fb[start:start + step]
+            totals = fused(_kernel_side(ca), _kernel_side(cb), rtol=rtol, atol=atol, equal_nan=equal_nan,
+                           with_ulp=own_ulp)
+            if totals is None:
+                return False
+            acc.add_totals(totals, offset + start)
+            if own_ulp:
+                acc.add_value("max_ulp", totals.max_ulp)
+            if len(_STREAMED) > len(skip):
+                for c_start in range(start, min(n, start + step), chunk):
+                    acc.add_streamed(fa[c_start:c_start + chunk], fb[c_start:c_start + chunk], skip)
+    return True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,125 @@
+"""The fused metrics kernel (numba) gives the results of the torch path of ilstore_compare.metrics.
+
+Counts, maxima, their index and max_ulp must be identical; the five float64 sums (mean |a-b|,
+rel L2, cosine) are added in another order, so they agree to rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from ilstore_compare import _kernel, metrics
+from ilstore_compare.metrics import TensorMetrics, compare_many, compare_tensors
+
+pytest.importorskip("numba")
+
+SUMS = ("mean_abs_diff", "rel_l2", "cosine")
+
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch, fn, *args, **kwargs) -> TensorMetrics:
+    with monkeypatch.context() as m:
+        m.setattr(metrics, "fused", lambda *a, **k: None)
+        return fn(*args, **kwargs)
+
+
+def _same(fast: TensorMetrics, slow: TensorMetrics) -> None:
+    for f in dataclasses.fields(TensorMetrics):
+        x, y = getattr(fast, f.name), getattr(slow, f.name)
+        if isinstance(x, float) and isinstance(y, float) and math.isnan(x):
+            assert math.isnan(y), (f.name, x, y)
+        elif f.name in SUMS and x is not None and y is not None:
+            assert math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-300), (f.name, x, y)
+        else:
+            assert x == y, (f.name, x, y)
+
+
+def _awkward(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair with NaN, +-Inf, +-0, equal values, ties of the largest difference and huge values."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    a = b + torch.randn(n, generator=g, dtype=torch.float64) * 1e-4
+    a[::17] = b[::17]  # exact matches
+    big = torch.finfo(dtype).max if dtype.is_floating_point else 1e30
+    for t, offset in ((a, 0), (b, 5)):
+        t[offset::101] = float("nan")
+        t[offset + 1::211] = float("inf")
+        t[offset + 2::307] = float("-inf")
+        t[offset + 3::401] = 0.0
+        t[offset + 4::409] = -0.0
+    a[7::997], b[7::997] = big / 2, -big / 2  # opposite huge values
+    a[n // 2], b[n // 2] = 40.0, 10.0  # a tie of the largest finite difference, the first one wins
+    a[n - 3], b[n - 3] = 70.0, 40.0
+    return a.to(dtype), b.to(dtype)
+
+
+PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float16, torch.float16),
+         (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+         (torch.float64, torch.float16)]
+
+
+def test_the_kernel_is_used_when_numba_is_installed() -> None:
+    assert _kernel.enabled()
+    t = _kernel.fused(torch.tensor([1.0, 2.0]).numpy(), torch.tensor([1.0, 2.5]).numpy(), rtol=0.0, atol=0.0,
+                      equal_nan=False, with_ulp=True)
+    # 2.5 is 2**21 float32 values above 2.0
+    assert t is not None and (t.mismatched, t.max_abs, t.max_at, t.max_ulp) == (1, 0.5, 1, 1 << 21)
+
+
+@pytest.mark.parametrize(("da", "db"), PAIRS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("equal_nan", [False, True])
+def test_kernel_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, da: torch.dtype, db: torch.dtype,
+                                       equal_nan: bool) -> None:
+    a, _ = _awkward(3 * _kernel.BLOCK + 123, da, seed=1)
+    _, b = _awkward(3 * _kernel.BLOCK + 123, db, seed=1)
+    for tol in (dict(rtol=1e-5, atol=1e-8), dict(rtol=0.0, atol=0.0), dict(rtol=1e-2, atol=1.0)):
+        fast = compare_tensors(a, b, equal_nan=equal_nan, chunk=1000, **tol)
+        slow = _torch_path(monkeypatch, compare_tensors, a, b, equal_nan=equal_nan, chunk=1000, **tol)
+        _same(fast, slow)
+    assert fast.nan1 and fast.inf2 and fast.max_ulp is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_matches_on_plain_data_and_edge_shapes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    for shape in [(1,), (_kernel.BLOCK,), (_kernel.BLOCK + 1,), (5, 7, 301)]:
+        b = torch.randn(shape, dtype=dtype)
+        for a in (b.clone(), b + 1e-6 * torch.randn(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)):
+            _same(compare_tensors(a, b, rtol=1e-5, atol=1e-8),
+                  _torch_path(monkeypatch, compare_tensors, a, b, rtol=1e-5, atol=1e-8))
+
+
+def test_max_ulp_of_opposite_huge_float64_needs_64_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = torch.finfo(torch.float64).max
+    a = torch.tensor([big, 1.0, float("nan")], dtype=torch.float64)
+    b = torch.tensor([-big, 1.0, 2.0], dtype=torch.float64)
+    fast = compare_tensors(a, b, rtol=0.0, atol=0.0)
+    assert fast.max_ulp == 2 * 0x7FEFFFFFFFFFFFFF > 2**63
+    _same(fast, _torch_path(monkeypatch, compare_tensors, a, b, rtol=0.0, atol=0.0))
+
+
+def test_all_nan_pair_has_no_difference_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = b = torch.full((10,), float("nan"))
+    fast = compare_tensors(a, b, rtol=1e-5, atol=1e-8)
+    assert fast.max_abs_diff is None and fast.max_ulp is None and fast.mismatched == 10
+    _same(fast, _torch_path(monkeypatch, compare_tensors, a, b, rtol=1e-5, atol=1e-8))
+
+
+def test_compare_many_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    pairs = [_awkward(500, torch.float32, seed=s) for s in range(3)] + [_awkward(700, torch.bfloat16, seed=9)]
+    pairs.append((torch.tensor([0.0, 5e38], dtype=torch.float64), torch.tensor([0.0, -5e38], dtype=torch.float64)))
+    fast = compare_many(pairs, rtol=1e-5, atol=1e-8)
+    _same(fast, _torch_path(monkeypatch, compare_many, pairs, rtol=1e-5, atol=1e-8))
+    assert fast.max_abs_diff == 1e39 and fast.max_abs_diff_index == (2201,)  # flat over the pairs end to end
+
+
+def test_exact_and_integer_pairs_keep_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("the kernel was called")
+
+    monkeypatch.setattr(metrics, "fused", refuse)
+    assert compare_tensors(torch.tensor([0.0]), torch.tensor([-0.0]), rtol=0, atol=0, exact=True).mismatched == 1
+    assert compare_tensors(torch.tensor([1, 2]), torch.tensor([1, 3]), rtol=0, atol=0).mismatched == 1
