@@ -23,9 +23,10 @@ from torch import nn
 from .config import Config, load_config
 from .errors import IlstoreError, StoreError
 from .keys import CallKey
+from .layout import ModuleLayout, module_layout
 from .manifest import MANIFEST_NAME, new_manifest
 from .pipeline import RecordSink, SyncSink, ThreadedSink, WriterFailed
-from .records import Deduper, TensorPolicy, build_record
+from .records import Deduper, TensorPolicy, build_record, iter_tensor_nodes
 from .replay import CallReplay, ReplaySource, open_reference, rng_marker
 from .store.base import StepInfo
 from .store.ranks import rank_run_dir, write_ranks_manifest
@@ -188,6 +189,7 @@ class Capture:
         self._compile_warned = False
         self._step: _StepState | None = None  # the open step, if any
         self._replay: ReplaySource | None = None
+        self._layouts: dict[str, ModuleLayout] = {}  # module name -> its parallel layout rules (ilstore.layout)
         if not self.config.enabled:
             return
         cfg = self.config
@@ -249,6 +251,9 @@ class Capture:
             self._handles.append(module.register_forward_hook(_opaque(partial(self._post, name), skip),
                                                               with_kwargs=True, always_call=True))
             self.hooked_modules.append(name)
+            rules = module_layout(module)
+            if rules is not None:
+                self._layouts[name] = rules
         if not self.hooked_modules:
             if self.config.module_call_match is not None and has_children:
                 why = f"module_call_match {list(self.config.module_call_match)} matches no module of the model"
@@ -380,6 +385,9 @@ class Capture:
         assert self._sink is not None
         known = self._replay.known_stats if self._replay is not None else None
         record = build_record(call, kind, value, self._policy, kwargs, self._dedup, known)
+        rules = self._layouts.get(call.module)
+        if rules is not None:
+            rules.apply(kind, iter_tensor_nodes(record.structure), self.rank, self.world_size)
         if replay is not None and isinstance(record.structure, dict):
             record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
         self._sink.write(record)

@@ -157,12 +157,12 @@ def _parse_options(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 def convert_run(src: Path, dst: Path, backend: str, steps: list[int] | None = None, overwrite: bool = False,
-                options: dict[str, Any] | None = None) -> int:
+                options: dict[str, Any] | None = None, unshard: bool = False) -> int:
     """Convert SRC into DST written by ``backend`` and print a one-line summary; returns 0."""
     from .convert import convert
     from .store.registry import open_run
 
-    out = convert(src, dst, to=backend, steps=steps, overwrite=overwrite, options=options)
+    out = convert(src, dst, to=backend, steps=steps, overwrite=overwrite, options=options, unshard=unshard)
     with open_run(out) as run:
         click.echo(f"converted {src} -> {out} (backend {run.name}, {len(run.steps())} step(s), status {run.status})")
     return 0
@@ -172,7 +172,8 @@ def convert_run(src: Path, dst: Path, backend: str, steps: list[int] | None = No
 Examples:
   ilstore convert runs/fp32 runs/fp32-st --to safetensors
   ilstore convert runs/fp32 runs/fp32-h5 --to hdf5 --backend-options '{"compression": "gzip"}'
-  ilstore convert runs/fp32-h5 runs/fp32-pt --to pt --steps 0,1 --overwrite""")
+  ilstore convert runs/fp32-h5 runs/fp32-pt --to pt --steps 0,1 --overwrite
+  ilstore convert runs/tp2 runs/tp2-logical --to pt --unshard""")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--to", "backend", required=True, help="Target backend: pt, safetensors, hdf5 or a plug-in name.")
@@ -180,15 +181,19 @@ Examples:
 @click.option("--overwrite", is_flag=True, help="Replace DST if it is an existing ilstore run.")
 @click.option("--backend-options", "options", callback=_parse_options, metavar="JSON",
               help="Options of the target backend, e.g. '{\"shard_size_mb\": 256}'.")
+@click.option("--unshard", is_flag=True,
+              help="Write the logical single-rank run of a multi-rank SRC: each tensor assembled from the ranks by "
+                   "its recorded layout (docs/parallel.md).")
 @handle_errors
 def convert_cmd(src: Path, dst: Path, backend: str, steps: list[int] | None, overwrite: bool,
-                options: dict[str, Any]) -> int:
+                options: dict[str, Any], unshard: bool) -> int:
     """Rewrite the run SRC into a new run DST in another backend, bit-exactly.
 
     SRC may be any backend (also dumps without a manifest); it is never modified. DST must
-    not exist unless --overwrite is given.
+    not exist unless --overwrite is given. With --unshard, DST is the logical run SRC's ranks
+    computed together (docs/parallel.md); replicas that disagree stop it (exit status 2).
     """
-    return convert_run(src, dst, backend, steps, overwrite, options)
+    return convert_run(src, dst, backend, steps, overwrite, options, unshard)
 
 
 @cli.command("demo")

@@ -32,7 +32,7 @@ from typing import Any
 from .errors import BackendError, StoreError
 from .keys import CallKey
 from .manifest import MANIFEST_NAME, new_manifest, write_json_atomic
-from .records import Record, iter_tensor_nodes
+from .records import Record, iter_tensor_nodes, tensor_stats
 from .store.base import StepInfo, StoreReader, read_manifest
 from .store.registry import Backend, detect_backend, get_backend, open_run
 
@@ -49,7 +49,7 @@ _STATUSES = ("complete", "failed", "running")
 
 def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] | None = None,
             overwrite: bool = False, progress: bool | None = None,
-            options: Mapping[str, Any] | None = None) -> Path:
+            options: Mapping[str, Any] | None = None, unshard: bool = False) -> Path:
     """Convert the run ``src`` into a new run ``dst`` written by backend ``to``.
 
     Args:
@@ -60,6 +60,9 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
         overwrite: replace an existing ``dst`` that is an ilstore run (or an empty directory).
         progress: show a progress bar on stderr; None shows one when stderr is a terminal.
         options: the target backend's ``backend_options``.
+        unshard: write the logical single-rank run that a multi-rank ``src`` stands for: every
+            tensor assembled from the ranks by its recorded layout (:mod:`ilstore.unshard`),
+            with statistics computed from the assembled tensor; replicas must agree.
 
     Returns:
         The path of the new run.
@@ -67,7 +70,8 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
     Raises:
         BackendError: unknown backend or invalid options.
         StoreError: ``dst`` exists, is ``src`` or lies inside it; a requested step is missing;
-            the source is unreadable (:class:`~ilstore.errors.CorruptFileError` names the file).
+            the source is unreadable (:class:`~ilstore.errors.CorruptFileError` names the file);
+            with ``unshard``, replicas that disagree (:class:`~ilstore.unshard.ReplicaMismatchError`).
 
     Example:
         >>> convert("runs/fp32", "runs/fp32-h5", to="hdf5")  # doctest: +SKIP
@@ -80,7 +84,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
     if problems:
         raise BackendError("invalid backend options for {!r}: {}".format(to, "; ".join(problems)))
     _check_paths(src, dst, overwrite)
-    with open_run(src) as reader:
+    with _open_source(src, unshard) as reader:
         wanted = _wanted_steps(reader, src, steps)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
@@ -96,6 +100,14 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
             raise
     _log.info("converted %s (%s) into %s (%s)", src, reader.name, dst, backend.name)
     return dst
+
+
+def _open_source(src: Path, unshard: bool) -> StoreReader:
+    if not unshard:
+        return open_run(src)
+    from .unshard import open_logical
+
+    return open_logical(src)
 
 
 def _is_inside(path: Path, parent: Path) -> bool:
@@ -274,4 +286,6 @@ def _read_record(reader: StoreReader, call: CallKey, kind: str) -> Record | None
         if "same_as" in node:
             continue  # written by reference, as captured; the target resolves it
         tensors[path] = reader.load(call.tensor(kind, path))
+        if "stats" not in node and getattr(reader, "restat", False):  # an assembled logical tensor
+            node["stats"] = tensor_stats(tensors[path])
     return Record(call, kind, doc, tensors)

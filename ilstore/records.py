@@ -404,6 +404,14 @@ def _unsupported_node(t: torch.Tensor, path: tuple[str, ...], reason: str) -> di
 
 
 def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+    if type(t) is not torch.Tensor:  # a DTensor: its local shard, with its layout (ilstore.layout)
+        from .layout import LAYOUT_KEY, split_dtensor
+
+        split = split_dtensor(t)
+        if split is not None:
+            node = _tensor_node(split[0], path, ctx)
+            node[LAYOUT_KEY] = split[1]
+            return node
     try:
         reason = _unsupported(t)
     except Exception as exc:  # a tensor-like object that cannot even say what it is

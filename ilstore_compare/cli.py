@@ -88,7 +88,7 @@ class _ProgressBar:
 
 
 def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None = None, fmt: str | None = None,
-        verbose: bool = False) -> int:
+        verbose: bool = False, unshard: bool = False) -> int:
     """Compare, render and write the report; returns the exit status (0, 1, or 2 when a tensor file
     could not be read: the report lists it and the rest is compared, ``keep_going``).
 
@@ -99,6 +99,7 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
         output: write the report here (default: stdout).
         fmt: report format (default: from ``output``'s extension, else markdown).
         verbose: list every tensor in the report.
+        unshard: compare the logical runs (tensors assembled from every rank, :mod:`.unshard`).
 
     Raises:
         IlstoreError: bad input (the CLI turns it into exit status 2).
@@ -109,7 +110,12 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
     options = CompareOptions.create(options, keep_going=True)
     bar = _ProgressBar() if sys.stderr.isatty() else None
     try:
-        result = compare(dir1, dir2, options, progress=bar)
+        if unshard:  # --unshard
+            from .unshard import compare_unsharded
+
+            result = compare_unsharded(dir1, dir2, options, progress=bar)
+        else:
+            result = compare(dir1, dir2, options, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -191,6 +197,7 @@ Examples:
   ilstore-compare --dir1 A --dir2 B --squeeze-shapes
   ilstore-compare --dir1 runs/bf16 --dir2 runs/fp32 --replay runs/bf16_on_fp32_inputs
   ilstore-compare --dir1 cand_on_fp64 --dir2 ref_on_fp64 --oracle runs/fp64 --oracle-factor 2
+  ilstore-compare --dir1 runs/tp2 --dir2 runs/tp1 --unshard --rtol 1e-4 --atol 1e-6
 
 \b
 Exit status: 0 everything compared and matched; 1 differences, tensors in one run only,
@@ -245,12 +252,15 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
                    "local error in dir1 exceeds --oracle-factor times dir2's.")
 @click.option("--oracle-factor", "oracle_factor", type=float, default=None,
               help="K of the oracle verdict (> 0)  [default: 2]")
+@click.option("--unshard", is_flag=True,
+              help="Compare logical tensors: each run's tensors assembled from all its ranks by their recorded "
+                   "layouts, so runs of different world sizes (TP=2 vs TP=1) pair up (docs/parallel.md).")
 @_exit_codes
 def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: float, steps: tuple[int, ...] | None,
                 modules: tuple[str, ...], verbose: bool, fmt: str | None, exact: bool, equal_nan: bool,
                 map_file: Path | None, no_auto_map: bool, squeeze_shapes: bool | None, workers: int,
                 allow_stats_only: bool, allow_unaligned: bool, replay: Path | None, oracle: Path | None,
-                oracle_factor: float | None) -> int:
+                oracle_factor: float | None, unshard: bool) -> int:
     """Compare two ilstore runs (any backends) tensor by tensor; dir2 is the reference.
 
     Reports which tensors differ and by how much, and the first module call (in execution
@@ -263,7 +273,7 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
                              name_map=map_file, auto_map=not no_auto_map,
                              squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers,
                              replay=replay, oracle=oracle, oracle_factor=oracle_factor)
-    return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose)
+    return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose, unshard=unshard)
 
 
 def main() -> None:
