@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -260,6 +261,93 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
     return index
 
 
+#: safetensors' dtype codes (its format's ``"dtype"``) and the torch dtypes they hold.
+_CODES: dict[str, torch.dtype] = {
+    code: dtype for code, dtype in (
+        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+        ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+        ("BOOL", torch.bool), ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
+        ("U64", getattr(torch, "uint64", None)), ("C64", torch.complex64),
+        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
+        ("F8_E4M3FNUZ", getattr(torch, "float8_e4m3fnuz", None)),
+        ("F8_E5M2FNUZ", getattr(torch, "float8_e5m2fnuz", None)))
+    if isinstance(dtype, torch.dtype)}
+_MAX_HEADER = 100 * 2**20  # the format's own limit on the header's length
+
+
+class _Shard:
+    """One shard read with plain ``pread`` calls into memory of the reader's own.
+
+    The safetensors library memory-maps the whole shard: every page a compare touches then stays
+    in the process's resident set until the shard is closed (a 1 GB shard adds 1 GB of RSS).
+    Reading copies each tensor into a buffer that is freed with the tensor, as fast as the copy
+    the library's reader makes out of its mapping. The format (8-byte little-endian header
+    length, a JSON header of ``name -> {dtype, shape, data_offsets}``, then the bytes) is checked
+    as the library checks it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CorruptFileError(path, "shard file is missing") from None
+        except OSError as exc:
+            raise CorruptFileError(path, f"cannot open the shard: {exc}") from None
+        try:
+            self._size = os.fstat(self._fd).st_size
+            head = os.pread(self._fd, 8, 0)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(_MAX_HEADER, self._size - 8):
+                raise ValueError(f"header length {length} does not fit a file of {self._size} bytes")
+            header = json.loads(os.pread(self._fd, length, 8))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            self.close()
+            raise CorruptFileError(path, f"cannot open the shard (truncated or corrupt?): {exc}") from None
+        self._header: dict[str, Any] = header
+        self._base = 8 + length
+
+    def read(self, name: str) -> torch.Tensor | None:
+        """The tensor ``name``; None when its dtype is not in :data:`_CODES`.
+
+        Raises:
+            CorruptFileError: no such tensor, a malformed entry, or the file is cut short.
+        """
+        info = self._header.get(name)
+        if name == "__metadata__" or not isinstance(info, dict):
+            raise CorruptFileError(self.path, f"cannot read tensor {name!r}: not in the shard")
+        code = info.get("dtype")
+        dtype = _CODES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            return None
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        try:
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(v, int) and v >= 0 for v in [*shape, *offsets])):
+                raise ValueError("malformed entry in the header")
+            begin, end = offsets
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if end - begin != nbytes or self._base + end > self._size:
+                raise ValueError(f"bytes {begin}..{end} do not hold {shape} {code} inside the file")
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            view, done = buf.numpy().data, 0
+            while done < nbytes:
+                got = os.preadv(self._fd, [view[done:]], self._base + begin + done)
+                if got <= 0:
+                    raise ValueError("the file ends early")
+                done += got
+        except (OSError, ValueError) as exc:
+            raise CorruptFileError(self.path, f"cannot read tensor {name!r}: {exc}") from None
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+
 class SafetensorsReader(StoreReader):
     """Reads a run written by :class:`SafetensorsWriter`; shards are opened lazily, once each."""
 
@@ -268,7 +356,9 @@ class SafetensorsReader(StoreReader):
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
         self._indexes: dict[int, _Index] = {}
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, _Shard] = {}
+        self._lib: dict[Path, Any] = {}  # the library's readers (rare dtypes)
+        self._lock = threading.Lock()
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -317,8 +407,19 @@ class SafetensorsReader(StoreReader):
             raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}")
         return index.structures.get((call.module, call.call, kind))
 
+    def _shard(self, path: Path) -> _Shard:
+        shard = self._handles.get(path)
+        if shard is None:
+            with self._lock:  # compare workers load from several threads
+                shard = self._handles.get(path)
+                if shard is None:
+                    shard = self._handles[path] = _Shard(path)
+        return shard
+
     def _handle(self, path: Path) -> Any:
-        handle = self._handles.get(path)
+        """The safetensors library's own (memory-mapped) reader of a shard: only for a dtype
+        :class:`_Shard` does not know."""
+        handle = self._lib.get(path)
         if handle is None:
             from safetensors import safe_open
 
@@ -328,7 +429,7 @@ class SafetensorsReader(StoreReader):
                 raise CorruptFileError(path, "shard file is missing") from None
             except Exception as exc:  # SafetensorError: truncated, garbage, bad header
                 raise CorruptFileError(path, f"cannot open the shard (truncated or corrupt?): {exc}") from None
-            self._handles[path] = handle
+            self._lib[path] = handle
         return handle
 
     def _entry(self, key: TensorKey) -> tuple[dict[str, Any], Path]:
@@ -346,25 +447,29 @@ class SafetensorsReader(StoreReader):
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         name = str(key)
         entry, path = self._entry(key)
-        handle = self._handle(path)
-        try:
-            stored = handle.get_tensor(entry.get("name", name))
-        except Exception as exc:  # SafetensorError: missing name, or a shard cut short
-            raise CorruptFileError(path, f"cannot read tensor {entry.get('name', name)!r}: {exc}") from None
+        stored = self._shard(path).read(entry.get("name", name))
+        if stored is None:  # a dtype _Shard does not know: the library's reader
+            try:
+                stored = self._handle(path).get_tensor(entry.get("name", name))
+            except Exception as exc:  # SafetensorError: missing name, or a shard cut short
+                raise CorruptFileError(path, f"cannot read tensor {entry.get('name', name)!r}: {exc}") from None
         try:
             return decode(stored, entry.get("encoding", ""), dtype_from_str(entry["dtype"]))
         except ValueError as exc:
             raise CorruptFileError(path, f"{name}: {exc}") from None
 
     def close(self) -> None:
-        for handle in self._handles.values():
+        for shard in self._handles.values():
+            shard.close()
+        self._handles.clear()
+        for handle in self._lib.values():
             exit_ = getattr(handle, "__exit__", None)
             if exit_ is not None:
                 try:
                     exit_(None, None, None)
                 except Exception:  # closing a read-only mapping cannot lose data
                     pass
-        self._handles.clear()
+        self._lib.clear()
         self._indexes.clear()
         super().close()
 
