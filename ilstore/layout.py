@@ -297,14 +297,31 @@ def _placement_layout(placement: Any, mesh: Any, shape: Sequence[int], source: s
     return Layout("replicate", ranks, index, group, source=source)
 
 
-def split_dtensor(t: Any) -> tuple[torch.Tensor, dict[str, Any]] | None:
-    """A DTensor's local shard and its layout (JSON); None if ``t`` is no DTensor.
+def _async_collective(t: Any) -> torch.Tensor | None:
+    """The result an ``AsyncCollectiveTensor`` (what a DTensor's ``to_local()`` may return after
+    a collective) stands for, waited for; None for anything else."""
+    module = sys.modules.get("torch.distributed._functional_collectives")
+    cls = getattr(module, "AsyncCollectiveTensor", None) if module is not None else None
+    if cls is None or not isinstance(t, cls):
+        return None
+    return t.trigger_wait()
+
+
+def split_dtensor(t: Any) -> tuple[torch.Tensor, dict[str, Any] | None] | None:
+    """A DTensor's local shard and its layout (JSON); None if ``t`` is no distributed tensor.
 
     A DTensor over a mesh of more than one dimension gets ``{"kind": "unsupported", ...}``:
-    it is stored, but not assembled into a logical tensor.
+    it is stored, but not assembled into a logical tensor. An ``AsyncCollectiveTensor`` (the
+    local output of ``parallelize_module``'s row-wise styles) gives the plain tensor it holds,
+    waited for, and no layout.
     """
+    if type(t) is torch.Tensor:
+        return None
+    waited = _async_collective(t)
+    if waited is not None:
+        return waited, None
     cls = _dtensor_class()
-    if cls is None or type(t) is torch.Tensor or not isinstance(t, cls):
+    if cls is None or not isinstance(t, cls):
         return None
     local = t.to_local()
     mesh = t.device_mesh

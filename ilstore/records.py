@@ -410,7 +410,8 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
         split = split_dtensor(t)
         if split is not None:
             node = _tensor_node(split[0], path, ctx)
-            node[LAYOUT_KEY] = split[1]
+            if split[1] is not None:
+                node[LAYOUT_KEY] = split[1]
             return node
     try:
         reason = _unsupported(t)
