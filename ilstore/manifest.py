@@ -35,8 +35,9 @@ from ._version import __version__
 from .errors import CorruptFileError
 from .keys import CallKey
 
-__all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "TOTALS_KEYS", "TotalCounts", "write_json_atomic",
-           "read_manifest", "new_manifest", "calls_to_json", "calls_from_json", "JournalWriter", "JournalReader"]
+__all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "UNORDERED_KEY", "TOTALS_KEYS", "TotalCounts",
+           "write_json_atomic", "read_manifest", "new_manifest", "calls_to_json", "calls_from_json", "JournalWriter",
+           "JournalReader"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ MANIFEST_NAME = "ilstore.json"
 #: The step journal of a format-2 run, in its run directory (the manifest's ``"journal"``).
 JOURNAL_NAME = "steps.jsonl"
 FORMAT_VERSION = 2
+#: Set (true) in the manifest by a writer that appended a step not above the previous one: its
+#: journal's steps do not ascend, and readers index the whole file to find a step's last line.
+UNORDERED_KEY = "journal_unordered"
 #: The keys of a journal line's ``"totals"``: what ``ilstore ls`` prints per step.
 TOTALS_KEYS = ("module_calls", "tensors", "stored", "bytes")
 
@@ -214,6 +218,30 @@ class JournalWriter:
             os.close(fd)
 
 
+class _LineAt:
+    """Where a journal line is: its offset, and its 1-based number (what a message says, ``str()``),
+    counted from the file only when a message needs it (a line found by offset has none yet)."""
+
+    __slots__ = ("path", "offset", "_number")
+
+    def __init__(self, path: Path, offset: int, number: int | None = None) -> None:
+        self.path, self.offset, self._number = path, offset, number
+
+    def __str__(self) -> str:
+        if self._number is None:
+            count = 0
+            try:
+                with open(self.path, "rb") as fh:
+                    left = self.offset
+                    while left > 0 and (chunk := fh.read(min(left, _SCAN_CHUNK))):
+                        count += chunk.count(b"\n")
+                        left -= len(chunk)
+            except OSError:
+                return f"at byte {self.offset}"
+            self._number = count + 1
+        return str(self._number)
+
+
 class JournalReader:
     """Reads a step journal written by :class:`JournalWriter`, lazily.
 
@@ -225,19 +253,29 @@ class JournalReader:
     number when its step is read; a line whose step number cannot be read is skipped with a
     warning (its step then counts as incomplete). When a step has several lines, the last wins.
 
+    A reader that wants one step of a journal whose steps ascend (``ordered``: every journal
+    the writer did not mark otherwise, see :data:`UNORDERED_KEY`) does not index the file: it
+    finds the step's line by a binary search over byte offsets (a few small reads), so reading
+    one step of a 10⁵-step run does not read the other 10⁵ lines. Listing the steps indexes it.
+
     Args:
         path: the journal file.
         rank: the rank put into the :class:`~ilstore.keys.CallKey` s it returns.
+        ordered: the lines' steps ascend (a step's repeated lines adjacent), so a step's line
+            may be found by a binary search.
     """
 
-    def __init__(self, path: Path, rank: int = 0) -> None:
+    def __init__(self, path: Path, rank: int = 0, ordered: bool = False) -> None:
         self.path = path
         self.rank = rank
+        self.ordered = ordered
         self._steps: array[int] | None = None  # ascending, unique
         self._offsets: array[int] = array("q")
         self._lengths: array[int] = array("q")
         self._lines: array[int] = array("q")  # 1-based line numbers, for errors
         self._cache: dict[int, dict[str, Any]] = {}
+        self._checked: dict[tuple[int, str], list[tuple[str, int]]] = {}  # (line offset, field) -> its calls
+        self._found: dict[int, tuple[int, int] | None] = {}  # step -> (offset, length), by binary search
         self._fd: int | None = None  # for reading lines, opened on first use
 
     # -- the index -------------------------------------------------------------------------
@@ -335,31 +373,108 @@ class JournalReader:
         return list(self._index())
 
     def __contains__(self, step: object) -> bool:
-        return isinstance(step, int) and self._position(step) is not None
+        if not isinstance(step, int):
+            return False
+        if self._steps is None and self.ordered:
+            return self._search(step) is not None
+        return self._position(step) is not None
 
     # -- one line --------------------------------------------------------------------------
-    def _line(self, step: int) -> tuple[dict[str, Any], int]:
-        """The parsed line of ``step`` and its line number; KeyError when the journal has none."""
-        i = self._position(step)
-        if i is None:
-            raise KeyError(step)
-        number = self._lines[i]
+    def _line(self, step: int) -> tuple[dict[str, Any], _LineAt]:
+        """The parsed line of ``step`` and where it is; KeyError when the journal has none."""
+        if self._steps is None and self.ordered:
+            found = self._search(step)
+            if found is None:
+                raise KeyError(step)
+            where = _LineAt(self.path, found[0])
+            length = found[1]
+        else:
+            i = self._position(step)
+            if i is None:
+                raise KeyError(step)
+            where = _LineAt(self.path, self._offsets[i], self._lines[i])
+            length = self._lengths[i]
         doc = self._cache.get(step)
         if doc is None:
             try:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
                 # pread: no shared file position, so threads may read lines at the same time
-                raw = os.pread(self._fd, self._lengths[i], self._offsets[i])
+                raw = os.pread(self._reader_fd(), length, where.offset)
             except OSError as exc:
-                raise CorruptFileError(self.path, f"line {number} (step {step}): unreadable: {exc}") from None
-            doc = self._parse(raw, number, step)
+                raise CorruptFileError(self.path, f"line {where} (step {step}): unreadable: {exc}") from None
+            doc = self._parse(raw, where, step)
             if len(self._cache) >= _LINE_CACHE:
                 del self._cache[next(iter(self._cache))]
             self._cache[step] = doc
-        return doc, number
+        return doc, where
 
-    def _parse(self, raw: bytes, number: int, step: int) -> dict[str, Any]:
+    def _reader_fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def _line_from(self, pos: int, size: int) -> tuple[int, int, int] | None:
+        """``(start, length, step)`` of the first complete line starting at or after ``pos`` whose
+        step can be read; None when there is none (``size``: the file's size)."""
+        fd = self._reader_fd()
+        start = pos
+        if pos > 0:  # the line starts after the first newline at or after pos - 1
+            start = self._newline_after(fd, pos - 1, size)
+            if start < 0:
+                return None
+            start += 1
+        while start < size:
+            end = self._newline_after(fd, start, size)
+            if end < 0:
+                return None  # a partial last line
+            head = os.pread(fd, min(40, end - start), start)
+            step = _step_of(head)
+            if step >= 0:
+                return start, end + 1 - start, step
+            start = end + 1  # a line without a readable step is skipped, as the index skips it
+        return None
+
+    @staticmethod
+    def _newline_after(fd: int, pos: int, size: int) -> int:
+        """The offset of the first newline at or after ``pos``, -1 if none."""
+        block = 4096
+        while pos < size:
+            data = os.pread(fd, block, pos)
+            if not data:
+                return -1
+            i = data.find(b"\n")
+            if i >= 0:
+                return pos + i
+            pos += len(data)
+            block = min(block * 2, _SCAN_CHUNK)
+        return -1
+
+    def _search(self, step: int) -> tuple[int, int] | None:
+        """``(offset, length)`` of the last line of ``step`` by binary search over byte offsets."""
+        if step in self._found:
+            return self._found[step]
+        try:
+            size = os.fstat(self._reader_fd()).st_size
+            lo, hi = 0, size
+            while lo < hi:  # the smallest offset whose next line has a step >= the one wanted
+                mid = (lo + hi) // 2
+                line = self._line_from(mid, size)
+                if line is None or line[2] >= step:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            line = self._line_from(lo, size)
+            found = None
+            while line is not None and line[2] == step:  # several lines of one step: the last wins
+                found = line[:2]
+                line = self._line_from(line[0] + line[1], size)
+        except OSError as exc:
+            raise CorruptFileError(self.path, f"unreadable step journal: {exc}") from None
+        if len(self._found) >= _LINE_CACHE:
+            del self._found[next(iter(self._found))]
+        self._found[step] = found
+        return found
+
+    def _parse(self, raw: bytes, number: object, step: int) -> dict[str, Any]:
         try:
             doc = _DECODER.decode(raw.decode("utf-8"))  # a str: json.loads would sniff the encoding of bytes
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
@@ -382,17 +497,24 @@ class JournalReader:
         if "calls_as" in doc:
             ref = doc["calls_as"]
             try:
-                target, target_number = self._line(ref) if isinstance(ref, int) and ref != step else ({}, 0)
+                target, target_number = self._line(ref) if isinstance(ref, int) and ref != step else ({}, number)
             except KeyError:
-                target, target_number = {}, 0
+                target, target_number = {}, number
             if field not in target:
                 raise CorruptFileError(self.path, f"line {number} (step {step}): \"calls_as\": {ref!r} names no "
                                        f"step whose line lists {field}")
             doc, number = target, target_number
-        try:
-            return calls_from_json(doc.get(field), step, self.rank)
-        except ValueError as exc:
-            raise CorruptFileError(self.path, f"line {number} (step {step}): {field}: {exc}") from None
+        pairs = self._checked.get((number.offset, field))
+        if pairs is None:  # checked once per line that spells the order out, however many steps refer to it
+            try:
+                pairs = [(c.module, c.call) for c in calls_from_json(doc.get(field), step, self.rank)]
+            except ValueError as exc:
+                raise CorruptFileError(self.path, f"line {number} (step {step}): {field}: {exc}") from None
+            if len(self._checked) >= _LINE_CACHE:
+                del self._checked[next(iter(self._checked))]
+            self._checked[(number.offset, field)] = pairs
+        rank = self.rank
+        return [CallKey(rank, step, module, call) for module, call in pairs]
 
     def totals(self, step: int) -> dict[str, int] | None:
         """The ``totals`` of ``step`` (:data:`TOTALS_KEYS`), None when no line has the step or it has none.
@@ -437,7 +559,7 @@ class JournalReader:
         """
         return self._scan(collect_totals=True)
 
-    def _totals_of(self, doc: dict[str, Any], number: int, step: int) -> dict[str, int] | None:
+    def _totals_of(self, doc: dict[str, Any], number: object, step: int) -> dict[str, int] | None:
         totals = doc.get("totals")
         if totals is None:
             return None

@@ -248,7 +248,8 @@ def test_step_filter_and_counter(out_dir: Path) -> None:
     assert cap.step_index == 5
     run = ilstore.open_run(cap.run_dir)
     assert run.steps() == [1, 3] and run.status == "complete"
-    assert sorted(p.name for p in cap.run_dir.iterdir()) == ["ilstore.json", "step_1", "step_3", "steps.jsonl"]
+    assert sorted(p.name for p in cap.run_dir.iterdir()) == ["ilstore.json", "stats.f64", "stats_keys.jsonl", "step_1",
+                                                               "step_3", "steps.jsonl"]
     assert run.manifest["config"]["log_step_ids"] == [1, 3]
 
 

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import ilstore
+import ilstore.manifest
 import ilstore.store.base
 from ilstore.cli import cli
 from ilstore.keys import CallKey
@@ -209,8 +210,9 @@ def test_failed_append_leaves_no_partial_line(tmp_path: Path, monkeypatch: pytes
     calls = {"n": 0}
 
     def flaky(fd: int, data: bytes) -> int:
-        calls["n"] += 1
-        if calls["n"] == 2:
+        journal = data.startswith(b'{"step"')  # the journal's writes (not the statistics table's)
+        calls["n"] += journal
+        if calls["n"] == 2 and journal:
             real_write(fd, data[:5])
             raise OSError(28, "No space left on device")
         return real_write(fd, data)
@@ -301,3 +303,48 @@ def test_reading_a_run_step_by_step_keeps_few_steps_cached(out_dir: Path, backen
             assert set(run._structures) <= set(range(step - 3, step + 1))  # noqa: SLF001 - the cache itself
         assert len(run._structures) == 4  # noqa: SLF001
         assert run.meta(run.keys(0)[0])["shape"] == [1, 4]  # an evicted step is read again
+
+
+def test_one_step_is_found_without_indexing_the_journal(out_dir: Path) -> None:
+    """A step's line is found by a binary search over the file (every step, repeated lines of one
+    step adjacent, a line without a step, a partial last line): the same answers as the index."""
+    path = out_dir / JOURNAL_NAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ilstore.manifest.JournalWriter(path)
+    for step in range(300):
+        calls = [["a", 0]] + ([["b", step % 3]] if step % 7 else [])
+        writer.append(step, calls, calls, {"module_calls": len(calls), "tensors": 0, "stored": 0, "bytes": 0})
+        if step == 150:  # a step's second line: the last one wins
+            writer.append(step, [["c", 0]], [["c", 0]], {"module_calls": 1, "tensors": 0, "stored": 0, "bytes": 0})
+    writer.close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"step": 300, "calls_as": 0')  # cut mid-append
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines.insert(40, b"garbage\n")
+    path.write_bytes(b"".join(lines))
+    indexed = ilstore.manifest.JournalReader(path)
+    searched = ilstore.manifest.JournalReader(path, ordered=True)
+    for step in [0, 1, 39, 40, 41, 150, 151, 299, 300, 5000]:
+        assert searched.calls(step) == indexed.calls(step), step
+        assert searched.totals(step) == indexed.totals(step), step
+        assert (step in searched) == (step in indexed)
+    assert [c.module for c in searched.calls(150)] == ["c"]
+    assert searched._steps is None  # nothing above indexed the file
+    assert searched.steps() == indexed.steps() == list(range(300))
+
+
+def test_a_journal_out_of_order_is_marked_and_indexed(out_dir: Path) -> None:
+    """A writer handed a step below the last one marks the manifest, and readers then index the
+    journal (the last line of a step wins even when it is not next to the first)."""
+    run_dir = out_dir / "r"
+    writer = get_backend("pt").writer(run_dir)
+    writer.open(new_manifest("pt", {}))
+    for step, module in ((0, "a"), (1, "a"), (2, "a"), (0, "b")):
+        call = CallKey(0, step, module, 0)
+        writer.write(build_record(call, "outputs", torch.ones(2), TensorPolicy()))
+        writer.end_step(StepInfo(step, [call], [call]))
+    writer.close()
+    manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
+    assert manifest[ilstore.manifest.UNORDERED_KEY] is True
+    with ilstore.open_run(run_dir) as run:
+        assert [c.module for c in run.calls(0)] == ["b"] and run.steps() == [0, 1, 2]

@@ -50,7 +50,8 @@ def _capture(out_dir: Path, run_id: str = "run", **options: Any) -> Path:
 
 def test_file_layout(out_dir: Path) -> None:
     run_dir = _capture(out_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["ilstore.json", "step_0.h5", "step_1.h5", "steps.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ilstore.json", "stats.f64", "stats_keys.jsonl", "step_0.h5",
+                                                         "step_1.h5", "steps.jsonl"]
     with h5py.File(run_dir / "step_0.h5", "r") as f:
         assert f.attrs["format"] == "ilstore-hdf5" and f.attrs["step"] == 0 and f.attrs["rank"] == 0
         assert json.loads(f.attrs["calls"]) == [["0", 0], ["1", 0]]

@@ -29,6 +29,7 @@ from ..manifest import (
     FORMAT_VERSION,
     JOURNAL_NAME,
     MANIFEST_NAME,
+    UNORDERED_KEY,
     JournalReader,
     JournalWriter,
     calls_from_json,
@@ -37,6 +38,7 @@ from ..manifest import (
     write_json_atomic,
 )
 from ..records import Record, dtype_from_str, iter_tensor_nodes
+from .stats_table import KEYS_NAME, ROWS_NAME, StatsTableReader, StatsTableWriter, table_of
 
 __all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_inside", "STEP_DIR", "step_dir_name",
            "node_nbytes"]
@@ -140,6 +142,8 @@ class StoreWriter(ABC):
         self._journal: JournalWriter | None = None
         self._counted_step: int | None = None  # the step whose records _counts counts
         self._counts = [0, 0, 0]  # tensors, stored tensors, stored bytes
+        self._table: StatsTableWriter | None = None  # the statistics table, from open on
+        self._last_step: int | None = None  # the step of the journal's last line
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
@@ -167,29 +171,49 @@ class StoreWriter(ABC):
         path = self.run_dir / JOURNAL_NAME
         try:
             self._journal = JournalWriter(path)
+            self._table = StatsTableWriter(self.run_dir)
         except OSError as exc:
-            raise StoreError(f"{path}: cannot create the step journal: {exc}") from exc
+            raise StoreError(f"{path}: cannot create the step journal or the statistics table: {exc}") from exc
+        self.manifest["stats_table"] = {"keys": KEYS_NAME, "rows": ROWS_NAME}
         self._save_manifest()
 
     def write(self, record: Record) -> None:
         if not isinstance(record.structure, dict):
             record = dataclasses.replace(record, structure={"type": "value", "value": record.structure})
         self._write(record)
+        table = self._table
         if self._counted_step != record.call.step:  # a new step (also after one that was cut)
             self._counted_step, self._counts = record.call.step, [0, 0, 0]
+            if table is not None:
+                table.discard()
         counts = self._counts
-        for _path, node in iter_tensor_nodes(record.structure):
+        call, kind = record.call, record.kind
+        for path, node in iter_tensor_nodes(record.structure):
             counts[0] += 1
             if node.get("stored", True):
                 counts[1] += 1
                 counts[2] += node_nbytes(node)
+            if table is not None:
+                table.add(call.module, call.call, kind, path, node)
 
     def end_step(self, info: StepInfo) -> None:
         self._end_step(info)
         tensors, stored, nbytes = self._counts if self._counted_step == info.step else (0, 0, 0)
+        if self._counted_step != info.step and self._table is not None:
+            self._table.discard()  # the rows collected belong to another (cut) step
         self._counted_step, self._counts = None, [0, 0, 0]
         if self._journal is None:
             raise StoreError(f"{self.run_dir}: end_step before open")
+        if self._last_step is not None and info.step <= self._last_step and not self.manifest.get(UNORDERED_KEY):
+            self.manifest[UNORDERED_KEY] = True  # once, before the line that breaks the order
+            self._save_manifest()
+        self._last_step = info.step
+        if self._table is not None:
+            try:  # the rows go first: a step's rows count only once its journal line exists
+                self._table.end_step(info.step)
+            except OSError as exc:
+                raise StoreError(f"{self._table.rows_path}: cannot append step {info.step} to the statistics "
+                                 f"table: {exc}") from exc
         try:
             self._journal.append(info.step, calls_to_json(info.calls), calls_to_json(info.call_ends),
                                  {"module_calls": len(info.calls), "tensors": tensors, "stored": stored,
@@ -207,6 +231,8 @@ class StoreWriter(ABC):
         finally:
             if self._journal is not None:
                 self._journal.close()
+            if self._table is not None:
+                self._table.close()
             self.manifest["status"] = status
             if error:
                 self.manifest["error"] = error
@@ -397,6 +423,17 @@ class StoreReader(ABC):
         """
         return self._journal.all_totals() if self._journal is not None else None
 
+    def stats_table(self) -> StatsTableReader | None:
+        """The run's statistics table (:mod:`.stats_table`), None when the run has none.
+
+        Every tensor node's statistics, one row per node and step, written by the capture next
+        to the structures (which stay the authority); only rows of :meth:`steps` count.
+
+        Raises:
+            CorruptFileError: the manifest names the table badly.
+        """
+        return table_of(self.run_dir, self.manifest)
+
     def _manifest_calls(self, field: str, step: int) -> list[CallKey] | None:
         """``calls`` or ``call_ends`` of ``step`` as the step journal (format 2) or the manifest
         (format 1) records them, None if neither does."""
@@ -518,7 +555,8 @@ def _journal_of(run_dir: Path, manifest: dict[str, Any] | None) -> JournalReader
         raise CorruptFileError(run_dir / MANIFEST_NAME, f"\"journal\" must name a file in the run directory, "
                                f"got {name!r}")
     rank = manifest.get("rank", 0)
-    return JournalReader(run_dir / name, rank if isinstance(rank, int) and not isinstance(rank, bool) else 0)
+    return JournalReader(run_dir / name, rank if isinstance(rank, int) and not isinstance(rank, bool) else 0,
+                         ordered=manifest.get(UNORDERED_KEY) is not True)
 
 
 def _ends_from_nesting(calls: list[CallKey]) -> list[CallKey]:

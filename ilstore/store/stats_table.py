@@ -1,0 +1,221 @@
+"""The statistics table: every tensor's recorded statistics, one fixed-size binary row each.
+
+A capture in ``mode: "stats"`` writes little but statistics, and comparing two such runs from
+their per-call structure files costs a file read and a JSON parse per module call. The table
+keeps the same numbers in two append-only files of the run directory, so a comparer can read a
+whole run's statistics at once and compare them with array operations
+(:mod:`ilstore_compare.stats_table`):
+
+* ``stats_keys.jsonl`` — one line per distinct step *layout*: the step's tensor nodes in the
+  order the writer received them, each ``[module, call, kind, path, dtype, shape, numel,
+  device, stored, reason]``. Consecutive steps of a monitoring run share one layout, so the
+  file stays small: a new line is written only when a step's layout differs from every layout
+  the writer still remembers (the last :data:`_REMEMBERED`).
+* ``stats.f64`` — one row per tensor node per step: :data:`ROW_WIDTH` little-endian float64
+  values, the columns of :data:`COLUMNS` (``step``, ``layout``, ``index`` into the layout's
+  keys, then the statistics; a statistic the node lacks is NaN). A step's rows are written
+  by one ``write`` when the step ends, before its line in the step journal.
+
+The step journal stays the authority on which steps exist: a reader uses only the rows of
+steps the journal lists as complete, ignores a partial last row, and, when a step has several
+row blocks, uses the last. The manifest names both files (``"stats_table"``); a run without
+that key (older runs, other writers) simply has no table. The format pages document it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptFileError
+
+__all__ = ["KEYS_NAME", "ROWS_NAME", "COLUMNS", "ROW_WIDTH", "STAT_COLUMNS", "StatsTableWriter",
+           "StatsTableReader", "table_of"]
+
+KEYS_NAME = "stats_keys.jsonl"
+ROWS_NAME = "stats.f64"
+#: The statistics, in row order after ``step``, ``layout`` and ``index``.
+STAT_COLUMNS = ("nan_count", "inf_count", "min", "max", "mean", "std", "abs_max", "l2_norm")
+COLUMNS = ("step", "layout", "index") + STAT_COLUMNS
+ROW_WIDTH = len(COLUMNS)
+#: How many layouts the writer remembers (a step whose layout is one of them reuses its number).
+_REMEMBERED = 64
+_NAN = math.nan
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _NAN
+    return float(value)
+
+
+class StatsTableWriter:
+    """Collects one step's rows (:meth:`add`) and appends them at the step's end (:meth:`end_step`).
+
+    Args:
+        run_dir: the run directory; both files are created empty (truncating earlier ones).
+
+    Raises:
+        OSError: a file cannot be created.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.keys_path = run_dir / KEYS_NAME
+        self.rows_path = run_dir / ROWS_NAME
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+        self._keys_fd: int | None = os.open(self.keys_path, flags, 0o644)
+        try:
+            self._rows_fd: int | None = os.open(self.rows_path, flags, 0o644)
+        except OSError:
+            os.close(self._keys_fd)
+            raise
+        self._layouts: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        self._next_layout = 0
+        self._keys: list[tuple[Any, ...]] = []
+        self._values = array("d")
+        self._sizes = [0, 0]  # bytes of complete lines / rows in each file
+
+    def add(self, module: str, call: int, kind: str, path: tuple[str, ...], node: Mapping[str, Any]) -> None:
+        """Add one tensor node of the current step."""
+        shape = node.get("shape")
+        self._keys.append((module, call, kind, path, node.get("dtype"), tuple(shape) if isinstance(shape, list)
+                           else shape, node.get("numel"), node.get("device"), node.get("stored", True) is not False,
+                           node.get("reason")))
+        stats = node.get("stats")
+        if isinstance(stats, dict):
+            self._values.extend([_number(stats.get(name, _NAN)) for name in STAT_COLUMNS])
+        else:
+            self._values.extend([_NAN] * len(STAT_COLUMNS))
+
+    def discard(self) -> None:
+        """Forget the rows collected so far (a step that was cut)."""
+        self._keys, self._values = [], array("d")
+
+    def end_step(self, step: int) -> None:
+        """Append the step's rows (and its layout, when new); then start the next step empty.
+
+        Raises:
+            OSError: a write failed.
+        """
+        keys, values = tuple(self._keys), self._values
+        self.discard()
+        if self._keys_fd is None or self._rows_fd is None:
+            raise OSError(f"{self.rows_path}: the statistics table is closed")
+        layout = self._layouts.get(keys)
+        if layout is None:
+            layout = self._next_layout
+            line = {"layout": layout, "keys": [[m, c, k, list(p), dt, list(sh) if isinstance(sh, tuple) else sh, n,
+                                                dev, st, why] for m, c, k, p, dt, sh, n, dev, st, why in keys]}
+            self._append(0, (json.dumps(line, allow_nan=False) + "\n").encode("utf-8"))
+            self._next_layout += 1
+            self._layouts[keys] = layout
+            if len(self._layouts) > _REMEMBERED:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(keys)
+        width = len(STAT_COLUMNS)
+        rows = array("d")
+        for i in range(len(keys)):
+            rows.extend((step, layout, i))
+            rows.extend(values[i * width:(i + 1) * width])
+        self._append(1, rows.tobytes() if _LITTLE else _swapped(rows))
+
+    def _append(self, which: int, data: bytes) -> None:
+        """Append to the keys (0) or rows (1) file; after a failed write, cut the file back to its
+        last complete line or row, so a later step's rows are not shifted by a partial one."""
+        fd = self._keys_fd if which == 0 else self._rows_fd
+        assert fd is not None
+        try:
+            done = os.write(fd, data)
+            while done < len(data):  # a short write (a signal, a full disk): finish or fail
+                done += os.write(fd, data[done:])
+        except OSError:
+            try:
+                os.ftruncate(fd, self._sizes[which])
+            except OSError:
+                pass
+            raise
+        self._sizes[which] += len(data)
+
+    def close(self) -> None:
+        """Close both files (idempotent)."""
+        for name in ("_keys_fd", "_rows_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _swapped(rows: array[float]) -> bytes:
+    copy = array("d", rows)
+    copy.byteswap()
+    return copy.tobytes()
+
+
+class StatsTableReader:
+    """Reads a run's statistics table (the files :class:`StatsTableWriter` wrote).
+
+    Args:
+        run_dir: the run directory.
+        spec: the manifest's ``"stats_table"`` entry (``{"keys": ..., "rows": ...}``).
+    """
+
+    def __init__(self, run_dir: Path, spec: Mapping[str, Any]) -> None:
+        self.keys_path = run_dir / _file_name(run_dir, spec, "keys")
+        self.rows_path = run_dir / _file_name(run_dir, spec, "rows")
+
+    def layouts(self) -> dict[int, list[tuple[str, int, str, tuple[str, ...], Any, Any, Any, Any, bool, Any]]]:
+        """Layout number -> its keys ``(module, call, kind, path, dtype, shape, numel, device, stored, reason)``.
+
+        Raises:
+            CorruptFileError: the file is missing or a complete line is damaged (names the line).
+        """
+        out: dict[int, list[tuple[str, int, str, tuple[str, ...], Any, Any, Any, Any, bool, Any]]] = {}
+        try:
+            data = self.keys_path.read_bytes()
+        except OSError as exc:
+            raise CorruptFileError(self.keys_path, f"unreadable statistics table: {exc}") from None
+        for number, raw in enumerate(data.split(b"\n")[:-1], 1):  # the part after the last newline is cut
+            try:
+                doc = json.loads(raw)
+                out[int(doc["layout"])] = [(str(m), int(c), str(k), tuple(str(p) for p in path), dt, sh, n, dev,
+                                            bool(st), why) for m, c, k, path, dt, sh, n, dev, st, why in doc["keys"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CorruptFileError(self.keys_path, f"line {number}: damaged layout: {exc}") from None
+        return out
+
+    def rows(self) -> bytes:
+        """Every complete row, as little-endian float64 bytes (``ROW_WIDTH`` values a row).
+
+        Raises:
+            CorruptFileError: the file is missing or unreadable.
+        """
+        try:
+            data = self.rows_path.read_bytes()
+        except OSError as exc:
+            raise CorruptFileError(self.rows_path, f"unreadable statistics table: {exc}") from None
+        return data[:len(data) - len(data) % (8 * ROW_WIDTH)]  # a row cut by a crash is ignored
+
+
+def _file_name(run_dir: Path, spec: Mapping[str, Any], field: str) -> str:
+    name = spec.get(field)
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise CorruptFileError(run_dir / "ilstore.json", f"\"stats_table.{field}\" must name a file in the run "
+                               f"directory, got {name!r}")
+    return name
+
+
+def table_of(run_dir: Path, manifest: Mapping[str, Any] | None) -> StatsTableReader | None:
+    """The statistics table a manifest names, None when it names none."""
+    spec = manifest.get("stats_table") if manifest is not None else None
+    return StatsTableReader(run_dir, spec) if isinstance(spec, Mapping) else None
