@@ -58,6 +58,27 @@ class EngineCapture(Capture):
             self.pause()
             self.step()
 
+    def record_call(self, name: str, **values: Any) -> bool:
+        """Record ``values`` as one call of a module named ``name`` in the live step.
+
+        For what an engine knows about a step and no module sees, e.g. the batch composition
+        (:mod:`ilstore.integrations.vllm_batch`): the call goes through the hooks' own path, so
+        it is selected by ``module_call_match`` like a module of that name, written by every
+        backend as the inputs of a call (keyword arguments ``values``; its output is None), and
+        listed among the step's calls. Use a name no module of the model has.
+
+        Returns:
+            True when recorded; False when no step is live, the step is not logged, or
+            ``module_call_match`` does not select ``name``.
+        """
+        if not self.live or not self.config.module_may_match(name):
+            return False
+        selected = self.config.selected_calls(name)
+        self._pre(name, selected, None, (), values)  # type: ignore[arg-type]  # no module object: not used
+        self._post(name, None, (), values, None)  # type: ignore[arg-type]
+        step = self._step
+        return step is not None and step.logging
+
     def close(self, status: str = "complete") -> None:
         """Stop recording, then close as :meth:`Capture.close <ilstore.capture.Capture.close>` does."""
         self.pause()

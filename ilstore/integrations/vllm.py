@@ -46,6 +46,7 @@ from ..capture import IlstoreWarning
 from ..config import ENV_VAR, Config, load_config
 from ..engine_capture import EngineCapture  # it lived here first; still importable from this module
 from ..errors import IlstoreError
+from .vllm_batch import patch_prepare_inputs
 
 __all__ = ["register", "EngineCapture", "RUNNER_CLASSES"]
 
@@ -114,6 +115,7 @@ def _patch_runners() -> None:
             method = vars(cls).get(name)
             if method is not None and not hasattr(method, _WRAPPED):
                 setattr(cls, name, wrap(method))
+    patch_prepare_inputs(classes, _STATE, _WRAPPED)  # the batch composition record, where a runner allows it
 
 
 def _mark(wrapper: Callable[..., Any]) -> Callable[..., Any]:
