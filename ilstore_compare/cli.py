@@ -57,7 +57,8 @@ _EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html",
 FLAGS = {"rtol": "--rtol", "atol": "--atol", "steps": "--steps", "modules": "--modules", "exact": "--exact",
          "equal_nan": "--equal-nan", "allow_stats_only": "--allow-stats-only", "name_map": "--map",
          "squeeze_shapes": "--squeeze-shapes", "auto_map": "--no-auto-map", "allow_unaligned": "--allow-unaligned",
-         "workers": "--workers", "replay": "--replay", "oracle": "--oracle", "oracle_factor": "--oracle-factor"}
+         "workers": "--workers", "replay": "--replay", "oracle": "--oracle", "oracle_factor": "--oracle-factor",
+         "align_tokens": "--align-tokens"}
 
 
 def report_format(fmt: str | None, output: Path | None) -> str:
@@ -194,6 +195,7 @@ Examples:
   ilstore-compare --dir1 A --dir2 B --exact --format json > report.json
   ilstore-compare --dir1 vllm_run --dir2 hf_run --rtol 1e-4 --atol 1e-5 --allow-unaligned
   ilstore-compare --dir1 vllm_run --dir2 hf_run --map llama_vllm_to_hf
+  ilstore-compare --dir1 vllm_3_prompts --dir2 hf_padded_batch --align-tokens --allow-unaligned
   ilstore-compare --dir1 A --dir2 B --squeeze-shapes
   ilstore-compare --dir1 runs/bf16 --dir2 runs/fp32 --replay runs/bf16_on_fp32_inputs
   ilstore-compare --dir1 cand_on_fp64 --dir2 ref_on_fp64 --oracle runs/fp64 --oracle-factor 2
@@ -203,6 +205,7 @@ Examples:
 Exit status: 0 everything compared and matched; 1 differences, tensors in one run only,
 stats-only pairs (unless --allow-stats-only), tensors the map declares unaligned (unless
 --allow-unaligned), calls a replay could not replay or measure, or nothing compared;
+tokens --align-tokens could not align (unless --allow-unaligned);
 with --oracle, 1 when a call is flagged or could not be evaluated; 2 usage or input error
 (including a --replay or --oracle run not replayed from the run it must be), or a tensor
 file that could not be read: the report lists it, the rest is compared (2 wins over 1).
@@ -243,7 +246,12 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
 @click.option("--allow-stats-only", is_flag=True,
               help="Let pairs compared only by statistics (bodies not stored) count as matched for the exit status.")
 @click.option("--allow-unaligned", is_flag=True,
-              help="Let tensors the map declares unaligned not count against the exit status.")
+              help="Let tensors the map declares unaligned (and, with --align-tokens, tokens that could not be "
+                   "aligned) not count against the exit status.")
+@click.option("--align-tokens", is_flag=True,
+              help="Runs that batch differently (vLLM's packed tokens vs Hugging Face's padded batch or one prompt "
+                   "at a time): match requests by token ids and compare the common tokens, one step per request "
+                   "and step (see docs/parallel.md).")
 @click.option("--replay", "replay", type=click.Path(path_type=Path),
               help="A replay of dir2 (captured with replay_from=dir2): add each call's local error, measured, beside "
                    "the propagated error.")
@@ -258,7 +266,7 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
 @_exit_codes
 def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: float, steps: tuple[int, ...] | None,
                 modules: tuple[str, ...], verbose: bool, fmt: str | None, exact: bool, equal_nan: bool,
-                map_file: Path | None, no_auto_map: bool, squeeze_shapes: bool | None, workers: int,
+                map_file: Path | None, no_auto_map: bool, squeeze_shapes: bool | None, workers: int, align_tokens: bool,
                 allow_stats_only: bool, allow_unaligned: bool, replay: Path | None, oracle: Path | None,
                 oracle_factor: float | None, unshard: bool) -> int:
     """Compare two ilstore runs (any backends) tensor by tensor; dir2 is the reference.
@@ -272,6 +280,7 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
                              equal_nan=equal_nan, allow_stats_only=allow_stats_only,
                              name_map=map_file, auto_map=not no_auto_map,
                              squeeze_shapes=squeeze_shapes, allow_unaligned=allow_unaligned, workers=workers,
+                             align_tokens=align_tokens,
                              replay=replay, oracle=oracle, oracle_factor=oracle_factor)
     return run(dir1, dir2, options, output=output, fmt=fmt, verbose=verbose, unshard=unshard)
 

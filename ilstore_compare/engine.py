@@ -118,6 +118,9 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         r1 = stack.enter_context(open_run(path1))
         r2 = stack.enter_context(open_run(path2))
         options, pick_notes = _auto_map(options, r1, r2)
+        from .tokens_view import align_runs  # --align-tokens: compare token-aligned views of the runs
+
+        r1, r2, token_alignment = align_runs(r1, r2, options)
         nmap = options.map
         replay = open_option_run(stack, options, "replay")
         oracle = open_option_run(stack, options, "oracle")
@@ -168,7 +171,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                          status2=status2, options=options, tensors=tensors, calls=tuple(calls),
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
-                         unreadable=_once(lost))
+                         unreadable=_once(lost), token_alignment=token_alignment)
 
 
 def _auto_map(options: CompareOptions, r1: StoreReader, r2: StoreReader) -> tuple[CompareOptions, list[str]]:

@@ -63,7 +63,12 @@ class CompareOptions:
             (:func:`ilstore_compare.maps.pick_map`); the report's notes say which, and its
             options record the map as ``name_map``. Not recorded itself.
         allow_unaligned: tensors the map declares unaligned do not count against the exit
-            status (by default they do: coverage fails closed).
+            status (by default they do: coverage fails closed); with ``align_tokens``, nor do
+            tokens that could not be aligned.
+        align_tokens: compare token by token runs that batch differently (vLLM's packed
+            tokens against Hugging Face's padded batch or one prompt at a time): each run's
+            per-step composition is read, requests matched by token ids, and the common tokens
+            compared, one step per request and source step (:mod:`ilstore_compare.tokens`).
         workers: tensor pairs compared in parallel (threads); it does not change the result,
             so the report does not record it.
         replay: a replay of dir2 (a run captured with ``replay_from`` dir2): the report adds
@@ -95,6 +100,7 @@ class CompareOptions:
     squeeze_shapes: bool | None = None
     auto_map: bool = field(default=True, metadata={"reported": False})
     allow_unaligned: bool = False
+    align_tokens: bool = False
     workers: int = field(default=1, metadata={"reported": False})
     replay: str | Path | None = None  # stored as a string
     oracle: str | Path | None = None  # stored as a string
@@ -130,7 +136,8 @@ class CompareOptions:
         if squeeze is None:  # as the map says
             squeeze = nmap is not None and nmap.squeeze_shapes
         self._set("squeeze_shapes", bool(squeeze))
-        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned", "keep_going", "auto_map"):
+        for name in ("exact", "equal_nan", "allow_stats_only", "allow_unaligned", "keep_going", "auto_map",
+                     "align_tokens"):
             self._set(name, bool(getattr(self, name)))
         self._check_replay()
 

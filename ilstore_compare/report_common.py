@@ -11,11 +11,14 @@ from ilstore.keys import CallKey, TensorKey
 
 from .metrics import MetricInfo, metric_infos
 from .result import CallResult, CompareResult, Divergence, TensorResult, Unreadable
+from .tokens import TokenAlignment
 
 __all__ = ["num", "call_label", "tensor_label", "verdict_line", "summary_rows", "options_line", "call_rows",
            "CALL_HEADERS", "tensor_rows", "TENSOR_HEADERS", "TENSOR_COLUMNS", "divergence_text", "introduced_rows",
            "INTRODUCED_HEADERS", "calls_by_step", "tensors_by_step", "SEVERE", "unaligned_rows", "UNALIGNED_HEADERS",
-           "first_divergence_tensors", "unreadable_rows", "UNREADABLE_HEADERS", "unreadable_line"]
+           "first_divergence_tensors", "unreadable_rows", "UNREADABLE_HEADERS", "unreadable_line",
+           "token_line", "token_request_rows", "TOKEN_REQUEST_HEADERS", "token_lost_rows", "TOKEN_LOST_HEADERS",
+           "token_step_rows", "TOKEN_STEP_HEADERS"]
 
 #: Tensor statuses listed by default (without ``--verbose``).
 SEVERE = frozenset({"mismatch", "shape_mismatch", "stats_only_mismatch", "not_compared", "only_in_dir1",
@@ -62,7 +65,43 @@ def verdict_line(result: CompareResult) -> str:
         line += f"; {len(local.not_compared)} call(s) could not be replayed or measured (not compared)"
     if local is not None and local.first is not None and s.mismatched == 0:
         line += "; a call's local error crosses the tolerance"
+    tokens = result.token_alignment
+    if tokens is not None and not tokens.complete:
+        lost = sum(n for _, _, n in tokens.not_aligned)
+        line += f"; {lost} token(s) could not be aligned" + (
+            "" if result.options.allow_unaligned else " and count as gaps (--allow-unaligned accepts them)")
     return line
+
+
+# -- token alignment (--align-tokens) ---------------------------------------------------------------
+TOKEN_REQUEST_HEADERS = ["request (dir1)", "request (dir2)", "matched by", "tokens dir1", "tokens dir2", "aligned",
+                         "diverges at"]
+TOKEN_LOST_HEADERS = ["run", "tokens", "not aligned because"]
+TOKEN_STEP_HEADERS = ["step", "dir1 step", "request (dir1)", "dir2 step(s)", "request (dir2)", "positions", "tokens",
+                      "per-request rows"]
+
+
+def token_line(tokens: TokenAlignment) -> str:
+    """One sentence: how many tokens were aligned, from what, in how many steps."""
+    return (f"{tokens.aligned} token(s) aligned, of {tokens.tokens1} in dir1 and {tokens.tokens2} in dir2 "
+            f"({'every token' if tokens.complete else 'not every token'}); compared in {len(tokens.steps)} step(s), "
+            f"one per request and dir1 step. dir1: {tokens.source1}. dir2: {tokens.source2}.")
+
+
+def token_request_rows(tokens: TokenAlignment) -> list[list[Any]]:
+    return [[r.request1 or "—", r.request2 or "—", r.how, r.tokens1, r.tokens2, r.aligned, num(r.diverges_at)]
+            for r in tokens.requests]
+
+
+def token_lost_rows(tokens: TokenAlignment) -> list[list[Any]]:
+    return [[run, n, reason] for run, reason, n in tokens.not_aligned]
+
+
+def token_step_rows(tokens: TokenAlignment) -> list[list[Any]]:
+    return [[s.step, s.step1, s.request1, ", ".join(map(str, s.steps2)), s.request2,
+             f"{s.positions[0]}–{s.positions[-1]}" if len(s.positions) > 1 else str(s.positions[0]), len(s.tokens1),
+             "compared" if s.last1 is not None and s.last2 is not None else "dir1 only" if s.last1 is not None
+             else "dir2 only" if s.last2 is not None else "—"] for s in tokens.steps]
 
 
 

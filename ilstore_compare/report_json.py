@@ -113,7 +113,8 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
 
     ``unreadable`` lists every tensor body that could not be read (then ``exit_code`` is 2).
     With local errors (a replay), also ``replay``, ``local_errors`` (ranked) and
-    ``threshold_divergence``; with an oracle, ``oracle``.
+    ``threshold_divergence``; with an oracle, ``oracle``; with ``align_tokens``,
+    ``token_alignment``.
     """
     local = result.local
     out = {
@@ -139,6 +140,8 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
                    threshold_divergence=_plain(dataclasses.asdict(d)) if d is not None else None)
     if result.oracle is not None:
         out["oracle"] = _oracle(result.oracle)
+    if result.token_alignment is not None:
+        out["token_alignment"] = result.token_alignment.to_json()
     return out
 
 

@@ -17,6 +17,9 @@ from .report_common import (
     INTRODUCED_HEADERS,
     SEVERE,
     TENSOR_HEADERS,
+    TOKEN_LOST_HEADERS,
+    TOKEN_REQUEST_HEADERS,
+    TOKEN_STEP_HEADERS,
     UNALIGNED_HEADERS,
     UNREADABLE_HEADERS,
     call_rows,
@@ -28,6 +31,10 @@ from .report_common import (
     summary_rows,
     tensor_rows,
     tensors_by_step,
+    token_line,
+    token_lost_rows,
+    token_request_rows,
+    token_step_rows,
     unaligned_rows,
     unreadable_line,
     unreadable_rows,
@@ -128,6 +135,14 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
                 Text("These stored tensor bodies could not be read (file missing, truncated or corrupt): they were "
                      "not compared, everything else was. Repair or recapture the run; the exit status is 2."),
                 _table(unreadable_rows(result.unreadable), UNREADABLE_HEADERS)]
+    tokens = result.token_alignment
+    if tokens is not None:  # --align-tokens: how the runs' tokens were paired (docs/parallel.md)
+        out += [Heading("Token alignment"), Text(token_line(tokens)),
+                _table(token_request_rows(tokens), TOKEN_REQUEST_HEADERS)]
+        if tokens.not_aligned:
+            out.append(_table(token_lost_rows(tokens), TOKEN_LOST_HEADERS))
+        if verbose or len(tokens.steps) <= BRIEF_LIMIT:
+            out.append(_table(token_step_rows(tokens), TOKEN_STEP_HEADERS))
     out += [Heading("Summary"), _table(summary_rows(result), ["", "count"])]
     out.append(Figure("Error along execution order",
                       lambda: error_plot_svg(result.calls, result.first_divergence, result.options.rtol),

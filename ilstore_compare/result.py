@@ -31,6 +31,7 @@ from ilstore.keys import CallKey, TensorKey
 
 from .metrics import TensorMetrics
 from .options import CompareOptions
+from .tokens import TokenAlignment
 
 __all__ = ["MATCH", "MISMATCH", "SHAPE_MISMATCH", "STATS_ONLY_MATCH", "STATS_ONLY_MISMATCH", "NOT_COMPARED",
            "ONLY_IN_DIR1", "ONLY_IN_DIR2", "UNALIGNED", "UNREADABLE", "STATUSES", "BAD_VALUE_STATUSES",
@@ -399,6 +400,9 @@ class CompareResult:
         oracle: the oracle verdict (``--oracle``), else None; it then decides the verdict.
         unreadable: every tensor body that could not be read (compare and local error), each
             run's file once; any makes :attr:`exit_code` 2.
+        token_alignment: with ``align_tokens``, how the two runs' tokens were aligned (the
+            steps compared are its steps); tokens not aligned are a coverage gap unless
+            ``allow_unaligned``.
     """
 
     dir1: str
@@ -418,6 +422,7 @@ class CompareResult:
     threshold_divergence: Divergence | None = None
     oracle: OracleReport | None = None
     unreadable: tuple[Unreadable, ...] = ()
+    token_alignment: TokenAlignment | None = None
 
     @property
     def verdict(self) -> str:
@@ -445,6 +450,9 @@ class CompareResult:
             return "mismatch"
         unverified = s.stats_only_matched if not self.options.allow_stats_only else 0
         unaligned = s.unaligned if not self.options.allow_unaligned else 0
+        tokens = self.token_alignment
+        if tokens is not None and not tokens.complete and not self.options.allow_unaligned:
+            unaligned += 1  # tokens not compared: a coverage gap like a declared unaligned tensor
         if (s.only_in_dir1 or s.only_in_dir2 or s.not_compared or s.calls_only_in_dir1 or s.calls_only_in_dir2
                 or s.steps_only_in_dir1 or s.steps_only_in_dir2 or unverified or unaligned or s.compared == 0):
             return "incomplete"
