@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in [b for b in args.backends.split(",") if b]:
         for mode in ("sync", "async"):
             rows.append(ilstore_row(f"ilstore {backend} {mode}", backend=backend, async_writes=mode == "async"))
-    rows.append(ilstore_row("ilstore pt stats", mode="stats"))
+    for backend in [b for b in args.backends.split(",") if b]:
+        rows.append(ilstore_row(f"ilstore {backend} stats", backend=backend, mode="stats"))
     rows.append(ilstore_row("ilstore match one module", module_call_match="^model\\.layers\\.3\\.mlp\\.down_proj$"))
     rows.append(ilstore_row("ilstore enabled false", enabled=False))
     reference = tmp / "replay_reference"

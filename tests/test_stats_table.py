@@ -200,3 +200,24 @@ def test_failed_row_write_is_cut_back(out_dir: Path, monkeypatch: pytest.MonkeyP
         rows = np.frombuffer(run.stats_table().rows(), dtype="<f8").reshape(-1, ROW_WIDTH)
         assert rows[:, :3].tolist() == [[0, 0, 0], [2, 0, 0]]
         assert rows[:, COLUMNS.index("mean")].tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_small_tensor_statistics_are_the_fixed_order_reductions(dtype: torch.dtype) -> None:
+    """The one-sync path for small tensors gives the bits of the general path (fixed-order sum
+    and squared L2 norm in the accumulation dtype), overflow of the squared norm included."""
+    from ilstore.records import _fixed_order_sums, _slow_stats, tensor_stats
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 5, 64, 4096, 32767):
+        for scale in (1e-20, 1.0, 1e3, 1e19, 3e38):
+            x = (torch.randn(n, generator=gen, dtype=torch.float64) * scale + scale / 3).to(dtype)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            lo, hi = torch.aminmax(x)
+            mn, mx, sm, sq = torch.cat([torch.stack([lo, hi]).to(acc), _fixed_order_sums(x, acc)]).tolist()
+            stats = tensor_stats(x)
+            if not all(map(math.isfinite, (mn, mx, sq))):
+                assert stats == _slow_stats(x), (n, scale)  # the general path hands these on too
+                continue
+            assert (stats["min"], stats["max"], stats["l2_norm"]) == (mn, mx, math.sqrt(sq)), (n, scale)
+            assert stats["mean"] == sm / n
