@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from .replay import CallReplay, ReplaySource, open_reference, rng_marker
 from .store.base import StepInfo
 from .store.ranks import rank_run_dir, write_ranks_manifest
 from .store.registry import get_backend, open_run
+
+if TYPE_CHECKING:
+    from .in_graph import InGraph
 
 __all__ = ["Capture", "capture", "IlstoreWarning"]
 
@@ -189,6 +192,7 @@ class Capture:
         self._compile_warned = False
         self._step: _StepState | None = None  # the open step, if any
         self._replay: ReplaySource | None = None
+        self._in_graph: InGraph | None = None  # config in_graph: the traced hooks (ilstore.in_graph)
         self._layouts: dict[str, ModuleLayout] = {}  # module name -> its parallel layout rules (ilstore.layout)
         if not self.config.enabled:
             return
@@ -219,7 +223,14 @@ class Capture:
         except OSError as exc:
             self._fail(StoreError(f"{self.run_dir}: cannot create the run directory: {exc}"))
             return
-        self._dedup = Deduper() if cfg.dedup else None
+        # Compiled code reuses its buffers in place without bumping version counters, so a
+        # tensor's identity says nothing there: in_graph runs are never de-duplicated.
+        self._dedup = Deduper() if cfg.dedup and not cfg.in_graph else None
+        if cfg.in_graph:
+            from .in_graph import InGraph
+
+            self._in_graph = InGraph(self)
+            self._opaque_hooks = True  # nothing to warn about: the hooks are meant to be traced
         if cfg.async_writes:
             self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
         else:
@@ -246,10 +257,12 @@ class Capture:
                 if selected is not None and not selected:
                     continue
             skip = self._skip_in_graph
-            self._handles.append(module.register_forward_pre_hook(_opaque(partial(self._pre, name, selected), skip),
-                                                                  with_kwargs=True))
-            self._handles.append(module.register_forward_hook(_opaque(partial(self._post, name), skip),
-                                                              with_kwargs=True, always_call=True))
+            if self._in_graph is not None:  # traced into compiled graphs (ilstore.in_graph)
+                pre, post = self._in_graph.pre_hook(name, selected), self._in_graph.post_hook(name)
+            else:
+                pre, post = _opaque(partial(self._pre, name, selected), skip), _opaque(partial(self._post, name), skip)
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
             self.hooked_modules.append(name)
             rules = module_layout(module)
             if rules is not None:
@@ -263,8 +276,12 @@ class Capture:
         if not self.manual_step:
             # The step opens before the root's own capture hook (prepend) and ends after it.
             skip = self._skip_in_graph
-            self._handles.append(model.register_forward_pre_hook(_opaque(self._root_pre, skip), prepend=True))
-            self._handles.append(model.register_forward_hook(_opaque(self._root_post, skip), always_call=True))
+            if self._in_graph is not None:
+                root_pre, root_post = self._in_graph.root_hooks()
+            else:
+                root_pre, root_post = _opaque(self._root_pre, skip), _opaque(self._root_post, skip)
+            self._handles.append(model.register_forward_pre_hook(root_pre, prepend=True))
+            self._handles.append(model.register_forward_hook(root_post, always_call=True))
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -501,6 +518,8 @@ class Capture:
             return
         self._closed = True
         self._detach()
+        if self._in_graph is not None:
+            self._in_graph.close()
         if self._sink is not None:
             try:
                 if self._step is not None and (self.manual_step or status == "complete"):

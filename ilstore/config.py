@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "replay_from": None,
     "capture_root": None,
     "calls_outside_forward": "next_step",
+    "in_graph": False,
 }
 
 # A selector suffix: ":1", ":0,2", ":1-3", ":0,2-4". Only a suffix that parses like this is a
@@ -134,6 +135,7 @@ class Config:
     replay_from: str | None = None
     capture_root: bool | None = None
     calls_outside_forward: str = "next_step"
+    in_graph: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -189,6 +191,7 @@ class Config:
             "replay_from": self.replay_from,
             "capture_root": self.capture_root,
             "calls_outside_forward": self.calls_outside_forward,
+            "in_graph": self.in_graph,
         }
 
 
@@ -366,6 +369,9 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
     problems += _run_id_problems(data.get("run_id"))
     if data.get("replay_from") is not None and data.get("log_outputs") is False:
         problems.append("replay_from: a replay run measures each call's outputs; it needs log_outputs: true")
+    if data.get("replay_from") is not None and data.get("in_graph") is True:
+        problems.append("in_graph: replay feeds a call its reference inputs from a Python hook, which compiled graphs "
+                        "cannot run; capture a replay with in_graph: false")
     if problems:
         raise ConfigError(problems, where)
     merged = {**DEFAULTS, **data}
@@ -393,4 +399,5 @@ def load_config(source: Any = None, **overrides: Any) -> Config:
         replay_from=None if merged["replay_from"] is None else str(merged["replay_from"]),
         capture_root=merged["capture_root"],
         calls_outside_forward=merged["calls_outside_forward"],
+        in_graph=merged["in_graph"],
     )
