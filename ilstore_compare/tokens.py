@@ -24,7 +24,7 @@ Compositions come from (see :func:`read_composition`):
   count minus one over the last ``S`` columns; zeros are padding); without a mask every token
   is real, and a row continues its previous request when the step holds one token per row
   (a decode step), else starts a new one at position 0. A 1-D ``[T]`` tensor without a record
-  is read as one request.
+  is read the same way, as a one-row batch: a single sequence (one prompt per run).
 
 In a batched run a row whose first real token is at position 0 starts a new request (named
 ``s<step>r<row>``); a row at a later position continues the request last seen in that row.

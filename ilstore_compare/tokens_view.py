@@ -119,6 +119,7 @@ def read_composition(reader: StoreReader, label: str) -> RunComposition:
     layouts: list[StepLayout] = []
     batched: list[tuple[int, list[list[int]], list[list[int]] | None]] = []
     sources: dict[str, None] = {}
+    single: tuple[str, int] | None = None  # without a record: (request, last position) of the 1-D run
     for step in reader.steps():
         record = next((c for c in reader.calls(step) if c.module == BATCH_MODULE), None)
         if record is not None:
@@ -133,10 +134,16 @@ def read_composition(reader: StoreReader, label: str) -> RunComposition:
         ids_key, ids_node = found
         ids = _load_ints(reader, ids_key, ids_node, label)
         where = f"{ids_key.module} {ids_key.kind}[{ids_key.path[0]}]"
-        if len(ids_node["shape"]) == 1:  # packed without a record: one request
+        if len(ids_node["shape"]) == 1:  # packed without a record: one sequence, as a 1-row batch is read
             n = len(ids)
-            layouts.append(packed_step(step, ["0"], [0, n], list(range(n)), ids))
-            sources[f"token ids from {where}, one request per step (no {BATCH_MODULE} record)"] = None
+            if n == 1 and single is not None:  # a decode step continues the sequence
+                single = (single[0], single[1] + 1)
+            else:
+                single = (f"s{step}", 0)
+            start = single[1]
+            layouts.append(packed_step(step, [single[0]], [0, n], list(range(start, start + n)), ids))
+            single = (single[0], start + n - 1)
+            sources[f"token ids from {where}, one request (no {BATCH_MODULE} record)"] = None
             continue
         rows, width = ids_node["shape"]
         mask_found = _find(reader, step, functools.partial(_is_mask, rows=rows, width=width))

@@ -316,8 +316,13 @@ def test_unreadable_composition_is_a_user_error(tmp_path: Path) -> None:
     packed = packed_run(tmp_path, "packed", SCHEDULE[:1], record=False)  # 1-D ids, no record: one request
     padded = padded_run(tmp_path, "padded", ["a", "b"], decode=0)
     t = _compare(packed, padded).token_alignment
-    assert t is not None and "one request per step" in t.source1
+    assert t is not None and "one request (no ilstore.batch record)" in t.source1
     assert [(r.how, r.aligned) for r in t.requests][:1] == [("prefix", 5)]  # "a b" read as one sequence
+    # one prompt without records: the decode steps continue it
+    single = packed_run(tmp_path, "single", [[("a", 0, 5)], [("a", 5, 1)], [("a", 6, 1)]], record=False)
+    alone = _compare(single, padded_run(tmp_path, "alone", ["a"]), allow_unaligned=True)  # the mask
+    assert alone.token_alignment is not None and alone.token_alignment.complete and alone.exit_code == 0
+    assert alone.token_alignment.aligned == 7
     broken = tmp_path / "broken"
     model = Tiny()
     cap = EngineCapture(model, {"output_dir": str(broken), "run_id": "x"}, manual_step=True)
