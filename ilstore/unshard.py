@@ -204,6 +204,7 @@ class LogicalReader(StoreReader):
         try:
             plan, shape = self._plan(parts)
         except LayoutError as exc:
+            base.pop("stats", None)  # one rank's statistics would pass for the logical tensor's
             base.update(stored=False, reason=f"not assembled: {exc}")
             return base
         unstored = [(r, p.get("reason", "not stored")) for r, p in parts.items()

@@ -199,6 +199,7 @@ def test_what_cannot_be_assembled_says_why(tmp_path: Path) -> None:
     with open_logical(run_dir) as run:
         noshard = run.meta(TensorKey(0, "noshard", 0, "outputs"))
         assert noshard["stored"] is False and "shapes differ" in noshard["reason"] and "annotate" in noshard["reason"]
+        assert "stats" not in noshard
         assert "different layouts" in run.meta(TensorKey(0, "half", 0, "outputs"))["reason"]
         with pytest.raises(KeyError, match="not stored"):
             run.load(TensorKey(0, "noshard", 0, "outputs"))

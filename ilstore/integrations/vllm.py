@@ -176,6 +176,7 @@ def _wrap_sample_tokens(sample_tokens: Callable[..., Any]) -> Callable[..., Any]
 def _attach(runner: Any, config: Config) -> EngineCapture | None:
     model: nn.Module = runner.get_model()
     compiled = _warn_if_compiled(runner)
+    _annotate_layouts(model)
     if config.backend == "hdf5" and config.async_writes and config.enabled:
         # Known issue (docs/vllm.md): in vLLM's CPU worker, HDF5 written from ilstore's background
         # writer thread while the model runs corrupted HDF5's state now and then (a failed write
@@ -204,6 +205,16 @@ def _attach(runner: Any, config: Config) -> EngineCapture | None:
     _log.info("ilstore: capturing %d module(s) of %s into %s", len(cap.hooked_modules), type(model).__name__,
               cap.run_dir)
     return cap
+
+
+def _annotate_layouts(model: nn.Module) -> None:
+    """Tensor parallelism: record the layouts of vLLM's parallel layers (docs/parallel.md)."""
+    try:
+        from .vllm_layout import annotate_model
+
+        annotate_model(model)
+    except Exception as exc:  # an internals change must not stop the capture
+        _warn(f"ilstore: could not annotate the tensor-parallel layouts ({exc!r}); --unshard will not assemble them")
 
 
 def _warn_if_compiled(runner: Any) -> bool:
