@@ -32,3 +32,78 @@ def test_cuda_capture_matches_device_values_and_does_not_perturb(out_dir: Path, 
         assert torch.equal(run.load(key), seen["down"])
         if backend == "pt":
             assert (cap.run_dir / "step_0" / "model.layers.1.mlp.down_proj" / "outputs_cuda_0.pt").is_file()
+
+
+# -- in_graph: CUDA graphs and compiled models (issue 16) ---------------------------------------
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 64)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(self.act(h) + h)  # act twice: two calls of one module per step
+
+
+def test_cuda_graph_replays_become_steps_with_in_graph(out_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = _Net().cuda()
+    xs = [torch.randn(8, 64, device="cuda") for _ in range(4)]
+    with torch.no_grad():
+        expected = [{"fc1": model.fc1(x), "fc2": model(x)} for x in xs]
+        with ilstore.capture(model, {"output_dir": str(out_dir), "run_id": "g", "log_step_ids": [],
+                                     "in_graph": True}) as cap:
+            static = xs[0].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model(static)  # warm-up: an ordinary step 0
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = model(static)  # captured: records nothing
+            outs = []
+            for x in xs[1:]:
+                static.copy_(x)
+                graph.replay()  # each replay: one step, drained after it
+                outs.append(out.clone())
+    assert cap.run_dir is not None
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.steps() == [0, 1, 2, 3]
+        assert {str(k)[3:] for k in run.keys(step=3)} == {str(k)[3:] for k in run.keys(step=0)}
+        for step, (x, want, got) in enumerate(zip(xs[1:], expected[1:], outs, strict=True), start=1):
+            assert torch.equal(run.load(ilstore.TensorKey(step, "fc1", 0, "inputs", ("0",))), x.cpu())
+            assert torch.equal(run.load(ilstore.TensorKey(step, "fc2", 0, "outputs")), got.cpu())
+            torch.testing.assert_close(run.load(ilstore.TensorKey(step, "fc1", 0, "outputs")), want["fc1"].cpu())
+            torch.testing.assert_close(got, want["fc2"])
+            assert run.load(ilstore.TensorKey(step, "act", 1, "outputs")).shape == (8, 64)
+
+
+def test_compiled_fullgraph_on_cuda_with_in_graph(out_dir: Path) -> None:
+    model = tiny_llama().cuda()
+    ids = torch.tensor(DEMO_PROMPT, device="cuda")
+    with torch.no_grad():
+        with ilstore.capture(model, {"output_dir": str(out_dir), "run_id": "eager", "log_step_ids": []}) as ref:
+            for k in range(2):
+                model(input_ids=ids[:, : 8 + k], use_cache=False)
+        torch._dynamo.reset()
+        plain = torch.compile(model, fullgraph=True)
+        expected = [plain(input_ids=ids[:, : 8 + k], use_cache=False).logits for k in range(2)]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        with ilstore.capture(compiled, {"output_dir": str(out_dir), "run_id": "compiled", "log_step_ids": [],
+                                        "in_graph": True}) as cap:
+            got = [compiled(input_ids=ids[:, : 8 + k], use_cache=False).logits for k in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert cap.run_dir is not None and ref.run_dir is not None
+    with ilstore.open_run(cap.run_dir) as run, ilstore.open_run(ref.run_dir) as eager:
+        assert {str(k) for k in run.keys()} == {str(k) for k in eager.keys()}
+        for step, logits in enumerate(got):
+            assert torch.equal(run.load(ilstore.TensorKey(step, "lm_head", 0, "outputs")), logits.cpu())
+    from ilstore_compare import compare
+
+    result = compare(cap.run_dir, ref.run_dir, rtol=1e-4, atol=1e-4)
+    assert result.verdict == "match", result.first_divergence
