@@ -17,6 +17,7 @@ from typing import Any
 from ilstore.store.base import read_manifest
 from ilstore.store.ranks import is_ranked
 
+from .errors import OptionError
 from .options import CompareOptions
 from .pairing import resolve_run_dir
 from .result import CompareResult
@@ -47,6 +48,9 @@ def compare_unsharded(dir1: str | Path, dir2: str | Path, options: CompareOption
     Returns:
         The result, naming the original directories; its notes say that both runs were unsharded.
 
+    Raises:
+        OptionError: ``replay`` or ``oracle`` given (convert the runs with ``--unshard`` first).
+
     Example:
         >>> compare_unsharded("runs/tp2", "runs/tp1", rtol=1e-4, atol=1e-5).exit_code  # doctest: +SKIP
         0
@@ -55,6 +59,11 @@ def compare_unsharded(dir1: str | Path, dir2: str | Path, options: CompareOption
 
     from .engine import compare
 
+    options = CompareOptions.create(options, **{k: kwargs.pop(k) for k in list(kwargs) if k != "progress"})
+    for name in ("replay", "oracle"):
+        if getattr(options, name) is not None:
+            raise OptionError(name, "cannot be combined with --unshard (a replay pairs rank with rank); unshard the "
+                              "runs first with `ilstore convert --unshard`")
     path1, path2 = resolve_run_dir(dir1), resolve_run_dir(dir2)
     (backend1, ranks1), (backend2, ranks2) = _describe(path1), _describe(path2)
     with tempfile.TemporaryDirectory(prefix="ilstore-unshard-") as tmp:

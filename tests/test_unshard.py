@@ -251,3 +251,11 @@ def test_compare_unshard_tp2_against_tp1(tmp_path: Path, backend: str) -> None:
     assert bad[0]["max_abs_diff_index"] == [0, 6] and bad[0]["mismatched"] == 3  # rank 1's column 2 is column 6
     first = report["first_divergence"]
     assert (first["module"], first["origin"], first["rank"]) == ("col", "introduced", 0)
+
+
+def test_compare_unshard_refuses_replay(tmp_path: Path) -> None:
+    from ilstore_compare.cli import compare_cmd
+
+    tp2, tp1 = write_tp2(tmp_path, "pt"), write_tp1(tmp_path, "pt")
+    res = CliRunner().invoke(compare_cmd, ["--dir1", str(tp2), "--dir2", str(tp1), "--unshard", "--replay", str(tp1)])
+    assert res.exit_code == 2 and "--replay: cannot be combined with --unshard" in res.output
