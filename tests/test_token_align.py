@@ -349,3 +349,49 @@ def test_batch_records_are_not_compared_as_module_calls(tmp_path: Path) -> None:
         assert BATCH_MODULE not in {c.call.module for c in result.calls}
     with ilstore.open_run(with_records) as run:
         assert run.calls(0)[0].module == BATCH_MODULE  # recorded first, before the model's calls
+
+
+def test_the_plugin_reads_the_composition_from_the_runner(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a stand-in for vLLM's V1 runner: what _prepare_inputs leaves behind (real vLLM: test_vllm_tokens.py)
+    from types import SimpleNamespace
+
+    from ilstore.integrations.vllm_batch import patch_prepare_inputs
+
+    class Runner:
+        def _prepare_inputs(self, scheduler_output: Any, counts: Any) -> str:
+            ids = [5, 6, 7, 8]
+            self.input_batch = SimpleNamespace(req_ids=["r1", "r0", None], num_reqs=2)
+            self.input_ids = SimpleNamespace(gpu=torch.tensor(ids + [0] * 4, dtype=torch.int32))
+            self.positions = torch.tensor([9, 0, 1, 2] + [0] * 4)
+            return "prepared"
+
+    class Broken:
+        def _prepare_inputs(self, scheduler_output: Any, counts: Any) -> str:
+            return "prepared"
+
+    patch_prepare_inputs([Runner, Broken], "_cap", "__marker__")
+    patch_prepare_inputs([Runner], "_cap", "__marker__")  # never twice
+    wrapper = Runner._prepare_inputs
+    assert hasattr(wrapper, "__marker__") and not hasattr(wrapper.__wrapped__, "__marker__")  # the original inside
+    model = Tiny()
+    runner, broken = Runner(), Broken()
+    cap = EngineCapture(model, {"output_dir": str(tmp_path), "run_id": "r"}, manual_step=True)
+    runner._cap = broken._cap = cap  # type: ignore[attr-defined]
+    sched = SimpleNamespace(total_num_scheduled_tokens=4, num_scheduled_tokens={"r0": 3, "r1": 1})
+    assert runner._prepare_inputs(sched, None) == "prepared"  # outside a step: nothing recorded
+    cap.begin_engine_step()
+    runner._prepare_inputs(sched, None)
+    runner._prepare_inputs(sched, None)  # once per step
+    with caplog.at_level("WARNING"):
+        assert broken._prepare_inputs(sched, None) == "prepared"  # no state: a warning, the step goes on
+    assert "cannot read the batch composition from Broken" in caplog.text
+    model(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 0, 1, 2]), last=torch.tensor([0, 3]))
+    cap.end_engine_step()
+    cap.close()
+    with ilstore.open_run(tmp_path / "r") as run:
+        calls = [c for c in run.calls(0) if c.module == BATCH_MODULE]
+        assert len(calls) == 1 and run.calls(0)[0] == calls[0]
+        kwargs = run.structure(calls[0], "inputs")["kwargs"]
+    values = {k: v["items"] if isinstance(v, dict) else v for k, v in kwargs.items()}
+    assert values == {"request_ids": ["r1", "r0"], "query_start_loc": [0, 1, 4], "positions": [9, 0, 1, 2],
+                      "input_ids": [5, 6, 7, 8], "format": BATCH_FORMAT}
