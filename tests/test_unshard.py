@@ -5,6 +5,9 @@ partial sums, replicas that agree and that disagree), read, converted and compar
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +262,41 @@ def test_compare_unshard_refuses_replay(tmp_path: Path) -> None:
     tp2, tp1 = write_tp2(tmp_path, "pt"), write_tp1(tmp_path, "pt")
     res = CliRunner().invoke(compare_cmd, ["--dir1", str(tp2), "--dir2", str(tp1), "--unshard", "--replay", str(tp1)])
     assert res.exit_code == 2 and "--replay: cannot be combined with --unshard" in res.output
+
+
+_ONE_RANK_DTENSOR = r"""
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+import ilstore
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1] + "/pg-store", rank=0, world_size=1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+with torch.no_grad(), ilstore.capture(model, {"output_dir": sys.argv[1], "run_id": "one"}) as cap:
+    model(torch.ones(2, 4))
+dist.destroy_process_group()
+"""
+
+
+def test_dtensor_layouts_in_one_process(tmp_path: Path) -> None:
+    """The DTensor paths on a 1-rank mesh (the 2-rank case is tests/test_multirank.py, slow)."""
+    proc = subprocess.run([sys.executable, "-c", _ONE_RANK_DTENSOR, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with ilstore.open_run(tmp_path / "one") as run:
+        def layout(module: str, kind: str, path: tuple[str, ...] = ()) -> Any:
+            return run.meta(TensorKey(0, module, 0, kind, path)).get("layout")
+
+        # a DTensor input: stored as its local tensor, with its placement
+        assert run.meta(TensorKey(0, "0", 0, "inputs", ("0",)))["shape"] == [2, 4]
+        assert layout("0", "inputs", ("0",)) == {"kind": "replicate", "group": "tp", "ranks": [0], "index": 0,
+                                                 "source": "dtensor"}
+        # a plain output of a column-wise Linear: its layout from the DTensor weight
+        assert layout("0", "outputs") == {"kind": "shard", "group": "tp", "ranks": [0], "index": 0, "dim": 1,
+                                          "sizes": [8], "source": "module"}
+        assert layout("2", "inputs", ("0",))["source"] == "dtensor"  # row-wise: its input made a DTensor
+        assert layout("1", "outputs") is None
+    with open_logical(tmp_path / "one") as logical:
+        assert logical.load(TensorKey(0, "0", 0, "outputs")).shape == (2, 8)
