@@ -3,43 +3,186 @@
 Why a compiled loop: the torch path makes ~15 passes over float64 temporaries per chunk (widen
 both sides, ``|a-b|``, the tolerance, the verdict, the maximum, the relative difference, four
 dot products, and ``max_ulp``'s integer passes); one loop that reads each element once and keeps
-every total in registers is 5-15 times faster on one core, and needs no temporaries. Why numba:
-a well-kept, widely used compiler of exactly this kind of numpy loop, no C toolchain at install
-or run time, and its machine code is cached on disk (``cache=True``: compiled once per
-machine, ~3 s, then loaded in ~0.1 s). ``nogil``: compare workers run it on several cores.
+every total in registers is several times faster on one core and needs no temporaries.
+
+Why C through ctypes, not numba: numba does the same in Python syntax, but importing it and
+loading its cached machine code cost ~110 MB of resident memory (LLVM) and 0.4-1.5 s at the
+first comparison, which alone breaks the comparer's memory bound (the whole process within 2 x
+the largest tensor + 300 MB; torch itself is ~220 MB) and its start-up on small runs. The loop
+below is ~150 lines of plain C99, compiled once per machine with the system's C compiler
+(``$CC`` or ``cc``) into ``$ILSTORE_CACHE_DIR`` (default ``~/.cache/ilstore``), then loaded in
+about a millisecond; ctypes releases the GIL during the call, so compare workers run it on
+several cores. Without a compiler (or with ``ILSTORE_COMPARE_KERNEL=0``) :func:`fused` returns
+None and :mod:`.metrics` takes its torch path, with the same results.
 
 Exactness: elementwise the loop does the float64 arithmetic of the torch path (float32 inputs
-are widened exactly; no contraction into fused multiply-adds), so the verdict, the NaN/Inf
+are widened exactly; ``-ffp-contract=off``: no fused multiply-adds), so the verdict, the NaN/Inf
 counts, ``max |a-b|`` and its (first) index, the largest relative difference and ``max_ulp``
-are identical. The only fast-math flag is ``reassoc``, which lets the compiler vectorise the five
-float64 sums (``sum |a-b|``, ``||a-b||^2``, ``||a||^2``, ``||b||^2``, ``<a, b>``): they are added
-in another order than torch adds them (lanes within blocks of :data:`BLOCK` elements, then the
-blocks), so mean |a-b|, rel L2 and cosine can differ from the torch path in the last bits.
-
-numba is optional: without it (or with ``ILSTORE_COMPARE_KERNEL=0``) :func:`fused` returns None
-and :mod:`.metrics` takes its torch path.
+are identical. The five float64 sums (``sum |a-b|``, ``||a-b||^2``, ``||a||^2``, ``||b||^2``,
+``<a, b>``) are kept in :data:`LANES` interleaved partial sums per block of :data:`BLOCK`
+elements (so the compiler can vectorise them without fast-math), then added up lane by lane
+and block by block: another order than torch's, so mean |a-b|, rel L2 and cosine can differ
+from the torch path in the last bits.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["BLOCK", "Totals", "fused", "enabled"]
+__all__ = ["BLOCK", "LANES", "Totals", "fused", "enabled"]
 
 _log = logging.getLogger(__name__)
 
-#: Elements summed into one partial sum before it is added to the totals.
+#: Elements per block: partial sums are added to the totals, and the maxima checked, per block.
 BLOCK = 4096
+#: Interleaved partial sums within a block.
+LANES = 8
 
-#: The sign-magnitude layouts of the bits the kernel reads for ``max_ulp``: numpy integer type,
-#: mask of the magnitude bits, the largest magnitude that is not NaN (infinity).
-_ULP = {np.dtype(np.float32): (np.int32, 0x7FFFFFFF, 0x7F800000),
-        np.dtype(np.float64): (np.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+_SOURCE = r"""
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+/* BLOCK and LANES come from the command line (-D) */
+
+typedef struct {
+    int64_t mis, fin, nan1, nan2, inf1, inf2;
+    double s_abs, dd, aa, bb, ab, max_abs;
+    int64_t max_at;
+    double max_rel;
+    uint64_t top;  /* the largest ulp distance + 1; 0: none */
+} totals;
+
+#define LOAD(p, k, i) ((k) == 4 ? (double)((const float *)(p))[i] : ((const double *)(p))[i])
+
+/* the largest ulp distance over [start, stop) of 32-bit patterns (sign and magnitude: -m is at
+   position -m, so +0 and -0 are 0 apart), elements with NaN on either side skipped. Kept as
+   distance + 1 (0: no pair free of NaN), which fits: distances are at most 2 x infinity's bits */
+static void ulp32(const int32_t *a, const int32_t *b, int64_t start, int64_t stop, totals *t) {
+    int64_t top = 0;
+    for (int64_t i = start; i < stop; i++) {  /* branch-free: the signs are unpredictable */
+        int64_t sa = a[i] >> 31, sb = b[i] >> 31;  /* 0 or -1 */
+        int64_t ma = a[i] & 0x7FFFFFFF, mb = b[i] & 0x7FFFFFFF;
+        int64_t diff = ((ma ^ sa) - sa) - ((mb ^ sb) - sb);
+        int64_t dist = (diff < 0 ? -diff : diff) + 1;
+        int64_t valid = (ma <= 0x7F800000) & (mb <= 0x7F800000);
+        dist &= -valid;
+        top = dist > top ? dist : top;
+    }
+    if ((uint64_t)top > t->top) t->top = (uint64_t)top;
+}
+
+/* the same for 64-bit patterns (unsigned 64-bit distances) */
+static void ulp64(const int64_t *a, const int64_t *b, int64_t start, int64_t stop, totals *t) {
+    const uint64_t mask = 0x7FFFFFFFFFFFFFFFULL, inf = 0x7FF0000000000000ULL;
+    uint64_t top = 0;
+    for (int64_t i = start; i < stop; i++) {
+        uint64_t ma = (uint64_t)a[i] & mask, mb = (uint64_t)b[i] & mask;
+        uint64_t apart = (uint64_t)((a[i] ^ b[i]) >> 63);  /* all ones: opposite signs, through zero */
+        uint64_t near = ma > mb ? ma - mb : mb - ma;
+        uint64_t dist = (((ma + mb) & apart) | (near & ~apart)) + 1;
+        dist &= -(uint64_t)((ma <= inf) & (mb <= inf));
+        top = dist > top ? dist : top;
+    }
+    if (top > t->top) t->top = top;
+}
+
+/* one element i into lane l of the block's partial sums (a macro: the lanes loop must have a
+   constant trip count to be vectorised) */
+#define ELEMENT(i_, l_) { \
+    const int64_t e_i = (i_); const int e_l = (l_); \
+    double xv = LOAD(x, xk, e_i), yv = LOAD(y, yk, e_i); \
+    double d = fabs(xv - yv), ay = fabs(yv); \
+    int xn = xv != xv, yn = yv != yv; \
+    int good = (xv == yv) | (d <= ay * rtol + atol) | (equal_nan & xn & yn); \
+    int xf = fabs(xv) <= DBL_MAX, yf = ay <= DBL_MAX; \
+    int ok = xf & yf; \
+    mis += !good; fin += ok; nan1 += xn; nan2 += yn; inf1 += !(xf | xn); inf2 += !(yf | yn); \
+    double dz = ok ? d : 0.0, xz = ok ? xv : 0.0, yz = ok ? yv : 0.0; \
+    pa[e_l] += dz; pd[e_l] += dz * dz; px[e_l] += xz * xz; py[e_l] += yz * yz; pxy[e_l] += xz * yz; \
+    double r = d / ay; \
+    beats |= ok & ((d > m_abs) | ((ay > 0.0) & (r > m_rel))); \
+}
+
+static inline __attribute__((always_inline)) void run(
+        const void *x, const int xk, const void *y, const int yk, int64_t n, double rtol, double atol,
+        int equal_nan, int ulp, totals *t) {
+    int64_t mis = 0, fin = 0, nan1 = 0, nan2 = 0, inf1 = 0, inf2 = 0;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t stop = start + BLOCK < n ? start + BLOCK : n;
+        double pa[LANES] = {0}, pd[LANES] = {0}, px[LANES] = {0}, py[LANES] = {0}, pxy[LANES] = {0};
+        const double m_abs = t->max_abs, m_rel = t->max_rel;
+        int beats = 0;
+        const int64_t whole = start + (stop - start) / LANES * LANES;
+        for (int64_t base = start; base < whole; base += LANES) {
+            for (int l = 0; l < LANES; l++) ELEMENT(base + l, l)
+        }
+        for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole)
+        for (int l = 0; l < LANES; l++) {
+            t->s_abs += pa[l];
+            t->dd += pd[l];
+            t->aa += px[l];
+            t->bb += py[l];
+            t->ab += pxy[l];
+        }
+        if (beats) { /* rare after the first blocks: the new maxima, first occurrence */
+            for (int64_t i = start; i < stop; i++) {
+                double xv = LOAD(x, xk, i), yv = LOAD(y, yk, i);
+                if (fabs(xv) <= DBL_MAX && fabs(yv) <= DBL_MAX) {
+                    double d = fabs(xv - yv);
+                    if (d > t->max_abs) {
+                        t->max_abs = d;
+                        t->max_at = i;
+                    }
+                    if (yv != 0.0 && d / fabs(yv) > t->max_rel) t->max_rel = d / fabs(yv);
+                }
+            }
+        }
+        if (ulp == 4) ulp32((const int32_t *)x, (const int32_t *)y, start, stop, t);
+        else if (ulp == 8) ulp64((const int64_t *)x, (const int64_t *)y, start, stop, t);
+    }
+    t->mis = mis; t->fin = fin; t->nan1 = nan1; t->nan2 = nan2; t->inf1 = inf1; t->inf2 = inf2;
+}
+
+/* x, y: n float32 (kind 4) or float64 (kind 8) values; ulp: 0, or the common width of both */
+void ilstore_fused(const void *x, int xk, const void *y, int yk, int64_t n, double rtol, double atol,
+                   int equal_nan, int ulp, totals *t) {
+    t->s_abs = t->dd = t->aa = t->bb = t->ab = 0.0;
+    t->max_abs = -1.0;
+    t->max_at = -1;
+    t->max_rel = 0.0;
+    t->top = 0;
+    if (xk == 4 && yk == 4) run(x, 4, y, 4, n, rtol, atol, equal_nan, ulp, t);
+    else if (xk == 4) run(x, 4, y, 8, n, rtol, atol, equal_nan, ulp, t);
+    else if (yk == 4) run(x, 8, y, 4, n, rtol, atol, equal_nan, ulp, t);
+    else run(x, 8, y, 8, n, rtol, atol, equal_nan, ulp, t);
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+          f"-DBLOCK={BLOCK}", f"-DLANES={LANES}"]
+
+
+class _Totals(ctypes.Structure):
+    """The C ``totals`` struct."""
+
+    _fields_ = [("mis", ctypes.c_int64), ("fin", ctypes.c_int64), ("nan1", ctypes.c_int64), ("nan2", ctypes.c_int64),
+                ("inf1", ctypes.c_int64), ("inf2", ctypes.c_int64), ("s_abs", ctypes.c_double),
+                ("dd", ctypes.c_double), ("aa", ctypes.c_double), ("bb", ctypes.c_double), ("ab", ctypes.c_double),
+                ("max_abs", ctypes.c_double), ("max_at", ctypes.c_int64), ("max_rel", ctypes.c_double),
+                ("top", ctypes.c_uint64)]
 
 
 class Totals(NamedTuple):
@@ -62,151 +205,77 @@ class Totals(NamedTuple):
     max_ulp: int | None
 
 
-def _source(x: Any, y: Any, xb: Any, yb: Any, ulp: Any, mag: Any, nan_above: Any, rtol: float, atol: float,
-            equal_nan: bool, block: int) -> Any:
-    """The loop (compiled). ``x``, ``y``: float32/float64, same length; ``ulp``: one of the
-    ``_ulp_*`` functions, called per block on ``xb``, ``yb`` (the bits of ``x`` and ``y``).
-
-    Branch-free within a block, so that the compiler vectorises it; the block's largest
-    difference is located (first occurrence) only when it beats the largest so far.
-    """
-    n = x.size
-    big = 1.7976931348623157e308  # the largest finite float64: NaN and infinities compare above it or unordered
-    mis = fin = nan1 = nan2 = inf1 = inf2 = 0
-    s_abs = dd = aa = bb = ab = 0.0
-    max_abs = -1.0
-    max_at = -1
-    max_rel = 0.0
-    top = np.uint64(0)
-    any_ulp = False
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        p_abs = p_dd = p_aa = p_bb = p_ab = 0.0
-        m_abs = max_abs
-        m_rel = max_rel
-        beats = 0
-        for i in range(start, stop):
-            xv = np.float64(x[i])
-            yv = np.float64(y[i])
-            d = abs(xv - yv)
-            ay = abs(yv)
-            x_nan = xv != xv
-            y_nan = yv != yv
-            good = (xv == yv) | (d <= ay * rtol + atol) | (equal_nan & x_nan & y_nan)
-            mis += np.int64(1) - np.int64(good)
-            x_fin = abs(xv) <= big
-            y_fin = ay <= big
-            ok = x_fin & y_fin
-            fin += np.int64(ok)
-            nan1 += np.int64(x_nan)
-            nan2 += np.int64(y_nan)
-            inf1 += np.int64(x_fin | x_nan) ^ 1
-            inf2 += np.int64(y_fin | y_nan) ^ 1
-            dz = d if ok else 0.0
-            xz = xv if ok else 0.0
-            yz = yv if ok else 0.0
-            p_abs += dz
-            p_dd += dz * dz
-            p_aa += xz * xz
-            p_bb += yz * yz
-            p_ab += xz * yz
-            r = d / ay
-            beats += np.int64(ok & ((d > m_abs) | ((ay > 0.0) & (r > m_rel))))
-        s_abs += p_abs
-        dd += p_dd
-        aa += p_aa
-        bb += p_bb
-        ab += p_ab
-        if beats > 0:  # rare after the first blocks: find the new maxima (first occurrence) one by one
-            for i in range(start, stop):
-                xv = np.float64(x[i])
-                yv = np.float64(y[i])
-                if abs(xv) <= big and abs(yv) <= big:
-                    d = abs(xv - yv)
-                    if d > max_abs:
-                        max_abs = d
-                        max_at = i
-                    if yv != 0.0 and d / abs(yv) > max_rel:
-                        max_rel = d / abs(yv)
-        b_top, b_any = ulp(xb, yb, start, stop, mag, nan_above)
-        any_ulp |= b_any
-        if b_top > top:
-            top = b_top
-    return (mis, fin, nan1, nan2, inf1, inf2, s_abs, dd, aa, bb, ab, max_abs, max_at, max_rel, top, any_ulp)
-
-
-def _no_ulp(xb: Any, yb: Any, start: int, stop: int, mag: Any, nan_above: Any) -> Any:
-    """No ``max_ulp`` (the two sides have different dtypes)."""
-    return np.uint64(0), False
-
-
-def _ulp_narrow(xb: Any, yb: Any, start: int, stop: int, mag: Any, nan_above: Any) -> Any:
-    """The largest ulp distance over ``[start, stop)`` of 8- to 32-bit patterns (in int64) and
-    whether any pair was free of NaN. A negative pattern (sign and magnitude ``m``) is at
-    position ``-m`` of the ordered values, so ``+0`` and ``-0`` are 0 apart."""
-    top = np.int64(-1)
-    for i in range(start, stop):
-        ia = np.int64(xb[i])
-        ib = np.int64(yb[i])
-        ma = ia & mag
-        mb = ib & mag
-        oa = -ma if ia < 0 else ma
-        ob = -mb if ib < 0 else mb
-        dist = abs(oa - ob)
-        dist = dist if (ma <= nan_above) & (mb <= nan_above) else np.int64(-1)
-        top = max(top, dist)
-    return np.uint64(max(top, 0)), top >= 0
-
-
-def _ulp_wide(xb: Any, yb: Any, start: int, stop: int, mag: Any, nan_above: Any) -> Any:
-    """:func:`_ulp_narrow` for 64-bit patterns: a distance needs 64 unsigned bits."""
-    top = np.uint64(0)
-    found = False
-    for i in range(start, stop):
-        ia = xb[i]
-        ib = yb[i]
-        ma = ia & mag
-        mb = ib & mag
-        valid = (ma <= nan_above) & (mb <= nan_above)
-        apart = np.uint64(ma) + np.uint64(mb)  # opposite signs: the distance passes through zero
-        near = np.uint64(ma - mb) if ma >= mb else np.uint64(mb - ma)
-        dist = apart if (ia ^ ib) < 0 else near
-        dist = dist if valid else np.uint64(0)
-        found |= valid
-        top = dist if dist > top else top
-    return top, found
-
-
-_compiled: Any = None
+_lib: Any = None
 _failed = False
-_ulps: dict[int, Any] = {}
 _lock = threading.Lock()
 
 
-def enabled() -> bool:
-    """Whether the fused kernel is used (numba importable, not switched off)."""
-    return _kernel() is not None
+def _cache_dir() -> Path:
+    explicit = os.environ.get("ILSTORE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilstore"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build() -> Path | None:
+    """The compiled kernel in the cache (compiled now if it is not there yet); None without a compiler."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    # -march=native: the file is for this CPU (a cache directory shared by several machines
+    # keeps one file per kind of CPU)
+    tag = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"fused-{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "fused.c"
+        src.write_text(_SOURCE)
+        out = Path(tmp) / target.name
+        subprocess.run([*cc.split(), *_FLAGS, "-o", str(out), str(src), "-lm"], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(out, target)  # atomic: another process may be building the same file
+    return target
 
 
 def _kernel() -> Any:
-    global _compiled, _failed
-    if _compiled is not None or _failed:
-        return _compiled
+    global _lib, _failed
+    if _lib is not None or _failed:
+        return _lib
     with _lock:
-        if _compiled is None and not _failed:
-            if os.environ.get("ILSTORE_COMPARE_KERNEL", "1") == "0":
-                _failed = True
-                return None
+        if _lib is None and not _failed:
             try:
-                import numba
-            except ImportError:
-                _log.debug("numba is not installed: the comparer computes its metrics with torch")
+                if os.environ.get("ILSTORE_COMPARE_KERNEL", "1") == "0":
+                    raise RuntimeError("switched off by ILSTORE_COMPARE_KERNEL=0")
+                path = _build()
+                if path is None:
+                    raise RuntimeError("no C compiler ($CC, cc or gcc)")
+                lib = ctypes.CDLL(str(path))
+                lib.ilstore_fused.restype = None
+                lib.ilstore_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                              ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+                                              ctypes.c_int, ctypes.POINTER(_Totals)]
+                _lib = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) \
+                    else str(exc)
+                _log.info("ilstore-compare: no fused metrics kernel (%s); computing the metrics with torch", detail)
                 _failed = True
-                return None
-            jit = numba.njit(nogil=True, cache=True, error_model="numpy")
-            _ulps.update({0: jit(_no_ulp), 4: jit(_ulp_narrow), 8: jit(_ulp_wide)})
-            _compiled = numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc"})(_source)
-    return _compiled
+    return _lib
+
+
+def enabled() -> bool:
+    """Whether the fused kernel is used (compiled or found in the cache, not switched off)."""
+    return _kernel() is not None
 
 
 def fused(x: np.ndarray, y: np.ndarray, *, rtol: float, atol: float, equal_nan: bool,
@@ -214,24 +283,18 @@ def fused(x: np.ndarray, y: np.ndarray, *, rtol: float, atol: float, equal_nan: 
     """Every metric of the pair ``(x, y)`` in one pass; None without the kernel.
 
     Args:
-        x: the candidate, 1-D float32 or float64.
-        y: the reference, 1-D float32 or float64, same length.
+        x: the candidate, 1-D contiguous float32 or float64.
+        y: the reference, 1-D contiguous float32 or float64, same length.
         rtol, atol: the tolerances of the verdict.
         equal_nan: NaN on both sides matches.
         with_ulp: also measure ``max_ulp`` (``x`` and ``y`` must then have the same dtype).
     """
-    kernel = _kernel()
-    if kernel is None:
+    lib = _kernel()
+    if lib is None:
         return None
-    if with_ulp:
-        itype, mag, nan_above = _ULP[x.dtype]
-        xb, yb = x.view(itype), y.view(itype)
-        ulp, mag, nan_above = _ulps[xb.itemsize], itype(mag), itype(nan_above)
-    else:
-        xb = yb = np.empty(0, dtype=np.int32)
-        ulp, mag, nan_above = _ulps[0], np.int32(0), np.int32(0)
-    out = kernel(x, y, xb, yb, ulp, mag, nan_above, float(rtol), float(atol), bool(equal_nan), BLOCK)
-    (mis, fin, nan1, nan2, inf1, inf2, s_abs, dd, aa, bb, ab, max_abs, max_at, max_rel, top, any_ulp) = out
-    return Totals(int(mis), int(fin), int(nan1), int(nan2), int(inf1), int(inf2), float(s_abs), float(dd), float(aa),
-                  float(bb), float(ab), float(max_abs), int(max_at), float(max_rel),
-                  int(top) if any_ulp else None)
+    assert x.flags.c_contiguous and y.flags.c_contiguous and x.size == y.size
+    t = _Totals()
+    lib.ilstore_fused(x.ctypes.data, x.itemsize, y.ctypes.data, y.itemsize, x.size, float(rtol), float(atol),
+                      int(bool(equal_nan)), x.itemsize if with_ulp else 0, ctypes.byref(t))
+    return Totals(t.mis, t.fin, t.nan1, t.nan2, t.inf1, t.inf2, t.s_abs, t.dd, t.aa, t.bb, t.ab, t.max_abs, t.max_at,
+                  t.max_rel, int(t.top) - 1 if t.top else None)

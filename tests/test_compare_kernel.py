@@ -1,4 +1,5 @@
-"""The fused metrics kernel (numba) gives the results of the torch path of ilstore_compare.metrics.
+"""The fused metrics kernel (C, compiled on first use) gives the results of the torch path of
+ilstore_compare.metrics.
 
 Counts, maxima, their index and max_ulp must be identical; the five float64 sums (mean |a-b|,
 rel L2, cosine) are added in another order, so they agree to rounding.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +19,9 @@ import torch
 from ilstore_compare import _kernel, metrics
 from ilstore_compare.metrics import TensorMetrics, compare_many, compare_tensors
 
-pytest.importorskip("numba")
+needs_cc = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+                              reason="no C compiler: the kernel cannot be built here")
+pytestmark = needs_cc
 
 SUMS = ("mean_abs_diff", "rel_l2", "cosine")
 
@@ -61,7 +67,7 @@ PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.
          (torch.float64, torch.float16)]
 
 
-def test_the_kernel_is_used_when_numba_is_installed() -> None:
+def test_the_kernel_is_built_and_used() -> None:
     assert _kernel.enabled()
     t = _kernel.fused(torch.tensor([1.0, 2.0]).numpy(), torch.tensor([1.0, 2.5]).numpy(), rtol=0.0, atol=0.0,
                       equal_nan=False, with_ulp=True)
@@ -123,3 +129,24 @@ def test_exact_and_integer_pairs_keep_the_torch_path(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(metrics, "fused", refuse)
     assert compare_tensors(torch.tensor([0.0]), torch.tensor([-0.0]), rtol=0, atol=0, exact=True).mismatched == 1
     assert compare_tensors(torch.tensor([1, 2]), torch.tensor([1, 3]), rtol=0, atol=0).mismatched == 1
+
+
+def test_without_a_compiler_the_torch_path_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ILSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_kernel, "_lib", None)
+    monkeypatch.setattr(_kernel, "_failed", False)
+    assert not _kernel.enabled()
+    a, b = _awkward(2000, torch.float32, seed=4)
+    m = compare_tensors(a, b, rtol=1e-5, atol=1e-8)
+    monkeypatch.undo()
+    _same(compare_tensors(a, b, rtol=1e-5, atol=1e-8), m)
+
+
+def test_the_kernel_is_compiled_into_the_cache_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ILSTORE_CACHE_DIR", str(tmp_path))
+    first = _kernel._build()
+    assert first is not None and first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert _kernel._build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
