@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,7 +196,15 @@ def _once(entries: Sequence[Unreadable]) -> tuple[Unreadable, ...]:
 
 def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,
             progress: Progress | None) -> Iterator[TensorResult]:
-    """Results in input order; at most ``2 * workers`` pairs in flight."""
+    """Results in input order.
+
+    With several workers, pairs are loaded and compared in threads (reading releases the GIL,
+    and so does the fused metrics kernel, so one worker reads while another computes), at most
+    ``2 * workers`` queued, and a pair starts only while the tensor bytes of the pairs running
+    stay within the largest pair's plus :data:`_SLACK`: the memory bound of one worker (about 2 x
+    the largest tensor) holds whatever ``workers`` is; two large pairs simply run one after the
+    other.
+    """
     total = len(pairs)
     if workers <= 1:
         for done, pair in enumerate(pairs, 1):
@@ -203,12 +212,29 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
             if progress is not None:
                 progress(done, total)
         return
+    sizes = [_pair_bytes(pair) for pair in pairs]
+    budget = max(sizes, default=0) + _SLACK
+    running = [0]  # bytes of the pairs started and not finished
+    freed = threading.Condition()
+
+    def run(pair: Pair, size: int) -> TensorResult:
+        try:
+            return fn(pair)
+        finally:
+            with freed:
+                running[0] -= size
+                freed.notify_all()
+
     window: deque[Future[TensorResult]] = deque()
     done = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilstore-compare") as pool:
         try:
-            for pair in pairs:
-                window.append(pool.submit(fn, pair))
+            for pair, size in zip(pairs, sizes, strict=True):
+                with freed:
+                    while running[0] and running[0] + size > budget:
+                        freed.wait()
+                    running[0] += size
+                window.append(pool.submit(run, pair, size))
                 if len(window) >= 2 * workers:
                     yield window.popleft().result()
                     done += 1
@@ -224,13 +250,23 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
                 future.cancel()
 
 
+#: Tensor bytes that may run beside the largest pair with several workers.
+_SLACK = 64 * 2**20
+#: Bytes per element by dtype name (``torch.`` prefix removed); other names count 4.
+_ITEMSIZE = {"float64": 8, "double": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "cdouble": 16,
+             "float16": 2, "half": 2, "bfloat16": 2, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
 def _pair_bytes(pair: Pair) -> int:
+    """The bytes of the pair's stored tensors, from their metadata (an estimate is enough)."""
     total = 0
     for side in (pair.side1, pair.side2):
         node = side.node if side is not None else None
         numel = node.get("numel") if isinstance(node, Mapping) else None
         if isinstance(numel, int) and not isinstance(numel, bool):
-            total += numel * 4  # an estimate is enough here
+            dtype = node.get("dtype") if isinstance(node, Mapping) else None
+            name = dtype.removeprefix("torch.") if isinstance(dtype, str) else ""
+            total += numel * (1 if name.startswith("float8") else _ITEMSIZE.get(name, 4))
     return total
 
 

@@ -281,3 +281,30 @@ def test_heap_guard_trims_only_past_its_slack() -> None:
     assert eager.trims == 0  # a small pair never trims
     eager.after(2**21)
     assert eager.trims == 1
+
+
+def test_workers_keep_the_tensor_bytes_in_flight_within_the_largest_pair_plus_slack(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from ilstore_compare import engine
+
+    mib = 2**20
+    sizes = {"big1": 400 * mib, "big2": 400 * mib, "small1": 8 * mib, "small2": 8 * mib, "big3": 400 * mib}
+    monkeypatch.setattr(engine, "_pair_bytes", lambda pair: sizes[pair])
+    lock, running, peak = threading.Lock(), [0], [0]
+    both_small = threading.Barrier(2, timeout=10)  # broken unless the two small pairs run at once
+
+    def fn(pair: str) -> str:
+        with lock:
+            running[0] += sizes[pair]
+            peak[0] = max(peak[0], running[0])
+        if pair.startswith("small"):
+            both_small.wait()
+        with lock:
+            running[0] -= sizes[pair]
+        return pair.upper()
+
+    order = ["big1", "big2", "small1", "small2", "big3"]
+    assert list(engine._stream(order, fn, 2, None)) == [p.upper() for p in order]  # type: ignore[arg-type]
+    assert peak[0] <= 400 * mib + engine._SLACK  # two big pairs never ran together
