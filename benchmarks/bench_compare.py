@@ -8,7 +8,9 @@ are also written once as raw float32 files, one per tensor.
 
 Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once per round):
 * ``floor: read only``: ``numpy.fromfile`` of both sides of every pair, nothing else.
-* ``floor: read + f32 metrics`` (THE floor): the same reads plus the metrics that
+* ``floor: minimal`` (THE floor, issue 18's): the same reads plus the verdict count
+  (``|a-b| <= atol + rtol |b|``) and the relative L2 error in numpy, one whole tensor at a time.
+* ``floor: read + f32 metrics``: the same reads plus the metrics that
   ``ilstore_compare.metrics`` computes (the tolerance check, NaN/Inf counts, |a-b| max and
   its index, mean |a-b|, max rel diff, the sums for rel-L2 and cosine), in the same 1 Mi-element
   chunks, in float32 elementwise with float64 sums, skipping the NaN/Inf masking when a chunk is
@@ -17,20 +19,26 @@ Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once
   arithmetic (float64 upcast): isolates the arithmetic from storage and engine overhead.
 * ``<backend> compare w1`` / ``w2``: ``ilstore_compare.compare(a, b, workers=1|2)``, the whole
   call (opening both runs, planning, loading, metrics, the result).
+* with ``--cli``, ``<backend> CLI w1`` / ``w2``: ``ilstore-compare --format json`` in a fresh
+  process (start-up, imports and the report included), as a user runs it.
 
-Columns: median seconds; MB/s of tensor data read (both runs together); the throughput ratio
-to the floor (floor seconds / row seconds; target >= 0.5); peak RSS growth during the call
-over the RSS before it, sampled every 2 ms, as the whole resident set and as its anonymous part
-(resident minus file-backed pages: memory-mapped shards show up in the first only); and the
-RSS target, 2 x the largest tensor + 300 MB.
+Columns: median seconds; MB/s of tensor data read (both runs together); the throughput ratios
+to the minimal floor (``x floor``: its seconds / the row's; target >= 0.5) and to the f32-metrics
+floor (``x f32``); peak RSS growth during the call over the RSS before it, sampled every 2 ms,
+as the whole resident set and as its anonymous part (resident minus file-backed pages:
+memory-mapped files show up in the first only) -- for the CLI rows, the whole peak RSS of the
+child process (``VmHWM``, not a growth); and the RSS target, 2 x the largest tensor + 300 MB.
+Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6).
 
 By default the page cache is warm: all files were just written or read, so "reads" come from
 memory. ``--cold`` writes back and evicts (``posix_fadvise(DONTNEED)``) the files a row reads
-before each of its rounds, so that row reads from the disk.
+before each of its rounds, so that row reads from the disk (on a tmpfs such as /dev/shm there is
+no disk: ``--cold`` changes nothing there). ``--tmp /dev/shm`` (tmpfs) or a directory on a disk
+chooses where the runs live.
 
 Usage:
     python benchmarks/bench_compare.py [--size-mb 500] [--rounds 3] [--backends pt,safetensors,hdf5]
-        [--workers 1,2] [--cold] [--tmp DIR] [--json FILE] [--profile N]
+        [--workers 1,2] [--cold] [--cli] [--tmp DIR] [--json FILE] [--profile N]
     python benchmarks/bench_compare.py --size-mb 50 --rounds 1        # a quick smoke run
 """
 
@@ -45,6 +53,7 @@ import os
 import pstats
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -73,6 +82,8 @@ from _bench_common import (  # noqa: E402
 )
 
 RTOL, ATOL = 1e-5, 1e-8
+MINIMAL = "floor: minimal (numpy verdict+relL2)"
+F32 = "floor: read + f32 metrics"
 CHUNK = 1 << 20
 
 
@@ -123,6 +134,19 @@ def _read(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.fromfile(path, dtype=np.float32)).reshape(shape)
 
 
+def floor_minimal(pairs: list[tuple[Path, Path, tuple[int, ...]]], rtol: float = RTOL, atol: float = ATOL) -> int:
+    """The issue's minimal floor: ``numpy.fromfile`` of both sides, the verdict count and the
+    relative L2 error, one whole tensor at a time, in numpy (float32 elementwise, single thread)."""
+    mismatched = 0
+    for pa, pb, _shape in pairs:
+        a, b = np.fromfile(pa, dtype=np.float32), np.fromfile(pb, dtype=np.float32)
+        d = np.abs(a - b)
+        mismatched += int(np.count_nonzero(~(d <= atol + rtol * np.abs(b))))
+        _rel_l2 = float(np.linalg.norm(d)) / float(np.linalg.norm(b))
+        del a, b, d
+    return mismatched
+
+
 def floor_read_only(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
     n = 0
     for pa, pb, shape in pairs:
@@ -159,9 +183,35 @@ def run_compare(a: Path, b: Path, workers: int) -> int:
     return sum(t.metrics.mismatched for t in result.tensors if t.metrics is not None)
 
 
+#: The CLI's entry point, writing its peak RSS (``VmHWM``: the whole resident set, mapped files
+#: included; ``ru_maxrss`` would include the forking parent's before the exec) to argv[1] at exit.
+_CLI_WITH_PEAK = """import atexit, sys
+peak = sys.argv.pop(1)
+def hwm():
+    with open('/proc/self/status') as fh:
+        kb = next(line.split()[1] for line in fh if line.startswith('VmHWM:'))
+    with open(peak, 'w') as fh:
+        fh.write(kb)
+atexit.register(hwm)
+from ilstore_compare.cli import main
+sys.exit(main())
+"""
+
+
+def run_cli(a: Path, b: Path, workers: int, peak_file: Path) -> tuple[int, int]:
+    """``ilstore-compare --format json`` in a fresh process, as a user runs it: (exit status, peak
+    RSS of that process in bytes)."""
+    cmd = [sys.executable, "-c", _CLI_WITH_PEAK, str(peak_file),
+           "--dir1", str(a), "--dir2", str(b), "--rtol", str(RTOL), "--atol", str(ATOL),
+           "--format", "json", "--output", os.devnull, "--workers", str(workers)]
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    return code, int(peak_file.read_text()) * 1024
+
+
 class Row:
-    def __init__(self, name: str, fn: Callable[[], int], files: list[Path], group: str) -> None:
-        self.name, self.fn, self.files, self.group = name, fn, files, group
+    def __init__(self, name: str, fn: Callable[[], Any], files: list[Path], group: str, child: bool = False) -> None:
+        """``child``: ``fn`` runs another process and returns ``(check, its peak RSS)``."""
+        self.name, self.fn, self.files, self.group, self.child = name, fn, files, group, child
         self.times: list[float] = []
         self.rss: list[int] = []
         self.anon: list[int] = []
@@ -173,8 +223,13 @@ class Row:
             drop_page_cache(self.files)
         seconds, sampler, check = timed(self.fn)
         self.times.append(seconds)
-        self.rss.append(sampler.growth)
-        self.anon.append(sampler.growth_anon)
+        if self.child:  # the other process's whole peak RSS, not a growth; no anonymous part known
+            check, peak = check
+            self.rss.append(peak)
+            self.anon.append(peak)
+        else:
+            self.rss.append(sampler.growth)
+            self.anon.append(sampler.growth_anon)
         self.check = check
 
     def result(self) -> dict[str, Any]:
@@ -192,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1,2", help="compare(workers=...) values, comma-separated")
     ap.add_argument("--cold", action="store_true", help="evict the files a row reads before each of its rounds")
     ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir); removed after")
+    ap.add_argument("--cli", action="store_true",
+                    help="also time the whole `python -m ilstore_compare --format json` per backend and worker count")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the rounds, cProfile one workers=1 compare per backend and print the top N functions")
@@ -214,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                              write_run(tmp / backend, "b", backend, shapes, "b"))
         raw_files = raw_a + raw_b
         rows = [Row("floor: read only", lambda: floor_read_only(pairs), raw_files, "floor"),
-                Row("floor: read + f32 metrics", lambda: floor_f32(pairs), raw_files, "floor"),
+                Row(MINIMAL, lambda: floor_minimal(pairs), raw_files, "floor"),
+                Row(F32, lambda: floor_f32(pairs), raw_files, "floor"),
                 Row("floor: read + metrics.compare_tensors", lambda: floor_lib(pairs), raw_files, "floor")]
         disk: dict[str, tuple[int, int]] = {}
         for backend, (a, b) in runs.items():
@@ -222,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             disk[backend] = (sum(f.stat().st_size for f in files), len(files))
             for w in worker_counts:
                 rows.append(Row(f"{backend} compare w{w}", partial(run_compare, a, b, w), files, backend))
+            if args.cli:
+                for w in worker_counts:
+                    cli = partial(run_cli, a, b, w, tmp / "peak")
+                    rows.append(Row(f"{backend} CLI w{w} (peak RSS)", cli, files, backend, child=True))
         read_all(raw_files + [f for a, b in runs.values() for f in files_under(a) + files_under(b)])
         floor_f32(pairs[:8])  # warm-up: first-touch costs of the torch kernels
         for _ in range(args.rounds):  # interleaved, so slow drifts of the machine hit every row alike
@@ -242,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = loadavg()
 
-    floor = next(r for r in results if r["name"] == "floor: read + f32 metrics")["seconds"]
+    floor = next(r for r in results if r["name"] == MINIMAL)["seconds"]
+    floor32 = next(r for r in results if r["name"] == F32)["seconds"]
     both = 2 * run_bytes
     target_rss = 2 * largest + 300e6
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs; "
@@ -253,22 +316,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loadavg before: {load_before}   after: {load_after}")
     for backend, (nbytes, nfiles) in disk.items():
         print(f"  {backend}: both runs {nbytes / 1e6:.1f} MB on disk in {nfiles} files")
-    header = (f"{'row':38} {'s':>7} {'MB/s':>7} {'x floor':>7} {'RSS+MB':>7} {'anon+MB':>7} "
+    header = (f"{'row':38} {'s':>7} {'MB/s':>7} {'x floor':>7} {'x f32':>7} {'RSS+MB':>7} {'anon+MB':>7} "
               f"{'<=target RSS/anon':>17}")
     print(header)
     print("-" * len(header))
     for r in results:
         r["mb_per_s"] = both / 1e6 / r["seconds"]
         r["ratio_to_floor"] = floor / r["seconds"]
+        r["ratio_to_f32_floor"] = floor32 / r["seconds"]
         r["rss_target_ok"] = r["rss"] <= target_rss
         r["rss_anon_target_ok"] = r["rss_anon"] <= target_rss
         ok = "/".join("yes" if r[k] else "NO" for k in ("rss_target_ok", "rss_anon_target_ok"))
         print(f"{r['name']:38} {r['seconds']:7.3f} {r['mb_per_s']:7.0f} {r['ratio_to_floor']:7.2f} "
+              f"{r['ratio_to_f32_floor']:7.2f} "
               f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {ok:>17}")
-    checks = {r["check_mismatched"] for r in results if r["name"] != "floor: read only"}
-    print(f"check: mismatched elements per row {sorted(checks)} (expect one value)")
-    print("targets: x floor >= 0.5 (throughput vs fromfile + f32 metrics); RSS growth <= 2 x largest tensor "
-          f"+ 300 MB = {target_rss / 1e6:.0f} MB (checked on the whole RSS / on its anonymous part)")
+    checks = {r["check_mismatched"] for r in results if r["group"] != "floor" or r["name"] != "floor: read only"}
+    print(f"check: mismatched elements per row (CLI rows: exit status) {sorted(checks)} (expect the count and 1)")
+    for backend in backends:
+        by_w = {w: next((r["seconds"] for r in results if r["name"] == f"{backend} compare w{w}"), None)
+                for w in worker_counts}
+        if by_w.get(1) and len(by_w) > 1:
+            print(f"{backend}: " + ", ".join(f"w{w}/w1 throughput {by_w[1] / t:.2f}" for w, t in by_w.items()
+                                             if t and w != 1))
+    print("targets: x floor >= 0.5 (throughput vs the minimal floor); w2/w1 >= 1.6; RSS <= 2 x largest tensor "
+          f"+ 300 MB = {target_rss / 1e6:.0f} MB (in-process rows: growth, whole / anonymous; CLI rows: whole peak)")
     for backend, text in profiles.items():
         print(f"\n== cProfile: {backend} compare workers=1 (tottime) ==\n{text}")
     if args.json:
