@@ -35,12 +35,9 @@ import itertools
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .capture import Capture
 
 __all__ = ["InGraph", "OP_NAME"]
 
@@ -217,7 +214,7 @@ def _split_inputs(value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 class InGraph:
     """The in-graph hooks of one :class:`~ilstore.capture.Capture` and the delivery of its taps."""
 
-    def __init__(self, capture: Capture) -> None:
+    def __init__(self, capture: Any) -> None:  # an ilstore.capture.Capture (which imports this module)
         self.capture = capture
         self.token = next(_tokens)
         self.op = _define_op()
@@ -300,13 +297,13 @@ class InGraph:
         name, kind, paths = self._parse(desc, len(xs))
         if kind == "inputs":
             args, kwargs = _split_inputs(_rebuild(paths, xs)) if xs else ((), {})
-            cap._pre(name, self.selected.get(name), None, args, kwargs)  # type: ignore[arg-type]
+            cap._pre(name, self.selected.get(name), None, args, kwargs)
         elif kind == "outputs":
-            cap._post(name, None, None, None, _rebuild(paths, xs) if xs else None)  # type: ignore[arg-type]
+            cap._post(name, None, None, None, _rebuild(paths, xs) if xs else None)
         elif kind == "root_pre":
-            cap._root_pre(None, None)  # type: ignore[arg-type]
+            cap._root_pre(None, None)
         elif kind == "root_post":
-            cap._root_post(None, None, _COMPLETED)  # type: ignore[arg-type]
+            cap._root_post(None, None, _COMPLETED)
 
 
 _COMPLETED = object()  # a root_post tap means the forward reached its end: the step completed

@@ -65,44 +65,41 @@ def _cfg(out: Path, run_id: str, **extra: Any) -> dict[str, Any]:
     return {"output_dir": str(out), "run_id": run_id, "log_step_ids": [], **extra}
 
 
+def _run(model: Any, out: Path, run_id: str, **extra: Any) -> tuple[Path, list[torch.Tensor]]:
+    """Three steps of ``model`` (plain or compiled) captured; the run and the model's outputs."""
+    with torch.no_grad(), ilstore.capture(model, _cfg(out, run_id, **extra)) as cap:
+        outs = [model(x)["out"] for x in _inputs()]
+    assert cap.run_dir is not None
+    return cap.run_dir, outs
+
+
 def test_in_graph_on_an_eager_model_records_what_the_hooks_record(tmp_path: Path) -> None:
     model = _net()
-    with torch.no_grad():
-        with ilstore.capture(model, _cfg(tmp_path, "hooks")) as ref:
-            for x in _inputs():
-                model(x)
-        with ilstore.capture(model, _cfg(tmp_path, "taps", in_graph=True)) as cap:
-            for x in _inputs():
-                model(x)
-    assert ref.run_dir is not None and cap.run_dir is not None
-    assert _keys(cap.run_dir) == _keys(ref.run_dir)
-    assert "r0/s1/act/1/outputs" in _keys(cap.run_dir) and "r0/s0/pair/0/inputs/scale" in _keys(cap.run_dir)
-    result = compare(cap.run_dir, ref.run_dir, rtol=0, atol=0)
-    assert result.verdict == "match" and result.summary.compared == len(_keys(ref.run_dir))
+    ref, _ = _run(model, tmp_path, "hooks")
+    run, _ = _run(model, tmp_path, "taps", in_graph=True)
+    assert _keys(run) == _keys(ref)
+    assert "r0/s1/act/1/outputs" in _keys(run) and "r0/s0/pair/0/inputs/scale" in _keys(run)
+    result = compare(run, ref, rtol=0, atol=0)
+    assert result.verdict == "match" and result.summary.compared == len(_keys(ref))
 
 
 def test_fullgraph_compile_keeps_the_taps_in_order_with_no_graph_break(tmp_path: Path) -> None:
     model = _net()
+    ref, _ = _run(model, tmp_path, "eager")
     with torch.no_grad():
-        with ilstore.capture(model, _cfg(tmp_path, "eager")) as ref:
-            for x in _inputs():
-                model(x)
         plain = torch.compile(_net(), fullgraph=True)
         expected = [plain(x)["out"] for x in _inputs()]
         with ilstore.capture(model, _cfg(tmp_path, "explain", in_graph=True)):
             explained = torch._dynamo.explain(model)(_inputs()[0])
-        compiled = torch.compile(model, fullgraph=True)
-        with ilstore.capture(compiled, _cfg(tmp_path, "compiled", in_graph=True)) as cap:
-            got = [compiled(x)["out"] for x in _inputs()]
+    compiled, got = _run(torch.compile(model, fullgraph=True), tmp_path, "compiled", in_graph=True)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     # the model's outputs are those of the compiled model without capture, bit for bit
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    assert cap.run_dir is not None and ref.run_dir is not None
-    with ilstore.open_run(cap.run_dir) as run:
+    with ilstore.open_run(compiled) as run:
         assert run.steps() == [0, 1, 2]
         for step, out in enumerate(got):  # what the compiled code computed, recorded as is
             assert torch.equal(run.load(TensorKey(step, "fc2", 0, "outputs")), out)
-    result = compare(cap.run_dir, ref.run_dir, rtol=1e-5, atol=1e-5)
+    result = compare(compiled, ref, rtol=1e-5, atol=1e-5)
     s = result.summary
     assert (s.only_in_dir1, s.only_in_dir2) == (0, 0) and result.verdict == "match", result.first_divergence
 
@@ -182,3 +179,20 @@ def test_cuda_graph_draining_logic_on_cpu(tmp_path: Path) -> None:
             assert torch.equal(out, torch.full_like(out, float(value)))
             assert torch.equal(run.load(TensorKey(step, "act", 1, "outputs")),
                                torch.full((xs[1].shape[0], 16), float(value)))
+
+
+@pytest.mark.slow  # two compilations of the tiny Llama
+def test_eager_vs_compiled_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eager_vs_compiled", Path(__file__).parent.parent / "examples"
+                                                  / "eager_vs_compiled.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded on one side only" in out and "0 recorded on one side only" in out
+    assert "first module whose outputs depart: step 0 model.layers." in out  # bf16: compiled numerics depart
+    result = compare(tmp_path / "compiled", tmp_path / "eager", rtol=2e-2, atol=2e-2)
+    assert result.verdict == "match", result.first_divergence  # ... by bfloat16 rounding, no more

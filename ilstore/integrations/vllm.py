@@ -175,7 +175,7 @@ def _wrap_sample_tokens(sample_tokens: Callable[..., Any]) -> Callable[..., Any]
 
 def _attach(runner: Any, config: Config) -> EngineCapture | None:
     model: nn.Module = runner.get_model()
-    compiled = _warn_if_compiled(runner)
+    compiled = _warn_if_compiled(runner, config.in_graph)
     _annotate_layouts(model)
     if config.backend == "hdf5" and config.async_writes and config.enabled:
         # Known issue (docs/vllm.md): in vLLM's CPU worker, HDF5 written from ilstore's background
@@ -217,21 +217,27 @@ def _annotate_layouts(model: nn.Module) -> None:
         _warn(f"ilstore: could not annotate the tensor-parallel layouts ({exc!r}); --unshard will not assemble them")
 
 
-def _warn_if_compiled(runner: Any) -> bool:
-    """Forward hooks do not fire inside torch.compile'd regions or CUDA graph replays; True if vLLM compiles."""
+def _warn_if_compiled(runner: Any, in_graph: bool = False) -> bool:
+    """True if vLLM compiles; warns unless the capture's hooks are traced into the graphs (``in_graph``).
+
+    Without ``in_graph`` the hooks step aside inside vLLM's compiled regions (fullgraph, no graph
+    break allowed) and do not fire in CUDA graph replays. With it, the taps are part of the graphs
+    vLLM compiles, and CUDA graph replays are drained (docs/compiled.md).
+    """
     vllm_config = getattr(runner, "vllm_config", None)
     compilation = getattr(vllm_config, "compilation_config", None)
     model_config = getattr(vllm_config, "model_config", None)
     mode = int(getattr(compilation, "mode", 0) or 0)  # CompilationMode.NONE == 0
     cudagraphs = getattr(getattr(compilation, "cudagraph_mode", None), "name", "NONE") != "NONE"
     eager = bool(getattr(model_config, "enforce_eager", False))
-    if mode > 0 or cudagraphs or not eager:
+    compiled = mode > 0 or cudagraphs or not eager
+    if compiled and not in_graph:
         _warn(f"ilstore: vLLM runs this model compiled or with CUDA graphs (enforce_eager={eager}, compilation "
               f"mode={mode}, cudagraphs={cudagraphs}); forward hooks do not fire inside compiled regions or graph "
-              "replays, so capture may record nothing or only the modules outside them. Run with "
-              "enforce_eager=True (--enforce-eager) to capture every module.")
-        return True
-    return False
+              "replays, so capture may record nothing or only the modules outside them. Set in_graph: true in the "
+              "config to trace the capture into vLLM's compiled graphs, or run with enforce_eager=True "
+              "(--enforce-eager), to capture every module.")
+    return compiled
 
 
 def _warn(message: str) -> None:
