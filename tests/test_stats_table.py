@@ -221,3 +221,14 @@ def test_small_tensor_statistics_are_the_fixed_order_reductions(dtype: torch.dty
                 continue
             assert (stats["min"], stats["max"], stats["l2_norm"]) == (mn, mx, math.sqrt(sq)), (n, scale)
             assert stats["mean"] == sm / n
+
+
+def test_a_view_without_the_journal_has_no_table(out_dir: Path) -> None:
+    """A reader that copies a run's manifest but not its steps (the unshard view) must not hand
+    out the run's table: its rows count only for the steps of the run's own journal."""
+    from ilstore.unshard import LogicalReader
+
+    with ilstore.open_run(_run(out_dir, "a", 2, "pt")) as run:
+        assert run.stats_table() is not None
+        view = LogicalReader(run)
+        assert "stats_table" in view.manifest and view.stats_table() is None

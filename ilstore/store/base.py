@@ -427,12 +427,14 @@ class StoreReader(ABC):
         """The run's statistics table (:mod:`.stats_table`), None when the run has none.
 
         Every tensor node's statistics, one row per node and step, written by the capture next
-        to the structures (which stay the authority); only rows of :meth:`steps` count.
+        to the structures (which stay the authority); only rows of steps the step journal lists
+        count, so a reader without a journal (format 1, dumps, views that copy a run's manifest
+        but not its steps) has no table.
 
         Raises:
             CorruptFileError: the manifest names the table badly.
         """
-        return table_of(self.run_dir, self.manifest)
+        return table_of(self.run_dir, self.manifest) if self._journal is not None else None
 
     def _manifest_calls(self, field: str, step: int) -> list[CallKey] | None:
         """``calls`` or ``call_ends`` of ``step`` as the step journal (format 2) or the manifest
