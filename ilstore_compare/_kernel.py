@@ -241,8 +241,13 @@ def _build() -> Path | None:
         src = Path(tmp) / "fused.c"
         src.write_text(_SOURCE)
         out = Path(tmp) / target.name
-        subprocess.run([*cc.split(), *_FLAGS, "-o", str(out), str(src), "-lm"], check=True, capture_output=True,
-                       timeout=120)
+        try:
+            subprocess.run([*cc.split(), *_FLAGS, "-o", str(out), str(src), "-lm"], check=True, capture_output=True,
+                           timeout=120)
+        except subprocess.CalledProcessError:  # a compiler without -march=native (clang on some targets)
+            flags = [f for f in _FLAGS if f != "-march=native"]
+            subprocess.run([*cc.split(), *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True,
+                           timeout=120)
         os.replace(out, target)  # atomic: another process may be building the same file
     return target
 

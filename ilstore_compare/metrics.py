@@ -1,8 +1,12 @@
 """Per-tensor comparison: the elementwise verdict and its metrics, and the statistics check.
 
-Tensors are compared in flat chunks of :data:`CHUNK` elements upcast to float64 (complex128
-for complex tensors), so the extra memory is a few chunks whatever the tensor size, and every
-sum is accumulated in float64.
+Real floating pairs on the CPU (not ``exact``) go through one fused pass of a compiled kernel
+(:mod:`._kernel`: every metric in a single loop, no temporaries; float32/float64 read in place,
+other floating dtypes widened to float32 chunk by chunk). Everything else -- and everything when
+the kernel cannot be built -- is compared in flat chunks of :data:`CHUNK` elements upcast to
+float64 (complex128 for complex tensors), so the extra memory is a few chunks whatever the
+tensor size. Every sum is accumulated in float64 either way, and both paths give the same
+results (the sums to rounding).
 
 Example:
     >>> import torch
