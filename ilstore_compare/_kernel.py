@@ -112,8 +112,8 @@ static void ulp64(const int64_t *a, const int64_t *b, int64_t start, int64_t sto
     mis += !good; fin += ok; nan1 += xn; nan2 += yn; inf1 += !(xf | xn); inf2 += !(yf | yn); \
     double dz = ok ? d : 0.0, xz = ok ? xv : 0.0, yz = ok ? yv : 0.0; \
     pa[e_l] += dz; pd[e_l] += dz * dz; px[e_l] += xz * xz; py[e_l] += yz * yz; pxy[e_l] += xz * yz; \
-    double r = d / ay; \
-    beats |= ok & ((d > m_abs) | ((ay > 0.0) & (r > m_rel))); \
+    /* d / ay > m_rel implies d >= m_rel * ay (rounding is monotone): no division here */ \
+    beats |= ok & ((d > m_abs) | ((ay > 0.0) & (d > 0.0) & (d >= m_rel * ay))); \
 }
 
 static inline __attribute__((always_inline)) void run(

@@ -150,3 +150,19 @@ def test_the_kernel_is_compiled_into_the_cache_once(monkeypatch: pytest.MonkeyPa
     stamp = first.stat().st_mtime_ns
     assert _kernel._build() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_matches_over_the_whole_exponent_range(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Subnormal to huge magnitudes, so the largest relative difference is found however the
+    products and quotients round."""
+    g = torch.Generator().manual_seed(11)
+    info = torch.finfo(dtype)
+    n = 5 * _kernel.BLOCK
+    exponents = torch.empty(n, dtype=torch.float64).uniform_(math.log2(info.smallest_normal) - 20,
+                                                             math.log2(info.max) - 2, generator=g)
+    b = (torch.randn(n, generator=g, dtype=torch.float64).sign() * torch.exp2(exponents)).to(dtype)
+    a = (b.double() * (1 + torch.randn(n, generator=g, dtype=torch.float64) * 1e-3)).to(dtype)
+    a[::7] = b[::7]
+    for tol in (dict(rtol=1e-5, atol=1e-8), dict(rtol=0.0, atol=0.0)):
+        _same(compare_tensors(a, b, **tol), _torch_path(monkeypatch, compare_tensors, a, b, **tol))
