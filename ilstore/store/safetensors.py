@@ -357,6 +357,7 @@ class SafetensorsReader(StoreReader):
         super().__init__(run_dir)
         self._indexes: dict[int, _Index] = {}
         self._handles: dict[Path, _Shard] = {}
+        self._shard_paths: dict[tuple[int, str], Path] = {}
         self._lib: dict[Path, Any] = {}  # the library's readers (rare dtypes)
         self._lock = threading.Lock()
 
@@ -439,7 +440,11 @@ class SafetensorsReader(StoreReader):
         if entry is None:
             raise CorruptFileError(index.path, f"{key}: stored according to its metadata, but the index maps it "
                                    "to no shard")
-        return entry, check_inside(self.run_dir, index.path.parent / entry["shard"])
+        path = self._shard_paths.get((key.step, entry["shard"]))
+        if path is None:  # resolved once per shard, not per tensor (a realpath walk costs ~0.2 ms)
+            path = self._shard_paths[(key.step, entry["shard"])] = check_inside(self.run_dir,
+                                                                                index.path.parent / entry["shard"])
+        return entry, path
 
     def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
         return self._entry(key)[1]
@@ -462,6 +467,7 @@ class SafetensorsReader(StoreReader):
         for shard in self._handles.values():
             shard.close()
         self._handles.clear()
+        self._shard_paths.clear()
         for handle in self._lib.values():
             exit_ = getattr(handle, "__exit__", None)
             if exit_ is not None:
