@@ -138,7 +138,7 @@ def test_plugin_found_by_name_for_capture_convert_and_cli(tmp_path: Path) -> Non
     with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "raw",
                                                   "backend": "rawbin"}) as cap:
         y = model(x)
-    assert sorted(os.listdir(cap.run_dir)) == ["ilstore.json", "raw_0", "steps.jsonl"]
+    assert sorted(os.listdir(cap.run_dir)) == ["ilstore.json", "raw_0", "stats.f64", "stats_keys.jsonl", "steps.jsonl"]
     with ilstore.open_run(cap.run_dir) as run:
         assert run.name == "rawbin" and isinstance(run, RawReader)
         assert_bits_equal(run.load(TensorKey(0, "1", 0, "outputs")), y)
