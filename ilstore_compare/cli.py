@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ilstore.errors import IlstoreError
+from ilstore.errors import IlstoreError, RunNotFoundError
 
 from .errors import OptionError
 from .options import CompareOptions
@@ -105,6 +105,9 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
     Raises:
         IlstoreError: bad input (the CLI turns it into exit status 2).
     """
+    for path in (dir1, dir2):  # the commonest mistake, answered before torch is imported
+        if not Path(path).exists():
+            raise RunNotFoundError(f"{path}: no such run directory")
     from .engine import compare
 
     fmt = report_format(fmt, output)

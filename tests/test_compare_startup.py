@@ -45,6 +45,7 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
         (["--dir1", d, "--dir2", d, "--map", str(bad_json)], 2),
         (["--dir1", d, "--dir2", d, "--map", str(bad_key)], 2),
         (["--dir1", d, "--dir2", d, "--map", "no_such_shipped_map"], 2),
+        (["--dir1", d + "/no_such_run", "--dir2", d], 2),  # a mistyped run directory
     ]
     proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps([args for args, _ in cases]),
                            json.dumps(HEAVY)],
@@ -53,5 +54,6 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["codes"] == [code for _, code in cases], proc.stderr
     assert out["heavy"] == []
-    for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map"):
+    for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map",
+                   "no_such_run: no such run directory"):
         assert needle in proc.stderr
