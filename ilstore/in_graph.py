@@ -53,9 +53,14 @@ _tokens = itertools.count(1)
 _local = threading.local()  # .taps: the list of the CUDA graph being captured on this thread
 
 
-def _tap_impl(xs: list[torch.Tensor], after: torch.Tensor, token: int, desc: str) -> torch.Tensor:
+def _target(token: int) -> InGraph | None:
+    """The live capture a tap belongs to, or None once it was closed (its graphs still run their taps)."""
     ref = _live.get(token)
-    target = ref() if ref is not None else None
+    return ref() if ref is not None else None
+
+
+def _tap_impl(xs: list[torch.Tensor], after: torch.Tensor, token: int, desc: str) -> torch.Tensor:
+    target = _target(token)
     if target is not None:  # else the capture was closed; its graphs still run their taps
         if _capturing():
             _record_into_graph(xs, token, desc)
@@ -86,7 +91,7 @@ def _capturing() -> bool:
     override = getattr(_local, "capturing", None)
     if override is not None:  # the CPU tests' stand-in for a stream capture
         return bool(override)
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _patched and torch.cuda.is_current_stream_capturing()  # _patched: CUDA is available
 
 
 def _record_into_graph(xs: list[torch.Tensor], token: int, desc: str) -> None:
@@ -112,8 +117,7 @@ def _capture_end(graph: Any) -> None:
 def _replayed(graph: Any) -> None:
     """``graph`` was just replayed: hand its static buffers to their captures, in capture order."""
     for token, desc, buffers in getattr(graph, "_ilstore_taps", ()):
-        ref = _live.get(token)
-        target = ref() if ref is not None else None
+        target = _target(token)
         if target is not None:
             target.deliver(desc, buffers)
 
