@@ -106,7 +106,15 @@ def _record_into_graph(xs: list[torch.Tensor], token: int, desc: str) -> None:
 
 
 def _capture_begin(graph: Any) -> None:
-    """A CUDA graph capture starts on this thread: the taps met until its end belong to ``graph``."""
+    """A CUDA graph capture starts on this thread: the taps met until its end belong to ``graph``.
+
+    The live captures' writers are drained first: a writer thread that waits on a copy's CUDA
+    event while a stream is captured (in the default "global" error mode) invalidates the capture.
+    """
+    for ref in list(_live.values()):
+        target = ref()
+        if target is not None and not target.capture._closed:
+            target.capture.flush()
     _local.taps = graph._ilstore_taps = []
 
 
@@ -169,8 +177,8 @@ def _leaves(value: Any, prefix: str, xs: list[torch.Tensor], paths: list[str], d
             xs.append(value)
             paths.append(prefix)
         return
-    if depth >= _MAX_DEPTH:
-        return
+    if value is None or isinstance(value, (bool, int, float, str)) or depth >= _MAX_DEPTH:
+        return  # None first: dynamo (torch 2.11) cannot trace dataclasses.is_dataclass(None)
     sep = prefix + _PART if prefix else ""
     if isinstance(value, Mapping):
         for k, v in value.items():

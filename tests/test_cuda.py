@@ -73,7 +73,7 @@ def test_cuda_graph_replays_become_steps_with_in_graph(out_dir: Path) -> None:
     assert cap.run_dir is not None
     with ilstore.open_run(cap.run_dir) as run:
         assert run.steps() == [0, 1, 2, 3]
-        assert {str(k)[3:] for k in run.keys(step=3)} == {str(k)[3:] for k in run.keys(step=0)}
+        assert {str(k).split("/", 2)[2] for k in run.keys(step=3)} == {str(k).split("/", 2)[2] for k in run.keys(step=0)}
         for step, (x, want, got) in enumerate(zip(xs[1:], expected[1:], outs, strict=True), start=1):
             assert torch.equal(run.load(ilstore.TensorKey(step, "fc1", 0, "inputs", ("0",))), x.cpu())
             assert torch.equal(run.load(ilstore.TensorKey(step, "fc2", 0, "outputs")), got.cpu())
@@ -82,6 +82,8 @@ def test_cuda_graph_replays_become_steps_with_in_graph(out_dir: Path) -> None:
             assert run.load(ilstore.TensorKey(step, "act", 1, "outputs")).shape == (8, 64)
 
 
+# inductor's hints on a GPU (TF32 not enabled, online softmax off) are raised inside it as errors
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_fullgraph_on_cuda_with_in_graph(out_dir: Path) -> None:
     model = tiny_llama().cuda()
     ids = torch.tensor(DEMO_PROMPT, device="cuda")
@@ -97,7 +99,10 @@ def test_compiled_fullgraph_on_cuda_with_in_graph(out_dir: Path) -> None:
         with ilstore.capture(compiled, {"output_dir": str(out_dir), "run_id": "compiled", "log_step_ids": [],
                                         "in_graph": True}) as cap:
             got = [compiled(input_ids=ids[:, : 8 + k], use_cache=False).logits for k in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # On CUDA the taps change inductor's fusions: on the H200 (torch 2.11) the logits moved by at most
+    # 1.2e-7 (fp32), the size of compiled vs eager; two plain compilations agree bitwise. (CPU: bitwise.)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert cap.run_dir is not None and ref.run_dir is not None
     with ilstore.open_run(cap.run_dir) as run, ilstore.open_run(ref.run_dir) as eager:
         assert {str(k) for k in run.keys()} == {str(k) for k in eager.keys()}
