@@ -26,10 +26,11 @@ from ilstore.records import tensor_stats
 from ilstore.store.base import StoreReader
 from ilstore.store.registry import open_run
 
-from . import stats_table
+from . import columnar, stats_table
 from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
+from .entries import Entries, blocks, concrete
 from .local import local_errors, local_notes, local_report, measured_divergence
 from .maps import pick_map
 from .metrics import compare_stats, compare_tensors, is_float_dtype
@@ -129,7 +130,10 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         # -- issue 13: statistics-only pairs from the runs' statistics tables (see .stats_table) --
         table = stats_table.attach(r1, r2, options) if sources.local_run is None and oracle is None else None
         p1, p2 = table.readers if table is not None else (r1, r2)
-        plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap)
+        # whole steps that pass, planned and decided from the tables (see .columnar)
+        plain = columnar.plain_steps(table, options, patterns) if table is not None else None
+        plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
+                          planned_elsewhere=plain.templates if plain is not None else ())
         if table is not None:
             table.results(plan.pairs, options)
         # -- end issue 13 --
@@ -144,10 +148,16 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             heap.after(_pair_bytes(pair))
             return result
 
-        tensors = tuple(_stream(plan.pairs, one, options.workers, progress))
+        report = progress
+        if plain is not None and plain.templates and progress is not None:  # the plain steps are decided already
+            report = _after(progress, sum(len(t.pairs) for t in plain.templates.values()), len(plan.pairs))
+        tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report))
         lost = [u for t in tensors for u in t.unreadable]
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
+        calls: Sequence[CallResult]
         calls, first, introduced = analyse_calls(plan.calls, tensors)
+        if plain is not None and plain.templates:
+            tensors, calls = columnar.assemble(plan, plain, tensors, calls)
         notes = pick_notes + list(plan.notes) + sources.notes
         local = oracle_report = threshold = None
         if sources.local_run is not None:
@@ -169,10 +179,18 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                                          tuple(verdicts))
     summary = _summary(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
-                         status2=status2, options=options, tensors=tensors, calls=tuple(calls),
+                         status2=status2, options=options, tensors=tensors,
+                         calls=calls if isinstance(calls, Entries) else tuple(calls),
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
                          unreadable=_once(lost), token_alignment=token_alignment)
+
+
+def _after(progress: Progress, decided: int, left: int) -> Progress:
+    """``progress`` told that ``decided`` pairs are done, and then counting on from there."""
+    total = decided + left
+    progress(decided, total)
+    return lambda done, _total: progress(decided + done, total)
 
 
 def _auto_map(options: CompareOptions, r1: StoreReader, r2: StoreReader) -> tuple[CompareOptions, list[str]]:
@@ -446,21 +464,26 @@ def _compare_by_stats(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOp
 def _summary(tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps: list[int], only1: list[int],
              only2: list[int]) -> Summary:
     count: dict[str, int] = {}
-    for t in tensors:
+    for t in concrete(tensors):
         count[t.status] = count.get(t.status, 0) + 1
+    for block in blocks(tensors):  # entries made on demand share one status (see .columnar)
+        assert block.status is not None
+        count[block.status] = count.get(block.status, 0) + len(block)
+    held = list(concrete(tensors))  # the blocks' entries have no dtype mismatch and are not squeezed
+    held_calls = list(concrete(calls))  # nor are the blocks' calls mismatched, one-sided or unaligned
     mismatched = sum(count.get(s, 0) for s in BAD_VALUE_STATUSES)
     return Summary(
         tensors=len(tensors),
         compared=count.get(MATCH, 0) + count.get(STATS_ONLY_MATCH, 0) + mismatched,
         matched=count.get(MATCH, 0), mismatched=mismatched, shape_mismatches=count.get(SHAPE_MISMATCH, 0),
-        dtype_mismatches=sum(1 for t in tensors if t.dtype_mismatch),
+        dtype_mismatches=sum(1 for t in held if t.dtype_mismatch),
         stats_only_matched=count.get(STATS_ONLY_MATCH, 0), stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
         not_compared=count.get(NOT_COMPARED, 0) + count.get(UNREADABLE, 0), unreadable=count.get(UNREADABLE, 0),
         only_in_dir1=count.get(ONLY_IN_DIR1, 0),
         only_in_dir2=count.get(ONLY_IN_DIR2, 0), unaligned=count.get(UNALIGNED, 0),
-        squeezed=sum(1 for t in tensors if t.squeezed), calls=len(calls),
-        calls_mismatched=sum(1 for c in calls if c.verdict == "mismatch"),
-        calls_only_in_dir1=sum(1 for c in calls if c.presence == "dir1" and c.verdict != UNALIGNED),
-        calls_only_in_dir2=sum(1 for c in calls if c.presence == "dir2" and c.verdict != UNALIGNED),
-        calls_unaligned=sum(1 for c in calls if c.verdict == UNALIGNED),
+        squeezed=sum(1 for t in held if t.squeezed), calls=len(calls),
+        calls_mismatched=sum(1 for c in held_calls if c.verdict == "mismatch"),
+        calls_only_in_dir1=sum(1 for c in held_calls if c.presence == "dir1" and c.verdict != UNALIGNED),
+        calls_only_in_dir2=sum(1 for c in held_calls if c.presence == "dir2" and c.verdict != UNALIGNED),
+        calls_unaligned=sum(1 for c in held_calls if c.verdict == UNALIGNED),
         steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))

@@ -10,7 +10,7 @@ metadata only; no tensor is loaded here.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +138,8 @@ def _tensors(reader: StoreReader, own: CallKey | None, shared: CallKey, rules: t
 
 
 def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
-               modules: list[re.Pattern[str]] | None, name_map: NameMap | None) -> Plan:
+               modules: list[re.Pattern[str]] | None, name_map: NameMap | None,
+               planned_elsewhere: Container[int] = ()) -> Plan:
     """Line up the tensors of two runs (metadata only).
 
     Args:
@@ -147,6 +148,8 @@ def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
         steps: steps to compare, None for every step of either run.
         modules: module-name regexes (``re.search``, after the name map); None for all.
         name_map: rules renaming one side's modules into the other's naming.
+        planned_elsewhere: steps (of both runs) the caller plans itself: they are counted in
+            ``steps`` but get no calls or pairs here (:mod:`.columnar`).
 
     Raises:
         NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
@@ -175,6 +178,8 @@ def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
             plan.steps_only1.append(step)
         if not in1:
             plan.steps_only2.append(step)
+        if in1 and in2 and step in planned_elsewhere:
+            continue
         calls1 = _side_calls(r1, step, rename1, "dir1") if in1 else {}
         calls2 = _side_calls(r2, step, rename2, "dir2") if in2 else {}
         order = list(calls1) + [c for c in calls2 if c not in calls1]

@@ -9,6 +9,7 @@ from typing import Any
 
 from ilstore.keys import CallKey, TensorKey
 
+from .entries import concrete, with_status
 from .metrics import MetricInfo, metric_infos
 from .result import CallResult, CompareResult, Divergence, TensorResult, Unreadable
 from .tokens import TokenAlignment
@@ -231,7 +232,8 @@ def first_divergence_tensors(result: CompareResult) -> list[TensorResult]:
     if d is None:
         return []
     call = CallKey(d.rank, d.step, d.module, d.call)
-    return [t for t in result.tensors if t.key.call_key == call]
+    # a call with a differing value is never in a block of entries made on demand (.columnar)
+    return [t for t in concrete(result.tensors) if t.key.call_key == call]
 
 
 UNALIGNED_HEADERS = ["declared by", "found in", "tensors", "module calls", "reason"]
@@ -240,9 +242,8 @@ UNALIGNED_HEADERS = ["declared by", "found in", "tensors", "module calls", "reas
 def unaligned_rows(tensors: Sequence[TensorResult], max_calls: int = 6) -> list[list[Any]]:
     """Tensors the map declares unaligned, one row per declaration and run they were found in."""
     groups: dict[tuple[str, str], list[TensorResult]] = {}
-    for t in tensors:
-        if t.status == "unaligned":
-            groups.setdefault((t.note or "", t.presence), []).append(t)
+    for t in with_status(tensors, ("unaligned",)):
+        groups.setdefault((t.note or "", t.presence), []).append(t)
     def order(group: tuple[str, str]) -> tuple[int, str]:
         m = re.match(r"unaligned\[(\d+)\]", group[0])
         return (int(m.group(1)) if m else -1, group[1])

@@ -23,6 +23,7 @@ carries ``dtype_mismatch=True``. Nor is a shape difference in size-1 dimensions 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,8 +387,11 @@ class CompareResult:
         backend1, backend2: their backends.
         status1, status2: their run status (``complete``, ``running``...).
         options: what was asked for.
-        tensors: one entry per paired or one-sided tensor, by step then call start order.
-        calls: one entry per module call, same order.
+        tensors: one entry per paired or one-sided tensor, by step then call start order: a
+            tuple, or, when statistics tables decided whole steps, an
+            :class:`~.entries.Entries` that makes those steps' entries when they are read
+            (equal to the tuple, item for item; slices are tuples).
+        calls: one entry per module call, same order (a tuple or an :class:`~.entries.Entries`).
         first_divergence: the earliest call (execution order) whose outputs differ, or None.
         introduced: calls where error is introduced, largest growth first (a few).
         summary: the counts.
@@ -412,8 +416,8 @@ class CompareResult:
     status1: str
     status2: str
     options: CompareOptions
-    tensors: tuple[TensorResult, ...]
-    calls: tuple[CallResult, ...]
+    tensors: Sequence[TensorResult]
+    calls: Sequence[CallResult]
     first_divergence: Divergence | None
     introduced: tuple[Divergence, ...]
     summary: Summary

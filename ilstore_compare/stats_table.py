@@ -36,13 +36,13 @@ from .options import CompareOptions
 from .pairing import Pair
 from .result import STATS_ONLY_MATCH, TensorResult
 
-__all__ = ["TableRun", "TableComparison", "attach"]
+__all__ = ["TableRun", "TableComparison", "attach", "CHECKED"]
 
 _STEP, _LAYOUT, _INDEX = (COLUMNS.index(c) for c in ("step", "layout", "index"))
 _FIRST_STAT = COLUMNS.index(STAT_COLUMNS[0])
 _COUNTS = ("nan_count", "inf_count")
 #: What a passing pair's note lists, in :func:`~.metrics.compare_stats`' order.
-_CHECKED = ", ".join(_COUNTS + _FLOAT_STATS)
+CHECKED = ", ".join(_COUNTS + _FLOAT_STATS)
 _COL = {name: COLUMNS.index(name) for name in STAT_COLUMNS}
 
 
@@ -72,7 +72,7 @@ class TableRun:
         counts_zero = (stats[:, 0] == 0) & (stats[:, 1] == 0)
         #: per row: every statistic finite and no NaN/Inf in the tensor (the table's fast part)
         self.plain = counts_zero & np.isfinite(stats[:, 2:]).all(axis=1)
-        self._blocks = self._index_blocks(set(reader.steps()))
+        self.blocks = self._index_blocks(set(reader.steps()))
         # per layout: (module, call, kind) -> [(index in the layout, key entry)], and whether
         # every entry of that group may come from the table
         self._groups: dict[int, dict[tuple[str, int, str], tuple[list[int], bool]]] = {}
@@ -83,23 +83,44 @@ class TableRun:
         self._cached_values: list[list[Any]] = []
 
     def _index_blocks(self, steps: set[int]) -> dict[int, tuple[int, int]]:
-        """Step -> (layout, first row) of its last complete block, for the steps the journal lists."""
+        """Step -> (layout, first row) of its last complete block, for the steps the journal lists.
+
+        A block is the rows ``index`` 0, 1, ... of its layout's length, all with its step and
+        layout; anything else (a block cut short, rows out of place, a step or layout that is not
+        a whole number) is not one, and its step is then read from the run's files.
+        """
         rows = self.rows
-        starts = np.flatnonzero(rows[:, _INDEX] == 0)
-        out: dict[int, tuple[int, int]] = {}
         total = len(rows)
-        for start, step, layout in zip(starts.tolist(), rows[starts, _STEP].tolist(), rows[starts, _LAYOUT].tolist(),
+        index, step_col, layout_col = rows[:, _INDEX], rows[:, _STEP], rows[:, _LAYOUT]
+        starts = np.flatnonzero(index == 0)
+        if not len(starts):
+            return {}
+        # each row's block: the last start at or before it; a row fits when its index counts from
+        # there and its step and layout are the start's
+        at = np.searchsorted(starts, np.arange(total), side="right") - 1
+        owner = np.where(at >= 0, starts[np.maximum(at, 0)], -1)  # rows before the first start: no block
+        safe = np.maximum(owner, 0)
+        fits = (owner >= 0) & (index == np.arange(total) - owner) & (step_col == step_col[safe]) \
+            & (layout_col == layout_col[safe])
+        misfits = np.concatenate(([0], np.cumsum(~fits)))
+        lengths = np.full(len(starts), -1, dtype=np.int64)
+        layout_at, step_at = layout_col[starts], step_col[starts]
+        whole = np.isfinite(layout_at) & np.isfinite(step_at) & (layout_at == np.round(layout_at)) \
+            & (step_at == np.round(step_at))
+        for number, keys in self.layouts.items():
+            lengths[whole & (layout_at == number)] = len(keys)
+        ends = starts + lengths
+        # whole, not cut short, and no other block starting inside it
+        good = (lengths > 0) & (ends <= total) & (np.searchsorted(starts, ends) - np.arange(len(starts)) == 1)
+        good[good] &= misfits[ends[good]] == misfits[starts[good]]
+        out: dict[int, tuple[int, int]] = {}
+        for start, step, layout in zip(starts[good].tolist(), step_at[good].tolist(), layout_at[good].tolist(),
                                        strict=True):
-            keys = self.layouts.get(int(layout))
-            if keys is None or int(step) not in steps or start + len(keys) > total:
-                continue
-            block = rows[start:start + len(keys)]
-            if ((block[:, _STEP] == step).all() and (block[:, _LAYOUT] == layout).all()
-                    and (block[:, _INDEX] == np.arange(len(keys))).all()):
+            if int(step) in steps:
                 out[int(step)] = (int(layout), start)  # a later block of the same step wins
         return out
 
-    def _group(self, layout: int) -> dict[tuple[str, int, str], tuple[list[int], bool]]:
+    def groups(self, layout: int) -> dict[tuple[str, int, str], tuple[list[int], bool]]:
         groups = self._groups.get(layout)
         if groups is None:
             groups = {}
@@ -114,10 +135,10 @@ class TableRun:
 
     def tensor_nodes(self, call: CallKey, kind: str) -> Iterator[tuple[TensorKey, dict[str, Any]]]:
         """Like :meth:`StoreReader.tensor_nodes`; from the table when the whole side is in its fast part."""
-        block = self._blocks.get(call.step)
+        block = self.blocks.get(call.step)
         if block is not None:
             layout, start = block
-            indices, ok = self._group(layout).get((call.module, call.call, kind), ([], True))
+            indices, ok = self.groups(layout).get((call.module, call.call, kind), ([], True))
             if not indices:  # the writer saw no tensor node on that side
                 return iter(())
             if ok:
@@ -195,16 +216,32 @@ class TableComparison:
                 self._done[id(pair)] = _entry(pair)
 
     def _check(self, rows1: np.ndarray, rows2: np.ndarray, numel: np.ndarray, o: CompareOptions) -> np.ndarray:
-        """:func:`~.metrics.compare_stats` for plain float rows (no NaN/Inf, every statistic finite), vectorised."""
+        """:func:`~.metrics.compare_stats` for plain float rows (no NaN/Inf, every statistic finite), vectorised.
+
+        The answer for a row that is not plain means nothing (the caller leaves such rows out).
+        """
         a, b = self.run1.rows[rows1], self.run2.rows[rows2]
         rtol, atol = (0.0, 0.0) if o.exact else (o.rtol, o.atol)
         ok = np.ones(len(rows1), dtype=bool)  # NaN/Inf counts are 0 on both sides here: they agree
-        tol = atol + rtol * b[:, _COL["abs_max"]]
-        for name in _FLOAT_STATS:
-            v1, v2 = a[:, _COL[name]], b[:, _COL[name]]
-            bound = atol * np.sqrt(np.maximum(numel, 0.0)) + rtol * np.abs(v2) if name == "l2_norm" else tol
-            ok &= (v1 == v2) | (np.abs(v1 - v2) <= bound)
+        with np.errstate(invalid="ignore", over="ignore"):  # rows that are not plain: inf - inf
+            tol = atol + rtol * b[:, _COL["abs_max"]]
+            for name in _FLOAT_STATS:
+                v1, v2 = a[:, _COL[name]], b[:, _COL[name]]
+                bound = atol * np.sqrt(np.maximum(numel, 0.0)) + rtol * np.abs(v2) if name == "l2_norm" else tol
+                ok &= (v1 == v2) | (np.abs(v1 - v2) <= bound)
         return ok
+
+    def plain_pass(self, starts1: np.ndarray, starts2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
+                   numel: np.ndarray, o: CompareOptions) -> np.ndarray:
+        """For steps whose blocks start at ``starts1``/``starts2``: whether every pair (the rows
+        ``starts + rows``) is plain on both sides and passes :meth:`_check`; one flag per step."""
+        if len(rows1) == 0:
+            return np.ones(len(starts1), dtype=bool)
+        at1 = (starts1[:, None] + rows1[None, :]).ravel()
+        at2 = (starts2[:, None] + rows2[None, :]).ravel()
+        ok = self.run1.plain[at1] & self.run2.plain[at2]
+        ok &= self._check(at1, at2, np.tile(numel, len(starts1)), o)
+        return np.asarray(ok.reshape(len(starts1), len(rows1)).all(axis=1))
 
     def result(self, pair: Pair) -> TensorResult | None:
         """The entry :meth:`results` made for ``pair``, None when the engine must compare it."""
@@ -216,7 +253,7 @@ def _entry(pair: Pair) -> TensorResult:
     assert pair.side1 is not None and pair.side2 is not None
     n1, n2 = pair.side1.node, pair.side2.node
     note = f"dir1: {n1['reason'] or 'body not stored'}; dir2: {n2['reason'] or 'body not stored'}; " \
-           f"compared by statistics: {_CHECKED}"
+           f"compared by statistics: {CHECKED}"
     dtype = n1["dtype"]
     return TensorResult(pair.key, STATS_ONLY_MATCH, renamed_from=pair.renamed_from,
                         shape1=tuple(int(d) for d in n1["shape"]), shape2=tuple(int(d) for d in n2["shape"]),

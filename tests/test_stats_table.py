@@ -21,6 +21,10 @@ from ilstore.store.base import StepInfo
 from ilstore.store.registry import get_backend
 from ilstore.store.stats_table import COLUMNS, KEYS_NAME, ROW_WIDTH, ROWS_NAME, STAT_COLUMNS
 from ilstore_compare import compare
+from ilstore_compare.entries import Entries
+from ilstore_compare.report_html import render_html
+from ilstore_compare.report_json import render_json
+from ilstore_compare.report_md import render_markdown
 from ilstore_compare.result import CompareResult
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
@@ -232,3 +236,168 @@ def test_a_view_without_the_journal_has_no_table(out_dir: Path) -> None:
         assert run.stats_table() is not None
         view = LogicalReader(run)
         assert "stats_table" in view.manifest and view.stats_table() is None
+
+
+# -- whole steps from the tables (ilstore_compare.columnar) -----------------------------------------
+class _Float(torch.nn.Module):
+    """Float tensors only; at chosen steps a NaN, a third output (a tensor one run may lack) or a
+    second call of ``b`` (a call one run may lack)."""
+
+    def __init__(self, nan_at: tuple[int, ...] = (), extra_out_at: tuple[int, ...] = (),
+                 extra_call_at: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+        self.c = _Outputs()
+        self.nan_at, self.extra_out_at, self.extra_call_at = nan_at, extra_out_at, extra_call_at
+        self.step = 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.a(x)
+        if self.step in self.nan_at:
+            h = h.clone()
+            h[0, 0] = math.nan
+        h = self.b(torch.relu(h))
+        if self.step in self.extra_call_at:
+            h = self.b(h)
+        out = self.c(h, self.step in self.extra_out_at)
+        self.step += 1
+        return out
+
+
+class _Outputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor, extra: bool) -> tuple[torch.Tensor, ...]:
+        return (x, x * 2, x * 3) if extra else (x, x * 2)
+
+
+def _float_run(out_dir: Path, run_id: str, steps: int, backend: str, *, scale_at: dict[int, float] | None = None,
+               **shape: tuple[int, ...]) -> Path:
+    model = _Float(**shape)
+    gen = torch.Generator().manual_seed(1)
+    config = {"output_dir": str(out_dir), "run_id": run_id, "backend": backend, "log_step_ids": [], "mode": "stats"}
+    with torch.no_grad(), ilstore.capture(model, config) as cap:
+        for step in range(steps):
+            model(torch.randn(2, 8, generator=gen) * (scale_at or {}).get(step, 1.0))
+    assert cap.run_dir is not None
+    return cap.run_dir
+
+
+def _blocks(result: CompareResult) -> int:
+    """How many of the result's entries are made on demand (0 when the general path made them all)."""
+    tensors = result.tensors
+    return sum(len(b) for b in tensors.blocks()) if isinstance(tensors, Entries) else 0
+
+
+def _same_reports(fast: CompareResult, slow: CompareResult) -> None:
+    for verbose in (False, True):
+        assert render_markdown(fast, verbose) == render_markdown(slow, verbose)
+    assert render_json(fast) == render_json(slow)
+    assert render_html(fast) == render_html(slow)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shaped_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """dir1: 60 steps; dir2 (the reference): 50, with a NaN in both at step 7, a scaled input at
+    step 20, a third output in both at steps 10-11 and 40 and in dir2 only at 30, and a second call
+    of ``b`` in dir1 only at 35."""
+    out = tmp_path_factory.mktemp(f"shaped-{request.param}")
+    a = _float_run(out, "a", 60, request.param, nan_at=(7,), extra_out_at=(10, 11, 40), extra_call_at=(35,))
+    b = _float_run(out, "b", 50, request.param, nan_at=(7,), extra_out_at=(10, 11, 30, 40), scale_at={20: 1.5})
+    return a, b
+
+
+@pytest.mark.parametrize("options", [{}, {"equal_nan": True}, {"exact": True}, {"rtol": 0.5, "atol": 0.1},
+                                     {"steps": [3, 7, 20, 30, 55, 70]}, {"modules": "^(a|c)$"}, {"workers": 2},
+                                     {"allow_stats_only": True, "equal_nan": True}],
+                         ids=lambda o: ",".join(o) or "defaults")
+def test_plain_steps_equal_the_general_path(shaped_runs: tuple[Path, Path], options: dict[str, object],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mismatching steps, one-sided tensors and calls, NaN statistics and a divergence in the
+    middle: every entry, call, count, verdict and report is the general path's, and most entries
+    came from blocks."""
+    a, b = shaped_runs
+    fast = compare(a, b, **options)
+    slow = _general(monkeypatch, a, b, **options)
+    _same(fast, slow)
+    assert fast == slow and hash(fast.tensors) == hash(slow.tensors)
+    assert list(fast.tensors) == list(slow.tensors) and list(fast.calls) == list(slow.calls)
+    _same_reports(fast, slow)
+    assert _blocks(fast) > (0 if "steps" in options else fast.summary.tensors // 2)
+    if not options:
+        s = fast.summary
+        assert s.steps_only_in_dir1 == tuple(range(50, 60)) and s.only_in_dir1 and s.only_in_dir2
+        assert s.stats_only_mismatched and s.calls_only_in_dir1 == 10 * 3 + 1 and fast.exit_code == 1
+        assert fast.first_divergence is not None and fast.first_divergence.step == 7  # the NaN, equal_nan off
+    if options.get("equal_nan"):
+        assert fast.first_divergence is not None and fast.first_divergence.step == 20
+
+
+def test_entries_behave_like_the_tuple(shaped_runs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = shaped_runs
+    fast, slow = compare(a, b), _general(monkeypatch, a, b)
+    for lazy, held in ((fast.tensors, slow.tensors), (fast.calls, slow.calls)):
+        assert isinstance(lazy, Entries) and isinstance(held, tuple)
+        n = len(held)
+        assert len(lazy) == n and lazy == held and held == lazy and not (lazy != held)
+        assert lazy != held[:-1] and lazy != (*held[:-1], held[0]) and lazy != list(held)
+        for i in (0, 1, n // 3, n // 2, n - 1, -1, -n):
+            assert lazy[i] == held[i]
+        assert lazy[5:40:3] == held[5:40:3] and lazy[::-1] == held[::-1] and lazy[n:] == ()
+        assert lazy[n // 2] in lazy and lazy.index(held[n // 2]) == held.index(held[n // 2])
+        assert lazy + () == held and () + lazy == held
+        for bad in (n, -n - 1):
+            with pytest.raises(IndexError):
+                lazy[bad]
+    assert [t.status for t in fast.tensors.with_status({"only_in_dir1", "only_in_dir2"})] == [
+        t.status for t in slow.tensors if t.status in ("only_in_dir1", "only_in_dir2")]
+
+
+def test_call_orders_read_in_one_pass(shaped_runs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that offers every step's call orders at once (``call_orders()``) is asked that
+    instead of each step's calls; one that answers None is asked step by step."""
+    from ilstore.store.base import StoreReader
+
+    a, b = shaped_runs
+    slow = _general(monkeypatch, a, b)
+    asked = []
+
+    def at_once(self: StoreReader) -> dict[int, object]:
+        asked.append(self.run_dir)
+        shared: dict[object, object] = {}
+        out = {}
+        for step in self.steps():
+            order = (0, tuple((c.module, c.call) for c in self.calls(step)),
+                     tuple((c.module, c.call) for c in self.call_ends(step)))
+            out[step] = shared.setdefault(order, order)
+        return out
+
+    monkeypatch.setattr(StoreReader, "call_orders", at_once, raising=False)
+    fast = compare(a, b)
+    _same(fast, slow)
+    assert len(asked) == 2 and _blocks(fast) > 0
+    monkeypatch.setattr(StoreReader, "call_orders", lambda self: None, raising=False)
+    _same(compare(a, b), slow)
+
+
+def test_progress_counts_every_pair(shaped_runs: tuple[Path, Path]) -> None:
+    a, b = shaped_runs
+    seen: list[tuple[int, int]] = []
+    result = compare(a, b, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (result.summary.tensors, result.summary.tensors)
+    assert all(x[0] < y[0] and x[1] == y[1] for x, y in zip(seen, seen[1:], strict=False))
+    assert _blocks(result) > 0
+
+
+def test_a_long_identical_pair_is_blocks_only(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two identical float runs: no entry object is made until one is read; the counts are right."""
+    a = _float_run(out_dir, "a", 200, "safetensors")
+    b = _float_run(out_dir, "b", 200, "safetensors")
+    result = compare(a, b, allow_stats_only=True)
+    assert isinstance(result.tensors, Entries) and isinstance(result.calls, Entries)
+    assert not list(result.tensors.concrete()) and not list(result.calls.concrete())
+    # per step: a and b one input and one output each, c one input tensor (and a bool) and two outputs
+    assert result.exit_code == 0 and result.summary.stats_only_matched == result.summary.tensors == 200 * 7
+    assert result.summary.calls == 200 * 3 and [c.order for c in result.calls] == list(range(600))
+    assert result.tensors[-1].key == ilstore.keys.TensorKey(199, "c", 0, "outputs", ("1",))
+    _same(result, _general(monkeypatch, a, b, allow_stats_only=True))

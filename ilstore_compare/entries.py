@@ -1,0 +1,152 @@
+"""A read-only sequence of result entries, some held as objects and some made on demand.
+
+Comparing two long statistics runs yields tens of thousands of entries that differ only in
+their step (every pair of a step passes, and so does the same pair of the next step). The
+statistics-table path (:mod:`.columnar`) keeps those as *blocks*: one template per step layout
+and the array of steps that share it; an entry object is made only when someone reads it (a
+report, a caller iterating :attr:`~.result.CompareResult.tensors`). To a caller the sequence
+is the tuple the general path returns: same length, same items in the same order, equal to
+that tuple (``==`` either way), hashed like it; slicing gives a tuple.
+
+Example:
+    >>> from ilstore_compare.entries import Entries
+    >>> class Squares:
+    ...     status = None
+    ...     def __len__(self): return 3
+    ...     def item(self, i): return i * i
+    >>> seq = Entries([(10, 11), Squares(), (12,)])
+    >>> len(seq), seq[3], seq[-1], seq[1:4], seq == (10, 11, 0, 1, 4, 12)
+    (6, 1, 12, (11, 0, 1), True)
+"""
+
+from __future__ import annotations
+
+import operator
+from bisect import bisect_right
+from collections.abc import Collection, Iterator, Sequence
+from itertools import accumulate
+from typing import Any, Generic, Protocol, TypeVar, overload
+
+__all__ = ["Block", "Entries", "concrete", "blocks", "with_status"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Block(Protocol[T_co]):
+    """Entries made on demand: ``len(block)`` of them, the i-th by :meth:`item`.
+
+    ``status`` is every entry's status when they share one (tensor entries), else None.
+    """
+
+    @property
+    def status(self) -> str | None: ...
+
+    def __len__(self) -> int: ...
+
+    def item(self, i: int) -> T_co: ...
+
+
+class Entries(Sequence[T], Generic[T]):
+    """The entries of ``parts`` in order: each part a tuple of entries or a :class:`Block`.
+
+    Args:
+        parts: tuples (entries kept as they are) and blocks (entries made when read).
+    """
+
+    __slots__ = ("_parts", "_offsets")
+
+    def __init__(self, parts: Sequence[tuple[T, ...] | Block[T]]) -> None:
+        self._parts: list[tuple[T, ...] | Block[T]] = [p for p in parts if len(p)]
+        self._offsets = list(accumulate((len(p) for p in self._parts), initial=0))
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[T, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> T | tuple[T, ...]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        i = operator.index(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("tuple index out of range")
+        k = bisect_right(self._offsets, i) - 1
+        part, j = self._parts[k], i - self._offsets[k]
+        return part[j] if isinstance(part, tuple) else part.item(j)
+
+    def __iter__(self) -> Iterator[T]:
+        for part in self._parts:
+            if isinstance(part, tuple):
+                yield from part
+            else:
+                item = part.item
+                for j in range(len(part)):
+                    yield item(j)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (tuple, Entries)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __add__(self, other: object) -> tuple[Any, ...]:
+        if not isinstance(other, (tuple, Entries)):
+            return NotImplemented
+        return tuple(self) + tuple(other)
+
+    def __radd__(self, other: object) -> tuple[Any, ...]:
+        if not isinstance(other, tuple):
+            return NotImplemented
+        return other + tuple(self)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def concrete(self) -> Iterator[T]:
+        """The entries held as objects, in order (the blocks' entries are left out)."""
+        for part in self._parts:
+            if isinstance(part, tuple):
+                yield from part
+
+    def blocks(self) -> Iterator[Block[T]]:
+        """The blocks, in order."""
+        for part in self._parts:
+            if not isinstance(part, tuple):
+                yield part
+
+    def with_status(self, statuses: Collection[str]) -> Iterator[T]:
+        """The entries whose ``status`` is one of ``statuses``, in order; a block whose entries all
+        have another status is skipped without making them."""
+        for part in self._parts:
+            if isinstance(part, tuple):
+                yield from (e for e in part if getattr(e, "status", None) in statuses)
+            elif part.status is None or part.status in statuses:
+                yield from (e for e in (part.item(j) for j in range(len(part)))
+                            if getattr(e, "status", None) in statuses)
+
+
+def concrete(entries: Sequence[T]) -> Iterator[T]:
+    """The entries of ``entries`` held as objects: all of a tuple, or :meth:`Entries.concrete`."""
+    return entries.concrete() if isinstance(entries, Entries) else iter(entries)
+
+
+def blocks(entries: Sequence[T]) -> Iterator[Block[T]]:
+    """The blocks of ``entries``: none for a tuple, :meth:`Entries.blocks` otherwise."""
+    return entries.blocks() if isinstance(entries, Entries) else iter(())
+
+
+def with_status(entries: Sequence[T], statuses: Collection[str]) -> Iterator[T]:
+    """The entries of ``entries`` whose status is one of ``statuses`` (blocks skipped where they can be)."""
+    if isinstance(entries, Entries):
+        return entries.with_status(statuses)
+    return (e for e in entries if getattr(e, "status", None) in statuses)
