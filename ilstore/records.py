@@ -99,16 +99,19 @@ class Deduper:
         return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape), t.stride(),
                 t.dtype, version)
 
-    def lookup(self, t: torch.Tensor) -> tuple[str | None, dict[str, Any]] | None:
-        """``(key of the stored copy or None if its body was not stored, its statistics)``."""
+    def find(self, t: torch.Tensor) -> tuple[tuple[Any, ...] | None, tuple[str | None, dict[str, Any]] | None]:
+        """``(identity, hit)``: the identity to pass to :meth:`add` (None: never de-duplicated)
+        and what :meth:`lookup` returns, computing the identity once for both."""
         ident = self._identity(t)
-        hit = self._seen.get(ident) if ident is not None else None
+        if ident is None:
+            return None, None
+        hit = self._seen.get(ident)
         if hit is None or hit[0]() is None:
-            return None
-        return hit[1], hit[2]
+            return ident, None
+        return ident, (hit[1], hit[2])
 
-    def remember(self, t: torch.Tensor, key: str | None, stats: dict[str, Any]) -> None:
-        ident = self._identity(t)
+    def add(self, ident: tuple[Any, ...] | None, t: torch.Tensor, key: str | None, stats: dict[str, Any]) -> None:
+        """:meth:`remember` with the identity :meth:`find` gave for ``t``."""
         if ident is None:
             return
         try:
@@ -116,6 +119,13 @@ class Deduper:
         except TypeError:
             return
         self._seen[ident] = (ref, key, stats)
+
+    def lookup(self, t: torch.Tensor) -> tuple[str | None, dict[str, Any]] | None:
+        """``(key of the stored copy or None if its body was not stored, its statistics)``."""
+        return self.find(t)[1]
+
+    def remember(self, t: torch.Tensor, key: str | None, stats: dict[str, Any]) -> None:
+        self.add(self._identity(t), t, key, stats)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,11 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+#: The floating dtypes with fast reductions, and the dtype their sums are accumulated in.
+_ACC = {torch.float32: torch.float32, torch.float64: torch.float64, torch.float16: torch.float32,
+        torch.bfloat16: torch.float32}
+
+
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     """Statistics of a tensor, computed without modifying it.
 
@@ -158,18 +173,31 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     elements, plus nan_count and inf_count. Complex tensors get abs_max, l2_norm and the counts.
     Integer and bool tensors get min and max. Empty tensors get only what is defined.
 
-    The common case (all finite) takes three reductions and one device sync: ``aminmax``
-    (which also reveals NaN/Inf), a sum and an L2 norm, accumulated in float32 (float64 for
-    float64 tensors); std comes from them, and is recomputed with a two-pass float64 variance
-    when the mean dominates so cancellation could bite.
+    The common case (all finite) takes three reductions over the tensor itself, no copy of it:
+    ``aminmax`` (which also reveals NaN/Inf), a sum and an L2 norm, accumulated in float32
+    (float64 for float64 tensors); std comes from them, and is recomputed with a two-pass
+    float64 variance when the mean dominates so cancellation could bite. The values are read
+    back with one sync on a device (one ``tolist``), scalar by scalar on the CPU (cheaper there
+    than gathering them into one tensor; the same exact conversions, so the same bits).
 
     The result does not depend on the thread that computes it: only reductions whose result is
     independent of the intra-op thread count are used (torch's sum, norm, min/max; not
     ``var_mean``/``std`` or a BLAS dot product), so a tensor gets bit-identical statistics
     whether the hook, the writer thread (single-threaded) or the producer computed them.
     """
+    x = t.detach()  # no autograd graph is recorded for a detached tensor: no_grad is not needed
+    acc = _ACC.get(x.dtype)
+    if acc is None:
+        return _other_stats(x)
+    n = x.numel()
+    if n == 0:
+        return {"nan_count": 0, "inf_count": 0}
+    return _float_stats(x, n, acc)
+
+
+def _other_stats(x: torch.Tensor) -> dict[str, Any]:
+    """:func:`tensor_stats` of a complex, integer, bool or float8 tensor."""
     with torch.no_grad():
-        x = t.detach()
         n = x.numel()
         if n == 0:
             return {"nan_count": 0, "inf_count": 0} if (x.is_floating_point() or x.is_complex()) else {}
@@ -185,30 +213,45 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
                 return {"min": int(lo) - _INT64_MIN, "max": int(hi) - _INT64_MIN}
             lo, hi = torch.aminmax(x)
             return {"min": int(lo), "max": int(hi)}
-        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            x = x.float()  # float8 variants have few kernels
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        lo, hi = torch.aminmax(x)
-        flat = x.reshape(-1)
-        if n < 2 * _ROW:
-            # The common small tensor: the reductions _fixed_order_sums makes, gathered into one
-            # tensor and one sync (5 dispatches instead of 10); the norm is squared in ``acc``
-            # here, as .square() would (a float32 product is exact in a double, then rounded).
-            mn, mx, sm, nrm = torch.stack([lo.to(acc), hi.to(acc), flat.sum(dtype=acc),
-                                           torch.linalg.vector_norm(flat, dtype=acc)]).tolist()
-            sq = nrm * nrm if acc == torch.float64 else _as_float32(nrm * nrm)
+        return _float_stats(x.float(), n, torch.float32)  # float8 variants have few kernels
+
+
+def _float_stats(x: torch.Tensor, n: int, acc: torch.dtype, gather: bool | None = None) -> dict[str, Any]:
+    """:func:`tensor_stats` of a non-empty float32/float64/float16/bfloat16 tensor (``n`` elements).
+
+    ``gather``: read the reduced values back through one tensor and one ``tolist`` (the default
+    off the CPU) rather than one ``item()`` each (the default on the CPU); the values are the same.
+    """
+    if gather is None:
+        gather = not x.is_cpu
+    lo, hi = torch.aminmax(x)
+    flat = x.reshape(-1)
+    if n < 2 * _ROW:
+        # The common small tensor: the reductions _fixed_order_sums makes (3 dispatches instead
+        # of 10); the norm is squared in ``acc`` here, as .square() would (a float32 product is
+        # exact in a double, then rounded).
+        sm_t, nrm_t = flat.sum(dtype=acc), torch.linalg.vector_norm(flat, dtype=acc)
+        if not gather:
+            mn, mx, sm, nrm = lo.item(), hi.item(), sm_t.item(), nrm_t.item()
         else:
-            sum_and_sumsq = _fixed_order_sums(flat, acc)
+            mn, mx, sm, nrm = torch.stack([lo.to(acc), hi.to(acc), sm_t, nrm_t]).tolist()
+        sq = nrm * nrm if acc == torch.float64 else _as_float32(nrm * nrm)
+    else:
+        sum_and_sumsq = _fixed_order_sums(flat, acc)
+        if not gather:
+            mn, mx = lo.item(), hi.item()
+            sm, sq = sum_and_sumsq.tolist()
+        else:
             mn, mx, sm, sq = torch.cat([torch.stack([lo, hi]).to(acc), sum_and_sumsq]).tolist()
-        if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
-            return _slow_stats(x)
-        nrm = math.sqrt(sq)
-        mean = sm / n
-        var = max(sq / n - mean * mean, 0.0)
-        if mean * mean > 1e3 * var:
-            var = _two_pass_var(x.double(), n)
-        return {"nan_count": 0, "inf_count": 0, "min": mn, "max": mx, "mean": mean, "std": math.sqrt(var),
-                "abs_max": max(-mn, mx), "l2_norm": nrm}
+    if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
+        return _slow_stats(x)
+    nrm = math.sqrt(sq)
+    mean = sm / n
+    var = max(sq / n - mean * mean, 0.0)
+    if mean * mean > 1e3 * var:
+        var = _two_pass_var(x.double(), n)
+    return {"nan_count": 0, "inf_count": 0, "min": mn, "max": mx, "mean": mean, "std": math.sqrt(var),
+            "abs_max": max(-mn, mx), "l2_norm": nrm}
 
 
 _FLOAT32 = struct.Struct("<f")
@@ -389,10 +432,18 @@ def _encode(x: torch.Tensor) -> tuple[str, dict[str, Any], dict[str, torch.Tenso
 class _Ctx:
     policy: TensorPolicy
     out: dict[tuple[str, ...], torch.Tensor]
-    key_prefix: str
+    call: CallKey
+    kind: str
     dedup: Deduper | None
     async_copy: bool = False
     known_stats: Callable[[torch.Tensor], dict[str, Any] | None] | None = None
+    _prefix: str | None = None
+
+    def key(self, path: tuple[str, ...]) -> str:
+        """The string key of the tensor at ``path`` (the record's prefix made once, when first needed)."""
+        if self._prefix is None:
+            self._prefix = str(self.call.tensor(self.kind))
+        return self._prefix + "".join("/" + encode_part(p) for p in path)
 
 
 def _shape_of(t: torch.Tensor) -> list[int] | None:
@@ -478,11 +529,12 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
     """
     policy = ctx.policy
     device = str(t.device)
+    numel = t.numel()
     node: dict[str, Any] = {
         "type": "tensor",
         "shape": list(t.shape),
-        "dtype": str(t.dtype),
-        "numel": t.numel(),
+        "dtype": _dtype_name(t.dtype),
+        "numel": numel,
         "device": device,
         "path": list(path),
     }
@@ -490,17 +542,18 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
         node.update(stored=False, reason="device not in device_names")
         return node
     deduper = ctx.dedup if dedup else None
-    hit = deduper.lookup(t) if deduper is not None else None
-    key = ctx.key_prefix + "".join("/" + encode_part(p) for p in path)
-    if not policy.store_bodies or over_limit or (policy.max_numel is not None and t.numel() > policy.max_numel):
+    ident, hit = deduper.find(t) if deduper is not None else (None, None)
+    if not policy.store_bodies or over_limit or (policy.max_numel is not None and numel > policy.max_numel):
         reason = "mode=stats" if not policy.store_bodies else \
-            over_limit or f"numel {t.numel()} > max_tensor_size {policy.max_numel}"
-        # The same unchanged tensor seen earlier in the step: reuse its statistics.
+            over_limit or f"numel {numel} > max_tensor_size {policy.max_numel}"
+        # The same unchanged tensor seen earlier in the step: reuse its statistics. Otherwise
+        # they are computed now, in the hook, from the live tensor (no copy of it is made):
+        # later in-place changes cannot reach values already computed.
         known = ctx.known_stats(t) if hit is None and ctx.known_stats is not None else None
         stats = hit[1] if hit is not None else dict(known) if known else tensor_stats(t)
         node.update(stats=stats, stored=False, reason=reason)
         if hit is None and deduper is not None:
-            deduper.remember(t, None, node["stats"])
+            deduper.add(ident, t, None, stats)
     elif hit is not None and hit[0] is not None:
         node.update(stored=True, same_as=hit[0], stats=hit[1])  # shares the first node's (deferred) stats
     else:
@@ -511,8 +564,19 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
         ctx.out[path], pending = _snapshot(t, policy.pin_memory)
         ctx.async_copy |= pending
         if deduper is not None:
-            deduper.remember(t, key, node["stats"])
+            deduper.add(ident, t, ctx.key(path), node["stats"])
     return node
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``str(dtype)``, remembered (it is asked for every captured tensor)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
 
 
 def _plain(value: Any) -> Any:
@@ -560,7 +624,7 @@ def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
     ``known_stats`` may supply the statistics of a tensor whose exact bits were read from a run
     that already computed them (replay), so they are not computed twice.
     """
-    ctx = _Ctx(policy, {}, str(call.tensor(kind)), dedup, known_stats=known_stats)
+    ctx = _Ctx(policy, {}, call, kind, dedup, known_stats=known_stats)
     structure = _walk(value, (), ctx, 0)
     if kwargs is not None:
         structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}
