@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +46,8 @@ from ..keys import KINDS, CallKey, TensorKey, decode_part, encode_part
 from ..manifest import calls_from_json, calls_to_json
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
+from ._pread import AVAILABLE as pread_ok
+from ._pread import byte_tensor, pread_into
 from .base import StepInfo, StoreReader, StoreWriter, step_dir_name
 
 __all__ = ["Hdf5Writer", "Hdf5Reader", "FILE_FORMAT", "group_name", "parse_group_name", "dataset_name",
@@ -58,6 +61,13 @@ _MAX_RANK = 32  # HDF5's limit on dataset dimensions
 _NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
                            torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.complex64,
                            torch.complex128})
+#: numpy dtypes (native byte order) read raw, and the torch dtype ``torch.from_numpy`` gives them.
+_RAW_DTYPES = {np.dtype(t): d for t, d in ((np.bool_, torch.bool), (np.uint8, torch.uint8), (np.int8, torch.int8),
+                                          (np.int16, torch.int16), (np.int32, torch.int32), (np.int64, torch.int64),
+                                          (np.uint16, torch.uint16), (np.uint32, torch.uint32),
+                                          (np.uint64, torch.uint64), (np.float16, torch.float16),
+                                          (np.float32, torch.float32), (np.float64, torch.float64),
+                                          (np.complex64, torch.complex64), (np.complex128, torch.complex128))}
 _log = logging.getLogger(__name__)
 
 
@@ -332,6 +342,7 @@ class Hdf5Reader(StoreReader):
         super().__init__(run_dir)
         self._files: dict[int, Any] = {}
         self._paths: dict[int, Path] = {}
+        self._raw_fds: dict[int, int] = {}  # step -> its file's descriptor, for raw reads of contiguous datasets
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -386,6 +397,11 @@ class Hdf5Reader(StoreReader):
             f.close()
             raise CorruptFileError(path, f"not an ilstore HDF5 step file (no format=\"{FILE_FORMAT}\" attribute)")
         self._files[step], self._paths[step] = f, path
+        if pread_ok and f.userblock_size == 0 and f.driver == "sec2":  # addresses are file offsets: raw reads work
+            try:  # HDF5's own descriptor (pread leaves its position alone): no second one per step
+                self._raw_fds[step] = int(f.id.get_vfd_handle())
+            except (OSError, RuntimeError, ValueError, TypeError):
+                pass
         return f
 
     def _rank(self, f: Any) -> int:
@@ -451,17 +467,20 @@ class Hdf5Reader(StoreReader):
             if ds is None:
                 raise CorruptFileError(path, f"{key}: stored according to its metadata, but there is no dataset "
                                        f"{group.name}/{dname}")
-            array = np.asarray(ds[()])
+            stored = self._read_contiguous(key.step, ds)
+            if stored is None:
+                array = np.asarray(ds[()])
             attrs = dict(ds.attrs)
         except CorruptFileError:
             raise
         except Exception as exc:  # truncated data, bad filter pipeline...
             raise CorruptFileError(path, f"cannot read dataset {group.name}/{dname}: {_msg(exc)}") from None
-        if not array.flags.writeable or not array.flags.c_contiguous:
-            array = np.array(array, copy=True, order="C")
-        stored = torch.from_numpy(array)
-        if stored.numel() == 0:  # numpy gives empty arrays zero strides; torch code expects the usual ones
-            stored = torch.empty(stored.shape, dtype=stored.dtype)
+        if stored is None:
+            if not array.flags.writeable or not array.flags.c_contiguous:
+                array = np.array(array, copy=True, order="C")
+            stored = torch.from_numpy(array)
+            if stored.numel() == 0:  # numpy gives empty arrays zero strides; torch code expects the usual ones
+                stored = torch.empty(stored.shape, dtype=stored.dtype)
         try:
             shape = attrs.get("shape")
             if shape is not None:
@@ -472,6 +491,39 @@ class Hdf5Reader(StoreReader):
         except (ValueError, TypeError, RuntimeError) as exc:
             raise CorruptFileError(path, f"{key}: cannot decode dataset {group.name}/{dname}: {exc}") from None
         return tensor
+
+    def _read_contiguous(self, step: int, ds: Any) -> torch.Tensor | None:
+        """The dataset's values as ``ds[()]`` gives them, read with one ``pread`` (GIL released)
+        where HDF5 would only copy the bytes: a contiguous dataset, no filters or external
+        storage, all its bytes allocated, a file type equal to the in-memory type of its numpy
+        dtype (so HDF5 converts nothing), the native byte order. None for everything else (and
+        where the file ends early), which h5py then reads as before, with its errors."""
+        fd = self._raw_fds.get(step)
+        if fd is None:
+            return None
+        from h5py import h5d, h5t
+
+        dtype = ds.dtype
+        tdtype = _RAW_DTYPES.get(dtype)
+        shape = ds.shape
+        if tdtype is None or shape is None or len(shape) > _MAX_RANK:
+            return None
+        dcpl = ds.id.get_create_plist()
+        if dcpl.get_layout() != h5d.CONTIGUOUS or dcpl.get_external_count() or dcpl.get_nfilters():
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        offset = ds.id.get_offset()
+        if not nbytes or offset is None or ds.id.get_storage_size() != nbytes:
+            return None
+        if not ds.id.get_type().equal(h5t.py_create(dtype)):
+            return None
+        body, view = byte_tensor(nbytes)
+        try:
+            if pread_into(fd, (view,), offset) != nbytes:
+                return None
+        except OSError:
+            return None
+        return body.view(tdtype).reshape(shape)
 
     def _step_path(self, step: int) -> Path:
         """The file of ``step`` this reader opened (``.h5`` or ``.h5.partial``), else its ``.h5``."""
@@ -487,6 +539,7 @@ class Hdf5Reader(StoreReader):
             except Exception:  # closing a read-only file cannot lose data
                 pass
         self._files.clear()
+        self._raw_fds.clear()  # HDF5's descriptors, closed with the files
         super().close()
 
 

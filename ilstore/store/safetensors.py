@@ -36,6 +36,7 @@ from ..keys import KINDS, CallKey, TensorKey
 from ..manifest import calls_from_json, calls_to_json, write_json_atomic
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
+from ._pread import byte_tensor, pread_into
 from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
 
 __all__ = ["SafetensorsWriter", "SafetensorsReader", "INDEX_NAME", "INDEX_FORMAT", "DEFAULT_SHARD_SIZE_MB", "writer",
@@ -331,13 +332,9 @@ class _Shard:
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if end - begin != nbytes or self._base + end > self._size:
                 raise ValueError(f"bytes {begin}..{end} do not hold {shape} {code} inside the file")
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            view, done = buf.numpy().data, 0
-            while done < nbytes:
-                got = os.preadv(self._fd, [view[done:]], self._base + begin + done)
-                if got <= 0:
-                    raise ValueError("the file ends early")
-                done += got
+            buf, view = byte_tensor(nbytes)
+            if pread_into(self._fd, (view,), self._base + begin) != nbytes:
+                raise ValueError("the file ends early")
         except (OSError, ValueError) as exc:
             raise CorruptFileError(self.path, f"cannot read tensor {name!r}: {exc}") from None
         return buf.view(dtype).reshape(shape)
