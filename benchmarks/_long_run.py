@@ -11,7 +11,8 @@ each backend and mode it reports, from one run:
 * ``ilstore ls`` of the run (the CLI in a fresh process, so its start-up is included: it imports
   no torch), reading one step's records (the last step: every tensor's metadata, and its body
   where stored; a reader that scanned the run would be slowest there), and comparing two such
-  runs in process (steps per second).
+  runs: ``compare()`` in process (steps per second, the median of three) and ``ilstore-compare``
+  with its default report in a fresh process (seconds), see :func:`compare_cost`.
 
 Run it through ``bench_capture.py --steps N`` (see there for the options).
 """
@@ -81,20 +82,40 @@ def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:
     return {"ls_s": ls_s, "read_step_s": time.perf_counter() - t0}
 
 
-def compare_cost(dir1: Path, dir2: Path, steps: int) -> dict[str, Any]:
+def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path) -> dict[str, Any]:
+    """Comparing the two runs as a user does.
+
+    * ``compare()`` in process, three times: the median gives ``compare_steps_per_s``; the
+      first (``compare_first_s``) includes the compare package's one-time imports and set-up.
+    * ``ilstore-compare --dir1 A --dir2 B --output report.md`` in a fresh process
+      (``cli_s``): start-up (``import torch``), the comparison and the default markdown report,
+      which has a table of every step's calls, so it grows with the run.
+    """
     from ilstore_compare import compare
 
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        result = compare(dir1, dir2)
+        times.append(time.perf_counter() - t0)
+    report = tmp / "long-run-report.md"
     t0 = time.perf_counter()
-    result = compare(dir1, dir2)
-    seconds = time.perf_counter() - t0
-    return {"compare_steps_per_s": steps / seconds, "compare_exit": result.exit_code}
+    cli = subprocess.run([sys.executable, "-c", "from ilstore_compare.cli import main; main()", "--dir1", str(dir1),
+                          "--dir2", str(dir2), "--output", str(report)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, check=False)
+    cli_s = time.perf_counter() - t0
+    report.unlink(missing_ok=True)
+    if cli.returncode != result.exit_code:
+        raise RuntimeError(f"ilstore-compare exited {cli.returncode}, compare() said {result.exit_code}")
+    return {"compare_steps_per_s": steps / sorted(times)[1], "compare_first_s": times[0],
+            "compare_exit": result.exit_code, "cli_s": cli_s}
 
 
 def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *, with_compare: bool = True,
          json_rows: list[dict[str, Any]] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     header = (f"{'backend':12} {'mode':8} {'first ms':>8} {'last ms':>8} {'last/1st':>8} {'close s':>8} "
-              f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7} {'ls s':>6} {'step s':>7} {'cmp st/s':>9}")
+              f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7} {'ls s':>6} {'step s':>7} {'cmp st/s':>9} {'cli s':>6}")
     print(f"long run: {steps} steps, 16 module calls per step, every step logged; {tmp}")
     print(header)
     print("-" * len(header))
@@ -104,14 +125,14 @@ def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *
             first = capture_run(tmp, f"{backend}-{mode}-a", steps, backend, mode)
             row.update({k: v for k, v in first.items() if k != "run_dir"})
             row.update(read_costs(first["run_dir"], steps))
-            cmp = "-"
+            cmp = cli = "-"
             if with_compare:
                 second = capture_run(tmp, f"{backend}-{mode}-b", steps, backend, mode)
-                row.update(compare_cost(first["run_dir"], second["run_dir"], steps))
-                cmp = f"{row['compare_steps_per_s']:9.0f}"
+                row.update(compare_cost(first["run_dir"], second["run_dir"], steps, tmp))
+                cmp, cli = f"{row['compare_steps_per_s']:9.0f}", f"{row['cli_s']:6.2f}"
             print(f"{backend:12} {mode:8} {row['first_ms']:8.2f} {row['last_ms']:8.2f} {row['last_over_first']:8.2f} "
                   f"{row['close_s']:8.2f} {row['rss_mb']:7.1f} {row['manifest_mb']:8.2f} {row['run_mb']:7.1f} "
-                  f"{row['ls_s']:6.2f} {row['read_step_s']:7.3f} {cmp:>9}", flush=True)
+                  f"{row['ls_s']:6.2f} {row['read_step_s']:7.3f} {cmp:>9} {cli:>6}", flush=True)
             if json_rows is not None:
                 json_rows.append(row)
     return 0
