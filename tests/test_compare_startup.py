@@ -7,6 +7,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 HEAVY = ("torch", "h5py", "safetensors", "numba")
 
@@ -57,3 +60,49 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
     for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map",
                    "no_such_run: no such run directory"):
         assert needle in proc.stderr
+
+
+def test_the_command_maps_large_blocks_on_their_own(monkeypatch: Any) -> None:
+    """main() (the console script, owner of its process) sets glibc's mmap threshold before it
+    compares; the library itself (and --help's answer) does not depend on it."""
+    from ilstore_compare import cli
+
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "_own_mappings_for_large_blocks", lambda: calls.append(1))
+    monkeypatch.setattr(sys, "argv", ["ilstore-compare", "--help"])
+    try:
+        cli.main()
+    except SystemExit as exc:
+        assert exc.code == 0
+    assert calls == ([1] if sys.platform.startswith("linux") else [])
+
+
+_FREED = """
+import sys, threading, numpy as np
+from ilstore_compare.cli import _own_mappings_for_large_blocks
+if sys.argv[1] == "on":
+    _own_mappings_for_large_blocks()
+def rss():
+    with open('/proc/self/statm') as fh:
+        return int(fh.read().split()[1]) * 4096
+def work():
+    for size in (24, 40, 32, 48, 36):  # freed blocks of several sizes, in a thread: its own heap
+        a = np.ones(size << 20, dtype=np.uint8)
+        b = np.ones((size - 8) << 20, dtype=np.uint8)
+        del a, b
+before = rss()
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print((rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_blocks_go_back_to_the_system_when_freed() -> None:
+    """With the command's setting, a worker thread's freed tensor-sized blocks do not stay resident
+    (by default glibc raises its threshold as large blocks are freed and keeps later ones in the
+    thread's heap: the RSS growth the compare CLI had with two workers)."""
+    out = subprocess.run([sys.executable, "-c", _FREED, "on"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 8, f"{out.stdout.strip()} MiB still resident after freeing"
