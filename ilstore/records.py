@@ -69,6 +69,8 @@ class Record:
 
 def finalize_stats(record: Record) -> None:
     """Fill the statistics of stored tensors from their snapshots (deferred off the hook)."""
+    if not record.tensors:  # nothing stored (mode: "stats"): every statistic is already there
+        return
     for path, node in iter_tensor_nodes(record.structure):
         stats = node.get("stats")
         if stats == {} and path in record.tensors and "same_as" not in node:
@@ -484,14 +486,16 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
             if split[1] is not None:
                 node[LAYOUT_KEY] = split[1]
             return node
-    try:
-        reason = _unsupported(t)
+    try:  # the common dense tensor answers the first test; anything else is asked in detail
+        plain = type(t) is torch.Tensor and t.layout == torch.strided and not t.is_quantized and not t.is_nested \
+            and t.device.type != "meta"
+        reason = None if plain else _unsupported(t)
     except Exception as exc:  # a tensor-like object that cannot even say what it is
         reason = f"cannot be inspected: {type(exc).__name__}: {exc}"
     if reason is not None:
         return _unsupported_node(t, path, reason)
     try:
-        if t.layout != torch.strided or t.is_quantized:
+        if not plain and (t.layout != torch.strided or t.is_quantized):
             return _encoded_node(t, path, ctx)
         return _supported_node(t, path, ctx)
     except Exception as exc:  # never stop the capture for one tensor: record why instead

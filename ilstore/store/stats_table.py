@@ -48,6 +48,7 @@ ROW_WIDTH = len(COLUMNS)
 #: How many layouts the writer remembers (a step whose layout is one of them reuses its number).
 _REMEMBERED = 64
 _NAN = math.nan
+_NAN_ROW = (_NAN,) * len(STAT_COLUMNS)
 
 
 def _number(value: Any) -> float:
@@ -89,10 +90,10 @@ class StatsTableWriter:
                            else shape, node.get("numel"), node.get("device"), node.get("stored", True) is not False,
                            node.get("reason")))
         stats = node.get("stats")
-        if isinstance(stats, dict):
-            self._values.extend([_number(stats.get(name, _NAN)) for name in STAT_COLUMNS])
+        if isinstance(stats, dict):  # floats as they are, the rest through _number (one call per tensor node)
+            self._values.extend([v if type(v) is float else _number(v) for v in map(stats.get, STAT_COLUMNS, _NAN_ROW)])
         else:
-            self._values.extend([_NAN] * len(STAT_COLUMNS))
+            self._values.extend(_NAN_ROW)
 
     def discard(self) -> None:
         """Forget the rows collected so far (a step that was cut)."""
