@@ -38,6 +38,7 @@ __all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "write
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _DEVICE_SUFFIX = re.compile(r"^[a-z][a-z0-9]*(?:_\d+)?$")
 _MAX_NAME = 200
+_SEPS = ("/", os.sep, os.altsep)
 
 
 def _safe_component(text: str) -> str:
@@ -304,6 +305,17 @@ class PtReader(StoreReader):
         path = call_dir / name
         return check_inside(self.run_dir, path) if path.is_symlink() else path
 
+    def _entry(self, resolved_dir: Path, step_dir: Path, name: str) -> Path:
+        """``check_inside(run_dir, step_dir / name)`` for a directory name read from the call order
+        file, ``step_dir`` resolving to ``resolved_dir`` inside the run: a plain name that is not a
+        symbolic link is ``resolved_dir / name`` without resolving each component again (that
+        was ~40 % of planning a compare of two pt runs); anything else is checked in full."""
+        if name not in ("", ".", "..") and "\0" not in name and not any(sep and sep in name for sep in _SEPS):
+            path = resolved_dir / name
+            if not path.is_symlink():
+                return path
+        return check_inside(self.run_dir, step_dir / name)
+
     def _read_json(self, path: Path) -> Any:
         check_inside(self.run_dir, path)
         return self._parse_json(path)
@@ -349,8 +361,9 @@ class PtReader(StoreReader):
         if recorded is not None and names is not None:
             calls = recorded
             if len(calls) == len(names):
+                resolved = check_inside(self.run_dir, step_dir)
                 for call, name in zip(calls, names, strict=True):
-                    mapping[call] = check_inside(self.run_dir, step_dir / name)
+                    mapping[call] = self._entry(resolved, step_dir, name)
                 self._call_dirs[step] = mapping
                 return mapping
         try:
