@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["BLOCK", "LANES", "Totals", "fused", "enabled"]
+__all__ = ["BLOCK", "LANES", "Totals", "fused", "enabled", "build"]
 
 _log = logging.getLogger(__name__)
 
@@ -276,6 +276,31 @@ def _kernel() -> Any:
                 _log.info("ilstore-compare: no fused metrics kernel (%s); computing the metrics with torch", detail)
                 _failed = True
     return _lib
+
+
+def build() -> Path:
+    """Compile the kernel into the cache now, if it is not there yet, and load it once.
+
+    For set-up scripts and images (``ilstore-compare --build-kernel``): the first comparison then
+    finds it (compiling takes about a second). ``ILSTORE_COMPARE_KERNEL=0`` does not stop this; it
+    stops comparisons from using the kernel.
+
+    Returns:
+        The compiled file.
+
+    Raises:
+        RuntimeError: no C compiler, or compiling or loading failed (the message says why).
+    """
+    try:
+        path = _build()
+        if path is None:
+            raise RuntimeError("no C compiler ($CC, cc or gcc); comparisons compute the metrics with torch")
+        ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) \
+            else str(exc)
+        raise RuntimeError(f"cannot build the fused metrics kernel: {detail.strip()}") from None
+    return path
 
 
 def enabled() -> bool:

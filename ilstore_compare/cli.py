@@ -190,6 +190,21 @@ def _steps_option(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(exc.detail) from None
 
 
+def _build_kernel(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--build-kernel: compile the metrics kernel into the cache, print its path, exit (0; 2 without a compiler)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from . import _kernel
+
+    try:
+        path = _kernel.build()
+    except RuntimeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(2)
+    click.echo(str(path))
+    ctx.exit(0)
+
+
 _EPILOG = """\b
 Examples:
   ilstore-compare --dir1 runs/bf16 --dir2 runs/fp32 --rtol 1e-2 --atol 1e-3
@@ -219,6 +234,9 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
 
 @click.command("compare", epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"],
                                                             "max_content_width": 100})
+@click.option("--build-kernel", is_flag=True, expose_value=False, is_eager=True, callback=_build_kernel,
+              help="Compile the fused metrics kernel into ~/.cache/ilstore ($ILSTORE_CACHE_DIR) now, print its "
+                   "path and exit (for set-up scripts: the first comparison otherwise compiles it, ~1 s).")
 @click.option("--dir1", required=True, type=click.Path(path_type=Path),
               help="Run to check (a run directory, or an output_dir holding exactly one run).")
 @click.option("--dir2", required=True, type=click.Path(path_type=Path), help="Reference run (same forms).")

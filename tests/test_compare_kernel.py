@@ -152,6 +152,29 @@ def test_the_kernel_is_compiled_into_the_cache_once(monkeypatch: pytest.MonkeyPa
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
+def test_build_kernel_option_compiles_into_the_cache_and_exits(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """``ilstore-compare --build-kernel`` (no runs needed): the kernel lands in the cache, its path
+    on stdout, exit 0; a second call finds it; without a compiler, exit 2 and the reason."""
+    from click.testing import CliRunner
+
+    from ilstore_compare.cli import compare_cmd
+
+    monkeypatch.setenv("ILSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    first = CliRunner().invoke(compare_cmd, ["--build-kernel"])
+    assert first.exit_code == 0, first.output
+    built = Path(first.output.strip())
+    assert built.parent == tmp_path / "cache" and built.exists() and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    again = CliRunner().invoke(compare_cmd, ["--build-kernel"])
+    assert again.exit_code == 0 and Path(again.output.strip()) == built and built.stat().st_mtime_ns == stamp
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ILSTORE_CACHE_DIR", str(tmp_path / "other"))
+    failed = CliRunner().invoke(compare_cmd, ["--build-kernel"])
+    assert failed.exit_code == 2 and "cannot build the fused metrics kernel" in failed.output
+    assert "no-such-compiler" in failed.output
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_matches_over_the_whole_exponent_range(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """Subnormal to huge magnitudes, so the largest relative difference is found however the
