@@ -28,7 +28,9 @@ floor (``x f32``); peak RSS growth during the call over the RSS before it, sampl
 as the whole resident set and as its anonymous part (resident minus file-backed pages:
 memory-mapped files show up in the first only) -- for the CLI rows, the whole peak RSS of the
 child process (``VmHWM``, not a growth); and the RSS target, 2 x the largest tensor + 300 MB.
-Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6).
+Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6). ``load``: the median
+1-minute load average before the row's rounds (on a shared machine a second worker only helps
+when a core is idle: quote the load with every figure).
 
 By default the page cache is warm: all files were just written or read, so "reads" come from
 memory. ``--cold`` writes back and evicts (``posix_fadvise(DONTNEED)``) the files a row reads
@@ -213,6 +215,7 @@ class Row:
         """``child``: ``fn`` runs another process and returns ``(check, its peak RSS)``."""
         self.name, self.fn, self.files, self.group, self.child = name, fn, files, group, child
         self.times: list[float] = []
+        self.loads: list[float] = []  # the 1-minute load average before each round of this row
         self.rss: list[int] = []
         self.anon: list[int] = []
         self.check: int | None = None
@@ -221,6 +224,7 @@ class Row:
         release_memory()
         if cold:
             drop_page_cache(self.files)
+        self.loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
         seconds, sampler, check = timed(self.fn)
         self.times.append(seconds)
         if self.child:  # the other process's whole peak RSS, not a growth; no anonymous part known
@@ -236,6 +240,7 @@ class Row:
         return {"name": self.name, "group": self.group, "seconds": statistics.median(self.times),
                 "rss": statistics.median(self.rss), "rss_anon": statistics.median(self.anon),
                 "rss_max": max(self.rss), "rss_anon_max": max(self.anon), "times": self.times,
+                "load": statistics.median(self.loads), "loads": self.loads,
                 "check_mismatched": self.check}
 
 
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend, (nbytes, nfiles) in disk.items():
         print(f"  {backend}: both runs {nbytes / 1e6:.1f} MB on disk in {nfiles} files")
     header = (f"{'row':38} {'s':>7} {'MB/s':>7} {'x floor':>7} {'x f32':>7} {'RSS+MB':>7} {'anon+MB':>7} "
-              f"{'<=target RSS/anon':>17}")
+              f"{'<=target RSS/anon':>17} {'load':>5}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = "/".join("yes" if r[k] else "NO" for k in ("rss_target_ok", "rss_anon_target_ok"))
         print(f"{r['name']:38} {r['seconds']:7.3f} {r['mb_per_s']:7.0f} {r['ratio_to_floor']:7.2f} "
               f"{r['ratio_to_f32_floor']:7.2f} "
-              f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {ok:>17}")
+              f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {ok:>17} {r['load']:5.1f}")
     checks = {r["check_mismatched"] for r in results if r["group"] != "floor" or r["name"] != "floor: read only"}
     print(f"check: mismatched elements per row (CLI rows: exit status) {sorted(checks)} (expect the count and 1)")
     for backend in backends:
