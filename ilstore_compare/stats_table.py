@@ -17,6 +17,10 @@ instead:
   fails, and every pair of the general kind) goes through the engine's own pair comparison, so
   what it reports about a difference is unchanged.
 
+Whole steps in which every pair passes (*plain steps*) do not reach the plan at all:
+:mod:`.columnar` plans and decides them a step template at a time, with this module's tables,
+block index and check (:meth:`TableComparison.plain_pass`); the pairing above is for the others.
+
 The engine uses it only without a name map, replay or oracle (:func:`attach`).
 """
 
