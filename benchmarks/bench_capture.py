@@ -27,7 +27,13 @@ the median over rounds of (this row / the reference row of the same round), so a
 a shared machine (its disk speed varied 2x between rounds here) cancels out.
 
 Usage: python benchmarks/bench_capture.py [--rounds 7] [--backends pt,safetensors,hdf5] [--rows pt,stats] [--tmp DIR]
-       [--delete-between-rounds]
+       [--delete-between-rounds] [--threads N] [--clock wall|cpu]
+
+``--clock cpu`` times each row by the CPU time of the whole process (the model's threads and
+ilstore's writer thread together: ``time.process_time``) instead of the wall clock: on a machine
+shared with other work the wall clock of a multi-threaded forward swings many times over (the
+model's OpenMP threads wait for each other whenever one is descheduled), its CPU time much
+less. With ``--threads 1`` it reads as the CPU cost of each row.
 
 Long-run mode (issue 13), a different workload, one run per backend and mode and directory:
        python benchmarks/bench_capture.py --steps 100000 [--modes stats,tensors] [--tmp /dev/shm,/var/tmp]
@@ -93,6 +99,10 @@ def _attach(model: torch.nn.Module, on_tensors: Callable[[str, str, list[torch.T
     return handles
 
 
+#: What the rows are timed with (``--clock``).
+_clock: Callable[[], float] = time.perf_counter
+
+
 class Row:
     """One configuration; ``measure`` runs one round of it (rounds of all rows are interleaved)."""
 
@@ -111,14 +121,14 @@ class Row:
         gc.collect()
         os.sync()  # earlier rows' dirty pages are written back now, not during this row's timing
         with PeakRss() as sampler:
-            t_setup = time.perf_counter()
+            t_setup = _clock()
             state = self.setup(out)
-            t0 = t_setup if self.timed_setup else time.perf_counter()
+            t0 = t_setup if self.timed_setup else _clock()
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
-            t1 = time.perf_counter()
+            t1 = _clock()
             self.flush(state)
-            t2 = time.perf_counter()
+            t2 = _clock()
         self.fwd.append(t1 - t0)
         self.total.append(t2 - t0)
         self.rss.append(sampler.growth)
@@ -166,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="long-run mode: capture this many steps of the small long-run model instead")
     ap.add_argument("--modes", default="stats,tensors", help="long-run mode: capture modes")
     ap.add_argument("--no-compare", action="store_true", help="long-run mode: skip the second run and the compare")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time rows by the wall clock or by the process's CPU time (all its threads)")
     args = ap.parse_args(argv)
     if args.steps:
         return _long(args)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     model = build_model()
     ids = torch.randint(0, 8000, (1, 256), generator=torch.Generator().manual_seed(0))
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-"))
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         res["tot/floor"] = _paired(row.total, floor_row.total)
         results.append(res)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians; "
-          "ratios are medians of same-round ratios)")
+          f"ratios are medians of same-round ratios), {args.clock} clock")
     header = (f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} "
               f"{'MB':>7} {'files':>6} {'RSS+MB':>7}")
     print(header)
