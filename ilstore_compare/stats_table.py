@@ -48,6 +48,8 @@ _COUNTS = ("nan_count", "inf_count")
 #: What a passing pair's note lists, in :func:`~.metrics.compare_stats`' order.
 CHECKED = ", ".join(_COUNTS + _FLOAT_STATS)
 _COL = {name: COLUMNS.index(name) for name in STAT_COLUMNS}
+#: Pairs :meth:`TableComparison.plain_pass` checks at once.
+_CHUNK_PAIRS = 1 << 16
 
 
 def _float_dtype(dtype: Any) -> bool:
@@ -239,13 +241,18 @@ class TableComparison:
                    numel: np.ndarray, o: CompareOptions) -> np.ndarray:
         """For steps whose blocks start at ``starts1``/``starts2``: whether every pair (the rows
         ``starts + rows``) is plain on both sides and passes :meth:`_check`; one flag per step."""
+        out = np.ones(len(starts1), dtype=bool)
         if len(rows1) == 0:
-            return np.ones(len(starts1), dtype=bool)
-        at1 = (starts1[:, None] + rows1[None, :]).ravel()
-        at2 = (starts2[:, None] + rows2[None, :]).ravel()
-        ok = self.run1.plain[at1] & self.run2.plain[at2]
-        ok &= self._check(at1, at2, np.tile(numel, len(starts1)), o)
-        return np.asarray(ok.reshape(len(starts1), len(rows1)).all(axis=1))
+            return out
+        step = max(1, _CHUNK_PAIRS // len(rows1))  # steps at a time: the temporaries stay a few MB
+        for first in range(0, len(starts1), step):
+            s1, s2 = starts1[first:first + step], starts2[first:first + step]
+            at1 = (s1[:, None] + rows1[None, :]).ravel()
+            at2 = (s2[:, None] + rows2[None, :]).ravel()
+            ok = self.run1.plain[at1] & self.run2.plain[at2]
+            ok &= self._check(at1, at2, np.tile(numel, len(s1)), o)
+            out[first:first + step] = ok.reshape(len(s1), len(rows1)).all(axis=1)
+        return out
 
     def result(self, pair: Pair) -> TensorResult | None:
         """The entry :meth:`results` made for ``pair``, None when the engine must compare it."""

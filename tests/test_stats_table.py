@@ -401,3 +401,15 @@ def test_a_long_identical_pair_is_blocks_only(out_dir: Path, monkeypatch: pytest
     assert result.summary.calls == 200 * 3 and [c.order for c in result.calls] == list(range(600))
     assert result.tensors[-1].key == ilstore.keys.TensorKey(199, "c", 0, "outputs", ("1",))
     _same(result, _general(monkeypatch, a, b, allow_stats_only=True))
+
+
+def test_steps_checked_a_chunk_at_a_time(shaped_runs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain steps' check runs over chunks of steps (bounded temporaries): chunks of one pair
+    and of a few steps, whatever falls on their borders, give the general path's result."""
+    a, b = shaped_runs
+    slow = _general(monkeypatch, a, b)
+    for pairs in (1, 7, 50):
+        monkeypatch.setattr(ilstore_compare.stats_table, "_CHUNK_PAIRS", pairs)
+        fast = compare(a, b)
+        _same(fast, slow)
+        assert _blocks(fast) > fast.summary.tensors // 2
