@@ -37,7 +37,7 @@ from .keys import CallKey
 
 __all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "UNORDERED_KEY", "TOTALS_KEYS", "TotalCounts",
            "write_json_atomic", "read_manifest", "new_manifest", "calls_to_json", "calls_from_json", "JournalWriter",
-           "JournalReader"]
+           "JournalReader", "CallOrder"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ TOTALS_KEYS = ("module_calls", "tensors", "stored", "bytes")
 # A line starts with its step number: the writer puts "step" first, so the index needs no parse.
 _STEP_PREFIX = re.compile(rb'\{\s*"step"\s*:\s*(\d+)\s*[,}]')
 # The end of a line as the writer spells it, for listing a long run without parsing every line.
+#: A journal line that refers to another step's call orders, as :class:`JournalWriter` writes it.
+_CALLS_AS = re.compile(rb'\{"step": (\d+), "calls_as": (\d+), ')
+#: One step's calls: ``(rank, (module, call) in start order, (module, call) in end order)``.
+CallOrder = tuple[int, tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]
 _TOTALS_TAIL = re.compile(rb'"totals": \{"module_calls": (\d+), "tensors": (\d+), "stored": (\d+), '
                           rb'"bytes": (\d+)\}\}\Z')
 #: A step's totals as a tuple, in :data:`TOTALS_KEYS` order.
@@ -277,6 +281,7 @@ class JournalReader:
         self._checked: dict[tuple[int, str], list[tuple[str, int]]] = {}  # (line offset, field) -> its calls
         self._found: dict[int, tuple[int, int] | None] = {}  # step -> (offset, length), by binary search
         self._fd: int | None = None  # for reading lines, opened on first use
+        self._orders: tuple[dict[int, CallOrder] | None] | None = None  # call_orders(), once read
 
     # -- the index -------------------------------------------------------------------------
     def _index(self) -> array[int]:
@@ -515,6 +520,70 @@ class JournalReader:
             self._checked[(number.offset, field)] = pairs
         rank = self.rank
         return [CallKey(rank, step, module, call) for module, call in pairs]
+
+    def call_orders(self) -> dict[int, CallOrder] | None:
+        """Every step's ``calls`` and ``call_ends`` as :data:`CallOrder` s, read in one pass; steps
+        with equal orders share one tuple (so a comparer recognises them by identity, with no
+        :class:`CallKey` per call and step).
+
+        Returns:
+            Step -> orders; None when some line does not spell out both orders and names no line
+            that does (:meth:`calls` then says what is wrong, step by step).
+
+        Raises:
+            CorruptFileError: the journal cannot be read, or a line is not valid JSON (names it).
+        """
+        if self._orders is None:  # read once, like the index it follows
+            self._orders = (self._read_call_orders(),)
+        return self._orders[0]
+
+    def _read_call_orders(self) -> dict[int, CallOrder] | None:
+        steps = self._index()
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise CorruptFileError(self.path, f"unreadable step journal: {exc}") from None
+        where = {step: i for i, step in enumerate(steps)}
+        spelled: dict[int, CallOrder | None] = {}
+        interned: dict[CallOrder, CallOrder] = {}
+
+        def line(i: int) -> bytes:
+            return data[self._offsets[i]:self._offsets[i] + self._lengths[i]]
+
+        def spelled_out(step: int) -> CallOrder | None:
+            if step not in spelled:
+                i = where.get(step)
+                order = None
+                if i is not None:
+                    doc = self._parse(line(i), self._lines[i], step)
+                    if "calls_as" not in doc and "calls" in doc and "call_ends" in doc:
+                        try:
+                            order = (self.rank, *(tuple((c.module, c.call) for c in calls_from_json(doc[f], step))
+                                                  for f in ("calls", "call_ends")))
+                        except ValueError:
+                            order = None
+                        if order is not None:  # lines that spell out the same orders share them too
+                            order = interned.setdefault(order, order)  # type: ignore[arg-type]
+                spelled[step] = order  # type: ignore[assignment]
+            return spelled[step]
+
+        out: dict[int, CallOrder] = {}
+        for i, step in enumerate(steps):
+            raw = line(i)
+            m = _CALLS_AS.match(raw)
+            if m is not None and int(m.group(1)) == step:
+                ref: Any = int(m.group(2))
+            else:
+                doc = self._parse(raw, self._lines[i], step)
+                ref = doc.get("calls_as", step)
+                if "calls_as" in doc and (not isinstance(ref, int) or isinstance(ref, bool) or ref == step):
+                    return None
+            order = spelled_out(ref)
+            if order is None:
+                return None
+            out[step] = order
+        return out
 
     def totals(self, step: int) -> dict[str, int] | None:
         """The ``totals`` of ``step`` (:data:`TOTALS_KEYS`), None when no line has the step or it has none.

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .entries import with_status
 from .report_common import (
     CALL_HEADERS,
     INTRODUCED_HEADERS,
@@ -180,7 +181,7 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
                                                  "replay) side by side." if side is not None else "")),
                 _table(call_rows(calls, side), headers)]
 
-    shown = list(result.tensors) if verbose else [t for t in result.tensors if t.status in SEVERE]
+    shown = list(result.tensors) if verbose else list(with_status(result.tensors, SEVERE))
     if shown:
         out.append(Heading("Tensor details" if verbose else "Tensors that differ or are one-sided"))
         cut = shown if verbose else shown[:BRIEF_LIMIT]

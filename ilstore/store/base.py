@@ -30,6 +30,7 @@ from ..manifest import (
     JOURNAL_NAME,
     MANIFEST_NAME,
     UNORDERED_KEY,
+    CallOrder,
     JournalReader,
     JournalWriter,
     calls_from_json,
@@ -396,6 +397,26 @@ class StoreReader(ABC):
         if ends is None:
             ends = self._list_call_ends(step)
         return _ends_from_nesting(self.calls(step)) if ends is None else ends
+
+    def call_orders(self) -> dict[int, CallOrder] | None:
+        """Every completed step's calls in start and end order, read in one pass.
+
+        What comparing a long run wants: ``(rank, (module, call) in start order, (module, call)
+        in end order)`` per step, with no :class:`CallKey` per call and step; steps with the same
+        orders share one tuple.
+
+        Returns:
+            Step -> orders; None when this reader cannot answer so (no step journal, or a reader
+            that answers :meth:`calls` itself): ask :meth:`calls` and :meth:`call_ends` then.
+
+        Raises:
+            CorruptFileError: the step journal is damaged (names the line).
+        """
+        cls = type(self)
+        if (self._journal is None or cls.calls is not StoreReader.calls or cls.call_ends is not StoreReader.call_ends
+                or cls._manifest_calls is not StoreReader._manifest_calls):
+            return None
+        return self._journal.call_orders()
 
     def step_totals(self, step: int) -> dict[str, int] | None:
         """What ``ilstore ls`` prints for ``step``, as the writer counted it, without reading a structure.
