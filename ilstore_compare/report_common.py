@@ -157,13 +157,33 @@ def summary_rows(result: CompareResult) -> list[list[Any]]:
         ["module calls only in dir1", s.calls_only_in_dir1],
         ["module calls only in dir2", s.calls_only_in_dir2],
         ["module calls declared unaligned", s.calls_unaligned],
-        ["steps", ", ".join(map(str, s.steps)) or "—"],
+        ["steps", step_ranges(s.steps) or "—"],
     ]
     if s.steps_only_in_dir1:
-        rows.append(["steps only in dir1", ", ".join(map(str, s.steps_only_in_dir1))])
+        rows.append(["steps only in dir1", step_ranges(s.steps_only_in_dir1)])
     if s.steps_only_in_dir2:
-        rows.append(["steps only in dir2", ", ".join(map(str, s.steps_only_in_dir2))])
+        rows.append(["steps only in dir2", step_ranges(s.steps_only_in_dir2)])
     return rows
+
+
+def step_ranges(steps: Sequence[int]) -> str:
+    """Sorted step numbers with runs of consecutive ones as ranges: ``0–3, 5, 7–8``.
+
+    >>> step_ranges([0, 1, 2, 3, 5, 7, 8])
+    '0–3, 5, 7–8'
+    """
+    parts: list[str] = []
+    start = prev = None
+    for step in steps:
+        if prev is not None and step == prev + 1:
+            prev = step
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}–{prev}")
+        start = prev = step
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}–{prev}")
+    return ", ".join(parts)
 
 
 def unreadable_line(result: CompareResult) -> str:

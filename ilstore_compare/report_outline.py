@@ -8,7 +8,7 @@ error plot in markdown) name the formats that show them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from .report_common import (
     first_divergence_tensors,
     introduced_rows,
     options_line,
+    step_ranges,
     summary_rows,
     tensor_rows,
     tensors_by_step,
@@ -175,11 +176,16 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
 
     side = call_local_cells if result.local is not None else None
     headers = CALL_HEADERS + (CALL_LOCAL_HEADERS if side is not None else [])
-    for step, calls in calls_by_step(result).items():
-        out += [Heading(f"Step {step}"), Text("Module calls in start order (parents before their children)."
-                                              + (" Propagated error (dir1 vs dir2) and local error (measured by "
-                                                 "replay) side by side." if side is not None else "")),
-                _table(call_rows(calls, side), headers)]
+    intro = "Module calls in start order (parents before their children)." + (
+        " Propagated error (dir1 vs dir2) and local error (measured by replay) side by side." if side is not None
+        else "")
+    for steps, rows in _step_groups(calls_by_step(result), side):
+        if len(steps) == 1:
+            out += [Heading(f"Step {steps[0]}"), Text(intro), _table(rows, headers)]
+        else:  # a long run's identical steps: one table, not one per step
+            out += [Heading(f"Steps {step_ranges(steps)}"),
+                    Text(f"{intro} These {len(steps)} consecutive steps have the same module calls with the same "
+                         "verdicts and figures, so they share one table."), _table(rows, headers)]
 
     shown = list(result.tensors) if verbose else list(with_status(result.tensors, SEVERE))
     if shown:
@@ -190,6 +196,18 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
         if len(cut) < len(shown):
             out.append(Text(f"… and {len(shown) - len(cut)} more; use --verbose (or --format json) for all."))
     return out
+
+
+def _step_groups(by_step: Mapping[int, Sequence[Any]], side: Any) -> list[tuple[list[int], list[list[Any]]]]:
+    """Consecutive steps (numbers in a row) whose call tables are equal cell for cell, grouped."""
+    groups: list[tuple[list[int], list[list[Any]]]] = []
+    for step, calls in by_step.items():
+        rows = call_rows(calls, side)
+        if groups and groups[-1][0][-1] + 1 == step and groups[-1][1] == rows:
+            groups[-1][0].append(step)
+        else:
+            groups.append(([step], rows))
+    return groups
 
 
 def _measured_first(result: CompareResult) -> list[Block]:

@@ -1,0 +1,49 @@
+"""The reports of long runs: consecutive steps with equal call tables share one table, and step
+lists are written as ranges (a 2,000-step run is one table and ``0–1999``, not 2,000 of each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import ilstore
+from ilstore_compare import compare
+from ilstore_compare.report_common import step_ranges
+from ilstore_compare.report_html import render_html
+from ilstore_compare.report_md import render_markdown
+
+
+def _run(out: Path, run_id: str, scale_step: int | None) -> Path:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(out), "run_id": run_id, "log_step_ids": []}) as cap:
+        for step in range(6):
+            x = torch.ones(2, 8)
+            model(x * 1.5 if step == scale_step else x)
+    assert cap.run_dir is not None
+    return cap.run_dir
+
+
+def test_equal_consecutive_steps_share_one_table(tmp_path: Path) -> None:
+    result = compare(_run(tmp_path, "a", 3), _run(tmp_path, "b", None))
+    md = render_markdown(result)
+    headings = [line for line in md.splitlines() if line.startswith("## Step")]
+    # steps 4-5 equal steps 0-2 too, but a group is consecutive: the divergent step 3 splits them
+    assert headings == ["## Steps 0–2", "## Step 3", "## Steps 4–5"]
+    assert "These 3 consecutive steps have the same module calls" in md
+    assert "| steps" in md and "0–5" in md
+    assert "Steps 0–2" in render_html(result)
+
+
+def test_verbose_report_groups_equal_steps_too(tmp_path: Path) -> None:
+    result = compare(_run(tmp_path, "a", None), _run(tmp_path, "b", None), rtol=0, atol=0)
+    md = render_markdown(result, verbose=True)
+    assert [line for line in md.splitlines() if line.startswith("## Step")] == ["## Steps 0–5"]
+
+
+def test_step_ranges() -> None:
+    assert step_ranges([]) == ""
+    assert step_ranges([7]) == "7"
+    assert step_ranges([0, 1, 2, 4, 6, 7]) == "0–2, 4, 6–7"
+    assert step_ranges(range(2000)) == "0–1999"
