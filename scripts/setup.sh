@@ -9,3 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,lint]'
+# The compare's metrics kernel, compiled now rather than at the first compare (no compiler: the
+# torch path is used, with the same verdicts; see docs/compare.md).
+.venv/bin/ilstore-compare --build-kernel || echo "setup: no C compiler for the compare kernel; torch computes the metrics"
