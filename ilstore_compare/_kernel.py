@@ -10,9 +10,10 @@ loading its cached machine code cost ~110 MB of resident memory (LLVM) and 0.4-1
 first comparison, which alone breaks the comparer's memory bound (the whole process within 2 x
 the largest tensor + 300 MB; torch itself is ~220 MB) and its start-up on small runs. The loop
 below is ~150 lines of plain C99, compiled once per machine with the system's C compiler
-(``$CC`` or ``cc``) into ``$ILSTORE_CACHE_DIR`` (default ``~/.cache/ilstore``), then loaded in
-about a millisecond; ctypes releases the GIL during the call, so compare workers run it on
-several cores. Without a compiler (or with ``ILSTORE_COMPARE_KERNEL=0``) :func:`fused` returns
+(``$CC`` or ``cc``) into ``$ILSTORE_CACHE_DIR`` (default ``~/.cache/ilstore``) by
+:mod:`ilstore._native` (shared with the statistics kernel), then loaded in about a
+millisecond; ctypes releases the GIL during the call, so compare workers run it on several
+cores. Without a compiler (or with ``ILSTORE_COMPARE_KERNEL=0``) :func:`fused` returns
 None and :mod:`.metrics` takes its torch path, with the same results.
 
 Exactness: elementwise the loop does the float64 arithmetic of the torch path (float32 inputs
@@ -28,22 +29,14 @@ from the torch path in the last bits.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["BLOCK", "LANES", "Totals", "fused", "enabled", "build"]
+from ilstore._native import NativeLibrary
 
-_log = logging.getLogger(__name__)
+__all__ = ["BLOCK", "LANES", "LIBRARY", "Totals", "fused", "enabled", "build"]
 
 #: Elements per block: partial sums are added to the totals, and the maxima checked, per block.
 BLOCK = 4096
@@ -171,9 +164,6 @@ void ilstore_fused(const void *x, int xk, const void *y, int yk, int64_t n, doub
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-std=gnu99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
-          f"-DBLOCK={BLOCK}", f"-DLANES={LANES}"]
-
 
 class _Totals(ctypes.Structure):
     """The C ``totals`` struct."""
@@ -205,77 +195,16 @@ class Totals(NamedTuple):
     max_ulp: int | None
 
 
-_lib: Any = None
-_failed = False
-_lock = threading.Lock()
+def _declare(lib: Any) -> None:
+    lib.ilstore_fused.restype = None
+    lib.ilstore_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                  ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
+                                  ctypes.POINTER(_Totals)]
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("ILSTORE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilstore"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def _build() -> Path | None:
-    """The compiled kernel in the cache (compiled now if it is not there yet); None without a compiler."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None
-    # -march=native: the file is for this CPU (a cache directory shared by several machines
-    # keeps one file per kind of CPU)
-    tag = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"fused-{tag}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "fused.c"
-        src.write_text(_SOURCE)
-        out = Path(tmp) / target.name
-        try:
-            subprocess.run([*cc.split(), *_FLAGS, "-o", str(out), str(src), "-lm"], check=True, capture_output=True,
-                           timeout=120)
-        except subprocess.CalledProcessError:  # a compiler without -march=native (clang on some targets)
-            flags = [f for f in _FLAGS if f != "-march=native"]
-            subprocess.run([*cc.split(), *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True,
-                           timeout=120)
-        os.replace(out, target)  # atomic: another process may be building the same file
-    return target
-
-
-def _kernel() -> Any:
-    global _lib, _failed
-    if _lib is not None or _failed:
-        return _lib
-    with _lock:
-        if _lib is None and not _failed:
-            try:
-                if os.environ.get("ILSTORE_COMPARE_KERNEL", "1") == "0":
-                    raise RuntimeError("switched off by ILSTORE_COMPARE_KERNEL=0")
-                path = _build()
-                if path is None:
-                    raise RuntimeError("no C compiler ($CC, cc or gcc)")
-                lib = ctypes.CDLL(str(path))
-                lib.ilstore_fused.restype = None
-                lib.ilstore_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                              ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int,
-                                              ctypes.c_int, ctypes.POINTER(_Totals)]
-                _lib = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) \
-                    else str(exc)
-                _log.info("ilstore-compare: no fused metrics kernel (%s); computing the metrics with torch", detail)
-                _failed = True
-    return _lib
+#: The compiled kernel (see :mod:`ilstore._native`), switched off by ``ILSTORE_COMPARE_KERNEL=0``.
+LIBRARY = NativeLibrary("fused", 1, _SOURCE, {"BLOCK": BLOCK, "LANES": LANES}, "ILSTORE_COMPARE_KERNEL",
+                        "fused metrics kernel", _declare)
 
 
 def build() -> Path:
@@ -291,21 +220,12 @@ def build() -> Path:
     Raises:
         RuntimeError: no C compiler, or compiling or loading failed (the message says why).
     """
-    try:
-        path = _build()
-        if path is None:
-            raise RuntimeError("no C compiler ($CC, cc or gcc); comparisons compute the metrics with torch")
-        ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) \
-            else str(exc)
-        raise RuntimeError(f"cannot build the fused metrics kernel: {detail.strip()}") from None
-    return path
+    return LIBRARY.build()
 
 
 def enabled() -> bool:
     """Whether the fused kernel is used (compiled or found in the cache, not switched off)."""
-    return _kernel() is not None
+    return LIBRARY.load() is not None
 
 
 def fused(x: np.ndarray, y: np.ndarray, *, rtol: float, atol: float, equal_nan: bool,
@@ -319,7 +239,7 @@ def fused(x: np.ndarray, y: np.ndarray, *, rtol: float, atol: float, equal_nan: 
         equal_nan: NaN on both sides matches.
         with_ulp: also measure ``max_ulp`` (``x`` and ``y`` must then have the same dtype).
     """
-    lib = _kernel()
+    lib = LIBRARY.load()
     if lib is None:
         return None
     assert x.flags.c_contiguous and y.flags.c_contiguous and x.size == y.size

@@ -134,8 +134,8 @@ def test_exact_and_integer_pairs_keep_the_torch_path(monkeypatch: pytest.MonkeyP
 def test_without_a_compiler_the_torch_path_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("ILSTORE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_kernel, "_lib", None)
-    monkeypatch.setattr(_kernel, "_failed", False)
+    monkeypatch.setattr(_kernel.LIBRARY, "_lib", None)
+    monkeypatch.setattr(_kernel.LIBRARY, "_failed", False)
     assert not _kernel.enabled()
     a, b = _awkward(2000, torch.float32, seed=4)
     m = compare_tensors(a, b, rtol=1e-5, atol=1e-8)
@@ -145,10 +145,11 @@ def test_without_a_compiler_the_torch_path_answers(monkeypatch: pytest.MonkeyPat
 
 def test_the_kernel_is_compiled_into_the_cache_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ILSTORE_CACHE_DIR", str(tmp_path))
-    first = _kernel._build()
+    first = _kernel.LIBRARY.compile()
     assert first is not None and first.parent == tmp_path and first.exists()
+    assert first.name.startswith(f"fused-v{_kernel.LIBRARY.version}-")
     stamp = first.stat().st_mtime_ns
-    assert _kernel._build() == first and first.stat().st_mtime_ns == stamp
+    assert _kernel.LIBRARY.compile() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
