@@ -256,6 +256,11 @@ class _CallBlock:
         k, j = divmod(i, len(self.template.calls))
         return self.template.call(self.steps[k], j, self.bases[k])
 
+    def step_calls(self, k: int) -> list[CallResult]:
+        """The calls of the block's ``k``-th step (``self.steps[k]``). Every step's calls differ
+        from another's only in their step and execution position (``order``)."""
+        return [self.template.call(self.steps[k], j, self.bases[k]) for j in range(len(self.template.calls))]
+
 
 def assemble(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult], calls: Sequence[CallResult]
              ) -> tuple[Entries[TensorResult], Entries[CallResult]]:

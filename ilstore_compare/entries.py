@@ -118,6 +118,10 @@ class Entries(Sequence[T], Generic[T]):
             if isinstance(part, tuple):
                 yield from part
 
+    def parts(self) -> Iterator[tuple[T, ...] | Block[T]]:
+        """The parts, in order: tuples of entries held as objects, and blocks."""
+        return iter(self._parts)
+
     def blocks(self) -> Iterator[Block[T]]:
         """The blocks, in order."""
         for part in self._parts:

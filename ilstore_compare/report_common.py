@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ilstore.keys import CallKey, TensorKey
@@ -327,9 +327,9 @@ def tensor_rows(tensors: Sequence[TensorResult]) -> list[list[Any]]:
     return [[cell(t) for _, cell in TENSOR_COLUMNS] for t in tensors]
 
 
-def calls_by_step(result: CompareResult) -> dict[int, list[CallResult]]:
+def calls_by_step(calls: Iterable[CallResult]) -> dict[int, list[CallResult]]:
     out: dict[int, list[CallResult]] = {}
-    for c in result.calls:
+    for c in calls:
         out.setdefault(c.call.step, []).append(c)
     return out
 

@@ -8,11 +8,11 @@ error plot in markdown) name the formats that show them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .entries import with_status
+from .entries import Entries, with_status
 from .report_common import (
     CALL_HEADERS,
     INTRODUCED_HEADERS,
@@ -58,7 +58,7 @@ from .report_local import (
     oracle_rows,
     unreplayed_rows,
 )
-from .result import CompareResult
+from .result import CallResult, CompareResult
 from .svgplot import error_plot_svg
 
 __all__ = ["BRIEF_LIMIT", "Heading", "Text", "Notes", "Table", "Figure", "Block", "outline"]
@@ -179,7 +179,7 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
     intro = "Module calls in start order (parents before their children)." + (
         " Propagated error (dir1 vs dir2) and local error (measured by replay) side by side." if side is not None
         else "")
-    for steps, rows in _step_groups(calls_by_step(result), side):
+    for steps, rows in _step_groups(result.calls, side):
         if len(steps) == 1:
             out += [Heading(f"Step {steps[0]}"), Text(intro), _table(rows, headers)]
         else:  # a long run's identical steps: one table, not one per step
@@ -198,12 +198,40 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
     return out
 
 
-def _step_groups(by_step: Mapping[int, Sequence[Any]], side: Any) -> list[tuple[list[int], list[list[Any]]]]:
+def _step_tables(calls: Sequence[CallResult], side: Any) -> Iterator[tuple[int, list[list[Any]]]]:
+    """``(step, its call table's rows)`` in order of the steps' first calls.
+
+    The calls of a block of plain steps (:class:`.columnar._CallBlock`, ``step_calls``) give
+    every step of the block the same rows (they differ only in step and execution position,
+    neither of which is a cell), so its table is made once and shared, without making every
+    step's call objects: a 100,000-step run's report would otherwise build 1.6 M of them.
+    """
+    parts: Iterable[Any] = calls.parts() if isinstance(calls, Entries) and side is None else (calls,)
+    for part in parts:
+        step_calls = getattr(part, "step_calls", None)
+        if step_calls is None:
+            for step, members in calls_by_step(part).items():
+                yield step, call_rows(members, side)
+            continue
+        rows: list[list[Any]] | None = None
+        for k, step in enumerate(part.steps):
+            if rows is None:
+                rows = call_rows(step_calls(k), side)
+            yield step, rows
+
+
+def _step_groups(calls: Sequence[CallResult], side: Any) -> list[tuple[list[int], list[list[Any]]]]:
     """Consecutive steps (numbers in a row) whose call tables are equal cell for cell, grouped."""
     groups: list[tuple[list[int], list[list[Any]]]] = []
-    for step, calls in by_step.items():
-        rows = call_rows(calls, side)
-        if groups and groups[-1][0][-1] + 1 == step and groups[-1][1] == rows:
+    for step, rows in _step_tables(calls, side):
+        if groups and groups[-1][0][-1] == step:  # one step's calls in two parts: one table
+            steps, before = groups[-1]
+            if len(steps) == 1:
+                groups[-1] = (steps, before + rows)
+            else:
+                steps.pop()
+                groups.append(([step], before + rows))
+        elif groups and groups[-1][0][-1] + 1 == step and (groups[-1][1] is rows or groups[-1][1] == rows):
             groups[-1][0].append(step)
         else:
             groups.append(([step], rows))

@@ -4,6 +4,7 @@ lists are written as ranges (a 2,000-step run is one table and ``0–1999``, not
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,3 +48,38 @@ def test_step_ranges() -> None:
     assert step_ranges([7]) == "7"
     assert step_ranges([0, 1, 2, 4, 6, 7]) == "0–2, 4, 6–7"
     assert step_ranges(range(2000)) == "0–1999"
+
+
+def test_plain_stats_steps_share_their_table_without_making_calls(tmp_path: Path, monkeypatch: Any) -> None:
+    """A block of plain statistics steps (``.columnar``) gives its table once: the report does not
+    make every step's call objects (1.6 M for a 100,000-step run), and says the same."""
+    import ilstore_compare.columnar as columnar
+    import ilstore_compare.engine
+
+    def stats_run(run_id: str, scale_step: int | None) -> Path:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        config = {"output_dir": str(tmp_path), "run_id": run_id, "log_step_ids": [], "mode": "stats"}
+        with torch.no_grad(), ilstore.capture(model, config) as cap:
+            for step in range(40):
+                x = torch.ones(2, 8)
+                model(x * 1.5 if step == scale_step else x)
+        assert cap.run_dir is not None
+        return cap.run_dir
+
+    a, b = stats_run("a", 17), stats_run("b", None)
+    made = []
+    real_call = columnar.StepTemplate.call
+
+    def counting(self: Any, step: int, j: int, base: int) -> Any:
+        made.append(step)
+        return real_call(self, step, j, base)
+
+    monkeypatch.setattr(columnar.StepTemplate, "call", counting)
+    md = render_markdown(compare(a, b))
+    assert [line for line in md.splitlines() if line.startswith("## Step")] == [
+        "## Steps 0–16", "## Step 17", "## Steps 18–39"]
+    assert sorted(set(made)) == [0, 18]  # one step of each block, for its table
+    monkeypatch.setattr(columnar.StepTemplate, "call", real_call)
+    monkeypatch.setattr(ilstore_compare.engine.stats_table, "attach", lambda *args: None)
+    assert render_markdown(compare(a, b)) == md  # the general path's report (no statistics tables)
