@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import _stats_kernel
 from .errors import StoreError
 from .keys import CallKey, TensorKey, encode_part
 
@@ -175,17 +176,23 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     elements, plus nan_count and inf_count. Complex tensors get abs_max, l2_norm and the counts.
     Integer and bool tensors get min and max. Empty tensors get only what is defined.
 
-    The common case (all finite) takes three reductions over the tensor itself, no copy of it:
-    ``aminmax`` (which also reveals NaN/Inf), a sum and an L2 norm, accumulated in float32
-    (float64 for float64 tensors); std comes from them, and is recomputed with a two-pass
-    float64 variance when the mean dominates so cancellation could bite. The values are read
-    back with one sync on a device (one ``tolist``), scalar by scalar on the CPU (cheaper there
-    than gathering them into one tensor; the same exact conversions, so the same bits).
+    The common case (all finite) reads the tensor itself, no copy of a contiguous one:
 
-    The result does not depend on the thread that computes it: only reductions whose result is
-    independent of the intra-op thread count are used (torch's sum, norm, min/max; not
-    ``var_mean``/``std`` or a BLAS dot product), so a tensor gets bit-identical statistics
-    whether the hook, the writer thread (single-threaded) or the producer computed them.
+    * on the CPU, one pass of ilstore's own algorithm (:mod:`._stats_kernel`, a compiled C loop,
+      or a numpy fallback with the same bits): min and max exact (-0.0 below +0.0), the sum and
+      the sum of squares of the elements widened to float64 and added in float64 in a fixed
+      documented order, NaN/Inf detected in the same pass;
+    * on another device, three torch reductions: ``aminmax`` (which also reveals NaN/Inf), a sum
+      and an L2 norm, accumulated in float32 (float64 for float64 tensors), in a fixed row order,
+      read back with one sync (one ``tolist``).
+
+    mean, std and l2_norm derive from the sums; std is recomputed with a two-pass variance when
+    the mean dominates so cancellation could bite. With NaN/Inf the statistics are those of the
+    finite elements, computed by a slower exact path.
+
+    The result does not depend on the thread that computes it nor on the thread count (on the
+    CPU, on the CPU's kind either), so a tensor gets bit-identical statistics whether the hook,
+    the writer thread (single-threaded) or the producer computed them.
     """
     x = t.detach()  # no autograd graph is recorded for a detached tensor: no_grad is not needed
     acc = _ACC.get(x.dtype)
@@ -218,8 +225,41 @@ def _other_stats(x: torch.Tensor) -> dict[str, Any]:
         return _float_stats(x.float(), n, torch.float32)  # float8 variants have few kernels
 
 
-def _float_stats(x: torch.Tensor, n: int, acc: torch.dtype, gather: bool | None = None) -> dict[str, Any]:
-    """:func:`tensor_stats` of a non-empty float32/float64/float16/bfloat16 tensor (``n`` elements).
+def _float_stats(x: torch.Tensor, n: int, acc: torch.dtype) -> dict[str, Any]:
+    """:func:`tensor_stats` of a non-empty float32/float64/float16/bfloat16 tensor (``n`` elements)."""
+    if x.is_cpu:
+        return _cpu_float_stats(x, n)
+    return _device_float_stats(x, n, acc)
+
+
+def _cpu_float_stats(x: torch.Tensor, n: int) -> dict[str, Any]:
+    """:func:`_float_stats` of a CPU tensor: ilstore's own one-pass sums (:mod:`._stats_kernel`:
+    min/max exact, sum and sum of squares in float64 in a fixed order), the same bits for any
+    thread count and CPU, with or without the compiled kernel. A strided tensor is read through
+    a contiguous copy.
+
+    The variance is ``E[x^2] - mean^2`` unless the mean dominates (``mean^2 > 1e3 var``), where
+    that could lose digits to cancellation: then a second pass sums ``(x - mean)^2``.
+    """
+    flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
+    s = _stats_kernel.sums(flat)
+    if not (s.finite and math.isfinite(s.squares)):  # NaN/Inf, or float64 squares past the range
+        return _slow_stats(x)
+    mn, mx, sq = s.minimum, s.maximum, s.squares
+    mean = s.total / n
+    var = max(sq / n - mean * mean, 0.0)
+    if mean * mean > 1e3 * var:
+        centered = _stats_kernel.sums(flat, mean).squares
+        if not math.isfinite(centered):
+            return _slow_stats(x)
+        var = centered / n
+    return {"nan_count": 0, "inf_count": 0, "min": mn, "max": mx, "mean": mean, "std": math.sqrt(var),
+            "abs_max": max(-mn, mx), "l2_norm": math.sqrt(sq)}
+
+
+def _device_float_stats(x: torch.Tensor, n: int, acc: torch.dtype, gather: bool | None = None) -> dict[str, Any]:
+    """:func:`_float_stats` off the CPU, on the device: torch's reductions in a fixed row order
+    (``aminmax``, a sum and an L2 norm accumulated in ``acc``).
 
     ``gather``: read the reduced values back through one tensor and one ``tolist`` (the default
     off the CPU) rather than one ``item()`` each (the default on the CPU); the values are the same.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ilstore
-from ilstore.records import _ACC, _float_stats, tensor_stats
+from ilstore.records import _ACC, _device_float_stats, tensor_stats
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -150,16 +150,15 @@ def test_stats_mode_equals_the_statistics_of_tensors_mode(out_dir: Path) -> None
 
 
 def test_scalar_and_gathered_readback_agree() -> None:
-    """On the CPU the reduced values are read one ``item()`` at a time; elsewhere through one gathered
-    tensor: both read backs give the same bits."""
+    """The torch path of tensors off the CPU reads the reduced values back through one gathered
+    tensor; one ``item()`` at a time gives the same bits (run here on CPU tensors)."""
     for name, t in _cases().items():
         acc = _ACC.get(t.dtype)
         if acc is None or t.numel() == 0:
             continue
-        scalar = _float_stats(t, t.numel(), acc, gather=False)
-        gathered = _float_stats(t, t.numel(), acc, gather=True)
+        scalar = _device_float_stats(t, t.numel(), acc, gather=False)
+        gathered = _device_float_stats(t, t.numel(), acc, gather=True)
         assert _same(scalar, gathered), (name, scalar, gathered)
-        assert _same(scalar, tensor_stats(t)), name
 
 
 def test_inplace_after_hook_with_dedup_gets_fresh_statistics(out_dir: Path) -> None:

@@ -1,0 +1,275 @@
+"""The statistics of a CPU float tensor in one pass: min, max, sum and sum of squares.
+
+ilstore defines these sums by its own algorithm (not torch's summation order, which depends on
+the thread count and on the SIMD width torch dispatches to), so they are bit-identical for any
+thread count, on any CPU, whether the C kernel or the torch fallback computes them:
+
+* every element is widened exactly to float64 (float32, float16, bfloat16; float64 as is);
+* the elements are cut into blocks of :data:`BLOCK` consecutive elements (the last one may be
+  shorter). Within a block, element ``i`` (counted from the block's start) goes to lane
+  ``i mod LANES`` of :data:`LANES` partial sums, each adding its elements in increasing order to
+  -0.0 (so a lane's sum starts with its first element exactly, even -0.0); the lanes are then
+  combined by a fixed pairwise tree (``((l0 + l1) + (l2 + l3)) + ...``);
+* the block results are added in block order, starting from +0.0;
+* the sum of squares does the same with ``(x - c) * (x - c)`` rounded to float64, ``c`` being
+  0 (exact squares for float32 and narrower inputs) or, for the two-pass variance, the mean;
+* min and max are exact and taken in IEEE total order (-0.0 < +0.0), through the order-preserving
+  integer key of each element's bits, which also reveals NaN and infinity in the same pass.
+
+The C kernel (compiled at first use by :mod:`ilstore._native`, ``-O3 -march=native
+-ffp-contract=off``, no fast-math: the lanes let the compiler vectorise without reordering
+anything) and :func:`fallback_sums` (numpy's sequential scans along the lanes, used without a
+compiler or with ``ILSTORE_STATS_KERNEL=0``; several times slower) implement that same order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ._native import NativeLibrary
+
+__all__ = ["BLOCK", "LANES", "DTYPES", "Sums", "sums", "native_sums", "fallback_sums", "LIBRARY"]
+
+#: Partial sums per block (16: two AVX-512 or four AVX2 registers of float64 per sum).
+LANES = 16
+#: Elements per block.
+BLOCK = 4096
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* LANES and BLOCK come from the command line (-D) */
+
+typedef struct { double sum, sumsq; int64_t kmin, kmax; } stats;
+
+/* the fixed pairwise tree over the lanes: ((l0 + l1) + (l2 + l3)) + ... */
+static inline double tree(const double *s) {
+    double t[LANES];
+    for (int l = 0; l < LANES; l++) t[l] = s[l];
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) t[l] = t[2 * l] + t[2 * l + 1];
+    return t[0];
+}
+
+static inline double from_f32(float v) { return (double)v; }
+static inline double from_f64(double v) { return v; }
+static inline double from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return (double)f;
+}
+/* exact for normal and subnormal halves, with integer operations and one exact product (no
+   subnormal float is formed: the result does not depend on the denormals-are-zero mode) */
+static inline double from_f16(uint16_t b) {  /* branch-free, so that the loop vectorises */
+    int32_t e = (b >> 10) & 31, normal = e != 0;
+    double mant = (double)((b & 1023) | (normal << 10));
+    uint64_t pb = (uint64_t)((e | !normal) + (1023 - 25)) << 52; double p; memcpy(&p, &pb, 8);
+    double v = mant * p; uint64_t vb; memcpy(&vb, &v, 8);
+    vb |= (uint64_t)(b & 0x8000) << 48; memcpy(&v, &vb, 8);
+    return v;
+}
+
+/* one element i into lane l: its key (the bits, negative values' magnitude bits flipped, so that
+   integer order is IEEE total order) and its value */
+#define ELEMENT(i_, l_, KT, SH, MASK, CONV) { \
+    KT bits; memcpy(&bits, x + (i_), sizeof bits); \
+    KT k = bits ^ ((bits >> SH) & MASK); \
+    kmin[l_] = k < kmin[l_] ? k : kmin[l_]; kmax[l_] = k > kmax[l_] ? k : kmax[l_]; \
+    double v = CONV(x[i_]), d = v - center; s[l_] += v; q[l_] += d * d; \
+}
+
+#define STATS_FN(NAME, T, KT, SH, MASK, KLO, KHI, CONV) \
+static void NAME(const T *x, int64_t n, double center, stats *o) { \
+    double sum = 0.0, sq = 0.0; \
+    KT kmin[LANES], kmax[LANES]; \
+    for (int l = 0; l < LANES; l++) { kmin[l] = KHI; kmax[l] = KLO; } \
+    for (int64_t start = 0; start < n; start += BLOCK) { \
+        int64_t stop = start + BLOCK < n ? start + BLOCK : n; \
+        double s[LANES], q[LANES]; \
+        for (int l = 0; l < LANES; l++) { s[l] = -0.0; q[l] = -0.0; } \
+        int64_t whole = start + (stop - start) / LANES * LANES; \
+        for (int64_t b = start; b < whole; b += LANES) \
+            for (int l = 0; l < LANES; l++) ELEMENT(b + l, l, KT, SH, MASK, CONV) \
+        for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole, KT, SH, MASK, CONV) \
+        sum += tree(s); \
+        sq += tree(q); \
+    } \
+    KT mn = kmin[0], mx = kmax[0]; \
+    for (int l = 1; l < LANES; l++) { mn = kmin[l] < mn ? kmin[l] : mn; mx = kmax[l] > mx ? kmax[l] : mx; } \
+    o->sum = sum; o->sumsq = sq; o->kmin = mn; o->kmax = mx; \
+}
+
+STATS_FN(stats_f32, float, int32_t, 31, 0x7FFFFFFF, INT32_MIN, INT32_MAX, from_f32)
+STATS_FN(stats_f64, double, int64_t, 63, INT64_MAX, INT64_MIN, INT64_MAX, from_f64)
+STATS_FN(stats_bf16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_bf16)
+STATS_FN(stats_f16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_f16)
+
+/* kind: 0 float32, 1 float64, 2 bfloat16, 3 float16; n >= 0 contiguous elements */
+void ilstore_stats(const void *x, int kind, int64_t n, double center, stats *o) {
+    switch (kind) {
+    case 0: stats_f32((const float *)x, n, center, o); break;
+    case 1: stats_f64((const double *)x, n, center, o); break;
+    case 2: stats_bf16((const uint16_t *)x, n, center, o); break;
+    default: stats_f16((const uint16_t *)x, n, center, o); break;
+    }
+}
+"""
+
+
+class _Out(ctypes.Structure):
+    _fields_ = [("sum", ctypes.c_double), ("sumsq", ctypes.c_double), ("kmin", ctypes.c_int64),
+                ("kmax", ctypes.c_int64)]
+
+
+def _declare(lib: Any) -> None:
+    lib.ilstore_stats.restype = None
+    lib.ilstore_stats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
+                                  ctypes.POINTER(_Out)]
+
+
+#: The compiled kernel, switched off by ``ILSTORE_STATS_KERNEL=0``.
+LIBRARY = NativeLibrary("stats", 1, _SOURCE, {"LANES": LANES, "BLOCK": BLOCK}, "ILSTORE_STATS_KERNEL",
+                        "statistics kernel", _declare)
+
+
+class _Kind(NamedTuple):
+    code: int  # the kernel's kind
+    bits: torch.dtype  # the integer dtype of the same width (the torch path's keys)
+    width: int  # bits
+    infinity: int  # the bits of +inf
+    pack: struct.Struct  # bits (shifted left by ``shift``) -> bytes
+    unpack: struct.Struct  # bytes -> float
+    shift: int  # bfloat16 is read as the top half of a float32
+
+
+_KINDS = {
+    torch.float32: _Kind(0, torch.int32, 32, 0x7F800000, struct.Struct("<I"), struct.Struct("<f"), 0),
+    torch.float64: _Kind(1, torch.int64, 64, 0x7FF0000000000000, struct.Struct("<Q"), struct.Struct("<d"), 0),
+    torch.bfloat16: _Kind(2, torch.int16, 16, 0x7F80, struct.Struct("<I"), struct.Struct("<f"), 16),
+    torch.float16: _Kind(3, torch.int16, 16, 0x7C00, struct.Struct("<H"), struct.Struct("<e"), 0),
+}
+#: The dtypes :func:`sums` takes.
+DTYPES = frozenset(_KINDS)
+
+
+class Sums(NamedTuple):
+    """What one pass measured. ``minimum``/``maximum``/``total``/``squares`` are meaningful only
+    when ``finite`` (no NaN, no infinity)."""
+
+    finite: bool
+    minimum: float
+    maximum: float
+    total: float
+    squares: float
+
+
+def _decode(kind: _Kind, kmin: int, kmax: int, total: float, squares: float) -> Sums:
+    """The floats behind the extreme keys (a key is its bits, negative values' magnitude flipped)."""
+    inf = kind.infinity
+    if kmax >= inf or kmin < -inf:  # the key of -inf is -inf - 1; NaN of either sign lies beyond
+        return Sums(False, 0.0, 0.0, total, squares)
+    mask = (1 << (kind.width - 1)) - 1
+    full = (1 << kind.width) - 1
+    lo, hi = (float(kind.unpack.unpack(kind.pack.pack(((k ^ mask if k < 0 else k) & full) << kind.shift))[0])
+              for k in (kmin, kmax))
+    return Sums(True, lo, hi, total, squares)
+
+
+def native_sums(x: torch.Tensor, center: float = 0.0) -> Sums | None:
+    """:class:`Sums` of a contiguous CPU tensor of one of :data:`DTYPES` by the C kernel; None
+    without it."""
+    lib = LIBRARY.load()
+    if lib is None:
+        return None
+    kind = _KINDS[x.dtype]
+    out = _Out()
+    lib.ilstore_stats(x.data_ptr(), kind.code, x.numel(), center, ctypes.byref(out))
+    return _decode(kind, out.kmin, out.kmax, out.sum, out.sumsq)
+
+
+#: Full blocks per fallback chunk (bounds its float64 temporaries to a few MB).
+_CHUNK_BLOCKS = 256
+#: From this many blocks in a chunk, the fallback adds the lanes row by row (one vector add per
+#: row of ``LANES``, across the chunk's blocks) rather than by ``numpy.add.accumulate``: the same
+#: additions in the same order, faster for many blocks, slower for a few.
+_ROW_LOOP_BLOCKS = 32
+
+
+def _tree(lanes: np.ndarray) -> np.ndarray:
+    """The kernel's pairwise tree over the last dimension (``LANES`` wide)."""
+    while lanes.shape[-1] > 1:
+        lanes = lanes[..., 0::2] + lanes[..., 1::2]
+    return lanes[..., 0]
+
+
+def _lanes(rows: np.ndarray) -> np.ndarray:
+    """Each lane's sequential sum over dimension -2 of ``(..., rows, LANES)`` float64 (from its first
+    element: -0.0 plus it)."""
+    if rows.ndim == 2 or rows.shape[0] < _ROW_LOOP_BLOCKS:
+        return np.add.accumulate(rows, axis=-2)[..., -1, :]
+    acc = np.full((rows.shape[0], LANES), -0.0)
+    for r in range(rows.shape[1]):
+        np.add(acc, rows[:, r], out=acc)
+    return acc
+
+
+def fallback_sums(x: torch.Tensor, center: float = 0.0) -> Sums:
+    """:class:`Sums` of a CPU tensor of one of :data:`DTYPES` without the kernel, in its order.
+
+    The elements are widened to float64 by torch (exactly), then added by numpy:
+    ``numpy.add.accumulate`` along an axis is a sequential scan by definition (``out[i] =
+    out[i-1] + a[i]``), whatever the machine, so its last row over a block's rows of ``LANES``
+    elements is each lane's sequential sum; for many blocks at once a loop of vector adds over
+    the rows does the same additions, faster.
+    """
+    with np.errstate(all="ignore"):  # NaN, infinity and overflowing squares are the caller's to judge
+        return _fallback_sums(_KINDS[x.dtype], x.reshape(-1), center)
+
+
+def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:
+    n = flat.numel()
+    keys = flat.view(kind.bits).numpy()
+    keys = keys ^ ((keys >> (kind.width - 1)) & ((1 << (kind.width - 1)) - 1))
+    kmin, kmax = int(keys.min()), int(keys.max())
+    blocks: list[float] = []
+    blocks_sq: list[float] = []
+    full = n // BLOCK
+    for first in range(0, full, _CHUNK_BLOCKS):
+        stop = min(full, first + _CHUNK_BLOCKS)
+        v = flat[first * BLOCK: stop * BLOCK].to(torch.float64).numpy().reshape(stop - first, BLOCK // LANES, LANES)
+        d = v - center if center else v  # x - 0.0 is x, bit for bit
+        blocks += _tree(_lanes(v)).tolist()
+        blocks_sq += _tree(_lanes(d * d)).tolist()
+    if n > full * BLOCK:  # the last, shorter block: whole rows of lanes, then the rest into the first lanes
+        v = flat[full * BLOCK:].to(torch.float64).numpy()
+        rows = v.size // LANES
+        lanes = np.full((2, LANES), -0.0)
+        if rows:
+            body = v[: rows * LANES].reshape(rows, LANES)
+            d = body - center
+            lanes = np.stack([_lanes(body), _lanes(d * d)])
+        rest = v[rows * LANES:]
+        d = rest - center
+        lanes[:, : rest.size] += np.stack([rest, d * d])
+        total, squares = _tree(lanes).tolist()
+        blocks.append(total)
+        blocks_sq.append(squares)
+    sm = sq = 0.0
+    for b, b2 in zip(blocks, blocks_sq, strict=True):
+        sm += b
+        sq += b2
+    return _decode(kind, kmin, kmax, sm, sq)
+
+
+def sums(x: torch.Tensor, center: float = 0.0) -> Sums:
+    """:class:`Sums` of a CPU tensor of one of :data:`DTYPES`: by the kernel when it is there and
+    the tensor is a plain contiguous one, by :func:`fallback_sums` otherwise (the same bits)."""
+    if type(x) is torch.Tensor and x.is_contiguous() and not x.is_neg() and not x._is_zerotensor():
+        got = native_sums(x, center)
+        if got is not None:
+            return got
+    return fallback_sums(x, center)
