@@ -46,7 +46,7 @@ _SOURCE = r"""
 
 /* LANES and BLOCK come from the command line (-D) */
 
-typedef struct { double sum, sumsq; int64_t kmin, kmax; } stats;
+typedef struct { double sum, sumsq, lo, hi; int64_t finite; } stats;
 
 /* the fixed pairwise tree over the lanes: ((l0 + l1) + (l2 + l3)) + ... */
 static inline double tree(const double *s) {
@@ -59,6 +59,8 @@ static inline double tree(const double *s) {
 
 static inline double from_f32(float v) { return (double)v; }
 static inline double from_f64(double v) { return v; }
+static inline double f32_bits(int32_t b) { float f; memcpy(&f, &b, 4); return (double)f; }
+static inline double f64_bits(int64_t b) { double f; memcpy(&f, &b, 8); return f; }
 static inline double from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return (double)f;
 }
@@ -73,6 +75,9 @@ static inline double from_f16(uint16_t b) {  /* branch-free, so that the loop ve
     return v;
 }
 
+static inline double bf16_bits(int16_t b) { return from_bf16((uint16_t)b); }
+static inline double f16_bits(int16_t b) { return from_f16((uint16_t)b); }
+
 /* one element i into lane l: its key (the bits, negative values' magnitude bits flipped, so that
    integer order is IEEE total order) and its value */
 #define ELEMENT(i_, l_, KT, SH, MASK, CONV) { \
@@ -82,7 +87,7 @@ static inline double from_f16(uint16_t b) {  /* branch-free, so that the loop ve
     double v = CONV(x[i_]), d = v - center; s[l_] += v; q[l_] += d * d; \
 }
 
-#define STATS_FN(NAME, T, KT, SH, MASK, KLO, KHI, CONV) \
+#define STATS_FN(NAME, T, KT, SH, MASK, KLO, KHI, CONV, INF, BITS) \
 static void NAME(const T *x, int64_t n, double center, stats *o) { \
     double sum = 0.0, sq = 0.0; \
     KT kmin[LANES], kmax[LANES]; \
@@ -100,13 +105,16 @@ static void NAME(const T *x, int64_t n, double center, stats *o) { \
     } \
     KT mn = kmin[0], mx = kmax[0]; \
     for (int l = 1; l < LANES; l++) { mn = kmin[l] < mn ? kmin[l] : mn; mx = kmax[l] > mx ? kmax[l] : mx; } \
-    o->sum = sum; o->sumsq = sq; o->kmin = mn; o->kmax = mx; \
+    /* the key of -inf is -INF - 1; NaN of either sign lies beyond the infinities */ \
+    o->finite = mx < INF && mn >= -INF; \
+    o->sum = sum; o->sumsq = sq; \
+    o->lo = BITS((KT)(mn < 0 ? mn ^ MASK : mn)); o->hi = BITS((KT)(mx < 0 ? mx ^ MASK : mx)); \
 }
 
-STATS_FN(stats_f32, float, int32_t, 31, 0x7FFFFFFF, INT32_MIN, INT32_MAX, from_f32)
-STATS_FN(stats_f64, double, int64_t, 63, INT64_MAX, INT64_MIN, INT64_MAX, from_f64)
-STATS_FN(stats_bf16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_bf16)
-STATS_FN(stats_f16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_f16)
+STATS_FN(stats_f32, float, int32_t, 31, 0x7FFFFFFF, INT32_MIN, INT32_MAX, from_f32, 0x7F800000, f32_bits)
+STATS_FN(stats_f64, double, int64_t, 63, INT64_MAX, INT64_MIN, INT64_MAX, from_f64, 0x7FF0000000000000LL, f64_bits)
+STATS_FN(stats_bf16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_bf16, 0x7F80, bf16_bits)
+STATS_FN(stats_f16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_f16, 0x7C00, f16_bits)
 
 /* kind: 0 float32, 1 float64, 2 bfloat16, 3 float16; n >= 0 contiguous elements */
 void ilstore_stats(const void *x, int kind, int64_t n, double center, stats *o) {
@@ -121,8 +129,8 @@ void ilstore_stats(const void *x, int kind, int64_t n, double center, stats *o) 
 
 
 class _Out(ctypes.Structure):
-    _fields_ = [("sum", ctypes.c_double), ("sumsq", ctypes.c_double), ("kmin", ctypes.c_int64),
-                ("kmax", ctypes.c_int64)]
+    _fields_ = [("sum", ctypes.c_double), ("sumsq", ctypes.c_double), ("lo", ctypes.c_double), ("hi", ctypes.c_double),
+                ("finite", ctypes.c_int64)]
 
 
 def _declare(lib: Any) -> None:
@@ -185,10 +193,9 @@ def native_sums(x: torch.Tensor, center: float = 0.0) -> Sums | None:
     lib = LIBRARY.load()
     if lib is None:
         return None
-    kind = _KINDS[x.dtype]
     out = _Out()
-    lib.ilstore_stats(x.data_ptr(), kind.code, x.numel(), center, ctypes.byref(out))
-    return _decode(kind, out.kmin, out.kmax, out.sum, out.sumsq)
+    lib.ilstore_stats(x.data_ptr(), _KINDS[x.dtype].code, x.numel(), center, out)  # ctypes passes out by reference
+    return Sums(bool(out.finite), out.lo, out.hi, out.sum, out.sumsq)
 
 
 #: Full blocks per fallback chunk (bounds its float64 temporaries to a few MB).
@@ -227,7 +234,7 @@ def fallback_sums(x: torch.Tensor, center: float = 0.0) -> Sums:
     the rows does the same additions, faster.
     """
     with np.errstate(all="ignore"):  # NaN, infinity and overflowing squares are the caller's to judge
-        return _fallback_sums(_KINDS[x.dtype], x.reshape(-1), center)
+        return _fallback_sums(_KINDS[x.dtype], x.detach().reshape(-1), center)
 
 
 def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:
@@ -265,11 +272,16 @@ def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:
     return _decode(kind, kmin, kmax, sm, sq)
 
 
+#: Tensor classes whose memory the kernel may read directly (a subclass may have none).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def sums(x: torch.Tensor, center: float = 0.0) -> Sums:
-    """:class:`Sums` of a CPU tensor of one of :data:`DTYPES`: by the kernel when it is there and
-    the tensor is a plain contiguous one, by :func:`fallback_sums` otherwise (the same bits)."""
-    if type(x) is torch.Tensor and x.is_contiguous() and not x.is_neg() and not x._is_zerotensor():
-        got = native_sums(x, center)
+    """:class:`Sums` of a CPU tensor of one of :data:`DTYPES`, of any layout (a strided one is read
+    through a contiguous copy): by the kernel when it is there and the tensor is a plain one, by
+    :func:`fallback_sums` otherwise (the same bits)."""
+    if type(x) in _PLAIN and not x.is_neg() and not x._is_zerotensor():
+        got = native_sums(x if x.is_contiguous() else x.contiguous(), center)
         if got is not None:
             return got
     return fallback_sums(x, center)

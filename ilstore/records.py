@@ -194,7 +194,9 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     CPU, on the CPU's kind either), so a tensor gets bit-identical statistics whether the hook,
     the writer thread (single-threaded) or the producer computed them.
     """
-    x = t.detach()  # no autograd graph is recorded for a detached tensor: no_grad is not needed
+    # no autograd graph is recorded for a detached tensor (nor for one that needs no gradient):
+    # no_grad is not needed
+    x = t.detach() if t.requires_grad else t
     acc = _ACC.get(x.dtype)
     if acc is None:
         return _other_stats(x)
@@ -241,15 +243,14 @@ def _cpu_float_stats(x: torch.Tensor, n: int) -> dict[str, Any]:
     The variance is ``E[x^2] - mean^2`` unless the mean dominates (``mean^2 > 1e3 var``), where
     that could lose digits to cancellation: then a second pass sums ``(x - mean)^2``.
     """
-    flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
-    s = _stats_kernel.sums(flat)
+    s = _stats_kernel.sums(x)
     if not (s.finite and math.isfinite(s.squares)):  # NaN/Inf, or float64 squares past the range
         return _slow_stats(x)
     mn, mx, sq = s.minimum, s.maximum, s.squares
     mean = s.total / n
     var = max(sq / n - mean * mean, 0.0)
     if mean * mean > 1e3 * var:
-        centered = _stats_kernel.sums(flat, mean).squares
+        centered = _stats_kernel.sums(x, mean).squares
         if not math.isfinite(centered):
             return _slow_stats(x)
         var = centered / n
