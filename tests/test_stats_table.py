@@ -209,8 +209,10 @@ def test_failed_row_write_is_cut_back(out_dir: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_small_tensor_statistics_are_the_fixed_order_reductions(dtype: torch.dtype) -> None:
     """The one-sync path for small tensors gives the bits of the general path (fixed-order sum
-    and squared L2 norm in the accumulation dtype), overflow of the squared norm included."""
-    from ilstore.records import _fixed_order_sums, _slow_stats, tensor_stats
+    and squared L2 norm in the accumulation dtype), overflow of the squared norm included. These
+    are the statistics of tensors off the CPU (CPU tensors take ilstore's one-pass sums, checked
+    in tests/test_stats_kernel.py); the torch path is run here on CPU tensors."""
+    from ilstore.records import _device_float_stats, _fixed_order_sums, _slow_stats
 
     gen = torch.Generator().manual_seed(3)
     for n in (1, 5, 64, 4096, 32767):
@@ -219,7 +221,7 @@ def test_small_tensor_statistics_are_the_fixed_order_reductions(dtype: torch.dty
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             lo, hi = torch.aminmax(x)
             mn, mx, sm, sq = torch.cat([torch.stack([lo, hi]).to(acc), _fixed_order_sums(x, acc)]).tolist()
-            stats = tensor_stats(x)
+            stats = _device_float_stats(x, x.numel(), acc)
             if not all(map(math.isfinite, (mn, mx, sq))):
                 assert stats == _slow_stats(x), (n, scale)  # the general path hands these on too
                 continue
