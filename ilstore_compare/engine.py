@@ -138,6 +138,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             table.results(plan.pairs, options)
         # -- end issue 13 --
         _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
+        _prepare_loads(plan.pairs, r1, r2)
 
         heap = HeapGuard()
 
@@ -184,6 +185,21 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
                          unreadable=_once(lost), token_alignment=token_alignment)
+
+
+def _prepare_loads(pairs: Sequence[Pair], r1: StoreReader, r2: StoreReader) -> None:
+    """Let a reader that can (``prepare_loads``, the hdf5 reader) find every body the pairs will
+    load before the workers start: its loads then hold no lock a worker waits on."""
+    for index, reader in enumerate((r1, r2)):
+        prepare = getattr(reader, "prepare_loads", None)
+        if prepare is None:
+            continue
+        keys: list[TensorKey] = []
+        for pair in pairs:
+            side = pair.side2 if index else pair.side1
+            if side is not None and pair.unaligned is None and _stored(side.node):  # (the table's pairs are not)
+                keys.extend(side.parts or (side.key,))
+        prepare(keys)
 
 
 def _after(progress: Progress, decided: int, left: int) -> Progress:

@@ -34,9 +34,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -119,8 +119,10 @@ class Hdf5Writer(StoreWriter):
         self._file: Any = None
         self._path: Path | None = None  # kept apart: touching a failed h5py file object can crash HDF5
         self._step: int | None = None
-        # Within the open step: the groups and datasets written so far (h5py's lookups by name
-        # cost ~80 us each; a de-duplicated tensor links to the dataset object directly).
+        self._fd: int | None = None  # the open step file's descriptor (HDF5's own): raw data is pwritten
+        # Within the open step: the groups and datasets written so far, as h5py's low-level
+        # identifiers (lookups by name cost ~80 us each; a de-duplicated tensor links to the
+        # dataset object directly).
         self._groups: dict[str, Any] = {}
         self._datasets: dict[str, Any] = {}
 
@@ -161,9 +163,12 @@ class Hdf5Writer(StoreWriter):
         self._path = partial
         try:
             self._file = h5py.File(partial, "w", track_order=True)
-            self._file.attrs.update({"format": FILE_FORMAT, "format_version": FILE_VERSION, "step": step,
-                                     "rank": int(self.manifest.get("rank", 0))})
+            root = self._file.id
+            for name, value in (("format", FILE_FORMAT), ("format_version", FILE_VERSION), ("step", step),
+                                ("rank", int(self.manifest.get("rank", 0)))):
+                _set_attr(root, name, value)
             self._file.flush()
+            self._fd = _vfd_handle(self._file)
         except Exception as exc:  # OSError, or RuntimeError from HDF5 on a full disk
             self._drop()
             raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
@@ -173,7 +178,7 @@ class Hdf5Writer(StoreWriter):
     def _drop(self) -> None:
         """After an I/O error: close the file at once, ignoring errors. An HDF5 file object left
         open after a failed write can crash the interpreter when it is finally deallocated."""
-        f, self._file, self._step = self._file, None, None
+        f, self._file, self._step, self._fd = self._file, None, None, None
         self._groups, self._datasets = {}, {}
         if f is not None:
             try:
@@ -183,7 +188,7 @@ class Hdf5Writer(StoreWriter):
 
     def _abandon(self) -> None:
         """A step that never ended: close its file, which stays ``.partial``."""
-        f, path, self._file, self._step = self._file, self._path, None, None
+        f, path, self._file, self._step, self._fd = self._file, self._path, None, None, None
         self._groups, self._datasets = {}, {}
         if f is not None:
             try:
@@ -203,20 +208,22 @@ class Hdf5Writer(StoreWriter):
             raise StoreError(f"{self._path}: cannot write {record.call.tensor(record.kind)}: {_msg(exc)}") from exc
 
     def _write_record(self, f: Any, record: Record) -> None:
+        from h5py import h5g
+
         call = record.call
         gname = group_name(call.module, call.call)
         group = self._groups.get(gname)  # the step file is new: every group in it is here
         if group is None:
-            group = self._groups[gname] = f.create_group(gname)
+            group = self._groups[gname] = h5g.create(f.id, gname.encode(), gcpl=_api().gcpl)
             for name, value in (("module", call.module), ("call", call.call), ("step", call.step),
                                 ("rank", call.rank)):
                 _set_attr(group, name, value)
         for path, node, tensor in self._stored_bodies(record):
-            dname = dataset_name(record.kind, path)
+            dname = dataset_name(record.kind, path).encode()
             if tensor is None:
                 original = self._datasets.get(node["same_as"])
                 if original is not None:  # an HDF5 hard link: plain h5py readers see the tensor too
-                    group[dname] = original
+                    _api().h5o.link(original, group, dname)
                 continue
             key = str(record.key(path))
             self._datasets[key] = self._create_dataset(group, dname, tensor, key)
@@ -226,7 +233,16 @@ class Hdf5Writer(StoreWriter):
             raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
         _set_attr(group, record.kind, text)
 
-    def _create_dataset(self, group: Any, name: str, tensor: torch.Tensor, key: str) -> Any:
+    def _create_dataset(self, group: Any, name: bytes, tensor: torch.Tensor, key: str) -> Any:
+        """The dataset ``name`` in ``group`` (low-level identifiers) holding ``tensor``.
+
+        Without filters the dataset is contiguous with its space allocated at creation (no fill
+        value written), and the bytes go from the tensor's memory to that space in the file with
+        ``pwrite`` on HDF5's own descriptor, the GIL released: HDF5 would copy exactly these
+        bytes there (the file type is the memory type: nothing to convert), through the same
+        descriptor, holding the GIL. Raw data and metadata never share file space (HDF5 keeps
+        them apart), so nothing HDF5 caches covers these bytes.
+        """
         tensor = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous()
         try:
             data, encoding = encode(tensor, _NUMPY_DTYPES.__contains__)
@@ -236,8 +252,12 @@ class Hdf5Writer(StoreWriter):
         flat = array.ndim > _MAX_RANK
         if flat:
             array = array.reshape(-1)
-        filters = self._filters if array.ndim > 0 and array.size > 0 else {}
-        ds = group.create_dataset(name, data=array, **filters)
+        if self._filters and array.ndim > 0 and array.size > 0:  # chunked, through h5py as it chooses the chunks
+            import h5py
+
+            ds = h5py.Group(group).create_dataset(name, data=array, **self._filters).id
+        else:
+            ds = self._contiguous(group, name, array)
         _set_attr(ds, "dtype", str(tensor.dtype))
         if encoding:
             _set_attr(ds, "encoding", encoding)
@@ -245,13 +265,30 @@ class Hdf5Writer(StoreWriter):
             _set_attr(ds, "shape", json.dumps(list(data.shape)))
         return ds
 
+    def _contiguous(self, group: Any, name: bytes, array: np.ndarray[Any, Any]) -> Any:
+        api = _api()
+        h5d = api.h5d
+        tid, space = api.type_of(array.dtype), api.space_of(array.shape)
+        if self._fd is None or not array.nbytes:  # HDF5 writes (no raw descriptor; nothing to write)
+            ds = h5d.create(group, name, tid, space, dcpl=api.dcpl)
+            if array.nbytes:
+                ds.write(api.all_space, api.all_space, array)
+            return ds
+        ds = h5d.create(group, name, tid, space, dcpl=api.dcpl_direct)
+        offset = ds.get_offset()
+        if offset is None:  # HDF5 allocated nothing (never seen): it writes
+            ds.write(api.all_space, api.all_space, array)
+        else:
+            _pwrite_all(self._fd, array.reshape(-1).view(np.uint8).data, offset)
+        return ds
+
     def _end_step(self, info: StepInfo) -> None:
         f = self._begin(info.step)
         final, partial = self._paths(info.step)
         try:
-            f.attrs["calls"] = json.dumps(calls_to_json(info.calls))
-            f.attrs["call_ends"] = json.dumps(calls_to_json(info.call_ends))
-            self._file, self._step, self._groups, self._datasets = None, None, {}, {}
+            _set_attr(f.id, "calls", json.dumps(calls_to_json(info.calls)))
+            _set_attr(f.id, "call_ends", json.dumps(calls_to_json(info.call_ends)))
+            self._file, self._step, self._fd, self._groups, self._datasets = None, None, None, {}, {}
             f.close()
             os.replace(partial, final)
         except Exception as exc:
@@ -266,30 +303,93 @@ class Hdf5Writer(StoreWriter):
             _log.warning("ilstore: %s", exc)
 
 
+class _Api:
+    """h5py's low-level modules and the property lists, types and dataspaces the writer reuses."""
+
+    def __init__(self) -> None:
+        import h5py
+        from h5py import h5a, h5d, h5o, h5p, h5s, h5t
+
+        self.h5a, self.h5d, self.h5o, self.h5t, self.h5s = h5a, h5d, h5o, h5t, h5s
+        # what ``attrs[name] = value`` creates for a ``str``/``int``
+        self.vlen_str = h5t.py_create(h5py.string_dtype(), logical=True)
+        self.i64 = h5t.py_create(np.dtype("<i8"))
+        self.scalar = h5s.create(h5s.SCALAR)
+        self.all_space = h5s.ALL
+        self.str_dtype = h5py.string_dtype()
+        # groups without time stamps (as datasets have always been): HDF5 otherwise rewrites a
+        # group's modification time with each attribute (-13 % of the stats mode's HDF5 time)
+        self.gcpl = h5p.create(h5p.GROUP_CREATE)
+        self.gcpl.set_obj_track_times(False)
+        # as h5py's create_dataset makes them (no time stamps), contiguous, space allocated
+        # at creation without writing a fill value (every byte is written right after)
+        self.dcpl = h5p.create(h5p.DATASET_CREATE)
+        self.dcpl.set_obj_track_times(False)
+        self.dcpl_direct = h5p.create(h5p.DATASET_CREATE)
+        self.dcpl_direct.set_obj_track_times(False)
+        self.dcpl_direct.set_layout(h5d.CONTIGUOUS)
+        self.dcpl_direct.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+        self.dcpl_direct.set_fill_time(h5d.FILL_TIME_NEVER)
+        self._types: dict[np.dtype[Any], Any] = {}
+        self._spaces: dict[tuple[int, ...], Any] = {}
+
+    def type_of(self, dtype: np.dtype[Any]) -> Any:
+        """The HDF5 type h5py gives ``dtype`` (``py_create(dtype, logical=True)``), cached."""
+        tid = self._types.get(dtype)
+        if tid is None:
+            tid = self._types[dtype] = self.h5t.py_create(dtype, logical=True)
+        return tid
+
+    def space_of(self, shape: tuple[int, ...]) -> Any:
+        """The dataspace of ``shape`` (scalar for ``()``), cached: they are never modified."""
+        space = self._spaces.get(shape)
+        if space is None:
+            space = self.scalar if not shape else self.h5s.create_simple(shape)
+            if len(self._spaces) < 4096:
+                self._spaces[shape] = space
+        return space
+
+
 @functools.cache
-def _attr_api() -> tuple[Any, Any, Any, Any, Any]:
-    """(h5py's ``h5a`` module, variable-length UTF-8 string type, int64 type, scalar dataspace,
-    numpy dtype of h5py strings): what ``attrs[name] = value`` creates for a ``str``/``int``."""
-    import h5py
-    from h5py import h5a, h5s, h5t
-
-    return (h5a, h5t.py_create(h5py.string_dtype(), logical=True), h5t.py_create(np.dtype("<i8")),
-            h5s.create(h5s.SCALAR), h5py.string_dtype())
+def _api() -> _Api:
+    return _Api()
 
 
-def _set_attr(obj: Any, name: str, value: str | int) -> None:
-    """``obj.attrs[name] = value`` for a new ``str`` or ``int`` attribute, the same HDF5 type
-    and layout, through h5py's low-level API: the high-level one writes a temporary attribute
-    and renames it (to allow overwriting), about twice the time; it took a fifth of a full
-    capture's writer time. An attribute that already exists goes the high-level way."""
-    h5a, vlen_str, i64, scalar, str_dtype = _attr_api()
-    is_str = isinstance(value, str)
+def _vfd_handle(f: Any) -> int | None:
+    """The descriptor HDF5 writes ``f`` through, where addresses in the file are file offsets."""
+    if not pread_ok or f.driver != "sec2" or f.userblock_size:
+        return None
     try:
-        attr = h5a.create(obj.id, name.encode("utf-8"), vlen_str if is_str else i64, scalar)
-    except (OSError, RuntimeError, ValueError):  # it exists (never, as the writer uses it)
-        obj.attrs[name] = value
-        return
-    attr.write(np.array(value, dtype=str_dtype if is_str else "<i8"))
+        return int(f.id.get_vfd_handle())
+    except (OSError, RuntimeError, ValueError, TypeError):
+        return None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view.nbytes:
+        done = os.pwrite(fd, view, offset)
+        if done <= 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset}")
+        view, offset = view[done:], offset + done
+
+
+def _set_attr(oid: Any, name: str, value: str | int) -> None:
+    """``attrs[name] = value`` for a new ``str`` or ``int`` attribute of the object ``oid`` (a
+    low-level identifier), the same HDF5 type and layout, through h5py's low-level API: the
+    high-level one writes a temporary attribute and renames it (to allow overwriting), about
+    twice the time; it took a fifth of a full capture's writer time. An attribute that already
+    exists (never, as the writer uses it) is replaced."""
+    api = _api()
+    is_str = isinstance(value, str)
+    key, tid = name.encode("utf-8"), api.vlen_str if is_str else api.i64
+    try:
+        attr = api.h5a.create(oid, key, tid, api.scalar)
+    except (OSError, RuntimeError, ValueError):  # it exists
+        api.h5a.delete(oid, key)
+        attr = api.h5a.create(oid, key, tid, api.scalar)
+    attr.write(np.array(value, dtype=api.str_dtype if is_str else "<i8"))
 
 
 def _json_attr(path: Path, attrs: Any, name: str) -> Any:
@@ -339,6 +439,88 @@ def _guarded(method: Any) -> Any:
     return wrapper
 
 
+class _Located(NamedTuple):
+    """Where a dataset's values lie and how they read (:meth:`Hdf5Reader.prepare_loads`)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    tdtype: torch.dtype
+    shape: tuple[int, ...]
+    attrs: dict[str, Any]
+    where: str  # /group/dataset, for messages
+
+
+def _raw_layout(dsid: Any) -> tuple[int, int, torch.dtype, tuple[int, ...]] | None:
+    """``(offset, nbytes, torch dtype, shape)`` of a dataset (h5py's low-level identifier) whose
+    values ``ds[()]`` would give by copying the file's bytes: contiguous, no filters or external
+    storage, all its bytes allocated, a file type equal to the in-memory type of its numpy dtype
+    (so HDF5 converts nothing), the native byte order, not empty. None for anything else."""
+    from h5py import h5d, h5t
+
+    dtype = dsid.dtype
+    tdtype = _RAW_DTYPES.get(dtype)
+    shape = dsid.shape
+    if tdtype is None or shape is None or len(shape) > _MAX_RANK:
+        return None
+    dcpl = dsid.get_create_plist()
+    if dcpl.get_layout() != h5d.CONTIGUOUS or dcpl.get_external_count() or dcpl.get_nfilters():
+        return None
+    nbytes = math.prod(shape) * dtype.itemsize
+    offset = dsid.get_offset()
+    if not nbytes or offset is None or dsid.get_storage_size() != nbytes:
+        return None
+    if not dsid.get_type().equal(h5t.py_create(dtype)):
+        return None
+    return offset, nbytes, tdtype, tuple(shape)
+
+
+def _dataset_attrs(dsid: Any) -> dict[str, Any]:
+    """``dict(ds.attrs)`` of a dataset (low-level identifier); a lone scalar variable-length
+    string ``dtype`` (what the writer gives nearly every dataset) is read the way h5py's
+    ``attrs[name]`` reads it, with 4 calls instead of ~12."""
+    from h5py import h5a, h5t
+
+    if h5a.get_num_attrs(dsid) == 1 and h5a.exists(dsid, b"dtype"):
+        attr = h5a.open(dsid, b"dtype")
+        dtype = attr.dtype
+        info = h5t.check_string_dtype(dtype)
+        if attr.shape == () and info is not None and info.length is None:
+            value = np.zeros((), dtype=dtype)
+            attr.read(value, mtype=h5t.py_create(dtype))
+            text: Any = value[()]
+            return {"dtype": text.decode("utf-8", "surrogateescape")}
+    import h5py
+
+    return dict(h5py.Dataset(dsid).attrs)
+
+
+def _read_raw(fd: int, offset: int, nbytes: int, tdtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``nbytes`` at ``offset`` as a tensor of ``tdtype`` and ``shape``, one ``pread`` (GIL
+    released); None where the read fails or the file ends early (h5py then reads, with its errors)."""
+    body, view = byte_tensor(nbytes)
+    try:
+        if pread_into(fd, (view,), offset) != nbytes:
+            return None
+    except OSError:
+        return None
+    return body.view(tdtype).reshape(shape)
+
+
+def _decoded(path: Path, key: TensorKey, node: Mapping[str, Any], stored: torch.Tensor, attrs: Mapping[str, Any],
+             where: str) -> torch.Tensor:
+    """The tensor from a dataset's stored values and its attributes (``shape``, ``encoding``, ``dtype``)."""
+    try:
+        shape = attrs.get("shape")
+        if shape is not None:
+            stored = stored.reshape(json.loads(str(shape)))
+        encoding = attrs.get("encoding", "")
+        dtype = dtype_from_str(str(attrs.get("dtype", node.get("dtype", str(stored.dtype)))))
+        return decode(stored, str(encoding), dtype)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CorruptFileError(path, f"{key}: cannot decode dataset {where}: {exc}") from None
+
+
 class Hdf5Reader(StoreReader):
     """Reads a run written by :class:`Hdf5Writer`; each step file is opened once, when first needed."""
 
@@ -350,6 +532,7 @@ class Hdf5Reader(StoreReader):
         self._paths: dict[int, Path] = {}
         self._raw_fds: dict[int, int] = {}  # step -> its file's descriptor, for raw reads of contiguous datasets
         self._last_group: tuple[CallKey, Any] | None = None  # the group looked up last (h5py: ~0.1 ms a lookup)
+        self._located: dict[TensorKey, _Located | None] = {}  # see prepare_loads
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -468,8 +651,46 @@ class Hdf5Reader(StoreReader):
         except Exception as exc:
             raise CorruptFileError(path, f"cannot read the {kind} of {call.module}#{call.call}: {_msg(exc)}") from None
 
+    def prepare_loads(self, keys: Iterable[TensorKey]) -> None:
+        """Find, once and before any of them is loaded, where each key's values lie in its step
+        file (offset, size, type, shape, the dataset's attributes): :meth:`load` of such a key
+        is then one ``pread`` with the GIL released and no h5py call, so compare workers
+        overlap. Called by the comparer while it plans (one thread); a key that cannot be
+        located here (missing, damaged, not stored raw) is loaded the usual way, with its
+        errors. Not thread-safe with loads of the same reader."""
+        for key in keys:
+            try:
+                node = self.meta(key)
+                same_as = node.get("same_as")
+                if same_as is not None and not self.locator_keys & node.keys():
+                    key = TensorKey.parse(same_as)  # load() reads the original
+                if node.get("stored") is False or key in self._located:
+                    continue
+                self._located[key] = self._locate(key)
+            except (KeyError, ValueError, TypeError, OSError, RuntimeError, StoreError):
+                continue  # load() reports it
+
+    def _locate(self, key: TensorKey) -> _Located | None:
+        f = self._file(key.step)
+        fd = self._raw_fds.get(key.step)
+        if fd is None:
+            return None
+        from h5py import h5d
+
+        gname, dname = group_name(key.module, key.call), dataset_name(key.kind, key.path)
+        dsid = h5d.open(f.id, f"{gname}/{dname}".encode())
+        layout = _raw_layout(dsid)
+        if layout is None:
+            return None
+        return _Located(fd, *layout, _dataset_attrs(dsid), f"/{gname}/{dname}")
+
     @_guarded
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        located = self._located.get(key)
+        if located is not None:  # planned: no h5py call
+            stored = _read_raw(located.fd, located.offset, located.nbytes, located.tdtype, located.shape)
+            if stored is not None:
+                return _decoded(self._paths[key.step], key, node, stored, located.attrs, located.where)
         group = self._group(key.call_key)
         path = self._paths[key.step]
         dname = dataset_name(key.kind, key.path)
@@ -492,49 +713,18 @@ class Hdf5Reader(StoreReader):
             stored = torch.from_numpy(array)
             if stored.numel() == 0:  # numpy gives empty arrays zero strides; torch code expects the usual ones
                 stored = torch.empty(stored.shape, dtype=stored.dtype)
-        try:
-            shape = attrs.get("shape")
-            if shape is not None:
-                stored = stored.reshape(json.loads(str(shape)))
-            encoding = attrs.get("encoding", "")
-            dtype = dtype_from_str(str(attrs.get("dtype", node.get("dtype", str(stored.dtype)))))
-            tensor = decode(stored, str(encoding), dtype)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise CorruptFileError(path, f"{key}: cannot decode dataset {group.name}/{dname}: {exc}") from None
-        return tensor
+        return _decoded(path, key, node, stored, attrs, f"{group.name}/{dname}")
 
     def _read_contiguous(self, step: int, ds: Any) -> torch.Tensor | None:
         """The dataset's values as ``ds[()]`` gives them, read with one ``pread`` (GIL released)
-        where HDF5 would only copy the bytes: a contiguous dataset, no filters or external
-        storage, all its bytes allocated, a file type equal to the in-memory type of its numpy
-        dtype (so HDF5 converts nothing), the native byte order. None for everything else (and
-        where the file ends early), which h5py then reads as before, with its errors."""
+        where HDF5 would only copy the bytes (see :func:`_raw_layout`). None for everything
+        else (and where the file ends early), which h5py then reads as before, with its errors."""
         fd = self._raw_fds.get(step)
-        if fd is None:
+        layout = _raw_layout(ds.id) if fd is not None else None
+        if fd is None or layout is None:
             return None
-        from h5py import h5d, h5t
-
-        dtype = ds.dtype
-        tdtype = _RAW_DTYPES.get(dtype)
-        shape = ds.shape
-        if tdtype is None or shape is None or len(shape) > _MAX_RANK:
-            return None
-        dcpl = ds.id.get_create_plist()
-        if dcpl.get_layout() != h5d.CONTIGUOUS or dcpl.get_external_count() or dcpl.get_nfilters():
-            return None
-        nbytes = math.prod(shape) * dtype.itemsize
-        offset = ds.id.get_offset()
-        if not nbytes or offset is None or ds.id.get_storage_size() != nbytes:
-            return None
-        if not ds.id.get_type().equal(h5t.py_create(dtype)):
-            return None
-        body, view = byte_tensor(nbytes)
-        try:
-            if pread_into(fd, (view,), offset) != nbytes:
-                return None
-        except OSError:
-            return None
-        return body.view(tdtype).reshape(shape)
+        offset, nbytes, tdtype, shape = layout
+        return _read_raw(fd, offset, nbytes, tdtype, shape)
 
     def _step_path(self, step: int) -> Path:
         """The file of ``step`` this reader opened (``.h5`` or ``.h5.partial``), else its ``.h5``."""
@@ -551,6 +741,7 @@ class Hdf5Reader(StoreReader):
                 pass
         self._files.clear()
         self._last_group = None
+        self._located.clear()
         self._raw_fds.clear()  # HDF5's descriptors, closed with the files
         super().close()
 
