@@ -36,8 +36,8 @@ from .errors import CorruptFileError
 from .keys import CallKey
 
 __all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "UNORDERED_KEY", "TOTALS_KEYS", "TotalCounts",
-           "write_json_atomic", "read_manifest", "new_manifest", "calls_to_json", "calls_from_json", "JournalWriter",
-           "JournalReader", "CallOrder"]
+           "write_json_atomic", "write_text_atomic", "read_manifest", "new_manifest", "calls_to_json",
+           "calls_from_json", "JournalWriter", "JournalReader", "CallOrder"]
 
 _log = logging.getLogger(__name__)
 
@@ -78,7 +78,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     lists every tensor of its step: indenting it cost ~20 ms per step of the benchmark
     workload. ``python -m json.tool`` or ``ilstore ls`` pretty-print.
     """
-    text = json.dumps(data, allow_nan=False)
+    write_text_atomic(path, json.dumps(data, allow_nan=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and a rename.
+
+    For a document already encoded (a safetensors step index assembled from its records' JSON,
+    encoded once each as they were written); :func:`write_json_atomic` encodes and calls this.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

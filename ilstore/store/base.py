@@ -145,6 +145,8 @@ class StoreWriter(ABC):
         self._counts = [0, 0, 0]  # tensors, stored tensors, stored bytes
         self._table: StatsTableWriter | None = None  # the statistics table, from open on
         self._last_step: int | None = None  # the step of the journal's last line
+        # (record, its tensor nodes) while write() hands that record to _write
+        self._nodes: tuple[Record, list[tuple[tuple[str, ...], dict[str, Any]]]] | None = None
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
@@ -181,21 +183,27 @@ class StoreWriter(ABC):
     def write(self, record: Record) -> None:
         if not isinstance(record.structure, dict):
             record = dataclasses.replace(record, structure={"type": "value", "value": record.structure})
-        self._write(record)
+        # The structure is walked once: _write's _stored_bodies, the totals and the table use the same list.
+        nodes = list(iter_tensor_nodes(record.structure))
+        self._nodes = (record, nodes)
+        try:
+            self._write(record)
+        finally:
+            self._nodes = None
         table = self._table
         if self._counted_step != record.call.step:  # a new step (also after one that was cut)
             self._counted_step, self._counts = record.call.step, [0, 0, 0]
             if table is not None:
                 table.discard()
         counts = self._counts
-        call, kind = record.call, record.kind
-        for path, node in iter_tensor_nodes(record.structure):
-            counts[0] += 1
+        counts[0] += len(nodes)
+        for _path, node in nodes:
             if node.get("stored", True):
                 counts[1] += 1
                 counts[2] += node_nbytes(node)
-            if table is not None:
-                table.add(call.module, call.call, kind, path, node)
+        if table is not None:
+            call = record.call
+            table.add_nodes(call.module, call.call, record.kind, nodes)
 
     def end_step(self, info: StepInfo) -> None:
         self._end_step(info)
@@ -249,14 +257,15 @@ class StoreWriter(ABC):
     def _write(self, record: Record) -> None:
         """Store one record (its structure, always a JSON object here, and its tensor bodies)."""
 
-    @staticmethod
-    def _stored_bodies(record: Record) -> Iterator[tuple[tuple[str, ...], dict[str, Any], torch.Tensor | None]]:
+    def _stored_bodies(self, record: Record) -> Iterator[tuple[tuple[str, ...], dict[str, Any], torch.Tensor | None]]:
         """``(path, node, tensor)`` for each tensor node of ``record`` whose body is stored.
 
         ``tensor`` is None for a de-duplicated node (``same_as``): its body is the earlier
         tensor's. Raises StoreError when the structure promises a body the record lacks.
         """
-        for path, node in iter_tensor_nodes(record.structure):
+        walked = self._nodes
+        nodes = walked[1] if walked is not None and walked[0] is record else iter_tensor_nodes(record.structure)
+        for path, node in nodes:
             if not node.get("stored"):
                 continue
             if node.get("same_as") is not None:

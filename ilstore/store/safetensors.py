@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey
-from ..manifest import calls_from_json, calls_to_json, write_json_atomic
+from ..manifest import calls_from_json, calls_to_json, write_text_atomic
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
 from ._pread import byte_tensor, pread_into
@@ -65,6 +65,12 @@ def _supported(dtype: torch.dtype) -> bool:
             ok = False
         _SUPPORTED[dtype] = ok
     return ok
+
+
+#: ``json.dumps(value, allow_nan=False)`` without a new encoder per call (the same C encoder, the same text).
+_ENCODE = json.JSONEncoder(allow_nan=False).encode
+#: A string as ``json.dumps`` spells it (ASCII, escaped).
+_json_str = json.encoder.encode_basestring_ascii
 
 
 def _shard_name(i: int) -> str:
@@ -102,7 +108,7 @@ class SafetensorsWriter(StoreWriter):
 
     def _reset(self, step: int | None) -> None:
         self._step = step
-        self._records: list[dict[str, Any]] = []
+        self._records: list[str] = []  # each record's entry of the index, as JSON
         self._tensors: dict[str, dict[str, Any]] = {}
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
@@ -126,15 +132,18 @@ class SafetensorsWriter(StoreWriter):
 
     def _write(self, record: Record) -> None:
         self._begin(record.call.step)
-        try:
-            structure = json.loads(json.dumps(record.structure, allow_nan=False))
+        call = record.call
+        try:  # encoded now, once: later changes to the structure cannot reach the index
+            structure = _ENCODE(record.structure)
         except (TypeError, ValueError) as exc:
-            raise StoreError(f"{record.call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
+            raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
         for path, _node, tensor in self._stored_bodies(record):
             if tensor is not None:
                 self._add(str(record.key(path)), tensor)
-        self._records.append({"module": record.call.module, "call": record.call.call, "rank": record.call.rank,
-                              "step": record.call.step, "kind": record.kind, "structure": structure})
+        # {"module", "call", "rank", "step", "kind", "structure"}, spelled as json.dumps spells it
+        self._records.append(f'{{"module": {_json_str(call.module)}, "call": {int.__repr__(call.call)}, "rank": '
+                             f'{int.__repr__(call.rank)}, "step": {int.__repr__(call.step)}, "kind": '
+                             f'{_json_str(record.kind)}, "structure": {structure}}}')
 
     def _add(self, key: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().resolve_conj().resolve_neg()
@@ -178,20 +187,22 @@ class SafetensorsWriter(StoreWriter):
     def _end_step(self, info: StepInfo) -> None:
         self._begin(info.step)
         self._flush_shard()
-        index = {
+        head = json.dumps({
             "format": INDEX_FORMAT,
             "format_version": INDEX_VERSION,
             "step": info.step,
             "rank": self.manifest.get("rank", 0),
-            "shards": list(self._shards),
+            "shards": self._shards,
             "calls": calls_to_json(info.calls),
             "call_ends": calls_to_json(info.call_ends),
-            "records": self._records,
-            "tensors": self._tensors,
-        }
+        }, allow_nan=False)
+        # The index is json.dumps of the whole object, byte for byte; the records' entries were
+        # encoded as they were written, so it is assembled here rather than encoded again.
+        text = (f'{head[:-1]}, "records": [{", ".join(self._records)}], '
+                f'"tensors": {_ENCODE(self._tensors)}}}')
         path = self._step_dir(info.step) / INDEX_NAME
         try:
-            write_json_atomic(path, index)
+            write_text_atomic(path, text)
         except OSError as exc:
             raise StoreError(f"{path}: cannot write the step index: {exc}") from exc
         self._reset(None)

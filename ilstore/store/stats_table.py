@@ -95,6 +95,12 @@ class StatsTableWriter:
         else:
             self._values.extend(_NAN_ROW)
 
+    def add_nodes(self, module: str, call: int, kind: str,
+                  nodes: list[tuple[tuple[str, ...], dict[str, Any]]]) -> None:
+        """Add the tensor nodes ``(path, node)`` of one record of the current step, in order."""
+        for path, node in nodes:
+            self.add(module, call, kind, path, node)
+
     def discard(self) -> None:
         """Forget the rows collected so far (a step that was cut)."""
         self._keys, self._values = [], array("d")
