@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -233,11 +232,12 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
     """Results in input order.
 
     With several workers, pairs are loaded and compared in threads (reading releases the GIL,
-    and so does the fused metrics kernel, so one worker reads while another computes), at most
-    ``2 * workers`` queued, and a pair starts only while the tensor bytes of the pairs running
-    stay within the largest pair's plus :data:`_SLACK`: the memory bound of one worker (about 2 x
-    the largest tensor) holds whatever ``workers`` is; two large pairs simply run one after the
-    other.
+    and so does the fused metrics kernel, so one worker reads while another computes). A pair
+    starts only while the tensor bytes of the pairs running stay within the largest pair's plus
+    :data:`_SLACK`: the memory bound of one worker (about 2 x the largest tensor) holds whatever
+    ``workers`` is, and two large pairs run one after the other. A pair that must wait for
+    memory does not hold back the smaller pairs just behind it: up to ``2 * workers`` pairs from
+    the oldest unfinished one may start, the oldest first whenever memory frees.
     """
     total = len(pairs)
     if workers <= 1:
@@ -248,44 +248,56 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
         return
     sizes = [_pair_bytes(pair) for pair in pairs]
     budget = max(sizes, default=0) + _SLACK
+    ahead = 2 * workers
     running = [0]  # bytes of the pairs started and not finished
-    freed = threading.Condition()
+    changed = threading.Condition()  # a pair finished: memory freed, a result is ready
 
     def run(pair: Pair, size: int) -> TensorResult:
         try:
             return fn(pair)
         finally:
-            with freed:
+            with changed:
                 running[0] -= size
-                freed.notify_all()
 
-    window: deque[Future[TensorResult]] = deque()
-    done = 0
+    def finished(_future: Future[TensorResult]) -> None:
+        with changed:  # after the future is done: a waiter that saw it not done is woken
+            changed.notify_all()
+
+    futures: dict[int, Future[TensorResult]] = {}
+    waiting: list[int] = []  # indices not started, in order, below next_new
+    next_new = next_out = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilstore-compare") as pool:
         try:
-            for pair, size in zip(pairs, sizes, strict=True):
-                with freed:
-                    while running[0] and running[0] + size > budget:
-                        freed.wait()
-                    running[0] += size
-                window.append(pool.submit(run, pair, size))
-                if len(window) >= 2 * workers:
-                    yield window.popleft().result()
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-            while window:
-                yield window.popleft().result()
-                done += 1
+            while next_out < total:
+                with changed:
+                    while next_new < min(total, next_out + ahead):
+                        waiting.append(next_new)
+                        next_new += 1
+                    for index in list(waiting):  # the oldest first
+                        if running[0] and running[0] + sizes[index] > budget:
+                            continue
+                        running[0] += sizes[index]
+                        waiting.remove(index)
+                        futures[index] = pool.submit(run, pairs[index], sizes[index])
+                        futures[index].add_done_callback(finished)
+                    head = futures.get(next_out)
+                    if head is None or not head.done():
+                        changed.wait()
+                        continue
+                yield futures.pop(next_out).result()
+                next_out += 1
                 if progress is not None:
-                    progress(done, total)
+                    progress(next_out, total)
         finally:
-            for future in window:  # after an error: don't start anything new
+            for future in futures.values():  # after an error: don't start anything new
                 future.cancel()
 
 
-#: Tensor bytes that may run beside the largest pair with several workers.
-_SLACK = 64 * 2**20
+#: Tensor bytes that may run beside the largest pair with several workers: pairs of tensors up
+#: to 8 MiB each overlap freely; larger ones overlap with smaller ones only. With 64 MiB two
+#: 16 MiB pairs ran together, and ``ilstore-compare --workers 2`` of two 300 MB hdf5 runs
+#: peaked at 320-336 MB against the bound of 2 x 16 MiB + 300 MB = 333.6 MB (288 MB with 16 MiB).
+_SLACK = 16 * 2**20
 #: Bytes per element by dtype name (``torch.`` prefix removed); other names count 4.
 _ITEMSIZE = {"float64": 8, "double": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "cdouble": 16,
              "float16": 2, "half": 2, "bfloat16": 2, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}

@@ -308,3 +308,52 @@ def test_workers_keep_the_tensor_bytes_in_flight_within_the_largest_pair_plus_sl
     order = ["big1", "big2", "small1", "small2", "big3"]
     assert list(engine._stream(order, fn, 2, None)) == [p.upper() for p in order]  # type: ignore[arg-type]
     assert peak[0] <= 400 * mib + engine._SLACK  # two big pairs never ran together
+
+
+def test_a_pair_waiting_for_memory_does_not_hold_back_smaller_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """big2 cannot start beside big1; small1, behind it, runs beside big1 all the same (the
+    barrier breaks unless both run at once), and results still come in input order."""
+    import threading
+
+    from ilstore_compare import engine
+
+    mib = 2**20
+    sizes = {"big1": 400 * mib, "big2": 400 * mib, "small1": 8 * mib, "small2": 8 * mib}
+    monkeypatch.setattr(engine, "_pair_bytes", lambda pair: sizes[pair])
+    lock, running, peak = threading.Lock(), [0], [0]
+    together = threading.Barrier(2, timeout=10)
+
+    def fn(pair: str) -> str:
+        with lock:
+            running[0] += sizes[pair]
+            peak[0] = max(peak[0], running[0])
+        if pair in ("big1", "small1"):
+            together.wait()
+        with lock:
+            running[0] -= sizes[pair]
+        return pair.upper()
+
+    order = ["big1", "big2", "small1", "small2"]
+    seen: list[tuple[int, int]] = []
+    got = list(engine._stream(order, fn, 2, lambda done, total: seen.append((done, total))))  # type: ignore[arg-type]
+    assert got == [p.upper() for p in order] and seen == [(i, 4) for i in range(1, 5)]
+    assert peak[0] <= 400 * mib + engine._SLACK
+
+
+def test_stream_error_stops_and_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ilstore_compare import engine
+
+    monkeypatch.setattr(engine, "_pair_bytes", lambda pair: 1)
+    started: list[int] = []
+
+    def fn(pair: int) -> int:
+        started.append(pair)
+        if pair == 3:
+            raise RuntimeError("bad pair")
+        return pair
+
+    out = []
+    with pytest.raises(RuntimeError, match="bad pair"):
+        for value in engine._stream(list(range(100)), fn, 2, None):  # type: ignore[arg-type]
+            out.append(value)
+    assert out == [0, 1, 2] and len(started) < 100
