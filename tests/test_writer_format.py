@@ -114,3 +114,46 @@ def test_stored_bodies_outside_write_walks_the_record(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="the structure says the body is stored"):
         writer.write(broken)
     writer.close()
+
+
+def test_statistics_rows_built_in_bulk_are_the_documented_rows(tmp_path: Path) -> None:
+    """stats.f64 holds, per node in order, (step, layout, index, the statistics in STAT_COLUMNS
+    order, NaN where a value is missing or not a number), as little-endian float64."""
+    import struct
+
+    from ilstore.store.stats_table import ROW_WIDTH, STAT_COLUMNS, StatsTableWriter
+
+    odd: list[Any] = [None, True, "x", 2**40, -3, 0.5, float("inf"), -0.0]
+    nodes = [((str(i),), {"type": "tensor", "shape": [i, 2], "dtype": "torch.float32", "numel": 2 * i,
+                          "stats": {c: odd[(i + j) % len(odd)] for j, c in enumerate(STAT_COLUMNS) if (i + j) % 5}})
+             for i in range(9)]
+    nodes.append((("nostats",), {"type": "tensor", "stats": "damaged"}))
+    table = StatsTableWriter(tmp_path)
+    table.add_nodes("m", 0, "outputs", nodes[:4])
+    for path, node in nodes[4:]:
+        table.add("m", 1, "inputs", path, node)
+    table.end_step(7)
+    table.end_step(8)  # an empty step: no rows, a layout of its own
+    table.add_nodes("m", 0, "outputs", nodes[:4])
+    table.add_nodes("m", 1, "inputs", nodes[4:])
+    table.end_step(9)  # the first layout again
+    table.close()
+
+    def number(v: Any) -> float:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+
+    expected = []
+    for step in (7, 9):
+        for i, (_path, node) in enumerate(nodes):
+            stats = node["stats"] if isinstance(node["stats"], dict) else {}
+            expected.append([float(step), 0.0, float(i)] + [number(stats.get(c)) for c in STAT_COLUMNS])
+    data = (tmp_path / "stats.f64").read_bytes()
+    got = [list(struct.unpack(f"<{ROW_WIDTH}d", data[k:k + 8 * ROW_WIDTH])) for k in range(0, len(data), 8 * ROW_WIDTH)]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):  # bit for bit (-0.0 too), any NaN for a NaN
+        assert all((a != a and b != b) or struct.pack("<d", a) == struct.pack("<d", b)
+                   for a, b in zip(g, e, strict=True)), (g, e)
+    layouts = [json.loads(line) for line in (tmp_path / "stats_keys.jsonl").read_text().splitlines()]
+    assert [lay["layout"] for lay in layouts] == [0, 1] and layouts[1]["keys"] == []
+    assert [k[:4] for k in layouts[0]["keys"]] == [["m", 0 if i < 4 else 1, "outputs" if i < 4 else "inputs",
+                                                    list(p)] for i, (p, _n) in enumerate(nodes)]

@@ -85,21 +85,23 @@ class StatsTableWriter:
 
     def add(self, module: str, call: int, kind: str, path: tuple[str, ...], node: Mapping[str, Any]) -> None:
         """Add one tensor node of the current step."""
-        shape = node.get("shape")
-        self._keys.append((module, call, kind, path, node.get("dtype"), tuple(shape) if isinstance(shape, list)
-                           else shape, node.get("numel"), node.get("device"), node.get("stored", True) is not False,
-                           node.get("reason")))
-        stats = node.get("stats")
-        if isinstance(stats, dict):  # floats as they are, the rest through _number (one call per tensor node)
-            self._values.extend([v if type(v) is float else _number(v) for v in map(stats.get, STAT_COLUMNS, _NAN_ROW)])
-        else:
-            self._values.extend(_NAN_ROW)
+        self.add_nodes(module, call, kind, [(path, node)])
 
     def add_nodes(self, module: str, call: int, kind: str,
-                  nodes: list[tuple[tuple[str, ...], dict[str, Any]]]) -> None:
+                  nodes: list[tuple[tuple[str, ...], Mapping[str, Any]]]) -> None:
         """Add the tensor nodes ``(path, node)`` of one record of the current step, in order."""
+        keys, values = self._keys, self._values
         for path, node in nodes:
-            self.add(module, call, kind, path, node)
+            get = node.get
+            shape = get("shape")
+            keys.append((module, call, kind, path, get("dtype"), tuple(shape) if isinstance(shape, list) else shape,
+                         get("numel"), get("device"), get("stored", True) is not False, get("reason")))
+            stats = get("stats")
+            if isinstance(stats, dict):  # floats and ints converted inline, anything else through _number
+                values.extend([v if type(v) is float else float(v) if type(v) is int else _number(v)
+                               for v in map(stats.get, STAT_COLUMNS, _NAN_ROW)])
+            else:
+                values.extend(_NAN_ROW)
 
     def discard(self) -> None:
         """Forget the rows collected so far (a step that was cut)."""
@@ -127,11 +129,14 @@ class StatsTableWriter:
                 self._layouts.popitem(last=False)
         else:
             self._layouts.move_to_end(keys)
-        width = len(STAT_COLUMNS)
-        rows = array("d")
-        for i in range(len(keys)):
-            rows.extend((step, layout, i))
-            rows.extend(values[i * width:(i + 1) * width])
+        # The rows, a column at a time: (step, layout, index, the statistics) for each node in order.
+        count, width = len(keys), len(STAT_COLUMNS)
+        rows = array("d", bytes(8 * ROW_WIDTH * count))
+        rows[0::ROW_WIDTH] = array("d", (float(step),)) * count
+        rows[1::ROW_WIDTH] = array("d", (float(layout),)) * count
+        rows[2::ROW_WIDTH] = array("d", range(count))
+        for column in range(width):
+            rows[3 + column::ROW_WIDTH] = values[column::width]
         self._append(1, rows.tobytes() if _LITTLE else _swapped(rows))
 
     def _append(self, which: int, data: bytes) -> None:
