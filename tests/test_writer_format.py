@@ -124,9 +124,10 @@ def test_statistics_rows_built_in_bulk_are_the_documented_rows(tmp_path: Path) -
     from ilstore.store.stats_table import ROW_WIDTH, STAT_COLUMNS, StatsTableWriter
 
     odd: list[Any] = [None, True, "x", 2**40, -3, 0.5, float("inf"), -0.0]
-    nodes = [((str(i),), {"type": "tensor", "shape": [i, 2], "dtype": "torch.float32", "numel": 2 * i,
-                          "stats": {c: odd[(i + j) % len(odd)] for j, c in enumerate(STAT_COLUMNS) if (i + j) % 5}})
-             for i in range(9)]
+    nodes: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        ((str(i),), {"type": "tensor", "shape": [i, 2], "dtype": "torch.float32", "numel": 2 * i,
+                     "stats": {c: odd[(i + j) % len(odd)] for j, c in enumerate(STAT_COLUMNS) if (i + j) % 5}})
+        for i in range(9)]
     nodes.append((("nostats",), {"type": "tensor", "stats": "damaged"}))
     table = StatsTableWriter(tmp_path)
     table.add_nodes("m", 0, "outputs", nodes[:4])

@@ -30,7 +30,7 @@ import os
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ class StatsTableWriter:
         self.add_nodes(module, call, kind, [(path, node)])
 
     def add_nodes(self, module: str, call: int, kind: str,
-                  nodes: list[tuple[tuple[str, ...], Mapping[str, Any]]]) -> None:
+                  nodes: Iterable[tuple[tuple[str, ...], Mapping[str, Any]]]) -> None:
         """Add the tensor nodes ``(path, node)`` of one record of the current step, in order."""
         keys, values = self._keys, self._values
         for path, node in nodes:
