@@ -11,8 +11,9 @@ written under a temporary name and renamed into place: processes building the sa
 same time are harmless.
 
 Without a compiler, when compiling or loading fails, or when the library's switch variable is
-``0``, :meth:`~NativeLibrary.load` returns None (once per process, logged at INFO) and the
-caller uses its torch path. Loading is thread-safe; a ctypes call releases the GIL.
+``0``, :meth:`~NativeLibrary.load` returns None, decided once per process (logged at INFO when
+switched off, as a WARNING when the compiler is missing or the build fails), and the caller uses
+its fallback. Loading is thread-safe; a ctypes call releases the GIL.
 
 Why ctypes and not numba: numba's LLVM costs ~110 MB of resident memory and 0.4-1.5 s at first
 use, more than these kernels save in most processes.
@@ -130,7 +131,10 @@ class NativeLibrary:
                     self._declare(lib)
                     self._lib = lib
                 except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
-                    _log.info("ilstore: no %s (%s); computing with torch", self.what, _detail(exc))
+                    # switched off on purpose: a note; missing: a warning, the fallback is several times slower
+                    level = logging.INFO if os.environ.get(self.switch, "1") == "0" else logging.WARNING
+                    _log.log(level, "ilstore: no %s (%s); using its slower fallback (see docs/performance.md)",
+                             self.what, _detail(exc))
                     self._failed = True
         return self._lib
 
