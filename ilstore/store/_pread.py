@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["AVAILABLE", "O_RDONLY", "pread_into", "byte_tensor"]
+__all__ = ["AVAILABLE", "O_NOFOLLOW", "O_RDONLY", "pread_into", "byte_tensor"]
 
 #: Whether this platform has ``os.preadv`` (POSIX); where it does not, readers read as before.
 AVAILABLE = hasattr(os, "preadv")
 #: Flags for :func:`os.open` of a file only read.
 O_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+#: ``os.O_NOFOLLOW`` where the platform has it (an ``open`` of a symbolic link then fails with
+#: ``ELOOP``), else 0.
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def byte_tensor(nbytes: int) -> tuple[torch.Tensor, memoryview]:
@@ -36,18 +39,23 @@ def byte_tensor(nbytes: int) -> tuple[torch.Tensor, memoryview]:
     return torch.from_numpy(array), array.data.cast("B")
 
 
-def pread_into(fd: int, views: Sequence[Any], offset: int) -> int:
+def pread_into(fd: int, views: Sequence[Any], offset: int, stop: int | None = None) -> int:
     """Fill ``views`` (writable byte buffers), in order, from ``fd`` at ``offset``.
 
+    With ``stop``, reading also ends once ``stop`` bytes or more were read: a caller that gives
+    one byte more than it expects (to see whether the file is longer) takes a read that ends
+    exactly at ``stop`` as the file's end, without another system call to confirm it.
+
     Returns:
-        The bytes read: less than the views' total only where the file ends early.
+        The bytes read: less than the views' total only where the file ends early (or ``stop``
+        was reached).
 
     Raises:
         OSError: the read failed.
     """
     left = [v for v in (memoryview(v).cast("B") for v in views) if v.nbytes]
     total = 0
-    while left:
+    while left and (stop is None or total < stop):
         got = os.preadv(fd, left, offset + total)
         if got <= 0:
             break

@@ -15,14 +15,17 @@ metadata), recovering module names, call indices, paths and devices from the tre
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CorruptFileError, StoreError
@@ -30,7 +33,7 @@ from ..keys import KINDS, CallKey, TensorKey
 from ..manifest import MANIFEST_NAME
 from ..records import Record, iter_tensor_nodes
 from ._pread import AVAILABLE as pread_ok
-from ._pread import O_RDONLY, byte_tensor, pread_into
+from ._pread import O_NOFOLLOW, O_RDONLY, byte_tensor, pread_into
 from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
 
 __all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "writer", "reader"]
@@ -81,18 +84,25 @@ class PtWriter(StoreWriter):
         return [f"backend_options.{k}: unknown option for the 'pt' backend (it takes none)" for k in options]
 
     def _open(self) -> None:
+        self._root = os.fspath(self.run_dir)
         self._dirs: dict[CallKey, str] = {}
         self._used: set[str] = set()
         self._files: dict[str, str] = {}
-        self._made: set[str] = set()
         self._step: int | None = None
+        self._step_dir = ""  # the directory of ``_step``, made when the step's first record came
 
     def _call_dir(self, call: CallKey) -> str:
-        """The call's directory (created on first use). Its name comes from
-        :func:`module_dir_name`, which %-encodes separators and leading dots, so it cannot
-        leave the step directory; no path resolution is needed on this per-record path."""
+        """The call's directory, made when its name is first given in the step. Its name comes
+        from :func:`module_dir_name`, which %-encodes separators and leading dots, so it cannot
+        leave the step directory; no path resolution is needed on this per-record path.
+
+        Per record this costs what the format needs and little more: one ``mkdir`` per new step
+        and per call directory (no ``stat`` of the parents first: a missing parent is made
+        only when ``mkdir`` says so), strings rather than :class:`~pathlib.Path` objects."""
         if self._step != call.step:
-            self._step, self._dirs, self._used, self._files, self._made = call.step, {}, set(), {}, set()
+            self._step, self._dirs, self._used, self._files = call.step, {}, set(), {}
+            self._step_dir = os.path.join(self._root, step_dir_name(call.step))
+            _mkdir(self._step_dir)
         name = self._dirs.get(call)
         if name is None:
             name = base = module_dir_name(call.module, call.call)
@@ -102,24 +112,26 @@ class PtWriter(StoreWriter):
                 name = f"{base}~{n}"
             self._dirs[call] = name
             self._used.add(name)
-        path = os.path.join(self.run_dir, step_dir_name(call.step), name)
-        if path not in self._made:
-            os.makedirs(path, exist_ok=True)
-            self._made.add(path)
-        return path
+            path = f"{self._step_dir}{os.sep}{name}"
+            _mkdir(path)
+            return path
+        return f"{self._step_dir}{os.sep}{name}"
 
     def _write(self, record: Record) -> None:
-        call_dir = self._call_dir(record.call)
-        used: set[str] = set()
+        call = record.call
+        call_dir = self._call_dir(call)
+        used: set[str] | None = None
         for path, node, tensor in self._stored_bodies(record):
             fname = base = tensor_file_name(record.kind, path, node["device"])
+            if used is None:
+                used = set()
             n = 1
             while fname in used:
                 n += 1
                 fname = f"{base[:-3]}~{n}.pt"
             used.add(fname)
             node["file"] = fname
-            target = os.path.join(call_dir, fname)
+            target = f"{call_dir}{os.sep}{fname}"
             if tensor is None:
                 # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
                 _link_or_copy(self._files[node["same_as"]], target)
@@ -127,23 +139,92 @@ class PtWriter(StoreWriter):
                 _save_tensor(tensor, target)
             self._files[str(record.key(path))] = target
         doc = dict(record.structure)
-        doc["ilstore"] = {"module": record.call.module, "call": record.call.call, "step": record.call.step,
-                          "rank": record.call.rank, "kind": record.kind}
-        # Compact JSON from ``json.dumps``: only that one-shot form uses the C encoder (``dump``
-        # to a file and ``indent`` use the pure-Python one, ~6x slower), and this runs once per
-        # captured side (220 times per forward in the benchmark).
-        text = json.dumps(doc, allow_nan=False)
-        with open(os.path.join(call_dir, f"{record.kind}.json"), "w", encoding="utf-8") as fh:
-            fh.write(text)
+        doc["ilstore"] = {"module": call.module, "call": call.call, "step": call.step, "rank": call.rank,
+                          "kind": record.kind}
+        # Compact JSON through the C encoder (see _dumps), written with one os.write (_write_file).
+        _write_file(f"{call_dir}{os.sep}{record.kind}.json", _dumps(doc).encode("utf-8"))
 
     def _end_step(self, info: StepInfo) -> None:
-        step_dir = self.run_dir / step_dir_name(info.step)
-        step_dir.mkdir(parents=True, exist_ok=True)
+        if self._step == info.step:
+            step_dir = self._step_dir
+        else:  # a step without records
+            step_dir = os.path.join(self._root, step_dir_name(info.step))
+            _mkdir(step_dir)
         dirs = self._dirs if self._step == info.step else {}
         lines = [dirs.get(c) or module_dir_name(c.module, c.call) for c in info.calls]
-        tmp = step_dir / ".module_calls.txt.partial"
-        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, step_dir / "module_calls.txt")
+        tmp = f"{step_dir}{os.sep}.module_calls.txt.partial"
+        _write_file(tmp, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+        os.replace(tmp, f"{step_dir}{os.sep}module_calls.txt")
+
+
+def _mkdir(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)`` in one system call where the parent exists."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    except FileNotFoundError:  # a parent is missing (the run directory was removed?): as before
+        os.makedirs(path, exist_ok=True)
+
+
+#: The system calls this module writes its files with, bound here: the run's other files (the
+#: step journal, the statistics table) are written by other modules, whose tests simulate a full
+#: disk by replacing ``os.write`` there; pt's files are not theirs.
+_os_write, _os_writev = os.write, os.writev
+#: Flags of a file written whole (as ``open(path, "w")``: created or truncated).
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write ``data`` as the whole content of ``path`` (created, or truncated): ``open``, one
+    ``write`` (more only where the system writes less), ``close``. ``open(path, "w")`` made
+    four more system calls (``fstat``, ``ioctl``, two ``lseek``) and Python objects per file."""
+    fd = os.open(path, _WRITE_FLAGS, 0o666)
+    try:
+        done = _os_write(fd, data)
+        if done < len(data):
+            view = memoryview(data)
+            while done < len(data):
+                done += _os_write(fd, view[done:])
+    finally:
+        os.close(fd)
+
+
+def _json_encoder() -> Any:
+    """What ``json.dumps(doc, allow_nan=False)`` makes per call (a ``JSONEncoder`` and its C
+    encoder), made once: calling it gives the same text, without the two objects per record."""
+    enc = json.JSONEncoder(allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # another Python: json.dumps
+        return None
+    try:  # (this interpreter's private signature, checked against json.dumps once)
+        encoder = make({}, enc.default, json.encoder.encode_basestring_ascii, None, enc.key_separator,
+                       enc.item_separator, False, False, False)
+        sample = {"a": [1.5, -0.0, 10**20, None, True, "\u00e9\n"], "b": {"c": 2.5e-300}}
+        if "".join(encoder(sample, 0)) != json.dumps(sample, allow_nan=False):
+            return None
+    except Exception:
+        return None
+    return encoder
+
+
+_ENCODER = _json_encoder()
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    """``json.dumps(doc, allow_nan=False)``, the same text, cheaper per call. Only the one-shot
+    C encoder is fast (``dump`` to a file and ``indent`` use the pure-Python one, ~6x slower);
+    this one is made once (a failed call, e.g. a NaN, may leave its circular-reference marks
+    behind, so the encoder is made again after one)."""
+    global _ENCODER
+    if _ENCODER is None:
+        return json.dumps(doc, allow_nan=False)
+    try:
+        return "".join(_ENCODER(doc, 0))
+    except BaseException:
+        _ENCODER = _json_encoder()
+        raise
 
 
 # dtypes the legacy (non-zip) torch.save format can hold; others (float8, uint16+) need the zip one.
@@ -161,22 +242,23 @@ def _save_tensor(tensor: torch.Tensor, path: str) -> None:
     tensor's bytes to ``write`` without an intermediate copy. For a plain contiguous tensor the
     bytes before its data depend only on (dtype, shape, strides): the writer records them while
     ``torch.save`` writes the first such tensor and writes later ones itself as those bytes +
-    the element count + the data (:data:`_HEADERS`). Either way a full disk or a file-size
+    the element count + the data (:data:`_HEADERS`), with ``open``, ``writev`` and ``close``
+    (:func:`_write_body`; a small tensor is one ``writev``). Either way a full disk or a file-size
     limit fails with a clear ``OSError`` (ENOSPC, EFBIG) rather than torch's "write(): fd 3
     failed". Other dtypes (float8, uint16+) use the zip format, built in memory and written once.
     """
+    sig = header = None
+    if tensor.dtype in _LEGACY_DTYPES:
+        sig = (tensor.dtype, tuple(tensor.shape), tensor.stride()) if _plain_contiguous(tensor) else None
+        header = _HEADERS.get(sig, False) if sig is not None else None
+        if isinstance(header, bytes) and header:
+            _write_body(path, header + _SIZE.pack(tensor.numel()), tensor.reshape(-1).view(torch.uint8).numpy())
+            return
     with open(path, "wb") as fh:
         if tensor.dtype not in _LEGACY_DTYPES:
             buf = io.BytesIO()
             torch.save(tensor, buf)
             _write_chunked(fh.write, buf.getbuffer())
-            return
-        sig = (tensor.dtype, tuple(tensor.shape), tensor.stride()) if _plain_contiguous(tensor) else None
-        header = _HEADERS.get(sig, False) if sig is not None else None
-        if isinstance(header, bytes) and header:
-            fh.write(header)
-            fh.write(_SIZE.pack(tensor.numel()))
-            _write_chunked(fh.write, tensor.reshape(-1).view(torch.uint8).numpy())
             return
         writer = _PlainWriter(fh, record_head=header is False)
         torch.save(tensor, writer, _use_new_zipfile_serialization=False)  # type: ignore[arg-type]  # write-only
@@ -203,6 +285,35 @@ def _write_chunked(write: Any, data: Any) -> None:
     view = view.cast("B")
     for start in range(0, view.nbytes, _CHUNK):
         write(view[start:start + _CHUNK])
+
+
+def _write_body(path: str, head: bytes, data: Any) -> None:
+    """A file of ``head`` + ``data`` (created or truncated): ``open``, one ``writev`` of the head
+    and the data's first :data:`_CHUNK` bytes, a ``write`` per further chunk, ``close`` -- where
+    ``open(path, "wb")`` added ``fstat``, ``ioctl`` and ``lseek`` calls and a buffered writer."""
+    view = memoryview(data).cast("B")
+    fd = os.open(path, _WRITE_FLAGS, 0o666)
+    try:
+        _writev_all(fd, [memoryview(head), view[:_CHUNK]])
+        for start in range(_CHUNK, view.nbytes, _CHUNK):
+            _writev_all(fd, [view[start:start + _CHUNK]])
+    finally:
+        os.close(fd)
+
+
+def _writev_all(fd: int, parts: list[memoryview]) -> None:
+    """Write every byte of ``parts`` (where the system writes less, the rest after; an error,
+    e.g. ENOSPC or EFBIG, raises ``OSError``)."""
+    parts = [p for p in parts if p.nbytes]
+    while parts:
+        done = _os_writev(fd, parts)
+        if done <= 0:
+            raise OSError(errno.EIO, "write returned no progress")
+        while parts and done >= parts[0].nbytes:
+            done -= parts[0].nbytes
+            parts.pop(0)
+        if parts and done:
+            parts[0] = parts[0][done:]
 
 
 _SIZE = struct.Struct("<q")  # the storage's element count, as legacy torch.save writes it here
@@ -280,6 +391,10 @@ class PtReader(StoreReader):
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
         self._call_dirs: dict[int, dict[CallKey, Path]] = {}
+        #: call → its directory as a string ending in the separator (the per-tensor path is built
+        #: from it by one concatenation instead of Path arithmetic)
+        self._dir_strs: dict[CallKey, str] = {}
+        self._root: Path | None = None  # run_dir resolved (see _resolved_step)
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -315,6 +430,17 @@ class PtReader(StoreReader):
             if not path.is_symlink():
                 return path
         return check_inside(self.run_dir, step_dir / name)
+
+    def _resolved_step(self, step_dir: Path) -> Path:
+        """``check_inside(run_dir, step_dir)`` for ``run_dir / step_<N>``: the run directory is
+        resolved once per reader, and a step directory that is no symbolic link is that + its
+        name (one ``lstat`` rather than one per component of both paths, per step)."""
+        root = self._root
+        if root is None:
+            root = self._root = check_inside(self.run_dir, self.run_dir)
+        if step_dir.parent == self.run_dir and STEP_DIR.match(step_dir.name) and not _is_link(str(step_dir)):
+            return root / step_dir.name
+        return check_inside(self.run_dir, step_dir)
 
     def _read_json(self, path: Path) -> Any:
         check_inside(self.run_dir, path)
@@ -361,9 +487,15 @@ class PtReader(StoreReader):
         if recorded is not None and names is not None:
             calls = recorded
             if len(calls) == len(names):
-                resolved = check_inside(self.run_dir, step_dir)
+                resolved = self._resolved_step(step_dir)
+                prefix = os.path.join(resolved, "")
+                strs = self._dir_strs
                 for call, name in zip(calls, names, strict=True):
-                    mapping[call] = self._entry(resolved, step_dir, name)
+                    if _plain_name(name) and not _is_link(prefix + name):  # _entry's test, on strings
+                        mapping[call] = resolved / name
+                        strs[call] = f"{prefix}{name}{os.sep}"
+                    else:
+                        mapping[call] = self._entry(resolved, step_dir, name)
                 self._call_dirs[step] = mapping
                 return mapping
         try:
@@ -401,10 +533,20 @@ class PtReader(StoreReader):
 
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
         call_dir = self._call_dir(call)
-        path = self._child(call_dir, f"{kind}.json")
-        if not path.is_file():
+        text = _read_plain(self._dir_str(call) + kind + ".json") if _DIRECT else None
+        if text is None:  # a link, another kind of file, an error: the checked path and its errors
+            path = self._child(call_dir, f"{kind}.json")
+            if not path.is_file():
+                return None
+            doc = self._parse_json(path)
+        elif not isinstance(text, bytes):  # _ABSENT: not captured
             return None
-        doc = self._parse_json(path)
+        else:
+            path = call_dir / f"{kind}.json"
+            try:
+                doc = json.loads(text.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CorruptFileError(path, f"unreadable metadata JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise CorruptFileError(path, "expected a JSON object describing the captured structure")
         doc.pop("ilstore", None)
@@ -427,8 +569,31 @@ class PtReader(StoreReader):
                 node.setdefault("reason", "no tensor file in the dump")
         return doc
 
+    def _dir_str(self, call: CallKey) -> str:
+        """The call's directory as a string ending in the separator (cached)."""
+        text = self._dir_strs.get(call)
+        if text is None:
+            text = self._dir_strs[call] = os.path.join(self._call_dir(call), "")
+        return text
+
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
-        return load_pt_file(self._body_path(key, node), node.get("dtype"), node.get("shape"))
+        """One tensor. A plain file name whose header is known is read by :func:`_read_known`
+        without following a final symbolic link (``O_NOFOLLOW``): the call directory is already
+        checked, so no ``lstat`` or path resolution is needed first; a link, or anything the fast
+        read does not take, goes the checked way (:meth:`_body_path`, :func:`load_pt_file`)."""
+        fname = node.get("file")
+        dtype, shape = node.get("dtype"), node.get("shape")
+        expected = _expected(dtype, shape) if pread_ok else None
+        if _DIRECT and expected is not None and type(fname) is str and _plain_name(fname):
+            call = key.call_key
+            dir_str = self._dir_strs.get(call) or self._dir_str(call)
+            tensor = _read_known(dir_str + fname, expected, _NOFOLLOW)
+            if tensor is _LINK:
+                return load_pt_file(self._body_path(key, node), dtype, shape)
+            if tensor is not None:
+                return tensor  # type: ignore[return-value]
+            return _load_unknown(self._body_path(key, node), expected)
+        return load_pt_file(self._body_path(key, node), dtype, shape)
 
     def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
         fname = node.get("file")
@@ -454,14 +619,76 @@ def load_pt_file(path: Path, dtype: Any = None, shape: Any = None) -> torch.Tens
     """
     expected = _expected(dtype, shape) if pread_ok else None
     if expected is not None:
-        tensor = _read_known(path, *expected)
+        tensor = _read_known(str(path), expected, O_RDONLY)
         if tensor is not None:
-            return tensor
+            return tensor  # type: ignore[return-value]  # never _LINK without O_NOFOLLOW
+    return _load_unknown(path, expected)
+
+
+def _load_unknown(path: Path, expected: tuple[torch.dtype, tuple[int, ...], int] | None) -> torch.Tensor:
+    """torch.load ``path``, learning its header for :func:`_read_known` where it qualifies."""
     head = _read_head(path, expected[2]) if expected is not None and len(_KNOWN) < _MAX_KNOWN else None
     tensor = _torch_load(path)
     if head is not None and expected is not None:
         _learn(path, tensor, head, expected)
     return tensor
+
+
+def _is_link(path: str) -> bool:
+    """``Path(path).is_symlink()`` on a string (False where there is nothing)."""
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is a plain file name (no separator, NUL, '.' or '..', not empty)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: :func:`_read_plain`: no such file. :func:`_read_known`: the name is a symbolic link.
+_ABSENT, _LINK = _Marker("_ABSENT"), _Marker("_LINK")
+_NOFOLLOW = O_RDONLY | O_NOFOLLOW
+#: Whether the reader may open a file in a checked call directory without an ``lstat`` first: only
+#: where ``open`` can refuse a final symbolic link (which must be checked: :meth:`PtReader._child`).
+_DIRECT = pread_ok and O_NOFOLLOW != 0
+_READ_SIZE = 1 << 16
+
+
+def _read_plain(path: str) -> bytes | _Marker | None:
+    """The bytes of the regular file ``path`` whose last component is no symbolic link, read with
+    a few system calls (``open``, ``read`` until it returns nothing, ``close``; no ``stat`` or
+    ``lstat`` first); :data:`_ABSENT` if there is no such file; None for anything else (a link,
+    a directory, an error), which the caller handles the checked way."""
+    try:
+        fd = os.open(path, _NOFOLLOW)
+    except FileNotFoundError:
+        return _ABSENT
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, _READ_SIZE)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:  # a directory (EISDIR), an I/O error: the checked path says what it is
+        return None
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _torch_load(path: Path) -> torch.Tensor:
@@ -505,34 +732,88 @@ def _expected(dtype: Any, shape: Any) -> tuple[torch.dtype, tuple[int, ...], int
     return dt, dims, numel * dt.itemsize
 
 
-def _read_known(path: Path, dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> torch.Tensor | None:
-    """The tensor, if ``path`` is a known header + the count + exactly ``nbytes``; else None.
+#: numpy's dtype for each legacy dtype (bfloat16 as its 16 bits, viewed as bfloat16 after)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+          torch.bfloat16: np.uint16, torch.complex64: np.complex64, torch.complex128: np.complex128,
+          torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64,
+          torch.uint8: np.uint8, torch.bool: np.bool_}
+#: ``_KNOWN`` grouped for :func:`_read_known`: (dtype, shape) → header length → [(header, strides)],
+#: with the ``_KNOWN`` dict and size it was built from (rebuilt when either changes).
+_BY_SIG: tuple[Any, int, dict[tuple[torch.dtype, tuple[int, ...]], dict[int, list[tuple[bytes, tuple[int, ...]]]]]] = \
+    (None, -1, {})
 
-    The header is read first, so a file that torch.load must read is not read twice."""
-    try:
-        fd = os.open(path, O_RDONLY)
-    except OSError:
+
+def _signatures() -> dict[tuple[torch.dtype, tuple[int, ...]], dict[int, list[tuple[bytes, tuple[int, ...]]]]]:
+    global _BY_SIG
+    known, size, index = _BY_SIG
+    if known is _KNOWN and size == len(_KNOWN):
+        return index
+    table = _KNOWN
+    entries = list(table.items())  # one C call: a concurrent _learn cannot change it midway
+    index = {}
+    for header, (dtype, shape, strides) in entries:
+        index.setdefault((dtype, shape), {}).setdefault(len(header), []).append((header, strides))
+    _BY_SIG = (table, len(entries), index)
+    return index
+
+
+def _buffer(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[torch.Tensor, memoryview]:
+    """An uninitialised tensor of ``dtype`` and ``shape`` (contiguous, owning exactly ``nbytes``)
+    and a writable byte view of its memory: numpy's (see :func:`byte_tensor`), typed at once, so
+    no ``view``/``reshape`` is needed after."""
+    if not nbytes:
+        body, view = byte_tensor(0)
+        return body.view(dtype).reshape(shape), view
+    array: np.ndarray[Any, Any] = np.empty(shape, dtype=_NUMPY[dtype])
+    tensor = torch.from_numpy(array)
+    if dtype is torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor, array.reshape(-1).view(np.uint8).data.cast("B")
+
+
+def _read_known(path: str, expected: tuple[torch.dtype, tuple[int, ...], int],
+                flags: int) -> torch.Tensor | _Marker | None:
+    """The tensor, if ``path`` is a header torch.load read before for this dtype and shape (see
+    :data:`_KNOWN`) + the element count + exactly its bytes; :data:`_LINK` if ``flags`` has
+    ``O_NOFOLLOW`` and ``path`` is a symbolic link; else None (torch.load's business).
+
+    Only (dtype, shape)s with a known header are tried. Where all of those have one length (the
+    usual case) the file is read with one ``preadv`` into the header, the tensor's own memory and
+    one byte more, with no ``stat`` (the GIL is released for each system call, and with several
+    compare workers each release can wait for the other thread's Python: ``open``, ``preadv``,
+    ``close`` per file, where there were seven calls); the read must end exactly after the body.
+    Otherwise ``fstat`` gives the header's length first. A file that is not what the header says
+    (another header, count or size) is read in full once more by torch.load: this costs only for
+    a header not learned yet whose length equals a learned one of the same dtype and shape."""
+    dtype, shape, nbytes = expected
+    by_len = _signatures().get((dtype, shape))
+    if by_len is None:
         return None
     try:
-        size = os.fstat(fd).st_size
-        cut = size - nbytes - _SIZE.size
-        if not 0 < cut <= _MAX_HEAD:
-            return None
-        head = os.pread(fd, cut + _SIZE.size, 0)
-        known = _KNOWN.get(head[:cut])
-        if known is None or known[0] is not dtype or known[1] != shape:
-            return None
-        if len(head) != cut + _SIZE.size or _SIZE.unpack_from(head, cut)[0] != nbytes // dtype.itemsize:
-            return None
-        body, view = byte_tensor(nbytes)
-        if pread_into(fd, (view,), cut + _SIZE.size) != nbytes or os.fstat(fd).st_size != size:
-            return None
+        fd = os.open(path, flags)
+    except OSError as exc:
+        return _LINK if exc.errno == errno.ELOOP and flags & O_NOFOLLOW else None
+    try:
+        if len(by_len) == 1:
+            cut = next(iter(by_len))
+        else:
+            cut = os.fstat(fd).st_size - nbytes - _SIZE.size
+            if cut not in by_len:
+                return None
+        head = bytearray(cut + _SIZE.size)
+        tensor, view = _buffer(dtype, shape, nbytes)
+        want = cut + _SIZE.size + nbytes
+        got = pread_into(fd, (head, view, bytearray(1)), 0, stop=want)
     except OSError:
         return None
     finally:
         os.close(fd)
-    tensor = body.view(dtype).reshape(shape)
-    return tensor if tensor.stride() == known[2] else None
+    if got != want or _SIZE.unpack_from(head, cut)[0] != nbytes // dtype.itemsize:
+        return None
+    for header, strides in by_len[cut]:
+        if head.startswith(header):
+            return tensor if tensor.stride() == strides else None
+    return None
 
 
 def _read_head(path: Path, nbytes: int) -> bytes | None:
