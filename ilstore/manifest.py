@@ -202,7 +202,9 @@ class JournalWriter:
             raise OSError(f"{self.path}: the step journal is closed")
         line: dict[str, Any] = {"step": step}
         spelled = self._spelled
-        if spelled is not None and spelled[1] == calls and spelled[2] == call_ends:
+        # a step number written again (a writer driven by hand) spells its order out: a line
+        # never points at its own step
+        if spelled is not None and spelled[0] != step and spelled[1] == calls and spelled[2] == call_ends:
             line["calls_as"] = spelled[0]
         else:
             line["calls"], line["call_ends"] = calls, call_ends

@@ -187,10 +187,13 @@ def test_missing_journal_and_bad_journal_name(out_dir: Path) -> None:
         ilstore.open_run(run_dir)
 
 
-def test_a_step_ended_twice_keeps_its_last_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second", ["b", "a"])
+def test_a_step_ended_twice_keeps_its_last_line(tmp_path: Path, second: str) -> None:
+    """With ``second == "a"`` every step has the same call order, so step 1's line says
+    ``"calls_as": 0``; step 0's second line must spell its order out, not point at itself."""
     writer = get_backend("pt").writer(tmp_path / "run")
     writer.open(new_manifest("pt", {}))
-    for step, module in ((0, "a"), (1, "b"), (0, "a")):
+    for step, module in ((0, "a"), (1, second), (0, "a")):
         call = CallKey(0, step, module, 0)
         rec = build_record(call, "outputs", torch.ones(2), TensorPolicy(pin_memory=False))
         finalize_stats(rec)
@@ -199,6 +202,7 @@ def test_a_step_ended_twice_keeps_its_last_line(tmp_path: Path) -> None:
     writer.close()
     with ilstore.open_run(tmp_path / "run") as run:
         assert run.steps() == [0, 1] and [c.module for c in run.calls(0)] == ["a"]
+        assert [c.module for c in run.calls(1)] == [second]
         assert run.step_totals(1) == {"module_calls": 1, "tensors": 1, "stored": 1, "bytes": 8}
 
 
