@@ -150,19 +150,11 @@ def _rekey(data: bytes, digits: int) -> bytes:
     return data.replace(bytes([len(key)]) + b"\x00\x00\x00" + key, bytes([digits]) + b"\x00\x00\x00" + new)
 
 
-def test_headers_of_two_lengths_for_one_signature(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_headers_of_two_lengths_for_one_signature(tmp_path: Path, fresh: list[Path]) -> None:
     """Two writers' headers for the same dtype and shape, of different lengths: both are learned
     (one torch.load each) and files of either are read directly after that (``fstat`` tells
     which length a file has)."""
-    monkeypatch.setattr(pt, "_KNOWN", {})
-    monkeypatch.setattr(pt, "_HEADERS", {})
-    loaded: list[Path] = []
-    real = pt._torch_load
-    def counting_load(path: Path) -> torch.Tensor:
-        loaded.append(path)
-        return real(path)
-
-    monkeypatch.setattr(pt, "_torch_load", counting_load)
+    loaded = fresh  # the files torch.load read
     tensors = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     paths = []
     for i, tensor in enumerate(tensors):

@@ -50,22 +50,6 @@ def _same(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert not got.requires_grad
 
 
-@pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """An empty header cache and a record of the files torch.load read."""
-    monkeypatch.setattr(pt, "_KNOWN", {})
-    monkeypatch.setattr(pt, "_HEADERS", {})
-    loaded: list[Path] = []
-    real = pt._torch_load
-
-    def counting(path: Path) -> torch.Tensor:
-        loaded.append(path)
-        return real(path)
-
-    monkeypatch.setattr(pt, "_torch_load", counting)
-    return loaded
-
-
 def _load(path: Path, tensor: torch.Tensor) -> torch.Tensor:
     return pt.load_pt_file(path, str(tensor.dtype), list(tensor.shape))
 
