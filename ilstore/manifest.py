@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import CorruptFileError
+from .errors import CorruptFileError, StoreError
 from .keys import CallKey
 
 __all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "UNORDERED_KEY", "TOTALS_KEYS", "TotalCounts",
@@ -107,6 +107,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 
     Raises:
         CorruptFileError: the file is unreadable, not JSON, or not an ilstore manifest.
+        StoreError: a newer ilstore wrote it (its ``format_version`` is above :data:`FORMAT_VERSION`).
     """
     path = run_dir / MANIFEST_NAME
     if not path.is_file():
@@ -117,6 +118,12 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         raise CorruptFileError(path, f"unreadable manifest: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != "ilstore":
         raise CorruptFileError(path, "not an ilstore manifest (no \"format\": \"ilstore\")")
+    version = data.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        # A newer layout read by this reader could look like a run with missing data; refuse it.
+        raise StoreError(f"{path}: written by a newer ilstore ({data.get('ilstore_version', 'unknown version')}, "
+                         f"format_version {version}); this ilstore ({__version__}) reads format versions up to "
+                         f"{FORMAT_VERSION}: upgrade ilstore to read this run")
     return data
 
 
