@@ -29,6 +29,9 @@ from the torch path in the last bits.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Sequence
+from functools import partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,7 +39,7 @@ import numpy as np
 
 from ilstore._native import NativeLibrary
 
-__all__ = ["BLOCK", "LANES", "LIBRARY", "Totals", "fused", "enabled", "build"]
+__all__ = ["BLOCK", "LANES", "LIBRARY", "RunAll", "Totals", "fused", "fused_ranges", "enabled", "build"]
 
 #: Elements per block: partial sums are added to the totals, and the maxima checked, per block.
 BLOCK = 4096
@@ -109,9 +112,12 @@ static void ulp64(const int64_t *a, const int64_t *b, int64_t start, int64_t sto
     beats |= ok & ((d > m_abs) | ((ay > 0.0) & (d > 0.0) & (d >= m_rel * ay))); \
 }
 
+/* lanes: NULL (the block sums are added to t's sums, lane by lane, block by block), or room for
+   5 x LANES doubles per block, where each block's partial sums are stored instead (in the order
+   s_abs, dd, aa, bb, ab; ilstore_fold adds them up in the same order later) */
 static inline __attribute__((always_inline)) void run(
         const void *x, const int xk, const void *y, const int yk, int64_t n, double rtol, double atol,
-        int equal_nan, int ulp, totals *t) {
+        int equal_nan, int ulp, totals *t, double *lanes) {
     int64_t mis = 0, fin = 0, nan1 = 0, nan2 = 0, inf1 = 0, inf2 = 0;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t stop = start + BLOCK < n ? start + BLOCK : n;
@@ -123,12 +129,23 @@ static inline __attribute__((always_inline)) void run(
             for (int l = 0; l < LANES; l++) ELEMENT(base + l, l)
         }
         for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole)
-        for (int l = 0; l < LANES; l++) {
-            t->s_abs += pa[l];
-            t->dd += pd[l];
-            t->aa += px[l];
-            t->bb += py[l];
-            t->ab += pxy[l];
+        if (lanes) {
+            double *o = lanes + (start / BLOCK) * 5 * LANES;
+            for (int l = 0; l < LANES; l++) {
+                o[l] = pa[l];
+                o[LANES + l] = pd[l];
+                o[2 * LANES + l] = px[l];
+                o[3 * LANES + l] = py[l];
+                o[4 * LANES + l] = pxy[l];
+            }
+        } else {
+            for (int l = 0; l < LANES; l++) {
+                t->s_abs += pa[l];
+                t->dd += pd[l];
+                t->aa += px[l];
+                t->bb += py[l];
+                t->ab += pxy[l];
+            }
         }
         if (beats) { /* rare after the first blocks: the new maxima, first occurrence */
             for (int64_t i = start; i < stop; i++) {
@@ -149,18 +166,41 @@ static inline __attribute__((always_inline)) void run(
     t->mis = mis; t->fin = fin; t->nan1 = nan1; t->nan2 = nan2; t->inf1 = inf1; t->inf2 = inf2;
 }
 
-/* x, y: n float32 (kind 4) or float64 (kind 8) values; ulp: 0, or the common width of both */
-void ilstore_fused(const void *x, int xk, const void *y, int yk, int64_t n, double rtol, double atol,
-                   int equal_nan, int ulp, totals *t) {
+/* x, y: n float32 (kind 4) or float64 (kind 8) values; ulp: 0, or the common width of both;
+   lanes: NULL, or 5 x LANES doubles per block of n (see run) */
+void ilstore_fused_lanes(const void *x, int xk, const void *y, int yk, int64_t n, double rtol, double atol,
+                         int equal_nan, int ulp, totals *t, double *lanes) {
     t->s_abs = t->dd = t->aa = t->bb = t->ab = 0.0;
     t->max_abs = -1.0;
     t->max_at = -1;
     t->max_rel = 0.0;
     t->top = 0;
-    if (xk == 4 && yk == 4) run(x, 4, y, 4, n, rtol, atol, equal_nan, ulp, t);
-    else if (xk == 4) run(x, 4, y, 8, n, rtol, atol, equal_nan, ulp, t);
-    else if (yk == 4) run(x, 8, y, 4, n, rtol, atol, equal_nan, ulp, t);
-    else run(x, 8, y, 8, n, rtol, atol, equal_nan, ulp, t);
+    if (xk == 4 && yk == 4) run(x, 4, y, 4, n, rtol, atol, equal_nan, ulp, t, lanes);
+    else if (xk == 4) run(x, 4, y, 8, n, rtol, atol, equal_nan, ulp, t, lanes);
+    else if (yk == 4) run(x, 8, y, 4, n, rtol, atol, equal_nan, ulp, t, lanes);
+    else run(x, 8, y, 8, n, rtol, atol, equal_nan, ulp, t, lanes);
+}
+
+void ilstore_fused(const void *x, int xk, const void *y, int yk, int64_t n, double rtol, double atol,
+                   int equal_nan, int ulp, totals *t) {
+    ilstore_fused_lanes(x, xk, y, yk, n, rtol, atol, equal_nan, ulp, t, 0);
+}
+
+/* adds nblocks blocks of stored lanes (ilstore_fused_lanes) to sums[0..4] exactly as run adds
+   them to its totals: lane by lane, block by block */
+void ilstore_fold(const double *lanes, int64_t nblocks, double *sums) {
+    double s_abs = sums[0], dd = sums[1], aa = sums[2], bb = sums[3], ab = sums[4];
+    for (int64_t b = 0; b < nblocks; b++) {
+        const double *o = lanes + b * 5 * LANES;
+        for (int l = 0; l < LANES; l++) {
+            s_abs += o[l];
+            dd += o[LANES + l];
+            aa += o[2 * LANES + l];
+            bb += o[3 * LANES + l];
+            ab += o[4 * LANES + l];
+        }
+    }
+    sums[0] = s_abs; sums[1] = dd; sums[2] = aa; sums[3] = bb; sums[4] = ab;
 }
 """
 
@@ -196,10 +236,14 @@ class Totals(NamedTuple):
 
 
 def _declare(lib: Any) -> None:
+    args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
+            ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Totals)]
     lib.ilstore_fused.restype = None
-    lib.ilstore_fused.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                  ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int,
-                                  ctypes.POINTER(_Totals)]
+    lib.ilstore_fused.argtypes = args
+    lib.ilstore_fused_lanes.restype = None
+    lib.ilstore_fused_lanes.argtypes = [*args, ctypes.c_void_p]
+    lib.ilstore_fold.restype = None
+    lib.ilstore_fold.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 
 
 #: The compiled kernel (see :mod:`ilstore._native`), switched off by ``ILSTORE_COMPARE_KERNEL=0``.
@@ -248,3 +292,59 @@ def fused(x: np.ndarray, y: np.ndarray, *, rtol: float, atol: float, equal_nan: 
                       int(bool(equal_nan)), x.itemsize if with_ulp else 0, ctypes.byref(t))
     return Totals(t.mis, t.fin, t.nan1, t.nan2, t.inf1, t.inf2, t.s_abs, t.dd, t.aa, t.bb, t.ab, t.max_abs, t.max_at,
                   t.max_rel, int(t.top) - 1 if t.top else None)
+
+
+#: Runs the given functions, maybe several at once, and returns their results in order.
+RunAll = Callable[[Sequence[Callable[[], Any]]], Sequence[Any]]
+
+
+def fused_ranges(x: np.ndarray, y: np.ndarray, bounds: Sequence[int], run_all: RunAll, *, rtol: float,
+                 atol: float, equal_nan: bool, with_ulp: bool) -> Totals | None:
+    """Exactly :func:`fused` of ``(x, y)``, bit for bit, computed as contiguous ranges that may run
+    at once (on several cores: each kernel call releases the GIL); None without the kernel.
+
+    Each range's kernel call stores its blocks' partial sums instead of adding them up; they are
+    then added in the order one call adds them (lane by lane, block by block), and the ranges'
+    counts, maxima (the first index of the largest ``|a-b|``: the earlier range wins a tie) and
+    ``max_ulp`` are merged in range order. Extra memory: 5 x :data:`LANES` doubles per block of
+    :data:`BLOCK` elements (1/400 of float32 inputs).
+
+    Args:
+        x, y, rtol, atol, equal_nan, with_ulp: as for :func:`fused`.
+        bounds: the ranges' edges: ``0``, increasing multiples of :data:`BLOCK`, ``x.size``.
+        run_all: runs one function per range and returns their results in order.
+    """
+    lib = LIBRARY.load()
+    if lib is None:
+        return None
+    n = x.size
+    assert x.flags.c_contiguous and y.flags.c_contiguous and y.size == n
+    assert bounds[0] == 0 and bounds[-1] == n and all(b % BLOCK == 0 for b in bounds[:-1])
+    nblocks = -(-n // BLOCK)
+    lanes = np.empty(nblocks * 5 * LANES, dtype=np.float64)
+    stride = 5 * LANES * lanes.itemsize
+    ulp = x.itemsize if with_ulp else 0
+
+    def part(start: int, stop: int) -> _Totals:
+        t = _Totals()
+        lib.ilstore_fused_lanes(x.ctypes.data + start * x.itemsize, x.itemsize, y.ctypes.data + start * y.itemsize,
+                                y.itemsize, stop - start, float(rtol), float(atol), int(bool(equal_nan)), ulp,
+                                ctypes.byref(t), lanes.ctypes.data + start // BLOCK * stride)
+        return t
+
+    ranges = [(a, b) for a, b in pairwise(bounds) if b > a]
+    parts: Sequence[_Totals] = run_all([partial(part, a, b) for a, b in ranges])
+    sums = np.zeros(5, dtype=np.float64)
+    lib.ilstore_fold(lanes.ctypes.data, nblocks, sums.ctypes.data)
+    mis = fin = nan1 = nan2 = inf1 = inf2 = top = 0
+    max_abs, max_at, max_rel = -1.0, -1, 0.0
+    for (start, _stop), t in zip(ranges, parts, strict=True):
+        mis, fin, nan1, nan2, inf1, inf2 = (mis + t.mis, fin + t.fin, nan1 + t.nan1, nan2 + t.nan2, inf1 + t.inf1,
+                                            inf2 + t.inf2)
+        if t.max_abs > max_abs:  # strictly: the first occurrence, as in one call
+            max_abs, max_at = t.max_abs, start + t.max_at
+        max_rel = max(max_rel, t.max_rel)
+        top = max(top, int(t.top))
+    s_abs, dd, aa, bb, ab = (float(v) for v in sums)
+    return Totals(mis, fin, nan1, nan2, inf1, inf2, s_abs, dd, aa, bb, ab, max_abs, max_at, max_rel,
+                  top - 1 if top else None)

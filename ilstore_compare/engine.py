@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from .divergence import analyse_calls
 from .entries import Entries, blocks, concrete
 from .local import local_errors, local_notes, local_report, measured_divergence
 from .maps import pick_map
-from .metrics import compare_stats, compare_tensors, is_float_dtype
+from .metrics import Split, compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
 from .oracle import enclosing_calls, explain_containers, oracle_calls
 from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir
@@ -140,12 +141,14 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         _prepare_loads(plan.pairs, r1, r2)
 
         heap = HeapGuard()
+        assist = stack.enter_context(_Assist(options.workers)) if options.workers > 1 else None
 
         def one(pair: Pair) -> TensorResult:
             if table is not None and (done := table.result(pair)) is not None:  # issue 13
                 return done
-            result = _compare_pair(pair, r1, r2, options)
-            heap.after(_pair_bytes(pair))
+            size = _pair_bytes(pair)
+            result = _compare_pair(pair, r1, r2, options, assist if size >= _SPLIT_BYTES else None)
+            heap.after(size)
             return result
 
         report = progress
@@ -293,6 +296,45 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
                 future.cancel()
 
 
+class _Assist:
+    """Threads that help a worker with one large pair: both sides loaded at once, the metrics
+    computed in ranges at once (see :class:`.metrics.Split`), so a large pair -- which, with the
+    memory budget, runs beside small pairs only -- still uses every core. Its memory is the
+    pair's own: nothing more is loaded.
+
+    Args:
+        workers: the compare's workers; a pair is cut into that many pieces, ``workers - 1`` run
+            by these threads and one by the worker itself.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="ilstore-compare-assist")
+        self.split = Split(parts=workers, run_all=self.run_all)
+
+    def __enter__(self) -> _Assist:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run_all(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        """``[fn() for fn in fns]``, the first on this thread and the others on the assisting
+        threads at once; one that no assisting thread has started when this thread is done
+        (they are busy with another worker's pair) runs here. Every function has returned
+        before this does (an error is raised after that: the first in order)."""
+        if len(fns) <= 1:
+            return [fn() for fn in fns]
+        futures = [self._pool.submit(fn) for fn in fns[1:]]
+        done = [_attempt(fns[0])]
+        for fn, future in zip(fns[1:], futures, strict=True):  # one not started yet (cancelled) runs here
+            done.append(_attempt(fn) if future.cancel() else _attempt(future.result))
+        return [_outcome(*outcome) for outcome in done]
+
+
+#: Pairs of at least this many tensor bytes (both sides) are helped by :class:`_Assist` with
+#: several workers: their sides load at once, their metrics are computed in ranges at once.
+#: Smaller ones run beside each other (a thread hand-over costs more than it saves on them).
+_SPLIT_BYTES = 4 * 2**20
 #: Tensor bytes that may run beside the largest pair with several workers: pairs of tensors up
 #: to 8 MiB each overlap freely; larger ones overlap with smaller ones only. With 64 MiB two
 #: 16 MiB pairs ran together, and ``ilstore-compare --workers 2`` of two 300 MB hdf5 runs
@@ -369,26 +411,47 @@ def _load(reader: StoreReader, side: Side, label: str, keep_going: bool = False)
     return materialize(side, one)
 
 
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``fn()``'s result, or the exception it raised (to be raised again by :func:`_outcome`)."""
+    try:
+        return fn(), None
+    except BaseException as exc:  # noqa: BLE001 -- raised again where the one-thread order would
+        return None, exc
+
+
+def _outcome(result: Any, exc: BaseException | None) -> Any:
+    if exc is not None:
+        raise exc
+    return result
+
+
 def _load_both(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions, want1: bool = True,
-               want2: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[Unreadable, ...]]:
+               want2: bool = True, assist: _Assist | None = None,
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[Unreadable, ...]]:
     """Each wanted side's tensor (None where not wanted or unreadable) and what could not be read.
 
     Both sides are tried, so a report names every damaged file, not only the first; an unreadable
-    side outranks a map rule that does not fit the other (the run must be repaired first).
+    side outranks a map rule that does not fit the other (the run must be repaired first). With
+    ``assist`` both sides are read at once, and the outcome is the same as one after the other.
 
     Raises:
         RuleMismatch: a map rule does not fit (and nothing was unreadable).
         StoreError: a record cannot be read, without ``keep_going``.
     """
     assert pair.side1 is not None and pair.side2 is not None
+    sides = ((r1, pair.side1, "dir1", want1), (r2, pair.side2, "dir2", want2))
+    loaded: list[Callable[[], torch.Tensor]] = [partial(_load, reader, side, label, o.keep_going)
+                                                for reader, side, label, _want in sides]
+    if assist is not None and want1 and want2:  # both at once; then taken in order, as one after the other
+        loaded = [partial(_outcome, *done) for done in assist.run_all([partial(_attempt, fn) for fn in loaded])]
     out: list[torch.Tensor | None] = []
     lost: list[Unreadable] = []
     misfit: RuleMismatch | None = None
-    for reader, side, label, want in ((r1, pair.side1, "dir1", want1), (r2, pair.side2, "dir2", want2)):
+    for (_reader, _side, _label, want), load in zip(sides, loaded, strict=True):
         tensor = None
-        if want and misfit is None:
+        if want and misfit is None:  # after a misfit the other side is not read (or what it gave is ignored)
             try:
-                tensor = _load(reader, side, label, o.keep_going)
+                tensor = load()
             except _Unreadable as exc:
                 lost.append(exc.entry)
             except RuleMismatch as exc:
@@ -417,7 +480,8 @@ def _shape_mismatch(pair: Pair, o: CompareOptions, meta: dict[str, Any]) -> Tens
     return TensorResult(pair.key, SHAPE_MISMATCH, note=hint, **meta)
 
 
-def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions) -> TensorResult:
+def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions,
+                  assist: _Assist | None = None) -> TensorResult:
     n1 = pair.side1.node if pair.side1 is not None else None
     n2 = pair.side2.node if pair.side2 is not None else None
     meta: dict[str, Any] = dict(renamed_from=pair.renamed_from, shape1=_shape(n1), shape2=_shape(n2),
@@ -441,7 +505,7 @@ def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOption
     stored1, stored2 = _stored(n1), _stored(n2)
     if stored1 and stored2:
         try:
-            a, b, lost = _load_both(pair, r1, r2, o)
+            a, b, lost = _load_both(pair, r1, r2, o, assist=assist)
         except RuleMismatch as exc:  # a path rule's sum or select does not fit the stored tensors
             return TensorResult(pair.key, NOT_COMPARED, note=f"map: {exc}", **meta)
         if lost or a is None or b is None:
@@ -453,7 +517,8 @@ def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOption
                 return _shape_mismatch(pair, o, meta)
             meta["squeezed"] = True
             a = a.reshape(b.shape)  # same elements in the same order; indices are reported in dir2's shape
-        metrics = compare_tensors(a, b, rtol=o.rtol, atol=o.atol, exact=o.exact, equal_nan=o.equal_nan)
+        metrics = compare_tensors(a, b, rtol=o.rtol, atol=o.atol, exact=o.exact, equal_nan=o.equal_nan,
+                                  split=assist.split if assist is not None else None)
         del a, b
         return TensorResult(pair.key, MATCH if metrics.mismatched == 0 else MISMATCH, metrics=metrics, **meta)
     return _compare_by_stats(pair, r1, r2, o, n1, n2, stored1, stored2, meta)

@@ -20,17 +20,49 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
+from itertools import pairwise
 from typing import Any
 
 import torch
 
-from ._kernel import Totals, fused
+from ._kernel import BLOCK, RunAll, Totals, fused, fused_ranges
 
-__all__ = ["CHUNK", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp", "StatsCheck", "compare_tensors",
-           "compare_many", "compare_stats", "is_float_dtype"]
+__all__ = ["CHUNK", "SPLIT_MIN", "Split", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp", "StatsCheck",
+           "compare_tensors", "compare_many", "compare_stats", "is_float_dtype"]
 
 #: Elements per chunk: 1 Mi elements, i.e. 8 MiB per float64 temporary.
 CHUNK = 1 << 20
+#: Elements from which :func:`compare_tensors` splits a pair into ranges when given a :class:`Split`.
+SPLIT_MIN = 1 << 20
+
+
+@dataclass(frozen=True)
+class Split:
+    """How :func:`compare_tensors` may work on one large pair with several threads.
+
+    The pair is cut into ``parts`` contiguous element ranges on the boundaries the one-thread
+    computation already has (the kernel's blocks; chunks where values are computed per chunk),
+    ``run_all`` computes them (each range's kernel call or torch ops release the GIL), and
+    their totals are merged in range order exactly as one thread adds them up: the metrics are
+    the same bits as without a split.
+
+    Attributes:
+        parts: ranges per pair (the number of threads that can work on it).
+        run_all: runs the given functions, maybe at once, and returns their results in order.
+        min_elements: smaller pairs are not split.
+    """
+
+    parts: int
+    run_all: RunAll
+    min_elements: int = SPLIT_MIN
+
+
+def _bounds(n: int, parts: int, unit: int) -> list[int]:
+    """Edges of up to ``parts`` ranges of ``n > 0`` elements, as equal as multiples of ``unit``
+    allow: ``0 < ... < n``, every range non-empty."""
+    units = -(-n // unit)
+    return sorted({units * i // parts * unit for i in range(parts)}) + [n]
 
 _FLOAT_STATS = ("mean", "std", "min", "max", "abs_max", "l2_norm")
 
@@ -334,6 +366,19 @@ class _Accumulator:
             old = self.streamed.get(name)
             self.streamed[name] = value if old is None else _STREAMED_INFO[name].combine(old, value)
 
+    def merge(self, part: _Accumulator) -> None:
+        """Add what a fresh accumulator measured over one chunk (its indices already absolute):
+        the same additions as feeding that chunk to this one."""
+        self.mismatched += part.mismatched
+        self.finite += part.finite
+        self.nan1, self.nan2, self.inf1, self.inf2 = (self.nan1 + part.nan1, self.nan2 + part.nan2,
+                                                      self.inf1 + part.inf1, self.inf2 + part.inf2)
+        self.sum_abs, self.dd, self.aa, self.bb, self.ab = (self.sum_abs + part.sum_abs, self.dd + part.dd,
+                                                            self.aa + part.aa, self.bb + part.bb, self.ab + part.ab)
+        self.add_max(part.max_abs, part.max_at, part.max_rel)
+        for name, _info in _STREAMED:
+            self.add_value(name, part.streamed.get(name))
+
     def add_totals(self, t: Totals, start: int) -> None:
         """Add what the fused kernel measured over elements ``start...``."""
         self.mismatched += t.mismatched
@@ -367,7 +412,7 @@ class _Accumulator:
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: float, exact: bool = False,
-                    equal_nan: bool = False, chunk: int = CHUNK) -> TensorMetrics:
+                    equal_nan: bool = False, chunk: int = CHUNK, split: Split | None = None) -> TensorMetrics:
     """Compare two tensors of the same shape elementwise.
 
     An element matches when ``|a - b| <= atol + rtol * |b|`` or ``a == b`` (so equal
@@ -383,6 +428,8 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
         exact: compare bits instead of using the tolerances.
         equal_nan: NaN in the same place on both sides counts as equal.
         chunk: elements processed at a time.
+        split: work on a pair of at least ``split.min_elements`` elements in ``split.parts``
+            ranges at once (same results; see :class:`Split`).
 
     Returns:
         The metrics; ``mismatched == 0`` means the pair matches.
@@ -393,7 +440,9 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
     acc = _Accumulator()
-    _feed(acc, a, b, 0, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk)
+    if split is not None and (split.parts < 2 or a.numel() < split.min_elements):
+        split = None
+    _feed(acc, a, b, 0, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk, split=split)
     return acc.result(a.numel(), tuple(a.shape))
 
 
@@ -431,8 +480,9 @@ def compare_many(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, rtol: fl
 
 
 def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, rtol: float, atol: float,
-          exact: bool, equal_nan: bool, chunk: int) -> None:
-    """Add the pair ``(a, b)`` (same shape) to ``acc``, chunk by chunk; ``offset``: its first flat position."""
+          exact: bool, equal_nan: bool, chunk: int, split: Split | None = None) -> None:
+    """Add the pair ``(a, b)`` (same shape) to ``acc``, chunk by chunk; ``offset``: its first flat
+    position. With ``split``, groups of chunks are computed at once, then added in order."""
     n = a.numel()
     fa, fb = a.reshape(-1), b.reshape(-1)
     bitwise = exact and a.dtype == b.dtype
@@ -441,28 +491,45 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
     if exact:
         rtol = atol = 0.0
     if (not exact and n and a.is_floating_point() and b.is_floating_point()
-            and _feed_fused(acc, fa, fb, offset, rtol=rtol, atol=atol, equal_nan=equal_nan, chunk=chunk)):
+            and _feed_fused(acc, fa, fb, offset, rtol=rtol, atol=atol, equal_nan=equal_nan, chunk=chunk,
+                            split=split)):
         return
+
+    def one(into: _Accumulator, start: int) -> _Accumulator:
+        ca, cb = fa[start:start + chunk], fb[start:start + chunk]
+        x, y = ca.to(work), cb.to(work)
+        if _STREAMED:
+            into.add_streamed(ca, cb)
+        # the common case: every element finite on both sides
+        if not (bitwise or integral or x.is_complex()) and into.add_finite(x, y, rtol, atol, offset + start):
+            return into
+        if bitwise:
+            size = ca.element_size()
+            ok = (ca.contiguous().view(torch.uint8).view(-1, size)
+                  == cb.contiguous().view(torch.uint8).view(-1, size)).all(dim=1)
+        elif integral:
+            ok = ca == cb
+        else:
+            ok = (x == y) | ((x - y).abs() <= atol + rtol * y.abs())
+            if equal_nan:
+                ok |= torch.isnan(x) & torch.isnan(y)
+        into.add_general(ok, x, y, offset + start)
+        return into
+
     with torch.no_grad():
-        for start in range(0, n, chunk):
-            ca, cb = fa[start:start + chunk], fb[start:start + chunk]
-            x, y = ca.to(work), cb.to(work)
-            if _STREAMED:
-                acc.add_streamed(ca, cb)
-            # the common case: every element finite on both sides
-            if not (bitwise or integral or x.is_complex()) and acc.add_finite(x, y, rtol, atol, offset + start):
-                continue
-            if bitwise:
-                size = ca.element_size()
-                ok = (ca.contiguous().view(torch.uint8).view(-1, size)
-                      == cb.contiguous().view(torch.uint8).view(-1, size)).all(dim=1)
-            elif integral:
-                ok = ca == cb
-            else:
-                ok = (x == y) | ((x - y).abs() <= atol + rtol * y.abs())
-                if equal_nan:
-                    ok |= torch.isnan(x) & torch.isnan(y)
-            acc.add_general(ok, x, y, offset + start)
+        if split is None or n <= chunk:
+            for start in range(0, n, chunk):
+                one(acc, start)
+            return
+
+        def group(first: int, stop: int) -> list[_Accumulator]:  # each chunk into a fresh accumulator
+            with torch.no_grad():
+                return [one(_Accumulator(), start) for start in range(first, stop, chunk)]
+
+        edges = _bounds(n, split.parts, chunk)
+        for parts in split.run_all([partial(group, lo, hi) for lo, hi in pairwise(edges)]):
+            for part in parts:
+                acc.merge(part)
 
 
 def _kernel_side(t: torch.Tensor) -> Any:
@@ -472,14 +539,31 @@ def _kernel_side(t: torch.Tensor) -> Any:
     return t.detach().contiguous().numpy()
 
 
+def _streamed_values(fa: torch.Tensor, fb: torch.Tensor, start: int, stop: int, chunk: int,
+                     skip: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``(name, value)`` of the streamed metrics (those not in ``skip``) over the chunks from
+    ``start`` to ``stop``, in the order :meth:`_Accumulator.add_streamed` adds them."""
+    out = []
+    with torch.no_grad():
+        for c_start in range(start, stop, chunk):
+            ca, cb = fa[c_start:c_start + chunk], fb[c_start:c_start + chunk]
+            for name, info in _STREAMED:
+                if name not in skip:
+                    assert info.chunk is not None
+                    out.append((name, info.chunk(ca, cb)))
+    return out
+
+
 def _feed_fused(acc: _Accumulator, fa: torch.Tensor, fb: torch.Tensor, offset: int, *, rtol: float, atol: float,
-                equal_nan: bool, chunk: int) -> bool:
+                equal_nan: bool, chunk: int, split: Split | None = None) -> bool:
     """:func:`_feed` through the fused kernel (real floating tensors, flat, on the CPU); False
     (nothing added) when the kernel is not available.
 
     float32 and float64 tensors are read in place, whole; other dtypes chunk by chunk. The
     kernel measures ``max_ulp`` itself when both sides have one such dtype; other streamed
-    metrics are still computed chunk by chunk by their own function.
+    metrics are still computed chunk by chunk by their own function. With ``split``, a whole
+    pair is measured in ranges at once (:func:`._kernel.fused_ranges`: the same bits), chunked
+    pairs in groups of chunks whose totals are then added in order.
     """
     if fa.device.type != "cpu" or fb.device.type != "cpu":
         return False
@@ -488,6 +572,10 @@ def _feed_fused(acc: _Accumulator, fa: torch.Tensor, fb: torch.Tensor, offset: i
     whole = fa.dtype in _KERNEL_DTYPES and fb.dtype in _KERNEL_DTYPES
     step = n if whole else chunk
     skip = ("max_ulp",) if own_ulp else ()
+    streamed = len(_STREAMED) > len(skip)
+    if split is not None and (whole or n > chunk):
+        return _feed_split(acc, fa, fb, offset, rtol=rtol, atol=atol, equal_nan=equal_nan, chunk=chunk, split=split,
+                           whole=whole, own_ulp=own_ulp, skip=skip)
     with torch.no_grad():
         for start in range(0, n, step):
             ca, cb = fa[start:start + step], fb[start:start + step]
@@ -498,10 +586,70 @@ def _feed_fused(acc: _Accumulator, fa: torch.Tensor, fb: torch.Tensor, offset: i
             acc.add_totals(totals, offset + start)
             if own_ulp:
                 acc.add_value("max_ulp", totals.max_ulp)
-            if len(_STREAMED) > len(skip):
+            if streamed:
                 for c_start in range(start, min(n, start + step), chunk):
                     acc.add_streamed(fa[c_start:c_start + chunk], fb[c_start:c_start + chunk], skip)
     return True
+
+
+def _feed_split(acc: _Accumulator, fa: torch.Tensor, fb: torch.Tensor, offset: int, *, rtol: float, atol: float,
+                equal_nan: bool, chunk: int, split: Split, whole: bool, own_ulp: bool,
+                skip: tuple[str, ...]) -> bool:
+    """:func:`_feed_fused` of one pair in ``split.parts`` ranges at once, added up in the order
+    one thread adds them (so the same bits)."""
+    n = fa.numel()
+    streamed = len(_STREAMED) > len(skip)
+    if whole:  # one kernel call's totals, computed in ranges (on chunk edges where streamed metrics need them)
+        x, y = _kernel_side(fa), _kernel_side(fb)
+        edges = _bounds(n, split.parts, math.lcm(chunk, BLOCK) if streamed else BLOCK)
+        values: list[list[tuple[str, Any]]] = []
+
+        def run_all(fns: Any) -> list[Any]:  # each range's streamed metrics on the thread of its kernel call
+            if not streamed:
+                return list(split.run_all(fns))
+            both = split.run_all([partial(_then, fn, partial(_streamed_values, fa, fb, lo, hi, chunk, skip))
+                                  for fn, (lo, hi) in zip(fns, pairwise(edges), strict=True)])
+            values.extend(v for _t, v in both)
+            return [t for t, _v in both]
+
+        totals = fused_ranges(x, y, edges, run_all, rtol=rtol, atol=atol, equal_nan=equal_nan, with_ulp=own_ulp)
+        if totals is None:
+            return False
+        acc.add_totals(totals, offset)
+        if own_ulp:
+            acc.add_value("max_ulp", totals.max_ulp)
+        for part in values:
+            for name, value in part:
+                acc.add_value(name, value)
+        return True
+
+    def group(lo: int, hi: int) -> list[tuple[Totals | None, list[tuple[str, Any]]]]:
+        out = []
+        with torch.no_grad():
+            for start in range(lo, hi, chunk):
+                ca, cb = fa[start:start + chunk], fb[start:start + chunk]
+                totals = fused(_kernel_side(ca), _kernel_side(cb), rtol=rtol, atol=atol, equal_nan=equal_nan,
+                               with_ulp=False)
+                if totals is None:  # no kernel: the torch path does it all
+                    return [(None, [])]
+                out.append((totals, _streamed_values(fa, fb, start, min(n, start + chunk), chunk, skip)
+                            if streamed else []))
+        return out
+
+    edges = _bounds(n, split.parts, chunk)
+    results = [r for rs in split.run_all([partial(group, lo, hi) for lo, hi in pairwise(edges)]) for r in rs]
+    if any(totals is None for totals, _v in results):
+        return False  # (before anything was added)
+    for start, (totals, streamed_values) in zip(range(0, n, chunk), results, strict=True):
+        assert totals is not None
+        acc.add_totals(totals, offset + start)
+        for name, value in streamed_values:
+            acc.add_value(name, value)
+    return True
+
+
+def _then(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    return first(), second()
 
 
 @dataclass(frozen=True)
