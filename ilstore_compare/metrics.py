@@ -624,7 +624,7 @@ def _feed_split(acc: _Accumulator, fa: torch.Tensor, fb: torch.Tensor, offset: i
         return True
 
     def group(lo: int, hi: int) -> list[tuple[Totals | None, list[tuple[str, Any]]]]:
-        out = []
+        out: list[tuple[Totals | None, list[tuple[str, Any]]]] = []
         with torch.no_grad():
             for start in range(lo, hi, chunk):
                 ca, cb = fa[start:start + chunk], fb[start:start + chunk]
