@@ -30,7 +30,10 @@ memory-mapped files show up in the first only) -- for the CLI rows, the whole pe
 child process (``VmHWM``, not a growth); and the RSS target, 2 x the largest tensor + 300 MB.
 Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6). ``load``: the median
 1-minute load average before the row's rounds (on a shared machine a second worker only helps
-when a core is idle: quote the load with every figure).
+when a core is idle: quote the load with every figure). ``--paired N`` adds, per backend, N
+rounds of ``compare()`` with one worker and with the largest of ``--workers`` back to back
+(alternating which goes first): the median and the best of the per-round ratios, which a load
+that comes and goes disturbs less than the ratio of two medians.
 
 By default the page cache is warm: all files were just written or read, so "reads" come from
 memory. ``--cold`` writes back and evicts (``posix_fadvise(DONTNEED)``) the files a row reads
@@ -40,8 +43,9 @@ chooses where the runs live.
 
 Usage:
     python benchmarks/bench_compare.py [--size-mb 500] [--rounds 3] [--backends pt,safetensors,hdf5]
-        [--workers 1,2] [--cold] [--cli] [--no-f32] [--tmp DIR] [--json FILE] [--profile N]
+        [--workers 1,2] [--cold] [--cli] [--no-f32] [--tmp DIR] [--json FILE] [--profile N] [--paired N]
     python benchmarks/bench_compare.py --size-mb 50 --rounds 1        # a quick smoke run
+    python benchmarks/bench_compare.py --size-mb 200 --rounds 1 --no-f32 --tmp /dev/shm --paired 5
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -185,6 +190,22 @@ def run_compare(a: Path, b: Path, workers: int) -> int:
     return sum(t.metrics.mismatched for t in result.tensors if t.metrics is not None)
 
 
+def paired_ratios(a: Path, b: Path, workers: int, rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds of ``compare()`` with 1 and with ``workers`` workers back to back (which
+    goes first alternates): each round's throughput ratio (one worker's seconds / the other's)."""
+    ratios, loads = [], []
+    for i in range(rounds):
+        seconds = {}
+        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
+        for w in ((1, workers) if i % 2 == 0 else (workers, 1)):
+            release_memory()
+            start = time.perf_counter()  # no RSS sampler here: its thread would compete for the GIL
+            run_compare(a, b, w)
+            seconds[w] = time.perf_counter() - start
+        ratios.append(seconds[1] / seconds[workers])
+    return {"workers": workers, "ratios": ratios, "loads": loads}
+
+
 #: The CLI's entry point, writing its peak RSS (``VmHWM``: the whole resident set, mapped files
 #: included; ``ru_maxrss`` would include the forking parent's before the exec) to argv[1] at exit.
 _CLI_WITH_PEAK = """import atexit, sys
@@ -259,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the rounds, cProfile one workers=1 compare per backend and print the top N functions")
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="after the rounds, N paired rounds per backend of compare() with 1 and with the most "
+                         "workers, back to back, alternating which goes first; ratios per round")
     args = ap.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     worker_counts = [int(w) for w in args.workers.split(",") if w]
@@ -299,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 row.measure(args.cold)
         results = [row.result() for row in rows]
+        paired = {backend: paired_ratios(a, b, max(worker_counts), args.paired)
+                  for backend, (a, b) in runs.items()} if args.paired and max(worker_counts) > 1 else {}
         profiles: dict[str, str] = {}
         if args.profile:
             for backend, (a, b) in runs.items():
@@ -349,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
                                              if t and w != 1))
     print("targets: x floor >= 0.5 (throughput vs the minimal floor); w2/w1 >= 1.6; RSS <= 2 x largest tensor "
           f"+ 300 MB = {target_rss / 1e6:.0f} MB (in-process rows: growth, whole / anonymous; CLI rows: whole peak)")
+    for backend, p in paired.items():
+        print(f"{backend}: paired w{p['workers']}/w1 throughput, {len(p['ratios'])} rounds: median "
+              f"{statistics.median(p['ratios']):.2f}, best {max(p['ratios']):.2f} "
+              f"[{', '.join(f'{r:.2f}' for r in p['ratios'])}], load {statistics.median(p['loads']):.1f}")
     for backend, text in profiles.items():
         print(f"\n== cProfile: {backend} compare workers=1 (tottime) ==\n{text}")
     if args.json:
@@ -357,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             "tensors": len(shapes), "run_bytes": run_bytes, "largest_bytes": largest, "rss_target": target_rss,
             "floor_seconds": floor, "loadavg_before": load_before, "loadavg_after": load_after,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "disk": {k: {"bytes": v[0], "files": v[1]} for k, v in disk.items()}, "rows": results}, indent=1))
+            "disk": {k: {"bytes": v[0], "files": v[1]} for k, v in disk.items()}, "rows": results,
+            "paired": paired}, indent=1))
     return 0
 
 
