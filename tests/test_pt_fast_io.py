@@ -195,13 +195,16 @@ def _files(run_dir: Path) -> Iterator[Path]:
 
 
 def test_structure_files_are_json_dumps_text(tmp_path: Path) -> None:
-    """Every JSON file is exactly ``json.dumps(doc, allow_nan=False)`` of its own content: the
-    cached C encoder writes the text json.dumps wrote."""
-    run_dir = _run(tmp_path, mode="stats")
-    jsons = [p for p in _files(run_dir / "step_0") if p.suffix == ".json"]
+    """Every JSON file, and every line of a structure list, is exactly ``json.dumps(doc,
+    allow_nan=False)`` of its own content: the cached C encoder writes the text json.dumps wrote.
+    (Statistics-only sides are lines of ``structures.jsonl``; sides with bodies ``.json`` files.)"""
+    stats = _run(tmp_path / "stats", mode="stats")
+    lines = (stats / "step_0" / "structures.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 6 and not [p for p in _files(stats / "step_0") if p.suffix == ".json"]
+    tensors = _run(tmp_path / "tensors", mode="tensors")
+    jsons = [p.read_text(encoding="utf-8") for p in _files(tensors / "step_0") if p.suffix == ".json"]
     assert len(jsons) == 6
-    for path in jsons:
-        text = path.read_text(encoding="utf-8")
+    for text in lines + jsons:
         assert text == json.dumps(json.loads(text), allow_nan=False)
 
 
@@ -219,15 +222,17 @@ def test_dumps_is_json_dumps(doc: dict[str, Any]) -> None:
     assert pt._dumps({"after": [1, {"a": 2}]}) == '{"after": [1, {"a": 2}]}'  # usable after an error too
 
 
-def test_a_stats_step_makes_each_directory_with_one_mkdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Statistics-only records: per step one mkdir for the step and one per call directory, one
-    open/write/close per JSON file, and no stat before any of them."""
+def test_a_stats_step_makes_one_directory_and_appends_each_structure(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics-only records: per step one mkdir (the step's; no call has a directory), one
+    open of the structure list, one write per record, one close, and no stat before any of them;
+    then module_calls.txt (open, write, close, replace)."""
     run_dir = _run(tmp_path, mode="stats", steps=1)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((run_dir / "ilstore.json").read_text()))
     records, info = _records(run_dir, 0)
     calls = info.calls
-    counts = _Calls(monkeypatch, ("mkdir", "stat", "lstat", "open", "replace"))
+    counts = _Calls(monkeypatch, ("mkdir", "stat", "lstat", "open", "close", "replace"))
     writes = []
     def counting_write(fd: int, data: bytes) -> int:
         writes.append(fd)
@@ -240,15 +245,45 @@ def test_a_stats_step_makes_each_directory_with_one_mkdir(tmp_path: Path, monkey
     monkeypatch.undo()
     counts.counts["write"] = len(writes)
     writer.close()
-    assert counts.counts == {"mkdir": 1 + len(calls), "stat": 0, "lstat": 0, "open": len(records) + 1,
-                             "write": len(records) + 1, "replace": 1}, counts.counts
+    assert counts.counts == {"mkdir": 1, "stat": 0, "lstat": 0, "open": 2, "close": 2, "write": len(records) + 1,
+                             "replace": 1}, counts.counts
+    assert sorted(p.name for p in (tmp_path / "copy" / "step_0").iterdir()) == ["module_calls.txt",
+                                                                                "structures.jsonl"]
+    lines = (tmp_path / "copy" / "step_0" / "structures.jsonl").read_text().splitlines()
+    assert sorted(lines) == sorted((run_dir / "step_0" / "structures.jsonl").read_text().splitlines())
+    assert [(d["ilstore"]["module"], d["ilstore"]["kind"]) for d in map(json.loads, lines)] == [
+        (r.call.module, r.kind) for r in records]
+    assert ((tmp_path / "copy" / "step_0" / "module_calls.txt").read_text()
+            == (run_dir / "step_0" / "module_calls.txt").read_text() == "".join(f"{c.module}\n" for c in calls))
+
+
+def test_a_tensors_step_makes_each_directory_with_one_mkdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records with bodies keep the directory layout: one mkdir for the step and one per call
+    directory, one open/write/close per JSON file, no stat, and no structure list."""
+    run_dir = _run(tmp_path, mode="tensors", steps=1)
+    writer = pt.PtWriter(tmp_path / "copy")
+    writer.open(json.loads((run_dir / "ilstore.json").read_text()))
+    with ilstore.open_run(run_dir) as run:
+        from ilstore.records import Record
+        from ilstore.store.base import StepInfo
+
+        calls = run.calls(0)
+        records = [Record(call, kind, run.structure(call, kind),
+                          {key.path: run.load(key) for key, _node in run.tensor_nodes(call, kind)})
+                   for call in calls for kind in ("inputs", "outputs")]
+        info = StepInfo(0, calls, run.call_ends(0))
+    counts = _Calls(monkeypatch, ("mkdir", "stat", "lstat", "replace"))
+    for record in records:
+        writer.write(record)
+    writer._end_step(info)
+    monkeypatch.undo()
+    writer.close()
+    assert counts.counts == {"mkdir": 1 + len(calls), "stat": 0, "lstat": 0, "replace": 1}, counts.counts
+    assert not (tmp_path / "copy" / "step_0" / "structures.jsonl").exists()
     for call in calls:
         for kind in ("inputs", "outputs"):
-            name = call.module
-            assert (json.loads((tmp_path / "copy" / "step_0" / name / f"{kind}.json").read_text())
-                    == json.loads((run_dir / "step_0" / name / f"{kind}.json").read_text()))
-    assert ((tmp_path / "copy" / "step_0" / "module_calls.txt").read_text()
-            == (run_dir / "step_0" / "module_calls.txt").read_text())
+            assert (json.loads((tmp_path / "copy" / "step_0" / call.module / f"{kind}.json").read_text())
+                    == json.loads((run_dir / "step_0" / call.module / f"{kind}.json").read_text()))
 
 
 def _records(run_dir: Path, step: int) -> tuple[list[Any], Any]:

@@ -6,22 +6,28 @@
         inputs.json   inputs_<path>_<device>.pt
         outputs.json  outputs[_<path>]_<device>.pt
         post_fwd_inputs.json  post_fwd_inputs_<path>_<device>.pt   (if enabled)
+    <run_dir>/step_<N>/structures.jsonl            one line per side without a stored body
     <run_dir>/step_<N>/module_calls.txt            directory names in call-start order
 
-Every ``.pt`` holds one tensor and loads with ``torch.load(path, weights_only=True)``. The
-reader also opens dumps of the earlier vLLM implementation (no manifest, no ``ilstore``
-metadata), recovering module names, call indices, paths and devices from the tree.
+Every ``.pt`` holds one tensor and loads with ``torch.load(path, weights_only=True)``. A side
+none of whose tensors has a stored body (``mode: "stats"``, a side without tensors) is not a
+file of its own: its JSON document is one line of the step's ``structures.jsonl``, and a call
+all of whose sides are such lines has no directory. The reader also opens dumps of the earlier
+vLLM implementation (no manifest, no ``ilstore`` metadata), recovering module names, call
+indices, paths and devices from the tree, and runs written before the structure list existed.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 import os
 import re
 import stat
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +42,10 @@ from ._pread import AVAILABLE as pread_ok
 from ._pread import O_NOFOLLOW, O_RDONLY, byte_tensor, pread_into
 from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
 
-__all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "writer", "reader"]
+__all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "writer", "reader", "STRUCTURES_NAME"]
+
+#: A step's list of the structures of its sides without a stored body, one JSON document a line.
+STRUCTURES_NAME = "structures.jsonl"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _DEVICE_SUFFIX = re.compile(r"^[a-z][a-z0-9]*(?:_\d+)?$")
@@ -75,9 +84,15 @@ def tensor_file_name(kind: str, path: tuple[str, ...], device: str) -> str:
 
 
 class PtWriter(StoreWriter):
-    """Writes the documented tree; one ``torch.save`` per tensor, one JSON per captured side."""
+    """Writes the documented tree: one ``torch.save`` per tensor, one JSON per captured side that
+    holds a stored body, one line of the step's ``structures.jsonl`` per side that holds none."""
 
     name = "pt"
+
+    #: Whether sides without a stored body go to the step's structure list (the format since
+    #: ilstore 0.3); False writes each as ``<kind>.json`` in its call's directory, as earlier
+    #: versions did (kept for the tests that check readers answer the same for both layouts).
+    _list_sides = True
 
     @classmethod
     def validate_options(cls, options: Any) -> list[str]:
@@ -85,24 +100,41 @@ class PtWriter(StoreWriter):
 
     def _open(self) -> None:
         self._root = os.fspath(self.run_dir)
-        self._dirs: dict[CallKey, str] = {}
+        self._dirs: dict[CallKey, str] = {}  # each call's directory name, given at its first record
+        self._made: set[CallKey] = set()  # calls whose directory exists (made in this step)
         self._used: set[str] = set()
         self._files: dict[str, str] = {}
         self._step: int | None = None
         self._step_dir = ""  # the directory of ``_step``, made when the step's first record came
+        self._highest: int | None = None  # the highest step begun, to notice a step written again
+        self._list_fd: int | None = None  # the step's structure list, open for appending
+        self._list_size = 0  # its bytes, all complete lines
+        self._listed: set[tuple[CallKey, str]] = set()  # the sides it holds
 
-    def _call_dir(self, call: CallKey) -> str:
-        """The call's directory, made when its name is first given in the step. Its name comes
-        from :func:`module_dir_name`, which %-encodes separators and leading dots, so it cannot
-        leave the step directory; no path resolution is needed on this per-record path.
+    def _begin_step(self, step: int) -> None:
+        """Start writing ``step``: its directory, and an empty structure list if the step was
+        written before (only a hand-driven writer goes back): each side then has one entry,
+        the latest."""
+        self._close_list()
+        self._step, self._dirs, self._made, self._used, self._files = step, {}, set(), set(), {}
+        self._listed = set()
+        self._step_dir = os.path.join(self._root, step_dir_name(step))
+        _mkdir(self._step_dir)
+        if self._highest is not None and step <= self._highest:
+            try:
+                os.unlink(f"{self._step_dir}{os.sep}{STRUCTURES_NAME}")
+            except FileNotFoundError:
+                pass
+        else:
+            self._highest = step
 
-        Per record this costs what the format needs and little more: one ``mkdir`` per new step
-        and per call directory (no ``stat`` of the parents first: a missing parent is made
-        only when ``mkdir`` says so), strings rather than :class:`~pathlib.Path` objects."""
+    def _call_name(self, call: CallKey) -> str:
+        """The call's directory name in its step, given when its first record comes (whether or not
+        the directory is ever made), so names and ``~<n>`` suffixes do not depend on the layout.
+        It comes from :func:`module_dir_name`, which %-encodes separators and leading dots, so it
+        cannot leave the step directory; no path resolution is needed on this per-record path."""
         if self._step != call.step:
-            self._step, self._dirs, self._used, self._files = call.step, {}, set(), {}
-            self._step_dir = os.path.join(self._root, step_dir_name(call.step))
-            _mkdir(self._step_dir)
+            self._begin_step(call.step)
         name = self._dirs.get(call)
         if name is None:
             name = base = module_dir_name(call.module, call.call)
@@ -112,16 +144,40 @@ class PtWriter(StoreWriter):
                 name = f"{base}~{n}"
             self._dirs[call] = name
             self._used.add(name)
-            path = f"{self._step_dir}{os.sep}{name}"
+        return name
+
+    def _call_dir(self, call: CallKey) -> str:
+        """The call's directory, made when a side with a stored body first needs it.
+
+        Per record this costs what the format needs and little more: one ``mkdir`` per new step
+        and per call directory (no ``stat`` of the parents first: a missing parent is made
+        only when ``mkdir`` says so), strings rather than :class:`~pathlib.Path` objects."""
+        name = self._call_name(call)
+        path = f"{self._step_dir}{os.sep}{name}"
+        if call not in self._made:
             _mkdir(path)
-            return path
-        return f"{self._step_dir}{os.sep}{name}"
+            self._made.add(call)
+        return path
 
     def _write(self, record: Record) -> None:
         call = record.call
+        self._call_name(call)
+        side = (call, record.kind)
+        if side in self._listed:  # the same side written again in this step: the latest counts
+            self._unlist(side)
+        bodies = self._stored_bodies(record)
+        first = next(bodies, None)
+        if first is None and self._list_sides:
+            doc = dict(record.structure)
+            doc["ilstore"] = {"module": call.module, "call": call.call, "step": call.step, "rank": call.rank,
+                              "kind": record.kind}
+            # Compact JSON through the C encoder (see _dumps), one line appended with one os.write.
+            self._append_line((_dumps(doc) + "\n").encode("utf-8"))
+            self._listed.add(side)
+            return
         call_dir = self._call_dir(call)
         used: set[str] | None = None
-        for path, node, tensor in self._stored_bodies(record):
+        for path, node, tensor in itertools.chain((first,), bodies) if first is not None else ():
             fname = base = tensor_file_name(record.kind, path, node["device"])
             if used is None:
                 used = set()
@@ -144,17 +200,68 @@ class PtWriter(StoreWriter):
         # Compact JSON through the C encoder (see _dumps), written with one os.write (_write_file).
         _write_file(f"{call_dir}{os.sep}{record.kind}.json", _dumps(doc).encode("utf-8"))
 
+    def _append_line(self, line: bytes) -> None:
+        """Append one complete line to the step's structure list: one ``write`` to a descriptor
+        opened (``O_APPEND``) at the step's first line and kept open until the step ends. A
+        write that fails partway (ENOSPC) is cut back, so the file holds only complete lines."""
+        fd = self._list_fd
+        if fd is None:  # the step's first line: a new list (a stale one, e.g. of a cut writing, is emptied)
+            fd = self._list_fd = os.open(f"{self._step_dir}{os.sep}{STRUCTURES_NAME}", _APPEND_FLAGS | os.O_TRUNC,
+                                         0o666)
+            self._list_size = 0
+        try:
+            done = _os_write(fd, line)
+            if done < len(line):
+                view = memoryview(line)
+                while done < len(line):
+                    done += _os_write(fd, view[done:])
+        except BaseException:
+            try:
+                os.ftruncate(fd, self._list_size)
+            except OSError:
+                pass  # the torn line has no newline: readers ignore it
+            raise
+        self._list_size += len(line)
+
+    def _unlist(self, side: tuple[CallKey, str]) -> None:
+        """Drop ``side``'s line from the step's structure list (a side written twice in one step:
+        only a hand-driven writer does that), rewriting the list whole (temporary file + rename)."""
+        self._close_list()
+        path = f"{self._step_dir}{os.sep}{STRUCTURES_NAME}"
+        call, kind = side
+        with open(path, "rb") as fh:
+            lines = fh.read().split(b"\n")[:-1]
+        keep = []
+        for line in lines:
+            head = json.loads(line).get("ilstore", {})
+            if (head.get("module"), head.get("call"), head.get("kind")) != (call.module, call.call, kind):
+                keep.append(line + b"\n")
+        tmp = f"{path}.partial"
+        data = b"".join(keep)
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+        self._listed.discard(side)
+        self._list_fd, self._list_size = os.open(path, _APPEND_FLAGS, 0o666), len(data)
+
+    def _close_list(self) -> None:
+        fd, self._list_fd = self._list_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def _end_step(self, info: StepInfo) -> None:
         if self._step == info.step:
-            step_dir = self._step_dir
+            step_dir, dirs = self._step_dir, self._dirs
+            self._close_list()  # every line of the step is written
         else:  # a step without records
-            step_dir = os.path.join(self._root, step_dir_name(info.step))
+            step_dir, dirs = os.path.join(self._root, step_dir_name(info.step)), {}
             _mkdir(step_dir)
-        dirs = self._dirs if self._step == info.step else {}
         lines = [dirs.get(c) or module_dir_name(c.module, c.call) for c in info.calls]
         tmp = f"{step_dir}{os.sep}.module_calls.txt.partial"
         _write_file(tmp, "".join(f"{line}\n" for line in lines).encode("utf-8"))
         os.replace(tmp, f"{step_dir}{os.sep}module_calls.txt")
+
+    def _close(self) -> None:
+        self._close_list()
 
 
 def _mkdir(path: str) -> None:
@@ -174,6 +281,8 @@ def _mkdir(path: str) -> None:
 _os_write, _os_writev = os.write, os.writev
 #: Flags of a file written whole (as ``open(path, "w")``: created or truncated).
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+#: Flags of the step's structure list, appended to line by line.
+_APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -395,6 +504,10 @@ class PtReader(StoreReader):
         #: from it by one concatenation instead of Path arithmetic)
         self._dir_strs: dict[CallKey, str] = {}
         self._root: Path | None = None  # run_dir resolved (see _resolved_step)
+        #: step → its directory, resolved and checked (the most recent steps)
+        self._step_roots: OrderedDict[int, Path] = OrderedDict()
+        #: step → its structure list, read (the most recent steps)
+        self._lists: OrderedDict[int, _StructureList] = OrderedDict()
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -402,7 +515,7 @@ class PtReader(StoreReader):
             for entry in _scan(run_dir):
                 if entry.is_dir() and STEP_DIR.match(entry.name):
                     step = Path(entry.path)
-                    if (step / "module_calls.txt").is_file():
+                    if (step / "module_calls.txt").is_file() or (step / STRUCTURES_NAME).is_file():
                         return True
                     return any((Path(e.path) / f"{k}.json").is_file()
                                for e in _scan(step) if e.is_dir() for k in KINDS)
@@ -441,6 +554,51 @@ class PtReader(StoreReader):
         if step_dir.parent == self.run_dir and STEP_DIR.match(step_dir.name) and not _is_link(str(step_dir)):
             return root / step_dir.name
         return check_inside(self.run_dir, step_dir)
+
+    def _step_root(self, step: int) -> Path:
+        """``step``'s directory, resolved and checked inside the run (:meth:`_resolved_step`), once
+        per step while it is among the most recently asked."""
+        roots = self._step_roots
+        root = roots.get(step)
+        if root is None:
+            root = roots[step] = self._resolved_step(self.run_dir / step_dir_name(step))
+            if len(roots) > _CACHED_LISTS * 4:
+                roots.popitem(last=False)
+        return root
+
+    def _structure_list(self, step: int) -> _StructureList:
+        """``step``'s structure list (``structures.jsonl``), read with one ``open``/``read``/``close``
+        the first time the step is asked (a run written before the list existed: one failed
+        ``open``), kept for the most recently read steps."""
+        lists = self._lists
+        found = lists.get(step)
+        if found is not None:
+            lists.move_to_end(step)
+            return found
+        root = self._step_root(step)
+        path = root / STRUCTURES_NAME
+        data = _read_plain(os.fspath(path)) if _DIRECT else None
+        if data is None:  # a link, a directory, an error: the checked path and its errors
+            path = self._child(root, STRUCTURES_NAME)
+            if path.is_file():
+                try:
+                    data = path.read_bytes()
+                except OSError as exc:
+                    raise CorruptFileError(path, f"unreadable structure list: {exc}") from None
+            else:
+                data = _ABSENT
+        found = lists[step] = _StructureList(path, step, data if isinstance(data, bytes) else b"")
+        if found.has_lines():
+            # Which call directories the step has, in one listing: a call whose every side is a
+            # line has none, and its other sides (say post_fwd_inputs) are then absent without an
+            # ``open`` per call and side.
+            try:
+                found.dirs = frozenset(os.listdir(root))
+            except OSError:
+                found.dirs = None  # ask each file, as without a list
+        if len(lists) > _CACHED_LISTS:
+            lists.popitem(last=False)
+        return found
 
     def _read_json(self, path: Path) -> Any:
         check_inside(self.run_dir, path)
@@ -487,7 +645,7 @@ class PtReader(StoreReader):
         if recorded is not None and names is not None:
             calls = recorded
             if len(calls) == len(names):
-                resolved = self._resolved_step(step_dir)
+                resolved = self._step_root(step)
                 prefix = os.path.join(resolved, "")
                 strs = self._dir_strs
                 for call, name in zip(calls, names, strict=True):
@@ -518,8 +676,36 @@ class PtReader(StoreReader):
                 else:
                     call = CallKey(rank, step, name, 0)
             mapping[call] = path
+        listed_calls = [c for c in self._structure_list(step).calls(rank) if c not in mapping]
+        if listed_calls:
+            mapping = self._with_listed_calls(step, mapping, listed_calls, names or [], dir_set)
         self._call_dirs[step] = mapping
         return mapping
+
+    def _with_listed_calls(self, step: int, mapping: dict[CallKey, Path], listed: list[CallKey],
+                           names: list[str], dir_set: set[str]) -> dict[CallKey, Path]:
+        """``mapping`` (calls with a directory, in order) and the calls only the structure list
+        names, in the order ``module_calls.txt`` lists their directory names (a call's name is
+        :func:`module_dir_name`, ``~<n>`` suffixes matched in turn), the unlisted after, by name."""
+        waiting: dict[str, list[CallKey]] = {}
+        for call in listed:
+            waiting.setdefault(module_dir_name(call.module, call.call), []).append(call)
+        named: dict[CallKey, str] = {}
+        for name in names:
+            if name not in dir_set:
+                queue = waiting.get(re.sub(r"~\d+$", "", name))
+                if queue:
+                    named[queue.pop(0)] = name
+        for call in listed:
+            named.setdefault(call, module_dir_name(call.module, call.call))
+        entries = [(path.name, call, path) for call, path in mapping.items()]
+        root = self._step_root(step)
+        entries += [(name, call, root / name) for call, name in named.items()]
+        position: dict[str, int] = {}
+        for i, name in enumerate(names):
+            position.setdefault(name, i)
+        entries.sort(key=lambda e: (position.get(e[0], len(names)), e[0] if e[0] not in position else ""))
+        return {call: path for _name, call, path in entries}
 
     def _call_dir(self, call: CallKey) -> Path:
         try:
@@ -532,6 +718,29 @@ class PtReader(StoreReader):
             raise KeyError(f"no module call {call.module}#{call.call} in step {call.step} of {self.run_dir}") from None
 
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
+        call_dir = self._call_dir(call)  # a KeyError for a call the step does not have, whatever the layout
+        listed = self._structure_list(call.step)
+        doc = listed.take(call.module, call.call, kind)
+        if doc is not None:
+            doc.pop("ilstore", None)
+            for _tpath, node in iter_tensor_nodes(doc):
+                if "file" in node:
+                    node.setdefault("stored", True)
+                elif "stored" not in node:  # what the directory layout answers (no tensor file there)
+                    node["stored"] = False
+                    node.setdefault("reason", "no tensor file in the dump")
+            return doc
+        dirs = listed.dirs
+        if dirs is not None and call_dir.name not in dirs and call_dir.parent == self._step_root(call.step):
+            doc = None  # no such directory in the step (of a link, resolved: its target's name is asked)
+        else:
+            doc = self._read_side_file(call, kind)
+        if doc is None:
+            listed.check()  # the side may be on a damaged line
+        return doc
+
+    def _read_side_file(self, call: CallKey, kind: str) -> Any | None:
+        """The structure of a side written as ``<kind>.json`` in the call's directory."""
         call_dir = self._call_dir(call)
         text = _read_plain(self._dir_str(call) + kind + ".json") if _DIRECT else None
         if text is None:  # a link, another kind of file, an error: the checked path and its errors
@@ -600,6 +809,107 @@ class PtReader(StoreReader):
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in (".", ".."):
             raise CorruptFileError(self._call_dir(key.call_key), f"bad file reference {fname!r} for {key}")
         return self._child(self._call_dir(key.call_key), fname)
+
+
+#: How many steps' structure lists a reader keeps (the most recently read ones).
+_CACHED_LISTS = 8
+
+
+class _StructureList:
+    """One step's ``structures.jsonl`` as read: each side's line, by ``(module, call, kind)``
+    from the line's ``ilstore`` header.
+
+    Only complete lines count: text after the last newline is a line a killed writer did not
+    finish, and is ignored. A line that is not a JSON object with a valid header for this step,
+    or a side named on two lines, is reported (:class:`CorruptFileError` naming the file and
+    line) when a side it could hold is asked for; the other sides stay readable.
+    """
+
+    __slots__ = ("path", "step", "dirs", "_sides", "_twice", "_bad")
+
+    def __init__(self, path: Path, step: int, data: bytes) -> None:
+        self.path, self.step = path, step
+        #: the names in the step's directory, when listed (see :meth:`dirless`)
+        self.dirs: frozenset[str] | None = None
+        #: (module, call, kind) → [line number, line, its document until handed out, rank]
+        self._sides: dict[tuple[str, int, str], list[Any]] = {}
+        self._twice: dict[tuple[str, int, str], tuple[int, int]] = {}
+        self._bad: list[tuple[int, str]] = []
+        if not data:
+            return
+        lines = data.split(b"\n")
+        lines.pop()  # after the last newline: empty, or a line not finished
+        sides, loads = self._sides, json.loads
+        for number, raw in enumerate(lines, 1):
+            try:
+                doc = loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                self._bad.append((number, f"not a JSON document: {exc}"))
+                continue
+            head = doc.get("ilstore") if type(doc) is dict else None
+            problem = _header_problem(head, step)
+            if problem is not None:
+                self._bad.append((number, "expected a JSON object describing a captured structure" if type(doc)
+                                  is not dict else problem))
+                continue
+            assert isinstance(head, dict)
+            key = (head["module"], head["call"], head["kind"])
+            if key in sides:
+                self._twice.setdefault(key, (sides[key][0], number))
+                continue
+            rank = head.get("rank")
+            sides[key] = [number, raw, doc, rank if type(rank) is int else None]
+
+    def take(self, module: str, call: int, kind: str) -> dict[str, Any] | None:
+        """The document of one side (a new object each time), None if the list has no such line.
+
+        Raises:
+            CorruptFileError: two lines name the side.
+        """
+        key = (module, call, kind)
+        twice = self._twice.get(key)
+        if twice is not None:
+            raise CorruptFileError(self.path, f"lines {twice[0]} and {twice[1]} both hold {kind} of module call "
+                                   f"{module}#{call}")
+        entry = self._sides.get(key)
+        if entry is None:
+            return None
+        doc = entry[2]
+        if doc is None:
+            return json.loads(entry[1].decode("utf-8"))
+        entry[2] = None  # handed out: the caller may keep and change it
+        return doc
+
+    def has_lines(self) -> bool:
+        """Whether the list holds any line (good or damaged)."""
+        return bool(self._sides or self._twice or self._bad)
+
+    def check(self) -> None:
+        """Raise the first damaged line's :class:`CorruptFileError`, if there is one."""
+        if self._bad:
+            number, problem = self._bad[0]
+            raise CorruptFileError(self.path, f"line {number}: {problem}")
+
+    def calls(self, rank: int) -> list[CallKey]:
+        """The calls the lines name, in line order, each once (``rank``: where a line has none)."""
+        seen: dict[tuple[str, int], CallKey] = {}
+        for (module, call, _kind), entry in self._sides.items():
+            if (module, call) not in seen:
+                seen[(module, call)] = CallKey(rank if entry[3] is None else entry[3], self.step, module, call)
+        return list(seen.values())
+
+
+def _header_problem(head: Any, step: int) -> str | None:
+    """What is wrong with a structure line's ``ilstore`` header for ``step``, None if nothing."""
+    if not isinstance(head, dict):
+        return "no \"ilstore\" header naming the module call"
+    module, call, kind = head.get("module"), head.get("call"), head.get("kind")
+    if type(module) is not str or type(call) is not int or call < 0 or kind not in KINDS:
+        return (f"bad \"ilstore\" header {json.dumps(head)[:200]}: needs a module name, a call index >= 0 and "
+                f"a kind ({', '.join(KINDS)})")
+    if head.get("step") != step:
+        return f"the \"ilstore\" header names step {head.get('step')!r}, in the list of step {step}"
+    return None
 
 
 #: What the registry loads (as for any backend: see :mod:`ilstore.store.registry`).
