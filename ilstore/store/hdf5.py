@@ -7,23 +7,34 @@
     <run_dir>/step_<N>.h5.partial       the step being written, or one cut by a crash
 
     step_<N>.h5
-      attrs: format="ilstore-hdf5", format_version, step, rank, calls, call_ends (JSON text)
-      /<module>#<call>                  one group per module call (module %-encoded: no '/')
-          attrs: module, call, step, rank, and per captured side the structure as JSON text
-                 ("inputs", "outputs", "post_fwd_inputs")
+      attrs: format="ilstore-hdf5", format_version=2, step, rank, calls, call_ends (JSON text)
+      /<module>#<call>                  one group per module call with a stored body (module
+                                        %-encoded: no '/')
+          attrs: module, call, step, rank, and per side with a stored body its structure as
+                 JSON text ("inputs", "outputs", "post_fwd_inputs")
           <kind>[:<path elem>...]       one dataset per stored tensor, e.g. "outputs", "inputs:0",
                                         "inputs:attention_mask" (path elements %-encoded)
               attrs: dtype="torch.bfloat16", encoding="bits"|"real" (only when re-encoded)
+      /structures                       the sides without a stored body (``mode: "stats"``, all
+                                        bodies over ``max_tensor_size``, no tensor at all): one
+                                        JSON line each, {"module", "call", "kind", "structure"},
+                                        UTF-8 bytes (a 1-d uint8 dataset), written at step end
+
+A call none of whose sides has a stored body has no group. Step files of format version 1
+(ilstore 0.1 and until issue 13) hold every side as a group attribute and no ``/structures``;
+the reader reads both, and refuses a newer version.
 
 Types numpy (and so HDF5) lacks — bfloat16, the float8 variants, complex32 — are stored as
 their raw bits (``uint16``/``uint8`` views, see :mod:`._encode`) with the true dtype in the
 ``dtype`` attribute; everything comes back bit-exact. Complex and bool use h5py's native types.
 
-Crash safety: a step is written into ``step_<N>.h5.partial``, flushed after every record, and
-renamed to ``step_<N>.h5`` at the end of the step, after the file was closed. A process that
-dies mid-step therefore never touches a completed step's file, and the cut step's file stays
-readable (with ``h5py``) up to its last completed record. ``libver="latest"`` is not used, so
-files open with any HDF5 1.8+ tool without ``h5clear``.
+Crash safety: a step is written into ``step_<N>.h5.partial``, flushed after every record that
+went into the file, and renamed to ``step_<N>.h5`` at the end of the step, after the file was
+closed. A process that dies mid-step therefore never touches a completed step's file, and the
+cut step's file stays readable (with ``h5py``) up to its last completed record with a stored
+body; the ``/structures`` entries, held in memory until the step ends, are lost with the cut
+step (whose file still marks it incomplete). ``libver="latest"`` is not used, so files open with
+any HDF5 1.8+ tool without ``h5clear``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import logging
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,7 +66,11 @@ __all__ = ["Hdf5Writer", "Hdf5Reader", "FILE_FORMAT", "group_name", "parse_group
            "parse_dataset_name", "writer", "reader"]
 
 FILE_FORMAT = "ilstore-hdf5"
-FILE_VERSION = 1
+#: 2: sides without a stored body are entries of the root dataset ``structures``; 1 (ilstore 0.1
+#: and until issue 13): every side is an attribute of its call's group. Readers read both.
+FILE_VERSION = 2
+#: The root dataset of a step file that holds the sides without a stored body (format version 2).
+STRUCTURES = "structures"
 _STEP_FILE = re.compile(r"^step_(\d+)\.h5(\.partial)?$")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_RANK = 32  # HDF5's limit on dataset dimensions
@@ -111,6 +127,10 @@ class Hdf5Writer(StoreWriter):
     """
 
     name = "hdf5"
+    #: Sides without a stored body become entries of the step's ``/structures`` dataset (format
+    #: version 2); False writes every side as a group attribute, as version 1 did (tests compare
+    #: the two layouts through the reader).
+    _list_sides = True
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(run_dir, options)
@@ -125,6 +145,9 @@ class Hdf5Writer(StoreWriter):
         # dataset object directly).
         self._groups: dict[str, Any] = {}
         self._datasets: dict[str, Any] = {}
+        # Within the open step: the entries of /structures (one JSON line per side without a
+        # stored body), written when the step ends.
+        self._entries: list[str] = []
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
@@ -172,14 +195,14 @@ class Hdf5Writer(StoreWriter):
         except Exception as exc:  # OSError, or RuntimeError from HDF5 on a full disk
             self._drop()
             raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
-        self._step, self._groups, self._datasets = step, {}, {}
+        self._step, self._groups, self._datasets, self._entries = step, {}, {}, []
         return self._file
 
     def _drop(self) -> None:
         """After an I/O error: close the file at once, ignoring errors. An HDF5 file object left
         open after a failed write can crash the interpreter when it is finally deallocated."""
         f, self._file, self._step, self._fd = self._file, None, None, None
-        self._groups, self._datasets = {}, {}
+        self._groups, self._datasets, self._entries = {}, {}, []
         if f is not None:
             try:
                 f.close()
@@ -189,7 +212,7 @@ class Hdf5Writer(StoreWriter):
     def _abandon(self) -> None:
         """A step that never ended: close its file, which stays ``.partial``."""
         f, path, self._file, self._step, self._fd = self._file, self._path, None, None, None
-        self._groups, self._datasets = {}, {}
+        self._groups, self._datasets, self._entries = {}, {}, []
         if f is not None:
             try:
                 f.close()
@@ -199,18 +222,29 @@ class Hdf5Writer(StoreWriter):
     def _write(self, record: Record) -> None:
         f = self._begin(record.call.step)
         try:
-            self._write_record(f, record)
-            f.flush()  # a killed process keeps every record flushed before it died
+            if self._write_record(f, record):
+                f.flush()  # a killed process keeps every record flushed before it died
         except StoreError:
             raise
         except Exception as exc:  # h5py raises OSError/RuntimeError/ValueError for I/O failures
             self._drop()
             raise StoreError(f"{self._path}: cannot write {record.call.tensor(record.kind)}: {_msg(exc)}") from exc
 
-    def _write_record(self, f: Any, record: Record) -> None:
+    def _write_record(self, f: Any, record: Record) -> bool:
+        """Store ``record``; True when it went into the file (a group's datasets and attribute),
+        False when it became an entry of ``/structures`` (no stored body), written at step end."""
         from h5py import h5g
 
         call = record.call
+        try:
+            text = json.dumps(record.structure, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
+        bodies = list(self._stored_bodies(record))
+        if not bodies and self._list_sides:
+            self._entries.append(f'{{"module":{json.dumps(call.module)},"call":{call.call},'
+                                 f'"kind":{json.dumps(record.kind)},"structure":{text}}}\n')
+            return False
         gname = group_name(call.module, call.call)
         group = self._groups.get(gname)  # the step file is new: every group in it is here
         if group is None:
@@ -218,7 +252,7 @@ class Hdf5Writer(StoreWriter):
             for name, value in (("module", call.module), ("call", call.call), ("step", call.step),
                                 ("rank", call.rank)):
                 _set_attr(group, name, value)
-        for path, node, tensor in self._stored_bodies(record):
+        for path, node, tensor in bodies:
             dname = dataset_name(record.kind, path).encode()
             if tensor is None:
                 original = self._datasets.get(node["same_as"])
@@ -227,11 +261,8 @@ class Hdf5Writer(StoreWriter):
                 continue
             key = str(record.key(path))
             self._datasets[key] = self._create_dataset(group, dname, tensor, key)
-        try:
-            text = json.dumps(record.structure, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
         _set_attr(group, record.kind, text)
+        return True
 
     def _create_dataset(self, group: Any, name: bytes, tensor: torch.Tensor, key: str) -> Any:
         """The dataset ``name`` in ``group`` (low-level identifiers) holding ``tensor``.
@@ -286,9 +317,12 @@ class Hdf5Writer(StoreWriter):
         f = self._begin(info.step)
         final, partial = self._paths(info.step)
         try:
+            if self._entries:
+                text = "".join(self._entries).encode("utf-8")  # ASCII: json.dumps escapes the rest
+                self._contiguous(f.id, STRUCTURES.encode(), np.frombuffer(text, dtype=np.uint8))
             _set_attr(f.id, "calls", json.dumps(calls_to_json(info.calls)))
             _set_attr(f.id, "call_ends", json.dumps(calls_to_json(info.call_ends)))
-            self._file, self._step, self._fd, self._groups, self._datasets = None, None, None, {}, {}
+            self._file, self._step, self._fd, self._groups, self._datasets, self._entries = None, None, None, {}, {}, []
             f.close()
             os.replace(partial, final)
         except Exception as exc:
@@ -521,6 +555,54 @@ def _decoded(path: Path, key: TensorKey, node: Mapping[str, Any], stored: torch.
         raise CorruptFileError(path, f"{key}: cannot decode dataset {where}: {exc}") from None
 
 
+#: How many steps' ``/structures`` entries a reader keeps (the base class keeps as many steps' structures).
+_CACHED_SIDES = 4
+_MISSING = object()
+
+
+class _Sides(NamedTuple):
+    """The entries of one step's ``/structures``: each side's structure, and the calls that have one."""
+
+    structures: dict[tuple[str, int, str], Any]
+    calls: dict[tuple[str, int], None]  # in entry order
+
+
+_NO_SIDES = _Sides({}, {})
+
+
+def parse_structures(data: bytes, path: Path, cut: bool = False) -> _Sides:
+    """The entries of a ``/structures`` dataset: one JSON object per line,
+    ``{"module": str, "call": int, "kind": "inputs"|"outputs"|"post_fwd_inputs", "structure": ...}``.
+
+    A final line without its newline is a torn write and ignored (the writer ends every entry
+    with one). In a cut step's file (``cut``, a ``.partial`` file, killed while its step ended)
+    the entries stop at the first damaged line; in a completed step's file a damaged entry raises
+    CorruptFileError naming the file and the line.
+    """
+    structures: dict[tuple[str, int, str], Any] = {}
+    calls: dict[tuple[str, int], None] = {}
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline (torn or empty)
+        try:
+            doc = json.loads(line)
+            if not isinstance(doc, dict) or "structure" not in doc:
+                raise ValueError("not an object with a \"structure\"")
+            module, call, kind = doc.get("module"), doc.get("call"), doc.get("kind")
+            if not isinstance(module, str) or not isinstance(call, int) or isinstance(call, bool) or call < 0:
+                raise ValueError(f"bad module call {module!r}#{call!r}")
+            if kind not in KINDS:
+                raise ValueError(f"bad kind {kind!r}")
+            if (module, call, kind) in structures:
+                raise ValueError(f"a second entry for the {kind} of {module}#{call}")
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError included
+            if cut:
+                break
+            raise CorruptFileError(path, f"/{STRUCTURES} line {number}: {exc}") from None
+        structures[(module, call, kind)] = doc["structure"]
+        calls[(module, call)] = None
+    return _Sides(structures, calls)
+
+
 class Hdf5Reader(StoreReader):
     """Reads a run written by :class:`Hdf5Writer`; each step file is opened once, when first needed."""
 
@@ -532,6 +614,8 @@ class Hdf5Reader(StoreReader):
         self._paths: dict[int, Path] = {}
         self._raw_fds: dict[int, int] = {}  # step -> its file's descriptor, for raw reads of contiguous datasets
         self._last_group: tuple[CallKey, Any] | None = None  # the group looked up last (h5py: ~0.1 ms a lookup)
+        # step -> its /structures entries (format version 2), of the few steps read last
+        self._sides: OrderedDict[int, _Sides] = OrderedDict()
         self._located: dict[TensorKey, _Located | None] = {}  # see prepare_loads
 
     @classmethod
@@ -586,6 +670,11 @@ class Hdf5Reader(StoreReader):
         if (fmt.decode() if isinstance(fmt, bytes) else fmt) != FILE_FORMAT:
             f.close()
             raise CorruptFileError(path, f"not an ilstore HDF5 step file (no format=\"{FILE_FORMAT}\" attribute)")
+        version = f.attrs.get("format_version", 1)
+        if isinstance(version, (int, np.integer)) and version > FILE_VERSION:
+            f.close()
+            raise CorruptFileError(path, f"format_version {version}: written by a newer ilstore (this one reads "
+                                   f"step files up to version {FILE_VERSION})")
         self._files[step], self._paths[step] = f, path
         if pread_ok and f.userblock_size == 0 and f.driver == "sec2":  # addresses are file offsets: raw reads work
             try:  # HDF5's own descriptor (pread leaves its position alone): no second one per step
@@ -606,11 +695,17 @@ class Hdf5Reader(StoreReader):
         try:
             if calls is not None:
                 return calls_from_json(calls, step, rank)
-            # a cut step has no call list yet: groups come back in creation (call-start) order
-            out = []
+            # a cut step has no call list yet: groups come back in creation order (the calls with
+            # a stored body; the other sides' entries are written when the step ends)
+            out, seen = [], set()
             for name in f.keys():
+                if name == STRUCTURES:
+                    continue
                 module, call = parse_group_name(name)
                 out.append(CallKey(rank, step, module, call))
+                seen.add((module, call))
+            out.extend(CallKey(rank, step, module, call) for module, call in self._step_sides(step).calls
+                       if (module, call) not in seen)
             return out
         except ValueError as exc:
             raise CorruptFileError(path, f"bad module call list: {exc}") from None
@@ -640,8 +735,39 @@ class Hdf5Reader(StoreReader):
         self._last_group = (call, group)
         return group
 
+    def _step_sides(self, step: int) -> _Sides:
+        """The ``/structures`` entries of ``step`` (none in a version-1 file), read once."""
+        sides = self._sides.get(step)
+        if sides is not None:
+            self._sides.move_to_end(step)
+            return sides
+        f = self._file(step)
+        path = self._paths[step]
+        sides = _NO_SIDES
+        if STRUCTURES in f:
+            try:
+                data = np.asarray(f[STRUCTURES][()])
+            except Exception as exc:
+                raise CorruptFileError(path, f"cannot read the dataset /{STRUCTURES}: {_msg(exc)}") from None
+            if data.dtype != np.uint8 or data.ndim != 1:
+                raise CorruptFileError(path, f"/{STRUCTURES} is not a byte string (a 1-d uint8 dataset)")
+            sides = parse_structures(data.tobytes(), path, cut=path.name.endswith(".partial"))
+        self._sides[step] = sides
+        while len(self._sides) > _CACHED_SIDES:
+            self._sides.popitem(last=False)
+        return sides
+
     @_guarded
     def _read_structure(self, call: CallKey, kind: str) -> Any | None:
+        sides = self._step_sides(call.step)
+        if sides.calls:
+            found = sides.structures.get((call.module, call.call, kind), _MISSING)
+            if found is not _MISSING:
+                return found
+            if (call.module, call.call) in sides.calls:  # a call with a side in the list: its group is optional
+                f = self._file(call.step)
+                if group_name(call.module, call.call) not in f:
+                    return None
         group = self._group(call)
         path = self._paths[call.step]
         try:
@@ -741,6 +867,7 @@ class Hdf5Reader(StoreReader):
                 pass
         self._files.clear()
         self._last_group = None
+        self._sides.clear()
         self._located.clear()
         self._raw_fds.clear()  # HDF5's descriptors, closed with the files
         super().close()
