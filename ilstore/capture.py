@@ -26,7 +26,7 @@ from .keys import CallKey
 from .layout import ModuleLayout, module_layout
 from .manifest import MANIFEST_NAME, new_manifest
 from .pipeline import RecordSink, SyncSink, ThreadedSink, WriterFailed
-from .records import Deduper, TensorPolicy, build_record, iter_tensor_nodes
+from .records import Deduper, TensorPolicy, build_record
 from .replay import CallReplay, ReplaySource, open_reference, rng_marker
 from .store.base import StepInfo
 from .store.ranks import rank_run_dir, write_ranks_manifest
@@ -404,7 +404,7 @@ class Capture:
         record = build_record(call, kind, value, self._policy, kwargs, self._dedup, known)
         rules = self._layouts.get(call.module)
         if rules is not None:
-            rules.apply(kind, iter_tensor_nodes(record.structure), self.rank, self.world_size)
+            rules.apply(kind, record.tensor_nodes(), self.rank, self.world_size)
         if replay is not None and isinstance(record.structure, dict):
             record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
         self._sink.write(record)

@@ -21,7 +21,7 @@ import math
 import struct
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,10 @@ class Record:
             earlier one of the same step (de-duplicated) and has no body in ``tensors``.
         tensors: contiguous CPU snapshots of the stored tensors, keyed by path.
         ready: a CUDA event that completes when the snapshots' device-to-host copies are done.
+        nodes: the structure's tensor nodes ``(path, node)`` exactly as :func:`iter_tensor_nodes`
+            yields them, collected by :func:`build_record` while it built them (so a writer need
+            not walk the tree again); None when unknown (walk ``structure``). Whoever adds or
+            removes tensor nodes of ``structure`` afterwards must drop it.
     """
 
     call: CallKey
@@ -55,6 +59,12 @@ class Record:
     structure: Any
     tensors: Mapping[tuple[str, ...], torch.Tensor]
     ready: Any = None
+    nodes: list[tuple[tuple[str, ...], dict[str, Any]]] | None = field(default=None, compare=False, repr=False)
+
+    def tensor_nodes(self) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+        """``(path, node)`` of each tensor node of the structure, in :func:`iter_tensor_nodes` order."""
+        nodes = self.nodes
+        return list(iter_tensor_nodes(self.structure)) if nodes is None else nodes
 
     def key(self, path: tuple[str, ...]) -> TensorKey:
         return self.call.tensor(self.kind, path)
@@ -94,13 +104,23 @@ class Deduper:
         self._seen.clear()
 
     @staticmethod
-    def _identity(t: torch.Tensor) -> tuple[Any, ...] | None:
+    def _identity(t: torch.Tensor, shape: torch.Size | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[Any, ...] | None:
+        """The identity of ``t``; ``shape`` and ``dtype``: ``t.shape`` and ``t.dtype`` when the
+        caller has them already (a ``torch.Size`` hashes and compares as the tuple it is)."""
         try:
             version = t._version
         except RuntimeError:  # inference-mode tensors track no version: never de-duplicated
             return None
-        return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape), t.stride(),
-                t.dtype, version)
+        return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(),
+                tuple(t.shape) if shape is None else shape, t.stride(), t.dtype if dtype is None else dtype, version)
+
+    def hit(self, ident: tuple[Any, ...]) -> tuple[str | None, dict[str, Any]] | None:
+        """What :meth:`lookup` returns for the tensor of identity ``ident``."""
+        hit = self._seen.get(ident)
+        if hit is None or hit[0]() is None:
+            return None
+        return hit[1], hit[2]
 
     def find(self, t: torch.Tensor) -> tuple[tuple[Any, ...] | None, tuple[str | None, dict[str, Any]] | None]:
         """``(identity, hit)``: the identity to pass to :meth:`add` (None: never de-duplicated)
@@ -108,10 +128,7 @@ class Deduper:
         ident = self._identity(t)
         if ident is None:
             return None, None
-        hit = self._seen.get(ident)
-        if hit is None or hit[0]() is None:
-            return ident, None
-        return ident, (hit[1], hit[2])
+        return ident, self.hit(ident)
 
     def add(self, ident: tuple[Any, ...] | None, t: torch.Tensor, key: str | None, stats: dict[str, Any]) -> None:
         """:meth:`remember` with the identity :meth:`find` gave for ``t``."""
@@ -145,6 +162,15 @@ class TensorPolicy:
     max_numel: int | None = None
     device_ok: Callable[[str], bool] = lambda _d: True
     pin_memory: bool = True
+    # device name -> device_ok(name), asked once per device (the predicate is asked for every tensor)
+    _devices: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+
+    def logs_device(self, device: str) -> bool:
+        """:attr:`device_ok`, remembered per device name."""
+        ok = self._devices.get(device)
+        if ok is None:
+            ok = self._devices[device] = bool(self.device_ok(device))
+        return ok
 
 
 def dtype_from_str(name: str) -> torch.dtype:
@@ -471,7 +497,7 @@ def _encode(x: torch.Tensor) -> tuple[str, dict[str, Any], dict[str, torch.Tenso
         "int_repr": x.int_repr(), "scales": x.q_per_channel_scales(), "zero_points": x.q_per_channel_zero_points()}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Ctx:
     policy: TensorPolicy
     out: dict[tuple[str, ...], torch.Tensor]
@@ -481,6 +507,10 @@ class _Ctx:
     async_copy: bool = False
     known_stats: Callable[[torch.Tensor], dict[str, Any] | None] | None = None
     _prefix: str | None = None
+    # the tensor nodes made so far, in the order iter_tensor_nodes yields them; None once that
+    # order is no longer known (a dict whose keys collide once made strings)
+    nodes: list[tuple[tuple[str, ...], dict[str, Any]]] | None = field(default_factory=list)
+    stats_only: bool = False  # no body is stored (policy.store_bodies is false)
 
     def key(self, path: tuple[str, ...]) -> str:
         """The string key of the tensor at ``path`` (the record's prefix made once, when first needed)."""
@@ -518,6 +548,17 @@ def _unsupported_node(t: torch.Tensor, path: tuple[str, ...], reason: str) -> di
 
 
 def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+    if type(t) is torch.Tensor and ctx.stats_only:  # the common case of mode: "stats", asked in fewest calls
+        try:
+            plain = t.layout is _STRIDED and not t.is_quantized and not t.is_nested and not t.is_meta
+        except Exception:  # noqa: S110 - asked again below, where the failure is recorded
+            plain = False
+        if plain:
+            made = len(ctx.nodes) if ctx.nodes is not None else 0
+            try:
+                return _stats_only_node(t, path, ctx)
+            except Exception as exc:  # never stop the capture for one tensor: record why instead
+                return _failed_node(t, path, ctx, made, exc)
     if type(t) is not torch.Tensor:  # a DTensor: its local shard, with its layout (ilstore.layout)
         from .layout import LAYOUT_KEY, split_dtensor
 
@@ -528,19 +569,35 @@ def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str,
                 node[LAYOUT_KEY] = split[1]
             return node
     try:  # the common dense tensor answers the first test; anything else is asked in detail
-        plain = type(t) is torch.Tensor and t.layout == torch.strided and not t.is_quantized and not t.is_nested \
-            and t.device.type != "meta"
+        plain = type(t) is torch.Tensor and t.layout == _STRIDED and not t.is_quantized and not t.is_nested \
+            and not t.is_meta
         reason = None if plain else _unsupported(t)
     except Exception as exc:  # a tensor-like object that cannot even say what it is
         reason = f"cannot be inspected: {type(exc).__name__}: {exc}"
+    nodes = ctx.nodes
     if reason is not None:
-        return _unsupported_node(t, path, reason)
+        node = _unsupported_node(t, path, reason)
+        if nodes is not None:
+            nodes.append((path, node))
+        return node
+    made = len(nodes) if nodes is not None else 0
     try:
-        if not plain and (t.layout != torch.strided or t.is_quantized):
+        if plain and ctx.stats_only:
+            return _stats_only_node(t, path, ctx)
+        if not plain and (t.layout != _STRIDED or t.is_quantized):
             return _encoded_node(t, path, ctx)
         return _supported_node(t, path, ctx)
     except Exception as exc:  # never stop the capture for one tensor: record why instead
-        return _unsupported_node(t, path, f"cannot be captured: {type(exc).__name__}: {exc}")
+        return _failed_node(t, path, ctx, made, exc)
+
+
+def _failed_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, made: int, exc: Exception) -> dict[str, Any]:
+    """The node of a tensor whose capture raised ``exc``; ``made``: how many nodes ``ctx`` had before."""
+    node = _unsupported_node(t, path, f"cannot be captured: {type(exc).__name__}: {exc}")
+    if ctx.nodes is not None:
+        del ctx.nodes[made:]  # the parts of an encoded tensor made before the failure
+        ctx.nodes.append((path, node))
+    return node
 
 
 def _encoded_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
@@ -583,8 +640,10 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
         "device": device,
         "path": list(path),
     }
-    if not policy.device_ok(device):
+    if not policy.logs_device(device):
         node.update(stored=False, reason="device not in device_names")
+        if ctx.nodes is not None:
+            ctx.nodes.append((path, node))
         return node
     deduper = ctx.dedup if dedup else None
     ident, hit = deduper.find(t) if deduper is not None else (None, None)
@@ -610,6 +669,47 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
         ctx.async_copy |= pending
         if deduper is not None:
             deduper.add(ident, t, ctx.key(path), node["stats"])
+    if ctx.nodes is not None:
+        ctx.nodes.append((path, node))
+    return node
+
+
+_STRIDED = torch.strided
+
+
+def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+    """:func:`_supported_node` of a plain dense tensor when no body is stored (``mode: "stats"``):
+    the same node, with each of the tensor's attributes asked once (each costs a call into torch)."""
+    shape = t.shape
+    dtype = t.dtype
+    is_cpu = t.is_cpu
+    device = "cpu" if is_cpu else str(t.device)
+    numel = t.numel()
+    if not ctx.policy.logs_device(device):
+        node = {"type": "tensor", "shape": list(shape), "dtype": _dtype_name(dtype), "numel": numel,
+                "device": device, "path": list(path), "stored": False, "reason": "device not in device_names"}
+    else:
+        deduper = ctx.dedup
+        ident = Deduper._identity(t, shape, dtype) if deduper is not None else None
+        hit = deduper.hit(ident) if ident is not None else None  # type: ignore[union-attr]
+        if hit is not None:
+            stats = hit[1]
+        else:
+            # Computed now, in the hook, from the live tensor (no copy of it is made): later
+            # in-place changes cannot reach values already computed.
+            known = ctx.known_stats(t) if ctx.known_stats is not None else None
+            if known:
+                stats = dict(known)
+            elif is_cpu and numel and dtype in _ACC and not t.requires_grad:
+                stats = _cpu_float_stats(t, numel)  # what tensor_stats computes for it
+            else:
+                stats = tensor_stats(t)
+            if ident is not None:
+                deduper.add(ident, t, None, stats)  # type: ignore[union-attr]
+        node = {"type": "tensor", "shape": list(shape), "dtype": _dtype_name(dtype), "numel": numel,
+                "device": device, "path": list(path), "stats": stats, "stored": False, "reason": "mode=stats"}
+    if ctx.nodes is not None:
+        ctx.nodes.append((path, node))
     return node
 
 
@@ -638,8 +738,15 @@ def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
     if depth >= _MAX_DEPTH:
         return _plain(value)
     if isinstance(value, Mapping):
-        node: dict[str, Any] = {"type": "dict", "items": {
-            str(k): _walk(v, path + (str(k),), ctx, depth + 1) for k, v in value.items()}}
+        items: dict[str, Any] = {}
+        count = 0
+        for k, v in value.items():
+            key = str(k)
+            items[key] = _walk(v, path + (key,), ctx, depth + 1)
+            count += 1
+        if count != len(items):  # keys that collide as strings: the tree keeps the last one's node only
+            ctx.nodes = None
+        node: dict[str, Any] = {"type": "dict", "items": items}
         if type(value) is not dict:
             node["class"] = type(value).__qualname__
         return node
@@ -669,15 +776,30 @@ def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
     ``known_stats`` may supply the statistics of a tensor whose exact bits were read from a run
     that already computed them (replay), so they are not computed twice.
     """
-    ctx = _Ctx(policy, {}, call, kind, dedup, known_stats=known_stats)
+    ctx = _Ctx(policy, {}, call, kind, dedup, known_stats=known_stats, stats_only=not policy.store_bodies)
     structure = _walk(value, (), ctx, 0)
     if kwargs is not None:
+        # iter_tensor_nodes does not look into a tensor node's kwargs
+        if isinstance(structure, dict) and structure.get("type") == "tensor":
+            ctx.nodes = None
         structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}
     ready = None
     if ctx.async_copy:
         ready = torch.cuda.Event()
         ready.record()
-    return Record(call, kind, structure, ctx.out, ready)
+    return _new_record(call, kind, structure, ctx.out, ready, ctx.nodes)
+
+
+_new_object = object.__new__
+
+
+def _new_record(call: CallKey, kind: str, structure: Any, tensors: Mapping[tuple[str, ...], torch.Tensor], ready: Any,
+                nodes: list[tuple[tuple[str, ...], dict[str, Any]]] | None) -> Record:
+    """``Record(call, kind, structure, tensors, ready, nodes)`` without the frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field: a capture makes a record per captured side)."""
+    record = _new_object(Record)
+    record.__dict__.update(call=call, kind=kind, structure=structure, tensors=tensors, ready=ready, nodes=nodes)
+    return record
 
 
 def iter_tensor_nodes(structure: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:

@@ -181,10 +181,11 @@ class StoreWriter(ABC):
         self._save_manifest()
 
     def write(self, record: Record) -> None:
-        if not isinstance(record.structure, dict):
-            record = dataclasses.replace(record, structure={"type": "value", "value": record.structure})
-        # The structure is walked once: _write's _stored_bodies, the totals and the table use the same list.
-        nodes = list(iter_tensor_nodes(record.structure))
+        if not isinstance(record.structure, dict):  # a plain value: no tensor node
+            record = dataclasses.replace(record, structure={"type": "value", "value": record.structure}, nodes=[])
+        # The structure is walked once (or not at all: build_record collected its tensor nodes):
+        # _write's _stored_bodies, the totals and the table use the same list.
+        nodes = record.tensor_nodes()
         self._nodes = (record, nodes)
         try:
             self._write(record)
