@@ -126,9 +126,10 @@ def test_old_and_new_layouts_read_the_same(out_dir: Path, mode: str, monkeypatch
     old = _capture(out_dir, "old", mode, False, monkeypatch)
     new = _capture(out_dir, "new", mode, True, monkeypatch)
     # the layouts do differ
-    old_names, old_entries, _ = _layout(old, 0)
+    old_names, old_entries, old_version = _layout(old, 0)
     new_names, new_entries, version = _layout(new, 0)
-    assert version == hdf5.FILE_VERSION == 2 and not old_entries and STRUCTURES not in old_names
+    assert version == hdf5.FILE_VERSION == 2 and old_version == 1
+    assert not old_entries and STRUCTURES not in old_names
     assert new_entries and new_names[-1] == STRUCTURES
     listed = {(e["module"], e["call"], e["kind"]) for e in new_entries}
     with ilstore.open_run(new) as run:
@@ -178,6 +179,34 @@ def test_ls_and_convert_of_the_new_layout(out_dir: Path, monkeypatch: pytest.Mon
     assert entries  # written back in the new layout
 
 
+def test_flush_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The open step file is flushed after a record once ``flush_interval`` seconds passed since
+    its last flush (0: after every record); closing it at the step end writes everything."""
+    flushes: list[int] = []
+    real = h5py.File.flush
+    monkeypatch.setattr(h5py.File, "flush", lambda self: (flushes.append(1), real(self))[1])
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])
+    clock = [0.0]
+    monkeypatch.setattr(hdf5.time, "monotonic", lambda: clock[0])
+    for module in model:  # the clock advances 1 s per module call
+        module.register_forward_pre_hook(lambda m, a: clock.__setitem__(0, clock[0] + 1.0))
+    counts = {}
+    for interval in (0, 2, 1000):
+        flushes.clear()
+        config = {"output_dir": str(tmp_path), "run_id": f"r{interval}", "backend": "hdf5", "async_writes": False,
+                  "backend_options": {"flush_interval": interval}}
+        with torch.no_grad(), ilstore.capture(model, config):
+            model(torch.ones(1, 4))
+        counts[interval] = len(flushes)
+    # 20 records (inputs and outputs of 10 Linear calls at 1, 2, ... 10 s); the new file is flushed at 1 s,
+    # then after the records of the calls at 3, 5, 7 and 9 s
+    assert counts == {0: 21, 2: 1 + 4, 1000: 1}
+    assert Hdf5Writer.validate_options({"flush_interval": 0.5}) == []
+    for bad in (-1, "1", True, float("inf"), float("nan")):
+        assert Hdf5Writer.validate_options({"flush_interval": bad}) == [
+            f"backend_options.flush_interval: must be a number of seconds >= 0, got {bad!r}"]
+
+
 def test_stats_mode_writes_no_group_and_flushes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stats-mode step touches HDF5 only at its start and its end."""
     flushes: list[int] = []
@@ -200,7 +229,7 @@ _KILLED = textwrap.dedent("""
     import os, signal, sys, torch, ilstore
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
     cfg = {"output_dir": sys.argv[1], "run_id": "run", "backend": "hdf5", "log_step_ids": [],
-           "async_writes": False, "mode": sys.argv[2]}
+           "async_writes": False, "mode": sys.argv[2], "backend_options": eval(sys.argv[3])}
     cap = ilstore.capture(model, cfg)
     with torch.no_grad():
         model(torch.ones(1, 4))
@@ -212,12 +241,13 @@ _KILLED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["stats", "tensors"])
-def test_killed_mid_step(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode,options", [("stats", {}), ("tensors", {}), ("tensors", {"flush_interval": 0})])
+def test_killed_mid_step(tmp_path: Path, mode: str, options: dict[str, Any]) -> None:
     """Completed steps stay readable; the cut step is reported incomplete. Its file has only what
-    was flushed: groups of sides with a stored body; the list's entries are written at step end."""
-    proc = subprocess.run([sys.executable, "-c", _KILLED, str(tmp_path), mode], capture_output=True, text=True,
-                          timeout=120)
+    was flushed: groups of sides with a stored body, the records written before the last flush
+    (after every record with ``flush_interval: 0``); the list's entries are written at step end."""
+    proc = subprocess.run([sys.executable, "-c", _KILLED, str(tmp_path), mode, repr(options)], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     run_dir = tmp_path / "run"
     with ilstore.open_run(run_dir) as run:
@@ -227,9 +257,16 @@ def test_killed_mid_step(tmp_path: Path, mode: str) -> None:
             node = run.meta(next(k for k in run.keys(step) if k.module == "0" and k.kind == "inputs"))
             assert node["stats"]["max"] == step + 1
         cut = [c.module for c in run.calls(2)]
-        assert cut == ([] if mode == "stats" else ["0", "1", "2"])
+        if mode == "stats":
+            assert cut == []
+        elif options:
+            assert cut == ["0", "1", "2"]
+            x = run.load(next(k for k in run.keys(2) if k.module == "0" and k.kind == "inputs"))
+            assert torch.equal(x, torch.ones(1, 4) * 3)
+        else:  # killed within 0.1 s of the step file's creation: flushed, if at all, before some record
+            assert cut == ["0", "1", "2"][:len(cut)]
     with h5py.File(run_dir / "step_2.h5.partial", "r") as f:
-        assert STRUCTURES not in f and f.attrs["step"] == 2
+        assert STRUCTURES not in f and f.attrs["step"] == 2 and f.attrs["format"] == "ilstore-hdf5"
 
 
 def _rewrite_structures(path: Path, data: bytes) -> None:
