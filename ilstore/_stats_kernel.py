@@ -33,7 +33,7 @@ import torch
 
 from ._native import NativeLibrary
 
-__all__ = ["BLOCK", "LANES", "DTYPES", "Sums", "sums", "native_sums", "fallback_sums", "LIBRARY"]
+__all__ = ["BLOCK", "LANES", "DTYPES", "Sums", "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
 
 #: Partial sums per block (16: two AVX-512 or four AVX2 registers of float64 per sum).
 LANES = 16
@@ -162,6 +162,7 @@ _KINDS = {
 }
 #: The dtypes :func:`sums` takes.
 DTYPES = frozenset(_KINDS)
+_CODES = {dtype: kind.code for dtype, kind in _KINDS.items()}
 
 
 class Sums(NamedTuple):
@@ -274,6 +275,20 @@ def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:
 
 #: Tensor classes whose memory the kernel may read directly (a subclass may have none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_sums(x: torch.Tensor, dtype: torch.dtype, n: int) -> Sums:
+    """``sums(x)`` of a ``torch.Tensor`` (the class itself, no subclass) whose dtype ``dtype`` (one
+    of :data:`DTYPES`) and element count ``n`` the caller has read already: the same result, with
+    fewer calls into torch (a capture asks this for every tensor it sees)."""
+    if not x.is_neg() and not x._is_zerotensor():
+        lib = LIBRARY.load()
+        if lib is not None:
+            out = _Out()
+            dense = x if x.is_contiguous() else x.contiguous()  # held until the kernel has read it
+            lib.ilstore_stats(dense.data_ptr(), _CODES[dtype], n, 0.0, out)
+            return Sums(bool(out.finite), out.lo, out.hi, out.sum, out.sumsq)
+    return fallback_sums(x)
 
 
 def sums(x: torch.Tensor, center: float = 0.0) -> Sums:

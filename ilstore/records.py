@@ -260,7 +260,7 @@ def _float_stats(x: torch.Tensor, n: int, acc: torch.dtype) -> dict[str, Any]:
     return _device_float_stats(x, n, acc)
 
 
-def _cpu_float_stats(x: torch.Tensor, n: int) -> dict[str, Any]:
+def _cpu_float_stats(x: torch.Tensor, n: int, plain_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """:func:`_float_stats` of a CPU tensor: ilstore's own one-pass sums (:mod:`._stats_kernel`:
     min/max exact, sum and sum of squares in float64 in a fixed order), the same bits for any
     thread count and CPU, with or without the compiled kernel. A strided tensor is read through
@@ -268,8 +268,10 @@ def _cpu_float_stats(x: torch.Tensor, n: int) -> dict[str, Any]:
 
     The variance is ``E[x^2] - mean^2`` unless the mean dominates (``mean^2 > 1e3 var``), where
     that could lose digits to cancellation: then a second pass sums ``(x - mean)^2``.
+
+    ``plain_dtype``: ``x.dtype``, given when ``x`` is a ``torch.Tensor`` itself (no subclass).
     """
-    s = _stats_kernel.sums(x)
+    s = _stats_kernel.sums(x) if plain_dtype is None else _stats_kernel.plain_sums(x, plain_dtype, n)
     if not (s.finite and math.isfinite(s.squares)):  # NaN/Inf, or float64 squares past the range
         return _slow_stats(x)
     mn, mx, sq = s.minimum, s.maximum, s.squares
@@ -548,17 +550,6 @@ def _unsupported_node(t: torch.Tensor, path: tuple[str, ...], reason: str) -> di
 
 
 def _tensor_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
-    if type(t) is torch.Tensor and ctx.stats_only:  # the common case of mode: "stats", asked in fewest calls
-        try:
-            plain = t.layout is _STRIDED and not t.is_quantized and not t.is_nested and not t.is_meta
-        except Exception:  # noqa: S110 - asked again below, where the failure is recorded
-            plain = False
-        if plain:
-            made = len(ctx.nodes) if ctx.nodes is not None else 0
-            try:
-                return _stats_only_node(t, path, ctx)
-            except Exception as exc:  # never stop the capture for one tensor: record why instead
-                return _failed_node(t, path, ctx, made, exc)
     if type(t) is not torch.Tensor:  # a DTensor: its local shard, with its layout (ilstore.layout)
         from .layout import LAYOUT_KEY, split_dtensor
 
@@ -701,7 +692,7 @@ def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[
             if known:
                 stats = dict(known)
             elif is_cpu and numel and dtype in _ACC and not t.requires_grad:
-                stats = _cpu_float_stats(t, numel)  # what tensor_stats computes for it
+                stats = _cpu_float_stats(t, numel, dtype)  # what tensor_stats computes for it
             else:
                 stats = tensor_stats(t)
             if ident is not None:
@@ -733,6 +724,17 @@ def _plain(value: Any) -> Any:
 
 
 def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
+    if type(value) is torch.Tensor and ctx.stats_only:  # the common case of mode: "stats", in fewest calls
+        try:
+            plain = value.layout is _STRIDED and not value.is_quantized and not value.is_nested and not value.is_meta
+        except Exception:  # noqa: S110 - asked again by _tensor_node, which records the failure
+            plain = False
+        if plain:
+            made = len(ctx.nodes) if ctx.nodes is not None else 0
+            try:
+                return _stats_only_node(value, path, ctx)
+            except Exception as exc:  # never stop the capture for one tensor: record why instead
+                return _failed_node(value, path, ctx, made, exc)
     if isinstance(value, torch.Tensor):
         return _tensor_node(value, path, ctx)
     if depth >= _MAX_DEPTH:

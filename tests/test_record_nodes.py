@@ -130,7 +130,7 @@ def test_stats_fast_path_devices_and_dedup() -> None:
 def test_stats_fast_path_failure_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
     from ilstore import records
 
-    def broken(x: torch.Tensor, n: int) -> dict[str, Any]:
+    def broken(*args: Any) -> dict[str, Any]:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(records, "_cpu_float_stats", broken)
@@ -140,3 +140,28 @@ def test_stats_fast_path_failure_is_recorded(monkeypatch: pytest.MonkeyPatch) ->
     assert first["stored"] is False and first["reason"] == "cannot be captured: RuntimeError: boom"
     assert second["reason"] == "mode=stats"
     assert [n for _, n in record.tensor_nodes()] == [first, second]
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_plain_sums_is_sums(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ilstore import _stats_kernel as K
+
+    if not kernel:
+        monkeypatch.setattr(K.LIBRARY, "_lib", None)
+        monkeypatch.setattr(K.LIBRARY, "_failed", True)
+    torch.manual_seed(1)
+    base = torch.randn(64, 129) * 5
+    for dtype in K.DTYPES:
+        x = base.to(dtype)
+        for t in (x, x[:, 3:], x.t(), x[::2], torch.tensor([1.0, float("nan")]).to(dtype),
+                  torch.ones(3, dtype=dtype).expand(4, 3)):
+            got, want = K.plain_sums(t, dtype, t.numel()), K.sums(t)
+            assert got.finite == want.finite
+            if want.finite:
+                assert [v.hex() for v in got[1:]] == [v.hex() for v in want[1:]]
+        neg = x._neg_view()  # neither reads a negative view's memory as it is: both take the fallback, which refuses it
+        with pytest.raises(RuntimeError) as first:
+            K.sums(neg)
+        with pytest.raises(RuntimeError) as second:
+            K.plain_sums(neg, dtype, neg.numel())
+        assert str(first.value) == str(second.value)
