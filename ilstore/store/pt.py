@@ -101,7 +101,7 @@ class PtWriter(StoreWriter):
     def _open(self) -> None:
         self._root = os.fspath(self.run_dir)
         self._dirs: dict[CallKey, str] = {}  # each call's directory name, given at its first record
-        self._made: set[CallKey] = set()  # calls whose directory exists (made in this step)
+        self._made: dict[CallKey, str] = {}  # calls whose directory exists (made in this step): its path
         self._used: set[str] = set()
         self._files: dict[str, str] = {}
         self._step: int | None = None
@@ -116,7 +116,7 @@ class PtWriter(StoreWriter):
         written before (only a hand-driven writer goes back): each side then has one entry,
         the latest."""
         self._close_list()
-        self._step, self._dirs, self._made, self._used, self._files = step, {}, set(), set(), {}
+        self._step, self._dirs, self._made, self._used, self._files = step, {}, {}, set(), {}
         self._listed = set()
         self._step_dir = os.path.join(self._root, step_dir_name(step))
         _mkdir(self._step_dir)
@@ -129,12 +129,11 @@ class PtWriter(StoreWriter):
             self._highest = step
 
     def _call_name(self, call: CallKey) -> str:
-        """The call's directory name in its step, given when its first record comes (whether or not
-        the directory is ever made), so names and ``~<n>`` suffixes do not depend on the layout.
-        It comes from :func:`module_dir_name`, which %-encodes separators and leading dots, so it
-        cannot leave the step directory; no path resolution is needed on this per-record path."""
-        if self._step != call.step:
-            self._begin_step(call.step)
+        """The call's directory name in its step (the current one), given when its first record
+        comes, whether or not the directory is ever made, so names and ``~<n>`` suffixes do not
+        depend on the layout. It comes from :func:`module_dir_name`, which %-encodes separators
+        and leading dots, so it cannot leave the step directory; no path resolution is needed on
+        this per-record path."""
         name = self._dirs.get(call)
         if name is None:
             name = base = module_dir_name(call.module, call.call)
@@ -152,33 +151,36 @@ class PtWriter(StoreWriter):
         Per record this costs what the format needs and little more: one ``mkdir`` per new step
         and per call directory (no ``stat`` of the parents first: a missing parent is made
         only when ``mkdir`` says so), strings rather than :class:`~pathlib.Path` objects."""
-        name = self._call_name(call)
-        path = f"{self._step_dir}{os.sep}{name}"
-        if call not in self._made:
+        path = self._made.get(call)
+        if path is None:
+            path = f"{self._step_dir}{os.sep}{self._call_name(call)}"
             _mkdir(path)
-            self._made.add(call)
+            self._made[call] = path
         return path
 
     def _write(self, record: Record) -> None:
-        call = record.call
-        self._call_name(call)
-        side = (call, record.kind)
-        if side in self._listed:  # the same side written again in this step: the latest counts
-            self._unlist(side)
+        call, kind = record.call, record.kind
+        if self._step != call.step:
+            self._begin_step(call.step)
+        listed = self._listed
+        if listed and (call, kind) in listed:  # the same side written again in this step: the latest counts
+            self._unlist((call, kind))
         bodies = self._stored_bodies(record)
         first = next(bodies, None)
         if first is None and self._list_sides:
+            if call not in self._dirs:
+                self._call_name(call)
             doc = dict(record.structure)
             doc["ilstore"] = {"module": call.module, "call": call.call, "step": call.step, "rank": call.rank,
-                              "kind": record.kind}
+                              "kind": kind}
             # Compact JSON through the C encoder (see _dumps), one line appended with one os.write.
             self._append_line((_dumps(doc) + "\n").encode("utf-8"))
-            self._listed.add(side)
+            listed.add((call, kind))
             return
-        call_dir = self._call_dir(call)
+        call_dir = self._made.get(call) or self._call_dir(call)
         used: set[str] | None = None
         for path, node, tensor in itertools.chain((first,), bodies) if first is not None else ():
-            fname = base = tensor_file_name(record.kind, path, node["device"])
+            fname = base = tensor_file_name(kind, path, node["device"])
             if used is None:
                 used = set()
             n = 1
@@ -196,9 +198,9 @@ class PtWriter(StoreWriter):
             self._files[str(record.key(path))] = target
         doc = dict(record.structure)
         doc["ilstore"] = {"module": call.module, "call": call.call, "step": call.step, "rank": call.rank,
-                          "kind": record.kind}
+                          "kind": kind}
         # Compact JSON through the C encoder (see _dumps), written with one os.write (_write_file).
-        _write_file(f"{call_dir}{os.sep}{record.kind}.json", _dumps(doc).encode("utf-8"))
+        _write_file(f"{call_dir}{os.sep}{kind}.json", _dumps(doc).encode("utf-8"))
 
     def _append_line(self, line: bytes) -> None:
         """Append one complete line to the step's structure list: one ``write`` to a descriptor
