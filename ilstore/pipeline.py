@@ -45,6 +45,13 @@ MAX_PENDING_ITEMS = 1024
 #: without a body (measured ~30 us a record in CPU time on the 2-core development machine).
 _WAKE_ITEMS = 64
 _WAKE_BYTES = 16 * 2**20
+#: Records without bodies (``mode: "stats"``) are handed to the writer thread this many at a time
+#: (at most a quarter of the item bound), as one queued item: queueing one takes the queue's lock
+#: and updates its counters, which costs, with the caches a model's forward leaves cold, about as
+#: much as the writer's work on such a record. A batch is queued before anything else is (a
+#: record with bodies, a step end, a flush, close), so the order is kept, and it counts as the
+#: records it holds against the item bound.
+_BATCH_RECORDS = 32
 #: Once awake, the writer thread hands the GIL over (to the model's thread, if it waits for it)
 #: after this many seconds of work, between two items: the model's hooks then wait at most
 #: about this long for the GIL, instead of Python's switch interval (5 ms), while its OpenMP
@@ -151,6 +158,8 @@ class ThreadedSink(RecordSink):
         self._unwoken = [0, 0]  # under _cond: items and bytes queued since the last wake-up
         self.peak_pending_bytes = 0
         self.peak_pending_items = 0
+        self._batch: list[Record] = []  # producer side: bodiless records not queued yet
+        self._batch_size = max(1, min(_BATCH_RECORDS, self.max_pending_items // 4))
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
         self._thread.start()
@@ -159,8 +168,19 @@ class ThreadedSink(RecordSink):
         self._ready.wait()
 
     def _process(self, op: str, item: Any, nbytes: int) -> None:
+        count = 1
         try:
-            if self._error is None:
+            if op == "writes":  # a batch of records without bodies
+                count = len(item)
+                clock, held = time.perf_counter, time.perf_counter()
+                for i, record in enumerate(item):
+                    if self._error is not None:
+                        break
+                    if i and _GIL_SLICE_S is not None and clock() - held >= _GIL_SLICE_S:
+                        time.sleep(0)  # between two records as between two items (see _run)
+                        held = clock()
+                    self.writer.write(record)
+            elif self._error is None:
                 if op == "write":
                     item.wait_ready()
                     finalize_stats(item)
@@ -173,7 +193,7 @@ class ThreadedSink(RecordSink):
         finally:
             with self._cond:
                 self._pending -= nbytes
-                self._pending_items -= 1
+                self._pending_items -= count
                 self._cond.notify_all()
 
     def _take_one(self) -> str | None:
@@ -225,10 +245,10 @@ class ThreadedSink(RecordSink):
             exc = self._error
             raise WriterFailed(f"{self.writer.run_dir}: writing the run failed: {exc}") from exc
 
-    def _queue(self, op: str, item: Any, nbytes: int, wake: bool) -> None:
+    def _queue(self, op: str, item: Any, nbytes: int, wake: bool, count: int = 1) -> None:
         """Producer side: wait, doing the oldest queued items here, until one more item of
-        ``nbytes`` fits both bounds, then queue it as pending, waking the writer thread when
-        ``wake`` or a batch is full.
+        ``nbytes`` (``count`` records: a batch) fits both bounds, then queue it as pending,
+        waking the writer thread when ``wake`` or enough is queued.
 
         A single record larger than the byte bound is admitted alone, once everything before
         it is written. After a writer failure nothing waits (the items are dropped unprocessed).
@@ -236,16 +256,16 @@ class ThreadedSink(RecordSink):
         cond = self._cond
         while True:
             with cond:
-                if self._fits(nbytes):
+                if self._fits(nbytes, count):
                     self._pending += nbytes
-                    self._pending_items += 1
+                    self._pending_items += count
                     if self._pending > self.peak_pending_bytes:
                         self.peak_pending_bytes = self._pending
                     if self._pending_items > self.peak_pending_items:
                         self.peak_pending_items = self._pending_items
                     self._items.append((op, item, nbytes))
                     unwoken = self._unwoken
-                    unwoken[0] += 1
+                    unwoken[0] += count
                     unwoken[1] += nbytes
                     if wake or unwoken[0] >= _WAKE_ITEMS or unwoken[1] >= _WAKE_BYTES:
                         self._wake_writer()
@@ -253,7 +273,7 @@ class ThreadedSink(RecordSink):
                 self._wake_writer()  # full: the writer thread works too, while this thread helps
             if self._take_one() is None:
                 with cond:  # the writer thread holds the last one: wait for it
-                    if not self._fits(nbytes):
+                    if not self._fits(nbytes, count):
                         cond.wait(0.05)
 
     def _wake_writer(self) -> None:
@@ -263,24 +283,41 @@ class ThreadedSink(RecordSink):
             self._wake = True
             self._cond.notify_all()
 
-    def _fits(self, nbytes: int) -> bool:
-        """Under ``_cond``: whether one more item of ``nbytes`` may be queued now."""
+    def _fits(self, nbytes: int, count: int = 1) -> bool:
+        """Under ``_cond``: whether one more item of ``nbytes`` and ``count`` records may be queued now."""
         if self._error is not None:
             return True
-        if self._pending_items >= self.max_pending_items:
+        if self._pending_items + count > self.max_pending_items and self._pending_items > 0:
             return False
         return self._pending == 0 or self._pending + nbytes <= self.max_pending_bytes
 
     def write(self, record: Record) -> None:
-        self._raise_error()
-        self._queue("write", record, record.nbytes if record.tensors else 0, False)
+        if self._error is not None:
+            self._raise_error()
+        if not record.tensors and record.ready is None:  # no body: batched (finalize_stats has nothing to do)
+            batch = self._batch
+            batch.append(record)
+            if len(batch) >= self._batch_size:
+                self._queue_batch()
+            return
+        self._queue_batch()
+        self._queue("write", record, record.nbytes, False)
+
+    def _queue_batch(self) -> None:
+        """Producer side: queue the bodiless records held back, as one item."""
+        batch = self._batch
+        if batch:
+            self._batch = []
+            self._queue("writes", batch, 0, False, len(batch))
 
     def end_step(self, info: StepInfo) -> None:
         self._raise_error()
+        self._queue_batch()
         self._queue("end", info, 0, True)
 
     def flush(self) -> None:
         """Write everything queued so far (on this thread too); raise a writer failure."""
+        self._queue_batch()
         self._help()
         with self._cond:
             while self._pending_items > 0 and self._error is None:
@@ -293,6 +330,8 @@ class ThreadedSink(RecordSink):
         if self._closed:
             return
         self._closed = True
+        if self._error is None:
+            self._queue_batch()
         self._help()
         with self._cond:
             self._items.append(("stop", None, 0))
