@@ -309,7 +309,9 @@ class _Assist:
 
     def __init__(self, workers: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="ilstore-compare-assist")
-        self.split = Split(parts=workers, run_all=self.run_all)
+        # two pieces a thread: a thread that gets less of a core (another process, a small pair
+        # beside) is left fewer pieces (see run_all)
+        self.split = Split(parts=2 * workers, run_all=self.run_all)
 
     def __enter__(self) -> _Assist:
         return self
@@ -319,16 +321,20 @@ class _Assist:
 
     def run_all(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
         """``[fn() for fn in fns]``, the first on this thread and the others on the assisting
-        threads at once; one that no assisting thread has started when this thread is done
-        (they are busy with another worker's pair) runs here. Every function has returned
-        before this does (an error is raised after that: the first in order)."""
+        threads at once: they take the pieces from the front, this thread from the back those
+        not started yet, so whichever runs faster does more of them. Every function has
+        returned before this does (an error is raised after that: the first in order)."""
         if len(fns) <= 1:
             return [fn() for fn in fns]
         futures = [self._pool.submit(fn) for fn in fns[1:]]
-        done = [_attempt(fns[0])]
-        for fn, future in zip(fns[1:], futures, strict=True):  # one not started yet (cancelled) runs here
-            done.append(_attempt(fn) if future.cancel() else _attempt(future.result))
-        return [_outcome(*outcome) for outcome in done]
+        done = {0: _attempt(fns[0])}
+        for index in range(len(fns) - 1, 0, -1):
+            if futures[index - 1].cancel():  # not started yet: run it here
+                done[index] = _attempt(fns[index])
+        for index in range(1, len(fns)):
+            if index not in done:
+                done[index] = _attempt(futures[index - 1].result)
+        return [_outcome(*done[index]) for index in range(len(fns))]
 
 
 #: Pairs of at least this many tensor bytes (both sides) are helped by :class:`_Assist` with

@@ -314,9 +314,9 @@ def test_two_workers_split_large_pairs_and_give_the_one_worker_result(
     two = compare(run1, run2, squeeze_shapes=True, exact=exact, workers=2)
     assert repr(two.tensors) == repr(one.tensors) and repr(two.summary) == repr(one.summary)
     assert two.exit_code == one.exit_code == 1
-    # every large pair (ids, h, w; inputs and outputs) loaded its sides at once; the float ones
-    # were also measured in two ranges
-    assert split_calls.count(2) >= 6 + (6 if not exact else 4)
+    # every large pair (ids, h, w; inputs and outputs) loaded its sides at once and was measured
+    # in pieces: the two chunks of the torch and chunked paths, four ranges of the whole float32 one
+    assert len(split_calls) == 12 and split_calls.count(4) == (0 if exact else 2)
     largest = max(engine._pair_bytes(p) for p in _plan_pairs(run1, run2))
     assert peak[0] <= largest + engine._SLACK
     squeezed = [t for t in one.tensors if t.key.module == "shaped"]
