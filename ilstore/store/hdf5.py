@@ -596,6 +596,8 @@ def _decoded(path: Path, key: TensorKey, node: Mapping[str, Any], stored: torch.
         raise CorruptFileError(path, f"{key}: cannot decode dataset {where}: {exc}") from None
 
 
+#: How many step files a reader keeps open (besides those its planned loads read).
+_OPEN_FILES = 64
 #: How many steps' ``/structures`` entries a reader keeps (the base class keeps as many steps' structures).
 _CACHED_SIDES = 4
 _MISSING = object()
@@ -651,7 +653,8 @@ class Hdf5Reader(StoreReader):
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
-        self._files: dict[int, Any] = {}
+        self._files: OrderedDict[int, Any] = OrderedDict()  # the open step files, least recently used first
+        self._planned = False  # prepare_loads was called: every file (and descriptor) stays open
         self._paths: dict[int, Path] = {}
         self._raw_fds: dict[int, int] = {}  # step -> its file's descriptor, for raw reads of contiguous datasets
         self._last_group: tuple[CallKey, Any] | None = None  # the group looked up last (h5py: ~0.1 ms a lookup)
@@ -694,6 +697,7 @@ class Hdf5Reader(StoreReader):
     def _file(self, step: int) -> Any:
         f = self._files.get(step)
         if f is not None:
+            self._files.move_to_end(step)
             return f
         path = self.run_dir / f"{step_dir_name(step)}.h5"
         if not path.is_file():
@@ -717,12 +721,32 @@ class Hdf5Reader(StoreReader):
             raise CorruptFileError(path, f"format_version {version}: written by a newer ilstore (this one reads "
                                    f"step files up to version {FILE_VERSION})")
         self._files[step], self._paths[step] = f, path
+        self._close_unused(step)
         if pread_ok and f.userblock_size == 0 and f.driver == "sec2":  # addresses are file offsets: raw reads work
             try:  # HDF5's own descriptor (pread leaves its position alone): no second one per step
                 self._raw_fds[step] = int(f.id.get_vfd_handle())
             except (OSError, RuntimeError, ValueError, TypeError):
                 pass
         return f
+
+    def _close_unused(self, keep: int) -> None:
+        """Close the least recently used step files beyond :data:`_OPEN_FILES` (a long run's
+        reader would otherwise hold one descriptor per step it read, and stop at the process's
+        limit: 1,024 by default), never ``keep``. Not once :meth:`prepare_loads` ran: the planned
+        loads read through the files' descriptors, from the compare's worker threads."""
+        if self._planned or len(self._files) <= _OPEN_FILES:
+            return
+        for step in [s for s in self._files if s != keep]:
+            f = self._files.pop(step)
+            self._raw_fds.pop(step, None)
+            if self._last_group is not None and self._last_group[0].step == step:
+                self._last_group = None
+            try:
+                f.close()
+            except Exception:  # closing a read-only file cannot lose data
+                pass
+            if len(self._files) <= _OPEN_FILES:
+                return
 
     def _rank(self, f: Any) -> int:
         rank = f.attrs.get("rank", 0)
@@ -825,6 +849,7 @@ class Hdf5Reader(StoreReader):
         overlap. Called by the comparer while it plans (one thread); a key that cannot be
         located here (missing, damaged, not stored raw) is loaded the usual way, with its
         errors. Not thread-safe with loads of the same reader."""
+        self._planned = True
         for key in keys:
             try:
                 node = self.meta(key)
@@ -907,6 +932,7 @@ class Hdf5Reader(StoreReader):
             except Exception:  # closing a read-only file cannot lose data
                 pass
         self._files.clear()
+        self._planned = False
         self._last_group = None
         self._sides.clear()
         self._located.clear()
