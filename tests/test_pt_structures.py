@@ -85,14 +85,11 @@ def _capture(out_dir: Path, run_id: str, mode: str, steps: int = 3, old: bool = 
     model = Model()
     inputs = [torch.randn(2, 6, generator=torch.Generator().manual_seed(i)) for i in range(steps)]
     cfg = {"output_dir": str(out_dir), "run_id": run_id, "mode": mode, "log_step_ids": [], **config}
-    saved = pt.PtWriter._list_sides
-    pt.PtWriter._list_sides = not old
-    try:
-        with torch.no_grad(), ilstore.capture(model, cfg) as cap:
-            for x in inputs:
-                model(x)
-    finally:
-        pt.PtWriter._list_sides = saved
+    if old:  # the earlier layout, which backend_options.structure_list=false still writes
+        cfg["backend_options"] = {"structure_list": False}
+    with torch.no_grad(), ilstore.capture(model, cfg) as cap:
+        for x in inputs:
+            model(x)
     assert cap.run_dir is not None and cap.error is None
     return cap.run_dir
 
@@ -550,3 +547,20 @@ def test_a_step_without_its_journal_line_lists_the_same_calls_in_both_layouts(ou
         assert got == want
         answers.append(got)
     assert answers[0] == answers[1]
+
+
+def test_structure_list_option(tmp_path: Path) -> None:
+    """``backend_options.structure_list``: false writes every side as ``<kind>.json`` (SPEC §4.2's
+    tree) and no list; the default writes the list; anything but a bool is refused before the run."""
+    old = _capture(tmp_path, "old", "stats", steps=1, old=True)
+    new = _capture(tmp_path, "new", "stats", steps=1)
+    assert not list(old.glob("step_0/structures.jsonl")) and list(old.glob("step_0/*/inputs.json"))
+    assert list(new.glob("step_0/structures.jsonl")) and not list(new.glob("step_0/*/inputs.json"))
+    for bad in ("no", 1, None):
+        with pytest.raises(ilstore.ConfigError, match="backend_options.structure_list: must be true or false"):
+            ilstore.capture(torch.nn.Linear(2, 2), {"output_dir": str(tmp_path), "run_id": "bad",
+                                                    "backend_options": {"structure_list": bad}})
+    with pytest.raises(ilstore.ConfigError, match=r"backend_options.other: unknown option .*structure_list"):
+        ilstore.capture(torch.nn.Linear(2, 2), {"output_dir": str(tmp_path), "run_id": "bad",
+                                                "backend_options": {"other": 1}})
+    assert not (tmp_path / "bad").exists()

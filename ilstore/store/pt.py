@@ -89,16 +89,25 @@ class PtWriter(StoreWriter):
 
     name = "pt"
 
-    #: Whether sides without a stored body go to the step's structure list (the format since
-    #: ilstore 0.3); False writes each as ``<kind>.json`` in its call's directory, as earlier
-    #: versions did (kept for the tests that check readers answer the same for both layouts).
+    #: Whether sides without a stored body go to the step's structure list (format 3, ilstore
+    #: 0.2.0), the default of ``backend_options.structure_list``; False writes each as
+    #: ``<kind>.json`` in its call's directory, as earlier versions did (SPEC §4.2's tree).
     _list_sides = True
 
     @classmethod
     def validate_options(cls, options: Any) -> list[str]:
-        return [f"backend_options.{k}: unknown option for the 'pt' backend (it takes none)" for k in options]
+        problems = []
+        for key, value in options.items():
+            if key == "structure_list":
+                if not isinstance(value, bool):
+                    problems.append(f"backend_options.structure_list: must be true or false, got {value!r}")
+            else:
+                problems.append(f"backend_options.{key}: unknown option for the 'pt' backend "
+                                "(it takes: structure_list)")
+        return problems
 
     def _open(self) -> None:
+        self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
         self._root = os.fspath(self.run_dir)
         self._dirs: dict[CallKey, str] = {}  # each call's directory name, given at its first record
         self._made: dict[CallKey, str] = {}  # calls whose directory exists (made in this step): its path
