@@ -44,7 +44,11 @@ _log = logging.getLogger(__name__)
 MANIFEST_NAME = "ilstore.json"
 #: The step journal of a format-2 run, in its run directory (the manifest's ``"journal"``).
 JOURNAL_NAME = "steps.jsonl"
-FORMAT_VERSION = 2
+#: 1: ilstore 0.1 (no journal; the manifest rewritten at each step end); 2: the step journal;
+#: 3 (ilstore 0.2.0): pt's per-step structure list and hdf5's version-2 step files (sides without
+#: a stored body are lines of one per-step list, not files or groups of their own). Readers read
+#: every version up to this one and refuse a higher one (:func:`read_manifest`).
+FORMAT_VERSION = 3
 #: Set (true) in the manifest by a writer that appended a step not above the previous one: its
 #: journal's steps do not ascend, and readers index the whole file to find a step's last line.
 UNORDERED_KEY = "journal_unordered"
@@ -133,7 +137,7 @@ def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_s
     Example:
         >>> m = new_manifest("pt", {})
         >>> m["format_version"], m["status"], m["journal"]
-        (2, 'running', 'steps.jsonl')
+        (3, 'running', 'steps.jsonl')
     """
     import torch  # here, not at the top: reading a run's manifest and journal (ilstore ls) needs no torch
 

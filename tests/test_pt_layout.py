@@ -32,7 +32,7 @@ def _capture_llama(out_dir: Path, run_id: str = "llama") -> Path:
 def test_manifest(out_dir: Path) -> None:
     run_dir = _capture_llama(out_dir)
     m = json.loads((run_dir / "ilstore.json").read_text())
-    assert m["format"] == "ilstore" and m["format_version"] == 2 and m["backend"] == "pt"
+    assert m["format"] == "ilstore" and m["format_version"] == 3 and m["backend"] == "pt"
     assert m["status"] == "complete" and m["journal"] == "steps.jsonl" and m["world_size"] == 1
     assert m["torch_version"] == torch.__version__ and m["ilstore_version"] == ilstore.__version__
     assert m["config"]["log_step_ids"] == [0, 1] and m["config"]["run_id"] == "llama"

@@ -160,8 +160,8 @@ class StoreWriter(ABC):
     def open(self, manifest: dict[str, Any]) -> None:
         """Create the run directory, the backend's files, an empty step journal, then the manifest.
 
-        The manifest is made a format-2 one whatever the caller passed: ``format_version``
-        and ``journal`` are set, and the format-1 keys (``steps``, ``calls``, ``call_ends``,
+        The manifest is made a current-format one (:data:`FORMAT_VERSION`) whatever the caller
+        passed: ``format_version`` and ``journal`` are set, and the format-1 keys (``steps``, ``calls``, ``call_ends``,
         ``current_step``) dropped.
         """
         self.manifest = manifest
