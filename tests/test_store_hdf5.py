@@ -54,10 +54,11 @@ def test_file_layout(out_dir: Path) -> None:
                                                          "step_1.h5", "steps.jsonl"]
     with h5py.File(run_dir / "step_0.h5", "r") as f:
         assert f.attrs["format"] == "ilstore-hdf5" and f.attrs["step"] == 0 and f.attrs["rank"] == 0
+        assert f.attrs["format_version"] == 2
         assert json.loads(f.attrs["calls"]) == [["0", 0], ["1", 0]]
         assert list(f.keys()) == ["0#0", "1#0"]
         g = f["0#0"]
-        assert g.attrs["module"] == "0" and g.attrs["call"] == 0
+        assert sorted(g.attrs) == ["inputs", "outputs"]  # module, call: the name's; step, rank: the root's
         assert sorted(g.keys()) == ["inputs:0", "outputs"]
         inputs = json.loads(g.attrs["inputs"])
         assert inputs["type"] == "tuple" and inputs["items"][0]["shape"] == [4, 8]
@@ -75,11 +76,12 @@ def test_attributes_have_h5py_types(out_dir: Path, tmp_path: Path) -> None:
         ref_types = {"s": ref.attrs.get_id("s").get_type(), "i": ref.attrs.get_id("i").get_type()}
         with h5py.File(run_dir / "step_0.h5", "r") as f:
             g = f["0#0"]
-            for name, kind in (("module", "s"), ("inputs", "s"), ("call", "i"), ("step", "i"), ("rank", "i")):
-                aid = g.attrs.get_id(name)
+            for obj, name, kind in ((g, "inputs", "s"), (f, "format", "s"), (f, "calls", "s"), (f, "step", "i"),
+                                    (f, "rank", "i"), (f, "format_version", "i")):
+                aid = obj.attrs.get_id(name)
                 assert aid.get_type().equal(ref_types[kind]) and aid.shape == (), name
             assert g["outputs"].attrs.get_id("dtype").get_type().equal(ref_types["s"])
-            assert isinstance(g.attrs["module"], str) and type(g.attrs["call"]) is np.int64
+            assert isinstance(g.attrs["inputs"], str) and type(f.attrs["step"]) is np.int64
 
 
 def test_bfloat16_and_float8_stored_as_raw_bits(tmp_path: Path) -> None:
@@ -111,12 +113,14 @@ def test_compression(out_dir: Path, options: dict[str, Any], filter_name: str) -
 
 def test_options_are_validated() -> None:
     ok = [{}, {"compression": "gzip"}, {"compression": "gzip", "compression_opts": 9}, {"compression": "lzf"},
-          {"compression": None}, {"shuffle": True}]
+          {"compression": None}, {"shuffle": True}, {"flush_interval": 0}, {"flush_interval": 0.5},
+          {"structure_list": False}]
     for options in ok:
         assert Hdf5Writer.validate_options(options) == [], options
-    bad = {"compression": "zstd", "compression_opts": 10, "shuffle": "yes", "level": 3}
+    bad = {"compression": "zstd", "compression_opts": 10, "shuffle": "yes", "level": 3, "flush_interval": -1,
+           "structure_list": "no"}
     problems = Hdf5Writer.validate_options(bad)
-    assert len(problems) == 4 and all(p.startswith("backend_options.") for p in problems)
+    assert len(problems) == 6 and all(p.startswith("backend_options.") for p in problems)
     assert Hdf5Writer.validate_options({"compression": "lzf", "compression_opts": 4}) == [
         "backend_options.compression_opts: only valid with \"compression\": \"gzip\""]
     with pytest.raises(ilstore.ConfigError, match="backend_options.compression"):
@@ -135,7 +139,10 @@ _KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys, torch, ilstore
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
     cfg = {"output_dir": sys.argv[1], "run_id": "run", "backend": sys.argv[2], "log_step_ids": [],
-           "async_writes": False}
+           "async_writes": False,
+           # hdf5: flush the open step file after every record (the default flushes at most every
+           # 0.1 s), so the cut step holds every record written before the kill
+           "backend_options": {"flush_interval": 0} if sys.argv[2] == "hdf5" else {}}
     cap = ilstore.capture(model, cfg)
     with torch.no_grad():
         model(torch.ones(1, 4))
@@ -173,3 +180,24 @@ def test_corrupt_file_names_the_file(out_dir: Path) -> None:
         assert run.load(run.keys(0)[0]).shape == (4, 8)
         with pytest.raises(ilstore.CorruptFileError, match=r"step_1\.h5.*cannot open the HDF5 file"):
             run.keys(1)
+
+
+def test_structure_list_option(tmp_path: Path) -> None:
+    """``backend_options.structure_list``: false writes version-1 step files (every side a group
+    attribute, no /structures); the default writes version 2; a stats run reads the same either way."""
+    runs = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        config = {"output_dir": str(tmp_path), "run_id": f"r{flag}", "backend": "hdf5", "mode": "stats",
+                  "backend_options": {"structure_list": flag}}
+        with torch.no_grad(), ilstore.capture(model, config) as cap:
+            model(torch.ones(2, 8))
+        assert cap.run_dir is not None
+        runs[flag] = cap.run_dir
+        with h5py.File(cap.run_dir / "step_0.h5", "r") as f:
+            assert f.attrs["format_version"] == (2 if flag else 1)
+            assert ("structures" in f) is flag and (list(f.keys()) == ["0#0", "1#0"]) is not flag
+    with ilstore.open_run(runs[False]) as old, ilstore.open_run(runs[True]) as new:
+        assert old.keys() == new.keys()
+        assert [old.meta(k) for k in old.keys()] == [new.meta(k) for k in new.keys()]

@@ -21,7 +21,7 @@
                                         UTF-8 bytes (a 1-d uint8 dataset), written at step end
 
 A call none of whose sides has a stored body has no group. Step files of format version 1
-(ilstore 0.1 and until issue 13) hold every side as a group attribute, no ``/structures``, and
+(ilstore 0.1, and runs of format 2 before ilstore 0.2.0) hold every side as a group attribute, no ``/structures``, and
 ``module``, ``call``, ``step`` and ``rank`` attributes on every group; the reader reads both
 versions (it never used those four attributes), and refuses a newer one.
 
@@ -142,8 +142,8 @@ class Hdf5Writer(StoreWriter):
 
     name = "hdf5"
     #: Sides without a stored body become entries of the step's ``/structures`` dataset (format
-    #: version 2); False writes every side as a group attribute, as version 1 did (tests compare
-    #: the two layouts through the reader).
+    #: version 2), the default of ``backend_options.structure_list``; False writes every side as a
+    #: group attribute, as version 1 did (SPEC §4.4's group per module call).
     _list_sides = True
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
@@ -165,6 +165,7 @@ class Hdf5Writer(StoreWriter):
         self._prefixes: dict[tuple[str, str], str] = {}  # (module, kind) -> the start of its entries
         self._flush_interval = float(self.options.get("flush_interval", DEFAULT_FLUSH_INTERVAL))
         self._flushed = 0.0  # time.monotonic() of the open step file's last flush
+        self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
         self._version = FILE_VERSION if self._list_sides else 1
 
     @classmethod
@@ -185,13 +186,17 @@ class Hdf5Writer(StoreWriter):
             elif key == "shuffle":
                 if not isinstance(value, bool):
                     problems.append(f"backend_options.shuffle: must be true or false, got {value!r}")
+            elif key == "structure_list":
+                if not isinstance(value, bool):
+                    problems.append(f"backend_options.structure_list: must be true or false, got {value!r}")
             elif key == "flush_interval":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                     problems.append("backend_options.flush_interval: must be a number of seconds >= 0, "
                                     f"got {value!r}")
             else:
                 problems.append(f"backend_options.{key}: unknown option for the 'hdf5' backend "
-                                "(it takes: compression, compression_opts, shuffle, flush_interval)")
+                                "(it takes: compression, compression_opts, shuffle, flush_interval, "
+                                "structure_list)")
         return problems
 
     def _paths(self, step: int) -> tuple[Path, Path]:
