@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -64,7 +65,7 @@ from ..manifest import calls_from_json, calls_to_json
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
 from ._pread import AVAILABLE as pread_ok
-from ._pread import byte_tensor, pread_into
+from ._pread import O_RDONLY, byte_tensor, pread_into
 from .base import StepInfo, StoreReader, StoreWriter, step_dir_name
 
 __all__ = ["Hdf5Writer", "Hdf5Reader", "FILE_FORMAT", "group_name", "parse_group_name", "dataset_name",
@@ -498,13 +499,17 @@ def _raised_in_h5py(exc: BaseException) -> bool:
 
 
 def _guarded(method: Any) -> Any:
-    """Turn h5py's own errors on a damaged file (KeyError "bad object header", OSError,
-    RuntimeError...) into a CorruptFileError naming the step file; our own KeyErrors pass."""
+    """Run ``method`` holding the reader's lock (h5py serialises its calls anyway; the lock also
+    keeps a file from being closed by :meth:`Hdf5Reader._close_unused` in one thread while
+    another uses it), and turn h5py's own errors on a damaged file (KeyError "bad object
+    header", OSError, RuntimeError...) into a CorruptFileError naming the step file; our own
+    KeyErrors pass."""
 
     @functools.wraps(method)
     def wrapper(self: Hdf5Reader, first: Any, *args: Any) -> Any:
         try:
-            return method(self, first, *args)
+            with self._lock:
+                return method(self, first, *args)
         except CorruptFileError:
             raise
         except KeyError as exc:
@@ -522,7 +527,7 @@ def _guarded(method: Any) -> Any:
 class _Located(NamedTuple):
     """Where a dataset's values lie and how they read (:meth:`Hdf5Reader.prepare_loads`)."""
 
-    fd: int
+    path: str  # the step file, opened for each planned load (not HDF5's descriptor: its file may be closed)
     offset: int
     nbytes: int
     tdtype: torch.dtype
@@ -585,6 +590,19 @@ def _read_raw(fd: int, offset: int, nbytes: int, tdtype: torch.dtype, shape: tup
     except OSError:
         return None
     return body.view(tdtype).reshape(shape)
+
+
+def _read_planned(located: _Located) -> torch.Tensor | None:
+    """A planned load: open the step file, one ``pread``, close; None where any of it fails (the
+    load then goes through h5py, with its errors)."""
+    try:
+        fd = os.open(located.path, O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_raw(fd, located.offset, located.nbytes, located.tdtype, located.shape)
+    finally:
+        os.close(fd)
 
 
 def _decoded(path: Path, key: TensorKey, node: Mapping[str, Any], stored: torch.Tensor, attrs: Mapping[str, Any],
@@ -659,7 +677,7 @@ class Hdf5Reader(StoreReader):
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
         self._files: OrderedDict[int, Any] = OrderedDict()  # the open step files, least recently used first
-        self._planned = False  # prepare_loads was called: every file (and descriptor) stays open
+        self._lock = threading.RLock()  # around every h5py use (see _guarded); planned loads do without
         self._paths: dict[int, Path] = {}
         self._raw_fds: dict[int, int] = {}  # step -> its file's descriptor, for raw reads of contiguous datasets
         self._last_group: tuple[CallKey, Any] | None = None  # the group looked up last (h5py: ~0.1 ms a lookup)
@@ -737,9 +755,9 @@ class Hdf5Reader(StoreReader):
     def _close_unused(self, keep: int) -> None:
         """Close the least recently used step files beyond :data:`_OPEN_FILES` (a long run's
         reader would otherwise hold one descriptor per step it read, and stop at the process's
-        limit: 1,024 by default), never ``keep``. Not once :meth:`prepare_loads` ran: the planned
-        loads read through the files' descriptors, from the compare's worker threads."""
-        if self._planned or len(self._files) <= _OPEN_FILES:
+        limit: 1,024 by default), never ``keep``. Called with the lock held (from :meth:`_file`),
+        so no other thread is using a file it closes; planned loads use descriptors of their own."""
+        if len(self._files) <= _OPEN_FILES:
             return
         for step in [s for s in self._files if s != keep]:
             f = self._files.pop(step)
@@ -781,8 +799,9 @@ class Hdf5Reader(StoreReader):
             raise CorruptFileError(path, f"bad module call list: {exc}") from None
 
     def _list_call_ends(self, step: int) -> list[CallKey] | None:
-        f = self._file(step)
-        ends = _json_attr(self._paths[step], f.attrs, "call_ends")
+        with self._lock:
+            f = self._file(step)
+            ends = _json_attr(self._paths[step], f.attrs, "call_ends")
         if ends is None:
             return None
         try:
@@ -850,11 +869,12 @@ class Hdf5Reader(StoreReader):
     def prepare_loads(self, keys: Iterable[TensorKey]) -> None:
         """Find, once and before any of them is loaded, where each key's values lie in its step
         file (offset, size, type, shape, the dataset's attributes): :meth:`load` of such a key
-        is then one ``pread`` with the GIL released and no h5py call, so compare workers
-        overlap. Called by the comparer while it plans (one thread); a key that cannot be
-        located here (missing, damaged, not stored raw) is loaded the usual way, with its
-        errors. Not thread-safe with loads of the same reader."""
-        self._planned = True
+        is then an ``open``, one ``pread`` (GIL released) and a ``close``, and no h5py call, so
+        compare workers overlap. Called by the comparer while it plans (one thread); a key that
+        cannot be located here (missing, damaged, not stored raw) is loaded the usual way, with
+        its errors. Planning opens the step files one after the other under the usual bound
+        (:data:`_OPEN_FILES`), so a compare of runs of any length stays under the process's
+        open-file limit."""
         for key in keys:
             try:
                 node = self.meta(key)
@@ -868,6 +888,10 @@ class Hdf5Reader(StoreReader):
                 continue  # load() reports it
 
     def _locate(self, key: TensorKey) -> _Located | None:
+        with self._lock:
+            return self._locate_locked(key)
+
+    def _locate_locked(self, key: TensorKey) -> _Located | None:
         f = self._file(key.step)
         fd = self._raw_fds.get(key.step)
         if fd is None:
@@ -879,15 +903,18 @@ class Hdf5Reader(StoreReader):
         layout = _raw_layout(dsid)
         if layout is None:
             return None
-        return _Located(fd, *layout, _dataset_attrs(dsid), f"/{gname}/{dname}")
+        return _Located(os.fspath(self._paths[key.step]), *layout, _dataset_attrs(dsid), f"/{gname}/{dname}")
 
-    @_guarded
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         located = self._located.get(key)
-        if located is not None:  # planned: no h5py call
-            stored = _read_raw(located.fd, located.offset, located.nbytes, located.tdtype, located.shape)
+        if located is not None:  # planned: no h5py call, no lock, a descriptor of its own
+            stored = _read_planned(located)
             if stored is not None:
-                return _decoded(self._paths[key.step], key, node, stored, located.attrs, located.where)
+                return _decoded(Path(located.path), key, node, stored, located.attrs, located.where)
+        return self._load_h5py(key, node)
+
+    @_guarded
+    def _load_h5py(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         group = self._group(key.call_key)
         path = self._paths[key.step]
         dname = dataset_name(key.kind, key.path)
@@ -931,18 +958,21 @@ class Hdf5Reader(StoreReader):
         return self._step_path(key.step)
 
     def close(self) -> None:
+        with self._lock:
+            self._close_files()
+        super().close()
+
+    def _close_files(self) -> None:
         for f in self._files.values():
             try:
                 f.close()
             except Exception:  # closing a read-only file cannot lose data
                 pass
         self._files.clear()
-        self._planned = False
         self._last_group = None
         self._sides.clear()
         self._located.clear()
         self._raw_fds.clear()  # HDF5's descriptors, closed with the files
-        super().close()
 
 
 #: What the registry loads (as for any backend: see :mod:`ilstore.store.registry`).
