@@ -564,3 +564,22 @@ def test_structure_list_option(tmp_path: Path) -> None:
         ilstore.capture(torch.nn.Linear(2, 2), {"output_dir": str(tmp_path), "run_id": "bad",
                                                 "backend_options": {"other": 1}})
     assert not (tmp_path / "bad").exists()
+
+
+def test_reader_keeps_few_steps_of_call_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming a run keeps the call directories of the last ``_CACHED_STEPS`` steps only (each
+    step's were kept for good: a reader's memory grew with the run), and a step dropped from the
+    cache reads the same when asked again."""
+    run_dir = _capture(tmp_path, "r", "tensors", steps=10)
+    with ilstore.open_run(run_dir) as run:
+        want = {key: run.load(key).clone() for key in run.keys()}
+    monkeypatch.setattr(pt, "_CACHED_STEPS", 3)
+    with ilstore.open_run(run_dir) as run:
+        assert isinstance(run, pt.PtReader)
+        for _sweep in range(2):
+            for step in run.steps():
+                for key in run.keys(step):
+                    if run.meta(key).get("stored", True):
+                        assert torch.equal(run.load(key), want[key]) and run.load(key).dtype == want[key].dtype
+                assert len(run._call_dirs) <= 3 and step in run._call_dirs
+                assert {call.step for call in run._dir_strs} <= set(run._call_dirs)

@@ -510,9 +510,11 @@ class PtReader(StoreReader):
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
-        self._call_dirs: dict[int, dict[CallKey, Path]] = {}
+        #: step → its calls' directories (the most recently used :data:`_CACHED_STEPS` steps, so a
+        #: reader streaming a long run keeps memory flat)
+        self._call_dirs: OrderedDict[int, dict[CallKey, Path]] = OrderedDict()
         #: call → its directory as a string ending in the separator (the per-tensor path is built
-        #: from it by one concatenation instead of Path arithmetic)
+        #: from it by one concatenation instead of Path arithmetic); dropped with its step's entry
         self._dir_strs: dict[CallKey, str] = {}
         self._root: Path | None = None  # run_dir resolved (see _resolved_step)
         #: step → its directory, resolved and checked (the most recent steps)
@@ -639,8 +641,13 @@ class PtReader(StoreReader):
         each directory's ``ilstore`` metadata names its call; else (earlier vLLM dumps) a
         directory ``X_k`` is call k of ``X`` when a directory ``X`` exists beside it.
         """
-        if step in self._call_dirs:
-            return self._call_dirs[step]
+        known = self._call_dirs.get(step)
+        if known is not None:
+            try:
+                self._call_dirs.move_to_end(step)
+            except KeyError:  # dropped by another thread meanwhile: still the right mapping
+                pass
+            return known
         step_dir = self.run_dir / step_dir_name(step)
         order_file = step_dir / "module_calls.txt"
         names: list[str] | None = None
@@ -665,8 +672,7 @@ class PtReader(StoreReader):
                         strs[call] = f"{prefix}{name}{os.sep}"
                     else:
                         mapping[call] = self._entry(resolved, step_dir, name)
-                self._call_dirs[step] = mapping
-                return mapping
+                return self._remember(step, mapping)
         try:
             on_disk = sorted(e.name for e in _scan(step_dir) if e.is_dir())
         except OSError as exc:
@@ -690,7 +696,20 @@ class PtReader(StoreReader):
         listed_calls = [c for c in self._structure_list(step).calls(rank) if c not in mapping]
         if listed_calls:
             mapping = self._with_listed_calls(step, mapping, listed_calls, names or [], dir_set)
-        self._call_dirs[step] = mapping
+        return self._remember(step, mapping)
+
+    def _remember(self, step: int, mapping: dict[CallKey, Path]) -> dict[CallKey, Path]:
+        """Keep ``step``'s call directories, dropping the least recently used step's (and its
+        calls' directory strings) beyond :data:`_CACHED_STEPS`."""
+        dirs = self._call_dirs
+        dirs[step] = mapping
+        while len(dirs) > _CACHED_STEPS:
+            try:
+                _old_step, old = dirs.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+            for call in old:
+                self._dir_strs.pop(call, None)
         return mapping
 
     def _with_listed_calls(self, step: int, mapping: dict[CallKey, Path], listed: list[CallKey],
@@ -824,6 +843,8 @@ class PtReader(StoreReader):
 
 #: How many steps' structure lists a reader keeps (the most recently read ones).
 _CACHED_LISTS = 8
+#: How many steps' call directories a reader keeps (the most recently used ones).
+_CACHED_STEPS = 64
 
 
 class _StructureList:
