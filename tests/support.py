@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,3 +131,19 @@ class Skipping(torch.nn.Module):
         self.n += 1
         y = self.a(x)
         return self.b(y) if self.n in self.second_on else y
+
+
+class OsCalls:
+    """Counts calls of some ``os`` functions through ``monkeypatch`` (code that calls ``os.<name>``
+    is counted; a module's own bound reference is not): ``OsCalls(monkeypatch, ("open",)).counts``."""
+
+    def __init__(self, monkeypatch: Any, names: tuple[str, ...]) -> None:
+        self.counts = dict.fromkeys(names, 0)
+        for name in names:
+            real = getattr(os, name)
+
+            def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+                self.counts[_name] += 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(os, name, counted)

@@ -20,6 +20,7 @@ import torch
 import ilstore
 import ilstore.store.pt as pt
 from ilstore.keys import TensorKey
+from support import OsCalls
 
 
 def _model() -> torch.nn.Module:
@@ -37,21 +38,6 @@ def _run(out: Path, mode: str = "tensors", steps: int = 2, run_id: str = "r") ->
     return cap.run_dir
 
 
-class _Calls:
-    """Counts calls of some ``os`` functions (the module's own references are ``os.*``)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> None:
-        self.counts = dict.fromkeys(names, 0)
-        for name in names:
-            real = getattr(os, name)
-
-            def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-                self.counts[_name] += 1
-                return _real(*args, **kwargs)
-
-            monkeypatch.setattr(os, name, counted)
-
-
 # -- reader ----------------------------------------------------------------------------------------
 def test_known_headers_are_read_with_open_preadv_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Once a header is learned, a tensor costs open + one preadv + close: no stat of any kind."""
@@ -59,7 +45,7 @@ def test_known_headers_are_read_with_open_preadv_close(tmp_path: Path, monkeypat
     with ilstore.open_run(run_dir) as run:
         keys = run.keys()
         want = {k: run.load(k) for k in keys}  # learns the headers (and reads the structures)
-        calls = _Calls(monkeypatch, ("stat", "lstat", "fstat", "open", "preadv", "close"))
+        calls = OsCalls(monkeypatch, ("stat", "lstat", "fstat", "open", "preadv", "close"))
         for key in keys:
             assert torch.equal(run.load(key), want[key])
         counts = dict(calls.counts)
@@ -73,7 +59,7 @@ def test_structures_are_read_without_stat(tmp_path: Path, monkeypatch: pytest.Mo
     run_dir = _run(tmp_path)
     with ilstore.open_run(run_dir) as run:
         run._dirs_of(0)  # type: ignore[attr-defined]  # the call directories are resolved (and checked) once per step
-        calls = _Calls(monkeypatch, ("stat", "lstat", "fstat", "open"))
+        calls = OsCalls(monkeypatch, ("stat", "lstat", "fstat", "open"))
         nodes = [node for call in run.calls(0) for kind in ("inputs", "outputs", "post_fwd_inputs")
                  for _key, node in run.tensor_nodes(call, kind)]
     assert nodes and calls.counts["stat"] == calls.counts["lstat"] == calls.counts["fstat"] == 0, calls.counts
@@ -232,7 +218,7 @@ def test_a_stats_step_makes_one_directory_and_appends_each_structure(tmp_path: P
     writer.open(json.loads((run_dir / "ilstore.json").read_text()))
     records, info = _records(run_dir, 0)
     calls = info.calls
-    counts = _Calls(monkeypatch, ("mkdir", "stat", "lstat", "open", "close", "replace"))
+    counts = OsCalls(monkeypatch, ("mkdir", "stat", "lstat", "open", "close", "replace"))
     writes = []
     def counting_write(fd: int, data: bytes) -> int:
         writes.append(fd)
@@ -272,7 +258,7 @@ def test_a_tensors_step_makes_each_directory_with_one_mkdir(tmp_path: Path, monk
                           {key.path: run.load(key) for key, _node in run.tensor_nodes(call, kind)})
                    for call in calls for kind in ("inputs", "outputs")]
         info = StepInfo(0, calls, run.call_ends(0))
-    counts = _Calls(monkeypatch, ("mkdir", "stat", "lstat", "replace"))
+    counts = OsCalls(monkeypatch, ("mkdir", "stat", "lstat", "replace"))
     for record in records:
         writer.write(record)
     writer._end_step(info)

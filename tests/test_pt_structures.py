@@ -28,6 +28,7 @@ import ilstore.store.pt as pt
 from ilstore.cli import cli
 from ilstore.keys import KINDS, TensorKey
 from ilstore.summary import _summary_from_reader
+from support import OsCalls
 
 
 class Pair(torch.nn.Module):
@@ -214,26 +215,13 @@ def test_a_stats_step_is_three_inodes(out_dir: Path) -> None:
 
 
 # -- reading: one read per step ----------------------------------------------------------------------
-class _Calls:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]) -> None:
-        self.counts = dict.fromkeys(names, 0)
-        for name in names:
-            real = getattr(os, name)
-
-            def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-                self.counts[_name] += 1
-                return _real(*args, **kwargs)
-
-            monkeypatch.setattr(os, name, counted)
-
-
 def test_a_stats_step_is_read_with_one_open(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every structure of a statistics-only step (every call, every kind, absent ones too) costs one
     ``open``/``read``/``close`` of the list and one listing of the step, none per call."""
     run_dir = _capture(out_dir, "r", "stats", steps=2, log_post_fwd_inputs=False)
     with ilstore.open_run(run_dir) as run:
         run._dirs_of(1)  # type: ignore[attr-defined]  # the call directories are resolved (and checked) once per step
-        counts = _Calls(monkeypatch, ("open", "read", "close", "stat", "lstat", "fstat", "listdir", "scandir"))
+        counts = OsCalls(monkeypatch, ("open", "read", "close", "stat", "lstat", "fstat", "listdir", "scandir"))
         calls = run.calls(1)
         structures = [run.structure(call, kind) for call in calls for kind in KINDS]
         again = [run.structure(call, kind) for call in calls for kind in KINDS]

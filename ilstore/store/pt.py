@@ -221,11 +221,7 @@ class PtWriter(StoreWriter):
                                          0o666)
             self._list_size = 0
         try:
-            done = _os_write(fd, line)
-            if done < len(line):
-                view = memoryview(line)
-                while done < len(line):
-                    done += _os_write(fd, view[done:])
+            _write_all(fd, line)
         except BaseException:
             try:
                 os.ftruncate(fd, self._list_size)
@@ -302,13 +298,18 @@ def _write_file(path: str, data: bytes) -> None:
     four more system calls (``fstat``, ``ioctl``, two ``lseek``) and Python objects per file."""
     fd = os.open(path, _WRITE_FLAGS, 0o666)
     try:
-        done = _os_write(fd, data)
-        if done < len(data):
-            view = memoryview(data)
-            while done < len(data):
-                done += _os_write(fd, view[done:])
+        _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``data`` to ``fd``: one ``write``, more only where the system writes less."""
+    done = _os_write(fd, data)
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(data):
+            done += _os_write(fd, view[done:])
 
 
 def _json_encoder() -> Any:
