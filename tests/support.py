@@ -147,3 +147,17 @@ class OsCalls:
                 return _real(*args, **kwargs)
 
             monkeypatch.setattr(os, name, counted)
+
+
+def step_records(run_dir: Path, step: int) -> tuple[list[Any], Any]:
+    """The records (inputs and outputs of each call, without bodies) and the StepInfo of one step
+    of a run, read back: what a writer driven by hand is given to write that step again."""
+    import ilstore
+    from ilstore.records import Record
+    from ilstore.store.base import StepInfo
+
+    with ilstore.open_run(run_dir) as run:
+        calls = run.calls(step)
+        records = [Record(call, kind, run.structure(call, kind), {})
+                   for call in calls for kind in ("inputs", "outputs")]
+        return records, StepInfo(step, calls, run.call_ends(step))

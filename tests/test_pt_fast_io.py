@@ -20,7 +20,7 @@ import torch
 import ilstore
 import ilstore.store.pt as pt
 from ilstore.keys import TensorKey
-from support import OsCalls
+from support import OsCalls, step_records
 
 
 def _model() -> torch.nn.Module:
@@ -216,7 +216,7 @@ def test_a_stats_step_makes_one_directory_and_appends_each_structure(tmp_path: P
     run_dir = _run(tmp_path, mode="stats", steps=1)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((run_dir / "ilstore.json").read_text()))
-    records, info = _records(run_dir, 0)
+    records, info = step_records(run_dir, 0)
     calls = info.calls
     counts = OsCalls(monkeypatch, ("mkdir", "stat", "lstat", "open", "close", "replace"))
     writes = []
@@ -272,22 +272,11 @@ def test_a_tensors_step_makes_each_directory_with_one_mkdir(tmp_path: Path, monk
                     == json.loads((run_dir / "step_0" / call.module / f"{kind}.json").read_text()))
 
 
-def _records(run_dir: Path, step: int) -> tuple[list[Any], Any]:
-    from ilstore.records import Record
-    from ilstore.store.base import StepInfo
-
-    with ilstore.open_run(run_dir) as run:
-        calls = run.calls(step)
-        records = [Record(call, kind, run.structure(call, kind), {})
-                   for call in calls for kind in ("inputs", "outputs")]
-        return records, StepInfo(step, calls, run.call_ends(step))
-
-
 def test_a_step_written_again_reuses_its_directories(tmp_path: Path) -> None:
     """Records of a step after another step's (a step's directories exist already): existing
     directories are fine, files are replaced whole."""
     source = _run(tmp_path / "src", mode="stats", steps=2)
-    (records0, info0), (records1, info1) = _records(source, 0), _records(source, 1)
+    (records0, info0), (records1, info1) = step_records(source, 0), step_records(source, 1)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((source / "ilstore.json").read_text()))
     for records, info in ((records0, info0), (records1, info1)):

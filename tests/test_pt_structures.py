@@ -28,7 +28,7 @@ import ilstore.store.pt as pt
 from ilstore.cli import cli
 from ilstore.keys import KINDS, TensorKey
 from ilstore.summary import _summary_from_reader
-from support import OsCalls
+from support import OsCalls, step_records
 
 
 class Pair(torch.nn.Module):
@@ -348,22 +348,11 @@ def test_a_linked_step_directory_leading_outside_is_refused(out_dir: Path, tmp_p
 
 
 # -- writing: a side written twice, a step written again, a failed write ------------------------------------
-def _records(run_dir: Path, step: int) -> tuple[list[Any], Any]:
-    from ilstore.records import Record
-    from ilstore.store.base import StepInfo
-
-    with ilstore.open_run(run_dir) as run:
-        calls = run.calls(step)
-        records = [Record(call, kind, run.structure(call, kind), {})
-                   for call in calls for kind in ("inputs", "outputs")]
-        return records, StepInfo(step, calls, run.call_ends(step))
-
-
 def test_a_side_written_twice_in_a_step_has_its_latest_line(out_dir: Path, tmp_path: Path) -> None:
     import dataclasses
 
     source = _capture(out_dir, "src", "stats", steps=1)
-    records, info = _records(source, 0)
+    records, info = step_records(source, 0)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((source / "ilstore.json").read_text()))
     for record in records:
@@ -383,7 +372,7 @@ def test_a_step_written_again_has_only_its_latest_list(out_dir: Path, tmp_path: 
     """A hand-driven writer going back to a step: the step's earlier list is dropped, so sides
     written to files the second time are not shadowed by earlier lines."""
     source = _capture(out_dir, "src", "stats", steps=2)
-    (records0, info0), (records1, info1) = _records(source, 0), _records(source, 1)
+    (records0, info0), (records1, info1) = step_records(source, 0), step_records(source, 1)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((source / "ilstore.json").read_text()))
     for records, info in ((records0, info0), (records1, info1)):
@@ -408,7 +397,7 @@ def test_a_failed_append_leaves_only_complete_lines(out_dir: Path, tmp_path: Pat
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails partway (a full disk) is cut back: the list holds only whole lines."""
     source = _capture(out_dir, "src", "stats", steps=1)
-    records, _info = _records(source, 0)
+    records, _info = step_records(source, 0)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((source / "ilstore.json").read_text()))
     writer.write(records[0])
@@ -430,7 +419,7 @@ def test_a_failed_append_leaves_only_complete_lines(out_dir: Path, tmp_path: Pat
 
 def test_short_writes_of_a_line_are_completed(out_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _capture(out_dir, "src", "stats", steps=1)
-    records, info = _records(source, 0)
+    records, info = step_records(source, 0)
 
     def short(fd: int, data: Any) -> int:
         return os.write(fd, memoryview(data)[:5])
@@ -453,7 +442,7 @@ def test_a_step_cut_before_it_ended_is_incomplete(out_dir: Path, tmp_path: Path)
     line), as a killed process leaves it, with a torn last line: not a step; its calls are listed
     from the list's complete lines; the completed steps read as before."""
     source = _capture(out_dir, "src", "stats", steps=2)
-    (records0, info0), (records1, _info1) = _records(source, 0), _records(source, 1)
+    (records0, info0), (records1, _info1) = step_records(source, 0), step_records(source, 1)
     run_dir = tmp_path / "cut"
     writer = pt.PtWriter(run_dir)
     writer.open({**json.loads((source / "ilstore.json").read_text()), "status": "running"})
