@@ -208,12 +208,15 @@ def test_dumps_is_json_dumps(doc: dict[str, Any]) -> None:
     assert pt._dumps({"after": [1, {"a": 2}]}) == '{"after": [1, {"a": 2}]}'  # usable after an error too
 
 
-def test_a_stats_step_makes_one_directory_and_appends_each_structure(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("per_write", [32, 4, 1])
+def test_a_stats_step_makes_one_directory_and_appends_its_structures_in_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_write: int) -> None:
     """Statistics-only records: per step one mkdir (the step's; no call has a directory), one
-    open of the structure list, one write per record, one close, and no stat before any of them;
-    then module_calls.txt (open, write, close, replace)."""
+    open of the structure list, one write per ``_lines_per_write`` records (and one for the rest
+    at the step's end), one close, and no stat before any of them; then module_calls.txt (open,
+    write, close, replace)."""
     run_dir = _run(tmp_path, mode="stats", steps=1)
+    monkeypatch.setattr(pt.PtWriter, "_lines_per_write", per_write)
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((run_dir / "ilstore.json").read_text()))
     records, info = step_records(run_dir, 0)
@@ -221,7 +224,7 @@ def test_a_stats_step_makes_one_directory_and_appends_each_structure(tmp_path: P
     counts = OsCalls(monkeypatch, ("mkdir", "stat", "lstat", "open", "close", "replace"))
     writes = []
     def counting_write(fd: int, data: bytes) -> int:
-        writes.append(fd)
+        writes.append(bytes(data))
         return os.write(fd, data)
 
     monkeypatch.setattr(pt, "_os_write", counting_write)
@@ -231,8 +234,11 @@ def test_a_stats_step_makes_one_directory_and_appends_each_structure(tmp_path: P
     monkeypatch.undo()
     counts.counts["write"] = len(writes)
     writer.close()
-    assert counts.counts == {"mkdir": 1, "stat": 0, "lstat": 0, "open": 2, "close": 2, "write": len(records) + 1,
-                             "replace": 1}, counts.counts
+    batches = -(-len(records) // per_write)
+    assert len(records) == 6 and counts.counts == {"mkdir": 1, "stat": 0, "lstat": 0, "open": 2, "close": 2,
+                                                   "write": batches + 1, "replace": 1}, counts.counts
+    assert [w.count(b"\n") for w in writes[:-1]] == [min(per_write, len(records) - i * per_write)
+                                                      for i in range(batches)]
     assert sorted(p.name for p in (tmp_path / "copy" / "step_0").iterdir()) == ["module_calls.txt",
                                                                                 "structures.jsonl"]
     lines = (tmp_path / "copy" / "step_0" / "structures.jsonl").read_text().splitlines()

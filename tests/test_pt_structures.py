@@ -398,6 +398,7 @@ def test_a_failed_append_leaves_only_complete_lines(out_dir: Path, tmp_path: Pat
     """A write that fails partway (a full disk) is cut back: the list holds only whole lines."""
     source = _capture(out_dir, "src", "stats", steps=1)
     records, _info = step_records(source, 0)
+    monkeypatch.setattr(pt.PtWriter, "_lines_per_write", 1)  # each line its own write
     writer = pt.PtWriter(tmp_path / "copy")
     writer.open(json.loads((source / "ilstore.json").read_text()))
     writer.write(records[0])
@@ -409,12 +410,46 @@ def test_a_failed_append_leaves_only_complete_lines(out_dir: Path, tmp_path: Pat
     monkeypatch.setattr(pt, "_os_write", full)
     with pytest.raises(OSError, match="No space"):
         writer.write(records[1])
-    monkeypatch.undo()
+    monkeypatch.setattr(pt, "_os_write", os.write)
     data = _list_path(tmp_path / "copy").read_bytes()
     assert data.endswith(b"\n") and data.count(b"\n") == 1
     writer.write(records[1])
     assert _list_path(tmp_path / "copy").read_bytes().count(b"\n") == 2
     writer.close("failed", "disk full")
+
+
+def test_a_failed_batch_append_drops_the_batch_whole(out_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines are appended ``_lines_per_write`` at a time: a batch whose write fails partway is cut
+    back whole (the error is raised by the write of the batch), earlier batches stay, later
+    lines are appended after them."""
+    source = _capture(out_dir, "src", "stats", steps=1)
+    records, info = step_records(source, 0)
+    monkeypatch.setattr(pt.PtWriter, "_lines_per_write", 2)
+    writer = pt.PtWriter(tmp_path / "copy")
+    writer.open(json.loads((source / "ilstore.json").read_text()))
+    writer.write(records[0])
+    writer.write(records[1])  # the first batch: appended
+    writer.write(records[2])
+    assert _list_path(tmp_path / "copy").read_bytes().count(b"\n") == 2
+
+    def full(fd: int, data: Any) -> int:
+        os.write(fd, memoryview(data)[:len(data) - 3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pt, "_os_write", full)
+    with pytest.raises(OSError, match="No space"):
+        writer.write(records[3])  # the second batch (records 2 and 3) fails
+    monkeypatch.setattr(pt, "_os_write", os.write)
+    lines = _list_path(tmp_path / "copy").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(line)["ilstore"]["kind"] for line in lines[:-1]] == [
+        records[0].kind, records[1].kind]
+    writer.write(records[4])
+    writer.end_step(info)
+    writer.close()
+    with ilstore.open_run(tmp_path / "copy") as run:
+        for i, record in enumerate(records[:5]):
+            assert run.structure(record.call, record.kind) == (None if i in (2, 3) else record.structure), i
 
 
 def test_short_writes_of_a_line_are_completed(out_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -437,10 +472,13 @@ def test_short_writes_of_a_line_are_completed(out_dir: Path, tmp_path: Path, mon
 
 
 # -- a run cut mid-step ---------------------------------------------------------------------------------
-def test_a_step_cut_before_it_ended_is_incomplete(out_dir: Path, tmp_path: Path) -> None:
+def test_a_step_cut_before_it_ended_is_incomplete(out_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A stats step whose records were written but that never ended (no call order, no journal
     line), as a killed process leaves it, with a torn last line: not a step; its calls are listed
-    from the list's complete lines; the completed steps read as before."""
+    from the list's complete lines (the lines appended before the kill: the writer appends them
+    ``_lines_per_write`` at a time); the completed steps read as before."""
+    monkeypatch.setattr(pt.PtWriter, "_lines_per_write", 4)
     source = _capture(out_dir, "src", "stats", steps=2)
     (records0, info0), (records1, _info1) = step_records(source, 0), step_records(source, 1)
     run_dir = tmp_path / "cut"
@@ -451,17 +489,21 @@ def test_a_step_cut_before_it_ended_is_incomplete(out_dir: Path, tmp_path: Path)
     writer.end_step(info0)
     for record in records1[:5]:
         writer.write(record)
-    assert writer._list_fd is not None  # the step's list is open: the process is "killed" here
+    assert writer._list_fd is not None and len(writer._pending) == 1  # the process is "killed" here
     with _list_path(run_dir, 1).open("ab") as fh:
         fh.write(b'{"type": "tuple", "items": [')
     assert sorted(os.listdir(run_dir / "step_1")) == ["structures.jsonl"]
     with ilstore.open_run(run_dir) as run, ilstore.open_run(source) as src:
         assert run.status == "running" and run.steps() == [0] and run.incomplete_steps() == [1]
         assert [run.meta(k) for k in run.keys(0)] == [src.meta(k) for k in src.keys(0)]
-        written = list(dict.fromkeys((r.call.module, r.call.call) for r in records1[:5]))
+        written = list(dict.fromkeys((r.call.module, r.call.call) for r in records1[:4]))
         assert sorted((c.module, c.call) for c in run.calls(1)) == sorted(written)
-        for record in records1[:5]:
+        for record in records1[:4]:
             assert run.structure(record.call, record.kind) == record.structure
+        lost = records1[4]  # queued, not appended: the step has no trace of its call
+        assert (lost.call.module, lost.call.call) not in written
+        with pytest.raises(KeyError, match="no module call"):
+            run.structure(lost.call, lost.kind)
     result = CliRunner().invoke(cli, ["ls", str(run_dir)])
     assert result.exit_code == 0 and "cut before they finished: [1]" in result.output
     writer.close()

@@ -20,6 +20,7 @@ indices, paths and devices from the tree, and runs written before the structure 
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import itertools
 import json
@@ -28,6 +29,7 @@ import re
 import stat
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptFileError, StoreError
-from ..keys import KINDS, CallKey, TensorKey
+from ..keys import KINDS, CallKey, TensorKey, encode_part
 from ..manifest import MANIFEST_NAME
 from ..records import Record, iter_tensor_nodes
 from ._pread import AVAILABLE as pread_ok
@@ -53,6 +55,7 @@ _MAX_NAME = 200
 _SEPS = ("/", os.sep, os.altsep)
 
 
+@functools.lru_cache(maxsize=8192)  # module names, path elements and devices repeat every step
 def _safe_component(text: str) -> str:
     """A file-name-safe form of free text: '/', '\\', NUL and other odd bytes are %-encoded,
     and leading dots too, so no name is ever '.', '..' or hidden."""
@@ -83,6 +86,11 @@ def tensor_file_name(kind: str, path: tuple[str, ...], device: str) -> str:
     return "_".join(parts) + ".pt"
 
 
+#: :func:`tensor_file_name` for the writer, whose paths are tuples: the same sides, paths and
+#: devices come back every step.
+_file_name = functools.lru_cache(maxsize=8192)(tensor_file_name)
+
+
 class PtWriter(StoreWriter):
     """Writes the documented tree: one ``torch.save`` per tensor, one JSON per captured side that
     holds a stored body, one line of the step's ``structures.jsonl`` per side that holds none."""
@@ -93,6 +101,8 @@ class PtWriter(StoreWriter):
     #: 0.2.0), the default of ``backend_options.structure_list``; False writes each as
     #: ``<kind>.json`` in its call's directory, as earlier versions did (SPEC §4.2's tree).
     _list_sides = True
+    #: How many lines of the structure list are appended with one ``write``.
+    _lines_per_write = 32
 
     @classmethod
     def validate_options(cls, options: Any) -> list[str]:
@@ -109,8 +119,10 @@ class PtWriter(StoreWriter):
     def _open(self) -> None:
         self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
         self._root = os.fspath(self.run_dir)
-        self._dirs: dict[CallKey, str] = {}  # each call's directory name, given at its first record
-        self._made: dict[CallKey, str] = {}  # calls whose directory exists (made in this step): its path
+        # Calls are keyed here by (rank, module, call) of the current step (_call_id): hashing a
+        # CallKey runs its dataclass __hash__ in Python, several times per record.
+        self._dirs: dict[tuple[int, str, int], str] = {}  # each call's directory name, given at its first record
+        self._made: dict[tuple[int, str, int], str] = {}  # calls whose directory exists (made in this step): its path
         self._used: set[str] = set()
         self._files: dict[str, str] = {}
         self._step: int | None = None
@@ -118,7 +130,8 @@ class PtWriter(StoreWriter):
         self._highest: int | None = None  # the highest step begun, to notice a step written again
         self._list_fd: int | None = None  # the step's structure list, open for appending
         self._list_size = 0  # its bytes, all complete lines
-        self._listed: set[tuple[CallKey, str]] = set()  # the sides it holds
+        self._listed: set[tuple[int, str, int, str]] = set()  # the sides it holds: (rank, module, call, kind)
+        self._pending: list[bytes] = []  # its lines not appended yet
 
     def _begin_step(self, step: int) -> None:
         """Start writing ``step``: its directory, and an empty structure list if the step was
@@ -137,61 +150,70 @@ class PtWriter(StoreWriter):
         else:
             self._highest = step
 
-    def _call_name(self, call: CallKey) -> str:
+    def _call_name(self, call: CallKey, ident: tuple[int, str, int]) -> str:
         """The call's directory name in its step (the current one), given when its first record
         comes, whether or not the directory is ever made, so names and ``~<n>`` suffixes do not
         depend on the layout. It comes from :func:`module_dir_name`, which %-encodes separators
         and leading dots, so it cannot leave the step directory; no path resolution is needed on
-        this per-record path."""
-        name = self._dirs.get(call)
+        this per-record path. ``ident``: the call's (rank, module, call)."""
+        name = self._dirs.get(ident)
         if name is None:
             name = base = module_dir_name(call.module, call.call)
             n = 1
             while name in self._used:  # e.g. call 1 of "fc" and module "fc_1" in one step
                 n += 1
                 name = f"{base}~{n}"
-            self._dirs[call] = name
+            self._dirs[ident] = name
             self._used.add(name)
         return name
 
-    def _call_dir(self, call: CallKey) -> str:
+    def _call_dir(self, call: CallKey, ident: tuple[int, str, int]) -> str:
         """The call's directory, made when a side with a stored body first needs it.
 
         Per record this costs what the format needs and little more: one ``mkdir`` per new step
         and per call directory (no ``stat`` of the parents first: a missing parent is made
         only when ``mkdir`` says so), strings rather than :class:`~pathlib.Path` objects."""
-        path = self._made.get(call)
+        path = self._made.get(ident)
         if path is None:
-            path = f"{self._step_dir}{os.sep}{self._call_name(call)}"
+            path = f"{self._step_dir}{os.sep}{self._call_name(call, ident)}"
             _mkdir(path)
-            self._made[call] = path
+            self._made[ident] = path
         return path
 
     def _write(self, record: Record) -> None:
         call, kind = record.call, record.kind
         if self._step != call.step:
             self._begin_step(call.step)
+        ident = (call.rank, call.module, call.call)
+        side = (*ident, kind)
         listed = self._listed
-        if listed and (call, kind) in listed:  # the same side written again in this step: the latest counts
-            self._unlist((call, kind))
+        if listed and side in listed:  # the same side written again in this step: the latest counts
+            self._unlist(side)
         bodies = self._stored_bodies(record)
         first = next(bodies, None)
         if first is None and self._list_sides:
-            if call not in self._dirs:
-                self._call_name(call)
-            doc = dict(record.structure)
-            doc["ilstore"] = {"module": call.module, "call": call.call, "step": call.step, "rank": call.rank,
-                              "kind": kind}
-            # Compact JSON through the C encoder (see _dumps), one line appended with one os.write.
-            self._append_line((_dumps(doc) + "\n").encode("utf-8"))
-            listed.add((call, kind))
+            if ident not in self._dirs:
+                self._call_name(call, ident)
+            # One line appended with one os.write (_append_line).
+            self._append_line(_document(record.structure, call, kind, "\n").encode("utf-8"))
+            listed.add(side)
             return
-        call_dir = self._made.get(call) or self._call_dir(call)
-        used: set[str] | None = None
-        for path, node, tensor in itertools.chain((first,), bodies) if first is not None else ():
-            fname = base = tensor_file_name(kind, path, node["device"])
-            if used is None:
-                used = set()
+        call_dir = self._made.get(ident) or self._call_dir(call, ident)
+        if first is not None:
+            self._write_bodies(record, call_dir, itertools.chain((first,), bodies))
+        # One file written with one os.write (_write_file).
+        _write_file(f"{call_dir}{os.sep}{kind}.json", _document(record.structure, call, kind, "").encode("utf-8"))
+
+    def _write_bodies(self, record: Record, call_dir: str,
+                      bodies: Iterator[tuple[tuple[str, ...], dict[str, Any], torch.Tensor | None]]) -> None:
+        """Each stored body of ``record`` as a file of ``call_dir`` (a de-duplicated one as a hard
+        link to its first file), its name set as the node's ``file``."""
+        call, kind, files = record.call, record.kind, self._files
+        # str(record.key(path)) (what a later node's "same_as" names), from a prefix made once
+        prefix = f"r{call.rank}/s{call.step}/{encode_part(call.module)}/{call.call}/{kind}"
+        used: set[str] = set()
+        for path, node, tensor in bodies:
+            fname = base = _file_name(kind, path, node["device"])
             n = 1
             while fname in used:
                 n += 1
@@ -201,47 +223,56 @@ class PtWriter(StoreWriter):
             target = f"{call_dir}{os.sep}{fname}"
             if tensor is None:
                 # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
-                _link_or_copy(self._files[node["same_as"]], target)
+                _link_or_copy(files[node["same_as"]], target)
             else:
                 _save_tensor(tensor, target)
-            self._files[str(record.key(path))] = target
-        doc = dict(record.structure)
-        doc["ilstore"] = {"module": call.module, "call": call.call, "step": call.step, "rank": call.rank,
-                          "kind": kind}
-        # Compact JSON through the C encoder (see _dumps), written with one os.write (_write_file).
-        _write_file(f"{call_dir}{os.sep}{kind}.json", _dumps(doc).encode("utf-8"))
+            files[prefix + "".join(["/" + encode_part(p) for p in path]) if path else prefix] = target
 
     def _append_line(self, line: bytes) -> None:
-        """Append one complete line to the step's structure list: one ``write`` to a descriptor
-        opened (``O_APPEND``) at the step's first line and kept open until the step ends. A
-        write that fails partway (ENOSPC) is cut back, so the file holds only complete lines."""
+        """Queue one complete line for the step's structure list; every :attr:`_lines_per_write`
+        lines, and when the step ends, they are appended (:meth:`_flush_lines`)."""
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= self._lines_per_write:
+            self._flush_lines()
+
+    def _flush_lines(self) -> None:
+        """Append the queued lines to the step's structure list: one ``write`` to a descriptor
+        opened (``O_APPEND``) at the step's first lines and kept open until the step ends. A
+        write that fails partway (ENOSPC) is cut back, so the file holds only complete lines
+        (the queued lines are dropped with the error)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
         fd = self._list_fd
         if fd is None:  # the step's first line: a new list (a stale one, e.g. of a cut writing, is emptied)
             fd = self._list_fd = os.open(f"{self._step_dir}{os.sep}{STRUCTURES_NAME}", _APPEND_FLAGS | os.O_TRUNC,
                                          0o666)
             self._list_size = 0
         try:
-            _write_all(fd, line)
+            _write_all(fd, data)
         except BaseException:
             try:
                 os.ftruncate(fd, self._list_size)
             except OSError:
                 pass  # the torn line has no newline: readers ignore it
             raise
-        self._list_size += len(line)
+        self._list_size += len(data)
 
-    def _unlist(self, side: tuple[CallKey, str]) -> None:
+    def _unlist(self, side: tuple[int, str, int, str]) -> None:
         """Drop ``side``'s line from the step's structure list (a side written twice in one step:
         only a hand-driven writer does that), rewriting the list whole (temporary file + rename)."""
         self._close_list()
         path = f"{self._step_dir}{os.sep}{STRUCTURES_NAME}"
-        call, kind = side
+        _rank, module, number, kind = side
         with open(path, "rb") as fh:
             lines = fh.read().split(b"\n")[:-1]
         keep = []
         for line in lines:
             head = json.loads(line).get("ilstore", {})
-            if (head.get("module"), head.get("call"), head.get("kind")) != (call.module, call.call, kind):
+            if (head.get("module"), head.get("call"), head.get("kind")) != (module, number, kind):
                 keep.append(line + b"\n")
         tmp = f"{path}.partial"
         data = b"".join(keep)
@@ -251,9 +282,13 @@ class PtWriter(StoreWriter):
         self._list_fd, self._list_size = os.open(path, _APPEND_FLAGS, 0o666), len(data)
 
     def _close_list(self) -> None:
-        fd, self._list_fd = self._list_fd, None
-        if fd is not None:
-            os.close(fd)
+        """Append the queued lines and close the step's list."""
+        try:
+            self._flush_lines()
+        finally:
+            fd, self._list_fd = self._list_fd, None
+            if fd is not None:
+                os.close(fd)
 
     def _end_step(self, info: StepInfo) -> None:
         if self._step == info.step:
@@ -262,7 +297,7 @@ class PtWriter(StoreWriter):
         else:  # a step without records
             step_dir, dirs = os.path.join(self._root, step_dir_name(info.step)), {}
             _mkdir(step_dir)
-        lines = [dirs.get(c) or module_dir_name(c.module, c.call) for c in info.calls]
+        lines = [dirs.get((c.rank, c.module, c.call)) or module_dir_name(c.module, c.call) for c in info.calls]
         tmp = f"{step_dir}{os.sep}.module_calls.txt.partial"
         _write_file(tmp, "".join(f"{line}\n" for line in lines).encode("utf-8"))
         os.replace(tmp, f"{step_dir}{os.sep}module_calls.txt")
@@ -346,6 +381,26 @@ def _dumps(doc: dict[str, Any]) -> str:
     except BaseException:
         _ENCODER = _json_encoder()
         raise
+
+
+def _document(structure: dict[str, Any], call: CallKey, kind: str, end: str) -> str:
+    """The text of a side's JSON document (its structure, ``"ilstore"`` header last) + ``end``:
+    ``_dumps(dict(structure, ilstore={"module": ..., "call": ..., "step": ..., "rank": ...,
+    "kind": ...}))``, the same text, with the header formatted here after the structure's
+    text instead of a copy of the structure and a header dict encoded per record."""
+    module, number, step, rank = call.module, call.call, call.step, call.rank
+    if (type(module) is not str or type(number) is not int or type(step) is not int or type(rank) is not int
+            or "ilstore" in structure):
+        doc = dict(structure)
+        doc["ilstore"] = {"module": module, "call": number, "step": step, "rank": rank, "kind": kind}
+        return _dumps(doc) + end
+    text = _dumps(structure)
+    return (f'{text[:-1]}{", " if len(text) > 2 else ""}"ilstore": {{"module": {_json_str(module)}, '
+            f'"call": {number}, "step": {step}, "rank": {rank}, "kind": {_json_str(kind)}}}}}{end}')
+
+
+#: A string as the JSON encoder writes it (``ensure_ascii``: what _dumps writes).
+_json_str = json.encoder.encode_basestring_ascii
 
 
 # dtypes the legacy (non-zip) torch.save format can hold; others (float8, uint16+) need the zip one.
