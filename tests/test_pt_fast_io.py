@@ -332,3 +332,30 @@ def test_written_files_get_the_default_permissions(tmp_path: Path) -> None:
     run_dir = _run(tmp_path, steps=1)
     modes = {p.suffix: p.stat().st_mode & 0o777 for p in _files(run_dir / "step_0")}
     assert modes == {".json": 0o666 & ~umask, ".pt": 0o666 & ~umask, ".txt": 0o666 & ~umask}, modes
+
+
+@pytest.mark.parametrize("structure", [{}, {"type": "value", "value": 3},
+                                       {"type": "tuple", "items": [{"type": "tensor", "stats": {"min": -0.0,
+                                                                                                 "max": 1e300}}]},
+                                       {"type": "value", "value": "x", "ilstore": {"stale": True}}])
+@pytest.mark.parametrize(("module", "call", "rank"), [("model.layers.0", 0, 0), ("é/\"x\n\u2028", 3, 7), ("", 12, 1),
+                                                      ("fc", True, 0)])
+def test_a_side_document_is_json_dumps_of_the_structure_and_header(structure: dict[str, Any], module: str,
+                                                                   call: int, rank: int) -> None:
+    """The text of a side's document is ``json.dumps`` of the structure with the ``ilstore``
+    header added as its last key (replacing one the structure has), whatever the names hold."""
+    from ilstore.keys import CallKey
+
+    for kind in ("inputs", "post_fwd_inputs"):
+        key = CallKey(rank, 5, module, call)
+        want = json.dumps({**structure, "ilstore": {"module": module, "call": call, "step": 5, "rank": rank,
+                                                    "kind": kind}}, allow_nan=False)
+        assert pt._document(structure, key, kind, "\n") == want + "\n"
+        assert pt._document(structure, key, kind, "") == want
+
+
+def test_a_side_document_refuses_nan_as_json_dumps_does() -> None:
+    from ilstore.keys import CallKey
+
+    with pytest.raises(ValueError, match="Out of range float"):
+        pt._document({"type": "value", "value": float("nan")}, CallKey(0, 0, "m", 0), "outputs", "")
