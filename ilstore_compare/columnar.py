@@ -38,13 +38,15 @@ import numpy as np
 from ilstore.keys import KINDS, CallKey, TensorKey
 from ilstore.store.base import StoreReader
 
+from .divergence import _OUTPUT_KINDS, INHERITED, INTRODUCED, TOP_INTRODUCED, analyse_calls, merge_introduced
 from .entries import Block, Entries
+from .metrics import compare_stats
 from .options import CompareOptions
 from .pairing import Plan
-from .result import STATS_ONLY_MATCH, CallResult, TensorResult
+from .result import STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, CallResult, Divergence, TensorResult
 from .stats_table import CHECKED, TableComparison, TableRun
 
-__all__ = ["CallOrder", "call_orders", "StepTemplate", "PlainSteps", "plain_steps", "assemble"]
+__all__ = ["CallOrder", "call_orders", "StepTemplate", "PlainSteps", "plain_steps", "assemble", "analyse"]
 
 #: One step's calls: ``(rank, (module, call) in start order, (module, call) in end order)``.
 CallOrder = tuple[int, tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]
@@ -86,21 +88,46 @@ class StepTemplate:
         rows1, rows2: each pair's index in its run's layout (its row is the step's first plus it).
         numel: each pair's element count (dir2's), for the L2 norm's bound.
         pairs: what an entry needs, per pair: ``(module, call, kind, path, shape1, shape2,
-            dtype, device1, device2, note)``.
+            dtype, device1, device2, note)``; the pairs of a call follow each other, in the
+            order of :attr:`calls`.
+        first_pair: each call's first pair (and, last, the number of pairs).
+        outputs, inputs: per pair, whether its kind is an output kind (``outputs``,
+            ``post_fwd_inputs``) or ``inputs`` (for :func:`~.divergence.analyse_calls`' rules).
+        has_inputs: per call, whether it has an input pair.
+        inside: per call, the end (exclusive, in :attr:`calls`' order) of the calls nested in
+            it, which follow it: :func:`~.divergence.analyse_calls`' nesting, from the positions.
+        around: per call, the calls it is nested in.
     """
 
-    __slots__ = ("rank", "calls", "ranks", "rows1", "rows2", "numel", "pairs")
+    __slots__ = ("rank", "calls", "ranks", "rows1", "rows2", "numel", "pairs", "first_pair", "outputs", "inputs",
+                 "has_inputs", "inside", "around", "by_end")
 
     def __init__(self, rank: int, calls: list[tuple[str, int, int, int, int]],
                  pairs: list[tuple[Any, ...]], rows1: list[int], rows2: list[int], numel: list[int]) -> None:
         self.rank, self.calls, self.pairs = rank, calls, pairs
         by_end = sorted(range(len(calls)), key=lambda j: calls[j][3])  # stable: ties keep start order
+        self.by_end = np.asarray(by_end, dtype=np.int64)
         self.ranks = [0] * len(calls)
         for position, j in enumerate(by_end):
             self.ranks[j] = position
         self.rows1 = np.asarray(rows1, dtype=np.int64)
         self.rows2 = np.asarray(rows2, dtype=np.int64)
         self.numel = np.asarray(numel, dtype=np.float64)
+        self.first_pair = np.concatenate(([0], np.cumsum([c[4] for c in calls], dtype=np.int64)))
+        self.outputs = np.asarray([p[2] in _OUTPUT_KINDS for p in pairs], dtype=bool)
+        self.inputs = np.asarray([p[2] == "inputs" for p in pairs], dtype=bool)
+        self.has_inputs = np.asarray([bool(self.inputs[self.first_pair[j]:self.first_pair[j + 1]].any())
+                                      for j in range(len(calls))], dtype=bool)
+        # analyse_calls' nesting: sorted by start (these are), a call's nested calls are those
+        # after it up to the first that ends at or after it
+        self.inside: list[int] = []
+        self.around: list[list[int]] = [[] for _ in calls]
+        for j, (_m, _c, _start, end, _n) in enumerate(calls):
+            stop = j + 1
+            while stop < len(calls) and calls[stop][3] < end:
+                self.around[stop].append(j)
+                stop += 1
+            self.inside.append(stop)
 
     def tensor(self, step: int, j: int) -> TensorResult:
         """The ``stats_only_match`` entry of pair ``j`` at ``step`` (what :func:`.stats_table._entry` makes)."""
@@ -109,10 +136,16 @@ class StepTemplate:
                             shape2, dtype, dtype, device1, device2, False, None, (), note, "both")
 
     def call(self, step: int, j: int, base: int) -> CallResult:
-        """Call ``j``'s entry at ``step``; ``base``: the execution position of the step's first call."""
+        """Call ``j``'s entry at ``step`` when it has no differing value; ``base``: the execution
+        position of the step's first call."""
         module, call, _start, _end, tensors = self.calls[j]
         return CallResult(CallKey(self.rank, step, module, call), "both",
                           STATS_ONLY_MATCH if tensors else "no_tensors", None, base + self.ranks[j], tensors, 0)
+
+    def key(self, step: int, j: int) -> TensorKey:
+        """Pair ``j``'s key at ``step``."""
+        module, call, kind, path = self.pairs[j][:4]
+        return TensorKey(step, module, call, kind, path, self.rank)
 
 
 def _template(run1: TableRun, run2: TableRun, layout1: int, layout2: int, order1: CallOrder, order2: CallOrder,
@@ -173,20 +206,149 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class _Group:
+    """The steps of one template decided in arrays, with what each of their pairs and calls came to.
+
+    Attributes:
+        template: the steps' template.
+        steps, starts1, starts2: each step, and its first row in each run's table.
+        failed: per step and pair, whether the pair fails (``stats_only_mismatch``).
+        mismatched: per step and call, its pairs that fail.
+        origin: per step and call, 0 (its outputs do not differ), :data:`_INHERITED` or
+            :data:`_INTRODUCED` (see :func:`analyse`; all 0 before).
+        outcome: per step, a number shared by the steps whose calls came to the same (verdicts,
+            origins, counts), so that their calls' rows in a report are equal.
+    """
+
+    __slots__ = ("template", "table", "options", "steps", "starts1", "starts2", "failed", "mismatched", "out_bad",
+                 "in_bad", "origin", "outcome")
+
+    def __init__(self, template: StepTemplate, table: TableComparison, options: CompareOptions, steps: np.ndarray,
+                 starts1: np.ndarray, starts2: np.ndarray, failed: np.ndarray) -> None:
+        self.template, self.table, self.options = template, table, options
+        self.steps, self.starts1, self.starts2, self.failed = steps, starts1, starts2, failed
+        lo, hi = template.first_pair[:-1], template.first_pair[1:]
+        self.mismatched = _sums(failed, lo, hi)
+        self.out_bad = _sums(failed, lo, hi, template.outputs) > 0
+        self.in_bad = _sums(failed, lo, hi, template.inputs) > 0
+        self.origin = np.zeros(self.mismatched.shape, dtype=np.int8)
+        self.outcome = self._outcomes()
+
+    def _outcomes(self) -> np.ndarray:
+        """Consecutive steps whose calls came to the same share a number (a step's differs from
+        the one before when it came to something else)."""
+        changed = np.zeros(len(self.steps), dtype=np.int64)
+        for first in range(1, len(self.steps), _CHUNK_STEPS):
+            last = min(first + _CHUNK_STEPS, len(self.steps))
+            now, before = slice(first, last), slice(first - 1, last - 1)
+            changed[now] = ((self.mismatched[now] != self.mismatched[before])
+                            | (self.origin[now] != self.origin[before])).any(axis=1)
+        return changed.cumsum()
+
+    def analyse(self, bad_from: int | None) -> None:
+        """Each call's origin, by :func:`~.divergence.analyse_calls`' rules, vectorised over the
+        steps; ``bad_from``: the first step of the comparison at which some call's outputs differ."""
+        t = self.template
+        if not self.out_bad.any():
+            return
+        calls = len(t.calls)
+        inside = np.asarray(t.inside, dtype=np.int64)
+        for first in range(0, len(self.steps), _CHUNK_STEPS):
+            now = slice(first, first + _CHUNK_STEPS)
+            out_bad, in_bad = self.out_bad[now], self.in_bad[now]
+            # nested: a call nested in it (the calls after it, up to ``inside``) has differing outputs
+            nested = _sums(out_bad, np.arange(1, calls + 1), inside) > 0
+            # upstream: an earlier step, an earlier call of the step (execution order) or the
+            # inputs of a call it is nested in
+            ordered = out_bad[:, t.by_end]
+            upstream = np.empty_like(out_bad)
+            upstream[:, t.by_end] = ordered.cumsum(axis=1) - ordered > 0
+            if bad_from is not None:
+                upstream |= (self.steps[now] > bad_from)[:, None]
+            for j, around in enumerate(t.around):
+                if around:
+                    upstream[:, j] |= in_bad[:, around].any(axis=1)
+            inherited = in_bad | nested | (~t.has_inputs[None, :] & upstream)
+            self.origin[now] = np.where(out_bad, np.where(inherited, _INHERITED, _INTRODUCED), 0)
+        self.outcome = self._outcomes()
+
+    def tensor(self, k: int, j: int) -> TensorResult:
+        """Pair ``j``'s entry at the group's ``k``-th step."""
+        step = int(self.steps[k])
+        if not self.failed[k, j]:
+            return self.template.tensor(step, j)
+        t, o = self.template, self.options
+        table = self.table
+        s1 = table.stats(1, int(self.starts1[k] + t.rows1[j]))
+        s2 = table.stats(2, int(self.starts2[k] + t.rows2[j]))
+        check = compare_stats(s1, s2, numel=int(t.numel[j]), is_float=True, rtol=o.rtol, atol=o.atol, exact=o.exact,
+                              equal_nan=o.equal_nan)
+        assert not check.matched, "the vectorised check and compare_stats disagree"
+        _module, _call, _kind, _path, shape1, shape2, dtype, device1, device2, note = t.pairs[j]
+        return TensorResult(t.key(step, j), STATS_ONLY_MISMATCH, None, shape1, shape2, dtype, dtype, device1, device2,
+                            False, None, check.failed, note, "both")
+
+    def call(self, k: int, j: int, base: int) -> CallResult:
+        """Call ``j``'s entry at the group's ``k``-th step; ``base`` as for :meth:`StepTemplate.call`."""
+        mismatched = int(self.mismatched[k, j])
+        t = self.template
+        if not mismatched:
+            return t.call(int(self.steps[k]), j, base)
+        module, call, _start, _end, tensors = t.calls[j]
+        return CallResult(CallKey(t.rank, int(self.steps[k]), module, call), "both", "mismatch",
+                          _ORIGINS[self.origin[k, j]], base + t.ranks[j], tensors, mismatched)
+
+    def divergence(self, k: int, j: int) -> Divergence:
+        """Call ``j`` at the group's ``k``-th step as a divergence (its outputs differ)."""
+        t = self.template
+        module, call = t.calls[j][:2]
+        step = int(self.steps[k])
+        bad = tuple(t.key(step, p).display() for p in range(t.first_pair[j], t.first_pair[j + 1])
+                    if t.outputs[p] and self.failed[k, p])
+        return Divergence(step=step, module=module, call=call, rank=t.rank, origin=_ORIGINS[self.origin[k, j]] or "",
+                          output_rel_l2=None, input_rel_l2=None, growth=None, tensors=bad)
+
+
+def _sums(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
+    """Per row of ``mask`` (steps x columns), how many of its columns ``lo[i]:hi[i]`` are set (and
+    set in ``select``), for each ``i``; a few thousand rows at a time (bounded temporaries)."""
+    out = np.empty((len(mask), len(lo)), dtype=np.int32)
+    for first in range(0, len(mask), _CHUNK_STEPS):
+        part = mask[first:first + _CHUNK_STEPS]
+        if select is not None:
+            part = part & select
+        counts = np.zeros((len(part), part.shape[1] + 1), dtype=np.int32)
+        np.cumsum(part, axis=1, dtype=np.int32, out=counts[:, 1:])
+        out[first:first + len(part)] = counts[:, hi] - counts[:, lo]
+    return out
+
+
+#: Steps at a time in :class:`_Group`'s arithmetic (its temporaries stay a few MB).
+_CHUNK_STEPS = 4096
+_INHERITED, _INTRODUCED = 1, 2
+_ORIGINS: tuple[str | None, ...] = (None, INHERITED, INTRODUCED)
+
+
 @dataclasses.dataclass
 class PlainSteps:
-    """The plain steps of a comparison: step -> its template."""
+    """The steps of a comparison decided in arrays: step -> its template (``templates``), and
+    step -> its group and position in it (``at``). ``failing``: some of them have a pair that fails."""
 
     templates: dict[int, StepTemplate]
+    at: dict[int, tuple[_Group, int]] = dataclasses.field(default_factory=dict)
+    failing: bool = False
 
 
-def plain_steps(table: TableComparison, o: CompareOptions, modules: list[re.Pattern[str]] | None) -> PlainSteps:
+def plain_steps(table: TableComparison, o: CompareOptions, modules: list[re.Pattern[str]] | None, *,
+                failing: bool = False) -> PlainSteps:
     """Find the plain steps of the comparison (see the module's docstring) and decide them.
 
     Args:
         table: the two runs' tables.
         o: the options (the steps asked for, the tolerances).
         modules: the ``modules`` filter, compiled.
+        failing: also steps in which some pairs fail (their entries ``stats_only_mismatch``):
+            then the calls must be analysed by :func:`analyse`, not :func:`~.divergence.analyse_calls`.
     """
     run1, run2 = table.run1, table.run2
     steps = sorted(run1.blocks) if o.steps is None else sorted(set(o.steps))
@@ -213,53 +375,87 @@ def plain_steps(table: TableComparison, o: CompareOptions, modules: list[re.Patt
         group[1].append(step)
         group[2].append(start1)
         group[3].append(start2)
-    out: dict[int, StepTemplate] = {}
+    out = PlainSteps({})
     for template, group_steps, starts1, starts2 in chosen.values():
-        ok = table.plain_pass(np.asarray(starts1, dtype=np.int64), np.asarray(starts2, dtype=np.int64),
-                              template.rows1, template.rows2, template.numel, o)
-        for step, passed in zip(group_steps, ok.tolist(), strict=True):
-            if passed:
-                out[step] = template
-    return PlainSteps(out)
+        s1, s2 = np.asarray(starts1, dtype=np.int64), np.asarray(starts2, dtype=np.int64)
+        plain, failed = table.pair_check(s1, s2, template.rows1, template.rows2, template.numel, o)
+        keep = plain if failing else plain & ~failed.any(axis=1)
+        if not keep.any():
+            continue
+        decided = _Group(template, table, o, np.asarray(group_steps, dtype=np.int64)[keep], s1[keep], s2[keep],
+                         failed[keep])
+        out.failing = out.failing or bool(decided.failed.any())
+        for k, step in enumerate(decided.steps.tolist()):
+            out.templates[step] = template
+            out.at[step] = (decided, k)
+    return out
 
 
 class _TensorBlock:
-    """The entries of consecutive plain steps that share a template."""
+    """The entries of consecutive steps of one group whose calls came to the same; the entries of
+    its calls with a differing value are singled out (:class:`.entries.Singled`)."""
 
-    status = STATS_ONLY_MATCH
-    __slots__ = ("template", "steps")
+    rest_status = STATS_ONLY_MATCH
+    __slots__ = ("group", "ks", "steps", "status", "width", "positions")
 
-    def __init__(self, template: StepTemplate, steps: list[int]) -> None:
-        self.template, self.steps = template, steps
+    def __init__(self, group: _Group, k: int) -> None:
+        self.group, self.ks, self.steps = group, [k], [int(group.steps[k])]
+        t = group.template
+        self.width = len(t.pairs)
+        bad = np.flatnonzero(group.mismatched[k])
+        self.positions = [p for j in bad.tolist() for p in range(t.first_pair[j], t.first_pair[j + 1])]
+        self.status: str | None = None if self.positions else STATS_ONLY_MATCH
 
     def __len__(self) -> int:
-        return len(self.steps) * len(self.template.pairs)
+        return len(self.ks) * self.width
 
     def item(self, i: int) -> TensorResult:
-        k, j = divmod(i, len(self.template.pairs))
-        return self.template.tensor(self.steps[k], j)
+        k, j = divmod(i, self.width)
+        return self.group.tensor(self.ks[k], j)
+
+    def tally(self, attribute: str) -> dict[str, int] | None:
+        """How many entries have each status (:func:`.entries.tally`); every step of the block has
+        the same number of failing pairs."""
+        if attribute != "status":
+            return None
+        failing = len(self.ks) * int(self.group.mismatched[self.ks[0]].sum())
+        return {STATS_ONLY_MISMATCH: failing, STATS_ONLY_MATCH: len(self) - failing}
 
 
 class _CallBlock:
-    """The calls of consecutive plain steps that share a template."""
+    """The calls of consecutive steps of one group whose calls came to the same; the mismatched
+    ones are singled out (:class:`.entries.Singled`)."""
 
     status: str | None = None
-    __slots__ = ("template", "steps", "bases")
+    rest_status = None
+    __slots__ = ("group", "ks", "steps", "bases", "width", "positions")
 
-    def __init__(self, template: StepTemplate, steps: list[int], bases: list[int]) -> None:
-        self.template, self.steps, self.bases = template, steps, bases
+    def __init__(self, group: _Group, k: int, base: int) -> None:
+        self.group, self.ks, self.steps, self.bases = group, [k], [int(group.steps[k])], [base]
+        self.width = len(group.template.calls)
+        self.positions = np.flatnonzero(group.mismatched[k]).tolist()
 
     def __len__(self) -> int:
-        return len(self.steps) * len(self.template.calls)
+        return len(self.ks) * self.width
 
     def item(self, i: int) -> CallResult:
-        k, j = divmod(i, len(self.template.calls))
-        return self.template.call(self.steps[k], j, self.bases[k])
+        k, j = divmod(i, self.width)
+        return self.group.call(self.ks[k], j, self.bases[k])
+
+    def tally(self, attribute: str) -> dict[str, int] | None:
+        """How many calls have each verdict (:func:`.entries.tally`); every step of the block has
+        the same verdicts."""
+        if attribute != "verdict":
+            return None
+        mismatched = self.group.mismatched[self.ks[0]] > 0
+        empty = ~mismatched & (self.group.template.first_pair[1:] == self.group.template.first_pair[:-1])
+        return {"mismatch": len(self.ks) * int(mismatched.sum()), "no_tensors": len(self.ks) * int(empty.sum()),
+                STATS_ONLY_MATCH: len(self.ks) * int((~mismatched & ~empty).sum())}
 
     def step_calls(self, k: int) -> list[CallResult]:
         """The calls of the block's ``k``-th step (``self.steps[k]``). Every step's calls differ
         from another's only in their step and execution position (``order``)."""
-        return [self.template.call(self.steps[k], j, self.bases[k]) for j in range(len(self.template.calls))]
+        return [self.group.call(self.ks[k], j, self.bases[k]) for j in range(self.width)]
 
 
 def assemble(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult], calls: Sequence[CallResult]
@@ -271,7 +467,59 @@ def assemble(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult], cal
     A call's ``order`` counts every call of the comparison; :func:`~.divergence.analyse_calls`
     counted only the calls of the plan, so theirs are moved up by the plain steps' calls before
     them (steps come first in execution order, so no other order changes).
+
+    Raises:
+        ValueError: ``plain`` has steps with failing pairs: their calls' origins and the first
+            divergence need :func:`analyse`.
     """
+    if plain.failing:
+        raise ValueError("steps with failing pairs were decided in arrays: use columnar.analyse")
+    return _assemble(plan, plain, tensors, calls)
+
+
+def analyse(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult]
+            ) -> tuple[Entries[TensorResult], Entries[CallResult], Divergence | None, list[Divergence]]:
+    """:func:`~.divergence.analyse_calls` and :func:`assemble` for a comparison some of whose
+    steps ``plain`` decided (their pairs may fail): every call, the first divergence and the
+    introduced-error calls, as the general path finds them over all the steps.
+
+    Args:
+        plan: the plan of the other steps.
+        plain: the steps decided in arrays.
+        tensors: the plan's entries, as the engine gave them.
+
+    Returns:
+        ``(tensors, calls, first_divergence, introduced)``, as :func:`~.divergence.analyse_calls`
+        and :func:`assemble` give them.
+    """
+    groups = list({id(g): g for g, _k in plain.at.values()}.values())
+    # the first step at which an output differs, here and in the plan (execution order is step order
+    # between steps; a step is either decided here or planned)
+    bad_here = [int(g.steps[g.out_bad.any(axis=1)].min()) for g in groups if g.out_bad.any()]
+    first_here = min(bad_here, default=None)
+    calls, first, introduced = analyse_calls(plan.calls, tensors, bad_from=first_here)
+    bad_from = min((s for s in (first_here, first.step if first is not None else None) if s is not None),
+                   default=None)
+    candidates: list[tuple[int, int, _Group, int, int]] = []  # (step, rank, group, k, j) of introduced calls
+    for g in groups:
+        g.analyse(bad_from)
+        ks, js = np.nonzero(g.origin == _INTRODUCED)
+        if len(ks):
+            ranks = np.asarray(g.template.ranks, dtype=np.int64)[js]
+            order = np.lexsort((ranks, g.steps[ks]))[:TOP_INTRODUCED]
+            candidates += [(int(g.steps[ks[i]]), int(ranks[i]), g, int(ks[i]), int(js[i])) for i in order]
+    if first_here is not None and (first is None or first_here < first.step):
+        g, k = plain.at[first_here]
+        j = int(g.template.by_end[np.flatnonzero(g.out_bad[k, g.template.by_end])[0]])
+        first = g.divergence(k, j)
+    candidates.sort(key=lambda c: c[:2])
+    here = [g.divergence(k, j) for _s, _r, g, k, j in candidates[:TOP_INTRODUCED]]
+    tensors_out, calls_out = _assemble(plan, plain, tensors, calls)
+    return tensors_out, calls_out, first, merge_introduced(introduced, here)
+
+
+def _assemble(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult], calls: Sequence[CallResult]
+              ) -> tuple[Entries[TensorResult], Entries[CallResult]]:
     tensor_parts: list[tuple[TensorResult, ...] | Block[TensorResult]] = []
     call_parts: list[tuple[CallResult, ...] | Block[CallResult]] = []
     t_at = c_at = 0  # next entry and call of the plan
@@ -279,16 +527,20 @@ def assemble(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult], cal
     planned_before = 0  # calls of the plan's steps so far
     block: tuple[_TensorBlock, _CallBlock] | None = None
     for step in plan.steps:
-        template = plain.templates.get(step)
-        if template is not None:
-            if block is None or block[0].template is not template:
-                block = (_TensorBlock(template, []), _CallBlock(template, [], []))
+        where = plain.at.get(step)
+        if where is not None:
+            group, k = where
+            if block is None or block[0].group is not group or group.outcome[block[0].ks[-1]] != group.outcome[k]:
+                block = (_TensorBlock(group, k), _CallBlock(group, k, before))
                 tensor_parts.append(block[0])
                 call_parts.append(block[1])
-            block[0].steps.append(step)
-            block[1].steps.append(step)
-            block[1].bases.append(before)
-            before += len(template.calls)
+            else:
+                block[0].ks.append(k)
+                block[0].steps.append(step)
+                block[1].ks.append(k)
+                block[1].steps.append(step)
+                block[1].bases.append(before)
+            before += len(group.template.calls)
             continue
         block = None
         t_end = t_at

@@ -38,7 +38,7 @@ from .result import (
     TensorResult,
 )
 
-__all__ = ["INTRODUCED", "INHERITED", "TOP_INTRODUCED", "analyse_calls"]
+__all__ = ["INTRODUCED", "INHERITED", "TOP_INTRODUCED", "analyse_calls", "merge_introduced"]
 
 INTRODUCED = "introduced"
 INHERITED = "inherited"
@@ -146,13 +146,17 @@ def _rank_key(d: Divergence, order: int) -> tuple[int, float, float, int]:
 
 
 def analyse_calls(planned: Sequence[PlannedCall], tensors: Sequence[TensorResult],
-                  top: int = TOP_INTRODUCED) -> tuple[list[CallResult], Divergence | None, list[Divergence]]:
+                  top: int = TOP_INTRODUCED, *, bad_from: int | None = None,
+                  ) -> tuple[list[CallResult], Divergence | None, list[Divergence]]:
     """Verdict and origin of every call, the first divergence, and the top introduced-error calls.
 
     Args:
         planned: the calls, in step then start order.
         tensors: every tensor entry (any order).
         top: how many introduced-error calls to rank.
+        bad_from: the first step at which a call analysed elsewhere (a step :mod:`.columnar`
+            decides, never one of ``planned``'s) has differing outputs: for the calls of later
+            steps the error is already present upstream. None: no such call.
 
     Returns:
         ``(calls, first_divergence, introduced)``: calls in the order of ``planned``;
@@ -174,7 +178,8 @@ def analyse_calls(planned: Sequence[PlannedCall], tensors: Sequence[TensorResult
         if not info.out_bad:
             continue
         nested_bad = any(d.out_bad for d in below.get(id(info), []))
-        upstream = seen_bad or any(a.in_bad for a in above.get(id(info), []))
+        upstream = seen_bad or (bad_from is not None and info.planned.call.step > bad_from) \
+            or any(a.in_bad for a in above.get(id(info), []))
         if info.in_bad or nested_bad or (not info.has_inputs and upstream):
             info.origin = INHERITED
         else:
@@ -197,3 +202,14 @@ def analyse_calls(planned: Sequence[PlannedCall], tensors: Sequence[TensorResult
             max_rel_diff=_max(e.metrics.max_rel_diff for e in es if e.metrics is not None),
             min_cosine=_min(e.metrics.cosine for e in es if e.metrics is not None)))
     return calls, (_divergence(first) if first is not None else None), [d for d, _ in ranked[:top]]
+
+
+def merge_introduced(*ranked: Sequence[Divergence], top: int = TOP_INTRODUCED) -> list[Divergence]:
+    """Introduced-error calls ranked apart, each list for its own steps (no step in two lists),
+    ranked together as :func:`analyse_calls` ranks them; at most ``top``.
+
+    Between two steps execution order is step order, so the tie-break by execution position
+    is one by step, and within a step the list's own order.
+    """
+    merged = sorted((d for r in ranked for d in r), key=lambda d: (*_rank_key(d, 0)[:3], d.step))  # stable
+    return merged[:top]

@@ -25,9 +25,9 @@ import operator
 from bisect import bisect_right
 from collections.abc import Collection, Iterator, Sequence
 from itertools import accumulate
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
-__all__ = ["Block", "Entries", "concrete", "blocks", "with_status"]
+__all__ = ["Block", "Singled", "Entries", "concrete", "blocks", "with_status", "singled", "rest", "objects", "tally"]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -37,6 +37,10 @@ class Block(Protocol[T_co]):
     """Entries made on demand: ``len(block)`` of them, the i-th by :meth:`item`.
 
     ``status`` is every entry's status when they share one (tensor entries), else None.
+
+    A block may also single out some of its entries (:class:`Singled`: the entries of its
+    calls with a differing value, its mismatched calls): :meth:`Entries.concrete` then gives
+    those, and :meth:`Entries.blocks` the block without them (:meth:`Singled.rest`).
     """
 
     @property
@@ -45,6 +49,59 @@ class Block(Protocol[T_co]):
     def __len__(self) -> int: ...
 
     def item(self, i: int) -> T_co: ...
+
+
+class Singled(Protocol[T_co]):
+    """A :class:`Block` that singles out the entries at ``positions`` of each of its ``width``-long
+    runs (``len(block)`` is a multiple of ``width``; the same positions in every run)."""
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def positions(self) -> Sequence[int]: ...
+
+    @property
+    def rest_status(self) -> str | None: ...
+
+    def __len__(self) -> int: ...
+
+    def item(self, i: int) -> T_co: ...
+
+
+class _Subset(Generic[T]):
+    """The entries of a :class:`Singled` block at ``keep`` (positions within each run), in order."""
+
+    __slots__ = ("block", "keep", "status")
+
+    def __init__(self, block: Singled[T], keep: Sequence[int], status: str | None) -> None:
+        self.block, self.keep, self.status = block, keep, status
+
+    def __len__(self) -> int:
+        return len(self.block) // self.block.width * len(self.keep) if self.keep else 0
+
+    def item(self, i: int) -> T:
+        run, j = divmod(i, len(self.keep))
+        return self.block.item(run * self.block.width + self.keep[j])
+
+    def __iter__(self) -> Iterator[T]:
+        return (self.item(i) for i in range(len(self)))
+
+
+def singled(block: Singled[T]) -> _Subset[T]:
+    """The entries ``block`` singles out, in order."""
+    return _Subset(block, block.positions, None)
+
+
+def rest(block: Singled[T]) -> _Subset[T]:
+    """``block`` without the entries it singles out: a block of status ``block.rest_status``."""
+    held = set(block.positions)
+    return _Subset(block, [j for j in range(block.width) if j not in held], block.rest_status)
+
+
+def _is_singled(part: object) -> bool:
+    """A block that singles out at least one position (one that singles out none is a plain block)."""
+    return bool(getattr(part, "positions", None))
 
 
 class Entries(Sequence[T], Generic[T]):
@@ -113,19 +170,30 @@ class Entries(Sequence[T], Generic[T]):
         return repr(tuple(self))
 
     def concrete(self) -> Iterator[T]:
-        """The entries held as objects, in order (the blocks' entries are left out)."""
+        """The entries held as objects and those the blocks single out (:class:`Singled`), in
+        order; the blocks' other entries are left out (they are :meth:`blocks`)."""
         for part in self._parts:
             if isinstance(part, tuple):
                 yield from part
+            elif _is_singled(part):
+                yield from singled(cast(Singled[T], part))
 
     def parts(self) -> Iterator[tuple[T, ...] | Block[T]]:
         """The parts, in order: tuples of entries held as objects, and blocks."""
         return iter(self._parts)
 
     def blocks(self) -> Iterator[Block[T]]:
-        """The blocks, in order."""
+        """The blocks, in order; a block that singles out entries without them (:func:`rest`).
+
+        Every entry is in :meth:`concrete` or in one of these, never both."""
         for part in self._parts:
-            if not isinstance(part, tuple):
+            if isinstance(part, tuple):
+                continue
+            if _is_singled(part):
+                remaining = rest(cast(Singled[T], part))
+                if len(remaining):
+                    yield remaining
+            else:
                 yield part
 
     def with_status(self, statuses: Collection[str]) -> Iterator[T]:
@@ -134,6 +202,8 @@ class Entries(Sequence[T], Generic[T]):
         for part in self._parts:
             if isinstance(part, tuple):
                 yield from (e for e in part if getattr(e, "status", None) in statuses)
+            elif _is_singled(part) and cast(Singled[T], part).rest_status not in statuses:
+                yield from (e for e in singled(cast(Singled[T], part)) if getattr(e, "status", None) in statuses)
             elif part.status is None or part.status in statuses:
                 yield from (e for e in (part.item(j) for j in range(len(part)))
                             if getattr(e, "status", None) in statuses)
@@ -154,3 +224,36 @@ def with_status(entries: Sequence[T], statuses: Collection[str]) -> Iterator[T]:
     if isinstance(entries, Entries):
         return entries.with_status(statuses)
     return (e for e in entries if getattr(e, "status", None) in statuses)
+
+
+def objects(entries: Sequence[T]) -> Iterator[T]:
+    """The entries of ``entries`` held as objects (a tuple's; an :class:`Entries`' tuple parts), in
+    order: not the blocks' (made on demand), singled out or not."""
+    if not isinstance(entries, Entries):
+        return iter(entries)
+    return (e for part in entries.parts() if isinstance(part, tuple) for e in part)
+
+
+def tally(entries: Sequence[Any], attribute: str) -> dict[str, int]:
+    """How many of ``entries`` have each value of ``attribute`` (``status``, ``verdict``).
+
+    A block that can say so (a ``tally(attribute)`` method answering a dict, not None) is
+    counted without making its entries; any other block's entries are made and counted.
+    """
+    counts: dict[str, int] = {}
+    parts = entries.parts() if isinstance(entries, Entries) else iter((tuple(entries),))
+    for part in parts:
+        known = None
+        if not isinstance(part, tuple):
+            ask = getattr(part, "tally", None)
+            known = ask(attribute) if ask is not None else None
+        if known is None:
+            values = (getattr(e, attribute) for e in (part if isinstance(part, tuple) else
+                                                        (part.item(j) for j in range(len(part)))))
+            known = {}
+            for value in values:
+                known[value] = known.get(value, 0) + 1
+        for value, n in known.items():
+            if n:
+                counts[value] = counts.get(value, 0) + n
+    return counts

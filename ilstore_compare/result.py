@@ -30,6 +30,7 @@ from typing import Any
 from ilstore.errors import CorruptFileError, StoreError
 from ilstore.keys import CallKey, TensorKey
 
+from .entries import objects, tally
 from .metrics import TensorMetrics
 from .options import CompareOptions
 from .tokens import TokenAlignment
@@ -242,6 +243,36 @@ class Summary:
     steps: tuple[int, ...] = ()
     steps_only_in_dir1: tuple[int, ...] = ()
     steps_only_in_dir2: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps: Sequence[int],
+           only1: Sequence[int], only2: Sequence[int]) -> Summary:
+        """The counts of a comparison's entries and calls (which may hold blocks of entries made on
+        demand, :mod:`.entries`: those are counted without being made where the block can say).
+
+        Args:
+            tensors, calls: every entry and call.
+            steps, only1, only2: the steps compared, and those of dir1 only and of dir2 only.
+        """
+        count = tally(tensors, "status")
+        held = list(objects(tensors))  # the blocks' entries have no dtype mismatch and are not squeezed
+        held_calls = list(objects(calls))  # nor are the blocks' calls one-sided or unaligned
+        mismatched = sum(count.get(s, 0) for s in BAD_VALUE_STATUSES)
+        return cls(
+            tensors=len(tensors),
+            compared=count.get(MATCH, 0) + count.get(STATS_ONLY_MATCH, 0) + mismatched,
+            matched=count.get(MATCH, 0), mismatched=mismatched, shape_mismatches=count.get(SHAPE_MISMATCH, 0),
+            dtype_mismatches=sum(1 for t in held if t.dtype_mismatch),
+            stats_only_matched=count.get(STATS_ONLY_MATCH, 0),
+            stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
+            not_compared=count.get(NOT_COMPARED, 0) + count.get(UNREADABLE, 0), unreadable=count.get(UNREADABLE, 0),
+            only_in_dir1=count.get(ONLY_IN_DIR1, 0), only_in_dir2=count.get(ONLY_IN_DIR2, 0),
+            unaligned=count.get(UNALIGNED, 0), squeezed=sum(1 for t in held if t.squeezed), calls=len(calls),
+            calls_mismatched=tally(calls, "verdict").get("mismatch", 0),
+            calls_only_in_dir1=sum(1 for c in held_calls if c.presence == "dir1" and c.verdict != UNALIGNED),
+            calls_only_in_dir2=sum(1 for c in held_calls if c.presence == "dir2" and c.verdict != UNALIGNED),
+            calls_unaligned=sum(1 for c in held_calls if c.verdict == UNALIGNED),
+            steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))
 
 
 @dataclass(frozen=True)

@@ -168,9 +168,7 @@ class TableRun:
         out = []
         for i in indices:
             _module, _call, _kind, path, dtype, shape, numel, device, _stored, reason = keys[i]
-            row = values[i]
-            stats: dict[str, Any] = dict(zip(STAT_COLUMNS, row, strict=False))  # the row's last item is its flag
-            stats["nan_count"], stats["inf_count"] = int(row[0]), int(row[1])
+            stats = _stats(values[i])
             node = {"type": "tensor", "shape": shape, "dtype": dtype, "numel": numel, "device": device,
                     "path": list(path), "stats": stats, "stored": False, "reason": reason}
             self.row_of[id(node)] = start + i
@@ -241,22 +239,42 @@ class TableComparison:
                    numel: np.ndarray, o: CompareOptions) -> np.ndarray:
         """For steps whose blocks start at ``starts1``/``starts2``: whether every pair (the rows
         ``starts + rows``) is plain on both sides and passes :meth:`_check`; one flag per step."""
-        out = np.ones(len(starts1), dtype=bool)
+        plain, failed = self.pair_check(starts1, starts2, rows1, rows2, numel, o)
+        return plain & ~failed.any(axis=1)
+
+    def pair_check(self, starts1: np.ndarray, starts2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
+                   numel: np.ndarray, o: CompareOptions) -> tuple[np.ndarray, np.ndarray]:
+        """For steps whose blocks start at ``starts1``/``starts2``, with the pairs of rows
+        ``starts + rows``: whether each step's rows are all plain on both sides (one flag per
+        step), and which pairs fail :meth:`_check` (steps x pairs; meaningful for plain steps only)."""
+        plain = np.ones(len(starts1), dtype=bool)
+        failed = np.zeros((len(starts1), len(rows1)), dtype=bool)
         if len(rows1) == 0:
-            return out
+            return plain, failed
         step = max(1, _CHUNK_PAIRS // len(rows1))  # steps at a time: the temporaries stay a few MB
         for first in range(0, len(starts1), step):
             s1, s2 = starts1[first:first + step], starts2[first:first + step]
             at1 = (s1[:, None] + rows1[None, :]).ravel()
             at2 = (s2[:, None] + rows2[None, :]).ravel()
-            ok = self.run1.plain[at1] & self.run2.plain[at2]
-            ok &= self._check(at1, at2, np.tile(numel, len(s1)), o)
-            out[first:first + step] = ok.reshape(len(s1), len(rows1)).all(axis=1)
-        return out
+            ok = (self.run1.plain[at1] & self.run2.plain[at2]).reshape(len(s1), len(rows1))
+            plain[first:first + step] = ok.all(axis=1)
+            failed[first:first + step] = ~self._check(at1, at2, np.tile(numel, len(s1)), o).reshape(len(s1), -1)
+        return plain, failed
+
+    def stats(self, side: int, row: int) -> dict[str, Any]:
+        """The statistics of run ``side``'s (1 or 2) ``row`` as its table-backed node has them."""
+        return _stats((self.run1 if side == 1 else self.run2).rows[row, _FIRST_STAT:].tolist())
 
     def result(self, pair: Pair) -> TensorResult | None:
         """The entry :meth:`results` made for ``pair``, None when the engine must compare it."""
         return self._done.pop(id(pair), None)
+
+
+def _stats(row: list[Any]) -> dict[str, Any]:
+    """A row's statistics (a list of its statistics columns, maybe with more after) as a node's ``stats``."""
+    stats: dict[str, Any] = dict(zip(STAT_COLUMNS, row, strict=False))
+    stats["nan_count"], stats["inf_count"] = int(row[0]), int(row[1])
+    return stats
 
 
 def _entry(pair: Pair) -> TensorResult:

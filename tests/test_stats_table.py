@@ -418,3 +418,27 @@ def test_steps_checked_a_chunk_at_a_time(shaped_runs: tuple[Path, Path], monkeyp
         fast = compare(a, b)
         _same(fast, slow)
         assert _blocks(fast) > fast.summary.tensors // 2
+
+
+@pytest.mark.parametrize("options", [{}, {"equal_nan": True}, {"exact": True}, {"steps": [3, 7, 20, 30, 55, 70]},
+                                     {"modules": "^(a|c)$"}, {"workers": 2}],
+                         ids=lambda o: ",".join(o) or "defaults")
+def test_failing_steps_in_arrays_equal_the_general_path(shaped_runs: tuple[Path, Path], options: dict[str, object],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same runs with the steps whose pairs fail decided in arrays too (the engine as
+    ``bench_stats_compare.failing_in_arrays`` wires it): the mismatching step 20 joins the blocks,
+    the rest is as above."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_stats_compare
+
+    a, b = shaped_runs
+    slow = _general(monkeypatch, a, b, **options)
+    with bench_stats_compare.failing_in_arrays() as seen:
+        fast = compare(a, b, **options)
+    _same(fast, slow)
+    assert fast == slow and list(fast.tensors) == list(slow.tensors) and list(fast.calls) == list(slow.calls)
+    _same_reports(fast, slow)
+    if "plain" in seen and options.get("steps", [20]) and "modules" not in options:
+        assert 20 in seen["plain"].at  # the failing step was decided in arrays
