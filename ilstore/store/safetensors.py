@@ -67,6 +67,28 @@ def _supported(dtype: torch.dtype) -> bool:
     return ok
 
 
+#: safetensors' dtype codes (its format's ``"dtype"``) and the torch dtypes they hold.
+_CODES: dict[str, torch.dtype] = {
+    code: dtype for code, dtype in (
+        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+        ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+        ("BOOL", torch.bool), ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
+        ("U64", getattr(torch, "uint64", None)), ("C64", torch.complex64),
+        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
+        ("F8_E4M3FNUZ", getattr(torch, "float8_e4m3fnuz", None)),
+        ("F8_E5M2FNUZ", getattr(torch, "float8_e5m2fnuz", None)))
+    if isinstance(dtype, torch.dtype)}
+_MAX_HEADER = 100 * 2**20  # the format's own limit on the header's length
+#: And the other way, for writing shards.
+_CODE_OF: dict[torch.dtype, str] = {dtype: code for code, dtype in _CODES.items()}
+
+
+def _writable(dtype: torch.dtype) -> bool:
+    """Whether a shard holds ``dtype`` as is: the library reads it back (:func:`_supported`) and
+    this writer knows its code."""
+    return dtype in _CODE_OF and _supported(dtype)
+
+
 #: ``json.dumps(value, allow_nan=False)`` without a new encoder per call (the same C encoder, the same text).
 _ENCODE = json.JSONEncoder(allow_nan=False).encode
 #: A string as ``json.dumps`` spells it (ASCII, escaped).
@@ -77,12 +99,168 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-class SafetensorsWriter(StoreWriter):
-    """Buffers a step's tensors, writes a shard whenever the next tensor would overflow it, and
-    the step's remaining shard plus its index at ``end_step``.
+#: A shard whose bodies reach this many bytes is streamed: its file is opened with room left for
+#: the header, and each body written there as it arrives, straight from the snapshot's memory,
+#: so the snapshot is freed right after (holding a step's snapshots until its end made every
+#: forward fault in fresh pages for all of them: measured ~0.3 x the forward on the benchmark's
+#: workload). A smaller shard is held until it ends and written exactly, with no room to spare.
+_STREAM_AT = 4 * 2**20
+#: The least room a streamed shard reserves for its header (at most 1.6 % of its bodies).
+_MIN_RESERVE = 64 * 2**10
+#: Offsets are at most this many digits: a header entry whose offsets are not known yet is
+#: counted at this length against the reserved room.
+_OFFSET_DIGITS = 20
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_IOV_MAX = 1024
 
-    Memory: up to ``shard_size_mb`` of snapshots are held until their shard is written; lower
-    ``backend_options.shard_size_mb`` to bound it.
+
+def _round8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every byte of ``views`` (byte-format memoryviews), in order, from ``offset``.
+
+    ``pwritev`` may write less than asked; the rest follows. An error (ENOSPC, EFBIG) raises OSError.
+    """
+    left, i = [v for v in views if v.nbytes], 0
+    while i < len(left):
+        batch = left[i:i + _IOV_MAX]
+        if hasattr(os, "pwritev"):
+            done = os.pwritev(fd, batch, offset)
+        else:  # no pwritev (Windows): one buffer at a time
+            os.lseek(fd, offset, os.SEEK_SET)
+            done = os.write(fd, batch[0])
+        if done <= 0:
+            raise OSError(f"the write at offset {offset} wrote nothing")
+        offset += done
+        while i < len(left) and done >= left[i].nbytes:
+            done -= left[i].nbytes
+            i += 1
+        if done:
+            left[i] = left[i][done:]
+
+
+class _Body:
+    """A body waiting for its place in a shard: its header entry without the offsets, its bytes."""
+
+    __slots__ = ("head", "view", "nbytes", "itemsize", "most")
+
+    def __init__(self, name: str, code: str, tensor: torch.Tensor) -> None:
+        # '"<name>":{"dtype":"F32","shape":[2,3],"data_offsets":[' as the library spells it
+        self.head = f'{_json_str(name)}:{{"dtype":"{code}","shape":[{",".join(map(str, tensor.shape))}],' \
+                    '"data_offsets":['
+        # the tensor's own memory (kept alive by the view), never a copy
+        self.view = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(b"")
+        self.nbytes = self.view.nbytes
+        self.itemsize = tensor.element_size()
+        # the entry's length in the header at most (offsets of up to _OFFSET_DIGITS digits, a comma before it)
+        self.most = len(self.head) + 2 * _OFFSET_DIGITS + 4
+
+
+class _ShardFile:
+    """One shard of a step being written (the safetensors format: an 8-byte little-endian header
+    length, the JSON header, the bodies back to back with no gap).
+
+    Bodies are held until the shard ends, or until they reach :data:`_STREAM_AT` bytes: the file
+    is then opened with ``reserve`` bytes kept for the header, and every later body whose size is
+    a multiple of 8 is written at once after the ones before it. A body of another size is held
+    to the end and written then, larger element sizes first, so that every body starts at a
+    multiple of its element size (as the library lays them out: readers that map the file get
+    aligned tensors). The header, padded with spaces to the room kept for it (JSON allows that;
+    the library pads to a multiple of 8 the same way), is written last: until then the file has
+    no valid header, and only then is the shard listed in the step's index.
+    """
+
+    def __init__(self, path: Path, name: str, metadata: Mapping[str, str]) -> None:
+        self.path, self.name = path, name
+        self.fd = -1
+        self.reserve = 0  # bytes kept for the header once streaming; 0 while the bodies are held
+        self.prefix = f'{{"__metadata__":{json.dumps(metadata, separators=(",", ":"))}'
+        self.entries: list[str] = []  # header entries of the bodies written
+        self.held: list[_Body] = []
+        self.held_bytes = 0
+        self.end = 0  # bytes of bodies written
+        self.nbytes = 0  # bytes of all bodies, written or held
+        # the header's length at most: exact for the bodies placed, at most for those held
+        self.header_max = len(self.prefix) + 1
+
+    def fits(self, body: _Body) -> bool:
+        """Whether ``body``'s header entry still fits the room kept for the header."""
+        return not self.reserve or self.header_max + body.most <= self.reserve
+
+    def add(self, body: _Body) -> None:
+        self.nbytes += body.nbytes
+        self.header_max += body.most
+        if self.reserve and not body.nbytes % 8:
+            self._write([body])
+            return
+        self.held.append(body)
+        self.held_bytes += body.nbytes
+
+    def stream(self, reserve: int) -> None:
+        """Open the file, keep ``reserve`` bytes for the header, and write the held bodies whose
+        size is a multiple of 8."""
+        self.fd = os.open(self.path, _WRITE_FLAGS, 0o666)
+        self.reserve = reserve
+        ready = [b for b in self.held if not b.nbytes % 8]
+        self.held = [b for b in self.held if b.nbytes % 8]
+        self.held_bytes = sum(b.nbytes for b in self.held)
+        self._write(ready)
+
+    def _write(self, bodies: list[_Body]) -> None:
+        """Write ``bodies`` after the bodies written so far and place their header entries."""
+        _pwrite_all(self.fd, [b.view for b in bodies], 8 + self.reserve + self.end)
+        self._place(bodies)
+
+    def _place(self, bodies: list[_Body]) -> None:
+        """Give ``bodies`` the next offsets: their header entries, counted at their true length."""
+        end = self.end
+        for body in bodies:
+            entry = f"{body.head}{end},{end + body.nbytes}]}}"
+            end += body.nbytes
+            self.entries.append(entry)
+            self.header_max += len(entry) + 1 - body.most
+        self.end = end
+
+    def finish(self) -> None:
+        """Write what is held and then the header; close the file."""
+        # sizes that are multiples of 8 first (only a shard never streamed still has them), then
+        # the others, larger element sizes first: each body starts aligned to its element size
+        rest = sorted(self.held, key=lambda b: (b.nbytes % 8 != 0, -b.itemsize))
+        self.held, self.held_bytes = [], 0
+        before = self.end
+        self._place(rest)
+        header = f'{self.prefix},{",".join(self.entries)}}}'.encode()
+        if self.fd < 0:  # never streamed: the whole file in one go, the header padded as the library pads it
+            header += b" " * (_round8(len(header)) - len(header))
+            self.fd = os.open(self.path, _WRITE_FLAGS, 0o666)
+            _pwrite_all(self.fd, [memoryview(len(header).to_bytes(8, "little") + header), *(b.view for b in rest)],
+                        0)
+        else:
+            if len(header) > self.reserve:  # cannot happen: add() is asked fits() first
+                raise OSError(f"the header ({len(header)} bytes) outgrew the {self.reserve} bytes kept for it")
+            _pwrite_all(self.fd, [b.view for b in rest], 8 + self.reserve + before)
+            header += b" " * (self.reserve - len(header))
+            _pwrite_all(self.fd, [memoryview(self.reserve.to_bytes(8, "little") + header)], 0)
+        self.close()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class SafetensorsWriter(StoreWriter):
+    """Writes a step's tensors into shards of at most ``shard_size_mb`` (a new one whenever the
+    next tensor would overflow the current one) and the step's index at ``end_step``.
+
+    A shard is written as its bodies arrive once they reach :data:`_STREAM_AT` bytes
+    (:class:`_ShardFile`), so a snapshot is freed soon after it was taken.
+
+    Memory: a shard's bodies are held until it ends while they are fewer than
+    :data:`_STREAM_AT` bytes, and bodies whose size is not a multiple of 8 until it ends; at
+    most ``shard_size_mb`` of snapshots in all (lower ``backend_options.shard_size_mb`` to bound it).
     """
 
     name = "safetensors"
@@ -90,7 +268,11 @@ class SafetensorsWriter(StoreWriter):
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(run_dir, options)
         self._shard_bytes = max(1, int(float(self.options.get("shard_size_mb", DEFAULT_SHARD_SIZE_MB)) * 2**20))
+        # The room a streamed shard keeps for its header: learnt from the headers written so far
+        # (a step is usually laid out like the one before), doubled whenever a header outgrew it.
+        self._hint = _MIN_RESERVE
         self._step: int | None = None
+        self._shard: _ShardFile | None = None
         self._reset(None)
 
     @classmethod
@@ -107,12 +289,12 @@ class SafetensorsWriter(StoreWriter):
         return problems
 
     def _reset(self, step: int | None) -> None:
+        self._drop_shard()
         self._step = step
         self._records: list[str] = []  # each record's entry of the index, as JSON
         self._tensors: dict[str, dict[str, Any]] = {}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
         self._shards: list[str] = []
+        self._lost: str | None = None  # why a shard of the step could not be written
 
     def _step_dir(self, step: int) -> Path:
         return self.run_dir / step_dir_name(step)
@@ -126,9 +308,9 @@ class SafetensorsWriter(StoreWriter):
         self._step_dir(step).mkdir(parents=True, exist_ok=True)
 
     def _abandon(self) -> None:
-        """A step that never ended (its forward raised): keep what it buffered, write no index."""
-        if self._step is not None and self._buffer:
-            self._flush_shard()
+        """A step that never ended (its forward raised): finish its shard, write no index."""
+        if self._step is not None:
+            self._finish_shard()
 
     def _write(self, record: Record) -> None:
         self._begin(record.call.step)
@@ -149,44 +331,78 @@ class SafetensorsWriter(StoreWriter):
         tensor = tensor.detach().resolve_conj().resolve_neg()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
-        # safetensors refuses views and shared storage: every tensor gets its own exact buffer
-        if (not tensor.is_contiguous() or tensor.storage_offset() != 0
-                or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        if not tensor.is_contiguous():  # the bytes are written from the tensor's own memory
+            tensor = tensor.contiguous()
         try:
-            data, encoding = encode(tensor, _supported)
+            data, encoding = encode(tensor, _writable)
         except TypeError as exc:
             raise StoreError(f"{key}: {exc}") from None
-        nbytes = data.numel() * data.element_size()
-        if self._buffer and self._buffered + nbytes > self._shard_bytes:
-            self._flush_shard()
-        self._buffer[key] = data
-        self._buffered += nbytes
-        entry: dict[str, Any] = {"shard": _shard_name(len(self._shards)), "name": key, "dtype": str(tensor.dtype),
+        body = _Body(key, _CODE_OF[data.dtype], data)
+        shard = self._shard
+        # a new shard when this one would grow too large, when its header would outgrow its room,
+        # or when it holds a body of this name already (a record written twice: the later body counts)
+        if shard is not None and (shard.nbytes + body.nbytes > self._shard_bytes or not shard.fits(body)
+                                  or self._tensors.get(key, {}).get("shard") == shard.name):
+            if not shard.fits(body):  # the header outgrew its room: the next shards keep more
+                self._hint = max(self._hint, 2 * shard.reserve)
+            self._finish_shard()
+            shard = None
+        if shard is None:
+            name = _shard_name(len(self._shards))
+            assert self._step is not None
+            shard = self._shard = _ShardFile(self._step_dir(self._step) / name, name, {
+                "format": "pt", "ilstore": INDEX_FORMAT, "step": str(self._step),
+                "rank": str(self.manifest.get("rank", 0))})
+        try:
+            shard.add(body)
+            if not shard.reserve and shard.held_bytes >= _STREAM_AT:
+                shard.stream(self._reserve(shard.header_max))
+        except OSError as exc:
+            raise self._failed(shard, exc) from exc
+        entry: dict[str, Any] = {"shard": shard.name, "name": key, "dtype": str(tensor.dtype),
                                  "shape": list(tensor.shape)}
         if encoding:
             entry["encoding"] = encoding
         self._tensors[key] = entry
 
-    def _flush_shard(self) -> None:
-        if not self._buffer or self._step is None:
-            return
-        from safetensors.torch import save_file
+    def _reserve(self, header: int) -> int:
+        """The room a shard that starts streaming keeps for its header, ``header`` bytes so far:
+        twice that, or what the headers before needed (:attr:`_hint`), but no more than a
+        sixteenth of a full shard (or twice ``header``) and the format's limit."""
+        most = max(_MIN_RESERVE, self._shard_bytes // 16, 2 * header)
+        return _round8(max(header, min(max(2 * header, self._hint), most, _MAX_HEADER)))
 
-        name = _shard_name(len(self._shards))
-        path = self._step_dir(self._step) / name
-        meta = {"format": "pt", "ilstore": INDEX_FORMAT, "step": str(self._step),
-                "rank": str(self.manifest.get("rank", 0))}
+    def _finish_shard(self) -> None:
+        shard = self._shard
+        if shard is None:
+            return
         try:
-            save_file(self._buffer, str(path), metadata=meta)
-        except Exception as exc:  # SafetensorError or OSError: disk full, file too large...
-            raise StoreError(f"{path}: cannot write the shard: {exc}") from exc
-        self._shards.append(name)
-        self._buffer, self._buffered = {}, 0
+            shard.finish()
+        except OSError as exc:  # disk full, file too large...
+            raise self._failed(shard, exc) from exc
+        self._shard = None
+        self._shards.append(shard.name)
+        if shard.reserve:  # its header, with a quarter and 4 KiB to spare, for the shards to come
+            self._hint = max(self._hint, _round8(shard.header_max * 5 // 4 + 4096))
+
+    def _failed(self, shard: _ShardFile, exc: OSError) -> StoreError:
+        """The error for a shard that could not be written; the step keeps no index."""
+        self._drop_shard()
+        self._lost = f"{shard.path}: cannot write the shard: {exc}"
+        return StoreError(self._lost)
+
+    def _drop_shard(self) -> None:
+        shard, self._shard = getattr(self, "_shard", None), None
+        if shard is not None:
+            shard.close()
 
     def _end_step(self, info: StepInfo) -> None:
         self._begin(info.step)
-        self._flush_shard()
+        self._finish_shard()
+        if self._lost is not None:  # the index would name tensors no shard holds
+            lost = self._lost
+            self._reset(None)
+            raise StoreError(f"step {info.step} is incomplete, its index is not written: {lost}")
         head = json.dumps({
             "format": INDEX_FORMAT,
             "format_version": INDEX_VERSION,
@@ -273,18 +489,6 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
     return index
 
 
-#: safetensors' dtype codes (its format's ``"dtype"``) and the torch dtypes they hold.
-_CODES: dict[str, torch.dtype] = {
-    code: dtype for code, dtype in (
-        ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
-        ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
-        ("BOOL", torch.bool), ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
-        ("U64", getattr(torch, "uint64", None)), ("C64", torch.complex64),
-        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)), ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
-        ("F8_E4M3FNUZ", getattr(torch, "float8_e4m3fnuz", None)),
-        ("F8_E5M2FNUZ", getattr(torch, "float8_e5m2fnuz", None)))
-    if isinstance(dtype, torch.dtype)}
-_MAX_HEADER = 100 * 2**20  # the format's own limit on the header's length
 
 
 class _Shard:
