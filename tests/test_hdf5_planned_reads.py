@@ -15,6 +15,7 @@ import torch
 import ilstore
 import ilstore_compare
 from ilstore.errors import CorruptFileError
+from ilstore.store import hdf5 as hdf5_module
 from ilstore.store.hdf5 import Hdf5Reader
 from ilstore.testing import assert_bits_equal, conformance_tensors
 
@@ -125,3 +126,50 @@ def test_compare_workers_use_planned_loads(tmp_path: Path, monkeypatch: pytest.M
             [(t.key, t.status, t.metrics) for t in expected.tensors]
     assert len(calls) == 4 and all(n > 0 for n in calls)
     assert np.isfinite(expected.summary.mismatched)
+
+
+def _structures(run_dir: Path) -> dict[Any, Any]:
+    """Every call's structure of each kind as the reader gives it (or the error's text)."""
+    out: dict[Any, Any] = {}
+    with ilstore.open_run(run_dir) as run:
+        for call in run.calls(0):
+            for kind in ("inputs", "outputs", "post_forward"):
+                try:
+                    out[call, kind] = run.structure(call, kind)
+                except CorruptFileError as exc:
+                    out[call, kind] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["none", "extra int attribute", "fixed-length text", "bad JSON"])
+def test_group_attributes_read_at_once_equal_h5py(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  damage: str) -> None:
+    """A call group's attributes are read in one low-level pass (``_group_texts``); whatever the
+    group holds, the structures and errors are those of h5py's attribute reads."""
+    run_dir = _run(tmp_path)
+    with ilstore.open_run(run_dir) as run:
+        call = next(c for c in run.calls(0) if run.structure(c, "outputs"))
+    with h5py.File(run_dir / "step_0.h5", "r+") as f:
+        attrs = f[f"{call.module}#{call.call}"].attrs
+        text = attrs["outputs"]
+        if damage == "extra int attribute":
+            attrs["extra"] = 5
+        elif damage == "fixed-length text":
+            attrs["outputs"] = np.bytes_(text.encode())
+        elif damage == "bad JSON":
+            attrs["outputs"] = "{not json"
+    fast = _structures(run_dir)
+    seen: list[Any] = []
+    real = hdf5_module._group_texts
+    monkeypatch.setattr(hdf5_module, "_group_texts", lambda oid: seen.append(real(oid)))  # -> None: through h5py
+    slow = _structures(run_dir)
+    assert fast == slow
+    assert len(seen) >= 2 and any(isinstance(s, dict) for s in seen)  # the fast pass took most groups
+    # the damaged group read at once: a dict only where every attribute is a variable-length string
+    with h5py.File(run_dir / "step_0.h5", "r") as f:
+        got = real(f[f"{call.module}#{call.call}"].id)
+    assert (got is None) == (damage in ("extra int attribute", "fixed-length text"))
+    if damage == "bad JSON":
+        assert "attribute 'outputs' is not valid JSON" in fast[call, "outputs"]
+    else:
+        assert isinstance(fast[call, "outputs"], (dict, list))

@@ -485,10 +485,63 @@ def _json_attr(path: Path, attrs: Any, name: str) -> Any:
         return None
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
+    return _json_text(path, name, str(text))
+
+
+def _json_text(path: Path, name: str, text: str) -> Any:
     try:
-        return json.loads(str(text))
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CorruptFileError(path, f"attribute {name!r} is not valid JSON: {exc}") from None
+
+
+#: HDF5 memory types of numpy dtypes (``h5t.py_create``, ~6 us a call), made once each.
+_MEM_TYPES: dict[np.dtype[Any], Any] = {}
+
+
+def _mem_type(dtype: np.dtype[Any]) -> Any:
+    tid = _MEM_TYPES.get(dtype)
+    if tid is None:
+        from h5py import h5t
+
+        tid = _MEM_TYPES[dtype] = h5t.py_create(dtype)
+    return tid
+
+
+def _vlen_text(attr: Any) -> str | None:
+    """A scalar variable-length string attribute (h5py's low-level ``AttrID``) read as h5py's
+    ``attrs[name]`` reads it (UTF-8, ``surrogateescape``); None for any other attribute."""
+    from h5py import h5t
+
+    dtype = attr.dtype
+    info = h5t.check_string_dtype(dtype)
+    if attr.shape != () or info is None or info.length is not None:
+        return None
+    value = np.zeros((), dtype=dtype)
+    attr.read(value, mtype=_mem_type(dtype))
+    raw: Any = value[()]
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else None
+
+
+def _group_texts(oid: Any) -> dict[str, str] | None:
+    """Every attribute of a call's group (low-level identifier) by name, when each is a scalar
+    variable-length string (what the writer gives a group: its sides' structures); None when
+    one is not, or h5py fails (the caller then reads through h5py's attributes, with their
+    errors). One pass over the group instead of a lookup per kind: ~half the time of planning's
+    structure reads."""
+    from h5py import h5a
+
+    try:
+        out: dict[str, str] = {}
+        for index in range(h5a.get_num_attrs(oid)):
+            attr = h5a.open(oid, index=index)
+            text = _vlen_text(attr)
+            if text is None:
+                return None
+            out[attr.name.decode("utf-8", "surrogateescape")] = text
+        return out
+    except Exception:  # noqa: BLE001 -- read again through h5py's attributes, which raise what they raise
+        return None
 
 
 def _raised_in_h5py(exc: BaseException) -> bool:
@@ -541,7 +594,7 @@ def _raw_layout(dsid: Any) -> tuple[int, int, torch.dtype, tuple[int, ...]] | No
     values ``ds[()]`` would give by copying the file's bytes: contiguous, no filters or external
     storage, all its bytes allocated, a file type equal to the in-memory type of its numpy dtype
     (so HDF5 converts nothing), the native byte order, not empty. None for anything else."""
-    from h5py import h5d, h5t
+    from h5py import h5d
 
     dtype = dsid.dtype
     tdtype = _RAW_DTYPES.get(dtype)
@@ -555,7 +608,7 @@ def _raw_layout(dsid: Any) -> tuple[int, int, torch.dtype, tuple[int, ...]] | No
     offset = dsid.get_offset()
     if not nbytes or offset is None or dsid.get_storage_size() != nbytes:
         return None
-    if not dsid.get_type().equal(h5t.py_create(dtype)):
+    if not dsid.get_type().equal(_mem_type(dtype)):
         return None
     return offset, nbytes, tdtype, tuple(shape)
 
@@ -564,17 +617,12 @@ def _dataset_attrs(dsid: Any) -> dict[str, Any]:
     """``dict(ds.attrs)`` of a dataset (low-level identifier); a lone scalar variable-length
     string ``dtype`` (what the writer gives nearly every dataset) is read the way h5py's
     ``attrs[name]`` reads it, with 4 calls instead of ~12."""
-    from h5py import h5a, h5t
+    from h5py import h5a
 
     if h5a.get_num_attrs(dsid) == 1 and h5a.exists(dsid, b"dtype"):
-        attr = h5a.open(dsid, b"dtype")
-        dtype = attr.dtype
-        info = h5t.check_string_dtype(dtype)
-        if attr.shape == () and info is not None and info.length is None:
-            value = np.zeros((), dtype=dtype)
-            attr.read(value, mtype=h5t.py_create(dtype))
-            text: Any = value[()]
-            return {"dtype": text.decode("utf-8", "surrogateescape")}
+        text = _vlen_text(h5a.open(dsid, b"dtype"))
+        if text is not None:
+            return {"dtype": text}
     import h5py
 
     return dict(h5py.Dataset(dsid).attrs)
@@ -681,6 +729,7 @@ class Hdf5Reader(StoreReader):
         self._paths: dict[int, Path] = {}
         self._raw_fds: dict[int, int] = {}  # step -> its file's descriptor, for raw reads of contiguous datasets
         self._last_group: tuple[CallKey, Any] | None = None  # the group looked up last (h5py: ~0.1 ms a lookup)
+        self._last_texts: tuple[CallKey, Any] | None = None  # that group's attributes (_group_texts)
         # step -> its /structures entries (format version 2), of the few steps read last
         self._sides: OrderedDict[int, _Sides] = OrderedDict()
         self._located: dict[TensorKey, _Located | None] = {}  # see prepare_loads
@@ -763,7 +812,7 @@ class Hdf5Reader(StoreReader):
             f = self._files.pop(step)
             self._raw_fds.pop(step, None)
             if self._last_group is not None and self._last_group[0].step == step:
-                self._last_group = None
+                self._last_group = self._last_texts = None
             try:
                 f.close()
             except Exception:  # closing a read-only file cannot lose data
@@ -859,6 +908,13 @@ class Hdf5Reader(StoreReader):
                     return None
         group = self._group(call)
         path = self._paths[call.step]
+        texts = self._last_texts[1] if self._last_texts is not None and self._last_texts[0] == call else _MISSING
+        if texts is _MISSING:  # the call's kinds are asked for in a row: its attributes are read once
+            texts = _group_texts(group.id)
+            self._last_texts = (call, texts)
+        if isinstance(texts, dict):
+            text = texts.get(kind)
+            return _json_text(path, kind, text) if text is not None else None
         try:
             return _json_attr(path, group.attrs, kind)
         except CorruptFileError:
@@ -969,7 +1025,7 @@ class Hdf5Reader(StoreReader):
             except Exception:  # closing a read-only file cannot lose data
                 pass
         self._files.clear()
-        self._last_group = None
+        self._last_group = self._last_texts = None
         self._sides.clear()
         self._located.clear()
         self._raw_fds.clear()  # HDF5's descriptors, closed with the files
