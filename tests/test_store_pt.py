@@ -40,7 +40,8 @@ def _normalise_keys(data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
-                                   torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool])
+                                   torch.complex128, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+                                   torch.bool])
 def test_tensor_files_are_legacy_torch_save(tmp_path: Path, dtype: torch.dtype) -> None:
     """Each .pt is what legacy torch.save writes (but for the storage's arbitrary key), also
     for the second tensor of a (dtype, shape, strides) whose header bytes come from the cache,
@@ -48,7 +49,10 @@ def test_tensor_files_are_legacy_torch_save(tmp_path: Path, dtype: torch.dtype) 
     from ilstore.store.pt import _save_tensor
 
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (3, 4), (), (0,), (1, 256, 40), (2, 1, 3), (1500, 1000)]  # the last: several write chunks
+    # each shape twice (the second from the cached header: its bytes as a view of the tensor's
+    # memory); the last: several write chunks
+    shapes = [(3, 4), (3, 4), (), (), (0,), (0,), (2, 0, 3), (2, 0, 3), (1, 256, 40), (2, 1, 3), (1500, 1000),
+              (1500, 1000)]
     tensors = [(torch.randn(s, generator=g) * 50).to(dtype) for s in shapes]
     tensors += [(torch.randn(7, 5, generator=g) * 50).to(dtype).t(), (torch.randn(9, generator=g) * 50).to(dtype)[2:6],
                 (torch.randn(1000, 1500, generator=g) * 50).to(dtype).t()]  # torch.save itself, in chunks
