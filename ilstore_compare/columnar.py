@@ -12,18 +12,33 @@ planned and decided as a whole when it is a *plain step*:
   dtype, the statistics finite and no NaN/Inf in the tensor), the two runs have the same tensor
   paths on each side, with the same shapes and dtypes;
 * every pair passes :meth:`~.stats_table.TableComparison._check` (the arithmetic of
-  :func:`~.metrics.compare_stats`, vectorised).
+  :func:`~.metrics.compare_stats`, vectorised) -- or, with ``plain_steps(..., failing=True)``,
+  passes or fails it: two runs that differ at every step (fp32 against bf16, two kernels) are
+  decided in arrays too.
 
 Steps share a *template* when their layouts in both tables and their call orders are the same:
 the template is planned once, from the tables' key columns, and the check runs over all of its
-steps at once. A plain step's entries are all ``stats_only_match`` and its calls' verdicts
-``stats_only_match`` (``no_tensors`` for a call without tensors), with no origin: the result
-holds them as blocks (:mod:`.entries`) that make an entry only when it is read. Every other
-step (one pair fails, a NaN, a one-sided tensor or call, a step in one run only) is planned and
-compared by the general path, table-backed as before; its calls are the only ones the
-divergence analysis needs, because a plain step has no differing value and calls nest only
-within a step. So every entry, call, count, order and verdict is the general path's
-(``tests/test_stats_table.py`` compares them on runs of several shapes in every backend).
+steps at once (a :class:`_Group`: per step and pair, whether it fails). A passing pair's entry
+is ``stats_only_match``; a failing pair's ``stats_only_mismatch``, its ``stats_failed`` from
+:func:`~.metrics.compare_stats` itself on the table's rows (the check decided the verdict, the
+function gives the failed statistics, and the two must agree). A call's verdict is ``mismatch``
+when a pair of it fails, else ``stats_only_match`` (``no_tensors`` without tensors). The result
+holds the entries as blocks (:mod:`.entries`) that make an entry only when it is read: one
+block for consecutive steps of a template whose calls came to the same (verdicts, origins,
+counts), so a report's call table is made once per block; a block singles out the entries of
+its differing calls (:class:`.entries.Singled`), and counts its entries by status and its calls
+by verdict without making them (:func:`.entries.tally`, :meth:`.result.Summary.of`).
+
+Every other step (a NaN, a one-sided tensor or call, a stored body, a shape or dtype that
+differs, a step in one run only; with ``failing=False`` also a step with a failing pair) is
+planned and compared by the general path, table-backed as before. The divergence analysis
+(:func:`analyse`) runs :func:`~.divergence.analyse_calls` on the plan's calls and its rules,
+vectorised over the steps, on the steps decided here: calls nest only within a step, and
+between steps the only thing carried over is whether an earlier step had a differing output,
+which each side tells the other (``bad_from``). So every entry, call, count, order, verdict,
+origin, first divergence and introduced call is the general path's
+(``tests/test_stats_table.py`` and ``tests/test_stats_compare_divergent.py`` compare them, and
+the reports, on runs of several shapes in every backend).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Comparing two long statistics runs yields tens of thousands of entries that diff
 their step (every pair of a step passes, and so does the same pair of the next step). The
 statistics-table path (:mod:`.columnar`) keeps those as *blocks*: one template per step layout
 and the array of steps that share it; an entry object is made only when someone reads it (a
-report, a caller iterating :attr:`~.result.CompareResult.tensors`). To a caller the sequence
+report, a caller iterating :attr:`~.result.CompareResult.tensors`). When two runs differ, a
+block's steps have failing pairs: the block *singles out* the entries of its differing calls
+(:meth:`Entries.concrete` gives them, as a report wants them) and counts its entries without
+making them (:func:`tally`). To a caller the sequence
 is the tuple the general path returns: same length, same items in the same order, equal to
 that tuple (``==`` either way), hashed like it; slicing gives a tuple.
 

@@ -17,9 +17,10 @@ instead:
   fails, and every pair of the general kind) goes through the engine's own pair comparison, so
   what it reports about a difference is unchanged.
 
-Whole steps in which every pair passes (*plain steps*) do not reach the plan at all:
+Whole steps in which every pair is in the tables' fast part (*plain steps*, passing, or also
+failing with ``columnar.plain_steps(..., failing=True)``) do not reach the plan at all:
 :mod:`.columnar` plans and decides them a step template at a time, with this module's tables,
-block index and check (:meth:`TableComparison.plain_pass`); the pairing above is for the others.
+block index and check (:meth:`TableComparison.pair_check`); the pairing above is for the others.
 
 The engine uses it only without a name map, replay or oracle (:func:`attach`).
 """
@@ -48,7 +49,7 @@ _COUNTS = ("nan_count", "inf_count")
 #: What a passing pair's note lists, in :func:`~.metrics.compare_stats`' order.
 CHECKED = ", ".join(_COUNTS + _FLOAT_STATS)
 _COL = {name: COLUMNS.index(name) for name in STAT_COLUMNS}
-#: Pairs :meth:`TableComparison.plain_pass` checks at once.
+#: Pairs :meth:`TableComparison.pair_check` checks at once.
 _CHUNK_PAIRS = 1 << 16
 
 
@@ -234,13 +235,6 @@ class TableComparison:
                 bound = atol * np.sqrt(np.maximum(numel, 0.0)) + rtol * np.abs(v2) if name == "l2_norm" else tol
                 ok &= (v1 == v2) | (np.abs(v1 - v2) <= bound)
         return ok
-
-    def plain_pass(self, starts1: np.ndarray, starts2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
-                   numel: np.ndarray, o: CompareOptions) -> np.ndarray:
-        """For steps whose blocks start at ``starts1``/``starts2``: whether every pair (the rows
-        ``starts + rows``) is plain on both sides and passes :meth:`_check`; one flag per step."""
-        plain, failed = self.pair_check(starts1, starts2, rows1, rows2, numel, o)
-        return plain & ~failed.any(axis=1)
 
     def pair_check(self, starts1: np.ndarray, starts2: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
                    numel: np.ndarray, o: CompareOptions) -> tuple[np.ndarray, np.ndarray]:
