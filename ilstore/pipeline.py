@@ -98,35 +98,101 @@ class SyncSink(RecordSink):
         self.writer.close(status, error)
 
 
-def _quiet_writer_thread() -> None:
+def _quiet_writer_thread(process_wide: bool = True) -> bool:
     """Keep the calling (writer) thread from competing with the model for the CPU.
 
-    * torch ops on this thread run on it alone. Statistics here are torch reductions; with the
-      default OpenMP backend a second thread that runs parallel ops gets its own team of
-      OpenMP workers, spinning on the same cores as the model's team (measured on 2 cores:
-      capturing one module cost 14 % of the forward instead of 2 %). ``torch.set_num_threads``
-      sets the calling thread's team size but also the default that threads started later
-      inherit, so the default is put back from a short-lived thread.
+    * torch ops on this thread run on it alone. With the default OpenMP backend a second thread
+      that runs parallel ops gets its own team of OpenMP workers, spinning on the same cores as
+      the model's team (measured on 2 cores: capturing one module cost 14 % of the forward
+      instead of 2 %; the statistics are a C kernel now, but a writer or a non-float tensor's
+      statistics may still run torch ops here). The thread's own OpenMP thread count is set to
+      1 (:func:`_thread_local_threads`: OpenMP keeps it per thread), which changes nothing for
+      any other thread. Where that is not possible (another parallel backend, no OpenMP
+      runtime found), ``torch.set_num_threads(1)``, which also changes the default that threads
+      started later inherit, so that default is put back from a short-lived thread.
     * On Linux the thread runs at the lowest priority (nice 19; a per-thread setting there), so
       it uses the CPU the model leaves idle (a GPU-bound model leaves most of it). Whenever the
       model waits for the writer (the pending bound, a flush, close) it does the remaining work
       itself at its own priority (:meth:`ThreadedSink._help`), so a busy machine never starves
       the writes.
+
+    ``process_wide``: whether the ``torch.set_num_threads`` way may be taken (only while the
+    thread that started this one waits for it to return, so no model code runs meanwhile).
+    Returns whether it was taken.
     """
-    before = torch.get_num_threads()
-    if before > 1:
+    changed = False
+    before = torch.get_num_threads()  # torch's per-thread set-up, at the process's thread count
+    if before > 1 and not _thread_local_threads() and process_wide:
         torch.set_num_threads(1)
         restore = threading.Thread(target=torch.set_num_threads, args=(before,), name="ilstore-threads")
         restore.start()
         restore.join()
+        changed = True
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
         except OSError:  # a sandbox that forbids it: run at normal priority
             pass
+    return changed
 
 
 _WRITER_NICE = 19
+
+#: ``omp_set_num_threads`` of each OpenMP runtime loaded in this process (found once).
+_omp_setters: list[Any] | None = None
+_omp_lock = threading.Lock()
+#: Whether :func:`_thread_local_threads` worked in this process: None until a writer thread tried.
+_THREAD_LOCAL_OK: bool | None = None
+_OMP_NAMES = ("libgomp", "libiomp5", "libomp")
+
+
+def _find_omp_setters() -> list[Any]:
+    """``omp_set_num_threads`` of the OpenMP runtimes already loaded (torch's among them), found
+    through ``/proc/self/maps`` and opened without loading anything (``RTLD_NOLOAD``); [] elsewhere."""
+    global _omp_setters
+    with _omp_lock:
+        if _omp_setters is None:
+            found: list[Any] = []
+            if sys.platform.startswith("linux") and torch._C.has_openmp:
+                import ctypes
+
+                paths: dict[str, None] = {}
+                try:
+                    with open("/proc/self/maps") as fh:
+                        for line in fh:
+                            if "omp" in line:
+                                fields = line.split(None, 5)
+                                if len(fields) == 6:
+                                    paths[fields[5].strip()] = None
+                except OSError:
+                    pass
+                for path in paths:
+                    if path.rsplit("/", 1)[-1].startswith(_OMP_NAMES) and ".so" in path:
+                        try:
+                            fn = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).omp_set_num_threads
+                        except (OSError, AttributeError):
+                            continue
+                        fn.argtypes, fn.restype = [ctypes.c_int], None
+                        found.append(fn)
+            _omp_setters = found
+        return _omp_setters
+
+
+def _thread_local_threads() -> bool:
+    """Make torch's parallel ops on the calling thread run on it alone, changing nothing for
+    other threads: ``omp_set_num_threads(1)`` (an OpenMP setting of the calling thread) in the
+    runtime torch uses; whether ``torch.get_num_threads()`` now says 1 on this thread decides
+    (so it is never assumed). Call it after a first ``torch.get_num_threads()`` on the thread
+    (torch's per-thread set-up would otherwise undo it at the thread's first parallel op)."""
+    global _THREAD_LOCAL_OK
+    ok = False
+    for setter in _find_omp_setters():
+        setter(1)
+        if torch.get_num_threads() == 1:
+            ok = True
+            break
+    _THREAD_LOCAL_OK = ok
+    return ok
 
 
 class ThreadedSink(RecordSink):
@@ -161,11 +227,17 @@ class ThreadedSink(RecordSink):
         self._batch: list[Record] = []  # producer side: bodiless records not queued yet
         self._batch_size = max(1, min(_BATCH_RECORDS, self.max_pending_items // 4))
         self._ready = threading.Event()
+        # read once: _run acts on the same answer
+        self._no_wait = _THREAD_LOCAL_OK is True or torch.get_num_threads() == 1
         self._thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
         self._thread.start()
-        # The writer briefly changes torch's default thread count (see _quiet_writer_thread):
-        # return only once it is restored, before the model runs again.
-        self._ready.wait()
+        # Where the writer thread may change torch's default thread count for a moment (see
+        # _quiet_writer_thread), return only once it is restored, before the model runs again.
+        # Where an earlier writer thread of this process set its own count alone, or torch runs
+        # one thread, nothing process-wide changes and the model need not wait for this thread
+        # to start (~0.2 ms on an idle 2-core machine, a few ms on a busy one).
+        if not self._no_wait:
+            self._ready.wait()
 
     def _process(self, op: str, item: Any, nbytes: int) -> None:
         count = 1
@@ -211,7 +283,9 @@ class ThreadedSink(RecordSink):
 
     def _run(self) -> None:
         try:
-            _quiet_writer_thread()
+            _quiet_writer_thread(process_wide=not self._no_wait)
+        except Exception as exc:  # a thread that cannot be made quiet still writes
+            _log.debug("ilstore: the writer thread keeps its default thread count: %s", exc)
         finally:
             self._ready.set()
         cond, items, clock = self._cond, self._items, time.perf_counter

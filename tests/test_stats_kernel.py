@@ -56,7 +56,7 @@ def test_kernel_and_fallback_agree_bit_for_bit(dtype: torch.dtype) -> None:
     for seed, n in enumerate(SIZES):
         for scale, offset in ((3.0, 1.0), (1e-3, 1e4), (1e4, -7.0)):
             x = _random(n, dtype, seed, scale, offset)
-            for center in (0.0, float(x.double().mean())):
+            for center in (0.0, -0.0, float(x.double().mean())):
                 fast, slow = K.native_sums(x, center), K.fallback_sums(x, center)
                 assert fast is not None and _same_sums(fast, slow), (n, scale, center, fast, slow)
 
