@@ -12,8 +12,11 @@ Every tensor is stored under its canonical key (``str(TensorKey)``, e.g.
 safetensors header metadata is string-to-string only, so the structures live in the index. A
 dtype safetensors lacks (complex128, sub-byte types) is stored in a reversible encoding
 (:mod:`._encode`) and the index records the true dtype. The index is written last, through a
-temporary file and a rename: a step exists exactly when its ``index.json`` does. No pickle is
-used anywhere; readers open a shard (memory-mapped) only when one of its tensors is loaded.
+temporary file and a rename: a step exists exactly when its ``index.json`` does. Shards are
+written by this module (the library's ``save_file`` would need every body of a shard held until
+the shard ends): large ones as their bodies arrive, the header last (:class:`_ShardFile`); the
+library reads them as it reads its own. No pickle is used anywhere; readers read a shard only
+when one of its tensors is loaded, and only that tensor's bytes.
 """
 
 from __future__ import annotations
