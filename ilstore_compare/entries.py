@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Collection, Iterator, Sequence
 from itertools import accumulate
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
@@ -172,14 +172,25 @@ class Entries(Sequence[T], Generic[T]):
     def __repr__(self) -> str:
         return repr(tuple(self))
 
-    def concrete(self) -> Iterator[T]:
+    def concrete(self, step: int | None = None) -> Iterator[T]:
         """The entries held as objects and those the blocks single out (:class:`Singled`), in
-        order; the blocks' other entries are left out (they are :meth:`blocks`)."""
+        order; the blocks' other entries are left out (they are :meth:`blocks`).
+
+        Args:
+            step: only what may be of that step: of a block that lists its ``steps`` (in order,
+                one run of ``width`` entries each), that step's run only (the held entries are
+                all given, the caller picks).
+        """
         for part in self._parts:
             if isinstance(part, tuple):
                 yield from part
             elif _is_singled(part):
-                yield from singled(cast(Singled[T], part))
+                block = cast(Singled[T], part)
+                run = _run_of(part, step) if step is not None else None
+                if run is None:
+                    yield from singled(block)
+                elif run >= 0:
+                    yield from (block.item(run * block.width + j) for j in block.positions)
 
     def parts(self) -> Iterator[tuple[T, ...] | Block[T]]:
         """The parts, in order: tuples of entries held as objects, and blocks."""
@@ -201,20 +212,41 @@ class Entries(Sequence[T], Generic[T]):
 
     def with_status(self, statuses: Collection[str]) -> Iterator[T]:
         """The entries whose ``status`` is one of ``statuses``, in order; a block whose entries all
-        have another status is skipped without making them."""
+        have another status (its ``status``, or its ``tally("status")``) is skipped without making them."""
         for part in self._parts:
             if isinstance(part, tuple):
                 yield from (e for e in part if getattr(e, "status", None) in statuses)
+            elif not _may_have(part, statuses):
+                continue
             elif _is_singled(part) and cast(Singled[T], part).rest_status not in statuses:
                 yield from (e for e in singled(cast(Singled[T], part)) if getattr(e, "status", None) in statuses)
-            elif part.status is None or part.status in statuses:
+            else:
                 yield from (e for e in (part.item(j) for j in range(len(part)))
                             if getattr(e, "status", None) in statuses)
 
 
-def concrete(entries: Sequence[T]) -> Iterator[T]:
-    """The entries of ``entries`` held as objects: all of a tuple, or :meth:`Entries.concrete`."""
-    return entries.concrete() if isinstance(entries, Entries) else iter(entries)
+def _run_of(part: object, step: int) -> int | None:
+    """The run of ``step`` in a block that lists its ``steps`` (-1: not one of them), None when it does not."""
+    steps = getattr(part, "steps", None)
+    if steps is None:
+        return None
+    at = bisect_left(steps, step)
+    return at if at < len(steps) and steps[at] == step else -1
+
+
+def _may_have(part: Block[Any], statuses: Collection[str]) -> bool:
+    """Whether a block may hold an entry whose status is one of ``statuses``."""
+    if part.status is not None:
+        return part.status in statuses
+    ask = getattr(part, "tally", None)
+    counts = ask("status") if ask is not None else None
+    return counts is None or any(n and status in statuses for status, n in counts.items())
+
+
+def concrete(entries: Sequence[T], step: int | None = None) -> Iterator[T]:
+    """The entries of ``entries`` held as objects: all of a tuple, or :meth:`Entries.concrete`
+    (with ``step``: skipping the blocks that lack it)."""
+    return entries.concrete(step) if isinstance(entries, Entries) else iter(entries)
 
 
 def blocks(entries: Sequence[T]) -> Iterator[Block[T]]:

@@ -15,9 +15,10 @@ import torch
 
 import ilstore
 import ilstore_compare.engine as engine
+from ilstore.keys import CallKey
 from ilstore_compare import columnar, compare
 from ilstore_compare.divergence import analyse_calls
-from ilstore_compare.entries import Entries, objects
+from ilstore_compare.entries import Entries, concrete, objects, with_status
 from ilstore_compare.report_html import render_html
 from ilstore_compare.report_json import render_json
 from ilstore_compare.report_md import render_markdown
@@ -241,3 +242,28 @@ def test_runs_that_differ_everywhere_are_blocks_only(out_dir: Path, wired: dict[
     d = result.first_divergence
     assert d is not None and (d.step, d.module, d.origin) == (0, "a", "inherited")
     _same(result, _general(monkeypatch, a, b))
+
+
+def test_reading_a_few_entries_makes_a_few(divergent_runs: dict[str, Path], wired: dict[str, Any],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for a status no block has, or for one step's singled-out entries, makes no entry of
+    the other blocks; what comes back is the general path's."""
+    a, b = divergent_runs["a"], divergent_runs["from-12"]
+    fast, slow = compare(a, b, equal_nan=True), _general(monkeypatch, a, b, equal_nan=True)
+    made: list[int] = []
+    real = columnar._Group.tensor
+
+    def counting(self: Any, k: int, j: int) -> Any:
+        made.append(k)
+        return real(self, k, j)
+
+    monkeypatch.setattr(columnar._Group, "tensor", counting)
+    assert list(with_status(fast.tensors, {"unaligned", "only_in_dir1"})) == [] and made == []
+    d = fast.first_divergence
+    assert d is not None and d.step == 12
+    call = CallKey(d.rank, d.step, d.module, d.call)
+    mine = [t for t in concrete(fast.tensors, d.step) if t.key.call_key == call]
+    assert mine == [t for t in slow.tensors if t.key.call_key == call] and mine
+    assert len(made) <= 11  # step 12's singled-out entries only (11 pairs a step)
+    assert list(with_status(fast.tensors, {"stats_only_mismatch"})) == [
+        t for t in slow.tensors if t.status == "stats_only_mismatch"]
