@@ -33,7 +33,12 @@ Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6). ``l
 when a core is idle: quote the load with every figure). ``--paired N`` adds, per backend, N
 rounds of ``compare()`` with one worker and with the largest of ``--workers`` back to back
 (alternating which goes first): the median and the best of the per-round ratios, which a load
-that comes and goes disturbs less than the ratio of two medians.
+that comes and goes disturbs less than the ratio of two medians. ``--fifo`` runs those paired
+rounds (only them) at real-time priority (``SCHED_FIFO`` 1; needs root or ``CAP_SYS_NICE``, and
+Linux keeps 5 % of each second for everything else): other processes then wait while the
+compare's threads can run, so the ratio is that of a machine with every core free, whatever
+else runs on it. Without it, another busy process takes a fair share of the cores from a
+second worker (on two cores, one such process leaves the two workers about 1.3 of them).
 
 By default the page cache is warm: all files were just written or read, so "reads" come from
 memory. ``--cold`` writes back and evicts (``posix_fadvise(DONTNEED)``) the files a row reads
@@ -43,7 +48,7 @@ chooses where the runs live.
 
 Usage:
     python benchmarks/bench_compare.py [--size-mb 500] [--rounds 3] [--backends pt,safetensors,hdf5]
-        [--workers 1,2] [--cold] [--cli] [--no-f32] [--tmp DIR] [--json FILE] [--profile N] [--paired N]
+        [--workers 1,2] [--cold] [--cli] [--no-f32] [--tmp DIR] [--json FILE] [--profile N] [--paired N] [--fifo]
     python benchmarks/bench_compare.py --size-mb 50 --rounds 1        # a quick smoke run
     python benchmarks/bench_compare.py --size-mb 200 --rounds 1 --no-f32 --tmp /dev/shm --paired 5
 """
@@ -51,6 +56,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -63,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -190,6 +196,26 @@ def run_compare(a: Path, b: Path, workers: int) -> int:
     return sum(t.metrics.mismatched for t in result.tensors if t.metrics is not None)
 
 
+@contextlib.contextmanager
+def fifo(wanted: bool) -> Iterator[bool]:
+    """With ``wanted``, this thread (and the threads it starts) at ``SCHED_FIFO`` priority 1 inside
+    the block, back to the usual policy after; yields whether that was allowed."""
+    if not wanted:
+        yield False
+        return
+    try:
+        before = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except (AttributeError, OSError) as exc:
+        print(f"--fifo: cannot run at real-time priority here ({exc}); paired rounds at the usual priority")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.sched_setscheduler(0, before[0], before[1])
+
+
 def paired_ratios(a: Path, b: Path, workers: int, rounds: int) -> dict[str, Any]:
     """``rounds`` rounds of ``compare()`` with 1 and with ``workers`` workers back to back (which
     goes first alternates): each round's throughput ratio (one worker's seconds / the other's)."""
@@ -283,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", type=int, default=0, metavar="N",
                     help="after the rounds, N paired rounds per backend of compare() with 1 and with the most "
                          "workers, back to back, alternating which goes first; ratios per round")
+    ap.add_argument("--fifo", action="store_true",
+                    help="run the --paired rounds at real-time priority (SCHED_FIFO 1; root): the ratio of a "
+                         "machine with every core free")
     args = ap.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     worker_counts = [int(w) for w in args.workers.split(",") if w]
@@ -323,8 +352,11 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 row.measure(args.cold)
         results = [row.result() for row in rows]
-        paired = {backend: paired_ratios(a, b, max(worker_counts), args.paired)
-                  for backend, (a, b) in runs.items()} if args.paired and max(worker_counts) > 1 else {}
+        paired: dict[str, dict[str, Any]] = {}
+        if args.paired and max(worker_counts) > 1:
+            with fifo(args.fifo) as realtime:
+                paired = {backend: {**paired_ratios(a, b, max(worker_counts), args.paired), "fifo": realtime}
+                          for backend, (a, b) in runs.items()}
         profiles: dict[str, str] = {}
         if args.profile:
             for backend, (a, b) in runs.items():
@@ -378,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend, p in paired.items():
         print(f"{backend}: paired w{p['workers']}/w1 throughput, {len(p['ratios'])} rounds: median "
               f"{statistics.median(p['ratios']):.2f}, best {max(p['ratios']):.2f} "
-              f"[{', '.join(f'{r:.2f}' for r in p['ratios'])}], load {statistics.median(p['loads']):.1f}")
+              f"[{', '.join(f'{r:.2f}' for r in p['ratios'])}], load {statistics.median(p['loads']):.1f}"
+              + (", SCHED_FIFO" if p["fifo"] else ""))
     for backend, text in profiles.items():
         print(f"\n== cProfile: {backend} compare workers=1 (tottime) ==\n{text}")
     if args.json:
