@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,7 +338,8 @@ def test_written_files_get_the_default_permissions(tmp_path: Path) -> None:
 @pytest.mark.parametrize("structure", [{}, {"type": "value", "value": 3},
                                        {"type": "tuple", "items": [{"type": "tensor", "stats": {"min": -0.0,
                                                                                                  "max": 1e300}}]},
-                                       {"type": "value", "value": "x", "ilstore": {"stale": True}}])
+                                       {"type": "value", "value": "x", "ilstore": {"stale": True}},
+                                       OrderedDict(type="value", value=[1, 2])])
 @pytest.mark.parametrize(("module", "call", "rank"), [("model.layers.0", 0, 0), ("é/\"x\n\u2028", 3, 7), ("", 12, 1),
                                                       ("fc", True, 0)])
 def test_a_side_document_is_json_dumps_of_the_structure_and_header(structure: dict[str, Any], module: str,

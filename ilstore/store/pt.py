@@ -119,7 +119,7 @@ class PtWriter(StoreWriter):
     def _open(self) -> None:
         self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
         self._root = os.fspath(self.run_dir)
-        # Calls are keyed here by (rank, module, call) of the current step (_call_id): hashing a
+        # Calls are keyed here by (rank, module, call) within the current step (see _write): hashing a
         # CallKey runs its dataclass __hash__ in Python, several times per record.
         self._dirs: dict[tuple[int, str, int], str] = {}  # each call's directory name, given at its first record
         self._made: dict[tuple[int, str, int], str] = {}  # calls whose directory exists (made in this step): its path
@@ -389,8 +389,8 @@ def _document(structure: dict[str, Any], call: CallKey, kind: str, end: str) -> 
     "kind": ...}))``, the same text, with the header formatted here after the structure's
     text instead of a copy of the structure and a header dict encoded per record."""
     module, number, step, rank = call.module, call.call, call.step, call.rank
-    if (type(module) is not str or type(number) is not int or type(step) is not int or type(rank) is not int
-            or "ilstore" in structure):
+    if (type(structure) is not dict or type(module) is not str or type(kind) is not str or type(number) is not int
+            or type(step) is not int or type(rank) is not int or "ilstore" in structure):
         doc = dict(structure)
         doc["ilstore"] = {"module": module, "call": number, "step": step, "rank": rank, "kind": kind}
         return _dumps(doc) + end
