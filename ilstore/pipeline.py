@@ -227,17 +227,12 @@ class ThreadedSink(RecordSink):
         self._batch: list[Record] = []  # producer side: bodiless records not queued yet
         self._batch_size = max(1, min(_BATCH_RECORDS, self.max_pending_items // 4))
         self._ready = threading.Event()
-        # read once: _run acts on the same answer
-        self._no_wait = _THREAD_LOCAL_OK is True or torch.get_num_threads() == 1
-        self._thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
-        self._thread.start()
-        # Where the writer thread may change torch's default thread count for a moment (see
-        # _quiet_writer_thread), return only once it is restored, before the model runs again.
-        # Where an earlier writer thread of this process set its own count alone, or torch runs
-        # one thread, nothing process-wide changes and the model need not wait for this thread
-        # to start (~0.2 ms on an idle 2-core machine, a few ms on a busy one).
-        if not self._no_wait:
-            self._ready.wait()
+        self._no_wait = False
+        # Started at the first wake-up (_start_thread): a capture whose records all fit the first
+        # batch (one forward of a few modules) is written by the producer at close, with no
+        # thread to start, wait for and join (each ~0.1 ms on an idle 2-core machine, a few ms
+        # on a busy one).
+        self._thread: threading.Thread | None = None
 
     def _process(self, op: str, item: Any, nbytes: int) -> None:
         count = 1
@@ -280,6 +275,19 @@ class ThreadedSink(RecordSink):
                 op, item, nbytes = self._items.popleft()
             self._process(op, item, nbytes)
             return op
+
+    def _start_thread(self) -> None:
+        """Start the writer thread (under ``_cond``, which it does not need before it is set up)."""
+        # read once: _run acts on the same answer
+        self._no_wait = _THREAD_LOCAL_OK is True or torch.get_num_threads() == 1
+        self._thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
+        self._thread.start()
+        # Where the writer thread may change torch's default thread count for a moment (see
+        # _quiet_writer_thread), go on only once it is restored, before the model runs again.
+        # Where an earlier writer thread of this process set its own count alone, or torch runs
+        # one thread, nothing process-wide changes and the model need not wait for it.
+        if not self._no_wait:
+            self._ready.wait()
 
     def _run(self) -> None:
         try:
@@ -351,8 +359,10 @@ class ThreadedSink(RecordSink):
                         cond.wait(0.05)
 
     def _wake_writer(self) -> None:
-        """Under ``_cond``: have the writer thread take every queued item."""
+        """Under ``_cond``: have the writer thread take every queued item (starting it if need be)."""
         self._unwoken[0] = self._unwoken[1] = 0
+        if self._thread is None:
+            self._start_thread()
         if not self._wake:
             self._wake = True
             self._cond.notify_all()
@@ -406,11 +416,13 @@ class ThreadedSink(RecordSink):
         self._closed = True
         if self._error is None:
             self._queue_batch()
-        self._help()
-        with self._cond:
-            self._items.append(("stop", None, 0))
-            self._wake_writer()
-        self._thread.join()
+        self._help()  # returns once every item is processed: none is left to the writer thread
+        if self._thread is not None:  # (else it was never needed)
+            with self._cond:
+                self._items.append(("stop", None, 0))
+                self._wake_writer()
+            # Not joined: it has nothing left to do but take "stop" and end, and at nice 19 on a
+            # busy machine it may wait milliseconds for a core to do that.
         if self._error is not None:
             self.writer.close("failed", error or str(self._error))
             self._raise_error()

@@ -123,14 +123,39 @@ def test_the_sink_waits_for_its_thread_only_when_the_default_may_change(monkeypa
     try:
         writer = _Writer()
         sink = pipeline.ThreadedSink(writer, 2**20)  # type: ignore[arg-type]
-        assert sink._no_wait is (known is True)
+        assert sink._thread is None  # started at the first wake-up
+        sink.end_step(None)  # type: ignore[arg-type]
+        assert sink._thread is not None and sink._no_wait is (known is True)
         if not sink._no_wait:
-            assert sink._ready.is_set()  # the default count is put back before the model runs
+            assert sink._ready.is_set()  # the default count is put back before the model runs on
         sink._ready.wait()
         assert torch.get_num_threads() == 2
-        sink.end_step(None)  # type: ignore[arg-type]
         sink.flush()
         sink.close("complete")
         assert writer.threads in ([1], [2])  # the writer thread (1) or the producer helping (2)
+        thread = sink._thread
+        thread.join(10)  # not joined by close: it ends on its own
+        assert not thread.is_alive()
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_capture_written_at_close_starts_no_thread() -> None:
+    from ilstore.records import Record
+
+    class Log(_Writer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def write(self, record: Record) -> None:
+            self.seen.append(threading.current_thread().name)
+
+    writer = Log()
+    sink = pipeline.ThreadedSink(writer, 2**20)  # type: ignore[arg-type]
+    import ilstore
+
+    for i in range(3):
+        sink.write(Record(ilstore.CallKey(0, 0, f"m{i}", 0), "outputs", {"type": "tuple", "items": []}, {}))
+    sink.close("complete")
+    assert sink._thread is None and writer.seen == [threading.current_thread().name] * 3
