@@ -735,11 +735,17 @@ def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
                 return _stats_only_node(value, path, ctx)
             except Exception as exc:  # never stop the capture for one tensor: record why instead
                 return _failed_node(value, path, ctx, made, exc)
+    cls = type(value)
+    if value is None or cls is bool or cls is int or cls is str:  # what _plain returns for them, at once
+        return value
     if isinstance(value, torch.Tensor):
         return _tensor_node(value, path, ctx)
     if depth >= _MAX_DEPTH:
         return _plain(value)
-    if isinstance(value, Mapping):
+    if cls is tuple or cls is list:  # the common containers, before the (slower) test against Mapping
+        return {"type": "tuple" if cls is tuple else "list",
+                "items": [_walk(v, path + (str(i),), ctx, depth + 1) for i, v in enumerate(value)]}
+    if cls is dict or isinstance(value, Mapping):
         items: dict[str, Any] = {}
         count = 0
         for k, v in value.items():
@@ -749,15 +755,13 @@ def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
         if count != len(items):  # keys that collide as strings: the tree keeps the last one's node only
             ctx.nodes = None
         node: dict[str, Any] = {"type": "dict", "items": items}
-        if type(value) is not dict:
-            node["class"] = type(value).__qualname__
+        if cls is not dict:
+            node["class"] = cls.__qualname__
         return node
-    if isinstance(value, (tuple, list)):
-        node = {"type": "tuple" if isinstance(value, tuple) else "list",
-                "items": [_walk(v, path + (str(i),), ctx, depth + 1) for i, v in enumerate(value)]}
-        if type(value) not in (tuple, list):
-            node["class"] = type(value).__qualname__
-        return node
+    if isinstance(value, (tuple, list)):  # a subclass (a named tuple...)
+        return {"type": "tuple" if isinstance(value, tuple) else "list",
+                "items": [_walk(v, path + (str(i),), ctx, depth + 1) for i, v in enumerate(value)],
+                "class": cls.__qualname__}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {"type": "dict", "class": type(value).__qualname__,
