@@ -28,14 +28,12 @@ import argparse
 import contextlib
 import cProfile
 import functools
-import inspect
 import os
 import pstats
 import shutil
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,61 +83,7 @@ def general_path() -> Iterator[None]:
         columnar.plain_steps = original  # type: ignore[assignment]
 
 
-def engine_wired() -> bool:
-    """Whether ``engine.compare()`` decides failing steps in arrays itself (calls ``columnar.analyse``)."""
-    import ilstore_compare.engine as engine
-
-    return "columnar.analyse" in inspect.getsource(engine.compare)
-
-
-@contextlib.contextmanager
-def failing_in_arrays() -> Iterator[dict[str, Any]]:
-    """A context in which ``compare()`` runs as with the engine change that decides failing steps
-    in arrays (``columnar.plain_steps(..., failing=True)``, then ``columnar.analyse`` in place of
-    ``analyse_calls`` and ``columnar.assemble``); nothing changes once the engine does it itself.
-    and ``Summary.of`` in place of ``engine._summary`` (the counts without making the blocks'
-    entries). Yields what it saw: ``plan`` (the last plan) and ``plain`` (the last steps decided
-    in arrays)."""
-    import ilstore_compare.engine as engine
-    from ilstore_compare import columnar
-    from ilstore_compare.divergence import analyse_calls
-    from ilstore_compare.result import Summary
-
-    seen: dict[str, Any] = {}
-    if engine_wired():
-        yield seen
-        return
-
-    def build_plan(*args: Any, **kwargs: Any) -> Any:
-        seen["plan"] = saved["build_plan"](*args, **kwargs)
-        return seen["plan"]
-
-    def plain_steps(table: Any, o: Any, modules: Any, **_kw: Any) -> columnar.PlainSteps:
-        seen["plain"] = columnar.plain_steps(table, o, modules, failing=True)
-        return seen["plain"]
-
-    def analyse(planned: Any, tensors: Any) -> Any:
-        plain = seen.get("plain")
-        if plain is None or not plain.templates:
-            return analyse_calls(planned, tensors)
-        t, c, first, introduced = columnar.analyse(seen["plan"], plain, tensors)
-        seen["assembled"] = (t, c)
-        return c, first, introduced
-
-    saved = {"columnar": engine.columnar, "build_plan": engine.build_plan, "analyse_calls": engine.analyse_calls,
-             "_summary": engine._summary}
-    engine._summary = Summary.of  # type: ignore[assignment]
-    engine.columnar = types.SimpleNamespace(plain_steps=plain_steps,  # type: ignore[assignment]
-                                            assemble=lambda *_a: seen["assembled"], analyse=columnar.analyse)
-    engine.build_plan, engine.analyse_calls = build_plan, analyse  # type: ignore[assignment]
-    try:
-        yield seen
-    finally:
-        engine.columnar, engine.build_plan = saved["columnar"], saved["build_plan"]  # type: ignore[assignment]
-        engine.analyse_calls, engine._summary = saved["analyse_calls"], saved["_summary"]  # type: ignore[assignment]
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--backends", default="pt,safetensors,hdf5")
@@ -148,25 +92,18 @@ def main() -> int:
     parser.add_argument("--general-steps", type=int, default=200, help="steps compared by the general path (0: none)")
     parser.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     parser.add_argument("--profile", action="store_true", help="print a profile of one compare() per row")
-    parser.add_argument("--as-is", action="store_true",
-                        help="compare() as the engine runs it now, without failing_in_arrays() (see there)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cases = [c for c in args.cases.split(",") if c]
     tmp = Path(tempfile.mkdtemp(prefix="bench_stats_compare_", dir=args.tmp))
     header = (f"{'backend':12} {'case':12} {'steps/s cpu':>11} {'wall':>9} {'x ident':>8} {'general/s':>9} "
               f"{'exit':>4} {'mismatched':>10} {'first':>6} {'load':>5}")
-    wiring = "engine as is" if args.as_is else "engine decides failing steps in arrays" + (
-        "" if engine_wired() else " (failing_in_arrays())")
-    print(f"two stats runs of {args.steps} steps (16 calls, 32 tensors a step), median of {args.rounds}; {wiring}; "
+    print(f"two stats runs of {args.steps} steps (16 calls, 32 tensors a step), median of {args.rounds}; "
           f"{tmp}")
     print(header)
     print("-" * len(header))
     try:
-        with contextlib.ExitStack() as stack:
-            if not args.as_is:
-                stack.enter_context(failing_in_arrays())
-            rows(args, cases, tmp)
+        rows(args, cases, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -30,7 +30,7 @@ from . import columnar, stats_table
 from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls
-from .entries import Entries, blocks, concrete
+from .entries import Entries
 from .local import local_errors, local_notes, local_report, measured_divergence
 from .maps import pick_map
 from .metrics import Split, compare_stats, compare_tensors, is_float_dtype
@@ -39,7 +39,6 @@ from .oracle import enclosing_calls, explain_containers, oracle_calls
 from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir
 from .provenance import find_sources, open_option_run
 from .result import (
-    BAD_VALUE_STATUSES,
     MATCH,
     MISMATCH,
     NOT_COMPARED,
@@ -131,7 +130,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         table = stats_table.attach(r1, r2, options) if sources.local_run is None and oracle is None else None
         p1, p2 = table.readers if table is not None else (r1, r2)
         # whole steps that pass, planned and decided from the tables (see .columnar)
-        plain = columnar.plain_steps(table, options, patterns) if table is not None else None
+        plain = columnar.plain_steps(table, options, patterns, failing=True) if table is not None else None
         plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
                           planned_elsewhere=plain.templates if plain is not None else ())
         if table is not None:
@@ -158,9 +157,10 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         lost = [u for t in tensors for u in t.unreadable]
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
         calls: Sequence[CallResult]
-        calls, first, introduced = analyse_calls(plan.calls, tensors)
-        if plain is not None and plain.templates:
-            tensors, calls = columnar.assemble(plan, plain, tensors, calls)
+        if plain is not None and plain.templates:  # steps decided in arrays (.columnar), failing ones too
+            tensors, calls, first, introduced = columnar.analyse(plan, plain, tensors)
+        else:
+            calls, first, introduced = analyse_calls(plan.calls, tensors)
         notes = pick_notes + list(plan.notes) + sources.notes
         local = oracle_report = threshold = None
         if sources.local_run is not None:
@@ -180,7 +180,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             verdicts = explain_containers(verdicts, enclosing_calls(r1, sorted({c.call.step for c in verdicts})))
             oracle_report = OracleReport(str(oracle.run_dir), sources.oracle_id, options.oracle_factor,
                                          tuple(verdicts))
-    summary = _summary(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
+    summary = Summary.of(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
                          status2=status2, options=options, tensors=tensors,
                          calls=calls if isinstance(calls, Entries) else tuple(calls),
@@ -557,32 +557,3 @@ def _compare_by_stats(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOp
     status = STATS_ONLY_MATCH if check.matched else STATS_ONLY_MISMATCH
     return TensorResult(pair.key, status, stats_failed=check.failed,
                         note="; ".join(notes + [f"compared by statistics: {', '.join(check.checked)}"]), **meta)
-
-
-# -- summary ----------------------------------------------------------------------------------
-def _summary(tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps: list[int], only1: list[int],
-             only2: list[int]) -> Summary:
-    count: dict[str, int] = {}
-    for t in concrete(tensors):
-        count[t.status] = count.get(t.status, 0) + 1
-    for block in blocks(tensors):  # entries made on demand share one status (see .columnar)
-        assert block.status is not None
-        count[block.status] = count.get(block.status, 0) + len(block)
-    held = list(concrete(tensors))  # the blocks' entries have no dtype mismatch and are not squeezed
-    held_calls = list(concrete(calls))  # nor are the blocks' calls mismatched, one-sided or unaligned
-    mismatched = sum(count.get(s, 0) for s in BAD_VALUE_STATUSES)
-    return Summary(
-        tensors=len(tensors),
-        compared=count.get(MATCH, 0) + count.get(STATS_ONLY_MATCH, 0) + mismatched,
-        matched=count.get(MATCH, 0), mismatched=mismatched, shape_mismatches=count.get(SHAPE_MISMATCH, 0),
-        dtype_mismatches=sum(1 for t in held if t.dtype_mismatch),
-        stats_only_matched=count.get(STATS_ONLY_MATCH, 0), stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
-        not_compared=count.get(NOT_COMPARED, 0) + count.get(UNREADABLE, 0), unreadable=count.get(UNREADABLE, 0),
-        only_in_dir1=count.get(ONLY_IN_DIR1, 0),
-        only_in_dir2=count.get(ONLY_IN_DIR2, 0), unaligned=count.get(UNALIGNED, 0),
-        squeezed=sum(1 for t in held if t.squeezed), calls=len(calls),
-        calls_mismatched=sum(1 for c in held_calls if c.verdict == "mismatch"),
-        calls_only_in_dir1=sum(1 for c in held_calls if c.presence == "dir1" and c.verdict != UNALIGNED),
-        calls_only_in_dir2=sum(1 for c in held_calls if c.presence == "dir2" and c.verdict != UNALIGNED),
-        calls_unaligned=sum(1 for c in held_calls if c.verdict == UNALIGNED),
-        steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))

@@ -252,8 +252,8 @@ def first_divergence_tensors(result: CompareResult) -> list[TensorResult]:
     if d is None:
         return []
     call = CallKey(d.rank, d.step, d.module, d.call)
-    # a call with a differing value is never in a block of entries made on demand (.columnar)
-    return [t for t in concrete(result.tensors) if t.key.call_key == call]
+    # a call with a differing value is held, or singled out of its block (.columnar): of step d.step
+    return [t for t in concrete(result.tensors, d.step) if t.key.call_key == call]
 
 
 UNALIGNED_HEADERS = ["declared by", "found in", "tensors", "module calls", "reason"]

@@ -99,3 +99,21 @@ def test_bench_capture_long_run_smoke(tmp_path: Path, capsys) -> None:
     assert row["compare_exit"] == 0 and row["compare_steps_per_s"] > 0  # two identical runs compare equal
     assert list(work.iterdir()) == []
     assert "last/1st" in capsys.readouterr().out
+
+
+def test_bench_stats_compare_smoke(tmp_path: Path, capsys) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    assert _load("bench_stats_compare").main(["--steps", "20", "--backends", "safetensors", "--rounds", "1",
+                                              "--general-steps", "4", "--tmp", str(work)]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("safetensors")]
+    # backend, case, steps/s cpu, wall, x ident, general/s, exit, mismatched, first, load
+    rows = {row[1]: row for row in lines}
+    assert set(rows) == {"identical", "divergent", "from-middle"}
+    # a statistics-only match is "incomplete" (exit 1), as for every stats run
+    assert [rows[c][6] for c in ("identical", "divergent", "from-middle")] == ["1", "1", "1"]
+    mismatched = [int(rows[c][7]) for c in ("identical", "divergent", "from-middle")]
+    assert mismatched[0] == 0 and mismatched[1] > 0 and mismatched[2] == mismatched[1] // 2
+    assert [rows[c][8] for c in ("identical", "divergent", "from-middle")] == ["-", "0", "10"]
+    assert all(float(row[2]) > 0 and float(row[5]) > 0 for row in lines)
+    assert list(work.iterdir()) == []

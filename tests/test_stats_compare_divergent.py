@@ -5,8 +5,6 @@ count, order, verdict, origin, first divergence and report of the general path."
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +15,13 @@ import ilstore
 import ilstore_compare.engine as engine
 from ilstore.keys import CallKey
 from ilstore_compare import columnar, compare
-from ilstore_compare.divergence import analyse_calls
 from ilstore_compare.entries import Entries, concrete, objects, with_status
 from ilstore_compare.report_html import render_html
 from ilstore_compare.report_json import render_json
 from ilstore_compare.report_md import render_markdown
 from ilstore_compare.result import CompareResult, Summary
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_stats_compare  # noqa: E402
-
 BACKENDS = ["pt", "safetensors", "hdf5"]
-#: the engine's own summary (until the engine counts with Summary.of itself)
-_ENGINE_SUMMARY = getattr(engine, "_summary", None)
 
 
 class _Inner(torch.nn.Module):
@@ -93,20 +85,25 @@ def _run(out: Path, run_id: str, steps: int, backend: str, *, noise_from: int | 
 
 
 @pytest.fixture
-def wired() -> Iterator[dict[str, Any]]:
-    """compare() as with the engine change (``bench_stats_compare.failing_in_arrays``): failing
-    steps decided in arrays, and the summary counted without making the blocks' entries."""
-    with bench_stats_compare.failing_in_arrays() as seen:
-        yield seen
+def wired(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What compare() planned: ``plan`` (the general path's plan, the last one) and ``plain`` (the
+    steps decided in arrays, failing ones too), recorded by wrapping the engine's two planners."""
+    seen: dict[str, Any] = {}
+
+    def recording(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen[name] = fn(*args, **kwargs)
+            return seen[name]
+        return wrapper
+
+    monkeypatch.setattr(engine, "build_plan", recording("plan", engine.build_plan))
+    monkeypatch.setattr(columnar, "plain_steps", recording("plain", columnar.plain_steps))
+    return seen
 
 
 def _general(monkeypatch: pytest.MonkeyPatch, dir1: Path, dir2: Path, **options: object) -> CompareResult:
     """The comparison without the statistics tables (every step pair by pair, from the files)."""
     with monkeypatch.context() as m:
-        m.setattr(engine, "columnar", columnar)
-        m.setattr(engine, "analyse_calls", analyse_calls)
-        if _ENGINE_SUMMARY is not None:
-            m.setattr(engine, "_summary", _ENGINE_SUMMARY)
         m.setattr(engine.stats_table, "attach", lambda *a: None)
         return compare(dir1, dir2, **options)
 
@@ -164,7 +161,7 @@ def test_failing_steps_in_arrays_equal_the_general_path(divergent_runs: dict[str
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = divergent_runs["a"], divergent_runs[case]
     fast = compare(a, b, **options)
-    plan = wired.get("plan")
+    plan = wired["plan"]
     slow = _general(monkeypatch, a, b, **options)
     _same(fast, slow)
     # the steps without a NaN were decided in arrays, failing or not
@@ -172,8 +169,8 @@ def test_failing_steps_in_arrays_equal_the_general_path(divergent_runs: dict[str
     wanted = [s for s in options.get("steps", range(30)) if isinstance(s, int) and s < 30]  # type: ignore[attr-defined]
     per_step = fast.summary.tensors // max(1, len(wanted))
     assert _made_on_demand(fast) >= (len(wanted) - nan_steps) * per_step - per_step
-    if plan is not None:  # the shim's: the plan held the NaN steps only
-        assert len(plan.steps) == len(wanted) and len(plan.calls) <= nan_steps * 6
+    # the general path's plan held the NaN steps' calls only
+    assert len(plan.steps) == len(wanted) and len(plan.calls) <= nan_steps * 6
 
 
 def test_divergence_found_in_arrays(divergent_runs: dict[str, Path], wired: dict[str, Any]) -> None:
@@ -199,11 +196,9 @@ def test_divergence_found_in_arrays(divergent_runs: dict[str, Path], wired: dict
 
 
 def test_assemble_refuses_failing_steps(divergent_runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the engine change, compare() decides only passing steps in arrays; asked to assemble
-    failing ones without their analysis, :func:`columnar.assemble` refuses."""
+    """Asked to assemble failing steps without their analysis (:func:`columnar.analyse`),
+    :func:`columnar.assemble` refuses."""
     a, b = divergent_runs["a"], divergent_runs["everywhere"]
-    if not bench_stats_compare.engine_wired():
-        _same(compare(a, b), _general(monkeypatch, a, b))
     plain = columnar.PlainSteps({}, failing=True)
     with pytest.raises(ValueError, match="columnar.analyse"):
         columnar.assemble(engine.build_plan(*(ilstore.open_run(d) for d in (a, b)), steps=[], modules=None,

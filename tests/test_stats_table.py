@@ -21,7 +21,7 @@ from ilstore.records import TensorPolicy, build_record, iter_tensor_nodes
 from ilstore.store.base import StepInfo
 from ilstore.store.registry import get_backend
 from ilstore.store.stats_table import COLUMNS, KEYS_NAME, ROW_WIDTH, ROWS_NAME, STAT_COLUMNS
-from ilstore_compare import compare
+from ilstore_compare import columnar, compare
 from ilstore_compare.entries import Entries
 from ilstore_compare.report_html import render_html
 from ilstore_compare.report_json import render_json
@@ -425,20 +425,17 @@ def test_steps_checked_a_chunk_at_a_time(shaped_runs: tuple[Path, Path], monkeyp
                          ids=lambda o: ",".join(o) or "defaults")
 def test_failing_steps_in_arrays_equal_the_general_path(shaped_runs: tuple[Path, Path], options: dict[str, object],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same runs with the steps whose pairs fail decided in arrays too (the engine as
-    ``bench_stats_compare.failing_in_arrays`` wires it): the mismatching step 20 joins the blocks,
-    the rest is as above."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bench_stats_compare
-
+    """The same runs with the steps whose pairs fail decided in arrays too: the mismatching step
+    20 joins the blocks, the rest is as above."""
     a, b = shaped_runs
     slow = _general(monkeypatch, a, b, **options)
-    with bench_stats_compare.failing_in_arrays() as seen:
-        fast = compare(a, b, **options)
+    seen: list[columnar.PlainSteps] = []
+    planner = columnar.plain_steps
+    monkeypatch.setattr(columnar, "plain_steps", lambda *a, **k: seen.append(planner(*a, **k)) or seen[-1])
+    fast = compare(a, b, **options)
     _same(fast, slow)
     assert fast == slow and list(fast.tensors) == list(slow.tensors) and list(fast.calls) == list(slow.calls)
     _same_reports(fast, slow)
-    if "plain" in seen and options.get("steps", [20]) and "modules" not in options:
-        assert 20 in seen["plain"].at  # the failing step was decided in arrays
+    assert len(seen) == 1
+    if options.get("steps", [20]) and "modules" not in options:
+        assert 20 in seen[0].at  # the failing step was decided in arrays
