@@ -124,7 +124,7 @@ def test_snapshots_are_released_once_streamed(tmp_path: Path) -> None:
     writer = _writer(tmp_path / "run")
     first = _record(0, "first", torch.randn(st._STREAM_AT // 4))  # streaming starts here
     writer.write(first)
-    rec = _record(0, "second", torch.randn(256, 1024))
+    rec = _record(0, "second", torch.randn(st._STREAM_AT // 4))  # written at once: as many bytes as a batch
     alive = weakref.ref(rec.tensors[()])
     writer.write(rec)
     keep = dict(rec.tensors)

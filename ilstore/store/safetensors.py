@@ -102,11 +102,13 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-#: A shard whose bodies reach this many bytes is streamed: its file is opened with room left for
-#: the header, and each body written there as it arrives, straight from the snapshot's memory,
-#: so the snapshot is freed right after (holding a step's snapshots until its end made every
-#: forward fault in fresh pages for all of them: measured ~0.3 x the forward on the benchmark's
-#: workload). A smaller shard is held until it ends and written exactly, with no room to spare.
+#: A shard whose held bodies reach this many bytes is streamed: its file is opened with room left
+#: for the header, and the bodies are written there, straight from the snapshots' memory, in one
+#: ``pwritev`` whenever this many bytes are held, so the snapshots are freed soon after (holding
+#: a step's snapshots until its end made every forward fault in fresh pages for all of them:
+#: ~0.3 x the forward's CPU time on the benchmark's workload; writing each body alone made the
+#: writer thread take the GIL back after every body). A smaller shard is held until it ends and
+#: written exactly, with no room to spare.
 _STREAM_AT = 4 * 2**20
 #: The least room a streamed shard reserves for its header (at most 1.6 % of its bodies).
 _MIN_RESERVE = 64 * 2**10
@@ -165,9 +167,10 @@ class _ShardFile:
     """One shard of a step being written (the safetensors format: an 8-byte little-endian header
     length, the JSON header, the bodies back to back with no gap).
 
-    Bodies are held until the shard ends, or until they reach :data:`_STREAM_AT` bytes: the file
-    is then opened with ``reserve`` bytes kept for the header, and every later body whose size is
-    a multiple of 8 is written at once after the ones before it. A body of another size is held
+    Bodies are held until the shard ends, or until those whose size is a multiple of 8 reach
+    :data:`_STREAM_AT` bytes: the file is then opened with ``reserve`` bytes kept for the header,
+    and those bodies written after the ones before them, again whenever they reach
+    :data:`_STREAM_AT` bytes. A body of another size is held
     to the end and written then, larger element sizes first, so that every body starts at a
     multiple of its element size (as the library lays them out: readers that map the file get
     aligned tensors). The header, padded with spaces to the room kept for it (JSON allows that;
@@ -182,7 +185,7 @@ class _ShardFile:
         self.prefix = f'{{"__metadata__":{json.dumps(metadata, separators=(",", ":"))}'
         self.entries: list[str] = []  # header entries of the bodies written
         self.held: list[_Body] = []
-        self.held_bytes = 0
+        self.ready_bytes = 0  # bytes of the held bodies whose size is a multiple of 8
         self.end = 0  # bytes of bodies written
         self.nbytes = 0  # bytes of all bodies, written or held
         # the header's length at most: exact for the bodies placed, at most for those held
@@ -195,20 +198,20 @@ class _ShardFile:
     def add(self, body: _Body) -> None:
         self.nbytes += body.nbytes
         self.header_max += body.most
-        if self.reserve and not body.nbytes % 8:
-            self._write([body])
-            return
         self.held.append(body)
-        self.held_bytes += body.nbytes
+        if not body.nbytes % 8:
+            self.ready_bytes += body.nbytes
 
     def stream(self, reserve: int) -> None:
-        """Open the file, keep ``reserve`` bytes for the header, and write the held bodies whose
-        size is a multiple of 8."""
+        """Open the file and keep ``reserve`` bytes for the header (then :meth:`write_ready`)."""
         self.fd = os.open(self.path, _WRITE_FLAGS, 0o666)
         self.reserve = reserve
+
+    def write_ready(self) -> None:
+        """Write the held bodies whose size is a multiple of 8, with one ``pwritev``."""
         ready = [b for b in self.held if not b.nbytes % 8]
         self.held = [b for b in self.held if b.nbytes % 8]
-        self.held_bytes = sum(b.nbytes for b in self.held)
+        self.ready_bytes = 0
         self._write(ready)
 
     def _write(self, bodies: list[_Body]) -> None:
@@ -231,7 +234,7 @@ class _ShardFile:
         # sizes that are multiples of 8 first (only a shard never streamed still has them), then
         # the others, larger element sizes first: each body starts aligned to its element size
         rest = sorted(self.held, key=lambda b: (b.nbytes % 8 != 0, -b.itemsize))
-        self.held, self.held_bytes = [], 0
+        self.held, self.ready_bytes = [], 0
         before = self.end
         self._place(rest)
         header = f'{self.prefix},{",".join(self.entries)}}}'.encode()
@@ -258,12 +261,12 @@ class SafetensorsWriter(StoreWriter):
     """Writes a step's tensors into shards of at most ``shard_size_mb`` (a new one whenever the
     next tensor would overflow the current one) and the step's index at ``end_step``.
 
-    A shard is written as its bodies arrive once they reach :data:`_STREAM_AT` bytes
+    A shard is written as its bodies arrive, :data:`_STREAM_AT` bytes at a time
     (:class:`_ShardFile`), so a snapshot is freed soon after it was taken.
 
-    Memory: a shard's bodies are held until it ends while they are fewer than
-    :data:`_STREAM_AT` bytes, and bodies whose size is not a multiple of 8 until it ends; at
-    most ``shard_size_mb`` of snapshots in all (lower ``backend_options.shard_size_mb`` to bound it).
+    Memory: a shard holds less than :data:`_STREAM_AT` bytes of bodies whose size is a multiple
+    of 8, and the others until it ends; at most ``shard_size_mb`` of snapshots in all (lower
+    ``backend_options.shard_size_mb`` to bound it).
     """
 
     name = "safetensors"
@@ -358,8 +361,10 @@ class SafetensorsWriter(StoreWriter):
                 "rank": str(self.manifest.get("rank", 0))})
         try:
             shard.add(body)
-            if not shard.reserve and shard.held_bytes >= _STREAM_AT:
-                shard.stream(self._reserve(shard.header_max))
+            if shard.ready_bytes >= _STREAM_AT:
+                if not shard.reserve:
+                    shard.stream(self._reserve(shard.header_max))
+                shard.write_ready()
         except OSError as exc:
             raise self._failed(shard, exc) from exc
         entry: dict[str, Any] = {"shard": shard.name, "name": key, "dtype": str(tensor.dtype),
