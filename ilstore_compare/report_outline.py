@@ -8,11 +8,12 @@ error plot in markdown) name the formats that show them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .entries import Entries, with_status
+from .entries import Entries, tally, with_status
 from .report_common import (
     CALL_HEADERS,
     INTRODUCED_HEADERS,
@@ -187,14 +188,19 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
                     Text(f"{intro} These {len(steps)} consecutive steps have the same module calls with the same "
                          "verdicts and figures, so they share one table."), _table(rows, headers)]
 
-    shown = list(result.tensors) if verbose else list(with_status(result.tensors, SEVERE))
-    if shown:
+    if verbose:
+        cut = list(result.tensors)
+        shown = len(cut)
+    else:  # the first BRIEF_LIMIT made; the rest only counted (a block of entries counts without making them)
+        cut = list(itertools.islice(with_status(result.tensors, SEVERE), BRIEF_LIMIT))
+        shown = len(cut) if len(cut) < BRIEF_LIMIT else sum(
+            n for status, n in tally(result.tensors, "status").items() if status in SEVERE)
+    if cut:
         out.append(Heading("Tensor details" if verbose else "Tensors that differ or are one-sided"))
-        cut = shown if verbose else shown[:BRIEF_LIMIT]
         for step, tensors in tensors_by_step(cut).items():
             out += [Heading(f"Step {step}", 3), _table(tensor_rows(tensors), TENSOR_HEADERS)]
-        if len(cut) < len(shown):
-            out.append(Text(f"… and {len(shown) - len(cut)} more; use --verbose (or --format json) for all."))
+        if len(cut) < shown:
+            out.append(Text(f"… and {shown - len(cut)} more; use --verbose (or --format json) for all."))
     return out
 
 
