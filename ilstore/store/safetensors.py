@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,6 +500,37 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
 
 
 
+#: How many steps' indexes, open shards and library readers a reader keeps (the least recently
+#: used go): a compare of two 100,000-step runs must not hold 100,000 parsed indexes, nor run out
+#: of file descriptors (1,024 by default on many systems) with one open shard per step.
+_KEEP_INDEXES = 64
+_KEEP_SHARDS = 64
+_KEEP_LIBRARY = 8
+
+
+class _Recent(OrderedDict[Any, Any]):
+    """A dict that keeps its ``limit`` most recently used items (callers hold a lock around it)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def recent(self, key: Any) -> Any:
+        """The item of ``key`` (now the most recently used), or None."""
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def keep(self, key: Any, value: Any) -> Any:
+        """Add ``key``; drop the least recently used beyond ``limit``. Returns ``value``."""
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+        return value
+
+
 class _Shard:
     """One shard read with plain ``pread`` calls into memory of the reader's own.
 
@@ -567,6 +599,10 @@ class _Shard:
         if fd >= 0:
             os.close(fd)
 
+    # A shard the reader no longer keeps (:data:`_KEEP_SHARDS`) is closed when the last thread
+    # reading from it lets it go, never under a read (which would read a closed or reused fd).
+    __del__ = close
+
 
 class SafetensorsReader(StoreReader):
     """Reads a run written by :class:`SafetensorsWriter`; shards are opened lazily, once each."""
@@ -575,10 +611,10 @@ class SafetensorsReader(StoreReader):
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
-        self._indexes: dict[int, _Index] = {}
-        self._handles: dict[Path, _Shard] = {}
-        self._shard_paths: dict[tuple[int, str], Path] = {}
-        self._lib: dict[Path, Any] = {}  # the library's readers (rare dtypes)
+        self._indexes = _Recent(_KEEP_INDEXES)  # step -> _Index
+        self._handles = _Recent(_KEEP_SHARDS)  # path -> _Shard
+        self._shard_paths = _Recent(4 * _KEEP_SHARDS)  # (step, shard name) -> checked path
+        self._lib = _Recent(_KEEP_LIBRARY)  # path -> the library's reader (rare dtypes)
         self._lock = threading.Lock()
 
     @classmethod
@@ -600,8 +636,10 @@ class SafetensorsReader(StoreReader):
         return [s for s in self._list_steps() if (self.run_dir / step_dir_name(s) / INDEX_NAME).is_file()]
 
     def _index(self, step: int) -> _Index:
-        if step in self._indexes:
-            return self._indexes[step]
+        with self._lock:
+            known: _Index | None = self._indexes.recent(step)
+        if known is not None:
+            return known
         path = self.run_dir / step_dir_name(step) / INDEX_NAME
         if not path.is_file():
             if step in self._list_steps():
@@ -611,7 +649,9 @@ class SafetensorsReader(StoreReader):
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptFileError(path, f"unreadable step index JSON: {exc}") from None
-        index = self._indexes[step] = _parse_index(path, step, data)
+        index = _parse_index(path, step, data)
+        with self._lock:
+            self._indexes.keep(step, index)
         return index
 
     def _list_calls(self, step: int) -> list[CallKey]:
@@ -629,18 +669,17 @@ class SafetensorsReader(StoreReader):
         return index.structures.get((call.module, call.call, kind))
 
     def _shard(self, path: Path) -> _Shard:
-        shard = self._handles.get(path)
-        if shard is None:
-            with self._lock:  # compare workers load from several threads
-                shard = self._handles.get(path)
-                if shard is None:
-                    shard = self._handles[path] = _Shard(path)
+        with self._lock:  # compare workers load from several threads
+            shard: _Shard | None = self._handles.recent(path)
+            if shard is None:
+                shard = self._handles.keep(path, _Shard(path))
         return shard
 
     def _handle(self, path: Path) -> Any:
         """The safetensors library's own (memory-mapped) reader of a shard: only for a dtype
         :class:`_Shard` does not know."""
-        handle = self._lib.get(path)
+        with self._lock:
+            handle = self._lib.recent(path)
         if handle is None:
             from safetensors import safe_open
 
@@ -650,7 +689,8 @@ class SafetensorsReader(StoreReader):
                 raise CorruptFileError(path, "shard file is missing") from None
             except Exception as exc:  # SafetensorError: truncated, garbage, bad header
                 raise CorruptFileError(path, f"cannot open the shard (truncated or corrupt?): {exc}") from None
-            self._lib[path] = handle
+            with self._lock:
+                self._lib.keep(path, handle)
         return handle
 
     def _entry(self, key: TensorKey) -> tuple[dict[str, Any], Path]:
@@ -660,10 +700,12 @@ class SafetensorsReader(StoreReader):
         if entry is None:
             raise CorruptFileError(index.path, f"{key}: stored according to its metadata, but the index maps it "
                                    "to no shard")
-        path = self._shard_paths.get((key.step, entry["shard"]))
+        with self._lock:
+            path: Path | None = self._shard_paths.recent((key.step, entry["shard"]))
         if path is None:  # resolved once per shard, not per tensor (a realpath walk costs ~0.2 ms)
-            path = self._shard_paths[(key.step, entry["shard"])] = check_inside(self.run_dir,
-                                                                                index.path.parent / entry["shard"])
+            path = check_inside(self.run_dir, index.path.parent / entry["shard"])
+            with self._lock:
+                self._shard_paths.keep((key.step, entry["shard"]), path)
         return entry, path
 
     def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
