@@ -26,6 +26,7 @@ from click.testing import CliRunner
 import ilstore
 import ilstore.store.pt as pt
 from ilstore.cli import cli
+from ilstore.errors import StoreError
 from ilstore.keys import KINDS, TensorKey
 from ilstore.summary import _summary_from_reader
 from support import OsCalls, step_records
@@ -422,7 +423,9 @@ def test_a_failed_batch_append_drops_the_batch_whole(out_dir: Path, tmp_path: Pa
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Lines are appended ``_lines_per_write`` at a time: a batch whose write fails partway is cut
     back whole (the error is raised by the write of the batch), earlier batches stay, later
-    lines are appended after them."""
+    lines are appended after them; the batch held a side whose write() had returned, so the
+    step's end raises and the step stays incomplete (a hand-driven writer that went on after the
+    error must not end it as complete without that side)."""
     source = _capture(out_dir, "src", "stats", steps=1)
     records, info = step_records(source, 0)
     monkeypatch.setattr(pt.PtWriter, "_lines_per_write", 2)
@@ -445,11 +448,12 @@ def test_a_failed_batch_append_drops_the_batch_whole(out_dir: Path, tmp_path: Pa
     assert lines[-1] == b"" and [json.loads(line)["ilstore"]["kind"] for line in lines[:-1]] == [
         records[0].kind, records[1].kind]
     writer.write(records[4])
-    writer.end_step(info)
+    # record 2's write() had returned, yet its line is gone: the step cannot end as complete
+    with pytest.raises(StoreError, match=r"step 0 is incomplete, it is not ended: .*structures\.jsonl: 2 line"):
+        writer.end_step(info)
     writer.close()
     with ilstore.open_run(tmp_path / "copy") as run:
-        for i, record in enumerate(records[:5]):
-            assert run.structure(record.call, record.kind) == (None if i in (2, 3) else record.structure), i
+        assert run.steps() == [] and run.incomplete_steps() == [0]
 
 
 def test_short_writes_of_a_line_are_completed(out_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

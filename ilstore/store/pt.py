@@ -132,6 +132,7 @@ class PtWriter(StoreWriter):
         self._list_size = 0  # its bytes, all complete lines
         self._listed: set[tuple[int, str, int, str]] = set()  # the sides it holds: (rank, module, call, kind)
         self._pending: list[bytes] = []  # its lines not appended yet
+        self._lost: str | None = None  # why lines of the step's structure list could not be appended
 
     def _begin_step(self, step: int) -> None:
         """Start writing ``step``: its directory, and an empty structure list if the step was
@@ -139,7 +140,7 @@ class PtWriter(StoreWriter):
         the latest."""
         self._close_list()
         self._step, self._dirs, self._made, self._used, self._files = step, {}, {}, set(), {}
-        self._listed = set()
+        self._listed, self._lost = set(), None
         self._step_dir = os.path.join(self._root, step_dir_name(step))
         _mkdir(self._step_dir)
         if self._highest is not None and step <= self._highest:
@@ -253,11 +254,13 @@ class PtWriter(StoreWriter):
             self._list_size = 0
         try:
             _write_all(fd, data)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.ftruncate(fd, self._list_size)
             except OSError:
                 pass  # the torn line has no newline: readers ignore it
+            # the batch held sides whose write() had returned: the step cannot be complete
+            self._lost = f"{self._step_dir}{os.sep}{STRUCTURES_NAME}: {len(pending)} line(s) not appended: {exc}"
             raise
         self._list_size += len(data)
 
@@ -294,6 +297,8 @@ class PtWriter(StoreWriter):
         if self._step == info.step:
             step_dir, dirs = self._step_dir, self._dirs
             self._close_list()  # every line of the step is written
+            if self._lost is not None:  # sides written earlier are missing from the list
+                raise StoreError(f"step {info.step} is incomplete, it is not ended: {self._lost}")
         else:  # a step without records
             step_dir, dirs = os.path.join(self._root, step_dir_name(info.step)), {}
             _mkdir(step_dir)

@@ -82,7 +82,7 @@ _CODES: dict[str, torch.dtype] = {
         ("F8_E4M3FNUZ", getattr(torch, "float8_e4m3fnuz", None)),
         ("F8_E5M2FNUZ", getattr(torch, "float8_e5m2fnuz", None)))
     if isinstance(dtype, torch.dtype)}
-_MAX_HEADER = 100 * 2**20  # the format's own limit on the header's length
+_MAX_HEADER = 100_000_000  # the format's own limit on the header's length (the library refuses more)
 #: And the other way, for writing shards.
 _CODE_OF: dict[torch.dtype, str] = {dtype: code for code, dtype in _CODES.items()}
 
