@@ -534,6 +534,8 @@ class Capture:
         if self._in_graph is not None:
             self._in_graph.close()
         if self._sink is not None:
+            if isinstance(self._sink, ThreadedSink):
+                self._sink.closing()  # the step end below starts no writer thread
             try:
                 if self._step is not None and (self.manual_step or status == "complete"):
                     self._end_step()

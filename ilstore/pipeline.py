@@ -88,6 +88,7 @@ class SyncSink(RecordSink):
     """Statistics and writes inline, in the hook."""
 
     def write(self, record: Record) -> None:
+        record.wait_ready()  # a device tensor's copy to (pinned) host memory may still be running
         finalize_stats(record)
         self.writer.write(record)
 
@@ -98,7 +99,7 @@ class SyncSink(RecordSink):
         self.writer.close(status, error)
 
 
-def _quiet_writer_thread(process_wide: bool = True) -> bool:
+def _quiet_writer_thread() -> bool:
     """Keep the calling (writer) thread from competing with the model for the CPU.
 
     * torch ops on this thread run on it alone. With the default OpenMP backend a second thread
@@ -108,32 +109,26 @@ def _quiet_writer_thread(process_wide: bool = True) -> bool:
       statistics may still run torch ops here). The thread's own OpenMP thread count is set to
       1 (:func:`_thread_local_threads`: OpenMP keeps it per thread), which changes nothing for
       any other thread. Where that is not possible (another parallel backend, no OpenMP
-      runtime found), ``torch.set_num_threads(1)``, which also changes the default that threads
-      started later inherit, so that default is put back from a short-lived thread.
+      runtime found) the thread keeps torch's default: nothing process-wide is ever changed,
+      since the thread starts while the model runs (its first wake-up), and a thread of the
+      user's that started meanwhile would keep a changed count for good.
     * On Linux the thread runs at the lowest priority (nice 19; a per-thread setting there), so
       it uses the CPU the model leaves idle (a GPU-bound model leaves most of it). Whenever the
       model waits for the writer (the pending bound, a flush, close) it does the remaining work
       itself at its own priority (:meth:`ThreadedSink._help`), so a busy machine never starves
       the writes.
 
-    ``process_wide``: whether the ``torch.set_num_threads`` way may be taken (only while the
-    thread that started this one waits for it to return, so no model code runs meanwhile).
-    Returns whether it was taken.
+    Returns whether the thread's own count was set to 1 (or already was).
     """
-    changed = False
-    before = torch.get_num_threads()  # torch's per-thread set-up, at the process's thread count
-    if before > 1 and not _thread_local_threads() and process_wide:
-        torch.set_num_threads(1)
-        restore = threading.Thread(target=torch.set_num_threads, args=(before,), name="ilstore-threads")
-        restore.start()
-        restore.join()
-        changed = True
+    alone = torch.get_num_threads() == 1  # torch's per-thread set-up, at the process's thread count
+    if not alone:
+        alone = _thread_local_threads()
     if sys.platform.startswith("linux"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
         except OSError:  # a sandbox that forbids it: run at normal priority
             pass
-    return changed
+    return alone
 
 
 _WRITER_NICE = 19
@@ -144,6 +139,16 @@ _omp_lock = threading.Lock()
 #: Whether :func:`_thread_local_threads` worked in this process: None until a writer thread tried.
 _THREAD_LOCAL_OK: bool | None = None
 _OMP_NAMES = ("libgomp", "libiomp5", "libomp")
+
+
+def _new_omp_lock() -> None:
+    """A fresh :data:`_omp_lock` (in a forked child: the parent's may have been held at the fork)."""
+    global _omp_lock
+    _omp_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_omp_lock)
 
 
 def _find_omp_setters() -> list[Any]:
@@ -226,8 +231,7 @@ class ThreadedSink(RecordSink):
         self.peak_pending_items = 0
         self._batch: list[Record] = []  # producer side: bodiless records not queued yet
         self._batch_size = max(1, min(_BATCH_RECORDS, self.max_pending_items // 4))
-        self._ready = threading.Event()
-        self._no_wait = False
+        self._threadless = False  # the writer thread could not be started: the producer does it all
         # Started at the first wake-up (_start_thread): a capture whose records all fit the first
         # batch (one forward of a few modules) is written by the producer at close, with no
         # thread to start, wait for and join (each ~0.1 ms on an idle 2-core machine, a few ms
@@ -257,6 +261,8 @@ class ThreadedSink(RecordSink):
         except BaseException as exc:  # kept and raised to the producer
             self._error = exc
             _log.error("ilstore writer thread failed: %s", exc)
+            if not isinstance(exc, Exception):  # Ctrl-C (or an exit) on the thread doing this item: not swallowed
+                raise
         finally:
             with self._cond:
                 self._pending -= nbytes
@@ -277,25 +283,27 @@ class ThreadedSink(RecordSink):
             return op
 
     def _start_thread(self) -> None:
-        """Start the writer thread (under ``_cond``, which it does not need before it is set up)."""
-        # read once: _run acts on the same answer
-        self._no_wait = _THREAD_LOCAL_OK is True or torch.get_num_threads() == 1
-        self._thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
-        self._thread.start()
-        # Where the writer thread may change torch's default thread count for a moment (see
-        # _quiet_writer_thread), go on only once it is restored, before the model runs again.
-        # Where an earlier writer thread of this process set its own count alone, or torch runs
-        # one thread, nothing process-wide changes and the model need not wait for it.
-        if not self._no_wait:
-            self._ready.wait()
+        """Start the writer thread (under ``_cond``, which it does not need before it is set up).
+
+        Nothing waits for it to be set up: it changes no process-wide setting
+        (:func:`_quiet_writer_thread`). Where no thread can be started (Python 3.12+ refuses new
+        threads at interpreter shutdown, e.g. a capture closed from ``atexit``; a resource
+        limit), the producer does every item itself when it waits (the bounds, flush, close).
+        """
+        thread = threading.Thread(target=self._run, name="ilstore-writer", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            self._threadless = True
+            _log.debug("ilstore: no writer thread (%s); the model's thread writes the run", exc)
+            return
+        self._thread = thread
 
     def _run(self) -> None:
         try:
-            _quiet_writer_thread(process_wide=not self._no_wait)
+            _quiet_writer_thread()
         except Exception as exc:  # a thread that cannot be made quiet still writes
             _log.debug("ilstore: the writer thread keeps its default thread count: %s", exc)
-        finally:
-            self._ready.set()
         cond, items, clock = self._cond, self._items, time.perf_counter
         while True:
             with cond:
@@ -361,11 +369,27 @@ class ThreadedSink(RecordSink):
     def _wake_writer(self) -> None:
         """Under ``_cond``: have the writer thread take every queued item (starting it if need be)."""
         self._unwoken[0] = self._unwoken[1] = 0
-        if self._thread is None:
+        if self._thread is None and not self._threadless and not self._closed:  # never started by close
             self._start_thread()
         if not self._wake:
             self._wake = True
             self._cond.notify_all()
+
+    def closing(self) -> None:
+        """The capture is closing: no writer thread is started from now on (what is queued, e.g.
+        the step end that ``close`` makes, is written by :meth:`close` on the calling thread; an
+        ``atexit`` close on Python 3.12+ could not start one anyway)."""
+        with self._cond:
+            self._threadless = True
+
+    def _stop_thread(self) -> None:
+        """Have the writer thread end (it was never needed if it never started)."""
+        if self._thread is not None:
+            with self._cond:
+                self._items.append(("stop", None, 0))
+                self._wake_writer()
+            # Not joined: it has nothing left to do but take "stop" and end, and at nice 19 on a
+            # busy machine it may wait milliseconds for a core to do that.
 
     def _fits(self, nbytes: int, count: int = 1) -> bool:
         """Under ``_cond``: whether one more item of ``nbytes`` and ``count`` records may be queued now."""
@@ -414,15 +438,18 @@ class ThreadedSink(RecordSink):
         if self._closed:
             return
         self._closed = True
-        if self._error is None:
-            self._queue_batch()
-        self._help()  # returns once every item is processed: none is left to the writer thread
-        if self._thread is not None:  # (else it was never needed)
-            with self._cond:
-                self._items.append(("stop", None, 0))
-                self._wake_writer()
-            # Not joined: it has nothing left to do but take "stop" and end, and at nice 19 on a
-            # busy machine it may wait milliseconds for a core to do that.
+        try:
+            if self._error is None:
+                self._queue_batch()
+            self._help()  # returns once every item is processed: none is left to the writer thread
+        except BaseException as exc:  # Ctrl-C while this thread did queued work: the run is closed as failed
+            with self._work:  # the writer thread is between items: what is left is dropped
+                with self._cond:
+                    self._items.clear()
+            self._stop_thread()
+            self.writer.close("failed", error or f"{type(exc).__name__}: {exc}")
+            raise
+        self._stop_thread()
         if self._error is not None:
             self.writer.close("failed", error or str(self._error))
             self._raise_error()

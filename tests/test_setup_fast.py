@@ -73,30 +73,31 @@ def test_the_writer_thread_sets_its_own_thread_count_alone() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        changed, threads = _in_thread(lambda: (pipeline._quiet_writer_thread(process_wide=False),
-                                               torch.get_num_threads()))
-        assert threads == 1 and changed is False
+        alone, threads = _in_thread(lambda: (pipeline._quiet_writer_thread(), torch.get_num_threads()))
+        assert threads == 1 and alone is True
         assert pipeline._THREAD_LOCAL_OK is True
         assert torch.get_num_threads() == 2 and _in_thread(torch.get_num_threads) == 2
     finally:
         torch.set_num_threads(before)
 
 
-def test_without_an_openmp_runtime_the_default_is_set_and_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_an_openmp_runtime_nothing_process_wide_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread starts while the model runs: where it cannot set its own count, it keeps
+    torch's default rather than change the process's for a moment (a thread of the user's that
+    started meanwhile would keep one thread for good)."""
     monkeypatch.setattr(pipeline, "_omp_setters", [])
     monkeypatch.setattr(pipeline, "_THREAD_LOCAL_OK", None)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    calls: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
     try:
-        changed, threads = _in_thread(lambda: (pipeline._quiet_writer_thread(), torch.get_num_threads()))
-        assert threads == 1 and changed is True and pipeline._THREAD_LOCAL_OK is False
-        assert torch.get_num_threads() == 2 and _in_thread(torch.get_num_threads) == 2
-        # not allowed to change the default (nobody waits): the thread keeps the default count
-        changed, threads = _in_thread(lambda: (pipeline._quiet_writer_thread(process_wide=False),
-                                               torch.get_num_threads()))
-        assert threads == 2 and changed is False
+        alone, threads = _in_thread(lambda: (pipeline._quiet_writer_thread(), torch.get_num_threads()))
+        assert threads == 2 and alone is False and pipeline._THREAD_LOCAL_OK is False
+        assert calls == [] and torch.get_num_threads() == 2 and _in_thread(torch.get_num_threads) == 2
     finally:
-        torch.set_num_threads(before)
+        real(before)
 
 
 class _Writer:
@@ -113,26 +114,30 @@ class _Writer:
 
 
 @pytest.mark.parametrize("known", [None, True, False])
-def test_the_sink_waits_for_its_thread_only_when_the_default_may_change(monkeypatch: pytest.MonkeyPatch,
-                                                                        known: bool | None) -> None:
+def test_the_sink_never_waits_for_its_thread(monkeypatch: pytest.MonkeyPatch, known: bool | None) -> None:
     monkeypatch.setattr(pipeline, "_THREAD_LOCAL_OK", known)
     if known is False:
         monkeypatch.setattr(pipeline, "_omp_setters", [])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    started = threading.Event()
+    real_run = pipeline.ThreadedSink._run
+
+    def slow_run(self: pipeline.ThreadedSink) -> None:
+        started.wait(10)  # the thread is not set up until the producer went on
+        real_run(self)
+
+    monkeypatch.setattr(pipeline.ThreadedSink, "_run", slow_run)
     try:
         writer = _Writer()
         sink = pipeline.ThreadedSink(writer, 2**20)  # type: ignore[arg-type]
         assert sink._thread is None  # started at the first wake-up
         sink.end_step(None)  # type: ignore[arg-type]
-        assert sink._thread is not None and sink._no_wait is (known is True)
-        if not sink._no_wait:
-            assert sink._ready.is_set()  # the default count is put back before the model runs on
-        sink._ready.wait()
-        assert torch.get_num_threads() == 2
+        assert sink._thread is not None and torch.get_num_threads() == 2  # returned before the thread ran
+        started.set()
         sink.flush()
         sink.close("complete")
-        assert writer.threads in ([1], [2])  # the writer thread (1) or the producer helping (2)
+        assert writer.threads in ([1], [2])  # the writer thread (1 where OpenMP allows) or the producer (2)
         thread = sink._thread
         thread.join(10)  # not joined by close: it ends on its own
         assert not thread.is_alive()
