@@ -383,13 +383,18 @@ class ThreadedSink(RecordSink):
             self._threadless = True
 
     def _stop_thread(self) -> None:
-        """Have the writer thread end (it was never needed if it never started)."""
-        if self._thread is not None:
+        """Have the writer thread end, and wait until it has (it was never needed if it never
+        started). It has nothing left to do but take "stop"; joining it matters: a daemon thread
+        still running when the interpreter exits (at nice 19 on a busy machine it may take a
+        while to get a core) aborted a torchrun worker at exit ("terminate called without an
+        active exception") in CI."""
+        thread = self._thread
+        if thread is not None:
             with self._cond:
                 self._items.append(("stop", None, 0))
                 self._wake_writer()
-            # Not joined: it has nothing left to do but take "stop" and end, and at nice 19 on a
-            # busy machine it may wait milliseconds for a core to do that.
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _fits(self, nbytes: int, count: int = 1) -> bool:
         """Under ``_cond``: whether one more item of ``nbytes`` and ``count`` records may be queued now."""
