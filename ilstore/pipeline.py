@@ -231,7 +231,7 @@ class ThreadedSink(RecordSink):
         self.peak_pending_items = 0
         self._batch: list[Record] = []  # producer side: bodiless records not queued yet
         self._batch_size = max(1, min(_BATCH_RECORDS, self.max_pending_items // 4))
-        self._threadless = False  # the writer thread could not be started: the producer does it all
+        self._threadless = False  # no thread will be started (none could be, or closing): the producer writes
         # Started at the first wake-up (_start_thread): a capture whose records all fit the first
         # batch (one forward of a few modules) is written by the producer at close, with no
         # thread to start, wait for and join (each ~0.1 ms on an idle 2-core machine, a few ms
