@@ -4,7 +4,9 @@ Workload: 8 x (Linear 64->64 + ReLU) in an ``nn.Sequential``, 16 module calls pe
 1 x 64 input, every step logged (``log_step_ids: []``), asynchronous writes as by default. For
 each backend and mode it reports, from one run:
 
-* forward time per step over the first and the last 10 % of steps (ms) and their ratio;
+* forward time per step over the first and the last 10 % of steps (ms) and their ratio, and over
+  each tenth of the run (``tenths_ms``: where a growth starts), with the slowest steps
+  (``slowest_ms``: a stall, e.g. the writer making the producer wait, shows there);
 * ``close()`` time (the writer's backlog shows here);
 * peak RSS growth over the run (the kernel's high-water mark);
 * the manifest's size, and the run's size on disk;
@@ -12,7 +14,8 @@ each backend and mode it reports, from one run:
   no torch), reading one step's records (the last step: every tensor's metadata, and its body
   where stored; a reader that scanned the run would be slowest there), and comparing two such
   runs: ``compare()`` in process (steps per second, the median of three) and ``ilstore-compare``
-  with its default report in a fresh process (seconds), see :func:`compare_cost`.
+  in a fresh process with its default markdown report and with ``--format json`` (seconds, the
+  process's peak RSS and the report's size), see :func:`compare_cost`.
 
 Run it through ``bench_capture.py --steps N`` (see there for the options).
 """
@@ -61,9 +64,27 @@ def capture_run(out: Path, run_id: str, steps: int, backend: str, mode: str) -> 
     first, last = sum(times[:tenth]) / tenth, sum(times[-tenth:]) / tenth
     assert cap.run_dir is not None
     return {"run_dir": cap.run_dir, "first_ms": first * 1e3, "last_ms": last * 1e3, "last_over_first": last / first,
+            "tenths_ms": tenths_ms(times), "slowest_ms": sorted((t * 1e3 for t in times), reverse=True)[:5],
             "close_s": close_s, "rss_mb": peak.growth / 2**20,
             "manifest_mb": (cap.run_dir / MANIFEST_NAME).stat().st_size / 2**20,
             "run_mb": dir_size(cap.run_dir)[0] / 2**20}
+
+
+def tenths_ms(times: Sequence[float]) -> list[float]:
+    """Mean time per step (ms) over each tenth of the run, in order (fewer parts for < 10 steps)."""
+    parts = min(10, len(times))
+    bounds = [len(times) * i // parts for i in range(parts + 1)]
+    return [sum(times[a:b]) / (b - a) * 1e3 for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def run_cli(args: Sequence[str]) -> tuple[int, float, float]:
+    """Run ``args`` in a fresh process, output discarded: (exit status, wall s, the child's peak RSS MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN mixes all of them)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:
@@ -88,8 +109,10 @@ def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path) -> dict[str, Any
     * ``compare()`` in process, three times: the median gives ``compare_steps_per_s``; the
       first (``compare_first_s``) includes the compare package's one-time imports and set-up.
     * ``ilstore-compare --dir1 A --dir2 B --output report.md`` in a fresh process
-      (``cli_s``): start-up (``import torch``), the comparison and the default markdown report,
-      which has a table of every step's calls, so it grows with the run.
+      (``cli_s``, its peak RSS ``cli_rss_mb`` and the report's size ``cli_report_mb``): start-up
+      (``import torch``), the comparison and the default markdown report, which has a table of
+      every step's calls, so it grows with the run; then the same with ``--format json``
+      (``cli_json_s``, ``cli_json_rss_mb``, ``cli_json_report_mb``).
     """
     from ilstore_compare import compare
 
@@ -98,21 +121,23 @@ def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path) -> dict[str, Any
         t0 = time.perf_counter()
         result = compare(dir1, dir2)
         times.append(time.perf_counter() - t0)
-    report = tmp / "long-run-report.md"
-    t0 = time.perf_counter()
-    cli = subprocess.run([sys.executable, "-c", "from ilstore_compare.cli import main; main()", "--dir1", str(dir1),
-                          "--dir2", str(dir2), "--output", str(report)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, check=False)
-    cli_s = time.perf_counter() - t0
-    report.unlink(missing_ok=True)
-    if cli.returncode != result.exit_code:
-        raise RuntimeError(f"ilstore-compare exited {cli.returncode}, compare() said {result.exit_code}")
-    return {"compare_steps_per_s": steps / sorted(times)[1], "compare_first_s": times[0],
-            "compare_exit": result.exit_code, "cli_s": cli_s}
+    row: dict[str, Any] = {"compare_steps_per_s": steps / sorted(times)[1], "compare_first_s": times[0],
+                           "compare_exit": result.exit_code}
+    for fmt, suffix in (("md", ""), ("json", "_json")):
+        report = tmp / f"long-run-report.{fmt}"
+        code, wall, rss = run_cli([sys.executable, "-c", "from ilstore_compare.cli import main; main()",
+                                   "--dir1", str(dir1), "--dir2", str(dir2), "--output", str(report)])
+        if code != result.exit_code:
+            raise RuntimeError(f"ilstore-compare ({fmt}) exited {code}, compare() said {result.exit_code}")
+        row.update({f"cli{suffix}_s": wall, f"cli{suffix}_rss_mb": rss,
+                    f"cli{suffix}_report_mb": report.stat().st_size / 2**20})
+        report.unlink()
+    return row
 
 
 def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *, with_compare: bool = True,
          json_rows: list[dict[str, Any]] | None = None) -> int:
+    """One row per backend and mode; the runs stay in ``tmp`` (the caller deletes them)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     header = (f"{'backend':12} {'mode':8} {'first ms':>8} {'last ms':>8} {'last/1st':>8} {'close s':>8} "
               f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7} {'ls s':>6} {'step s':>7} {'cmp st/s':>9} {'cli s':>6}")
@@ -132,7 +157,13 @@ def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *
                 cmp, cli = f"{row['compare_steps_per_s']:9.0f}", f"{row['cli_s']:6.2f}"
             print(f"{backend:12} {mode:8} {row['first_ms']:8.2f} {row['last_ms']:8.2f} {row['last_over_first']:8.2f} "
                   f"{row['close_s']:8.2f} {row['rss_mb']:7.1f} {row['manifest_mb']:8.2f} {row['run_mb']:7.1f} "
-                  f"{row['ls_s']:6.2f} {row['read_step_s']:7.3f} {cmp:>9} {cli:>6}", flush=True)
+                  f"{row['ls_s']:6.2f} {row['read_step_s']:7.3f} {cmp:>9} {cli:>6}")
+            print(f"{'':21} ms per step by tenth: {' '.join(f'{t:.2f}' for t in row['tenths_ms'])}; "
+                  f"slowest: {' '.join(f'{t:.0f}' for t in row['slowest_ms'])}", flush=True)
+            if with_compare:
+                print(f"{'':21} ilstore-compare: md {row['cli_s']:.2f} s, {row['cli_rss_mb']:.0f} MB RSS, "
+                      f"report {row['cli_report_mb']:.2f} MB; json {row['cli_json_s']:.2f} s, "
+                      f"{row['cli_json_rss_mb']:.0f} MB RSS, report {row['cli_json_report_mb']:.2f} MB", flush=True)
             if json_rows is not None:
                 json_rows.append(row)
     return 0

@@ -37,10 +37,12 @@ less. With ``--threads 1`` it reads as the CPU cost of each row.
 
 Long-run mode (issue 13), a different workload, one run per backend and mode and directory:
        python benchmarks/bench_capture.py --steps 100000 [--modes stats,tensors] [--tmp /dev/shm,/var/tmp]
-       [--no-compare]
-prints, per run, the forward time per step of the first and last 10 % of steps, ``close()`` time,
-peak RSS growth, the manifest's size, ``ilstore ls`` and one-step read times, and the compare
-throughput of two such runs (see ``_long_run.py``).
+       [--no-compare] [--keep]
+prints, per run, the forward time per step of the first and last 10 % of steps (and of each
+tenth, with the slowest steps), ``close()`` time, peak RSS growth, the manifest's size,
+``ilstore ls`` and one-step read times, and the compare throughput of two such runs, in process
+and through ``ilstore-compare`` (see ``_long_run.py``). ``--keep`` leaves the runs in place (their
+directory is printed) for timing other tools on them; by default they are deleted at the end.
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="long-run mode: capture this many steps of the small long-run model instead")
     ap.add_argument("--modes", default="stats,tensors", help="long-run mode: capture modes")
     ap.add_argument("--no-compare", action="store_true", help="long-run mode: skip the second run and the compare")
+    ap.add_argument("--keep", action="store_true", help="long-run mode: keep the runs (their directory is printed)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="time rows by the wall clock or by the process's CPU time (all its threads)")
@@ -328,7 +331,10 @@ def _long(args: argparse.Namespace) -> int:
                            [m for m in args.modes.split(",") if m], tmp, with_compare=not args.no_compare,
                            json_rows=rows)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if args.keep:
+                print(f"runs kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

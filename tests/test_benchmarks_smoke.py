@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -97,8 +99,23 @@ def test_bench_capture_long_run_smoke(tmp_path: Path, capsys) -> None:
     assert (row["backend"], row["mode"], row["steps"]) == ("pt", "tensors", 20)
     assert row["first_ms"] > 0 and row["last_ms"] > 0 and row["close_s"] >= 0 and row["manifest_mb"] > 0
     assert row["compare_exit"] == 0 and row["compare_steps_per_s"] > 0  # two identical runs compare equal
+    assert len(row["tenths_ms"]) == 10 and min(row["tenths_ms"]) > 0
+    assert row["tenths_ms"][0] == pytest.approx(row["first_ms"])
+    assert row["tenths_ms"][-1] == pytest.approx(row["last_ms"])
+    assert len(row["slowest_ms"]) == 5 and row["slowest_ms"] == sorted(row["slowest_ms"], reverse=True)
+    for fmt in ("", "_json"):  # both CLI reports were written, then deleted
+        assert row[f"cli{fmt}_s"] > 0 and row[f"cli{fmt}_rss_mb"] > 10 and row[f"cli{fmt}_report_mb"] > 0
     assert list(work.iterdir()) == []
-    assert "last/1st" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "last/1st" in printed and "by tenth" in printed and "ilstore-compare: md" in printed
+
+
+def test_bench_capture_long_run_keep(tmp_path: Path, capsys) -> None:
+    assert _load("bench_capture").main(["--steps", "3", "--backends", "safetensors", "--modes", "stats",
+                                        "--tmp", str(tmp_path), "--no-compare", "--keep"]) == 0
+    (kept,) = tmp_path.iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == ["safetensors-stats-a"]
+    assert f"runs kept in {kept}" in capsys.readouterr().out
 
 
 def test_bench_stats_compare_smoke(tmp_path: Path, capsys) -> None:
