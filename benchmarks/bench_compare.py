@@ -10,6 +10,11 @@ Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once
 * ``floor: read only``: ``numpy.fromfile`` of both sides of every pair, nothing else.
 * ``floor: minimal`` (THE floor, issue 18's): the same reads plus the verdict count
   (``|a-b| <= atol + rtol |b|``) and the relative L2 error in numpy, one whole tensor at a time.
+* ``floor: minimal, N processes`` (with a ``--workers`` value N > 1: the largest): the minimal
+  floor with the pairs dealt out to N forked processes (pair i to process i mod N), which share
+  no GIL and no Python work: the machine's ceiling for ``--workers N`` (memory bandwidth, the
+  page-cache copy, the scheduler), timed from the parent from "go" until every process has sent
+  its count (the forks come before, untimed). RSS: the processes' peak growths added up.
 * ``floor: read + f32 metrics``: the same reads plus the metrics that
   ``ilstore_compare.metrics`` computes (the tolerance check, NaN/Inf counts, |a-b| max and
   its index, mean |a-b|, max rel diff, the sums for rel-L2 and cosine), in the same 1 Mi-element
@@ -17,6 +22,9 @@ Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once
   all finite.
 * ``floor: read + metrics.compare_tensors``: the same reads plus the library's own per-tensor
   arithmetic (float64 upcast): isolates the arithmetic from storage and engine overhead.
+* ``floor: read + compare_tensors, N procs``: that floor in N forked processes, as above: the
+  ceiling for the compare's own arithmetic (one fused pass, far less memory traffic than the
+  minimal floor's numpy passes), so the one that bounds ``compare`` w2/w1.
 * ``<backend> compare w1`` / ``w2``: ``ilstore_compare.compare(a, b, workers=1|2)``, the whole
   call (opening both runs, planning, loading, metrics, the result).
 * with ``--cli``, ``<backend> CLI w1`` / ``w2``: ``ilstore-compare --format json`` in a fresh
@@ -33,7 +41,10 @@ Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6). ``l
 when a core is idle: quote the load with every figure). ``--paired N`` adds, per backend, N
 rounds of ``compare()`` with one worker and with the largest of ``--workers`` back to back
 (alternating which goes first): the median and the best of the per-round ratios, which a load
-that comes and goes disturbs less than the ratio of two medians. ``--fifo`` runs those paired
+that comes and goes disturbs less than the ratio of two medians; and first the same for the two
+floors in one process against them in N processes (``floor: paired wN/w1``, ``floor: read +
+metrics.compare_tensors: paired wN/w1``): the ceilings the compare's ratios are to be read
+against. ``--fifo`` runs those paired
 rounds (only them) at real-time priority (``SCHED_FIFO`` 1; needs root or ``CAP_SYS_NICE``, and
 Linux keeps 5 % of each second for everything else): other processes then wait while the
 compare's threads can run, so the ratio is that of a machine with every core free, whatever
@@ -97,6 +108,7 @@ from _bench_common import (  # noqa: E402
 RTOL, ATOL = 1e-5, 1e-8
 MINIMAL = "floor: minimal (numpy verdict+relL2)"
 F32 = "floor: read + f32 metrics"
+LIB = "floor: read + metrics.compare_tensors"
 CHUNK = 1 << 20
 
 
@@ -160,6 +172,86 @@ def floor_minimal(pairs: list[tuple[Path, Path, tuple[int, ...]]], rtol: float =
     return mismatched
 
 
+def floor_forked(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int],
+                 pairs: list[tuple[Path, Path, tuple[int, ...]]], processes: int = 2) -> tuple[int, float, int]:
+    """``floor(pairs)`` (:func:`floor_minimal`, :func:`floor_lib`) with pair ``i`` in forked process
+    ``i % processes``: processes share no GIL, so this is what ``processes`` cores give that
+    floor on this machine.
+
+    The processes are forked and have answered "ready" before the clock starts; it stops when
+    the last has sent its count (its exit and the parent's wait are not timed).
+
+    Returns:
+        (mismatched elements, seconds, the processes' peak RSS growths added up, in bytes).
+
+    Raises:
+        RuntimeError: a process failed (its error in the message) or died.
+    """
+    children: list[tuple[int, int, Any]] = []  # (pid, the write end of its "go" pipe, its result pipe)
+    try:
+        for k in range(processes):
+            go_r, go_w = os.pipe()
+            res_r, res_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # never returns into the parent's code (no finally, no atexit)
+                code = 1
+                try:
+                    for fd in [go_w, res_r] + [fd for _pid, go, res in children for fd in (go, res.fileno())]:
+                        os.close(fd)
+                    code = _forked_floor(floor, pairs[k::processes], go_r, res_w)
+                finally:
+                    os._exit(code)
+            os.close(go_r)
+            os.close(res_w)
+            children.append((pid, go_w, os.fdopen(res_r)))
+        for _pid, _go, res in children:
+            if res.read(1) != "r":
+                raise RuntimeError("floor_forked: a process died before it was ready")
+        start = time.perf_counter()
+        for _pid, go, _res in children:
+            os.write(go, b"g")
+        lines = [res.readline() for _pid, _go, res in children]
+        seconds = time.perf_counter() - start
+    finally:
+        for pid, go, res in children:
+            os.close(go)  # a process still waiting for "go" ends
+            res.close()
+            os.waitpid(pid, 0)
+    answers: list[dict[str, Any]] = [json.loads(line) if line.strip() else {"error": "it died"} for line in lines]
+    failed = [a["error"] for a in answers if "error" in a]
+    if failed:
+        raise RuntimeError(f"floor_forked: a process failed: {failed[0]}")
+    return sum(a["mismatched"] for a in answers), seconds, sum(a["rss"] for a in answers)
+
+
+def _forked_floor(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int],
+                  pairs: list[tuple[Path, Path, tuple[int, ...]]], go: int, out: int) -> int:
+    """One process of :func:`floor_forked`: "r", wait for "go", ``floor(pairs)``,
+    then one JSON line (the count and the peak RSS growth, or the error); the exit status."""
+    try:
+        rss_before = _status_kb("VmRSS")
+        os.write(out, b"r")
+        if os.read(go, 1) != b"g":
+            return 1  # the parent gave up
+        mismatched = floor(pairs)
+        grown = max(0, _status_kb("VmHWM") - rss_before) * 1024
+        os.write(out, (json.dumps({"mismatched": mismatched, "rss": grown}) + "\n").encode())
+        return 0
+    except BaseException as exc:  # noqa: BLE001 -- reported to the parent
+        with contextlib.suppress(OSError):
+            os.write(out, (json.dumps({"error": repr(exc)}) + "\n").encode())
+        return 1
+
+
+def _status_kb(name: str) -> int:
+    """A ``/proc/self/status`` figure (``VmHWM``, ``VmRSS``) in KiB; 0 where unknown."""
+    try:
+        with open("/proc/self/status") as fh:
+            return int(next(line.split()[1] for line in fh if line.startswith(name + ":")))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def floor_read_only(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
     n = 0
     for pa, pb, shape in pairs:
@@ -219,15 +311,35 @@ def fifo(wanted: bool) -> Iterator[bool]:
 def paired_ratios(a: Path, b: Path, workers: int, rounds: int) -> dict[str, Any]:
     """``rounds`` rounds of ``compare()`` with 1 and with ``workers`` workers back to back (which
     goes first alternates): each round's throughput ratio (one worker's seconds / the other's)."""
+    return _paired(partial(_seconds, run_compare, a, b), workers, rounds)
+
+
+def paired_floor(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int],
+                 pairs: list[tuple[Path, Path, tuple[int, ...]]], processes: int, rounds: int) -> dict[str, Any]:
+    """:func:`paired_ratios` of a floor: in this process against in ``processes`` forked ones
+    (:func:`floor_forked`), round by round: a ceiling for those ratios."""
+    def run(n: int) -> float:
+        return _seconds(floor, pairs) if n == 1 else floor_forked(floor, pairs, n)[1]
+
+    return _paired(run, processes, rounds)
+
+
+def _seconds(fn: Callable[..., Any], *args: Any) -> float:
+    start = time.perf_counter()  # no RSS sampler here: its thread would compete for the GIL
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def _paired(seconds_of: Callable[[int], float], workers: int, rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds of ``seconds_of(1)`` and ``seconds_of(workers)`` back to back, which goes
+    first alternating: each round's ratio (the first's seconds / the second's) and the load."""
     ratios, loads = [], []
     for i in range(rounds):
         seconds = {}
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
         for w in ((1, workers) if i % 2 == 0 else (workers, 1)):
             release_memory()
-            start = time.perf_counter()  # no RSS sampler here: its thread would compete for the GIL
-            run_compare(a, b, w)
-            seconds[w] = time.perf_counter() - start
+            seconds[w] = seconds_of(w)
         ratios.append(seconds[1] / seconds[workers])
     return {"workers": workers, "ratios": ratios, "loads": loads}
 
@@ -258,9 +370,11 @@ def run_cli(a: Path, b: Path, workers: int, peak_file: Path) -> tuple[int, int]:
 
 
 class Row:
-    def __init__(self, name: str, fn: Callable[[], Any], files: list[Path], group: str, child: bool = False) -> None:
-        """``child``: ``fn`` runs another process and returns ``(check, its peak RSS)``."""
-        self.name, self.fn, self.files, self.group, self.child = name, fn, files, group, child
+    def __init__(self, name: str, fn: Callable[[], Any], files: list[Path], group: str, child: bool = False,
+                 forked: bool = False) -> None:
+        """``child``: ``fn`` runs another process and returns ``(check, its peak RSS)``; ``forked``:
+        ``fn`` times itself and returns ``(check, seconds, its processes' peak RSS growth)``."""
+        self.name, self.fn, self.files, self.group, self.child, self.forked = name, fn, files, group, child, forked
         self.times: list[float] = []
         self.loads: list[float] = []  # the 1-minute load average before each round of this row
         self.rss: list[int] = []
@@ -273,14 +387,18 @@ class Row:
             drop_page_cache(self.files)
         self.loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
         seconds, sampler, check = timed(self.fn)
-        self.times.append(seconds)
-        if self.child:  # the other process's whole peak RSS, not a growth; no anonymous part known
+        if self.forked:  # its own clock (the forks untimed); its processes' growth, no anonymous part known
+            check, seconds, grown = check
+            self.rss.append(grown)
+            self.anon.append(grown)
+        elif self.child:  # the other process's whole peak RSS, not a growth; no anonymous part known
             check, peak = check
             self.rss.append(peak)
             self.anon.append(peak)
         else:
             self.rss.append(sampler.growth)
             self.anon.append(sampler.growth_anon)
+        self.times.append(seconds)
         self.check = check
 
     def result(self) -> dict[str, Any]:
@@ -307,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after the rounds, cProfile one workers=1 compare per backend and print the top N functions")
     ap.add_argument("--paired", type=int, default=0, metavar="N",
-                    help="after the rounds, N paired rounds per backend of compare() with 1 and with the most "
-                         "workers, back to back, alternating which goes first; ratios per round")
+                    help="after the rounds, N paired rounds of the floors in 1 process and in as many as the most "
+                         "workers (the ceiling), then per backend of compare() with 1 and with the most workers, "
+                         "back to back, alternating which goes first; ratios per round")
     ap.add_argument("--fifo", action="store_true",
                     help="run the --paired rounds at real-time priority (SCHED_FIFO 1; root): the ratio of a "
                          "machine with every core free")
@@ -330,10 +449,15 @@ def main(argv: list[str] | None = None) -> int:
             runs[backend] = (write_run(tmp / backend, "a", backend, shapes, "a"),
                              write_run(tmp / backend, "b", backend, shapes, "b"))
         raw_files = raw_a + raw_b
+        most = max(worker_counts)
         rows = [Row("floor: read only", lambda: floor_read_only(pairs), raw_files, "floor"),
                 Row(MINIMAL, lambda: floor_minimal(pairs), raw_files, "floor"),
+                *([Row(f"floor: minimal, {most} processes", partial(floor_forked, floor_minimal, pairs, most),
+                       raw_files, "floor", forked=True)] if most > 1 else []),
                 Row(F32, lambda: floor_f32(pairs), raw_files, "floor"),
-                Row("floor: read + metrics.compare_tensors", lambda: floor_lib(pairs), raw_files, "floor")]
+                Row(LIB, lambda: floor_lib(pairs), raw_files, "floor"),
+                *([Row(f"floor: read + compare_tensors, {most} procs", partial(floor_forked, floor_lib, pairs, most),
+                       raw_files, "floor", forked=True)] if most > 1 else [])]
         if args.no_f32:
             rows = [r for r in rows if r.name != F32]
         disk: dict[str, tuple[int, int]] = {}
@@ -353,10 +477,12 @@ def main(argv: list[str] | None = None) -> int:
                 row.measure(args.cold)
         results = [row.result() for row in rows]
         paired: dict[str, dict[str, Any]] = {}
-        if args.paired and max(worker_counts) > 1:
-            with fifo(args.fifo) as realtime:
-                paired = {backend: {**paired_ratios(a, b, max(worker_counts), args.paired), "fifo": realtime}
-                          for backend, (a, b) in runs.items()}
+        if args.paired and most > 1:
+            with fifo(args.fifo) as realtime:  # the floor's ceiling first, then each backend
+                paired = {name: {**paired_floor(floor, pairs, most, args.paired), "fifo": realtime}
+                          for name, floor in (("floor", floor_minimal), (LIB, floor_lib))}
+                paired.update({backend: {**paired_ratios(a, b, most, args.paired), "fifo": realtime}
+                               for backend, (a, b) in runs.items()})
         profiles: dict[str, str] = {}
         if args.profile:
             for backend, (a, b) in runs.items():
