@@ -22,9 +22,12 @@ Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once
   all finite.
 * ``floor: read + metrics.compare_tensors``: the same reads plus the library's own per-tensor
   arithmetic (float64 upcast): isolates the arithmetic from storage and engine overhead.
-* ``floor: read + compare_tensors, N procs``: that floor in N forked processes, as above: the
+* ``floor: compare_tensors, N processes``: that floor in N forked processes, as above: the
   ceiling for the compare's own arithmetic (one fused pass, far less memory traffic than the
   minimal floor's numpy passes), so the one that bounds ``compare`` w2/w1.
+* ``floor: compare_tensors, N threads``: the same on N threads of this process (sharing
+  the GIL and the address space, no memory bound, no order): against the processes' row, what
+  the GIL costs; against ``compare wN``, what the engine's scheduling costs.
 * ``<backend> compare w1`` / ``w2``: ``ilstore_compare.compare(a, b, workers=1|2)``, the whole
   call (opening both runs, planning, loading, metrics, the result).
 * with ``--cli``, ``<backend> CLI w1`` / ``w2``: ``ilstore-compare --format json`` in a fresh
@@ -43,8 +46,8 @@ rounds of ``compare()`` with one worker and with the largest of ``--workers`` ba
 (alternating which goes first): the median and the best of the per-round ratios, which a load
 that comes and goes disturbs less than the ratio of two medians; and first the same for the two
 floors in one process against them in N processes (``floor: paired wN/w1``, ``floor: read +
-metrics.compare_tensors: paired wN/w1``): the ceilings the compare's ratios are to be read
-against. ``--fifo`` runs those paired
+metrics.compare_tensors: paired wN/w1``) and the latter against it on N threads: the ceilings the
+compare's ratios are to be read against. ``--fifo`` runs those paired
 rounds (only them) at real-time priority (``SCHED_FIFO`` 1; needs root or ``CAP_SYS_NICE``, and
 Linux keeps 5 % of each second for everything else): other processes then wait while the
 compare's threads can run, so the ratio is that of a machine with every core free, whatever
@@ -79,6 +82,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -109,6 +113,7 @@ RTOL, ATOL = 1e-5, 1e-8
 MINIMAL = "floor: minimal (numpy verdict+relL2)"
 F32 = "floor: read + f32 metrics"
 LIB = "floor: read + metrics.compare_tensors"
+LIB_THREADS = "floor: compare_tensors, {} threads"
 CHUNK = 1 << 20
 
 
@@ -252,6 +257,31 @@ def _status_kb(name: str) -> int:
         return 0
 
 
+def floor_threads(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int],
+                  pairs: list[tuple[Path, Path, tuple[int, ...]]], threads: int = 2) -> int:
+    """``floor(pairs)`` with pair ``i`` on thread ``i % threads`` of this process, nothing shared
+    but the GIL (and the process's memory): against :func:`floor_forked`, what the GIL costs that
+    floor; against the compare, what the engine's scheduling (in-order results, the memory bound,
+    the split of large pairs) costs. Every thread's error is raised (the first)."""
+    counts: list[int] = [0] * threads
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            counts[k] = floor(pairs[k::threads])
+        except BaseException as exc:  # noqa: BLE001 -- raised on the calling thread below
+            errors.append(exc)
+
+    started = [threading.Thread(target=work, args=(k,), name=f"floor-{k}") for k in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return sum(counts)
+
+
 def floor_read_only(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
     n = 0
     for pa, pb, shape in pairs:
@@ -315,11 +345,15 @@ def paired_ratios(a: Path, b: Path, workers: int, rounds: int) -> dict[str, Any]
 
 
 def paired_floor(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int],
-                 pairs: list[tuple[Path, Path, tuple[int, ...]]], processes: int, rounds: int) -> dict[str, Any]:
+                 pairs: list[tuple[Path, Path, tuple[int, ...]]], processes: int, rounds: int,
+                 threads: bool = False) -> dict[str, Any]:
     """:func:`paired_ratios` of a floor: in this process against in ``processes`` forked ones
-    (:func:`floor_forked`), round by round: a ceiling for those ratios."""
+    (:func:`floor_forked`; with ``threads``, on that many threads: :func:`floor_threads`), round
+    by round: a ceiling for those ratios."""
     def run(n: int) -> float:
-        return _seconds(floor, pairs) if n == 1 else floor_forked(floor, pairs, n)[1]
+        if n == 1:
+            return _seconds(floor, pairs)
+        return _seconds(floor_threads, floor, pairs, n) if threads else floor_forked(floor, pairs, n)[1]
 
     return _paired(run, processes, rounds)
 
@@ -456,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
                        raw_files, "floor", forked=True)] if most > 1 else []),
                 Row(F32, lambda: floor_f32(pairs), raw_files, "floor"),
                 Row(LIB, lambda: floor_lib(pairs), raw_files, "floor"),
-                *([Row(f"floor: read + compare_tensors, {most} procs", partial(floor_forked, floor_lib, pairs, most),
-                       raw_files, "floor", forked=True)] if most > 1 else [])]
+                *([Row(f"floor: compare_tensors, {most} processes", partial(floor_forked, floor_lib, pairs, most),
+                       raw_files, "floor", forked=True),
+                   Row(LIB_THREADS.format(most), partial(floor_threads, floor_lib, pairs, most), raw_files, "floor")]
+                  if most > 1 else [])]
         if args.no_f32:
             rows = [r for r in rows if r.name != F32]
         disk: dict[str, tuple[int, int]] = {}
@@ -479,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         paired: dict[str, dict[str, Any]] = {}
         if args.paired and most > 1:
             with fifo(args.fifo) as realtime:  # the floor's ceiling first, then each backend
-                paired = {name: {**paired_floor(floor, pairs, most, args.paired), "fifo": realtime}
-                          for name, floor in (("floor", floor_minimal), (LIB, floor_lib))}
+                paired = {name: {**paired_floor(floor, pairs, most, args.paired, threads), "fifo": realtime}
+                          for name, floor, threads in (("floor", floor_minimal, False), (LIB, floor_lib, False),
+                                                       (LIB_THREADS.format(most), floor_lib, True))}
                 paired.update({backend: {**paired_ratios(a, b, most, args.paired), "fifo": realtime}
                                for backend, (a, b) in runs.items()})
         profiles: dict[str, str] = {}

@@ -56,6 +56,21 @@ def _no_children_left() -> bool:
     return False
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_floor_on_threads_counts_what_the_floor_counts(tmp_path: Path, threads: int) -> None:
+    bench = _bench()
+    pairs = _pairs(tmp_path)
+    assert bench.floor_threads(bench.floor_lib, pairs, threads) == bench.floor_lib(pairs) == sum(range(1, 8))
+
+
+def test_a_failing_thread_raises_its_error(tmp_path: Path) -> None:
+    bench = _bench()
+    pairs = _pairs(tmp_path, 4)
+    pairs[3] = (tmp_path / "missing.bin", pairs[3][1], pairs[3][2])
+    with pytest.raises(FileNotFoundError):
+        bench.floor_threads(bench.floor_minimal, pairs, 2)
+
+
 def test_a_failing_process_is_reported_and_reaped(tmp_path: Path) -> None:
     bench = _bench()
     pairs = _pairs(tmp_path, 4)
@@ -67,9 +82,10 @@ def test_a_failing_process_is_reported_and_reaped(tmp_path: Path) -> None:
 
 def test_paired_floor_gives_a_ratio_per_round(tmp_path: Path) -> None:
     bench = _bench()
-    got = bench.paired_floor(bench.floor_minimal, _pairs(tmp_path), 2, 3)
-    assert got["workers"] == 2 and len(got["ratios"]) == 3 and len(got["loads"]) == 3
-    assert all(r > 0 for r in got["ratios"])
+    for threads in (False, True):
+        got = bench.paired_floor(bench.floor_minimal, _pairs(tmp_path), 2, 3, threads)
+        assert got["workers"] == 2 and len(got["ratios"]) == 3 and len(got["loads"]) == 3
+        assert all(r > 0 for r in got["ratios"])
     assert _no_children_left()
 
 
@@ -81,11 +97,14 @@ def test_the_ceiling_rows_and_paired_lines(tmp_path: Path, capsys: Any) -> None:
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["rows"]}
     ceiling = rows["floor: minimal, 2 processes"]
-    lib = rows["floor: read + compare_tensors, 2 procs"]
+    lib = rows["floor: compare_tensors, 2 processes"]
     minimal = rows["floor: minimal (numpy verdict+relL2)"]
     assert ceiling["check_mismatched"] == lib["check_mismatched"] == minimal["check_mismatched"] > 0
     assert ceiling["seconds"] > 0 and ceiling["ratio_to_floor"] > 0
-    assert set(data["paired"]) == {"floor", "floor: read + metrics.compare_tensors", "pt"}
+    threads = rows["floor: compare_tensors, 2 threads"]
+    assert threads["check_mismatched"] == minimal["check_mismatched"] and threads["seconds"] > 0
+    assert set(data["paired"]) == {"floor", "floor: read + metrics.compare_tensors",
+                                   "floor: compare_tensors, 2 threads", "pt"}
     text = capsys.readouterr().out
     assert "floor: paired w2/w1 throughput, 2 rounds: median " in text
     assert "pt: paired w2/w1 throughput, 2 rounds: median " in text
@@ -99,5 +118,5 @@ def test_one_worker_count_has_no_ceiling_row(tmp_path: Path) -> None:
     assert _bench().main(["--size-mb", "2", "--rounds", "1", "--backends", "pt", "--workers", "1", "--no-f32",
                           "--paired", "2", "--tmp", str(work), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert not any("processes" in r["name"] or "procs" in r["name"] for r in data["rows"])
+    assert not any(word in r["name"] for r in data["rows"] for word in ("processes", "procs", "threads"))
     assert data["paired"] == {}
