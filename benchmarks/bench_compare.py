@@ -52,7 +52,10 @@ rounds (only them) at real-time priority (``SCHED_FIFO`` 1; needs root or ``CAP_
 Linux keeps 5 % of each second for everything else): other processes then wait while the
 compare's threads can run, so the ratio is that of a machine with every core free, whatever
 else runs on it. Without it, another busy process takes a fair share of the cores from a
-second worker (on two cores, one such process leaves the two workers about 1.3 of them).
+second worker (on two cores, one such process leaves the two workers about 1.3 of them). ``--breakdown N``
+times planning (one thread, before the first pair) apart from the stream of pairs, with 1 and with
+the most workers, and the CPU seconds of each: the cores the stream keeps busy, and how much of
+the one-worker time no second worker can share.
 
 By default the page cache is warm: all files were just written or read, so "reads" come from
 memory. ``--cold`` writes back and evicts (``posix_fadvise(DONTNEED)``) the files a row reads
@@ -62,7 +65,8 @@ chooses where the runs live.
 
 Usage:
     python benchmarks/bench_compare.py [--size-mb 500] [--rounds 3] [--backends pt,safetensors,hdf5]
-        [--workers 1,2] [--cold] [--cli] [--no-f32] [--tmp DIR] [--json FILE] [--profile N] [--paired N] [--fifo]
+        [--workers 1,2] [--cold] [--cli] [--no-f32] [--tmp DIR] [--json FILE] [--profile N] [--paired N]
+        [--breakdown N] [--fifo]
     python benchmarks/bench_compare.py --size-mb 50 --rounds 1        # a quick smoke run
     python benchmarks/bench_compare.py --size-mb 200 --rounds 1 --no-f32 --tmp /dev/shm --paired 5
 """
@@ -318,6 +322,40 @@ def run_compare(a: Path, b: Path, workers: int) -> int:
     return sum(t.metrics.mismatched for t in result.tensors if t.metrics is not None)
 
 
+def breakdown(a: Path, b: Path, workers: int, rounds: int) -> dict[int, dict[str, float]]:
+    """Where one ``compare()``'s time goes, with 1 and with ``workers`` workers (``rounds`` rounds
+    each, alternating which goes first; medians): ``plan`` (opening the runs and planning, up to
+    the first pair: one thread), ``stream`` (the pairs: loads and metrics on the workers, and the
+    result after), their wall seconds and the process's CPU seconds in each (``*_cpu``: every
+    thread's), and ``cores``: stream CPU / stream wall, the cores the workers kept busy; the
+    idle core-seconds of the stream are ``workers * stream - stream_cpu``."""
+    from ilstore_compare import engine
+
+    marks: list[tuple[float, float]] = []
+    real = engine._stream
+
+    def marked(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        marks.append((time.perf_counter(), time.process_time()))
+        yield from real(*args, **kwargs)
+
+    out: dict[int, list[dict[str, float]]] = {1: [], workers: []}
+    engine._stream = marked
+    try:
+        for i in range(rounds):
+            for w in ((1, workers) if i % 2 == 0 else (workers, 1)):
+                release_memory()
+                marks.clear()
+                t0, c0 = time.perf_counter(), time.process_time()
+                run_compare(a, b, w)
+                t2, c2 = time.perf_counter(), time.process_time()
+                (t1, c1), = marks
+                out[w].append({"wall": t2 - t0, "cpu": c2 - c0, "plan": t1 - t0, "plan_cpu": c1 - c0,
+                               "stream": t2 - t1, "stream_cpu": c2 - c1, "cores": (c2 - c1) / (t2 - t1)})
+    finally:
+        engine._stream = real
+    return {w: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for w, rows in out.items()}
+
+
 @contextlib.contextmanager
 def fifo(wanted: bool) -> Iterator[bool]:
     """With ``wanted``, this thread (and the threads it starts) at ``SCHED_FIFO`` priority 1 inside
@@ -462,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="after the rounds, N paired rounds of the floors in 1 process and in as many as the most "
                          "workers (the ceiling), then per backend of compare() with 1 and with the most workers, "
                          "back to back, alternating which goes first; ratios per round")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="after the rounds, N rounds per backend of compare() with 1 and with the most workers, "
+                         "timing planning (one thread) apart from the stream of pairs, with the CPU used in each "
+                         "(at real-time priority with --fifo)")
     ap.add_argument("--fifo", action="store_true",
                     help="run the --paired rounds at real-time priority (SCHED_FIFO 1; root): the ratio of a "
                          "machine with every core free")
@@ -520,6 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                                                        (LIB_THREADS.format(most), floor_lib, True))}
                 paired.update({backend: {**paired_ratios(a, b, most, args.paired), "fifo": realtime}
                                for backend, (a, b) in runs.items()})
+        parts: dict[str, dict[int, dict[str, float]]] = {}
+        if args.breakdown:
+            with fifo(args.fifo):
+                parts = {backend: breakdown(a, b, most, args.breakdown) for backend, (a, b) in runs.items()}
         profiles: dict[str, str] = {}
         if args.profile:
             for backend, (a, b) in runs.items():
@@ -575,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(p['ratios']):.2f}, best {max(p['ratios']):.2f} "
               f"[{', '.join(f'{r:.2f}' for r in p['ratios'])}], load {statistics.median(p['loads']):.1f}"
               + (", SCHED_FIFO" if p["fifo"] else ""))
+    for backend, per_w in parts.items():
+        for w, part in per_w.items():
+            print(f"{backend} w{w} breakdown, {args.breakdown} rounds (medians): wall {part['wall']:.3f} s (CPU "
+                  f"{part['cpu']:.3f}); plan {part['plan']:.3f} s (CPU {part['plan_cpu']:.3f}); stream "
+                  f"{part['stream']:.3f} s (CPU {part['stream_cpu']:.3f}, {part['cores']:.2f} cores busy)")
     for backend, text in profiles.items():
         print(f"\n== cProfile: {backend} compare workers=1 (tottime) ==\n{text}")
     if args.json:
@@ -584,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
             "floor_seconds": floor, "loadavg_before": load_before, "loadavg_after": load_after,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "disk": {k: {"bytes": v[0], "files": v[1]} for k, v in disk.items()}, "rows": results,
-            "paired": paired}, indent=1))
+            "paired": paired, "breakdown": parts}, indent=1))
     return 0
 
 

@@ -120,3 +120,21 @@ def test_one_worker_count_has_no_ceiling_row(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert not any(word in r["name"] for r in data["rows"] for word in ("processes", "procs", "threads"))
     assert data["paired"] == {}
+
+
+def test_breakdown_splits_planning_from_the_stream(tmp_path: Path, capsys: Any) -> None:
+    from ilstore_compare import engine
+
+    real = engine._stream
+    work, out = tmp_path / "work", tmp_path / "compare.json"
+    work.mkdir()
+    assert _bench().main(["--size-mb", "2", "--rounds", "1", "--backends", "hdf5", "--workers", "1,2", "--no-f32",
+                          "--breakdown", "2", "--tmp", str(work), "--json", str(out)]) == 0
+    assert engine._stream is real  # put back
+    parts = json.loads(out.read_text())["breakdown"]["hdf5"]
+    assert set(parts) == {"1", "2"}
+    for part in parts.values():
+        assert part["plan"] > 0 and part["stream"] > 0 and part["cores"] > 0
+        assert part["plan"] + part["stream"] == pytest.approx(part["wall"], rel=0.2)
+        assert part["plan_cpu"] + part["stream_cpu"] == pytest.approx(part["cpu"], rel=0.2)
+    assert "hdf5 w2 breakdown, 2 rounds (medians): wall " in capsys.readouterr().out
