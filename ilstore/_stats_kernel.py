@@ -13,13 +13,19 @@ thread count, on any CPU, whether the C kernel or the torch fallback computes th
 * the block results are added in block order, starting from +0.0;
 * the sum of squares does the same with ``(x - c) * (x - c)`` rounded to float64, ``c`` being
   0 (exact squares for float32 and narrower inputs) or, for the two-pass variance, the mean;
-* min and max are exact and taken in IEEE total order (-0.0 < +0.0), through the order-preserving
-  integer key of each element's bits, which also reveals NaN and infinity in the same pass.
+* min and max are exact and taken in IEEE total order (-0.0 < +0.0); NaN and infinity are
+  revealed in the same pass. The kernel takes three integer extremes of the elements' bits (the
+  unsigned minimum and maximum and the signed maximum: the total order's extremes are among
+  them), the fallback the order-preserving integer key of each element's bits (negative values'
+  magnitude bits flipped): the same elements.
 
 The C kernel (compiled at first use by :mod:`ilstore._native`, ``-O3 -march=native
 -ffp-contract=off``, no fast-math: the lanes let the compiler vectorise without reordering
-anything) and :func:`fallback_sums` (numpy's sequential scans along the lanes, used without a
-compiler or with ``ILSTORE_STATS_KERNEL=0``; several times slower) implement that same order.
+anything; where the target has a fast fused multiply-add, a float32 or narrower square with a
+zero centre is added by one, which rounds exactly as the addition alone since such a square is
+exact in float64) and :func:`fallback_sums` (numpy's sequential scans along the lanes, used
+without a compiler or with ``ILSTORE_STATS_KERNEL=0``; several times slower) implement that same
+order.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ BLOCK = 4096
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 /* LANES and BLOCK come from the command line (-D) */
 
@@ -59,8 +66,8 @@ static inline double tree(const double *s) {
 
 static inline double from_f32(float v) { return (double)v; }
 static inline double from_f64(double v) { return v; }
-static inline double f32_bits(int32_t b) { float f; memcpy(&f, &b, 4); return (double)f; }
-static inline double f64_bits(int64_t b) { double f; memcpy(&f, &b, 8); return f; }
+static inline double f32_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return (double)f; }
+static inline double f64_bits(uint64_t b) { double f; memcpy(&f, &b, 8); return f; }
 static inline double from_bf16(uint16_t b) {
     uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return (double)f;
 }
@@ -75,51 +82,70 @@ static inline double from_f16(uint16_t b) {  /* branch-free, so that the loop ve
     return v;
 }
 
-static inline double bf16_bits(int16_t b) { return from_bf16((uint16_t)b); }
-static inline double f16_bits(int16_t b) { return from_f16((uint16_t)b); }
+static inline double bf16_bits(uint16_t b) { return from_bf16(b); }
+static inline double f16_bits(uint16_t b) { return from_f16(b); }
 
-/* one element i into lane l: its key (the bits, negative values' magnitude bits flipped, so that
-   integer order is IEEE total order) and its value; DIFF is v - center, or v itself when the
-   center is zero (x - 0.0 is x, bit for bit, and (-x)^2 is x^2: the same squares, fewer operations) */
-#define ELEMENT(i_, l_, KT, SH, MASK, CONV, DIFF) { \
-    KT bits; memcpy(&bits, x + (i_), sizeof bits); \
-    KT k = bits ^ ((bits >> SH) & MASK); \
-    kmin[l_] = k < kmin[l_] ? k : kmin[l_]; kmax[l_] = k > kmax[l_] ? k : kmax[l_]; \
-    double v = CONV(x[i_]), d = DIFF; s[l_] += v; q[l_] += d * d; \
+/* A square added to a lane: q + d * d. For float32 and narrower inputs with a zero center the
+   product is exact in float64 (at most 2 x 24 significant bits, no overflow or underflow), so one
+   fused multiply-add rounds exactly as the addition alone: the same bits in fewer operations,
+   where the target has a fast one. */
+#if defined(FP_FAST_FMA)
+#define EXACT_SQUARE(q_, d_) q_ = fma(d_, d_, q_)
+#else
+#define EXACT_SQUARE(q_, d_) q_ += d_ * d_
+#endif
+#define ROUNDED_SQUARE(q_, d_) q_ += d_ * d_
+
+/* one element i into lane l. The extremes in IEEE total order (-NaN < -inf < ... < -0.0 < +0.0 <
+   ... < inf < NaN) come from three integer extremes of the elements' bits: the unsigned maximum
+   (the negative element of largest magnitude: the minimum, when there is a negative one), the
+   signed maximum (the largest non-negative element: the maximum, when there is one) and the
+   unsigned minimum (the other case of each). DIFF is v - center, or v itself when the center is
+   zero (x - 0.0 is x, bit for bit, and (-x)^2 is x^2: the same squares, fewer operations) */
+#define ELEMENT(i_, l_, UT, ST, CONV, DIFF, SQUARE) { \
+    UT u; memcpy(&u, x + (i_), sizeof u); ST sg = (ST)u; \
+    umin[l_] = u < umin[l_] ? u : umin[l_]; umax[l_] = u > umax[l_] ? u : umax[l_]; \
+    smax[l_] = sg > smax[l_] ? sg : smax[l_]; \
+    double v = CONV(x[i_]), d = DIFF; s[l_] += v; SQUARE(q[l_], d); \
 }
 
-#define STATS_FN(NAME, T, KT, SH, MASK, KLO, KHI, CONV, INF, BITS, DIFF) \
+#define STATS_FN(NAME, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, DIFF, SQUARE) \
 static void NAME(const T *x, int64_t n, double center, stats *o) { \
     double sum = 0.0, sq = 0.0; \
-    KT kmin[LANES], kmax[LANES]; \
-    for (int l = 0; l < LANES; l++) { kmin[l] = KHI; kmax[l] = KLO; } \
+    UT umin[LANES], umax[LANES]; ST smax[LANES]; \
+    for (int l = 0; l < LANES; l++) { umin[l] = UMAX; umax[l] = 0; smax[l] = SMIN; } \
     for (int64_t start = 0; start < n; start += BLOCK) { \
         int64_t stop = start + BLOCK < n ? start + BLOCK : n; \
         double s[LANES], q[LANES]; \
         for (int l = 0; l < LANES; l++) { s[l] = -0.0; q[l] = -0.0; } \
         int64_t whole = start + (stop - start) / LANES * LANES; \
         for (int64_t b = start; b < whole; b += LANES) \
-            for (int l = 0; l < LANES; l++) ELEMENT(b + l, l, KT, SH, MASK, CONV, DIFF) \
-        for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole, KT, SH, MASK, CONV, DIFF) \
+            for (int l = 0; l < LANES; l++) ELEMENT(b + l, l, UT, ST, CONV, DIFF, SQUARE) \
+        for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole, UT, ST, CONV, DIFF, SQUARE) \
         sum += tree(s); \
         sq += tree(q); \
     } \
-    KT mn = kmin[0], mx = kmax[0]; \
-    for (int l = 1; l < LANES; l++) { mn = kmin[l] < mn ? kmin[l] : mn; mx = kmax[l] > mx ? kmax[l] : mx; } \
-    /* the key of -inf is -INF - 1; NaN of either sign lies beyond the infinities */ \
-    o->finite = mx < INF && mn >= -INF; \
+    UT un = umin[0], ux = umax[0]; ST sx = smax[0]; \
+    for (int l = 1; l < LANES; l++) { \
+        un = umin[l] < un ? umin[l] : un; ux = umax[l] > ux ? umax[l] : ux; sx = smax[l] > sx ? smax[l] : sx; } \
+    /* no +inf or NaN (bits at or above +inf's, sign clear), no -inf or -NaN (sign set) */ \
+    o->finite = sx < (ST)(INF) && ux < (UT)((SIGN) | (INF)); \
     o->sum = sum; o->sumsq = sq; \
-    o->lo = BITS((KT)(mn < 0 ? mn ^ MASK : mn)); o->hi = BITS((KT)(mx < 0 ? mx ^ MASK : mx)); \
+    o->lo = BITS(ux >= (SIGN) ? ux : un); o->hi = BITS(sx >= 0 ? (UT)sx : un); \
 }
 
-#define STATS_FNS(NAME, T, KT, SH, MASK, KLO, KHI, CONV, INF, BITS) \
-    STATS_FN(NAME, T, KT, SH, MASK, KLO, KHI, CONV, INF, BITS, v - center) \
-    STATS_FN(NAME##_0, T, KT, SH, MASK, KLO, KHI, CONV, INF, BITS, v)
+#define STATS_FNS(NAME, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, SQUARE0) \
+    STATS_FN(NAME, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, v - center, ROUNDED_SQUARE) \
+    STATS_FN(NAME##_0, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, v, SQUARE0)
 
-STATS_FNS(stats_f32, float, int32_t, 31, 0x7FFFFFFF, INT32_MIN, INT32_MAX, from_f32, 0x7F800000, f32_bits)
-STATS_FNS(stats_f64, double, int64_t, 63, INT64_MAX, INT64_MIN, INT64_MAX, from_f64, 0x7FF0000000000000LL, f64_bits)
-STATS_FNS(stats_bf16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_bf16, 0x7F80, bf16_bits)
-STATS_FNS(stats_f16, uint16_t, int16_t, 15, 0x7FFF, INT16_MIN, INT16_MAX, from_f16, 0x7C00, f16_bits)
+STATS_FNS(stats_f32, float, uint32_t, int32_t, INT32_MIN, UINT32_MAX, 0x80000000u, from_f32, 0x7F800000u, f32_bits,
+          EXACT_SQUARE)
+STATS_FNS(stats_f64, double, uint64_t, int64_t, INT64_MIN, UINT64_MAX, 0x8000000000000000ull, from_f64,
+          0x7FF0000000000000ull, f64_bits, ROUNDED_SQUARE)
+STATS_FNS(stats_bf16, uint16_t, uint16_t, int16_t, INT16_MIN, UINT16_MAX, 0x8000u, from_bf16, 0x7F80u, bf16_bits,
+          EXACT_SQUARE)
+STATS_FNS(stats_f16, uint16_t, uint16_t, int16_t, INT16_MIN, UINT16_MAX, 0x8000u, from_f16, 0x7C00u, f16_bits,
+          EXACT_SQUARE)
 
 /* kind: 0 float32, 1 float64, 2 bfloat16, 3 float16; n >= 0 contiguous elements */
 void ilstore_stats(const void *x, int kind, int64_t n, double center, stats *o) {

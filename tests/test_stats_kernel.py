@@ -221,3 +221,41 @@ def test_first_use_from_many_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     for t in threads:
         t.join()
     assert len(out) == 120 and all(_same_sums(s, expected) for s in out)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_extremes_are_the_total_order_ones_for_any_bits(dtype: torch.dtype) -> None:
+    """The kernel's min and max are the elements first and last in IEEE total order (-NaN < -inf <
+    ... < -0.0 < +0.0 < ... < inf < NaN), whatever the bits: all negative, all positive, mixed,
+    NaN and infinity among them (the other extreme then still exact); ``finite`` says whether every
+    element is."""
+    width = torch.finfo(dtype).bits
+    ints = {16: torch.int16, 32: torch.int32, 64: torch.int64}[width]
+    g = torch.Generator().manual_seed(5)
+    magnitude = (1 << (width - 1)) - 1
+    for case in range(60):
+        n = (1, 3, 16, 17, 100, K.BLOCK + 3)[case % 6]
+        bits = torch.randint(-(2 ** 62), 2 ** 62, (n,), generator=g, dtype=torch.int64)
+        if width < 64:
+            bits = bits % (1 << width) - (1 << (width - 1))
+        bits = bits.to(ints)
+        if case % 5 == 1:  # every element negative (sign bit set)
+            bits = bits | (-(1 << (width - 1)))
+        elif case % 5 == 2:  # every element non-negative
+            bits = bits & magnitude
+        elif case % 5 == 3:  # finite values only: both signs, both zeros
+            x = _random(n, torch.float64, case, 10.0, 0.0).to(dtype)
+            x[:: 7] = 0.0
+            x[3:: 11] = -0.0
+            bits = x.view(ints)
+        x = bits.view(dtype)
+        keys = [b ^ magnitude if b < 0 else b for b in bits.tolist()]
+        lo_i, hi_i = keys.index(min(keys)), keys.index(max(keys))
+        got = K.native_sums(x)
+        assert got is not None
+        assert got.finite == bool(torch.isfinite(x).all()), (case, dtype)
+        for value, i in ((got.minimum, lo_i), (got.maximum, hi_i)):
+            want = float(x[i].double())
+            if math.isfinite(want):  # a non-finite extreme's value is not defined (Sums: only when finite)
+                assert _bits(value) == _bits(want), (case, dtype, value, want)
