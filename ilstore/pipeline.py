@@ -232,13 +232,16 @@ class ThreadedSink(RecordSink):
         self._batch: list[Record] = []  # producer side: bodiless records not queued yet
         self._batch_size = max(1, min(_BATCH_RECORDS, self.max_pending_items // 4))
         self._threadless = False  # no thread will be started (none could be, or closing): the producer writes
+        # under _cond: close() does every queued item itself; the writer thread ends after the one it holds
+        self._draining = False
         # Started at the first wake-up (_start_thread): a capture whose records all fit the first
         # batch (one forward of a few modules) is written by the producer at close, with no
         # thread to start, wait for and join (each ~0.1 ms on an idle 2-core machine, a few ms
         # on a busy one).
         self._thread: threading.Thread | None = None
 
-    def _process(self, op: str, item: Any, nbytes: int) -> None:
+    def _process(self, op: str, item: Any, nbytes: int, slices: bool = False) -> None:
+        """Do one item; ``slices``: hand the GIL over between a batch's records (the writer thread)."""
         count = 1
         try:
             if op == "writes":  # a batch of records without bodies
@@ -247,7 +250,7 @@ class ThreadedSink(RecordSink):
                 for i, record in enumerate(item):
                     if self._error is not None:
                         break
-                    if i and _GIL_SLICE_S is not None and clock() - held >= _GIL_SLICE_S:
+                    if i and slices and _GIL_SLICE_S is not None and clock() - held >= _GIL_SLICE_S:
                         time.sleep(0)  # between two records as between two items (see _run)
                         held = clock()
                     self.writer.write(record)
@@ -272,7 +275,8 @@ class ThreadedSink(RecordSink):
     def _take_one(self) -> str | None:
         """Process the oldest item on this thread; its op, or None if there was none.
 
-        A "stop" item is left in place for the writer thread.
+        A "stop" item is left in place for the writer thread. The producer calls this: it hands the
+        GIL to nobody meanwhile (the model's thread is the one the writer thread makes way for).
         """
         with self._work:
             with self._cond:
@@ -314,12 +318,14 @@ class ThreadedSink(RecordSink):
             while True:  # every queued item, including those queued meanwhile
                 with self._work:
                     with cond:
+                        if self._draining:
+                            return  # close() does the rest on its own thread
                         if not items:
                             break  # the producer took the rest
                         op, item, nbytes = items.popleft()
                     if op == "stop":
                         return
-                    self._process(op, item, nbytes)
+                    self._process(op, item, nbytes, True)
                 if _GIL_SLICE_S is not None and clock() - held >= _GIL_SLICE_S:
                     time.sleep(0)  # the GIL goes to the model's thread if it waits for it
                     held = clock()
@@ -443,6 +449,11 @@ class ThreadedSink(RecordSink):
         if self._closed:
             return
         self._closed = True
+        with self._cond:
+            # One thread writes what is left: two would only trade the GIL and the _work lock
+            # back and forth (their work is Python), each hand-over a futex call and a context
+            # switch, with the records' memory moving between cores.
+            self._draining = True
         try:
             if self._error is None:
                 self._queue_batch()
