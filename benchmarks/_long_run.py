@@ -77,14 +77,32 @@ def tenths_ms(times: Sequence[float]) -> list[float]:
     return [sum(times[a:b]) / (b - a) * 1e3 for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def run_cli(args: Sequence[str]) -> tuple[int, float, float]:
-    """Run ``args`` in a fresh process, output discarded: (exit status, wall s, the child's peak RSS MB)."""
+def run_cli(args: Sequence[str], max_rss_mb: float = 0) -> tuple[int, float, float]:
+    """Run ``args`` in a fresh process, output discarded: (exit status, wall s, the child's peak RSS MB).
+
+    With ``max_rss_mb`` the child's resident set is polled every 0.2 s and the child killed
+    (SIGKILL: exit status -9) once it passes that, so one report too large for the machine does
+    not take down what else runs on it."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN mixes all of them)
+    while True:  # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN mixes all of them)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if max_rss_mb else 0)
+        if pid:
+            break
+        if _rss_mb(proc.pid) > max_rss_mb:
+            proc.kill()
+        time.sleep(0.2)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:
@@ -103,7 +121,7 @@ def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:
     return {"ls_s": ls_s, "read_step_s": time.perf_counter() - t0}
 
 
-def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path) -> dict[str, Any]:
+def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path, cli_max_rss_mb: float = 0) -> dict[str, Any]:
     """Comparing the two runs as a user does.
 
     * ``compare()`` in process, three times: the median gives ``compare_steps_per_s``; the
@@ -112,7 +130,9 @@ def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path) -> dict[str, Any
       (``cli_s``, its peak RSS ``cli_rss_mb`` and the report's size ``cli_report_mb``): start-up
       (``import torch``), the comparison and the default markdown report, which has a table of
       every step's calls, so it grows with the run; then the same with ``--format json``
-      (``cli_json_s``, ``cli_json_rss_mb``, ``cli_json_report_mb``).
+      (``cli_json_s``, ``cli_json_rss_mb``, ``cli_json_report_mb``). A CLI killed for passing
+      ``cli_max_rss_mb`` (see :func:`run_cli`) has exit status -9 in ``cli_exit`` /
+      ``cli_json_exit`` and no report size; any other exit status unlike ``compare()``'s is an error.
     """
     from ilstore_compare import compare
 
@@ -126,44 +146,58 @@ def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path) -> dict[str, Any
     for fmt, suffix in (("md", ""), ("json", "_json")):
         report = tmp / f"long-run-report.{fmt}"
         code, wall, rss = run_cli([sys.executable, "-c", "from ilstore_compare.cli import main; main()",
-                                   "--dir1", str(dir1), "--dir2", str(dir2), "--output", str(report)])
-        if code != result.exit_code:
+                                   "--dir1", str(dir1), "--dir2", str(dir2), "--output", str(report)], cli_max_rss_mb)
+        killed = code == -9 and cli_max_rss_mb > 0
+        if code != result.exit_code and not killed:
             raise RuntimeError(f"ilstore-compare ({fmt}) exited {code}, compare() said {result.exit_code}")
-        row.update({f"cli{suffix}_s": wall, f"cli{suffix}_rss_mb": rss,
-                    f"cli{suffix}_report_mb": report.stat().st_size / 2**20})
-        report.unlink()
+        row.update({f"cli{suffix}_s": wall, f"cli{suffix}_rss_mb": rss, f"cli{suffix}_exit": code,
+                    f"cli{suffix}_report_mb": None if killed else report.stat().st_size / 2**20})
+        report.unlink(missing_ok=True)
     return row
 
 
 def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *, with_compare: bool = True,
-         json_rows: list[dict[str, Any]] | None = None) -> int:
-    """One row per backend and mode; the runs stay in ``tmp`` (the caller deletes them)."""
+         json_rows: list[dict[str, Any]] | None = None, cli_max_rss_mb: float = 0) -> int:
+    """One row per backend and mode; the runs stay in ``tmp`` (the caller deletes them).
+
+    Each part is printed (and its row appended to ``json_rows``, then filled in) as soon as it is
+    measured: the capture of run a with its reads, run b's capture (``b_*`` figures, a second
+    sample), then the compare."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     header = (f"{'backend':12} {'mode':8} {'first ms':>8} {'last ms':>8} {'last/1st':>8} {'close s':>8} "
-              f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7} {'ls s':>6} {'step s':>7} {'cmp st/s':>9} {'cli s':>6}")
+              f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7}")
     print(f"long run: {steps} steps, 16 module calls per step, every step logged; {tmp}")
     print(header)
     print("-" * len(header))
     for backend in backends:
         for mode in modes:
             row: dict[str, Any] = {"backend": backend, "mode": mode, "steps": steps}
+            if json_rows is not None:
+                json_rows.append(row)
             first = capture_run(tmp, f"{backend}-{mode}-a", steps, backend, mode)
             row.update({k: v for k, v in first.items() if k != "run_dir"})
             row.update(read_costs(first["run_dir"], steps))
-            cmp = cli = "-"
-            if with_compare:
-                second = capture_run(tmp, f"{backend}-{mode}-b", steps, backend, mode)
-                row.update(compare_cost(first["run_dir"], second["run_dir"], steps, tmp))
-                cmp, cli = f"{row['compare_steps_per_s']:9.0f}", f"{row['cli_s']:6.2f}"
-            print(f"{backend:12} {mode:8} {row['first_ms']:8.2f} {row['last_ms']:8.2f} {row['last_over_first']:8.2f} "
-                  f"{row['close_s']:8.2f} {row['rss_mb']:7.1f} {row['manifest_mb']:8.2f} {row['run_mb']:7.1f} "
-                  f"{row['ls_s']:6.2f} {row['read_step_s']:7.3f} {cmp:>9} {cli:>6}")
-            print(f"{'':21} ms per step by tenth: {' '.join(f'{t:.2f}' for t in row['tenths_ms'])}; "
-                  f"slowest: {' '.join(f'{t:.0f}' for t in row['slowest_ms'])}", flush=True)
-            if with_compare:
-                print(f"{'':21} ilstore-compare: md {row['cli_s']:.2f} s, {row['cli_rss_mb']:.0f} MB RSS, "
-                      f"report {row['cli_report_mb']:.2f} MB; json {row['cli_json_s']:.2f} s, "
-                      f"{row['cli_json_rss_mb']:.0f} MB RSS, report {row['cli_json_report_mb']:.2f} MB", flush=True)
-            if json_rows is not None:
-                json_rows.append(row)
+            _print_capture(backend, mode, row)
+            print(f"{'':21} ls s / step s: {row['ls_s']:.2f} / {row['read_step_s']:.3f}", flush=True)
+            if not with_compare:
+                continue
+            second = capture_run(tmp, f"{backend}-{mode}-b", steps, backend, mode)
+            row.update({f"b_{k}": v for k, v in second.items() if k != "run_dir"})
+            _print_capture(backend, f"{mode}(b)", {k[2:]: v for k, v in row.items() if k.startswith("b_")})
+            row.update(compare_cost(first["run_dir"], second["run_dir"], steps, tmp, cli_max_rss_mb))
+            print(f"{'':21} compare(): {row['compare_steps_per_s']:.0f} steps/s (median of 3; first "
+                  f"{row['compare_first_s']:.2f} s), exit {row['compare_exit']}", flush=True)
+            for fmt, suffix in (("md", ""), ("json", "_json")):
+                size = row[f"cli{suffix}_report_mb"]
+                print(f"{'':21} ilstore-compare {fmt}: {row[f'cli{suffix}_s']:.2f} s, "
+                      f"{row[f'cli{suffix}_rss_mb']:.0f} MB peak RSS, "
+                      + (f"report {size:.2f} MB" if size is not None
+                         else f"killed (SIGKILL; the RSS cap is {cli_max_rss_mb:.0f} MB)"), flush=True)
     return 0
+
+
+def _print_capture(backend: str, mode: str, row: dict[str, Any]) -> None:
+    print(f"{backend:12} {mode:8} {row['first_ms']:8.2f} {row['last_ms']:8.2f} {row['last_over_first']:8.2f} "
+          f"{row['close_s']:8.2f} {row['rss_mb']:7.1f} {row['manifest_mb']:8.2f} {row['run_mb']:7.1f}")
+    print(f"{'':21} ms per step by tenth: {' '.join(f'{t:.2f}' for t in row['tenths_ms'])}; "
+          f"slowest: {' '.join(f'{t:.0f}' for t in row['slowest_ms'])}", flush=True)

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="stats,tensors", help="long-run mode: capture modes")
     ap.add_argument("--no-compare", action="store_true", help="long-run mode: skip the second run and the compare")
     ap.add_argument("--keep", action="store_true", help="long-run mode: keep the runs (their directory is printed)")
+    ap.add_argument("--cli-max-rss-mb", type=float, default=8192,
+                    help="long-run mode: kill an ilstore-compare CLI whose resident set passes this (0: no limit)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="time rows by the wall clock or by the process's CPU time (all its threads)")
@@ -329,14 +331,14 @@ def _long(args: argparse.Namespace) -> int:
             print(f"filesystem: {_fs_type(tmp) or '?'}")
             _long_run.main(args.steps, [b for b in args.backends.split(",") if b],
                            [m for m in args.modes.split(",") if m], tmp, with_compare=not args.no_compare,
-                           json_rows=rows)
+                           json_rows=rows, cli_max_rss_mb=args.cli_max_rss_mb)
         finally:
             if args.keep:
                 print(f"runs kept in {tmp}")
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+            if args.json:  # also what was measured before a failure
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

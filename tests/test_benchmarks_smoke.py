@@ -103,11 +103,14 @@ def test_bench_capture_long_run_smoke(tmp_path: Path, capsys) -> None:
     assert row["tenths_ms"][0] == pytest.approx(row["first_ms"])
     assert row["tenths_ms"][-1] == pytest.approx(row["last_ms"])
     assert len(row["slowest_ms"]) == 5 and row["slowest_ms"] == sorted(row["slowest_ms"], reverse=True)
+    assert row["b_first_ms"] > 0 and len(row["b_tenths_ms"]) == 10  # run b's capture, a second sample
     for fmt in ("", "_json"):  # both CLI reports were written, then deleted
         assert row[f"cli{fmt}_s"] > 0 and row[f"cli{fmt}_rss_mb"] > 10 and row[f"cli{fmt}_report_mb"] > 0
+        assert row[f"cli{fmt}_exit"] == row["compare_exit"]
     assert list(work.iterdir()) == []
     printed = capsys.readouterr().out
-    assert "last/1st" in printed and "by tenth" in printed and "ilstore-compare: md" in printed
+    assert "last/1st" in printed and "by tenth" in printed and "tensors(b)" in printed
+    assert "ilstore-compare md:" in printed and "ilstore-compare json:" in printed
 
 
 def test_bench_capture_long_run_keep(tmp_path: Path, capsys) -> None:
