@@ -53,6 +53,11 @@ _SOURCE = r"""
 
 /* LANES and BLOCK come from the command line (-D) */
 
+/* The loops ask for the cache lines this many bytes ahead of the one they read (a hint, which
+   never faults past the end): a tensor a hook sees has often left the core's own caches already,
+   and the hardware's prefetchers alone kept the loop waiting for memory ~40 % of its time. */
+#define PREFETCH 8192
+
 typedef struct { double sum, sumsq, lo, hi; int64_t finite; } stats;
 
 /* the fixed pairwise tree over the lanes: ((l0 + l1) + (l2 + l3)) + ... */
@@ -119,8 +124,11 @@ static void NAME(const T *x, int64_t n, double center, stats *o) { \
         double s[LANES], q[LANES]; \
         for (int l = 0; l < LANES; l++) { s[l] = -0.0; q[l] = -0.0; } \
         int64_t whole = start + (stop - start) / LANES * LANES; \
-        for (int64_t b = start; b < whole; b += LANES) \
+        for (int64_t b = start; b < whole; b += LANES) { \
+            for (int c = 0; c < (int)sizeof(T) * LANES; c += 64) \
+                __builtin_prefetch((const char *)(x + b) + PREFETCH + c); \
             for (int l = 0; l < LANES; l++) ELEMENT(b + l, l, UT, ST, CONV, DIFF, SQUARE) \
+        } \
         for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole, UT, ST, CONV, DIFF, SQUARE) \
         sum += tree(s); \
         sq += tree(q); \
