@@ -6,7 +6,9 @@ each backend and mode it reports, from one run:
 
 * forward time per step over the first and the last 10 % of steps (ms) and their ratio, and over
   each tenth of the run (``tenths_ms``: where a growth starts), with the slowest steps
-  (``slowest_ms``: a stall, e.g. the writer making the producer wait, shows there);
+  (``slowest_ms``: a stall, e.g. the writer making the producer wait, shows there), and the
+  process's CPU time per step over each tenth (``tenths_cpu_ms``, every thread's, the writer's
+  included: on a shared machine a growth in wall time that CPU time lacks is other work's);
 * ``close()`` time (the writer's backlog shows here);
 * peak RSS growth over the run (the kernel's high-water mark);
 * the manifest's size, and the run's size on disk;
@@ -51,12 +53,17 @@ def capture_run(out: Path, run_id: str, steps: int, backend: str, mode: str) -> 
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     config = {"output_dir": str(out), "run_id": run_id, "backend": backend, "mode": mode, "log_step_ids": []}
     times = [0.0] * steps
+    bounds = _tenths(steps)
+    cpu = [0.0] * len(bounds)  # the process's CPU time (all threads) at each tenth's start, then at the end
     with torch.no_grad(), PeakRss() as peak:
         cap = ilstore.capture(model, config)
-        for i in range(steps):
-            t0 = time.perf_counter()
-            model(x)
-            times[i] = time.perf_counter() - t0
+        for part, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            cpu[part] = time.process_time()
+            for i in range(a, b):
+                t0 = time.perf_counter()
+                model(x)
+                times[i] = time.perf_counter() - t0
+        cpu[-1] = time.process_time()
         t0 = time.perf_counter()
         cap.close()
         close_s = time.perf_counter() - t0
@@ -65,15 +72,22 @@ def capture_run(out: Path, run_id: str, steps: int, backend: str, mode: str) -> 
     assert cap.run_dir is not None
     return {"run_dir": cap.run_dir, "first_ms": first * 1e3, "last_ms": last * 1e3, "last_over_first": last / first,
             "tenths_ms": tenths_ms(times), "slowest_ms": sorted((t * 1e3 for t in times), reverse=True)[:5],
+            "tenths_cpu_ms": [(c1 - c0) / (b - a) * 1e3
+                              for c0, c1, a, b in zip(cpu, cpu[1:], bounds, bounds[1:], strict=False)],
             "close_s": close_s, "rss_mb": peak.growth / 2**20,
             "manifest_mb": (cap.run_dir / MANIFEST_NAME).stat().st_size / 2**20,
             "run_mb": dir_size(cap.run_dir)[0] / 2**20}
 
 
+def _tenths(steps: int) -> list[int]:
+    """Where each tenth of ``steps`` starts, then ``steps`` (fewer parts for < 10 steps)."""
+    parts = min(10, steps)
+    return [steps * i // parts for i in range(parts + 1)]
+
+
 def tenths_ms(times: Sequence[float]) -> list[float]:
     """Mean time per step (ms) over each tenth of the run, in order (fewer parts for < 10 steps)."""
-    parts = min(10, len(times))
-    bounds = [len(times) * i // parts for i in range(parts + 1)]
+    bounds = _tenths(len(times))
     return [sum(times[a:b]) / (b - a) * 1e3 for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
@@ -200,4 +214,6 @@ def _print_capture(backend: str, mode: str, row: dict[str, Any]) -> None:
     print(f"{backend:12} {mode:8} {row['first_ms']:8.2f} {row['last_ms']:8.2f} {row['last_over_first']:8.2f} "
           f"{row['close_s']:8.2f} {row['rss_mb']:7.1f} {row['manifest_mb']:8.2f} {row['run_mb']:7.1f}")
     print(f"{'':21} ms per step by tenth: {' '.join(f'{t:.2f}' for t in row['tenths_ms'])}; "
-          f"slowest: {' '.join(f'{t:.0f}' for t in row['slowest_ms'])}", flush=True)
+          f"slowest: {' '.join(f'{t:.0f}' for t in row['slowest_ms'])}")
+    print(f"{'':21} CPU ms per step by tenth (all threads): {' '.join(f'{t:.2f}' for t in row['tenths_cpu_ms'])}",
+          flush=True)

@@ -102,6 +102,7 @@ def test_bench_capture_long_run_smoke(tmp_path: Path, capsys) -> None:
     assert len(row["tenths_ms"]) == 10 and min(row["tenths_ms"]) > 0
     assert row["tenths_ms"][0] == pytest.approx(row["first_ms"])
     assert row["tenths_ms"][-1] == pytest.approx(row["last_ms"])
+    assert len(row["tenths_cpu_ms"]) == 10 and min(row["tenths_cpu_ms"]) > 0
     assert len(row["slowest_ms"]) == 5 and row["slowest_ms"] == sorted(row["slowest_ms"], reverse=True)
     assert row["b_first_ms"] > 0 and len(row["b_tenths_ms"]) == 10  # run b's capture, a second sample
     for fmt in ("", "_json"):  # both CLI reports were written, then deleted
