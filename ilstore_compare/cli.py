@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -124,15 +125,8 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
         if bar is not None:
             bar.close()
     _say_unreadable(result)
-    text = RENDERERS[fmt](result, verbose)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
+    _write_report(result, fmt, verbose, output)
+    if output is not None:
         s = result.summary
         extra = ""
         if result.local is not None:
@@ -146,6 +140,49 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
                    f"{s.only_in_dir1} only in dir1, {s.only_in_dir2} only in dir2, {s.unaligned} declared unaligned"
                    f"{extra}; {fmt} report written to {output}")
     return result.exit_code
+
+
+def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path | None) -> None:
+    """Write the report to ``output`` (default: stdout).
+
+    The JSON report is streamed (:func:`.report_json.write_json`: memory bounded whatever the
+    run's length); the others are rendered, then written. A report file is written beside its
+    final name and renamed into place, so a failure midway leaves no half report (and an earlier
+    report of that name as it was); a path that is not a regular file (``/dev/stdout``, a pipe)
+    is written directly.
+    """
+    if fmt == "json":
+        from .report_json import write_json
+
+        def write(out: TextIO) -> None:
+            write_json(result, out)
+    else:
+        text = RENDERERS[fmt](result, verbose)
+
+        def write(out: TextIO) -> None:
+            out.write(text)
+    if output is None:
+        if fmt == "json":
+            write(sys.stdout)
+            sys.stdout.flush()
+        else:
+            click.echo(text, nl=False)
+        return
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.exists() and not output.is_file():
+            with open(output, "w", encoding="utf-8") as out:
+                write(out)
+            return
+        part = output.with_name(f".{output.name}.{os.getpid()}.part")
+        try:
+            with open(part, "w", encoding="utf-8") as out:
+                write(out)
+            os.replace(part, output)
+        finally:
+            part.unlink(missing_ok=True)
+    except OSError as exc:
+        raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
 
 
 #: Unreadable tensors named on stderr (the report lists them all).

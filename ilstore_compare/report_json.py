@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
+import itertools
 import json
 import math
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
 from ilstore._version import __version__
 from ilstore.keys import CallKey, TensorKey
@@ -24,8 +28,8 @@ from .result import (
     Unreadable,
 )
 
-__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "validate_report", "local_error_item",
-           "unreadable_item"]
+__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "report_dict", "render_json", "write_json", "validate_report",
+           "local_error_item", "unreadable_item"]
 
 REPORT_FORMAT = "ilstore-compare-report"
 REPORT_VERSION = 1
@@ -42,9 +46,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    """A dataclass's fields, shallow (nested dataclasses stay objects)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+_SCALARS = (str, int, bool, type(None))
+
+
+def _plain_item(item: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_plain` of a flat item, fast: scalars are checked in place, only containers recurse."""
+    for k, v in item.items():
+        if v.__class__ is float:
+            if not math.isfinite(v):
+                item[k] = None
+        elif not isinstance(v, _SCALARS):
+            item[k] = _plain(v)
+    return item
 
 
 def _key(key: TensorKey | CallKey) -> dict[str, Any]:
@@ -56,26 +69,46 @@ def _key(key: TensorKey | CallKey) -> dict[str, Any]:
 
 def _metrics(m: TensorMetrics | None) -> dict[str, Any]:
     """Every metric under its JSON key (:class:`~ilstore_compare.metrics.MetricInfo`); null without metrics."""
-    return {info.key: getattr(m, name) if m is not None else None for name, info in metric_infos()}
+    if m is None:
+        return dict.fromkeys(_metric_keys())
+    return {key: getattr(m, name) for name, key in _metric_names()}
+
+
+@functools.cache
+def _metric_names() -> tuple[tuple[str, str], ...]:
+    return tuple((name, info.key) for name, info in metric_infos())
+
+
+@functools.cache
+def _metric_keys() -> tuple[str, ...]:
+    return tuple(key for _, key in _metric_names())
+
+
+#: TensorResult fields that go into an item as they are (``key``, ``metrics``, ``stats_failed`` and
+#: ``note`` are spread or placed; ``unreadable`` is the report's top-level list).
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(TensorResult)
+                       if f.name not in ("key", "metrics", "stats_failed", "note", "unreadable"))
+
+
+_CALL_FIELDS = tuple(f.name for f in dataclasses.fields(CallResult))
 
 
 def _tensor(t: TensorResult) -> dict[str, Any]:
-    entry = _fields(t)
-    key, metrics, stats_failed, note, _ = (entry.pop(k) for k in ("key", "metrics", "stats_failed", "note",
-                                                                   "unreadable"))  # those: top-level
-    return _plain({**_key(key), **entry, **_metrics(metrics),
-                   "stats_failed": [{"stat": name, "value1": v1, "value2": v2} for name, v1, v2 in stats_failed],
-                   "note": note})
+    """One ``tensors`` item, not yet :func:`_plain_item`-ed."""
+    return {**_key(t.key), **{name: getattr(t, name) for name in _TENSOR_FIELDS}, **_metrics(t.metrics),
+            "stats_failed": [{"stat": name, "value1": v1, "value2": v2} for name, v1, v2 in t.stats_failed],
+            "note": t.note}
 
 
 def _call(c: CallResult, local: bool) -> dict[str, Any]:
-    entry = _fields(c)
+    """One ``calls`` item, not yet :func:`_plain_item`-ed."""
+    entry = {name: getattr(c, name) for name in _CALL_FIELDS}
     e: LocalError | None = entry.pop("local")
     if local:  # the local error beside the propagated one
         entry.update(local_rel_l2=e.rel_l2 if e is not None else None,
                      local_max_abs_diff=e.max_abs_diff if e is not None else None,
                      replayed=e.replayed if e is not None else None)
-    return _plain({**_key(entry.pop("call")), **entry})
+    return {**_key(entry.pop("call")), **entry}
 
 
 def local_error_item(e: LocalError) -> dict[str, Any]:
@@ -108,15 +141,23 @@ def _oracle(o: OracleReport) -> dict[str, Any]:
             "calls": [_oracle_call(c) for c in o.calls]}
 
 
-def report_dict(result: CompareResult) -> dict[str, Any]:
-    """The report as plain JSON-ready data (every tensor, every call).
+class _Items:
+    """A list of report items made one at a time (``calls``, ``tensors``: one per line when written);
+    items may still hold tuples and non-finite floats (:func:`_plain_item` makes them JSON-ready)."""
 
-    ``unreadable`` lists every tensor body that could not be read (then ``exit_code`` is 2).
-    With local errors (a replay), also ``replay``, ``local_errors`` (ranked) and
-    ``threshold_divergence``; with an oracle, ``oracle``; with ``align_tokens``,
-    ``token_alignment``.
-    """
+    def __init__(self, source: Any, make: Callable[[Any], dict[str, Any]]) -> None:
+        self.source, self.make = source, make
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        make = self.make
+        for obj in self.source:
+            yield make(obj)
+
+
+def _report(result: CompareResult) -> dict[str, Any]:
+    """The report with its long lists (``calls``, ``tensors``) still to be made (:class:`_Items`)."""
     local = result.local
+    replayed = local is not None
     out = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
@@ -130,8 +171,8 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
         "first_divergence": _plain(dataclasses.asdict(result.first_divergence)) if result.first_divergence else None,
         "introduced": [_plain(dataclasses.asdict(d)) for d in result.introduced],
         "notes": list(result.notes),
-        "calls": [_call(c, local is not None) for c in result.calls],
-        "tensors": [_tensor(t) for t in result.tensors],
+        "calls": _Items(result.calls, lambda c: _call(c, replayed)),
+        "tensors": _Items(result.tensors, _tensor),
         "unreadable": [unreadable_item(u) for u in result.unreadable],
     }
     if local is not None:
@@ -145,9 +186,58 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
     return out
 
 
+def report_dict(result: CompareResult) -> dict[str, Any]:
+    """The report as plain JSON-ready data (every tensor, every call).
+
+    ``unreadable`` lists every tensor body that could not be read (then ``exit_code`` is 2).
+    With local errors (a replay), also ``replay``, ``local_errors`` (ranked) and
+    ``threshold_divergence``; with an oracle, ``oracle``; with ``align_tokens``,
+    ``token_alignment``.
+    """
+    return {k: [_plain_item(item) for item in v] if isinstance(v, _Items) else v for k, v in _report(result).items()}
+
+
+#: Items written to the file between two writes (a few MB of text).
+_BATCH = 2048
+
+
+def write_json(result: CompareResult, out: TextIO) -> None:
+    """Write the report as strict JSON text to ``out``, a batch of items at a time.
+
+    The text is :func:`report_dict` indented by one space per level, except that each item of
+    ``calls`` and ``tensors`` is one line: a report of millions of tensors is written in memory
+    bounded by a batch, whatever the run's length, and stays one item per line for tools like
+    ``grep``.
+    """
+    dump = json.JSONEncoder(allow_nan=False).encode  # the C encoder: one line per item
+    report = _report(result)
+    out.write("{")
+    for i, (key, value) in enumerate(report.items()):
+        out.write(("\n " if i == 0 else ",\n ") + json.dumps(key) + ": ")
+        if not isinstance(value, _Items):
+            out.write(json.dumps(value, indent=1, allow_nan=False).replace("\n", "\n "))
+            continue
+        batch: list[str] = []
+        opened = False
+        for item in itertools.chain(value, (None,)):  # None: the end, write what is left
+            if item is not None:
+                try:
+                    batch.append(dump(item))
+                except ValueError:  # a NaN or infinity: null (rare, so checked only when the encoder refuses)
+                    batch.append(dump(_plain_item(item)))
+            if batch and (item is None or len(batch) == _BATCH):
+                out.write((",\n  " if opened else "[\n  ") + ",\n  ".join(batch))
+                opened = True
+                batch.clear()
+        out.write("\n ]" if opened else "[]")
+    out.write("\n}\n")
+
+
 def render_json(result: CompareResult, verbose: bool = False) -> str:
     """The report as strict JSON text (``verbose`` is accepted for symmetry; JSON has every tensor)."""
-    return json.dumps(report_dict(result), indent=1, allow_nan=False) + "\n"
+    text = io.StringIO()
+    write_json(result, text)
+    return text.getvalue()
 
 
 def validate_report(data: Any) -> list[str]:

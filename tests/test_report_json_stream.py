@@ -1,0 +1,117 @@
+"""The JSON report is streamed: the same data as ``report_dict``, one item per line, made a batch at a
+time, and a report file appears whole or not at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import ilstore_compare.report_json as report_json
+from compare_helpers import PERTURBED, llama_run
+from ilstore_compare import compare
+from ilstore_compare.cli import compare_cmd
+from ilstore_compare.report_json import render_json, report_dict, validate_report, write_json
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("stream")
+    return {"a": llama_run(out, "a"), "p": llama_run(out, "p", perturb=PERTURBED)}
+
+
+def invoke(*args: str | Path) -> Any:
+    return CliRunner().invoke(compare_cmd, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_streamed_text_is_the_report_dict_one_item_per_line(runs: dict[str, Path]) -> None:
+    result = compare(runs["a"], runs["p"])
+    text = render_json(result)
+    data = json.loads(text)
+    assert data == json.loads(json.dumps(report_dict(result))) and validate_report(data) == []
+    assert data["summary"]["mismatched"] > 0 and "NaN" not in text and "Infinity" not in text
+    lines = text.splitlines()
+    items = [line for line in lines if line.startswith('  {"step": ')]
+    assert len(items) == len(result.tensors) + len(result.calls) > 0
+    for line in items:  # each item is a whole JSON object on its line
+        json.loads(line.rstrip(","))
+    # everything else keeps one space of indent per level
+    assert lines[0] == "{" and lines[1].startswith(' "format": ') and lines[-1] == "}"
+
+
+class _Counted:
+    """``result.tensors`` that counts the items taken from it."""
+
+    def __init__(self, items: Any) -> None:
+        self.items, self.taken = items, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            self.taken += 1
+            yield item
+
+
+class _Watch:
+    """A text stream that checks, at each write, how far item making ran ahead of the text."""
+
+    def __init__(self, counted: _Counted) -> None:
+        self.counted, self.written, self.ahead, self.parts = counted, 0, 0, []
+
+    def write(self, text: str) -> int:
+        self.ahead = max(self.ahead, self.counted.taken - self.written)
+        self.written += sum(1 for line in text.splitlines() if line.startswith('  {"step": ') and '"path": ' in line)
+        self.parts.append(text)
+        return len(text)
+
+
+def test_tensor_items_are_made_a_batch_at_a_time(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    result = compare(runs["a"], runs["p"])
+    assert len(result.tensors) > 10
+    monkeypatch.setattr(report_json, "_BATCH", 4)
+    counted = _Counted(result.tensors)
+    watch = _Watch(counted)
+    write_json(dataclasses.replace(result, tensors=counted), watch)  # type: ignore[arg-type]
+    assert counted.taken == watch.written == len(result.tensors)
+    assert 0 < watch.ahead <= 4  # never more than a batch made and not yet written
+    assert json.loads("".join(watch.parts)) == json.loads(render_json(result))
+
+
+def test_failed_write_keeps_the_earlier_report(runs: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "report.json"
+    out.write_text("earlier report\n")
+
+    def fail(result: Any, stream: Any) -> None:
+        stream.write('{\n "format": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_json, "write_json", fail)
+    res = invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", out)
+    assert res.exit_code == 2 and str(out) in res.stderr and "No space left on device" in res.stderr
+    assert out.read_text() == "earlier report\n" and sorted(os.listdir(tmp_path)) == ["report.json"]
+    monkeypatch.undo()
+    res = invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", out)
+    assert res.exit_code == 1 and validate_report(json.loads(out.read_text())) == []
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]
+
+
+def test_report_into_a_pipe_is_written_directly(runs: dict[str, Path], tmp_path: Path) -> None:
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_text()))
+    reader.start()
+    res = invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", pipe, "--format", "json")
+    reader.join(timeout=60)
+    assert res.exit_code == 1 and validate_report(json.loads(got[0])) == []
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
