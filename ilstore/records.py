@@ -668,12 +668,37 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
 _STRIDED = torch.strided
 
 
-def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[str, Any]:
+_CPU = torch.device("cpu")
+#: Bytes per element of the dtypes in _ACC.
+_ITEMSIZE = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in _ACC}
+
+
+def _cpu_identity(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Any, ...] | None:
+    """:meth:`Deduper._identity` of a CPU tensor of a dtype in ``_ACC``, the same tuple in fewer
+    calls into torch: the storage's address is the data pointer less the offset's bytes (no storage
+    object is made) and the device is the CPU's. A null data pointer (no elements, or a zero tensor,
+    which has no storage) is asked the general way."""
+    ptr = t.data_ptr()
+    if not ptr:
+        return Deduper._identity(t, shape, dtype)
+    try:
+        version = t._version
+    except RuntimeError:  # inference-mode tensors track no version: never de-duplicated
+        return None
+    offset = t.storage_offset()
+    return ptr - offset * _ITEMSIZE[dtype], _CPU, offset, shape, t.stride(), dtype, version
+
+
+def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, dtype: torch.dtype | None = None,
+                     cpu_float: bool = False) -> dict[str, Any]:
     """:func:`_supported_node` of a plain dense tensor when no body is stored (``mode: "stats"``):
-    the same node, with each of the tensor's attributes asked once (each costs a call into torch)."""
+    the same node, with each of the tensor's attributes asked once (each costs a call into torch).
+    ``dtype``: ``t.dtype`` when the caller read it; ``cpu_float``: the caller found ``t`` on the
+    CPU with a dtype of ``_ACC``."""
     shape = t.shape
-    dtype = t.dtype
-    is_cpu = t.is_cpu
+    if dtype is None:
+        dtype = t.dtype
+    is_cpu = cpu_float or t.is_cpu
     device = "cpu" if is_cpu else str(t.device)
     numel = t.numel()
     if not ctx.policy.logs_device(device):
@@ -681,7 +706,8 @@ def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx) -> dict[
                 "device": device, "path": list(path), "stored": False, "reason": "device not in device_names"}
     else:
         deduper = ctx.dedup
-        ident = Deduper._identity(t, shape, dtype) if deduper is not None else None
+        ident = None if deduper is None else _cpu_identity(t, shape, dtype) if cpu_float else \
+            Deduper._identity(t, shape, dtype)
         hit = deduper.hit(ident) if ident is not None else None  # type: ignore[union-attr]
         if hit is not None:
             stats = hit[1]
@@ -726,13 +752,17 @@ def _plain(value: Any) -> Any:
 def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
     if type(value) is torch.Tensor and ctx.stats_only:  # the common case of mode: "stats", in fewest calls
         try:
-            plain = value.layout is _STRIDED and not value.is_quantized and not value.is_nested and not value.is_meta
+            dtype = value.dtype
+            # a CPU float tensor is neither quantized (its dtypes are others) nor a meta tensor
+            cpu_float = dtype in _ACC and value.is_cpu and value.layout is _STRIDED and not value.is_nested
+            plain = cpu_float or (value.layout is _STRIDED and not value.is_quantized and not value.is_nested
+                                  and not value.is_meta)
         except Exception:  # noqa: S110 - asked again by _tensor_node, which records the failure
             plain = False
         if plain:
             made = len(ctx.nodes) if ctx.nodes is not None else 0
             try:
-                return _stats_only_node(value, path, ctx)
+                return _stats_only_node(value, path, ctx, dtype, cpu_float)
             except Exception as exc:  # never stop the capture for one tensor: record why instead
                 return _failed_node(value, path, ctx, made, exc)
     cls = type(value)

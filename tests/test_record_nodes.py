@@ -165,3 +165,43 @@ def test_plain_sums_is_sums(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> No
         with pytest.raises(RuntimeError) as second:
             K.plain_sums(neg, dtype, neg.numel())
         assert str(first.value) == str(second.value)
+
+
+def test_the_cpu_identity_is_the_deduper_identity() -> None:
+    """The stats fast path's identity of a CPU float tensor (from its data pointer) is the tuple
+    Deduper._identity makes, for views at any offset and of any dtype, empty and zero tensors;
+    an inference tensor has none."""
+    from ilstore.records import _ACC, _cpu_identity
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in _ACC:
+        base = (torch.randn(6, 10, generator=g) * 4).to(dtype)
+        views = [base, base[2:], base[:, 3:], base.t(), base[1::2, 5:], base.view(-1)[7:19], base[3:3],
+                 torch.empty(0, dtype=dtype), base[4, 6]]
+        if dtype == torch.float32:
+            views.append(base.view(torch.bfloat16)[1:, 3:])  # another dtype's view of the same storage
+        for t in views:
+            assert _cpu_identity(t, t.shape, t.dtype) == Deduper._identity(t), (dtype, t.shape)
+    zero = torch._efficientzerotensor(3, 4)  # no storage: the general way answers (and raises) as before
+    with pytest.raises(RuntimeError) as general:
+        Deduper._identity(zero)
+    with pytest.raises(RuntimeError) as fast:
+        _cpu_identity(zero, zero.shape, zero.dtype)
+    assert str(fast.value) == str(general.value)
+    with torch.inference_mode():
+        frozen = torch.ones(3)
+    assert _cpu_identity(frozen, frozen.shape, frozen.dtype) is None is Deduper._identity(frozen)
+
+
+def test_stats_fast_path_nodes_of_odd_cpu_float_tensors() -> None:
+    """Zero, negative-view, empty and inference tensors take the fast path's checks and get the
+    node the general path makes (or, where the general path fails, the same failure)."""
+    policy = TensorPolicy(store_bodies=False, pin_memory=False)
+    with torch.inference_mode():
+        frozen = torch.arange(6.0).reshape(2, 3)
+    for t in (torch.empty(0, 3), frozen, torch.ones(3)[1:], torch.tensor(2.5, dtype=torch.float64)):
+        record = build_record(CALL, "outputs", t, policy, None, Deduper())
+        assert json.dumps(record.structure) == json.dumps(_general_node(t, policy, Deduper()))
+    zero = torch._efficientzerotensor(2, 2)
+    node = build_record(CALL, "outputs", zero, policy, None, Deduper()).structure
+    assert node["stored"] is False and node["reason"].startswith("cannot be captured: RuntimeError")
