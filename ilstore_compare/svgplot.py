@@ -1,13 +1,15 @@
 """A dependency-free inline SVG plot of the error along execution order (for the HTML report).
 
 One point per module call, in completion order across steps: the largest relative L2 error of
-its outputs on a log scale. Calls whose outputs are identical sit on the ``0`` row; calls where
-the reference is zero but dir1 is not on the ``∞`` row. Colours: match, mismatch (inherited),
+its outputs on a log scale (beyond :data:`MAX_POINTS` calls, the most significant call of each
+stretch, so the page stays small for runs of any length). Calls whose outputs are identical sit on
+the ``0`` row; calls where the reference is zero but dir1 is not on the ``∞`` row. Colours: match, mismatch (inherited),
 introduced; a vertical line marks the first divergence and dashed lines separate steps.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from html import escape
@@ -15,11 +17,61 @@ from html import escape
 from .report_common import call_label
 from .result import CallResult, Divergence
 
-__all__ = ["error_plot_svg"]
+__all__ = ["MAX_POINTS", "error_plot_svg"]
 
 _W, _H = 960, 340
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 24, 48
 _COLORS = {"match": "#2e7d32", "inherited": "#ef6c00", "introduced": "#c62828", "other": "#757575"}
+
+
+#: At most this many points: a longer comparison plots, per stretch of consecutive calls, the one
+#: that matters most (introduced, then inherited, then other, then match; the largest error first).
+MAX_POINTS = 1500
+#: Steps separated by a line each up to this many; beyond, :data:`_STEP_LABELS` evenly spaced ones.
+_MAX_STEP_LINES = 40
+_STEP_LABELS = 9
+_RANK = {"introduced": 3, "inherited": 2, "other": 1, "match": 0}
+
+
+def _kind(c: CallResult) -> str:
+    return c.origin or ("match" if c.verdict in ("match", "stats_only_match") else "other")
+
+
+def _significance(c: CallResult) -> tuple[int, float]:
+    v = c.output_rel_l2
+    assert v is not None
+    return _RANK[_kind(c)], v if not math.isnan(v) else math.inf
+
+
+def _plotted(ordered: Sequence[CallResult]) -> list[tuple[int, CallResult, int]]:
+    """``(position, call, calls it stands for)`` of each point: every call with an output error, or,
+    beyond :data:`MAX_POINTS`, the most significant call of each of that many equal stretches."""
+    measured = [(i, c) for i, c in enumerate(ordered) if c.output_rel_l2 is not None]
+    if len(measured) <= MAX_POINTS:
+        return [(i, c, 1) for i, c in measured]
+    out = []
+    n = len(ordered)
+    for b in range(MAX_POINTS):
+        lo, hi = b * n // MAX_POINTS, (b + 1) * n // MAX_POINTS
+        here = measured[_first_at(measured, lo):_first_at(measured, hi)]
+        if here:
+            i, c = max(here, key=lambda ic: _significance(ic[1]))
+            out.append((i, c, len(here)))
+    return out
+
+
+def _first_at(measured: Sequence[tuple[int, CallResult]], position: int) -> int:
+    """Index of the first of ``measured`` at or after ``position`` (binary search)."""
+    return bisect.bisect_left(measured, position, key=lambda ic: ic[0])
+
+
+def _step_starts(ordered: Sequence[CallResult]) -> list[tuple[int, int]]:
+    """``(position, step)`` where each step's calls begin."""
+    starts: list[tuple[int, int]] = []
+    for i, c in enumerate(ordered):
+        if not starts or c.call.step != starts[-1][1]:
+            starts.append((i, c.call.step))
+    return starts
 
 
 def _y_range(values: Sequence[float]) -> tuple[int, int]:
@@ -70,14 +122,14 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         y = y_of(rtol)
         parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#1565c0" '
                      f'stroke-dasharray="6 4"><title>rtol = {rtol:g}</title></line>')
-    step = None
-    for i, c in enumerate(ordered):
-        if c.call.step != step:
-            step = c.call.step
-            x = x_of(i) - plot_w / max(len(ordered), 1) / 2
-            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#9e9e9e" '
-                         f'stroke-dasharray="3 3"/>')
-            parts.append(f'<text x="{x + 3:.1f}" y="{_TOP + plot_h + 14}" font-size="11">step {step}</text>')
+    starts = _step_starts(ordered)
+    shown = starts if len(starts) <= _MAX_STEP_LINES else [
+        starts[k * (len(starts) - 1) // (_STEP_LABELS - 1)] for k in range(_STEP_LABELS)]
+    for i, step in shown:
+        x = x_of(i) - plot_w / max(len(ordered), 1) / 2
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#9e9e9e" '
+                     f'stroke-dasharray="3 3"/>')
+        parts.append(f'<text x="{x + 3:.1f}" y="{_TOP + plot_h + 14}" font-size="11">step {step}</text>')
     if first is not None:
         for i, c in enumerate(ordered):
             k = c.call
@@ -87,13 +139,14 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
                              f'stroke-width="1.5"><title>first divergence: {escape(call_label(k))}</title></line>')
                 break
     points = []
-    for i, c in enumerate(ordered):
-        if c.output_rel_l2 is None:
-            continue
-        kind = c.origin or ("match" if c.verdict in ("match", "stats_only_match") else "other")
+    for i, c, among in _plotted(ordered):
+        assert c.output_rel_l2 is not None
+        kind = _kind(c)
         r = 4.5 if kind == "introduced" else 3
         tip = (f"step {c.call.step} {call_label(c.call)}: {c.verdict}"
                + (f" ({c.origin})" if c.origin else "") + f", output rel L2 {c.output_rel_l2:.3g}")
+        if among > 1:
+            tip += f" (the most significant of {among} calls here)"
         points.append((x_of(i), y_of(c.output_rel_l2), r, _COLORS[kind], tip))
         parts.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(c.output_rel_l2):.1f}" r="{r}" fill="{_COLORS[kind]}">'
                      f'<title>{escape(tip)}</title></circle>')
