@@ -83,3 +83,32 @@ def test_plain_stats_steps_share_their_table_without_making_calls(tmp_path: Path
     monkeypatch.setattr(columnar.StepTemplate, "call", real_call)
     monkeypatch.setattr(ilstore_compare.engine.stats_table, "attach", lambda *args: None)
     assert render_markdown(compare(a, b)) == md  # the general path's report (no statistics tables)
+
+
+def test_brief_report_shows_the_first_tables_of_a_long_divergent_run(tmp_path: Path, monkeypatch: Any) -> None:
+    """Steps whose tables all differ: the first BRIEF_LIMIT tables, the rest named as ranges;
+    --verbose shows every table (the markdown and HTML reports share the outline)."""
+    import ilstore_compare.report_outline as outline
+
+    monkeypatch.setattr(outline, "BRIEF_LIMIT", 2)
+
+    def run(run_id: str, scale: float) -> Path:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        cfg = {"output_dir": str(tmp_path), "run_id": run_id, "log_step_ids": []}
+        with torch.no_grad(), ilstore.capture(model, cfg) as cap:
+            for step in range(6):
+                model(torch.ones(2, 8) * (1 + step / 10) * (scale if step != 2 else 1.0))
+        assert cap.run_dir is not None
+        return cap.run_dir
+
+    result = compare(run("a", 1.001), run("b", 1.0))
+    md = render_markdown(result)
+    assert [line for line in md.splitlines() if line.startswith("## Step")] == ["## Step 0", "## Step 1"]
+    assert "The call tables of 4 more step(s) (2–5) are not shown (the first 2 tables are)" in md
+    html = render_html(result)
+    assert "Step 1" in html and "Step 3" not in html and "4 more step(s) (2–5)" in html
+    full = render_markdown(result, verbose=True)
+    assert [line for line in full.splitlines() if line.startswith("## Step")] == [
+        "## Step 0", "## Step 1", "## Step 2", "## Step 3", "## Step 4", "## Step 5"]
+    assert "more step(s)" not in full
