@@ -94,29 +94,37 @@ def tenths_ms(times: Sequence[float]) -> list[float]:
 def run_cli(args: Sequence[str], max_rss_mb: float = 0) -> tuple[int, float, float]:
     """Run ``args`` in a fresh process, output discarded: (exit status, wall s, the child's peak RSS MB).
 
-    With ``max_rss_mb`` the child's resident set is polled every 0.2 s and the child killed
-    (SIGKILL: exit status -9) once it passes that, so one report too large for the machine does
-    not take down what else runs on it."""
+    The peak is the child's own high-water mark (``VmHWM``), polled every 0.1 s, so growth in its
+    last 0.1 s is missed: the rusage of the child cannot serve, as its ``ru_maxrss`` starts at this
+    (large, after ``compare()``) process's resident set at the fork. With ``max_rss_mb`` the child
+    is killed (SIGKILL: exit status -9) once its peak passes that, so one report too large for the
+    machine does not take down what else runs on it."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:  # os.wait4 gives this child's own rusage (RUSAGE_CHILDREN mixes all of them)
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG if max_rss_mb else 0)
+    peak = 0.0
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
         if pid:
             break
-        if _rss_mb(proc.pid) > max_rss_mb:
+        peak = max(peak, _hwm_mb(proc.pid))
+        if max_rss_mb and peak > max_rss_mb:
             proc.kill()
-        time.sleep(0.2)
+        time.sleep(0.1)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return proc.returncode, wall, peak
 
 
-def _rss_mb(pid: int) -> float:
+def _hwm_mb(pid: int) -> float:
+    """``pid``'s peak resident set so far (MB), 0 once it has exited."""
     try:
-        with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
     except (OSError, IndexError, ValueError):
-        return 0.0
+        pass
+    return 0.0
 
 
 def read_costs(run_dir: Path, steps: int) -> dict[str, Any]:

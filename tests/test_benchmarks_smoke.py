@@ -138,3 +138,17 @@ def test_bench_stats_compare_smoke(tmp_path: Path, capsys) -> None:
     assert [rows[c][8] for c in ("identical", "divergent", "from-middle")] == ["-", "0", "10"]
     assert all(float(row[2]) > 0 and float(row[5]) > 0 for row in lines)
     assert list(work.iterdir()) == []
+
+
+def test_long_run_cli_peak_is_the_childs_own_and_capped() -> None:
+    """The CLI's peak RSS is the child's, not this process's at the fork (which rusage would report),
+    and a child past the cap is killed."""
+    run_cli = _load("_long_run").run_cli
+    held = bytearray(400 * 2**20)  # this process's resident set grows by 400 MB
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    child = [sys.executable, "-c", "import time; x = bytearray(150 * 2**20); x[::4096] = b'y' * len(x[::4096]); "
+             "time.sleep(0.5)"]
+    code, wall, peak = run_cli(child)
+    assert code == 0 and wall > 0.5 and 150 < peak < 350
+    code, _, peak = run_cli(child, max_rss_mb=100)
+    assert code == -9 and peak > 100
