@@ -124,7 +124,7 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
                      f'stroke-dasharray="6 4"><title>rtol = {rtol:g}</title></line>')
     starts = _step_starts(ordered)
     shown = starts if len(starts) <= _MAX_STEP_LINES else [
-        starts[k * (len(starts) - 1) // (_STEP_LABELS - 1)] for k in range(_STEP_LABELS)]
+        starts[k * len(starts) // _STEP_LABELS] for k in range(_STEP_LABELS)]  # the last 1/9 unlabelled: room
     for i, step in shown:
         x = x_of(i) - plot_w / max(len(ordered), 1) / 2
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#9e9e9e" '
