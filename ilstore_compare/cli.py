@@ -18,7 +18,9 @@ import functools
 import importlib
 import logging
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -148,8 +150,8 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
     The JSON report is streamed (:func:`.report_json.write_json`: memory bounded whatever the
     run's length); the others are rendered, then written. A report file is written beside its
     final name and renamed into place, so a failure midway leaves no half report (and an earlier
-    report of that name as it was); a path that is not a regular file (``/dev/stdout``, a pipe)
-    is written directly.
+    report of that name as it was, its mode kept); a path that is not a plain regular file (a
+    symbolic link, ``/dev/stdout``, a pipe, a file with hard links) is written directly.
     """
     if fmt == "json":
         from .report_json import write_json
@@ -170,19 +172,33 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
         return
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        if output.exists() and not output.is_file():
+        try:
+            was = os.lstat(output)
+        except FileNotFoundError:
+            was = None
+        if was is not None and (not stat.S_ISREG(was.st_mode) or was.st_nlink > 1):
+            # a link (written through, as before), a pipe, /dev/stdout, a file with other names
             with open(output, "w", encoding="utf-8") as out:
                 write(out)
             return
-        part = output.with_name(f".{output.name}.{os.getpid()}.part")
+        fd, part_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+        part = Path(part_name)
         try:
-            with open(part, "w", encoding="utf-8") as out:
+            with open(fd, "w", encoding="utf-8") as out:
                 write(out)
+            os.chmod(part, stat.S_IMODE(was.st_mode) if was is not None else 0o666 & ~_umask())
             os.replace(part, output)
         finally:
             part.unlink(missing_ok=True)
     except OSError as exc:
         raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
+
+
+def _umask() -> int:
+    """The process's umask (a new report file gets ``0o666 & ~umask``, as ``open`` would give it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 #: Unreadable tensors named on stderr (the report lists them all).

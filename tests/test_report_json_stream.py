@@ -115,3 +115,23 @@ def test_report_into_a_pipe_is_written_directly(runs: dict[str, Path], tmp_path:
     reader.join(timeout=60)
     assert res.exit_code == 1 and validate_report(json.loads(got[0])) == []
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+def test_report_through_a_symlink_keeps_the_link_and_a_replaced_file_its_mode(runs: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("earlier\n")
+    link.symlink_to(target.name)
+    res = invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", link)
+    assert res.exit_code == 1 and link.is_symlink() and validate_report(json.loads(target.read_text())) == []
+    own = tmp_path / "own.json"
+    own.write_text("earlier\n")
+    own.chmod(0o600)
+    assert invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", own).exit_code == 1
+    assert own.stat().st_mode & 0o777 == 0o600 and validate_report(json.loads(own.read_text())) == []
+    fresh = tmp_path / "fresh.md"
+    assert invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", fresh).exit_code == 1
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert sorted(os.listdir(tmp_path)) == ["fresh.md", "link.json", "own.json", "target.json"]
