@@ -34,7 +34,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NativeLibrary", "cache_dir", "FLAGS"]
+__all__ = ["NativeLibrary", "cache_dir", "FLAGS", "EXACT_FP"]
+
+#: C macros for a kernel's entry points: ``EXACT_FP_BEGIN`` clears the calling thread's
+#: flush-to-zero and denormals-are-zero modes (x86 MXCSR) and ``EXACT_FP_END`` restores them, so
+#: subnormal inputs count exactly whatever the thread set (``torch.set_flush_denormal(True)``
+#: sets both on the thread that calls it): the kernels' results must not depend on which thread
+#: runs them. Elsewhere the macros do nothing.
+EXACT_FP = r"""
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define EXACT_FP_BEGIN const unsigned int mxcsr_ = _mm_getcsr(); _mm_setcsr(mxcsr_ & ~0x8040u);
+#define EXACT_FP_END _mm_setcsr(mxcsr_);
+#else
+#define EXACT_FP_BEGIN
+#define EXACT_FP_END
+#endif
+"""
 
 _log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ._native import NativeLibrary
+from ._native import EXACT_FP, NativeLibrary
 
 __all__ = ["BLOCK", "LANES", "DTYPES", "Sums", "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
 
@@ -158,12 +158,14 @@ STATS_FNS(stats_f16, uint16_t, uint16_t, int16_t, INT16_MIN, UINT16_MAX, 0x8000u
 /* kind: 0 float32, 1 float64, 2 bfloat16, 3 float16; n >= 0 contiguous elements */
 void ilstore_stats(const void *x, int kind, int64_t n, double center, stats *o) {
     int zero = center == 0.0;  /* +0.0 or -0.0 */
+    EXACT_FP_BEGIN
     switch (kind) {
     case 0: (zero ? stats_f32_0 : stats_f32)((const float *)x, n, center, o); break;
     case 1: (zero ? stats_f64_0 : stats_f64)((const double *)x, n, center, o); break;
     case 2: (zero ? stats_bf16_0 : stats_bf16)((const uint16_t *)x, n, center, o); break;
     default: (zero ? stats_f16_0 : stats_f16)((const uint16_t *)x, n, center, o); break;
     }
+    EXACT_FP_END
 }
 """
 
@@ -180,7 +182,7 @@ def _declare(lib: Any) -> None:
 
 
 #: The compiled kernel, switched off by ``ILSTORE_STATS_KERNEL=0``.
-LIBRARY = NativeLibrary("stats", 1, _SOURCE, {"LANES": LANES, "BLOCK": BLOCK}, "ILSTORE_STATS_KERNEL",
+LIBRARY = NativeLibrary("stats", 1, EXACT_FP + _SOURCE, {"LANES": LANES, "BLOCK": BLOCK}, "ILSTORE_STATS_KERNEL",
                         "statistics kernel", _declare)
 
 

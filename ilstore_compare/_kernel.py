@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ilstore._native import NativeLibrary
+from ilstore._native import EXACT_FP, NativeLibrary
 
 __all__ = ["BLOCK", "LANES", "LIBRARY", "RunAll", "Totals", "fused", "fused_ranges", "enabled", "build"]
 
@@ -170,6 +170,7 @@ static inline __attribute__((always_inline)) void run(
    lanes: NULL, or 5 x LANES doubles per block of n (see run) */
 void ilstore_fused_lanes(const void *x, int xk, const void *y, int yk, int64_t n, double rtol, double atol,
                          int equal_nan, int ulp, totals *t, double *lanes) {
+    EXACT_FP_BEGIN
     t->s_abs = t->dd = t->aa = t->bb = t->ab = 0.0;
     t->max_abs = -1.0;
     t->max_at = -1;
@@ -179,6 +180,7 @@ void ilstore_fused_lanes(const void *x, int xk, const void *y, int yk, int64_t n
     else if (xk == 4) run(x, 4, y, 8, n, rtol, atol, equal_nan, ulp, t, lanes);
     else if (yk == 4) run(x, 8, y, 4, n, rtol, atol, equal_nan, ulp, t, lanes);
     else run(x, 8, y, 8, n, rtol, atol, equal_nan, ulp, t, lanes);
+    EXACT_FP_END
 }
 
 void ilstore_fused(const void *x, int xk, const void *y, int yk, int64_t n, double rtol, double atol,
@@ -189,6 +191,7 @@ void ilstore_fused(const void *x, int xk, const void *y, int yk, int64_t n, doub
 /* adds nblocks blocks of stored lanes (ilstore_fused_lanes) to sums[0..4] exactly as run adds
    them to its totals: lane by lane, block by block */
 void ilstore_fold(const double *lanes, int64_t nblocks, double *sums) {
+    EXACT_FP_BEGIN
     double s_abs = sums[0], dd = sums[1], aa = sums[2], bb = sums[3], ab = sums[4];
     for (int64_t b = 0; b < nblocks; b++) {
         const double *o = lanes + b * 5 * LANES;
@@ -201,6 +204,7 @@ void ilstore_fold(const double *lanes, int64_t nblocks, double *sums) {
         }
     }
     sums[0] = s_abs; sums[1] = dd; sums[2] = aa; sums[3] = bb; sums[4] = ab;
+    EXACT_FP_END
 }
 """
 
@@ -247,7 +251,7 @@ def _declare(lib: Any) -> None:
 
 
 #: The compiled kernel (see :mod:`ilstore._native`), switched off by ``ILSTORE_COMPARE_KERNEL=0``.
-LIBRARY = NativeLibrary("fused", 1, _SOURCE, {"BLOCK": BLOCK, "LANES": LANES}, "ILSTORE_COMPARE_KERNEL",
+LIBRARY = NativeLibrary("fused", 1, EXACT_FP + _SOURCE, {"BLOCK": BLOCK, "LANES": LANES}, "ILSTORE_COMPARE_KERNEL",
                         "fused metrics kernel", _declare)
 
 

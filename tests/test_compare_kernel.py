@@ -190,3 +190,20 @@ def test_kernel_matches_over_the_whole_exponent_range(monkeypatch: pytest.Monkey
     a[::7] = b[::7]
     for tol in (dict(rtol=1e-5, atol=1e-8), dict(rtol=0.0, atol=0.0)):
         _same(compare_tensors(a, b, **tol), _torch_path(monkeypatch, compare_tensors, a, b, **tol))
+
+
+def test_flush_to_zero_on_the_calling_thread_changes_nothing() -> None:
+    """Metrics of subnormal values are the same whether the thread flushes denormals or not."""
+    import numpy as np
+
+    a = (np.arange(1, 5000, dtype=np.int32) * 991).view(np.float32)  # subnormal float32 patterns
+    b = np.zeros_like(a)
+    b[::3] = a[::3]
+    before = _kernel.fused(a, b, rtol=0.0, atol=0.0, equal_nan=False, with_ulp=True)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        after = _kernel.fused(a, b, rtol=0.0, atol=0.0, equal_nan=False, with_ulp=True)
+    finally:
+        torch.set_flush_denormal(False)
+    assert after == before and before.mismatched > 0 and before.max_abs > 0

@@ -17,8 +17,9 @@ import torch
 from ilstore import _stats_kernel as K
 from ilstore.records import _slow_stats, tensor_stats
 
-needs_cc = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
-                              reason="no C compiler: the kernel cannot be built here")
+needs_cc = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+                              or os.environ.get("ILSTORE_STATS_KERNEL") == "0",
+                              reason="no C compiler (or ILSTORE_STATS_KERNEL=0): the kernel is not used here")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SIZES = [1, 2, 15, 16, 17, 31, 100, K.BLOCK - 1, K.BLOCK, K.BLOCK + 1, 2 * K.BLOCK + 17, 33 * K.BLOCK,
@@ -259,3 +260,22 @@ def test_extremes_are_the_total_order_ones_for_any_bits(dtype: torch.dtype) -> N
             want = float(x[i].double())
             if math.isfinite(want):  # a non-finite extreme's value is not defined (Sums: only when finite)
                 assert _bits(value) == _bits(want), (case, dtype, value, want)
+
+
+@needs_cc
+def test_flush_to_zero_on_the_calling_thread_changes_nothing() -> None:
+    """torch.set_flush_denormal(True) sets the thread's denormals-are-zero mode, which would make
+    the kernel read subnormals as zero: the kernel clears it for its call and puts it back."""
+    tiny = (torch.arange(1, 4000, dtype=torch.int32) * 997).view(torch.float32)  # subnormal float32 patterns
+    cases = [tiny, torch.cat([tiny, -tiny[::2], torch.tensor([1.0, -2.5])]), tiny.to(torch.bfloat16)]
+    before = [K.sums(v) for v in cases]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        after = [K.sums(v) for v in cases]
+        assert float((torch.tensor([1e-40]) * 1.0)[0]) == 0.0  # the thread's mode is as the caller set it
+    finally:
+        torch.set_flush_denormal(False)
+    for b, a in zip(before, after, strict=True):
+        assert _same_sums(a, b)
+    assert before[0].minimum > 0 and before[0].total > 0 and before[2].maximum > 0  # the subnormals count
