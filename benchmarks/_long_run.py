@@ -24,7 +24,10 @@ Run it through ``bench_capture.py --steps N`` (see there for the options).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -100,19 +103,31 @@ def run_cli(args: Sequence[str], max_rss_mb: float = 0) -> tuple[int, float, flo
     is killed (SIGKILL: exit status -9) once its peak passes that, so one report too large for the
     machine does not take down what else runs on it."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(list(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
     peak = 0.0
-    while True:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        peak = max(peak, _hwm_mb(proc.pid))
-        if max_rss_mb and peak > max_rss_mb:
-            proc.kill()
-        time.sleep(0.1)
+    try:
+        while True:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, _hwm_mb(proc.pid))
+            if max_rss_mb and peak > max_rss_mb:
+                proc.kill()
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C, an error here: the cap can no longer be kept, so the child goes
+        proc.kill()
+        proc.wait()
+        raise
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, wall, peak
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL when this process dies, so no capped child outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _hwm_mb(pid: int) -> float:

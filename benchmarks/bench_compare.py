@@ -81,7 +81,9 @@ import json
 import math
 import os
 import pstats
+import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -181,6 +183,10 @@ def floor_minimal(pairs: list[tuple[Path, Path, tuple[int, ...]]], rtol: float =
     return mismatched
 
 
+#: A forked floor process that has not answered after this long is killed.
+_FORKED_DEADLINE_S = 600
+
+
 def floor_forked(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int],
                  pairs: list[tuple[Path, Path, tuple[int, ...]]], processes: int = 2) -> tuple[int, float, int]:
     """``floor(pairs)`` (:func:`floor_minimal`, :func:`floor_lib`) with pair ``i`` in forked process
@@ -207,6 +213,10 @@ def floor_forked(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int
                 try:
                     for fd in [go_w, res_r] + [fd for _pid, go, res in children for fd in (go, res.fileno())]:
                         os.close(fd)
+                    # one core each, as intended; and an OpenMP team forked from a parent that ran
+                    # parallel regions hangs at its first parallel op (libgomp), e.g. torch's path
+                    # without the compare kernel
+                    torch.set_num_threads(1)
                     code = _forked_floor(floor, pairs[k::processes], go_r, res_w)
                 finally:
                     os._exit(code)
@@ -219,8 +229,17 @@ def floor_forked(floor: Callable[[list[tuple[Path, Path, tuple[int, ...]]]], int
         start = time.perf_counter()
         for _pid, go, _res in children:
             os.write(go, b"g")
-        lines = [res.readline() for _pid, _go, res in children]
+        lines = []
+        for _pid, _go, res in children:
+            if not select.select([res], [], [], _FORKED_DEADLINE_S)[0]:
+                raise RuntimeError(f"floor_forked: no answer within {_FORKED_DEADLINE_S} s")
+            lines.append(res.readline())
         seconds = time.perf_counter() - start
+    except BaseException:
+        for pid, _go, _res in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
     finally:
         for pid, go, res in children:
             os.close(go)  # a process still waiting for "go" ends
