@@ -16,8 +16,8 @@ def calls(steps: int, per_step: int, special: dict[int, tuple[str, str | None, f
     out = []
     for order in range(steps * per_step):
         verdict, origin, err = special.get(order, ("match", None, 1e-7 * (1 + (order % 7) / 7)))
-        out.append(CallResult(call=CallKey(rank=0, step=order // per_step, module=f"layers.{order % per_step}", call=0), presence="both",
-                              verdict=verdict, origin=origin, order=order, tensors=1,
+        key = CallKey(rank=0, step=order // per_step, module=f"layers.{order % per_step}", call=0)
+        out.append(CallResult(call=key, presence="both", verdict=verdict, origin=origin, order=order, tensors=1,
                               mismatched_tensors=int(verdict == "mismatch"), output_rel_l2=err))
     return out
 
