@@ -10,8 +10,10 @@ read tensors (statistics) and copy them (snapshots). The one exception is replay
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +44,24 @@ _log = logging.getLogger(__name__)
 
 class IlstoreWarning(UserWarning):
     """Capture could not do what was asked (compiled model, hooks that never fired...)."""
+
+
+#: The captures that may write (open, enabled), for :func:`_forked_child`.
+_WRITING: weakref.WeakSet[Capture] = weakref.WeakSet()
+
+
+def _forked_child() -> None:
+    """In a process just forked (``os.fork``, multiprocessing's fork start method, a data loader's
+    workers) from one that captures: every capture it inherited goes quiet for good. The run
+    belongs to the parent, whose writer thread does not exist here; a write, a step end or a
+    close from the child would interleave with the parent's in the same files. The inherited
+    writer is kept referenced and never touched (collecting it could flush its open files)."""
+    for cap in list(_WRITING):
+        cap._orphan()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
 
 
 @dataclass
@@ -200,6 +220,11 @@ class Capture:
         self._dedup: Deduper | None = None
         self._closed = False
         self._paused = False
+        self._paused_roots = 0  # nesting depth of root forwards that began paused (not steps)
+        self._forked_from: int | None = None  # the parent's pid, in a forked child (see _orphan)
+        self._inherited: Any = None  # in a forked child: the parent's sink, kept and never used
+        self._fork_warned = False
+        self._parent_pid = os.getpid()
         self._in_root = 0  # nesting depth of root forwards (automatic steps)
         self._stray_warned = False
         self._compile_warned = False
@@ -248,6 +273,7 @@ class Capture:
             self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
         else:
             self._sink = SyncSink(writer)
+        _WRITING.add(self)
         self._attach()
 
     # -- hook management --------------------------------------------------------------------
@@ -348,11 +374,20 @@ class Capture:
                           "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
 
     def _root_pre(self, module: nn.Module, args: Any) -> None:
+        if self._paused_roots or (self._paused and self._in_root == 0 and self._step is None):
+            # a forward that began paused (a warm-up run) is not a step: not logged, not counted
+            self._paused_roots += 1
+            if self._forked_from is not None:
+                self._warn_forked()
+            return
         if self._in_root == 0 and self._step is None:  # else: calls made outside a forward opened it
             self._begin_step()
         self._in_root += 1
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._paused_roots:
+            self._paused_roots -= 1
+            return
         self._in_root = max(0, self._in_root - 1)
         if self._in_root == 0 and self._step is not None:
             # A forward that raised (always_call hooks run while the exception is handled)
@@ -431,8 +466,29 @@ class Capture:
         self._paused = True
 
     def resume(self) -> None:
-        """Record again after :meth:`pause`."""
+        """Record again after :meth:`pause` (not in a process forked from the capturing one: see
+        :meth:`_orphan`)."""
+        if self._forked_from is not None:
+            self._warn_forked()
+            return
         self._paused = False
+
+    def _orphan(self) -> None:
+        """In a forked child (:func:`_forked_child`): stop for good, writing nothing; the parent
+        still writes and closes the run. The model keeps running untouched (hooks return at once)."""
+        if self._closed or self._sink is None:
+            return
+        self._forked_from = self._parent_pid
+        self._inherited, self._sink = self._sink, None  # no step end, flush or close reaches it
+        self._paused, self._step, self._in_root, self._paused_roots = True, None, 0, 0
+
+    def _warn_forked(self) -> None:
+        if not self._fork_warned:
+            self._fork_warned = True
+            warnings.warn(f"ilstore: this process ({os.getpid()}) was forked from the one capturing run "
+                          f"{self.run_dir} (pid {self._forked_from}); the capture records nothing here and the run is "
+                          "written and closed by that process. To capture in this process, attach a capture "
+                          "here (a run_id of its own).", IlstoreWarning, stacklevel=3)
 
     @property
     def paused(self) -> bool:
@@ -441,6 +497,8 @@ class Capture:
     def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any,
              kwargs: Any) -> tuple[Any, Any] | None:
         if self._paused:
+            if self._forked_from is not None:
+                self._warn_forked()
             return None
         try:
             return self._pre_impl(name, selected, args, kwargs)
@@ -526,11 +584,15 @@ class Capture:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self, status: str = "complete") -> None:
-        """Remove the hooks, finish an open step (manual mode) and finalise the run."""
+        """Remove the hooks, finish an open step (manual mode) and finalise the run (in a forked
+        child: only remove the hooks)."""
         if self._closed:
             return
         self._closed = True
+        _WRITING.discard(self)
         self._detach()
+        if self._forked_from is not None:
+            return
         if self._in_graph is not None:
             self._in_graph.close()
         if self._sink is not None:
