@@ -31,6 +31,7 @@ order.
 from __future__ import annotations
 
 import ctypes
+import math
 import struct
 from typing import Any, NamedTuple
 
@@ -39,7 +40,7 @@ import torch
 
 from ._native import EXACT_FP, NativeLibrary
 
-__all__ = ["BLOCK", "LANES", "DTYPES", "Sums", "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
+__all__ = ["BLOCK", "LANES", "DTYPES", "EMPTY", "Sums", "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
 
 #: Partial sums per block (16: two AVX-512 or four AVX2 registers of float64 per sum).
 LANES = 16
@@ -218,6 +219,11 @@ class Sums(NamedTuple):
     squares: float
 
 
+#: What every path answers for a tensor with no elements: nothing non-finite, sums of zero, no
+#: extremes (NaN). The kernel's own answer for no elements is its initial state (not defined).
+EMPTY = Sums(True, math.nan, math.nan, 0.0, 0.0)
+
+
 def _decode(kind: _Kind, kmin: int, kmax: int, total: float, squares: float) -> Sums:
     """The floats behind the extreme keys (a key is its bits, negative values' magnitude flipped)."""
     inf = kind.infinity
@@ -236,8 +242,11 @@ def native_sums(x: torch.Tensor, center: float = 0.0) -> Sums | None:
     lib = LIBRARY.load()
     if lib is None:
         return None
+    n = x.numel()
+    if n == 0:
+        return EMPTY
     out = _Out()
-    lib.ilstore_stats(x.data_ptr(), _KINDS[x.dtype].code, x.numel(), center, out)  # ctypes passes out by reference
+    lib.ilstore_stats(x.data_ptr(), _KINDS[x.dtype].code, n, center, out)  # ctypes passes out by reference
     return Sums(bool(out.finite), out.lo, out.hi, out.sum, out.sumsq)
 
 
@@ -282,6 +291,8 @@ def fallback_sums(x: torch.Tensor, center: float = 0.0) -> Sums:
 
 def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:
     n = flat.numel()
+    if n == 0:
+        return EMPTY
     keys = flat.view(kind.bits).numpy()
     keys = keys ^ ((keys >> (kind.width - 1)) & ((1 << (kind.width - 1)) - 1))
     kmin, kmax = int(keys.min()), int(keys.max())
@@ -323,6 +334,8 @@ def plain_sums(x: torch.Tensor, dtype: torch.dtype, n: int) -> Sums:
     """``sums(x)`` of a ``torch.Tensor`` (the class itself, no subclass) whose dtype ``dtype`` (one
     of :data:`DTYPES`) and element count ``n`` the caller has read already: the same result, with
     fewer calls into torch (a capture asks this for every tensor it sees)."""
+    if n == 0:
+        return EMPTY
     if not x.is_neg() and not x._is_zerotensor():
         lib = LIBRARY.load()
         if lib is not None:

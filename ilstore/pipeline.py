@@ -462,11 +462,17 @@ class ThreadedSink(RecordSink):
             with self._work:  # the writer thread is between items: what is left is dropped
                 with self._cond:
                     self._items.clear()
-            self._stop_thread()
-            self.writer.close("failed", error or f"{type(exc).__name__}: {exc}")
+            try:
+                self.writer.close("failed", error or f"{type(exc).__name__}: {exc}")
+            finally:
+                self._stop_thread()
             raise
-        self._stop_thread()
-        if self._error is not None:
-            self.writer.close("failed", error or str(self._error))
-            self._raise_error()
-        self.writer.close(status, error)
+        # From here the writer thread touches nothing (it ends at its next look at the queue), so
+        # the run is closed before waiting for it: a Ctrl-C during that wait loses nothing.
+        try:
+            if self._error is not None:
+                self.writer.close("failed", error or str(self._error))
+                self._raise_error()
+            self.writer.close(status, error)
+        finally:
+            self._stop_thread()

@@ -101,3 +101,29 @@ def test_the_producer_hands_the_gil_to_nobody(monkeypatch: pytest.MonkeyPatch) -
     sink.close("complete")
     assert len(writer.written) == 3 * sink._batch_size
     assert set(sleeps) <= {"ilstore-writer"}
+
+
+def test_ctrl_c_while_close_waits_for_the_writer_thread_still_closes_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything is written before close() waits for the writer thread to end; a Ctrl-C during
+    that wait must not leave the run unclosed (before, the writer was closed after the wait)."""
+    writer = _Log()
+    writer.release.set()
+    sink = pipeline.ThreadedSink(writer, 2**20)  # type: ignore[arg-type]
+    for i in range(2 * pipeline._WAKE_ITEMS):
+        sink.write(_record(i))
+    thread = sink._thread
+    assert thread is not None
+    calls = []
+
+    def interrupted_join(timeout: float | None = None) -> None:
+        calls.append(timeout)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        sink.close("complete")
+    assert calls and writer.closed == ["complete"]
+    assert len(writer.written) == 2 * pipeline._WAKE_ITEMS
+    monkeypatch.undo()
+    thread.join(10)
+    assert not thread.is_alive()

@@ -62,6 +62,19 @@ def test_kernel_and_fallback_agree_bit_for_bit(dtype: torch.dtype) -> None:
                 assert fast is not None and _same_sums(fast, slow), (n, scale, center, fast, slow)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_an_empty_tensor_gets_the_same_answer_on_every_path(dtype: torch.dtype) -> None:
+    # Before, the fallback raised (numpy's min of nothing) and the kernel answered its initial
+    # state (float16: extremes -131008, "finite").
+    for x in (torch.empty(0, dtype=dtype), torch.empty(3, 0, dtype=dtype), torch.empty(4, 0, dtype=dtype).t()):
+        answers = [K.fallback_sums(x), K.fallback_sums(x, 2.5), K.sums(x), K.plain_sums(x, dtype, 0)]
+        native = K.native_sums(x)
+        answers += [native] if native is not None else []
+        for got in answers:
+            assert _same_sums(got, K.EMPTY), (x.shape, got)
+    assert K.EMPTY.finite and math.isnan(K.EMPTY.minimum) and math.isnan(K.EMPTY.maximum)
+
+
 @needs_cc
 def test_the_order_is_the_documented_one() -> None:
     """A float64 tensor whose sums depend on the order: lanes, then the tree, then the blocks."""
