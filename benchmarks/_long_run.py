@@ -194,12 +194,16 @@ def compare_cost(dir1: Path, dir2: Path, steps: int, tmp: Path, cli_max_rss_mb: 
 
 
 def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *, with_compare: bool = True,
-         json_rows: list[dict[str, Any]] | None = None, cli_max_rss_mb: float = 0) -> int:
+         json_rows: list[dict[str, Any]] | None = None, cli_max_rss_mb: float = 0,
+         second_run: bool | None = None) -> int:
     """One row per backend and mode; the runs stay in ``tmp`` (the caller deletes them).
 
     Each part is printed (and its row appended to ``json_rows``, then filled in) as soon as it is
     measured: the capture of run a with its reads, run b's capture (``b_*`` figures, a second
-    sample), then the compare."""
+    sample), then the compare. ``second_run`` (default: ``with_compare``) makes run b without the
+    compare too: a second sample where comparing two runs would take too long."""
+    if second_run is None:
+        second_run = with_compare
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     header = (f"{'backend':12} {'mode':8} {'first ms':>8} {'last ms':>8} {'last/1st':>8} {'close s':>8} "
               f"{'RSS+MB':>7} {'manif MB':>8} {'run MB':>7}")
@@ -216,11 +220,13 @@ def main(steps: int, backends: Sequence[str], modes: Sequence[str], tmp: Path, *
             row.update(read_costs(first["run_dir"], steps))
             _print_capture(backend, mode, row)
             print(f"{'':21} ls s / step s: {row['ls_s']:.2f} / {row['read_step_s']:.3f}", flush=True)
-            if not with_compare:
+            if not (with_compare or second_run):
                 continue
             second = capture_run(tmp, f"{backend}-{mode}-b", steps, backend, mode)
             row.update({f"b_{k}": v for k, v in second.items() if k != "run_dir"})
             _print_capture(backend, f"{mode}(b)", {k[2:]: v for k, v in row.items() if k.startswith("b_")})
+            if not with_compare:
+                continue
             row.update(compare_cost(first["run_dir"], second["run_dir"], steps, tmp, cli_max_rss_mb))
             print(f"{'':21} compare(): {row['compare_steps_per_s']:.0f} steps/s (median of 3; first "
                   f"{row['compare_first_s']:.2f} s), exit {row['compare_exit']}", flush=True)

@@ -37,7 +37,7 @@ less. With ``--threads 1`` it reads as the CPU cost of each row.
 
 Long-run mode (issue 13), a different workload, one run per backend and mode and directory:
        python benchmarks/bench_capture.py --steps 100000 [--modes stats,tensors] [--tmp /dev/shm,/var/tmp]
-       [--no-compare] [--keep]
+       [--no-compare [--second-run]] [--keep]
 prints, per run, the forward time per step of the first and last 10 % of steps (and of each
 tenth, with the slowest steps), ``close()`` time, peak RSS growth, the manifest's size,
 ``ilstore ls`` and one-step read times, and the compare throughput of two such runs, in process
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="long-run mode: capture this many steps of the small long-run model instead")
     ap.add_argument("--modes", default="stats,tensors", help="long-run mode: capture modes")
     ap.add_argument("--no-compare", action="store_true", help="long-run mode: skip the second run and the compare")
+    ap.add_argument("--second-run", action="store_true",
+                    help="long-run mode: with --no-compare, still make the second run (a second sample)")
     ap.add_argument("--keep", action="store_true", help="long-run mode: keep the runs (their directory is printed)")
     ap.add_argument("--cli-max-rss-mb", type=float, default=8192,
                     help="long-run mode: kill an ilstore-compare CLI whose resident set passes this (0: no limit)")
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         def write(n: str, k: str, ts: list[torch.Tensor]) -> None:
             for t in ts:
                 counter[0] += 1
-                view = memoryview(t.detach().clone().numpy()).cast("B")
+                view = t.detach().clone().numpy().data.cast("B")
                 with open(out / f"{counter[0]}.bin", "wb") as fh:
                     for start in range(0, view.nbytes, 1 << 20):
                         fh.write(view[start:start + (1 << 20)])
@@ -308,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'MB':>7} {'files':>6} {'RSS+MB':>7}")
     print(header)
     print("-" * len(header))
-    for r in results:
-        print(f"{r['name']:28} {r['forward']:9.3f} {r['fwd/base']:8.2f} {r['total']:8.3f} {r['tot/base']:8.2f} "
-              f"{r['tot/floor']:9.2f} {r['bytes'] / 1e6:7.1f} {r['files']:6d} {r['rss'] / 2**20:7.0f}")
+    for res in results:
+        print(f"{res['name']:28} {res['forward']:9.3f} {res['fwd/base']:8.2f} {res['total']:8.3f} "
+              f"{res['tot/base']:8.2f} {res['tot/floor']:9.2f} {res['bytes'] / 1e6:7.1f} {res['files']:6d} "
+              f"{res['rss'] / 2**20:7.0f}")
     by_name = {row.name: row for row in rows}
     if "ilstore pt replay" in by_name and "ilstore pt async" in by_name:
         ratio = _paired(by_name["ilstore pt replay"].total, by_name["ilstore pt async"].total)
@@ -331,7 +334,8 @@ def _long(args: argparse.Namespace) -> int:
             print(f"filesystem: {_fs_type(tmp) or '?'}")
             _long_run.main(args.steps, [b for b in args.backends.split(",") if b],
                            [m for m in args.modes.split(",") if m], tmp, with_compare=not args.no_compare,
-                           json_rows=rows, cli_max_rss_mb=args.cli_max_rss_mb)
+                           json_rows=rows, cli_max_rss_mb=args.cli_max_rss_mb,
+                           second_run=True if args.second_run else None)
         finally:
             if args.keep:
                 print(f"runs kept in {tmp}")
