@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ from .metrics import compare_stats
 from .options import CompareOptions
 from .pairing import Plan
 from .result import STATS_ONLY_MATCH, STATS_ONLY_MISMATCH, CallResult, Divergence, TensorResult
-from .stats_table import CHECKED, TableComparison, TableRun
+from .stats_table import CHECKED, StepIndex, StepMap, TableComparison, TableRun
 
 __all__ = ["CallOrder", "call_orders", "StepTemplate", "PlainSteps", "plain_steps", "assemble", "analyse"]
 
@@ -241,12 +242,22 @@ class _Group:
     def __init__(self, template: StepTemplate, table: TableComparison, options: CompareOptions, steps: np.ndarray,
                  starts1: np.ndarray, starts2: np.ndarray, failed: np.ndarray) -> None:
         self.template, self.table, self.options = template, table, options
-        self.steps, self.starts1, self.starts2, self.failed = steps, starts1, starts2, failed
+        self.steps, self.starts1, self.starts2 = steps, starts1, starts2
         lo, hi = template.first_pair[:-1], template.first_pair[1:]
-        self.mismatched = _sums(failed, lo, hi)
+        shape = (len(steps), len(template.calls))
+        if not failed.any():  # every pair passes (two identical runs): read-only zeros that take no memory
+            self.failed = np.broadcast_to(np.zeros(1, dtype=bool), failed.shape)
+            self.mismatched = np.broadcast_to(np.zeros(1, dtype=np.uint8), shape)
+            self.out_bad = self.in_bad = np.broadcast_to(np.zeros(1, dtype=bool), shape)
+            self.origin = np.broadcast_to(np.zeros(1, dtype=np.int8), shape)
+            self.outcome = np.broadcast_to(np.zeros(1, dtype=np.int64), shape[:1])
+            return
+        self.failed = failed
+        # the smallest unsigned type that counts a call's pairs
+        self.mismatched = _sums(failed, lo, hi, dtype=np.min_scalar_type(max(int((hi - lo).max(initial=0)), 1)))
         self.out_bad = _sums(failed, lo, hi, template.outputs) > 0
         self.in_bad = _sums(failed, lo, hi, template.inputs) > 0
-        self.origin = np.zeros(self.mismatched.shape, dtype=np.int8)
+        self.origin = np.zeros(shape, dtype=np.int8)
         self.outcome = self._outcomes()
 
     def _outcomes(self) -> np.ndarray:
@@ -325,10 +336,11 @@ class _Group:
                           output_rel_l2=None, input_rel_l2=None, growth=None, tensors=bad)
 
 
-def _sums(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
+def _sums(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray, select: np.ndarray | None = None,
+          dtype: Any = np.int32) -> np.ndarray:
     """Per row of ``mask`` (steps x columns), how many of its columns ``lo[i]:hi[i]`` are set (and
-    set in ``select``), for each ``i``; a few thousand rows at a time (bounded temporaries)."""
-    out = np.empty((len(mask), len(lo)), dtype=np.int32)
+    set in ``select``), for each ``i``, as ``dtype``; a few thousand rows at a time (bounded temporaries)."""
+    out = np.empty((len(mask), len(lo)), dtype=dtype)
     for first in range(0, len(mask), _CHUNK_STEPS):
         part = mask[first:first + _CHUNK_STEPS]
         if select is not None:
@@ -348,11 +360,34 @@ _ORIGINS: tuple[str | None, ...] = (None, INHERITED, INTRODUCED)
 @dataclasses.dataclass
 class PlainSteps:
     """The steps of a comparison decided in arrays: step -> its template (``templates``), and
-    step -> its group and position in it (``at``). ``failing``: some of them have a pair that fails."""
+    step -> its group and position in it (``at``); ``groups``: the groups. ``failing``: some of
+    them have a pair that fails. :meth:`of` makes them from the groups, in arrays (no object per step)."""
 
-    templates: dict[int, StepTemplate]
-    at: dict[int, tuple[_Group, int]] = dataclasses.field(default_factory=dict)
+    templates: Mapping[int, StepTemplate]
+    at: Mapping[int, tuple[_Group, int]] = dataclasses.field(default_factory=dict)
     failing: bool = False
+    groups: list[_Group] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, groups: Sequence[_Group]) -> PlainSteps:
+        """The steps of ``groups`` (each step in one)."""
+        sizes = [len(g.steps) for g in groups]
+        steps = np.concatenate([g.steps for g in groups] + [np.empty(0, dtype=np.int64)])
+        order = np.argsort(steps, kind="stable")
+        which = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)[order]
+        k = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes] + [np.empty(0, dtype=np.int64)])[order]
+        # per step in order: its group and its position there (Python arrays: quick to index one by one)
+        group_of, ks = array("i", which.tobytes()), array("q", k.tobytes())
+        index = StepIndex(steps[order])
+        kept = list(groups)
+
+        def template(i: int) -> StepTemplate:
+            return kept[group_of[i]].template
+
+        def at(i: int) -> tuple[_Group, int]:
+            return kept[group_of[i]], ks[i]
+
+        return cls(StepMap(index, template), StepMap(index, at), any(bool(g.failed.any()) for g in kept), kept)
 
 
 def plain_steps(table: TableComparison, o: CompareOptions, modules: list[re.Pattern[str]] | None, *,
@@ -367,44 +402,47 @@ def plain_steps(table: TableComparison, o: CompareOptions, modules: list[re.Patt
             then the calls must be analysed by :func:`analyse`, not :func:`~.divergence.analyse_calls`.
     """
     run1, run2 = table.run1, table.run2
-    steps = sorted(run1.blocks) if o.steps is None else sorted(set(o.steps))
-    both = [s for s in steps if s in run1.blocks and s in run2.blocks]
-    if not both:
+    blocks1, blocks2 = run1.blocks, run2.blocks
+    steps = blocks1.index.steps if o.steps is None else \
+        np.unique(np.asarray([s for s in o.steps if -2**63 <= s < 2**63], dtype=np.int64))
+    both = np.intersect1d(np.intersect1d(steps, blocks1.index.steps), blocks2.index.steps)
+    if not len(both):
         return PlainSteps({})
-    orders1, orders2 = call_orders(run1.reader, both), call_orders(run2.reader, both)
-    templates: dict[tuple[int, int, int, int], StepTemplate | None] = {}
-    chosen: dict[int, tuple[StepTemplate, list[int], list[int], list[int]]] = {}
-    for step in both:
-        order1, order2 = orders1.get(step), orders2.get(step)
-        if order1 is None or order2 is None:
-            continue
-        (layout1, start1), (layout2, start2) = run1.blocks[step], run2.blocks[step]
-        signature = (layout1, layout2, id(order1), id(order2))
-        if signature not in templates:
-            templates[signature] = _template(run1, run2, layout1, layout2, order1, order2, modules)
-        template = templates[signature]
-        if template is None:
-            continue
-        group = chosen.get(id(template))
-        if group is None:
-            group = chosen[id(template)] = (template, [], [], [])
-        group[1].append(step)
-        group[2].append(start1)
-        group[3].append(start2)
-    out = PlainSteps({})
-    for template, group_steps, starts1, starts2 in chosen.values():
-        s1, s2 = np.asarray(starts1, dtype=np.int64), np.asarray(starts2, dtype=np.int64)
+    at1 = np.searchsorted(blocks1.index.steps, both)
+    at2 = np.searchsorted(blocks2.index.steps, both)
+    layouts1, starts1, layouts2, starts2 = blocks1.layouts[at1], blocks1.starts[at1], blocks2.layouts[at2], \
+        blocks2.starts[at2]
+    orders1, orders2 = call_orders(run1.reader, map(int, both)), call_orders(run2.reader, map(int, both))
+    signatures: dict[tuple[int, int, int, int], int] = {}  # -> the template's number, -1: not plain
+    made: list[StepTemplate] = []
+    template_of = np.full(len(both), -1, dtype=np.int32)
+    for first in range(0, len(both), _CHUNK_STEPS):  # a chunk at a time: no Python object per step stays
+        now = slice(first, first + _CHUNK_STEPS)
+        numbers: list[int] = []
+        for step, layout1, layout2 in zip(both[now].tolist(), layouts1[now].tolist(), layouts2[now].tolist(),
+                                          strict=True):
+            order1, order2 = orders1.get(step), orders2.get(step)
+            if order1 is None or order2 is None:
+                numbers.append(-1)
+                continue
+            signature = (layout1, layout2, id(order1), id(order2))
+            number = signatures.get(signature)
+            if number is None:
+                template = _template(run1, run2, layout1, layout2, order1, order2, modules)
+                number = signatures[signature] = -1 if template is None else len(made)
+                if template is not None:
+                    made.append(template)
+            numbers.append(number)
+        template_of[now] = numbers
+    groups: list[_Group] = []
+    for number in np.unique(template_of[template_of >= 0]).tolist():  # in order of their first steps
+        template, where = made[number], np.flatnonzero(template_of == number)
+        s1, s2 = starts1[where], starts2[where]
         plain, failed = table.pair_check(s1, s2, template.rows1, template.rows2, template.numel, o)
         keep = plain if failing else plain & ~failed.any(axis=1)
-        if not keep.any():
-            continue
-        decided = _Group(template, table, o, np.asarray(group_steps, dtype=np.int64)[keep], s1[keep], s2[keep],
-                         failed[keep])
-        out.failing = out.failing or bool(decided.failed.any())
-        for k, step in enumerate(decided.steps.tolist()):
-            out.templates[step] = template
-            out.at[step] = (decided, k)
-    return out
+        if keep.any():
+            groups.append(_Group(template, table, o, both[where][keep], s1[keep], s2[keep], failed[keep]))
+    return PlainSteps.of(groups)
 
 
 class _TensorBlock:
@@ -415,7 +453,7 @@ class _TensorBlock:
     __slots__ = ("group", "ks", "steps", "status", "width", "positions")
 
     def __init__(self, group: _Group, k: int) -> None:
-        self.group, self.ks, self.steps = group, [k], [int(group.steps[k])]
+        self.group, self.ks, self.steps = group, array("q", (k,)), array("q", (int(group.steps[k]),))
         t = group.template
         self.width = len(t.pairs)
         bad = np.flatnonzero(group.mismatched[k])
@@ -447,7 +485,8 @@ class _CallBlock:
     __slots__ = ("group", "ks", "steps", "bases", "width", "positions")
 
     def __init__(self, group: _Group, k: int, base: int) -> None:
-        self.group, self.ks, self.steps, self.bases = group, [k], [int(group.steps[k])], [base]
+        self.group, self.ks, self.steps, self.bases = group, array("q", (k,)), array("q", (int(group.steps[k]),)), \
+            array("q", (base,))
         self.width = len(group.template.calls)
         self.positions = np.flatnonzero(group.mismatched[k]).tolist()
 
@@ -508,7 +547,7 @@ def analyse(plan: Plan, plain: PlainSteps, tensors: Sequence[TensorResult]
         ``(tensors, calls, first_divergence, introduced)``, as :func:`~.divergence.analyse_calls`
         and :func:`assemble` give them.
     """
-    groups = list({id(g): g for g, _k in plain.at.values()}.values())
+    groups = plain.groups or list({id(g): g for g, _k in plain.at.values()}.values())
     # the first step at which an output differs, here and in the plan (execution order is step order
     # between steps; a step is either decided here or planned)
     bad_here = [int(g.steps[g.out_bad.any(axis=1)].min()) for g in groups if g.out_bad.any()]

@@ -28,16 +28,19 @@ import json
 import math
 import os
 import sys
+import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import CorruptFileError
 
-__all__ = ["KEYS_NAME", "ROWS_NAME", "COLUMNS", "ROW_WIDTH", "STAT_COLUMNS", "StatsTableWriter",
-           "StatsTableReader", "table_of"]
+__all__ = ["KEYS_NAME", "ROWS_NAME", "COLUMNS", "ROW_WIDTH", "ROW_BYTES", "STAT_COLUMNS", "BLOCK_ROWS",
+           "StatsTableWriter", "StatsTableReader", "StatsTableRows", "table_of"]
 
 KEYS_NAME = "stats_keys.jsonl"
 ROWS_NAME = "stats.f64"
@@ -45,6 +48,11 @@ ROWS_NAME = "stats.f64"
 STAT_COLUMNS = ("nan_count", "inf_count", "min", "max", "mean", "std", "abs_max", "l2_norm")
 COLUMNS = ("step", "layout", "index") + STAT_COLUMNS
 ROW_WIDTH = len(COLUMNS)
+#: Bytes of one row.
+ROW_BYTES = 8 * ROW_WIDTH
+#: Rows one read of :class:`StatsTableRows` covers at most in :meth:`StatsTableRows.windows` (1.4 MB):
+#: a comparer holds a window of the table at a time, never the whole of a long run's.
+BLOCK_ROWS = 1 << 14
 #: How many layouts the writer remembers (a step whose layout is one of them reuses its number).
 _REMEMBERED = 64
 _NAN = math.nan
@@ -207,7 +215,8 @@ class StatsTableReader:
         return out
 
     def rows(self) -> bytes:
-        """Every complete row, as little-endian float64 bytes (``ROW_WIDTH`` values a row).
+        """Every complete row, as little-endian float64 bytes (``ROW_WIDTH`` values a row): the
+        whole file in memory (a comparer reads it a window at a time instead: :meth:`open_rows`).
 
         Raises:
             CorruptFileError: the file is missing or unreadable.
@@ -216,7 +225,93 @@ class StatsTableReader:
             data = self.rows_path.read_bytes()
         except OSError as exc:
             raise CorruptFileError(self.rows_path, f"unreadable statistics table: {exc}") from None
-        return data[:len(data) - len(data) % (8 * ROW_WIDTH)]  # a row cut by a crash is ignored
+        return data[:len(data) - len(data) % ROW_BYTES]  # a row cut by a crash is ignored
+
+    def open_rows(self) -> StatsTableRows:
+        """The complete rows, to read a window at a time (:class:`StatsTableRows`).
+
+        Raises:
+            CorruptFileError: the file is missing or unreadable.
+        """
+        return StatsTableRows(self.rows_path)
+
+
+class StatsTableRows:
+    """The complete rows of a statistics table's rows file, as it was when opened, read a few at a time.
+
+    The file stays open (and its rows the ones there were then: the writer only appends) until
+    :meth:`close` or until the object is collected. A row cut by a crash (the file's last, when
+    its size is not a whole number of rows) is not one of them.
+
+    Args:
+        path: the rows file.
+
+    Raises:
+        CorruptFileError: the file is missing or unreadable.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CorruptFileError(path, f"unreadable statistics table: {exc}") from None
+        self._close = weakref.finalize(self, os.close, fd)
+        self._fd = fd
+        try:
+            #: the number of complete rows
+            self.count = os.fstat(fd).st_size // ROW_BYTES
+        except OSError as exc:
+            self.close()
+            raise CorruptFileError(path, f"unreadable statistics table: {exc}") from None
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        """Rows ``first`` to ``first + count`` (exclusive) as a new ``(count, ROW_WIDTH)`` little-endian float64 array.
+
+        Raises:
+            IndexError: the rows are not all among the complete rows.
+            ValueError: the table is closed.
+            CorruptFileError: the read failed, or the file is shorter than when it was opened.
+        """
+        if not self._close.alive:
+            raise ValueError(f"{self.path}: the statistics table is closed")
+        if first < 0 or count < 0 or first + count > self.count:
+            raise IndexError(f"{self.path}: rows {first} to {first + count} of {self.count}")
+        out = np.empty((count, ROW_WIDTH), dtype="<f8")
+        if not count:
+            return out
+        view = out.data.cast("B")
+        done, offset = 0, first * ROW_BYTES
+        try:
+            while done < len(view):
+                got = os.preadv(self._fd, [view[done:]], offset + done) if _PREADV else _pread(self._fd, view[done:],
+                                                                                             offset + done)
+                if got <= 0:
+                    raise CorruptFileError(self.path, f"the statistics table is shorter than when it was opened "
+                                           f"({offset + done} of {self.count * ROW_BYTES} bytes)")
+                done += got
+        except OSError as exc:
+            raise CorruptFileError(self.path, f"unreadable statistics table: {exc}") from None
+        return out
+
+    def windows(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every complete row, in order, :data:`BLOCK_ROWS` rows at a time: ``(first row, rows)``."""
+        for first in range(0, self.count, BLOCK_ROWS):
+            yield first, self.read(first, min(BLOCK_ROWS, self.count - first))
+
+    def close(self) -> None:
+        """Close the file (idempotent); reads then fail."""
+        self._close()
+
+
+_PREADV = hasattr(os, "preadv")
+
+
+def _pread(fd: int, view: memoryview, offset: int) -> int:
+    """``os.pread`` into ``view`` (where the platform has no ``os.preadv``)."""
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
 
 
 def _file_name(run_dir: Path, spec: Mapping[str, Any], field: str) -> str:
