@@ -204,6 +204,8 @@ class TableRun:
         self._kept: list[dict[str, Any]] = []  # the nodes made here stay alive, so their ids stay theirs
         self._cached_step: int | None = None
         self._cached_values: list[list[Any]] = []
+        self._block_step: int | None = None
+        self._block: tuple[int, int] | None = None  # blocks.get(_block_step)
         self._window: tuple[int, np.ndarray] = (0, np.empty((0, ROW_WIDTH)))  # the rows :meth:`stat_values` read last
 
     def _index_blocks(self, steps: list[int]) -> BlockIndex:
@@ -325,7 +327,9 @@ class TableRun:
 
     def tensor_nodes(self, call: CallKey, kind: str) -> Iterator[tuple[TensorKey, dict[str, Any]]]:
         """Like :meth:`StoreReader.tensor_nodes`; from the table when the whole side is in its fast part."""
-        block = self.blocks.get(call.step)
+        if self._block_step != call.step:  # a step's calls are asked for one after another
+            self._block_step, self._block = call.step, self.blocks.get(call.step)
+        block = self._block
         if block is not None:
             layout, start = block
             indices, ok = self.groups(layout).get((call.module, call.call, kind), ([], True))
