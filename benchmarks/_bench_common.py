@@ -124,10 +124,23 @@ def files_under(path: Path) -> list[Path]:
 
 
 def dir_size(path: Path) -> tuple[int, int]:
-    """(bytes on disk counting each inode once — hard links are de-duplicated tensors, files)."""
-    files = files_under(path)
-    sizes = {(st.st_dev, st.st_ino): st.st_size for st in (f.stat() for f in files)}
-    return sum(sizes.values()), len(files)
+    """(bytes on disk counting each inode once — hard links are de-duplicated tensors, files).
+
+    ``os.scandir`` entries, not sorted ``Path`` objects: a 100,000-step pt tensors run holds
+    ~6.5 M names, which :func:`files_under` and a ``Path.stat`` each took over 10 minutes to add up."""
+    sizes: dict[tuple[int, int], int] = {}
+    files = 0
+    pending = [os.fspath(path)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    sizes[(st.st_dev, st.st_ino)] = st.st_size
+                    files += 1
+    return sum(sizes.values()), files
 
 
 def read_all(paths: Iterable[Path]) -> None:
