@@ -24,11 +24,11 @@ that key (older runs, other writers) simply has no table. The format pages docum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -237,11 +237,12 @@ class StatsTableReader:
 
 
 class StatsTableRows:
-    """The complete rows of a statistics table's rows file, as it was when opened, read a few at a time.
+    """The complete rows of a statistics table's rows file, as many as there were when it was
+    opened (the writer only appends), read a few at a time.
 
-    The file stays open (and its rows the ones there were then: the writer only appends) until
-    :meth:`close` or until the object is collected. A row cut by a crash (the file's last, when
-    its size is not a whole number of rows) is not one of them.
+    No file stays open between reads (a comparison's result may read rows long after the
+    comparison, and keeps no file open for it). A row cut by a crash (the file's last, when its
+    size is not a whole number of rows) is not one of them.
 
     Args:
         path: the rows file.
@@ -253,16 +254,9 @@ class StatsTableRows:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise CorruptFileError(path, f"unreadable statistics table: {exc}") from None
-        self._close = weakref.finalize(self, os.close, fd)
-        self._fd = fd
-        try:
             #: the number of complete rows
-            self.count = os.fstat(fd).st_size // ROW_BYTES
+            self.count = os.stat(path).st_size // ROW_BYTES
         except OSError as exc:
-            self.close()
             raise CorruptFileError(path, f"unreadable statistics table: {exc}") from None
 
     def read(self, first: int, count: int) -> np.ndarray:
@@ -270,11 +264,33 @@ class StatsTableRows:
 
         Raises:
             IndexError: the rows are not all among the complete rows.
-            ValueError: the table is closed.
-            CorruptFileError: the read failed, or the file is shorter than when it was opened.
+            CorruptFileError: the file cannot be read, or is shorter than when it was opened.
         """
-        if not self._close.alive:
-            raise ValueError(f"{self.path}: the statistics table is closed")
+        with self._open() as fd:
+            return self._read(fd, first, count)
+
+    def windows(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every complete row, in order, :data:`BLOCK_ROWS` rows at a time: ``(first row, rows)``.
+
+        Raises:
+            CorruptFileError: as :meth:`read`.
+        """
+        with self._open() as fd:
+            for first in range(0, self.count, BLOCK_ROWS):
+                yield first, self._read(fd, first, min(BLOCK_ROWS, self.count - first))
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[int]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CorruptFileError(self.path, f"unreadable statistics table: {exc}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int, first: int, count: int) -> np.ndarray:
         if first < 0 or count < 0 or first + count > self.count:
             raise IndexError(f"{self.path}: rows {first} to {first + count} of {self.count}")
         out = np.empty((count, ROW_WIDTH), dtype="<f8")
@@ -284,8 +300,7 @@ class StatsTableRows:
         done, offset = 0, first * ROW_BYTES
         try:
             while done < len(view):
-                got = os.preadv(self._fd, [view[done:]], offset + done) if _PREADV else _pread(self._fd, view[done:],
-                                                                                             offset + done)
+                got = os.preadv(fd, [view[done:]], offset + done) if _PREADV else _pread(fd, view[done:], offset + done)
                 if got <= 0:
                     raise CorruptFileError(self.path, f"the statistics table is shorter than when it was opened "
                                            f"({offset + done} of {self.count * ROW_BYTES} bytes)")
@@ -293,15 +308,6 @@ class StatsTableRows:
         except OSError as exc:
             raise CorruptFileError(self.path, f"unreadable statistics table: {exc}") from None
         return out
-
-    def windows(self) -> Iterator[tuple[int, np.ndarray]]:
-        """Every complete row, in order, :data:`BLOCK_ROWS` rows at a time: ``(first row, rows)``."""
-        for first in range(0, self.count, BLOCK_ROWS):
-            yield first, self.read(first, min(BLOCK_ROWS, self.count - first))
-
-    def close(self) -> None:
-        """Close the file (idempotent); reads then fail."""
-        self._close()
 
 
 _PREADV = hasattr(os, "preadv")
