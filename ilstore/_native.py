@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,22 @@ def _detail(exc: BaseException) -> str:
     return str(exc)
 
 
+#: Every :class:`NativeLibrary`, for :func:`_fresh_locks`.
+_LIBRARIES: weakref.WeakSet[NativeLibrary] = weakref.WeakSet()
+
+
+def _fresh_locks() -> None:
+    """In a forked child: a fresh lock for every library. A parent's thread may have held one at
+    the fork (the writer thread loads the statistics kernel at a capture's first record), and
+    the child's first load would then wait forever."""
+    for lib in list(_LIBRARIES):
+        lib._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks)
+
+
 class NativeLibrary:
     """One C source, compiled into the cache at first use and loaded once per process.
 
@@ -102,6 +119,7 @@ class NativeLibrary:
         self._lib: Any = None
         self._failed = False
         self._lock = threading.Lock()
+        _LIBRARIES.add(self)
 
     def compile(self) -> Path | None:
         """The compiled file in the cache (compiled now if it is not there yet); None without a compiler.

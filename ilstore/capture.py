@@ -55,7 +55,8 @@ def _forked_child() -> None:
     workers) from one that captures: every capture it inherited goes quiet for good. The run
     belongs to the parent, whose writer thread does not exist here; a write, a step end or a
     close from the child would interleave with the parent's in the same files. The inherited
-    writer is kept referenced and never touched (collecting it could flush its open files)."""
+    writer is kept referenced and never used; its ``forked()`` keeps what it holds open from
+    reaching the run when the child ends (an hdf5 step file, which HDF5 closes at exit)."""
     for cap in list(_WRITING):
         cap._orphan()
 
@@ -480,6 +481,11 @@ class Capture:
             return
         self._forked_from = self._parent_pid
         self._inherited, self._sink = self._sink, None  # no step end, flush or close reaches it
+        try:
+            self._inherited.writer.forked()  # nothing of it reaches the run when this process ends
+        except Exception as exc:  # never raised into the fork
+            _log.warning("ilstore: in the forked process %d, the run %s may be touched at its exit: %s",
+                         os.getpid(), self.run_dir, exc)
         self._paused, self._step, self._in_root, self._paused_roots = True, None, 0, 0
 
     def _warn_forked(self) -> None:
@@ -496,7 +502,7 @@ class Capture:
 
     def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any,
              kwargs: Any) -> tuple[Any, Any] | None:
-        if self._paused:
+        if self._paused or self._paused_roots:  # a forward that began paused stays unrecorded to its end
             if self._forked_from is not None:
                 self._warn_forked()
             return None
@@ -507,7 +513,7 @@ class Capture:
             return None
 
     def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if self._paused:
+        if self._paused or self._paused_roots:
             return
         try:
             self._post_impl(name, output)

@@ -60,22 +60,28 @@ def test_a_paused_forward_is_neither_logged_nor_counted(tmp_path: Path, async_wr
         assert torch.equal(run.load(ilstore.TensorKey(1, "0", 0, "inputs", ("0",))), x * 2)
 
 
+class _Midway(nn.Module):
+    """Calls ``a``, then ``between`` (capture methods' names), then ``b``, then ``after``."""
+
+    def __init__(self, between: tuple[str, ...], after: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.cap: ilstore.Capture | None = None
+        self.between, self.after = between, after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.cap is not None
+        x = self.a(x)
+        for name in self.between:
+            getattr(self.cap, name)()
+        x = self.b(x)
+        for name in self.after:
+            getattr(self.cap, name)()
+        return x
+
+
 def test_pausing_inside_a_forward_keeps_that_step(tmp_path: Path) -> None:
-    class PausesMidway(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
-            self.cap: ilstore.Capture | None = None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.a(x)
-            assert self.cap is not None
-            self.cap.pause()
-            x = self.b(x)
-            self.cap.resume()
-            return x
-
-    model = PausesMidway()
+    model = _Midway(("pause",), ("resume",))
     with ilstore.capture(model, _cfg(tmp_path)) as cap:
         model.cap = cap
         model(torch.ones(1, 2))
@@ -179,3 +185,86 @@ def test_a_capture_made_in_the_child_records_there(tmp_path: Path) -> None:
                 assert run.steps() == [0] and run.status == "complete"
 
         assert _in_child(child) == 0
+
+
+def test_a_forward_that_began_paused_stays_unrecorded_after_a_resume_inside_it(tmp_path: Path) -> None:
+    """A resume inside a paused forward takes effect at the next forward (before, the forward's
+    second half opened a step that the next forward was merged into)."""
+    model = _Midway(("resume",))
+    with ilstore.capture(model, _cfg(tmp_path)) as cap:
+        model.cap = cap
+        cap.pause()
+        model(torch.ones(1, 2))  # began paused: not recorded, not counted, even after the resume
+        assert cap.step_index == 0
+        model(torch.ones(1, 2))
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.steps() == [0]
+        assert [(c.module, c.call) for c in run.calls(0)] == [("a", 0), ("b", 0)]
+
+
+@needs_fork
+def test_a_child_forked_while_a_native_library_loads_can_load_it() -> None:
+    """The writer thread loads the statistics kernel under a lock at a capture's first record; a
+    child forked meanwhile got the lock held and waited forever at its first statistics."""
+    import signal
+
+    from ilstore._stats_kernel import LIBRARY
+
+    LIBRARY._lock.acquire()  # as if another thread were loading it at the fork
+    loaded, failed = LIBRARY._lib, LIBRARY._failed
+    LIBRARY._lib, LIBRARY._failed = None, False  # not loaded yet: load() takes the lock
+    try:
+        def child() -> None:
+            signal.alarm(20)  # before the fix: blocked in load() for good (SIGALRM ends the child)
+            LIBRARY.load()
+            signal.alarm(0)
+
+        assert _in_child(child) == 0
+    finally:
+        LIBRARY._lib, LIBRARY._failed = loaded, failed
+        LIBRARY._lock.release()
+
+
+_NORMAL_EXIT_CHILD = r"""
+import os, sys, warnings
+import torch
+import ilstore
+
+warnings.simplefilter("ignore")
+backend, out = sys.argv[1], sys.argv[2]
+lin = torch.nn.Linear(512, 8)  # bodies of 512 KB: written past what the child's HDF5 knew of the file
+cap = ilstore.capture(torch.nn.Sequential(lin), {"output_dir": out, "run_id": "r", "backend": backend,
+                                                 "log_step_ids": [], "async_writes": False}, manual_step=True)
+lin(torch.full((256, 512), 0.0))
+go, done = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(done)
+    os.read(go, 1)  # the parent has written more of the open step meanwhile
+    sys.exit(0)  # a normal exit: the interpreter and the libraries (HDF5 closes its files) clean up
+os.close(go)
+for i in range(1, 5):
+    lin(torch.full((256, 512), float(i)))
+os.write(done, b"x")
+os.waitpid(pid, 0)
+for i in range(5, 8):
+    lin(torch.full((256, 512), float(i)))
+cap.close()
+with ilstore.open_run(cap.run_dir) as run:
+    assert run.status == "complete" and run.steps() == [0], (run.status, run.steps())
+    got = [run.load(ilstore.TensorKey(0, "0", i, "inputs", ("0",)))[0, 0].item() for i in range(8)]
+    assert got == [float(i) for i in range(8)], got
+print("ok")
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
+def test_a_child_that_exits_normally_leaves_the_parents_open_step_whole(tmp_path: Path, backend: str) -> None:
+    """Before, an hdf5 child's normal exit let HDF5 close its copy of the parent's open step
+    file, cutting it to its length at the fork: the run's step lost the calls written since."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _NORMAL_EXIT_CHILD, backend, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr

@@ -232,6 +232,13 @@ class StoreWriter(ABC):
             raise StoreError(f"{self._journal.path}: cannot append step {info.step} to the step journal: "
                              f"{exc}") from exc
 
+    def forked(self) -> None:
+        """Called in a process forked from the writing one, which writes nothing to the run: make
+        sure nothing of this writer reaches the run's files when that process ends. Nothing to do
+        for writers that keep only plain descriptors; a writer with a library's open file (hdf5)
+        overrides it."""
+        return None
+
     def close(self, status: str = "complete", error: str | None = None) -> None:
         if self._closed:
             return

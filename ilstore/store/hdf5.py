@@ -229,6 +229,29 @@ class Hdf5Writer(StoreWriter):
         self._step, self._groups, self._datasets, self._entries = step, {}, {}, []
         return self._file
 
+    def forked(self) -> None:
+        """In a forked child: HDF5 would flush its copy of the open step file's metadata and cut
+        the file to the length it knew at the fork when the child exits normally (its library
+        closes every file at exit), undoing what the parent wrote since. The child's descriptor of
+        that file is pointed at a throwaway in-memory file (``memfd_create``; ``/dev/null``
+        elsewhere), so whatever HDF5 does there never reaches the run. No h5py call is made when
+        the descriptor is known (the parent's writer thread may have been inside HDF5 at the fork)."""
+        if self._file is None:
+            return
+        fd = self._fd
+        if fd is None:
+            try:
+                fd = int(self._file.id.get_vfd_handle())
+            except Exception as exc:  # not a descriptor-backed driver: nothing to redirect
+                _log.debug("ilstore: no descriptor for %s in the forked child: %s", self._path, exc)
+                return
+        make = getattr(os, "memfd_create", None)
+        spare = make("ilstore-forked") if make is not None else os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(spare, fd)
+        finally:
+            os.close(spare)
+
     def _drop(self) -> None:
         """After an I/O error: close the file at once, ignoring errors. An HDF5 file object left
         open after a failed write can crash the interpreter when it is finally deallocated."""
