@@ -284,7 +284,9 @@ class StatsTableRows:
         try:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise CorruptFileError(self.path, f"unreadable statistics table: {exc}") from None
+            raise CorruptFileError(self.path, f"cannot read the statistics table, which was there when it was first "
+                                   f"opened: {exc} (a comparison's result reads its runs' statistics tables until its "
+                                   "report is made: was the run moved, removed or rewritten since?)") from None
         try:
             yield fd
         finally:
