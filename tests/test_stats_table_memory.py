@@ -239,3 +239,16 @@ def test_step_maps_find_every_step_and_no_other(steps: list[int]) -> None:
     assert values.get(min(others), "none") == "none"
     with pytest.raises(KeyError):
         values[min(others)]
+
+
+def test_rows_read_the_same_without_preadv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the platform has no ``os.preadv`` the rows come from ``lseek`` and ``read``: the same
+    rows, and the same error for a file shorter than when it was opened."""
+    path = _table_file(tmp_path, 10)
+    rows = store_table.StatsTableRows(path)
+    expected = rows.read(2, 7).tolist()
+    monkeypatch.setattr(store_table, "PREADV", False)
+    assert rows.read(2, 7).tolist() == expected
+    os.truncate(path, 5 * ROW_BYTES)
+    with pytest.raises(CorruptFileError, match=f"shorter than when it was opened \\({5 * ROW_BYTES} of "):
+        rows.read(4, 3)

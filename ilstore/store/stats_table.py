@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptFileError
+from ._pread import AVAILABLE as PREADV
+from ._pread import pread_into
 
 __all__ = ["KEYS_NAME", "ROWS_NAME", "COLUMNS", "ROW_WIDTH", "ROW_BYTES", "STAT_COLUMNS", "BLOCK_ROWS",
            "StatsTableWriter", "StatsTableReader", "StatsTableRows", "table_of"]
@@ -299,27 +301,28 @@ class StatsTableRows:
         if not count:
             return out
         view = out.data.cast("B")
-        done, offset = 0, first * ROW_BYTES
+        offset = first * ROW_BYTES
         try:
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], offset + done) if _PREADV else _pread(fd, view[done:], offset + done)
-                if got <= 0:
-                    raise CorruptFileError(self.path, f"the statistics table is shorter than when it was opened "
-                                           f"({offset + done} of {self.count * ROW_BYTES} bytes)")
-                done += got
+            done = pread_into(fd, [view], offset) if PREADV else _read_at(fd, view, offset)
         except OSError as exc:
             raise CorruptFileError(self.path, f"unreadable statistics table: {exc}") from None
+        if done < len(view):
+            raise CorruptFileError(self.path, f"the statistics table is shorter than when it was opened "
+                                   f"({offset + done} of {self.count * ROW_BYTES} bytes)")
         return out
 
 
-_PREADV = hasattr(os, "preadv")
-
-
-def _pread(fd: int, view: memoryview, offset: int) -> int:
-    """``os.pread`` into ``view`` (where the platform has no ``os.preadv``)."""
-    data = os.pread(fd, len(view), offset)
-    view[:len(data)] = data
-    return len(data)
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``fd`` at ``offset`` where the platform has no ``os.preadv``; the bytes read."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    done = 0
+    while done < len(view):
+        data = os.read(fd, len(view) - done)
+        if not data:
+            break
+        view[done:done + len(data)] = data
+        done += len(data)
+    return done
 
 
 def _file_name(run_dir: Path, spec: Mapping[str, Any], field: str) -> str:
