@@ -31,6 +31,7 @@ from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
 
+from ._stepmap import SharedValues
 from ._version import __version__
 from .errors import CorruptFileError, StoreError
 from .keys import CallKey
@@ -67,11 +68,17 @@ _TOTALS_TAIL = re.compile(rb'"totals": \{"module_calls": (\d+), "tensors": (\d+)
 #: A step's totals as a tuple, in :data:`TOTALS_KEYS` order.
 TotalCounts = tuple[int, int, int, int]
 _DECODER = json.JSONDecoder()
-_SCAN_CHUNK = 1 << 23
+# The index's pass reads this many bytes at a time; a chunk's lines are split out at once (a bytes
+# object each), so its transient memory is a few times this (1 MiB: ~8 MB at 10^5 steps, 36 with 8).
+_SCAN_CHUNK = 1 << 20
 # Distinct line endings remembered while reading every step's totals.
 _SEEN_ENDINGS = 1024
 # Parsed journal lines kept per reader (the lines others point to with "calls_as" are reused).
 _LINE_CACHE = 64
+# call_orders() reads the journal this many bytes at a time (a longer line: the line).
+_ORDER_WINDOW = 1 << 20
+# Lines that spell their orders out, remembered by call_orders() for the lines that refer to them.
+_SPELLED_LINES = 1024
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -302,7 +309,7 @@ class JournalReader:
         self._checked: dict[tuple[int, str], list[tuple[str, int]]] = {}  # (line offset, field) -> its calls
         self._found: dict[int, tuple[int, int] | None] = {}  # step -> (offset, length), by binary search
         self._fd: int | None = None  # for reading lines, opened on first use
-        self._orders: tuple[dict[int, CallOrder] | None] | None = None  # call_orders(), once read
+        self._orders: tuple[SharedValues[CallOrder] | None] | None = None  # call_orders(), once read
 
     # -- the index -------------------------------------------------------------------------
     def _index(self) -> array[int]:
@@ -542,10 +549,15 @@ class JournalReader:
         rank = self.rank
         return [CallKey(rank, step, module, call) for module, call in pairs]
 
-    def call_orders(self) -> dict[int, CallOrder] | None:
+    def call_orders(self) -> SharedValues[CallOrder] | None:
         """Every step's ``calls`` and ``call_ends`` as :data:`CallOrder` s, read in one pass; steps
         with equal orders share one tuple (so a comparer recognises them by identity, with no
         :class:`CallKey` per call and step).
+
+        The answer holds no Python object per step: the index's own step array and a 4-byte number
+        per step into the distinct orders (:class:`~ilstore._stepmap.SharedValues`, a read-only
+        mapping in step order; its ``distinct()`` gives each order once). The lines are read a
+        window at a time (:data:`_ORDER_WINDOW` bytes), not the whole file at once.
 
         Returns:
             Step -> orders; None when some line does not spell out both orders and names no line
@@ -558,53 +570,72 @@ class JournalReader:
             self._orders = (self._read_call_orders(),)
         return self._orders[0]
 
-    def _read_call_orders(self) -> dict[int, CallOrder] | None:
+    def _read_call_orders(self) -> SharedValues[CallOrder] | None:
         steps = self._index()
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise CorruptFileError(self.path, f"unreadable step journal: {exc}") from None
-        where = {step: i for i, step in enumerate(steps)}
-        spelled: dict[int, CallOrder | None] = {}
-        interned: dict[CallOrder, CallOrder] = {}
+        offsets, lengths, lines, rank, parse = self._offsets, self._lengths, self._lines, self.rank, self._parse
+        interned: dict[CallOrder, int] = {}  # an order -> its number, the position in distinct
+        distinct: list[CallOrder] = []
+        spelled: dict[int, int] = {}  # the last lines that spelled their orders out: step -> number (-1: none)
+        numbers = array("i")
+        window, window_at = b"", 0
 
-        def line(i: int) -> bytes:
-            return data[self._offsets[i]:self._offsets[i] + self._lengths[i]]
+        def read(at: int, size: int) -> bytes:
+            try:
+                return os.pread(self._reader_fd(), size, at)
+            except OSError as exc:
+                raise CorruptFileError(self.path, f"unreadable step journal: {exc}") from None
 
-        def spelled_out(step: int) -> CallOrder | None:
-            if step not in spelled:
-                i = where.get(step)
-                order = None
-                if i is not None:
-                    doc = self._parse(line(i), self._lines[i], step)
-                    if "calls_as" not in doc and "calls" in doc and "call_ends" in doc:
-                        try:
-                            order = (self.rank, *(tuple((c.module, c.call) for c in calls_from_json(doc[f], step))
-                                                  for f in ("calls", "call_ends")))
-                        except ValueError:
-                            order = None
-                        if order is not None:  # lines that spell out the same orders share them too
-                            order = interned.setdefault(order, order)  # type: ignore[arg-type]
-                spelled[step] = order  # type: ignore[assignment]
-            return spelled[step]
+        def number_of(doc: dict[str, Any], step: int) -> int:
+            """The number of the orders a parsed line without "calls_as" spells out, -1 if it does not."""
+            if "calls_as" in doc or "calls" not in doc or "call_ends" not in doc:
+                number = -1
+            else:
+                try:
+                    order: CallOrder = (rank, *(tuple((c.module, c.call) for c in calls_from_json(doc[f], step))
+                                                for f in ("calls", "call_ends")))  # type: ignore[assignment]
+                except ValueError:
+                    number = -1
+                else:  # lines that spell out the same orders share them too
+                    number = interned.setdefault(order, len(distinct))
+                    if number == len(distinct):
+                        distinct.append(order)
+            if len(spelled) >= _SPELLED_LINES:
+                del spelled[next(iter(spelled))]
+            spelled[step] = number
+            return number
 
-        out: dict[int, CallOrder] = {}
+        def spelled_out(step: int) -> int:
+            """The number of the orders the line of ``step`` (one a "calls_as" names) spells out."""
+            number = spelled.get(step)
+            if number is None:
+                i = bisect_left(steps, step)
+                if i == len(steps) or steps[i] != step:
+                    return -1
+                number = number_of(parse(read(offsets[i], lengths[i]), lines[i], step), step)
+            return number
+
         for i, step in enumerate(steps):
-            raw = line(i)
+            at, size = offsets[i], lengths[i]
+            if not window_at <= at <= at + size <= window_at + len(window):  # the next window (in file order)
+                window = b""  # the last one freed before the next is read: one window at a time
+                window, window_at = read(at, max(size, _ORDER_WINDOW)), at
+            raw = window[at - window_at:at - window_at + size]
             m = _CALLS_AS.match(raw)
             if m is not None and int(m.group(1)) == step:
-                ref: Any = int(m.group(2))
+                number = spelled_out(int(m.group(2)))
             else:
-                doc = self._parse(raw, self._lines[i], step)
-                ref = doc.get("calls_as", step)
-                if "calls_as" in doc and (not isinstance(ref, int) or isinstance(ref, bool) or ref == step):
-                    return None
-            order = spelled_out(ref)
-            if order is None:
+                doc = parse(raw, lines[i], step)
+                if "calls_as" in doc:
+                    ref = doc["calls_as"]
+                    if not isinstance(ref, int) or isinstance(ref, bool) or ref == step:
+                        return None
+                    number = spelled_out(ref)
+                else:
+                    number = number_of(doc, step)
+            if number < 0:
                 return None
-            out[step] = order
-        return out
+            numbers.append(number)
+        return SharedValues(steps, numbers, distinct)
 
     def totals(self, step: int) -> dict[str, int] | None:
         """The ``totals`` of ``step`` (:data:`TOTALS_KEYS`), None when no line has the step or it has none.

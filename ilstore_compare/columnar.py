@@ -68,17 +68,17 @@ __all__ = ["CallOrder", "call_orders", "StepTemplate", "PlainSteps", "plain_step
 CallOrder = tuple[int, tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]
 
 
-def call_orders(reader: StoreReader, steps: Iterable[int]) -> dict[int, CallOrder | None]:
+def call_orders(reader: StoreReader, steps: Iterable[int]) -> Mapping[int, CallOrder | None]:
     """Each step's calls in start and end order; None for a step whose calls are of several ranks.
 
     Steps with the same orders share one tuple, so a template is found by identity. A reader
     that offers ``call_orders()`` (every step's orders read in one pass, None when it cannot)
-    is asked that; otherwise each step's :meth:`~StoreReader.calls` and
-    :meth:`~StoreReader.call_ends`.
+    is asked that, and its mapping returned as it is (the step journal's holds no object per
+    step); otherwise each step's :meth:`~StoreReader.calls` and :meth:`~StoreReader.call_ends`.
     """
     bulk = getattr(reader, "call_orders", None)
     found = bulk() if callable(bulk) else None
-    if isinstance(found, dict):
+    if isinstance(found, Mapping):
         return found
     interned: dict[CallOrder, CallOrder] = {}
     out: dict[int, CallOrder | None] = {}

@@ -374,7 +374,8 @@ class WithoutBatch(_View):
 def _has_batch(reader: StoreReader) -> bool:
     orders = reader.call_orders()  # every step's calls in one pass, where the reader can
     if orders is not None:
-        distinct = {id(order): order for order in orders.values()}.values()
+        shared = getattr(orders, "distinct", None)  # the step journal's: each distinct order once
+        distinct = shared() if callable(shared) else {id(order): order for order in orders.values()}.values()
         return any(module == BATCH_MODULE for order in distinct for module, _ in order[1])
     return any(c.module == BATCH_MODULE for step in reader.steps() for c in reader.calls(step))
 

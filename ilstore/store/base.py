@@ -415,12 +415,16 @@ class StoreReader(ABC):
             ends = self._list_call_ends(step)
         return _ends_from_nesting(self.calls(step)) if ends is None else ends
 
-    def call_orders(self) -> dict[int, CallOrder] | None:
+    def call_orders(self) -> Mapping[int, CallOrder] | None:
         """Every completed step's calls in start and end order, read in one pass.
 
         What comparing a long run wants: ``(rank, (module, call) in start order, (module, call)
         in end order)`` per step, with no :class:`CallKey` per call and step; steps with the same
-        orders share one tuple.
+        orders share one tuple (a caller may recognise them by identity).
+
+        The mapping is read-only and holds no Python object per step (the step journal's
+        :class:`~ilstore._stepmap.SharedValues`: ``get``, ``[]``, ``in``, ``len``, iteration and
+        ``values()``/``items()`` in step order; ``distinct()`` gives each distinct orders tuple once).
 
         Returns:
             Step -> orders; None when this reader cannot answer so (no step journal, or a reader
