@@ -172,6 +172,31 @@ def model_info(model: nn.Module) -> dict[str, str]:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "architecture": arch}
 
 
+#: The file of torch's module call machinery (``Module._call_impl`` and its ``inner``): a frame of
+#: it stays on the stack for the whole of the call whose hooks it runs (see :func:`_call_frame`).
+_CALL_FILE = nn.Module._call_impl.__code__.co_filename
+_CALL_FRAME_SEARCH = 32  # frames looked through above a root pre-hook for it
+
+
+def _call_frame(skip: int) -> Any:
+    """The frame of torch's call machinery that runs the hook calling this (``skip`` frames up:
+    the hook itself and ilstore's own wrappers are passed over), or None when none is near.
+
+    That frame is on the stack from the root's pre-hooks until its forward hooks, and gone once
+    the call has ended, returned or raised: :meth:`Capture._root_call_gone` looks for it."""
+    try:
+        frame: Any = sys._getframe(skip + 1)
+    except ValueError:
+        return None
+    for _ in range(_CALL_FRAME_SEARCH):
+        if frame is None:
+            return None
+        if frame.f_code.co_filename == _CALL_FILE:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def _rng_devices() -> set[torch.device]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {torch.device("cuda", torch.cuda.current_device())}
@@ -199,6 +224,13 @@ class Capture:
             it, and when capture is disabled).
         hooked_modules: names of the modules that have hooks.
         error: what stopped the capture (``on_error: "warn"``), or None.
+
+    A root forward interrupted by Ctrl-C (``KeyboardInterrupt``; also ``SystemExit``: torch runs
+    the forward hooks that end a step after an ``Exception`` only) is treated as a forward that
+    raised, once the capture sees it, at the next root forward or at :meth:`close`: its step is
+    abandoned (no completed step; listed as incomplete when records of it were written) and
+    ``step_index`` moves past it, so the next forward is a step of its own. A forward that began
+    paused and was interrupted no longer holds the capture paused.
     """
 
     def __init__(self, model: nn.Module, config: Any = None, *, manual_step: bool = False,
@@ -227,6 +259,10 @@ class Capture:
         self._fork_warned = False
         self._parent_pid = os.getpid()
         self._in_root = 0  # nesting depth of root forwards (automatic steps)
+        # The outermost root forward in progress (began or paused): the frame of torch's call
+        # machinery running it, to tell a root forward interrupted by Ctrl-C (its forward hooks
+        # never ran) from a nested one (see _root_pre). None: none in progress, or not known.
+        self._root_call: Any = None
         self._stray_warned = False
         self._compile_warned = False
         self._step: _StepState | None = None  # the open step, if any
@@ -249,33 +285,72 @@ class Capture:
                              "(ilstore never overwrites a run)")
         if cfg.replay_from is not None:  # a bad reference fails here, before anything is written
             self._replay = open_reference(cfg.replay_from, open_run)
-        writer = backend.writer(rank_dir, cfg.backend_options)
-        manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
-        manifest["model"] = model_info(model)
-        if self._replay is not None:
-            manifest["replayed_from"] = self._replay.describe()
+        writer = None
         try:
-            if self.world_size > 1 and self.rank == 0:
-                write_ranks_manifest(self.run_dir, backend=backend.name, world_size=self.world_size,
-                                     config=cfg.to_dict())
-            writer.open(manifest)
-        except OSError as exc:
-            self._fail(StoreError(f"{self.run_dir}: cannot create the run directory: {exc}"))
-            return
-        # Compiled code reuses its buffers in place without bumping version counters, so a
-        # tensor's identity says nothing there: in_graph runs are never de-duplicated.
-        self._dedup = Deduper() if cfg.dedup and not cfg.in_graph else None
-        if cfg.in_graph:
-            from .in_graph import InGraph
+            writer = backend.writer(rank_dir, cfg.backend_options)
+            manifest = new_manifest(backend.name, cfg.to_dict(), rank=self.rank, world_size=self.world_size)
+            manifest["model"] = model_info(model)
+            if self._replay is not None:
+                manifest["replayed_from"] = self._replay.describe()
+            try:
+                if self.world_size > 1 and self.rank == 0:
+                    write_ranks_manifest(self.run_dir, backend=backend.name, world_size=self.world_size,
+                                         config=cfg.to_dict())
+                writer.open(manifest)
+            except OSError as exc:
+                error = StoreError(f"{self.run_dir}: cannot create the run directory: {exc}")
+                self._discard_setup(writer, error)
+                self._fail(error)
+                return
+            # Compiled code reuses its buffers in place without bumping version counters, so a
+            # tensor's identity says nothing there: in_graph runs are never de-duplicated.
+            self._dedup = Deduper() if cfg.dedup and not cfg.in_graph else None
+            if cfg.in_graph:
+                from .in_graph import InGraph
 
-            self._in_graph = InGraph(self)
-            self._opaque_hooks = True  # nothing to warn about: the hooks are meant to be traced
-        if cfg.async_writes:
-            self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
-        else:
-            self._sink = SyncSink(writer)
-        _WRITING.add(self)
-        self._attach()
+                self._in_graph = InGraph(self)
+                self._opaque_hooks = True  # nothing to warn about: the hooks are meant to be traced
+            if cfg.async_writes:
+                self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
+            else:
+                self._sink = SyncSink(writer)
+            _WRITING.add(self)
+            self._attach()
+        except BaseException as exc:
+            self._discard_setup(writer, exc)
+            raise
+
+    def _discard_setup(self, writer: Any, exc: BaseException) -> None:
+        """The capture could not be set up (a module that takes no hooks, e.g. a ScriptModule;
+        a run directory that cannot be written; Ctrl-C): leave nothing behind. The hooks
+        attached so far are removed, and the run's files that are open (step journal,
+        statistics table, the reference of a replay) are closed: the run, if its manifest
+        could be written, is closed as ``failed`` with the error. Nothing is raised from here."""
+        if self._closed:
+            return
+        self._closed = True
+        _WRITING.discard(self)
+        self._detach()
+        sink, self._sink = self._sink, None
+        try:
+            if sink is not None:
+                sink.close("failed", error=f"{type(exc).__name__}: {exc}")
+            elif writer is not None:
+                writer.close("failed", f"{type(exc).__name__}: {exc}")
+        except Exception as close_exc:  # e.g. the directory it could not create: nothing to close
+            _log.debug("ilstore: closing the run %s after a failed set-up: %s", self.run_dir, close_exc)
+        self._close_parts()
+
+    def _close_parts(self) -> None:
+        """Close what the capture holds besides its sink: the in_graph taps, the replay reference."""
+        in_graph, self._in_graph = self._in_graph, None
+        replay, self._replay = self._replay, None
+        try:
+            if in_graph is not None:
+                in_graph.close()
+        finally:
+            if replay is not None:
+                replay.close()
 
     # -- hook management --------------------------------------------------------------------
     def _attach(self) -> None:
@@ -374,22 +449,73 @@ class Capture:
             warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
                           "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
 
-    def _root_pre(self, module: nn.Module, args: Any) -> None:
+    def _root_pre(self, module: nn.Module | None, args: Any) -> None:
+        if (self._in_root or self._paused_roots) and self._root_call_gone():
+            self._end_interrupted_root()  # the last root forward never returned: this one is not nested in it
         if self._paused_roots or (self._paused and self._in_root == 0 and self._step is None):
             # a forward that began paused (a warm-up run) is not a step: not logged, not counted
+            if not self._paused_roots and module is not None:
+                self._root_call = _call_frame(1)
             self._paused_roots += 1
             if self._forked_from is not None:
                 self._warn_forked()
             return
-        if self._in_root == 0 and self._step is None:  # else: calls made outside a forward opened it
-            self._begin_step()
+        if self._in_root == 0:
+            if self._step is None:  # else: calls made outside a forward opened it
+                self._begin_step()
+            if module is not None:  # a hook (in_graph delivers its markers with None: not known)
+                self._root_call = _call_frame(1)
         self._in_root += 1
 
-    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _root_call_gone(self) -> bool:
+        """Whether the root forward in progress has ended without its forward hooks running.
+
+        torch runs ``always_call`` forward hooks when the forward raises an ``Exception``, not
+        when a ``BaseException`` passes through it (``KeyboardInterrupt`` from Ctrl-C,
+        ``SystemExit``; ``Module._call_impl`` catches ``Exception``): such a forward leaves the
+        capture inside it. Its call frame (:func:`_call_frame`) is then no longer on the stack;
+        a nested root forward runs above it. Walks the stack, so only called when a root
+        forward is in progress (nested root forwards are rare). Unknown frame: False (nested).
+        """
+        frame = self._root_call
+        if frame is None:
+            return False
+        f: Any = sys._getframe(1)
+        while f is not None:
+            if f is frame:
+                return False
+            f = f.f_back
+        return True
+
+    def _end_interrupted_root(self) -> None:
+        """The root forward in progress was interrupted (Ctrl-C inside it, see
+        :meth:`_root_call_gone`): end it as its forward hooks would have for a forward that
+        raised. Its step is abandoned: never handed to the writer as ended, so it is no
+        completed step (readers list it under ``incomplete_steps()`` when records of it were
+        written, as the step of a forward that raised an exception; a crash-safe journal line is
+        written only for completed steps), and the step counter advances past it: the next root
+        forward is the next step. A forward that began paused ends, still no step."""
+        self._root_call = None
+        if self._paused_roots:
+            self._paused_roots = 0
+            return
+        self._in_root = 0
+        if self._step is not None:
+            try:
+                self._end_step(completed=False)
+            except Exception as exc:
+                self._fail(exc)
+            self.step_index += 1
+
+    def _root_post(self, module: nn.Module | None, args: Any, output: Any) -> None:
         if self._paused_roots:
             self._paused_roots -= 1
+            if not self._paused_roots:
+                self._root_call = None
             return
         self._in_root = max(0, self._in_root - 1)
+        if self._in_root == 0:
+            self._root_call = None
         if self._in_root == 0 and self._step is not None:
             # A forward that raised (always_call hooks run while the exception is handled)
             # abandons its step: never marked complete, its partial data ignored by readers.
@@ -419,12 +545,18 @@ class Capture:
                    self.step_index, exc, self.run_dir)
         self._detach()
         self._step = None
+        self._root_call = None
         self._closed = True
+        _WRITING.discard(self)
         if self._sink is not None:
             try:
                 self._sink.close("failed", error=str(exc))
             except Exception as close_exc:  # the disk may still be full
                 _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
+        try:
+            self._close_parts()
+        except Exception as close_exc:
+            _log.error("ilstore: could not close the replay reference: %s", close_exc)
 
     def step(self) -> int:
         """Manual stepping: end the current step and start the next; returns the new index.
@@ -486,7 +618,7 @@ class Capture:
         except Exception as exc:  # never raised into the fork
             _log.warning("ilstore: in the forked process %d, the run %s may be touched at its exit: %s",
                          os.getpid(), self.run_dir, exc)
-        self._paused, self._step, self._in_root, self._paused_roots = True, None, 0, 0
+        self._paused, self._step, self._in_root, self._paused_roots, self._root_call = True, None, 0, 0, None
 
     def _warn_forked(self) -> None:
         if not self._fork_warned:
@@ -600,11 +732,13 @@ class Capture:
         if self._forked_from is not None:
             return
         if self._in_graph is not None:
-            self._in_graph.close()
+            self._in_graph.close()  # no tap reaches the capture from here (_close_parts forgets it)
         if self._sink is not None:
             if isinstance(self._sink, ThreadedSink):
                 self._sink.closing()  # the step end below starts no writer thread
             try:
+                if (self._in_root or self._paused_roots) and self._root_call_gone():
+                    self._end_interrupted_root()  # Ctrl-C in the last forward: its step is not completed here
                 if self._step is not None and (self.manual_step or status == "complete"):
                     self._end_step()
             except Exception as exc:
@@ -614,8 +748,7 @@ class Capture:
                 self._sink.close(status)
             except Exception as exc:
                 self._fail(exc)
-        if self._replay is not None:
-            self._replay.close()
+        self._close_parts()
 
     def flush(self) -> None:
         """Wait until everything captured so far is written (asynchronous writes only)."""
