@@ -123,13 +123,17 @@ def test_ls_cli(out_dir: Path) -> None:
 def test_ls_incomplete_run(out_dir: Path) -> None:
     model = Thrice()
     cap = ilstore.capture(model, {"output_dir": str(out_dir), "run_id": "cut", "log_step_ids": []})
-    model(torch.randn(1, 4))
-    cap._begin_step()  # a step that starts and never ends, as in a killed process
-    cap._pre("lin", None, model.lin, (torch.randn(1, 4),), {})
-    cap.flush()  # what the writer thread had written when the process died
-    result = CliRunner().invoke(cli, ["ls", str(cap.run_dir)])
-    assert result.exit_code == 0
-    assert "status running" in result.output and "incomplete step(s), cut before they finished: [1]" in result.output
+    try:
+        model(torch.randn(1, 4))
+        cap._begin_step()  # a step that starts and never ends, as in a killed process
+        cap._pre("lin", None, model.lin, (torch.randn(1, 4),), {})
+        cap.flush()  # what the writer thread had written when the process died
+        result = CliRunner().invoke(cli, ["ls", str(cap.run_dir)])
+        assert result.exit_code == 0
+        assert "status running" in result.output
+        assert "incomplete step(s), cut before they finished: [1]" in result.output
+    finally:  # this process lives on: its writer thread and the run's open files (stats.f64...) end here
+        cap.close("failed")
 
 
 def test_ls_errors(tmp_path: Path) -> None:

@@ -149,12 +149,15 @@ def test_cut_step_is_not_listed_without_a_manifest(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     cap = ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r", "backend": "safetensors",
                                   "log_step_ids": [], "async_writes": False})
-    model(torch.randn(1, 2))
-    cap._begin_step()  # a step that starts and never ends, as in a killed process
-    cap._pre("0", None, model[0], (torch.randn(1, 2),), {})
-    (cap.run_dir / "ilstore.json").unlink()
-    with ilstore.open_run(cap.run_dir) as run:
-        assert run.name == "safetensors" and run.steps() == [0] and run.incomplete_steps() == [1]
+    try:
+        model(torch.randn(1, 2))
+        cap._begin_step()  # a step that starts and never ends, as in a killed process
+        cap._pre("0", None, model[0], (torch.randn(1, 2),), {})
+        (cap.run_dir / "ilstore.json").unlink()
+        with ilstore.open_run(cap.run_dir) as run:
+            assert run.name == "safetensors" and run.steps() == [0] and run.incomplete_steps() == [1]
+    finally:  # this process lives on: the run's open files (stats.f64...) are closed here
+        cap.close("failed")
 
 
 def test_dtypes_stored_as_is_are_the_ones_safetensors_reads_back() -> None:
