@@ -74,7 +74,9 @@ def report_format(fmt: str | None, output: Path | None) -> str:
 
 
 class _ProgressBar:
-    """A tqdm bar on stderr, created on the first update (when the total is known)."""
+    """A tqdm bar on stderr, created on the first update (when the total is known); a long
+    comparison's total is an estimate until its last window of steps is planned (:mod:`.engine`),
+    so the bar follows the total it is given."""
 
     def __init__(self) -> None:
         self._bar: Any = None
@@ -84,6 +86,8 @@ class _ProgressBar:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, file=sys.stderr, unit="tensor", desc="comparing", leave=False)
+        elif self._bar.total != total:
+            self._bar.total = total
         self._bar.update(done - self._bar.n)
 
     def close(self) -> None:

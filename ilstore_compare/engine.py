@@ -29,14 +29,14 @@ from ilstore.store.registry import open_run
 from . import columnar, stats_table
 from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
-from .divergence import analyse_calls
-from .entries import Entries
+from .divergence import analyse_calls, merge_introduced
+from .entries import Entries, Held
 from .local import local_errors, local_notes, local_report, measured_divergence
 from .maps import pick_map
 from .metrics import Split, compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
 from .oracle import enclosing_calls, explain_containers, oracle_calls
-from .pairing import Pair, build_plan, compile_patterns, resolve_run_dir
+from .pairing import Pair, Planner, build_plan, compile_patterns, resolve_run_dir
 from .provenance import find_sources, open_option_run
 from .result import (
     MATCH,
@@ -51,11 +51,13 @@ from .result import (
     UNREADABLE,
     CallResult,
     CompareResult,
+    Divergence,
     OracleReport,
     Summary,
     TensorResult,
     Unreadable,
 )
+from .spill import Spill
 
 __all__ = ["compare", "Progress"]
 
@@ -131,13 +133,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         p1, p2 = table.readers if table is not None else (r1, r2)
         # whole steps that pass, planned and decided from the tables (see .columnar)
         plain = columnar.plain_steps(table, options, patterns, failing=True) if table is not None else None
-        plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
-                          planned_elsewhere=plain.templates if plain is not None else ())
-        if table is not None:
-            table.results(plan.pairs, options)
         # -- end issue 13 --
-        _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
-        _prepare_loads(plan.pairs, r1, r2)
 
         heap = HeapGuard()
         assist = stack.enter_context(_Assist(options.workers)) if options.workers > 1 else None
@@ -150,18 +146,31 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             heap.after(size)
             return result
 
-        report = progress
-        if plain is not None and plain.templates and progress is not None:  # the plain steps are decided already
-            report = _after(progress, sum(len(t.pairs) for t in plain.templates.values()), len(plan.pairs))
-        tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report))
-        lost = [u for t in tensors for u in t.unreadable]
-        backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
+        lost: list[Unreadable]
         calls: Sequence[CallResult]
+        summary: Summary | None = None
         if plain is not None and plain.templates:  # steps decided in arrays (.columnar), failing ones too
+            plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
+                              planned_elsewhere=plain.templates)
+            if table is not None:
+                table.results(plan.pairs, options)
+            _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
+            _prepare_loads(plan.pairs, r1, r2)
+            report = progress
+            if progress is not None:  # the plain steps are decided already
+                report = _after(progress, sum(len(t.pairs) for t in plain.templates.values()), len(plan.pairs))
+            tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report))
+            lost = [u for t in tensors for u in t.unreadable]
             tensors, calls, first, introduced = columnar.analyse(plan, plain, tensors)
+            plan_notes, steps = plan.notes, (plan.steps, plan.steps_only1, plan.steps_only2)
         else:
-            calls, first, introduced = analyse_calls(plan.calls, tensors)
-        notes = pick_notes + list(plan.notes) + sources.notes
+            planner = Planner(p1, p2, steps=options.steps, modules=patterns, name_map=nmap)
+            whole = _compare_windows(planner, one, table, r1, r2, options, progress)
+            tensors, calls, first, introduced, lost = whole.tensors, whole.calls, whole.first, whole.introduced, \
+                whole.lost
+            plan_notes, steps, summary = whole.notes, whole.steps, whole.summary
+        backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
+        notes = pick_notes + list(plan_notes) + sources.notes
         local = oracle_report = threshold = None
         if sources.local_run is not None:
             local = local_report(sources.local_run, sources.local_source, sources.replayed_from, r2, options, nmap,
@@ -180,13 +189,115 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             verdicts = explain_containers(verdicts, enclosing_calls(r1, sorted({c.call.step for c in verdicts})))
             oracle_report = OracleReport(str(oracle.run_dir), sources.oracle_id, options.oracle_factor,
                                          tuple(verdicts))
-    summary = Summary.of(tensors, calls, plan.steps, plan.steps_only1, plan.steps_only2)
+    if summary is None:
+        summary = Summary.of(tensors, calls, *steps)
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
                          status2=status2, options=options, tensors=tensors,
                          calls=calls if isinstance(calls, Entries) else tuple(calls),
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
                          unreadable=_once(lost), token_alignment=token_alignment)
+
+
+#: About how many tensor pairs a window of steps holds (:func:`_compare_windows`): its plan and
+#: entries take a few MB (~4.5 KB a pair).
+_WINDOW_PAIRS = 4096
+
+
+@dataclasses.dataclass
+class _Whole:
+    """What :func:`_compare_windows` found: every entry and call, the first divergence, the
+    introduced-error calls, the unreadable bodies, the plan's notes, the steps (compared, dir1
+    only, dir2 only) and the counts."""
+
+    tensors: Sequence[TensorResult]
+    calls: Sequence[CallResult]
+    first: Divergence | None
+    introduced: list[Divergence]
+    lost: list[Unreadable]
+    notes: list[str]
+    steps: tuple[list[int], list[int], list[int]]
+    summary: Summary
+
+
+def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], table: Any, r1: StoreReader,
+                     r2: StoreReader, options: CompareOptions, progress: Progress | None) -> _Whole:
+    """Plan, compare and analyse the steps a window at a time (each about :data:`_WINDOW_PAIRS`
+    pairs): no plan of the whole run is held, and the entries and calls of every window after
+    the first are kept in a temporary file (:mod:`.spill`), so a comparison of 100,000 steps
+    holds one window's plan and entries at a time (issue 18).
+
+    The result is the one of planning every step at once: :func:`~.divergence.analyse_calls`
+    works step by step except for whether an earlier step had a differing output (``bad_from``)
+    and the calls' execution positions (``order``, shifted by the calls before), and the
+    introduced-error calls of the windows are ranked together (:func:`~.divergence.merge_introduced`).
+    A comparison that fits in one window holds tuples, as always.
+
+    ``progress`` gets the pairs done and, while steps are still to be planned, an estimate of
+    the total from the pairs per step so far (exact once the last window is planned).
+    """
+    spill: Spill | None = None
+    tensor_parts: list[Held[TensorResult]] = []
+    call_parts: list[Held[CallResult]] = []
+    summaries: list[Summary] = []
+    notes, lost = list(planner.notes), []
+    steps: tuple[list[int], list[int], list[int]] = ([], [], [])
+    first: Divergence | None = None
+    introduced: list[Divergence] = []
+    before = done = 0  # calls and pairs of the windows so far
+    wanted, start = len(planner.wanted), 0
+    while start < wanted or start == 0:
+        plan, stop = planner.window(start, _WINDOW_PAIRS)
+        notes += plan.notes
+        for into, found in zip(steps, (plan.steps, plan.steps_only1, plan.steps_only2), strict=True):
+            into += found
+        if table is not None:
+            table.results(plan.pairs, options)
+        _log.info("comparing %d tensor pair(s) in %d module call(s) of steps %d..%d of %d", len(plan.pairs),
+                  len(plan.calls), start, stop - 1, wanted)
+        _prepare_loads(plan.pairs, r1, r2)
+        report = None
+        if progress is not None:
+            planned = done + len(plan.pairs)
+            left = wanted - stop
+            total = planned + (round(planned / stop * left) if stop and left else 0)
+            report = partial(_counted, progress, done, total)
+        tensors = tuple(_stream(plan.pairs, one, options.workers, report))
+        lost += [u for t in tensors for u in t.unreadable]
+        calls, first_here, introduced_here = analyse_calls(plan.calls, tensors,
+                                                           bad_from=first.step if first is not None else None)
+        if before:
+            calls = [dataclasses.replace(c, order=c.order + before) for c in calls]
+        if first is None:
+            first = first_here
+        introduced = merge_introduced(introduced, introduced_here) if introduced else introduced_here
+        summaries.append(Summary.of(tensors, calls, (), (), ()))
+        before, done = before + len(calls), done + len(plan.pairs)
+        if not tensor_parts:  # the first window is held as it is
+            tensor_parts.append(tensors)
+            call_parts.append(tuple(calls))
+        else:
+            spill = spill or Spill()
+            tensor_parts.append(spill.add(tensors, first_step=plan.steps[0] if plan.steps else None,
+                                          last_step=plan.steps[-1] if plan.steps else None))
+            call_parts.append(spill.add(tuple(calls), first_step=plan.steps[0] if plan.steps else None,
+                                        last_step=plan.steps[-1] if plan.steps else None))
+        del plan, tensors, calls
+        if stop == start:  # no step at all
+            break
+        start = stop
+    if len(tensor_parts) == 1:
+        all_tensors: Sequence[TensorResult] = tensor_parts[0]
+        all_calls: Sequence[CallResult] = call_parts[0]
+    else:
+        all_tensors, all_calls = Entries(tensor_parts), Entries(call_parts)
+    return _Whole(all_tensors, all_calls, first, introduced, lost, notes, steps,
+                  Summary.total(summaries, *steps))
+
+
+def _counted(progress: Progress, before: int, total: int, done: int, _total: int) -> None:
+    """``progress`` told of ``before + done`` pairs out of ``total``."""
+    progress(before + done, total)
 
 
 def _prepare_loads(pairs: Sequence[Pair], r1: StoreReader, r2: StoreReader) -> None:

@@ -30,10 +30,15 @@ from collections.abc import Collection, Iterator, Sequence
 from itertools import accumulate
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
+from .spill import Stored
+
 __all__ = ["Block", "Singled", "Entries", "concrete", "blocks", "with_status", "singled", "rest", "objects", "tally"]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+#: A part whose entries are all objects: a tuple, or a tuple kept in a temporary file (:mod:`.spill`).
+Held = tuple[T, ...] | Stored[T]
+_HELD = (tuple, Stored)
 
 
 class Block(Protocol[T_co]):
@@ -108,16 +113,18 @@ def _is_singled(part: object) -> bool:
 
 
 class Entries(Sequence[T], Generic[T]):
-    """The entries of ``parts`` in order: each part a tuple of entries or a :class:`Block`.
+    """The entries of ``parts`` in order: each part a tuple of entries, a :class:`~.spill.Stored`
+    tuple (kept in a temporary file, read back when iterated: treated as a tuple everywhere) or a
+    :class:`Block`.
 
     Args:
-        parts: tuples (entries kept as they are) and blocks (entries made when read).
+        parts: tuples and stored tuples (entries kept as they are) and blocks (entries made when read).
     """
 
     __slots__ = ("_parts", "_offsets")
 
-    def __init__(self, parts: Sequence[tuple[T, ...] | Block[T]]) -> None:
-        self._parts: list[tuple[T, ...] | Block[T]] = [p for p in parts if len(p)]
+    def __init__(self, parts: Sequence[Held[T] | Block[T]]) -> None:
+        self._parts: list[Held[T] | Block[T]] = [p for p in parts if len(p)]
         self._offsets = list(accumulate((len(p) for p in self._parts), initial=0))
 
     def __len__(self) -> int:
@@ -140,11 +147,11 @@ class Entries(Sequence[T], Generic[T]):
             raise IndexError("tuple index out of range")
         k = bisect_right(self._offsets, i) - 1
         part, j = self._parts[k], i - self._offsets[k]
-        return part[j] if isinstance(part, tuple) else part.item(j)
+        return part[j] if isinstance(part, _HELD) else part.item(j)
 
     def __iter__(self) -> Iterator[T]:
         for part in self._parts:
-            if isinstance(part, tuple):
+            if isinstance(part, _HELD):
                 yield from part
             else:
                 item = part.item
@@ -182,7 +189,10 @@ class Entries(Sequence[T], Generic[T]):
                 all given, the caller picks).
         """
         for part in self._parts:
-            if isinstance(part, tuple):
+            if isinstance(part, Stored):
+                if step is None or part.may_hold(step):
+                    yield from part
+            elif isinstance(part, tuple):
                 yield from part
             elif _is_singled(part):
                 block = cast(Singled[T], part)
@@ -192,7 +202,7 @@ class Entries(Sequence[T], Generic[T]):
                 elif run >= 0:
                     yield from (block.item(run * block.width + j) for j in block.positions)
 
-    def parts(self) -> Iterator[tuple[T, ...] | Block[T]]:
+    def parts(self) -> Iterator[Held[T] | Block[T]]:
         """The parts, in order: tuples of entries held as objects, and blocks."""
         return iter(self._parts)
 
@@ -201,7 +211,7 @@ class Entries(Sequence[T], Generic[T]):
 
         Every entry is in :meth:`concrete` or in one of these, never both."""
         for part in self._parts:
-            if isinstance(part, tuple):
+            if isinstance(part, _HELD):
                 continue
             if _is_singled(part):
                 remaining = rest(cast(Singled[T], part))
@@ -214,7 +224,11 @@ class Entries(Sequence[T], Generic[T]):
         """The entries whose ``status`` is one of ``statuses``, in order; a block whose entries all
         have another status (its ``status``, or its ``tally("status")``) is skipped without making them."""
         for part in self._parts:
-            if isinstance(part, tuple):
+            if isinstance(part, Stored):
+                counts = part.tally("status")
+                if counts is None or any(n and status in statuses for status, n in counts.items()):
+                    yield from (e for e in part if getattr(e, "status", None) in statuses)
+            elif isinstance(part, tuple):
                 yield from (e for e in part if getattr(e, "status", None) in statuses)
             elif not _may_have(part, statuses):
                 continue
@@ -266,7 +280,7 @@ def objects(entries: Sequence[T]) -> Iterator[T]:
     order: not the blocks' (made on demand), singled out or not."""
     if not isinstance(entries, Entries):
         return iter(entries)
-    return (e for part in entries.parts() if isinstance(part, tuple) for e in part)
+    return (e for part in entries.parts() if isinstance(part, _HELD) for e in part)
 
 
 def tally(entries: Sequence[Any], attribute: str) -> dict[str, int]:
@@ -283,7 +297,7 @@ def tally(entries: Sequence[Any], attribute: str) -> dict[str, int]:
             ask = getattr(part, "tally", None)
             known = ask(attribute) if ask is not None else None
         if known is None:
-            values = (getattr(e, attribute) for e in (part if isinstance(part, tuple) else
+            values = (getattr(e, attribute) for e in (part if isinstance(part, _HELD) else
                                                         (part.item(j) for j in range(len(part)))))
             known = {}
             for value in values:

@@ -10,9 +10,11 @@ metadata only; no tensor is loaded here.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ilstore.errors import AmbiguousRunError as CoreAmbiguousRunError
 from ilstore.keys import KINDS, CallKey, TensorKey
@@ -25,7 +27,7 @@ from .mapping import NameMap, PathRule, TensorPath
 from .selection import compile_patterns, parse_steps, split_patterns  # re-exported: they lived here
 
 __all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
-           "compile_patterns", "build_plan"]
+           "compile_patterns", "Planner", "build_plan"]
 
 # -- run directories -------------------------------------------------------------------------
 def resolve_run_dir(path: str | Path) -> Path:
@@ -137,10 +139,147 @@ def _tensors(reader: StoreReader, own: CallKey | None, shared: CallKey, rules: t
     return align_call(found, shared.module, rules, where)
 
 
+class Planner:
+    """Lines up the tensors of two runs a few steps at a time (metadata only): :func:`build_plan`
+    plans every step at once; a comparison of a long run plans and compares a window of steps at
+    a time, so that no plan of the whole run is held (see :mod:`.engine`).
+
+    Args:
+        r1: dir1's reader.
+        r2: dir2's reader (the reference).
+        steps: steps to compare, None for every step of either run.
+        modules: module-name regexes (``re.search``, after the name map); None for all.
+        name_map: rules renaming one side's modules into the other's naming.
+        planned_elsewhere: steps (of both runs) the caller plans itself: they are counted in
+            ``steps`` but get no calls or pairs here (:mod:`.columnar`).
+
+    Attributes:
+        wanted: the steps to plan, in order (those asked for, or every step of either run), as
+            an int64 array (no object per step).
+        notes: what the plan of every step starts with (a run that did not finish, incomplete
+            steps).
+    """
+
+    def __init__(self, r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
+                 modules: list[re.Pattern[str]] | None, name_map: NameMap | None,
+                 planned_elsewhere: Container[int] = ()) -> None:
+        self.r1, self.r2, self.modules, self.name_map = r1, r2, modules, name_map
+        self.planned_elsewhere = planned_elsewhere
+        # sorted int64 arrays, not sets: a 100,000-step run's step numbers as objects take ~16 MB
+        steps1, steps2 = _sorted_steps(r1.steps()), _sorted_steps(r2.steps())
+        asked = None if steps is None else sorted(set(steps))
+        self.wanted: Sequence[int] | np.ndarray
+        if asked is None:
+            self.wanted = np.union1d(steps1, steps2)
+        elif all(_INT64[0] <= s <= _INT64[1] for s in asked):
+            self.wanted = np.asarray(asked, dtype=np.int64)
+        else:  # a number no step of a run can have: noted as in neither run, in its place
+            self.wanted = asked
+        fits = np.asarray([_INT64[0] <= s <= _INT64[1] for s in self.wanted], dtype=bool) \
+            if isinstance(self.wanted, list) else None
+        self._in1, self._in2 = _members(self.wanted, steps1, fits), _members(self.wanted, steps2, fits)
+        self.notes: list[str] = []
+        for name, reader in (("dir1", r1), ("dir2", r2)):
+            if reader.status not in ("complete", "unknown"):
+                self.notes.append(f"{name} run status is {reader.status!r}: it did not finish cleanly")
+            cut = reader.incomplete_steps()
+            if cut:
+                self.notes.append(f"{name} has incomplete step(s) {cut} (cut before they finished); they are not "
+                                  "compared")
+        self._rename1 = name_map.rename if name_map is not None and name_map.apply_to == "dir1" else None
+        self._rename2 = name_map.rename if name_map is not None and name_map.apply_to == "dir2" else None
+        self._rules1 = name_map.side_rules("dir1") if name_map is not None else ()
+        self._rules2 = name_map.side_rules("dir2") if name_map is not None else ()
+
+    def plan(self) -> Plan:
+        """The plan of every step of :attr:`wanted` (without :attr:`notes`).
+
+        Raises:
+            NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
+            StoreError: a run's metadata is unreadable.
+        """
+        return self.window(0, None)[0]
+
+    def window(self, start: int, pairs: int | None) -> tuple[Plan, int]:
+        """The plan of the steps of :attr:`wanted` from ``start`` up to the first step at which
+        it has ``pairs`` pairs or more (whole steps; None: to the end), and where it stopped.
+
+        Raises:
+            NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
+            StoreError: a run's metadata is unreadable.
+        """
+        plan = Plan()
+        r1, r2, modules, name_map = self.r1, self.r2, self.modules, self.name_map
+        for i in range(start, len(self.wanted)):
+            if pairs is not None and len(plan.pairs) >= pairs:
+                return plan, i
+            step, in1, in2 = int(self.wanted[i]), bool(self._in1[i]), bool(self._in2[i])
+            if not in1 and not in2:
+                plan.notes.append(f"step {step} is in neither run")
+                continue
+            plan.steps.append(step)
+            if not in2:
+                plan.steps_only1.append(step)
+            if not in1:
+                plan.steps_only2.append(step)
+            if in1 and in2 and step in self.planned_elsewhere:
+                continue
+            calls1 = _side_calls(r1, step, self._rename1, "dir1") if in1 else {}
+            calls2 = _side_calls(r2, step, self._rename2, "dir2") if in2 else {}
+            order = list(calls1) + [c for c in calls2 if c not in calls1]
+            for call in order:
+                if modules is not None and not any(p.search(call.module) for p in modules):
+                    continue
+                c1, c2 = calls1.get(call), calls2.get(call)
+                presence = "both" if c1 and c2 else "dir1" if c1 else "dir2"
+                pos = c1 or c2
+                assert pos is not None
+                plan.calls.append(PlannedCall(call, presence, pos.start, pos.end, 1 if c1 else 2))
+                renamed = None
+                if c1 and c1.own.module != call.module:
+                    renamed = c1.own.module
+                elif c2 and c2.own.module != call.module:
+                    renamed = c2.own.module
+                t1 = _tensors(r1, c1.own if c1 else None, call, self._rules1, "dir1")
+                t2 = _tensors(r2, c2.own if c2 else None, call, self._rules2, "dir2")
+                for kind in KINDS:  # inputs, then outputs, then post-forward inputs; dir1's order first
+                    for tp in [tp for tp in t1 if tp[0] == kind] + [tp for tp in t2 if tp[0] == kind and tp not in t1]:
+                        pair = Pair(call.tensor(*tp), t1.get(tp), t2.get(tp), renamed)
+                        if name_map is not None and name_map.unaligned:
+                            reason = name_map.unaligned_reason(call.module, tp, pair.presence)
+                            if reason is not None:
+                                pair = Pair(pair.key, pair.side1, pair.side2, renamed, reason)
+                        plan.pairs.append(pair)
+        return plan, len(self.wanted)
+
+
+_INT64 = (-2**63, 2**63 - 1)
+
+
+def _sorted_steps(steps: Iterable[int]) -> np.ndarray:
+    """A run's step numbers as a sorted int64 array without repeats."""
+    return np.unique(np.fromiter(steps, dtype=np.int64))
+
+
+def _members(steps: Sequence[int] | np.ndarray, of: np.ndarray, fits: np.ndarray | None) -> np.ndarray:
+    """Per step of ``steps`` (sorted), whether it is in ``of`` (sorted); ``fits``: which of
+    ``steps`` are int64 numbers (None: all)."""
+    found = np.zeros(len(steps), dtype=bool)
+    if not len(of) or not len(steps):
+        return found
+    ours = np.asarray(steps, dtype=np.int64) if fits is None else \
+        np.asarray([s for s, ok in zip(steps, fits, strict=True) if ok], dtype=np.int64)
+    at = np.minimum(np.searchsorted(of, ours), len(of) - 1)
+    if fits is None:
+        return of[at] == ours
+    found[fits] = of[at] == ours
+    return found
+
+
 def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
                modules: list[re.Pattern[str]] | None, name_map: NameMap | None,
                planned_elsewhere: Container[int] = ()) -> Plan:
-    """Line up the tensors of two runs (metadata only).
+    """Line up the tensors of two runs (metadata only): every step's plan at once (:class:`Planner`).
 
     Args:
         r1: dir1's reader.
@@ -155,55 +294,7 @@ def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
         NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
         StoreError: a run's metadata is unreadable.
     """
-    plan = Plan()
-    steps1, steps2 = set(r1.steps()), set(r2.steps())
-    wanted = sorted(steps1 | steps2) if steps is None else sorted(set(steps))
-    for name, reader in (("dir1", r1), ("dir2", r2)):
-        if reader.status not in ("complete", "unknown"):
-            plan.notes.append(f"{name} run status is {reader.status!r}: it did not finish cleanly")
-        cut = reader.incomplete_steps()
-        if cut:
-            plan.notes.append(f"{name} has incomplete step(s) {cut} (cut before they finished); they are not compared")
-    rename1 = name_map.rename if name_map is not None and name_map.apply_to == "dir1" else None
-    rename2 = name_map.rename if name_map is not None and name_map.apply_to == "dir2" else None
-    rules1 = name_map.side_rules("dir1") if name_map is not None else ()
-    rules2 = name_map.side_rules("dir2") if name_map is not None else ()
-    for step in wanted:
-        in1, in2 = step in steps1, step in steps2
-        if not in1 and not in2:
-            plan.notes.append(f"step {step} is in neither run")
-            continue
-        plan.steps.append(step)
-        if not in2:
-            plan.steps_only1.append(step)
-        if not in1:
-            plan.steps_only2.append(step)
-        if in1 and in2 and step in planned_elsewhere:
-            continue
-        calls1 = _side_calls(r1, step, rename1, "dir1") if in1 else {}
-        calls2 = _side_calls(r2, step, rename2, "dir2") if in2 else {}
-        order = list(calls1) + [c for c in calls2 if c not in calls1]
-        for call in order:
-            if modules is not None and not any(p.search(call.module) for p in modules):
-                continue
-            c1, c2 = calls1.get(call), calls2.get(call)
-            presence = "both" if c1 and c2 else "dir1" if c1 else "dir2"
-            pos = c1 or c2
-            assert pos is not None
-            plan.calls.append(PlannedCall(call, presence, pos.start, pos.end, 1 if c1 else 2))
-            renamed = None
-            if c1 and c1.own.module != call.module:
-                renamed = c1.own.module
-            elif c2 and c2.own.module != call.module:
-                renamed = c2.own.module
-            t1 = _tensors(r1, c1.own if c1 else None, call, rules1, "dir1")
-            t2 = _tensors(r2, c2.own if c2 else None, call, rules2, "dir2")
-            for kind in KINDS:  # inputs, then outputs, then post-forward inputs; dir1's order first
-                for tp in [tp for tp in t1 if tp[0] == kind] + [tp for tp in t2 if tp[0] == kind and tp not in t1]:
-                    pair = Pair(call.tensor(*tp), t1.get(tp), t2.get(tp), renamed)
-                    if name_map is not None and name_map.unaligned:
-                        reason = name_map.unaligned_reason(call.module, tp, pair.presence)
-                        if reason is not None:
-                            pair = Pair(pair.key, pair.side1, pair.side2, renamed, reason)
-                    plan.pairs.append(pair)
+    planner = Planner(r1, r2, steps=steps, modules=modules, name_map=name_map, planned_elsewhere=planned_elsewhere)
+    plan = planner.plan()
+    plan.notes[:0] = planner.notes
     return plan

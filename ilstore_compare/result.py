@@ -23,8 +23,8 @@ carries ``dtype_mismatch=True``. Nor is a shape difference in size-1 dimensions 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ilstore.errors import CorruptFileError, StoreError
@@ -255,24 +255,44 @@ class Summary:
             steps, only1, only2: the steps compared, and those of dir1 only and of dir2 only.
         """
         count = tally(tensors, "status")
-        held = list(objects(tensors))  # the blocks' entries have no dtype mismatch and are not squeezed
-        held_calls = list(objects(calls))  # nor are the blocks' calls one-sided or unaligned
+        dtype_mismatches = squeezed = 0
+        for t in objects(tensors):  # the blocks' entries have no dtype mismatch and are not squeezed
+            dtype_mismatches += t.dtype_mismatch
+            squeezed += t.squeezed
+        calls_only1 = calls_only2 = calls_unaligned = 0
+        for c in objects(calls):  # nor are the blocks' calls one-sided or unaligned
+            if c.verdict == UNALIGNED:
+                calls_unaligned += 1
+            elif c.presence == "dir1":
+                calls_only1 += 1
+            elif c.presence == "dir2":
+                calls_only2 += 1
         mismatched = sum(count.get(s, 0) for s in BAD_VALUE_STATUSES)
         return cls(
             tensors=len(tensors),
             compared=count.get(MATCH, 0) + count.get(STATS_ONLY_MATCH, 0) + mismatched,
             matched=count.get(MATCH, 0), mismatched=mismatched, shape_mismatches=count.get(SHAPE_MISMATCH, 0),
-            dtype_mismatches=sum(1 for t in held if t.dtype_mismatch),
+            dtype_mismatches=dtype_mismatches,
             stats_only_matched=count.get(STATS_ONLY_MATCH, 0),
             stats_only_mismatched=count.get(STATS_ONLY_MISMATCH, 0),
             not_compared=count.get(NOT_COMPARED, 0) + count.get(UNREADABLE, 0), unreadable=count.get(UNREADABLE, 0),
             only_in_dir1=count.get(ONLY_IN_DIR1, 0), only_in_dir2=count.get(ONLY_IN_DIR2, 0),
-            unaligned=count.get(UNALIGNED, 0), squeezed=sum(1 for t in held if t.squeezed), calls=len(calls),
+            unaligned=count.get(UNALIGNED, 0), squeezed=squeezed, calls=len(calls),
             calls_mismatched=tally(calls, "verdict").get("mismatch", 0),
-            calls_only_in_dir1=sum(1 for c in held_calls if c.presence == "dir1" and c.verdict != UNALIGNED),
-            calls_only_in_dir2=sum(1 for c in held_calls if c.presence == "dir2" and c.verdict != UNALIGNED),
-            calls_unaligned=sum(1 for c in held_calls if c.verdict == UNALIGNED),
+            calls_only_in_dir1=calls_only1, calls_only_in_dir2=calls_only2, calls_unaligned=calls_unaligned,
             steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))
+
+    @classmethod
+    def total(cls, parts: Iterable[Summary], steps: Sequence[int], only1: Sequence[int],
+              only2: Sequence[int]) -> Summary:
+        """The counts of a comparison made in parts (windows of its steps, each part's
+        :meth:`of` without steps) added up, with the steps compared, and those of dir1 only and of
+        dir2 only: what :meth:`of` over all the entries and calls gives."""
+        counts = {f.name: 0 for f in fields(cls) if not f.name.startswith("steps")}
+        for part in parts:
+            for name in counts:
+                counts[name] += getattr(part, name)
+        return cls(**counts, steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))
 
 
 @dataclass(frozen=True)

@@ -953,7 +953,9 @@ class Hdf5Reader(StoreReader):
         cannot be located here (missing, damaged, not stored raw) is loaded the usual way, with
         its errors. Planning opens the step files one after the other under the usual bound
         (:data:`_OPEN_FILES`), so a compare of runs of any length stays under the process's
-        open-file limit."""
+        open-file limit. Each call replaces what the one before found (the comparer plans and
+        compares a window of steps at a time: what it holds stays one window's)."""
+        self._located.clear()
         for key in keys:
             try:
                 node = self.meta(key)
