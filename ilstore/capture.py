@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ class Capture:
         # machinery running it, to tell a root forward interrupted by Ctrl-C (its forward hooks
         # never ran) from a nested one (see _root_pre). None: none in progress, or not known.
         self._root_call: Any = None
+        self._root_thread: int | None = None  # the thread whose stack holds _root_call
         self._stray_warned = False
         self._compile_warned = False
         self._step: _StepState | None = None  # the open step, if any
@@ -455,7 +457,7 @@ class Capture:
         if self._paused_roots or (self._paused and self._in_root == 0 and self._step is None):
             # a forward that began paused (a warm-up run) is not a step: not logged, not counted
             if not self._paused_roots and module is not None:
-                self._root_call = _call_frame(1)
+                self._root_call, self._root_thread = _call_frame(1), threading.get_ident()
             self._paused_roots += 1
             if self._forked_from is not None:
                 self._warn_forked()
@@ -464,7 +466,7 @@ class Capture:
             if self._step is None:  # else: calls made outside a forward opened it
                 self._begin_step()
             if module is not None:  # a hook (in_graph delivers its markers with None: not known)
-                self._root_call = _call_frame(1)
+                self._root_call, self._root_thread = _call_frame(1), threading.get_ident()
         self._in_root += 1
 
     def _root_call_gone(self) -> bool:
@@ -476,11 +478,19 @@ class Capture:
         capture inside it. Its call frame (:func:`_call_frame`) is then no longer on the stack;
         a nested root forward runs above it. Walks the stack, so only called when a root
         forward is in progress (nested root forwards are rare). Unknown frame: False (nested).
+
+        The frame is looked for on the stack of the thread that began the call: a root forward
+        that another thread runs meanwhile (a model called from two threads at once) is nested
+        in it, as before, while that thread is still inside the call.
         """
         frame = self._root_call
         if frame is None:
             return False
-        f: Any = sys._getframe(1)
+        f: Any
+        if self._root_thread == threading.get_ident():
+            f = sys._getframe(1)
+        else:
+            f = sys._current_frames().get(self._root_thread) if self._root_thread is not None else None
         while f is not None:
             if f is frame:
                 return False

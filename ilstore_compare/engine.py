@@ -245,8 +245,11 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
     first: Divergence | None = None
     introduced: list[Divergence] = []
     before = done = 0  # calls and pairs of the windows so far
+    last_total = [0]  # the total progress was last told (none told: 0)
     wanted, start = len(planner.wanted), 0
     while start < wanted or start == 0:
+        if table is not None:
+            table.forget()  # the last window's nodes
         plan, stop = planner.window(start, _WINDOW_PAIRS)
         notes += plan.notes
         for into, found in zip(steps, (plan.steps, plan.steps_only1, plan.steps_only2), strict=True):
@@ -261,7 +264,7 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
             planned = done + len(plan.pairs)
             left = wanted - stop
             total = planned + (round(planned / stop * left) if stop and left else 0)
-            report = partial(_counted, progress, done, total)
+            report = partial(_counted, progress, done, total, last_total)
         tensors = tuple(_stream(plan.pairs, one, options.workers, report))
         lost += [u for t in tensors for u in t.unreadable]
         calls, first_here, introduced_here = analyse_calls(plan.calls, tensors,
@@ -286,6 +289,8 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
         if stop == start:  # no step at all
             break
         start = stop
+    if progress is not None and done != last_total[0]:  # the last windows had no pair: say the total is exact
+        progress(done, done)
     if len(tensor_parts) == 1:
         all_tensors: Sequence[TensorResult] = tensor_parts[0]
         all_calls: Sequence[CallResult] = call_parts[0]
@@ -295,8 +300,9 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
                   Summary.total(summaries, *steps))
 
 
-def _counted(progress: Progress, before: int, total: int, done: int, _total: int) -> None:
-    """``progress`` told of ``before + done`` pairs out of ``total``."""
+def _counted(progress: Progress, before: int, total: int, told: list[int], done: int, _total: int) -> None:
+    """``progress`` told of ``before + done`` pairs out of ``total`` (kept in ``told[0]``)."""
+    told[0] = total
     progress(before + done, total)
 
 

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import pickle
 import tempfile
 import threading
@@ -79,19 +80,27 @@ class Spill:
                 weakref.finalize(self, self._file.close)
             self._file.seek(self._size)
             self._file.write(data)
+            self._file.flush()
             offset, self._size = self._size, self._size + len(data)
         return Stored(self, offset, len(data), len(entries), first_step, last_step, counts)
 
     def read(self, offset: int, length: int) -> tuple[Any, ...]:
-        """The entries of the record at ``offset`` (``length`` bytes)."""
+        """The entries of the record at ``offset`` (``length`` bytes).
+
+        Reads with ``os.pread`` where there is one: the file's position is shared with a forked
+        child's copy of the descriptor (a result rendered in two processes), a ``pread`` has none.
+        """
         with self._lock:
             last = self._last
             if last is not None and last[0] == offset:
                 return last[1]
             assert self._file is not None
             self._file.flush()
-            self._file.seek(offset)
-            data = self._file.read(length)
+            if hasattr(os, "pread"):
+                data = os.pread(self._file.fileno(), length, offset)
+            else:  # pragma: no cover - platforms without pread (Windows): no fork either
+                self._file.seek(offset)
+                data = self._file.read(length)
         if len(data) != length:
             raise OSError(f"the comparison's temporary file ends early: {len(data)} of {length} bytes at {offset}")
         entries: tuple[Any, ...] = pickle.loads(data)

@@ -376,6 +376,15 @@ class TableComparison:
         self.run1, self.run2 = run1, run2
         self._done: dict[int, TensorResult] = {}
 
+    def forget(self) -> None:
+        """Let go of the nodes made so far and of their entries not yet taken (the engine plans
+        and compares a window of steps at a time: the next window's nodes are made anew, so what
+        the comparison holds stays one window's)."""
+        for run in (self.run1, self.run2):
+            run.row_of.clear()  # together with the nodes: an id is not reused while it is a key
+            run._kept.clear()
+        self._done.clear()
+
     @property
     def readers(self) -> tuple[StoreReader, StoreReader]:
         """The two runs as readers, for :func:`~.pairing.build_plan`."""

@@ -16,6 +16,7 @@ counting on), or, after an interrupted paused forward, nothing was ever recorded
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,36 @@ def test_only_the_step_after_the_interrupt_is_logged(tmp_path: Path) -> None:
     with ilstore.open_run(cap.run_dir) as run:
         assert run.steps() == [1] and run.incomplete_steps() == []
     assert _contents(cap.run_dir, 1) == _contents(ref, 1)
+
+
+class _TwoThreads(nn.Module):
+    """Both threads are inside the forward at once (a barrier before and after its call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bar = threading.Barrier(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.bar.wait(timeout=30)
+        y = self.lin(x)
+        self.bar.wait(timeout=30)
+        return y
+
+
+def test_a_root_forward_from_another_thread_is_nested_not_an_interrupt(tmp_path: Path) -> None:
+    """A model called from two threads at once: the second thread's root forward is nested in the
+    first's (one step, as before the interrupt detection), not taken for an interrupted one --
+    the first thread's call frame is on its own stack, not on the second thread's."""
+    model = _TwoThreads()
+    with torch.no_grad(), ilstore.capture(model, _cfg(tmp_path, "threads", "pt")) as cap:
+        for _ in range(2):
+            threads = [threading.Thread(target=model, args=(torch.ones(1, 4),)) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert cap.run_dir is not None
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.steps() == [0, 1] and run.incomplete_steps() == []
+        assert all(sum(c.module == "lin" for c in run.calls(step)) == 2 for step in (0, 1))

@@ -6,10 +6,8 @@ not grow with the number of steps."""
 
 from __future__ import annotations
 
-import gc
 import pickle
 import shutil
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -180,27 +178,43 @@ def test_spill_reads_back_what_it_wrote() -> None:
     spill.close()
 
 
-def test_memory_does_not_grow_with_the_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a comparison's result holds (Python heap, tracemalloc) for 4x the steps stays about
-    the same: the first window's entries and the others' counts; the entries are in the file.
-    (Comparing all steps at once, the result held every entry: ~4x.)"""
+_HELD = """
+import gc, sys, tracemalloc
+from ilstore_compare import compare, engine
+
+engine._WINDOW_PAIRS = 60
+short_a, short_b, long_a, long_b = sys.argv[1:5]
+
+
+def held(a, b):
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = compare(a, b)
+        gc.collect()
+        assert result.summary.mismatched > 0
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+compare(short_a, short_b)  # what a first comparison sets up once (imports, kernels) is not counted
+print(held(short_a, short_b), held(long_a, long_b))
+"""
+
+
+def test_memory_does_not_grow_with_the_steps(tmp_path: Path) -> None:
+    """What a comparison's result holds (Python heap, tracemalloc, in a process of its own) for 4x
+    the steps stays about the same: the first window's entries and the others' counts; the
+    entries are in the file. (Comparing all steps at once, the result held every entry: ~4x.)"""
+    import subprocess
+    import sys
+
     short_a, short_b = _run(tmp_path, "sa", 30), _run(tmp_path, "sb", 30, bump_at=tuple(range(30)))
     long_a, long_b = _run(tmp_path, "la", 120), _run(tmp_path, "lb", 120, bump_at=tuple(range(120)))
-
-    def held(a: Path, b: Path) -> int:
-        gc.collect()
-        tracemalloc.start()
-        try:
-            result = compare(a, b)
-            gc.collect()
-            assert result.summary.mismatched > 0
-            return tracemalloc.get_traced_memory()[0]
-        finally:
-            tracemalloc.stop()
-
-    monkeypatch.setattr(engine, "_WINDOW_PAIRS", 60)
-    compare(short_a, short_b)  # what a first comparison sets up once (imports, kernels) is not counted
-    short, long = held(short_a, short_b), held(long_a, long_b)
+    out = subprocess.run([sys.executable, "-c", _HELD, str(short_a), str(short_b), str(long_a), str(long_b)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    short, long = map(int, out.stdout.split())
     assert long < 1.6 * short, (short, long)
 
 
@@ -214,3 +228,61 @@ def test_the_cli_progress_bar_follows_the_estimated_total() -> None:
     bar(20, 20)
     assert (bar._bar.n, bar._bar.total) == (20, 20)
     bar.close()
+
+
+def test_progress_ends_exact_when_the_last_windows_have_no_pair(runs: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps asked for that neither run has come last: their windows have no pair to report, and
+    the caller is still told the exact total at the end."""
+    seen: list[tuple[int, int]] = []
+    r = _windowed(monkeypatch, 5, runs["a"], runs["b"], steps=[*range(14), *range(100, 106)],
+                  progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(r.tensors), len(r.tensors))
+
+
+def test_a_result_read_in_forked_processes(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary file's descriptor is shared with a forked child: reads take no file position
+    (``pread``), so a parent and a child reading the same result at once both read it right."""
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    r = _windowed(monkeypatch, 3, runs["a"], runs["b"])
+    expected = render_json(r)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only when every read was right
+        ok = True
+        try:
+            for _ in range(40):
+                ok = ok and render_json(r) == expected
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    parent_ok = all(render_json(r) == expected for _ in range(40))
+    _, status = os.waitpid(pid, 0)
+    assert parent_ok and os.waitstatus_to_exitcode(status) == 0
+
+
+def test_statistics_nodes_are_let_go_window_by_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Statistics runs the tables decide no step of in arrays (a NaN at every step) are compared
+    by the windows: the nodes made from the tables are those of one window, not of the run."""
+    from ilstore_compare import stats_table
+    from test_stats_compare_divergent import _run as stats_run
+
+    a = stats_run(tmp_path, "a", 40, "pt", nan_at=tuple(range(40)))
+    b = stats_run(tmp_path, "b", 40, "pt", nan_at=tuple(range(40)), noise_from=0)
+    tables: list[Any] = []
+    attach = stats_table.attach
+
+    def kept(*args: Any) -> Any:
+        tables.append(attach(*args))
+        return tables[-1]
+
+    whole = compare(a, b)
+    monkeypatch.setattr(engine.stats_table, "attach", kept)
+    windowed = _windowed(monkeypatch, 12, a, b)
+    _same(windowed, whole)
+    (table,) = tables
+    assert table is not None and _stored(windowed) > 0
+    per_step = whole.summary.tensors // 40
+    assert 0 < len(table.run1.row_of) <= 12 + per_step and len(table.run1._kept) <= 12 + per_step
