@@ -9,10 +9,13 @@ introduced; a vertical line marks the first divergence and dashed lines separate
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from html import escape
+from typing import Any
+
+from ilstore.keys import CallKey
 
 from .report_common import call_label
 from .result import CallResult, Divergence
@@ -43,35 +46,99 @@ def _significance(c: CallResult) -> tuple[int, float]:
     return _RANK[_kind(c)], v if not math.isnan(v) else math.inf
 
 
-def _plotted(ordered: Sequence[CallResult]) -> list[tuple[int, CallResult, int]]:
+class _Unordered(Exception):
+    """The calls are not in step order with each step's execution positions after the last's."""
+
+
+def _by_step(calls: Iterable[CallResult]) -> Iterator[CallResult]:
+    """The calls found in both runs in execution order (``order``), sorting one step's calls at a
+    time: a comparison lists its calls step by step (start order within a step), and a step's
+    execution positions all come after the step's before. Raises :class:`_Unordered` when the
+    calls are not so (then the caller sorts them all)."""
+    group: list[CallResult] = []
+    top = -1
+    for c in calls:
+        if c.presence != "both":
+            continue
+        if group and c.call.step != group[-1].call.step:
+            group.sort(key=lambda g: g.order)
+            if group[0].order <= top:
+                raise _Unordered
+            top = group[-1].order
+            yield from group
+            group = []
+        group.append(c)
+    group.sort(key=lambda g: g.order)
+    if group and group[0].order <= top:
+        raise _Unordered
+    yield from group
+
+
+def _ordered(calls: Sequence[CallResult]) -> Callable[[], Iterator[CallResult]]:
+    """A way to go through the calls found in both runs in execution order, as often as wanted,
+    holding one step's calls at a time (a 100,000-step comparison's 1.6 M calls are not held);
+    calls in another order are sorted once, all held."""
+    try:
+        for _ in _by_step(calls):
+            pass
+    except _Unordered:
+        held = sorted((c for c in calls if c.presence == "both"), key=lambda c: c.order)
+        return lambda: iter(held)
+    return lambda: _by_step(calls)
+
+
+class _Scan:
+    """What the plot needs from one pass over the ordered calls: how many (``n``), the range of
+    the output errors, where each step begins (positions and steps, in arrays), where the first
+    divergence is, and the calls with an output error while there are at most :data:`MAX_POINTS`."""
+
+    def __init__(self, ordered: Iterable[CallResult], first: Divergence | None) -> None:
+        self.n = 0
+        self.measured = 0
+        self.low = self.high = None  # smallest and largest positive finite output error
+        self.starts, self.steps = array("q"), array("q")
+        self.first_at: int | None = None
+        self.few: list[tuple[int, CallResult]] = []
+        target = (first.step, first.rank, first.module, first.call) if first is not None else None
+        for i, c in enumerate(ordered):
+            k = c.call
+            if not self.steps or k.step != self.steps[-1]:
+                self.starts.append(i)
+                self.steps.append(k.step)
+            if self.first_at is None and target is not None and (k.step, k.rank, k.module, k.call) == target:
+                self.first_at = i
+            v = c.output_rel_l2
+            if v is not None:
+                self.measured += 1
+                if self.measured <= MAX_POINTS:
+                    self.few.append((i, c))
+                if v > 0 and math.isfinite(v):
+                    self.low = v if self.low is None or v < self.low else self.low
+                    self.high = v if self.high is None or v > self.high else self.high
+            self.n = i + 1
+
+
+def _plotted(ordered: Iterable[CallResult], scan: _Scan) -> list[tuple[int, CallResult, int]]:
     """``(position, call, calls it stands for)`` of each point: every call with an output error, or,
-    beyond :data:`MAX_POINTS`, the most significant call of each of that many equal stretches."""
-    measured = [(i, c) for i, c in enumerate(ordered) if c.output_rel_l2 is not None]
-    if len(measured) <= MAX_POINTS:
-        return [(i, c, 1) for i, c in measured]
-    out = []
-    n = len(ordered)
-    for b in range(MAX_POINTS):
-        lo, hi = b * n // MAX_POINTS, (b + 1) * n // MAX_POINTS
-        here = measured[_first_at(measured, lo):_first_at(measured, hi)]
-        if here:
-            i, c = max(here, key=lambda ic: _significance(ic[1]))
-            out.append((i, c, len(here)))
-    return out
-
-
-def _first_at(measured: Sequence[tuple[int, CallResult]], position: int) -> int:
-    """Index of the first of ``measured`` at or after ``position`` (binary search)."""
-    return bisect.bisect_left(measured, position, key=lambda ic: ic[0])
-
-
-def _step_starts(ordered: Sequence[CallResult]) -> list[tuple[int, int]]:
-    """``(position, step)`` where each step's calls begin."""
-    starts: list[tuple[int, int]] = []
+    beyond :data:`MAX_POINTS`, the most significant call of each of that many equal stretches
+    (positions ``b * n // MAX_POINTS`` up to the next; the first of equals)."""
+    if scan.measured <= MAX_POINTS:
+        return [(i, c, 1) for i, c in scan.few]
+    n = scan.n
+    best: dict[int, list[Any]] = {}  # stretch -> [position, call, its significance, calls in it]
     for i, c in enumerate(ordered):
-        if not starts or c.call.step != starts[-1][1]:
-            starts.append((i, c.call.step))
-    return starts
+        if c.output_rel_l2 is None:
+            continue
+        b = ((i + 1) * MAX_POINTS - 1) // n  # the last stretch b with b * n // MAX_POINTS <= i
+        here = best.get(b)
+        rank = _significance(c)
+        if here is None:
+            best[b] = [i, c, rank, 1]
+        else:
+            here[3] += 1
+            if rank > here[2]:
+                here[0], here[1], here[2] = i, c, rank
+    return [(i, c, among) for _b, (i, c, _rank, among) in sorted(best.items())]
 
 
 def _y_range(values: Sequence[float]) -> tuple[int, int]:
@@ -91,15 +158,15 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         first: the first divergence, marked by a vertical line.
         rtol: drawn as a dashed horizontal reference.
     """
-    ordered = sorted((c for c in calls if c.presence == "both"), key=lambda c: c.order)
-    values = [c.output_rel_l2 for c in ordered if c.output_rel_l2 is not None]
-    lo, hi = _y_range([v for v in values] + ([rtol] if rtol > 0 else []))
+    ordered = _ordered(calls)
+    scan = _Scan(ordered(), first)
+    lo, hi = _y_range([v for v in (scan.low, scan.high) if v is not None] + ([rtol] if rtol > 0 else []))
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     zero_y, inf_y = _TOP + plot_h, _TOP
     band_top, band_bottom = _TOP + 26, _TOP + plot_h - 22
 
     def x_of(i: int) -> float:
-        return _LEFT + (plot_w * (i + 0.5) / max(len(ordered), 1))
+        return _LEFT + (plot_w * (i + 0.5) / max(scan.n, 1))
 
     def y_of(v: float) -> float:
         if v <= 0:
@@ -122,24 +189,21 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         y = y_of(rtol)
         parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#1565c0" '
                      f'stroke-dasharray="6 4"><title>rtol = {rtol:g}</title></line>')
-    starts = _step_starts(ordered)
-    shown = starts if len(starts) <= _MAX_STEP_LINES else [
-        starts[k * len(starts) // _STEP_LABELS] for k in range(_STEP_LABELS)]  # the last 1/9 unlabelled: room
-    for i, step in shown:
-        x = x_of(i) - plot_w / max(len(ordered), 1) / 2
+    count = len(scan.starts)
+    shown = range(count) if count <= _MAX_STEP_LINES else [
+        k * count // _STEP_LABELS for k in range(_STEP_LABELS)]  # the last 1/9 unlabelled: room
+    for i, step in ((scan.starts[j], scan.steps[j]) for j in shown):
+        x = x_of(i) - plot_w / max(scan.n, 1) / 2
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#9e9e9e" '
                      f'stroke-dasharray="3 3"/>')
         parts.append(f'<text x="{x + 3:.1f}" y="{_TOP + plot_h + 14}" font-size="11">step {step}</text>')
-    if first is not None:
-        for i, c in enumerate(ordered):
-            k = c.call
-            if (k.step, k.rank, k.module, k.call) == (first.step, first.rank, first.module, first.call):
-                x = x_of(i)
-                parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#c62828" '
-                             f'stroke-width="1.5"><title>first divergence: {escape(call_label(k))}</title></line>')
-                break
+    if first is not None and scan.first_at is not None:
+        x = x_of(scan.first_at)
+        k = CallKey(first.rank, first.step, first.module, first.call)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#c62828" '
+                     f'stroke-width="1.5"><title>first divergence: {escape(call_label(k))}</title></line>')
     points = []
-    for i, c, among in _plotted(ordered):
+    for i, c, among in _plotted(ordered(), scan):
         assert c.output_rel_l2 is not None
         kind = _kind(c)
         r = 4.5 if kind == "introduced" else 3

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import re
+import tracemalloc
+from collections.abc import Sequence
+from typing import Any
 
 from ilstore.keys import CallKey
 from ilstore_compare.result import CallResult
@@ -50,3 +54,44 @@ def test_long_comparison_is_bounded_and_keeps_the_significant_calls() -> None:
     # a stretch of matches is shown by its largest error: 1e-7 * (1 + 6/7) (every stretch has 21-22 calls)
     assert "output rel L2 1.86e-07 (the most significant of 21 calls here)" in titles
     assert "output rel L2 1e-07" not in titles
+
+
+class _Lazy(Sequence[CallResult]):
+    """Calls made when read (as a long comparison's result reads them back a window at a time),
+    in step order, each step's calls in start order: its execution positions reversed."""
+
+    def __init__(self, steps: int, per_step: int) -> None:
+        self.steps, self.per_step = steps, per_step
+
+    def __len__(self) -> int:
+        return self.steps * self.per_step
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        step, j = divmod(i, self.per_step)
+        key = CallKey(rank=0, step=step, module=f"layers.{j}", call=0)
+        return CallResult(call=key, presence="both", verdict="mismatch", origin="inherited",
+                          order=step * self.per_step + self.per_step - 1 - j, tensors=1, mismatched_tensors=1,
+                          output_rel_l2=1e-3 * (1 + (i % 11) / 11))
+
+
+def test_the_plot_of_a_long_comparison_holds_a_step_of_calls_at_a_time() -> None:
+    """Calls listed step by step are put in execution order a step at a time: the plot of
+    40,000 calls made on demand never holds them all (it did: ~25 MB), and it is the plot of the
+    same calls listed in any other order (those are sorted whole)."""
+    lazy = _Lazy(2500, 16)
+    error_plot_svg(_Lazy(3, 16), None, 1e-5)  # set-up done once is not counted
+    tracemalloc.start()
+    try:
+        svg = error_plot_svg(lazy, None, 1e-5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
+    shuffled = list(lazy)
+    random.Random(0).shuffle(shuffled)
+    assert error_plot_svg(shuffled, None, 1e-5) == svg == error_plot_svg(sorted(shuffled, key=lambda c: c.order),
+                                                                          None, 1e-5)
