@@ -74,17 +74,15 @@ def _by_step(calls: Iterable[CallResult]) -> Iterator[CallResult]:
     yield from group
 
 
-def _ordered(calls: Sequence[CallResult]) -> Callable[[], Iterator[CallResult]]:
+def _scanned(calls: Sequence[CallResult], first: Divergence | None) -> tuple[Callable[[], Iterator[CallResult]], _Scan]:
     """A way to go through the calls found in both runs in execution order, as often as wanted,
-    holding one step's calls at a time (a 100,000-step comparison's 1.6 M calls are not held);
-    calls in another order are sorted once, all held."""
+    holding one step's calls at a time (a 100,000-step comparison's 1.6 M calls are not held),
+    and the first pass over them; calls in another order are sorted once, all held."""
     try:
-        for _ in _by_step(calls):
-            pass
+        return (lambda: _by_step(calls)), _Scan(_by_step(calls), first)
     except _Unordered:
         held = sorted((c for c in calls if c.presence == "both"), key=lambda c: c.order)
-        return lambda: iter(held)
-    return lambda: _by_step(calls)
+        return (lambda: iter(held)), _Scan(held, first)
 
 
 class _Scan:
@@ -158,8 +156,7 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         first: the first divergence, marked by a vertical line.
         rtol: drawn as a dashed horizontal reference.
     """
-    ordered = _ordered(calls)
-    scan = _Scan(ordered(), first)
+    ordered, scan = _scanned(calls, first)
     lo, hi = _y_range([v for v in (scan.low, scan.high) if v is not None] + ([rtol] if rtol > 0 else []))
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     zero_y, inf_y = _TOP + plot_h, _TOP
