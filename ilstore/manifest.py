@@ -557,7 +557,11 @@ class JournalReader:
         The answer holds no Python object per step: the index's own step array and a 4-byte number
         per step into the distinct orders (:class:`~ilstore._stepmap.SharedValues`, a read-only
         mapping in step order; its ``distinct()`` gives each order once). The lines are read a
-        window at a time (:data:`_ORDER_WINDOW` bytes), not the whole file at once.
+        window at a time (:data:`_ORDER_WINDOW` bytes), not the whole file at once, and visited in
+        file order, so each window is read once whatever the order of the steps in the file (a
+        journal whose steps repeat or do not ascend costs one more 4-byte number per line while
+        its lines are put in file order). The answer is the one a visit in step order gives: the
+        first step (ascending) whose line is damaged or cannot be answered decides the error or None.
 
         Returns:
             Step -> orders; None when some line does not spell out both orders and names no line
@@ -576,7 +580,6 @@ class JournalReader:
         interned: dict[CallOrder, int] = {}  # an order -> its number, the position in distinct
         distinct: list[CallOrder] = []
         spelled: dict[int, int] = {}  # the last lines that spelled their orders out: step -> number (-1: none)
-        numbers = array("i")
         window, window_at = b"", 0
 
         def read(at: int, size: int) -> bytes:
@@ -614,27 +617,61 @@ class JournalReader:
                 number = number_of(parse(read(offsets[i], lengths[i]), lines[i], step), step)
             return number
 
-        for i, step in enumerate(steps):
-            at, size = offsets[i], lengths[i]
+        def visit(i: int) -> int:
+            """The number of the orders of the line of step ``steps[i]``, read from the current window."""
+            nonlocal window, window_at
+            step, at, size = steps[i], offsets[i], lengths[i]
             if not window_at <= at <= at + size <= window_at + len(window):  # the next window (in file order)
                 window = b""  # the last one freed before the next is read: one window at a time
                 window, window_at = read(at, max(size, _ORDER_WINDOW)), at
             raw = window[at - window_at:at - window_at + size]
             m = _CALLS_AS.match(raw)
             if m is not None and int(m.group(1)) == step:
-                number = spelled_out(int(m.group(2)))
-            else:
-                doc = parse(raw, lines[i], step)
-                if "calls_as" in doc:
-                    ref = doc["calls_as"]
-                    if not isinstance(ref, int) or isinstance(ref, bool) or ref == step:
-                        return None
-                    number = spelled_out(ref)
-                else:
-                    number = number_of(doc, step)
+                return spelled_out(int(m.group(2)))
+            doc = parse(raw, lines[i], step)
+            if "calls_as" in doc:
+                ref = doc["calls_as"]
+                if not isinstance(ref, int) or isinstance(ref, bool) or ref == step:
+                    return -1
+                return spelled_out(ref)
+            return number_of(doc, step)
+
+        count = len(steps)
+        numbers = array("i", [0]) * count  # each step's slot, written as its line is read
+        if all(map(operator.lt, lines, islice(lines, 1, None))):  # the lines in step order: the usual journal
+            for i in range(count):
+                number = visit(i)
+                if number < 0:
+                    return None
+                numbers[i] = number
+            return SharedValues(steps, numbers, distinct)
+        # Steps repeated or out of order: the lines in file order (a counting sort by line number,
+        # in an array: position + 1 per line of the file, 0 for a line the index does not keep),
+        # so that the windows advance through the file once instead of a window per line. Which
+        # step's line fails only matters for the first failing step: the answer a visit in step
+        # order gives, whatever the order of the file.
+        by_line = array("i" if count < 1 << 31 else "q", [0]) * (max(lines, default=0) + 1)
+        for i, line in enumerate(lines):
+            by_line[line] = i + 1
+        failed, failure = count, None  # the first failing position (step order) and its error (None: no answer)
+        for k in by_line:
+            if not k or k > failed:  # no kept line, or a step not before one that already fails
+                continue
+            i = k - 1
+            try:
+                number = visit(i)
+            except CorruptFileError as exc:
+                failed, failure = i, exc
+                continue
             if number < 0:
-                return None
-            numbers.append(number)
+                failed, failure = i, None
+                continue
+            numbers[i] = number
+        del by_line
+        if failed < count:
+            if failure is not None:
+                raise failure
+            return None
         return SharedValues(steps, numbers, distinct)
 
     def totals(self, step: int) -> dict[str, int] | None:
