@@ -496,8 +496,14 @@ def _stored(node: Mapping[str, Any]) -> bool:
     return node.get("stored", True) is not False
 
 
-def _load_key(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
+def _load_key(reader: StoreReader, key: TensorKey, label: str, node: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """``reader.load(key)``; with the plan's ``node`` for the key, a reader whose ``load`` and
+    ``meta`` are :class:`StoreReader`'s loads it without looking the node up again (the
+    structures of the window's early steps have left the reader's cache by then)."""
     try:
+        cls = type(reader)
+        if node is not None and cls.load is StoreReader.load and cls.meta is StoreReader.meta:
+            return reader.load_node(key, dict(node) if not isinstance(node, dict) else node)
         return reader.load(key)
     except IlstoreError:
         raise
@@ -523,9 +529,11 @@ def _load(reader: StoreReader, side: Side, label: str, keep_going: bool = False)
         StoreError: a record cannot be read (without ``keep_going``).
         _Unreadable: the same, with ``keep_going``: the entry that says which record and why.
     """
+    known = side.node if not side.parts and side.select is None else None  # the run's own node of side.key
+
     def one(key: TensorKey) -> torch.Tensor:
         try:
-            return _load_key(reader, key, label)
+            return _load_key(reader, key, label, known if key == side.key else None)
         except StoreError as exc:
             if not keep_going:
                 raise

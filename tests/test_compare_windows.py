@@ -286,3 +286,24 @@ def test_statistics_nodes_are_let_go_window_by_window(tmp_path: Path, monkeypatc
     assert table is not None and _stored(windowed) > 0
     per_step = whole.summary.tensors // 40
     assert 0 < len(table.run1.row_of) <= 12 + per_step and len(table.run1._kept) <= 12 + per_step
+
+
+def test_loads_use_the_planned_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window's pairs are loaded with the metadata the plan found (``StoreReader.load_node``):
+    each side file of a pt run is parsed once, not again when its tensors are loaded after the
+    reader's structure cache (a few steps) has moved on."""
+    from ilstore.store.pt import PtReader
+
+    a, b = _run(tmp_path, "a", 12), _run(tmp_path, "b", 12, bump_at=(3,))
+    whole = compare(a, b)
+    parsed: list[tuple[Any, ...]] = []
+    real = PtReader._read_side_file
+
+    def counted(self: PtReader, call: Any, kind: str) -> Any:
+        parsed.append((self.run_dir, call, kind))
+        return real(self, call, kind)
+
+    monkeypatch.setattr(PtReader, "_read_side_file", counted)
+    again = compare(a, b)
+    assert again == whole
+    assert len(parsed) == len(set(parsed)), "a side file parsed twice"

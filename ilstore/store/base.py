@@ -543,7 +543,16 @@ class StoreReader(ABC):
             CorruptFileError: the file is truncated, corrupt or unsafe, or holds another shape
                 or dtype than the metadata says; names the file.
         """
-        node = self.meta(key)
+        return self.load_node(key, self.meta(key))
+
+    def load_node(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        """:meth:`load` for a caller that holds ``key``'s metadata already (the node
+        :meth:`tensor_nodes` gave for it, unchanged): no lookup of it. A comparer that planned
+        a window of steps loads their tensors so, without parsing the steps' structures again.
+
+        Raises:
+            KeyError, CorruptFileError: as :meth:`load`.
+        """
         if node.get("stored") is False:
             raise KeyError(f"{key}: body not stored ({node.get('reason', 'stats only')})")
         same_as = node.get("same_as")
