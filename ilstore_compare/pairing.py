@@ -279,16 +279,8 @@ def _members(steps: Sequence[int] | np.ndarray, of: np.ndarray, fits: np.ndarray
 def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
                modules: list[re.Pattern[str]] | None, name_map: NameMap | None,
                planned_elsewhere: Container[int] = ()) -> Plan:
-    """Line up the tensors of two runs (metadata only): every step's plan at once (:class:`Planner`).
-
-    Args:
-        r1: dir1's reader.
-        r2: dir2's reader (the reference).
-        steps: steps to compare, None for every step of either run.
-        modules: module-name regexes (``re.search``, after the name map); None for all.
-        name_map: rules renaming one side's modules into the other's naming.
-        planned_elsewhere: steps (of both runs) the caller plans itself: they are counted in
-            ``steps`` but get no calls or pairs here (:mod:`.columnar`).
+    """Line up the tensors of two runs (metadata only): every step's plan at once, with the
+    :class:`Planner`'s notes first. The arguments are the :class:`Planner`'s.
 
     Raises:
         NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
