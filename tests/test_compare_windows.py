@@ -18,11 +18,10 @@ from torch import nn
 import ilstore
 from ilstore_compare import compare, engine
 from ilstore_compare.entries import Entries
-from ilstore_compare.report_html import render_html
 from ilstore_compare.report_json import render_json
-from ilstore_compare.report_md import render_markdown
-from ilstore_compare.result import CompareResult, Summary
+from ilstore_compare.result import CompareResult
 from ilstore_compare.spill import Spill, Stored
+from test_stats_compare_divergent import _same  # every field, count and report equal
 
 
 class _Inner(nn.Module):
@@ -83,23 +82,6 @@ def _windowed(monkeypatch: pytest.MonkeyPatch, pairs: int, *args: Any, **options
     with monkeypatch.context() as m:
         m.setattr(engine, "_WINDOW_PAIRS", pairs)
         return compare(*args, **options)
-
-
-def _same(windowed: CompareResult, whole: CompareResult) -> None:
-    assert windowed.tensors == whole.tensors and list(windowed.tensors) == list(whole.tensors)
-    assert windowed.calls == whole.calls and list(windowed.calls) == list(whole.calls)
-    assert windowed.summary == whole.summary
-    s = windowed.summary
-    assert Summary.of(windowed.tensors, windowed.calls, s.steps, s.steps_only_in_dir1, s.steps_only_in_dir2) == s
-    assert windowed.first_divergence == whole.first_divergence
-    assert windowed.introduced == whole.introduced
-    assert windowed.notes == whole.notes and windowed.unreadable == whole.unreadable
-    assert windowed.exit_code == whole.exit_code
-    assert windowed == whole
-    for verbose in (False, True):
-        assert render_markdown(windowed, verbose) == render_markdown(whole, verbose)
-    assert render_json(windowed) == render_json(whole)
-    assert render_html(windowed) == render_html(whole)
 
 
 def _stored(result: CompareResult) -> int:
