@@ -281,10 +281,9 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
             call_parts.append(tuple(calls))
         else:
             spill = spill or Spill()
-            tensor_parts.append(spill.add(tensors, first_step=plan.steps[0] if plan.steps else None,
-                                          last_step=plan.steps[-1] if plan.steps else None))
-            call_parts.append(spill.add(tuple(calls), first_step=plan.steps[0] if plan.steps else None,
-                                        last_step=plan.steps[-1] if plan.steps else None))
+            first_step, last_step = (plan.steps[0], plan.steps[-1]) if plan.steps else (None, None)
+            tensor_parts.append(spill.add(tensors, first_step=first_step, last_step=last_step))
+            call_parts.append(spill.add(tuple(calls), first_step=first_step, last_step=last_step))
         del plan, tensors, calls
         if stop == start:  # no step at all
             break

@@ -170,8 +170,3 @@ class Stored(Sequence[T], Generic[T]):
     def __repr__(self) -> str:
         return f"Stored({self._count} entries, steps {self.first_step}..{self.last_step})"
 
-
-def steps_of(entries: Sequence[Any], step: Any) -> tuple[int | None, int | None]:
-    """The smallest and largest ``step(entry)`` of ``entries`` ((None, None) when there are none)."""
-    values = [step(e) for e in entries]
-    return (min(values), max(values)) if values else (None, None)
