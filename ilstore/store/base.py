@@ -293,8 +293,35 @@ class StoreWriter(ABC):
         """Release backend resources (optional)."""
 
 
-#: How many steps' structures a reader keeps (the most recently read ones).
+#: How many steps' structures a reader keeps at least (the most recently read ones).
 _CACHED_STEPS = 4
+#: Beyond those, more recent steps' structures are kept while their tensor nodes (a side without
+#: any counts 1) total at most this: a comparer plans a window of ~4,096 pairs, then loads them
+#: (``same_as`` bodies and the hdf5 reader's ``prepare_loads`` look nodes up again), and a window
+#: of small steps spans more than a few steps. The plan holds those nodes anyway meanwhile.
+_CACHED_NODES = 8192
+
+
+class _Side:
+    """One cached side of a call: its structure and, once asked for, its tensor nodes with
+    their keys (and, once looked up by key, the same by key)."""
+
+    __slots__ = ("structure", "nodes", "by_key")
+
+    def __init__(self, structure: Any) -> None:
+        self.structure = structure
+        self.nodes: list[tuple[TensorKey, dict[str, Any]]] | None = None
+        self.by_key: dict[TensorKey, dict[str, Any]] | None = None
+
+
+class _StepSides(dict[tuple[CallKey, str], _Side]):
+    """A step's cached sides, ``(call, kind) -> _Side``, and their weight (see :data:`_CACHED_NODES`)."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = 0
 
 
 class StoreReader(ABC):
@@ -327,9 +354,9 @@ class StoreReader(ABC):
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.manifest = read_manifest(self.run_dir)
-        # Structures of the most recently read steps only (step -> (call, kind) -> structure), so
+        # Structures of the most recently read steps only (step -> (call, kind) -> _Side), so
         # streaming a long run (compare, convert, replay) keeps memory flat.
-        self._structures: OrderedDict[int, dict[tuple[CallKey, str], Any]] = OrderedDict()
+        self._structures: OrderedDict[int, _StepSides] = OrderedDict()
         self._journal = _journal_of(self.run_dir, self.manifest)
 
     @classmethod
@@ -498,17 +525,28 @@ class StoreReader(ABC):
             CorruptFileError: the step journal (or manifest) lists the call but the backend's
                 files have no data for it; names the journal (or manifest).
         """
-        cache_key = (call, kind)
-        step_cache = self._structures.get(call.step)
+        return self._structure_entry(call, kind).structure
+
+    #: Sum of the cached steps' weights (a class default: views that skip ``__init__`` start at 0).
+    _cached_weight: int = 0
+
+    def _structure_entry(self, call: CallKey, kind: str) -> _Side:
+        """The cached side (read, and the cache trimmed, on a miss)."""
+        cache = self._structures
+        step_cache = cache.get(call.step)
         if step_cache is None:
-            step_cache = self._structures[call.step] = {}
-            while len(self._structures) > _CACHED_STEPS:
-                self._structures.popitem(last=False)
+            if not cache:  # emptied (close, or a view's own clear): nothing is weighed any more
+                self._cached_weight = 0
+            step_cache = cache[call.step] = _StepSides()
         else:
-            self._structures.move_to_end(call.step)
-        if cache_key not in step_cache:
             try:
-                step_cache[cache_key] = self._read_structure(call, kind)
+                cache.move_to_end(call.step)
+            except KeyError:  # dropped by another thread meanwhile: still the right sides
+                pass
+        side = step_cache.get((call, kind))
+        if side is None:
+            try:
+                structure = self._read_structure(call, kind)
             except KeyError:
                 recorded = self._manifest_calls("calls", call.step)
                 if recorded is None or call not in recorded:
@@ -516,11 +554,48 @@ class StoreReader(ABC):
                 source = self._journal.path if self._journal is not None else self.run_dir / MANIFEST_NAME
                 raise CorruptFileError(source, f"lists module call {call.module}#{call.call} of step {call.step}, "
                                        "but the run has no data for it (the files disagree)") from None
-        return step_cache[cache_key]
+            side = step_cache[(call, kind)] = _Side(structure)
+            self._weigh_structures(step_cache, 1)
+        return side
+
+    def _weigh_structures(self, step_cache: _StepSides, weight: int) -> None:
+        """Add ``weight`` to a cached step's, and drop the least recently used steps beyond
+        :data:`_CACHED_STEPS` while the cached weight passes :data:`_CACHED_NODES`."""
+        step_cache.weight += weight
+        self._cached_weight += weight
+        cache = self._structures
+        while len(cache) > _CACHED_STEPS and self._cached_weight > _CACHED_NODES:
+            try:
+                _step, old = cache.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
+            self._cached_weight -= old.weight
+        if not cache:
+            self._cached_weight = 0
+
+    def _structure_nodes(self, call: CallKey, kind: str) -> tuple[_Side, list[tuple[TensorKey, dict[str, Any]]]]:
+        """The cached side and its tensor nodes with their keys (walked once per cached side)."""
+        side = self._structure_entry(call, kind)
+        nodes = side.nodes
+        if nodes is None:
+            nodes = side.nodes = [(call.tensor(kind, path), node) for path, node in iter_tensor_nodes(side.structure)]
+            step_cache = self._structures.get(call.step)
+            if step_cache is not None and len(nodes) > 1:  # the side counted 1 already
+                self._weigh_structures(step_cache, len(nodes) - 1)
+        return side, nodes
+
+    def _answers_from_cache(self) -> bool:
+        """Whether :meth:`tensor_nodes` and :meth:`meta` may answer from the cached sides: a
+        reader that answers :meth:`structure` or :meth:`tensor_nodes` itself is asked instead."""
+        cls = type(self)
+        return cls.structure is StoreReader.structure and cls.tensor_nodes is StoreReader.tensor_nodes
 
     def tensor_nodes(self, call: CallKey, kind: str) -> Iterator[tuple[TensorKey, dict[str, Any]]]:
-        for path, node in iter_tensor_nodes(self.structure(call, kind)):
-            yield call.tensor(kind, path), node
+        if type(self).structure is not StoreReader.structure:
+            for path, node in iter_tensor_nodes(self.structure(call, kind)):
+                yield call.tensor(kind, path), node
+            return
+        yield from self._structure_nodes(call, kind)[1]
 
     def keys(self, step: int | None = None) -> list[TensorKey]:
         """Tensor keys in execution order (calls in start order; inputs, outputs, post-forward)."""
@@ -530,9 +605,21 @@ class StoreReader(ABC):
 
     def meta(self, key: TensorKey) -> dict[str, Any]:
         """Metadata of one tensor (shape, dtype, device, stats, stored...) without loading it."""
-        for k, node in self.tensor_nodes(key.call_key, key.kind):
-            if k == key:
-                return node
+        if self._answers_from_cache():  # a lookup by key in the cached side (a side may hold many tensors)
+            side, nodes = self._structure_nodes(key.call_key, key.kind)
+            by_key = side.by_key
+            if by_key is None:
+                by_key = {}
+                for k, node in nodes:
+                    by_key.setdefault(k, node)  # the first, as a walk finds it
+                side.by_key = by_key
+            found = by_key.get(key)
+            if found is not None:
+                return found
+        else:
+            for k, node in self.tensor_nodes(key.call_key, key.kind):
+                if k == key:
+                    return node
         raise KeyError(f"no tensor {key} in {self.run_dir}")
 
     def load(self, key: TensorKey) -> torch.Tensor:
@@ -586,6 +673,7 @@ class StoreReader(ABC):
 
     def close(self) -> None:
         self._structures.clear()
+        self._cached_weight = 0
         if self._journal is not None:
             self._journal.close()
 

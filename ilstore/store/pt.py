@@ -588,9 +588,11 @@ class PtReader(StoreReader):
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
-        #: step → its calls' directories (the most recently used :data:`_CACHED_STEPS` steps, so a
-        #: reader streaming a long run keeps memory flat)
+        #: step → its calls' directories (the most recently used steps, at most
+        #: :data:`_CACHED_STEPS` and :data:`_CACHED_CALLS` calls, so a reader streaming a long run
+        #: keeps memory flat)
         self._call_dirs: OrderedDict[int, dict[CallKey, Path]] = OrderedDict()
+        self._dir_calls = 0  # the calls in _call_dirs
         #: call → its directory as a string ending in the separator (the per-tensor path is built
         #: from it by one concatenation instead of Path arithmetic); dropped with its step's entry
         self._dir_strs: dict[CallKey, str] = {}
@@ -778,14 +780,17 @@ class PtReader(StoreReader):
 
     def _remember(self, step: int, mapping: dict[CallKey, Path]) -> dict[CallKey, Path]:
         """Keep ``step``'s call directories, dropping the least recently used step's (and its
-        calls' directory strings) beyond :data:`_CACHED_STEPS`."""
+        calls' directory strings) beyond :data:`_CACHED_STEPS` steps or :data:`_CACHED_CALLS` calls."""
         dirs = self._call_dirs
+        again = dirs.pop(step, None)  # (another thread listed it meanwhile)
         dirs[step] = mapping
-        while len(dirs) > _CACHED_STEPS:
+        self._dir_calls += len(mapping) - (len(again) if again is not None else 0)
+        while len(dirs) > _CACHED_STEPS or (self._dir_calls > _CACHED_CALLS and len(dirs) > 1):
             try:
                 _old_step, old = dirs.popitem(last=False)
             except KeyError:  # emptied by another thread
                 break
+            self._dir_calls -= len(old)
             for call in old:
                 self._dir_strs.pop(call, None)
         return mapping
@@ -851,6 +856,7 @@ class PtReader(StoreReader):
         """The structure of a side written as ``<kind>.json`` in the call's directory."""
         call_dir = self._call_dir(call)
         text = _read_plain(self._dir_str(call) + kind + ".json") if _DIRECT else None
+        path: Path | None = None  # the checked path; else built for a message only
         if text is None:  # a link, another kind of file, an error: the checked path and its errors
             path = self._child(call_dir, f"{kind}.json")
             if not path.is_file():
@@ -859,13 +865,13 @@ class PtReader(StoreReader):
         elif not isinstance(text, bytes):  # _ABSENT: not captured
             return None
         else:
-            path = call_dir / f"{kind}.json"
             try:
                 doc = json.loads(text.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CorruptFileError(path, f"unreadable metadata JSON: {exc}") from None
+                raise CorruptFileError(call_dir / f"{kind}.json", f"unreadable metadata JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise CorruptFileError(path, "expected a JSON object describing the captured structure")
+            raise CorruptFileError(path or call_dir / f"{kind}.json",
+                                   "expected a JSON object describing the captured structure")
         doc.pop("ilstore", None)
         files = None
         for tpath, node in iter_tensor_nodes(doc):
@@ -921,8 +927,11 @@ class PtReader(StoreReader):
 
 #: How many steps' structure lists a reader keeps (the most recently read ones).
 _CACHED_LISTS = 8
-#: How many steps' call directories a reader keeps (the most recently used ones).
-_CACHED_STEPS = 64
+#: How many steps' call directories a reader keeps at most (the most recently used ones)...
+_CACHED_STEPS = 1024
+#: ... and how many calls' in all (the last step's always): a comparer plans a window of ~4,096
+#: pairs, then loads them, and a window of small steps spans many steps (they were listed twice).
+_CACHED_CALLS = 8192
 
 
 class _StructureList:

@@ -28,7 +28,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -503,17 +503,23 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
 #: How many steps' indexes, open shards and library readers a reader keeps (the least recently
 #: used go): a compare of two 100,000-step runs must not hold 100,000 parsed indexes, nor run out
 #: of file descriptors (1,024 by default on many systems) with one open shard per step.
-_KEEP_INDEXES = 64
+_KEEP_INDEXES = 1024
+#: ... and the kept indexes' records and tensors at most this many in all (the last index always):
+#: a comparer plans a window of ~4,096 pairs, then loads them, and a window of small steps spans
+#: many steps (their indexes were parsed twice).
+_KEEP_INDEX_ENTRIES = 16384
 _KEEP_SHARDS = 64
 _KEEP_LIBRARY = 8
 
 
 class _Recent(OrderedDict[Any, Any]):
-    """A dict that keeps its ``limit`` most recently used items (callers hold a lock around it)."""
+    """A dict that keeps its ``limit`` most recently used items (callers hold a lock around it);
+    with ``weigh``, fewer when their weights pass ``budget`` (the last one always)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, weigh: Callable[[Any], int] | None = None, budget: int = 0) -> None:
         super().__init__()
         self.limit = limit
+        self.weigh, self.budget, self.weight = weigh, budget, 0
 
     def recent(self, key: Any) -> Any:
         """The item of ``key`` (now the most recently used), or None."""
@@ -523,12 +529,22 @@ class _Recent(OrderedDict[Any, Any]):
         return value
 
     def keep(self, key: Any, value: Any) -> Any:
-        """Add ``key``; drop the least recently used beyond ``limit``. Returns ``value``."""
+        """Add ``key``; drop the least recently used beyond ``limit`` (or ``budget``). Returns ``value``."""
+        weigh = self.weigh
+        if weigh is not None:
+            old = self.get(key)
+            self.weight += weigh(value) - (weigh(old) if old is not None else 0)
         self[key] = value
         self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
+        while len(self) > self.limit or (weigh is not None and self.weight > self.budget and len(self) > 1):
+            _key, dropped = self.popitem(last=False)
+            if weigh is not None:
+                self.weight -= weigh(dropped)
         return value
+
+    def clear(self) -> None:
+        super().clear()
+        self.weight = 0
 
 
 class _Shard:
@@ -604,6 +620,10 @@ class _Shard:
     __del__ = close
 
 
+def _index_weight(index: _Index) -> int:
+    return 1 + len(index.structures) + len(index.tensors)
+
+
 class SafetensorsReader(StoreReader):
     """Reads a run written by :class:`SafetensorsWriter`; shards are opened lazily, once each."""
 
@@ -611,7 +631,7 @@ class SafetensorsReader(StoreReader):
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
-        self._indexes = _Recent(_KEEP_INDEXES)  # step -> _Index
+        self._indexes = _Recent(_KEEP_INDEXES, _index_weight, _KEEP_INDEX_ENTRIES)  # step -> _Index
         self._handles = _Recent(_KEEP_SHARDS)  # path -> _Shard
         self._shard_paths = _Recent(4 * _KEEP_SHARDS)  # (step, shard name) -> checked path
         self._lib = _Recent(_KEEP_LIBRARY)  # path -> the library's reader (rare dtypes)
