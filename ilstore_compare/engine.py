@@ -31,11 +31,11 @@ from ._heap import HeapGuard
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls, merge_introduced
 from .entries import Entries, Held
-from .local import local_errors, local_notes, local_report, measured_divergence
+from .local import LocalWindows, local_notes, measured_divergence
 from .maps import pick_map
 from .metrics import Split, compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
-from .oracle import enclosing_calls, explain_containers, oracle_calls
+from .oracle import OracleWindows
 from .pairing import Pair, Planner, build_plan, compile_patterns, resolve_run_dir
 from .provenance import find_sources, open_option_run
 from .result import (
@@ -148,6 +148,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
 
         lost: list[Unreadable]
         calls: Sequence[CallResult]
+        beside: LocalWindows | OracleWindows | None = None
         summary: Summary | None = None
         if plain is not None and plain.templates:  # steps decided in arrays (.columnar), failing ones too
             plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
@@ -164,31 +165,31 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             tensors, calls, first, introduced = columnar.analyse(plan, plain, tensors)
             plan_notes, steps = plan.notes, (plan.steps, plan.steps_only1, plan.steps_only2)
         else:
+            # local errors and the oracle verdict are found beside the comparison, window by window
+            if sources.local_run is not None:
+                beside = LocalWindows(sources.local_run, sources.local_source, sources.replayed_from, r2, options,
+                                      nmap, patterns)
+            elif oracle is not None:
+                beside = OracleWindows(r1, r2, oracle, options, patterns)
             planner = Planner(p1, p2, steps=options.steps, modules=patterns, name_map=nmap)
-            whole = _compare_windows(planner, one, table, r1, r2, options, progress)
+            whole = _compare_windows(planner, one, table, r1, r2, options, progress,
+                                     beside.window if beside is not None else None)
             tensors, calls, first, introduced, lost = whole.tensors, whole.calls, whole.first, whole.introduced, \
                 whole.lost
             plan_notes, steps, summary = whole.notes, whole.steps, whole.summary
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
         notes = pick_notes + list(plan_notes) + sources.notes
         local = oracle_report = threshold = None
-        if sources.local_run is not None:
-            local = local_report(sources.local_run, sources.local_source, sources.replayed_from, r2, options, nmap,
-                                 patterns, calls)
-            lost += [u for e in local.errors for u in e.unreadable]
-            by_call = {e.call: e for e in local.errors}
-            calls = [dataclasses.replace(c, local=by_call.get(c.call)) for c in calls]
+        if isinstance(beside, LocalWindows):
+            local = beside.report(_WINDOW_PAIRS)
+            lost += beside.lost
             threshold, first = first, measured_divergence(local, calls, tensors)
             notes += local_notes(local)
-        elif oracle is not None:
-            assert options.oracle_factor is not None
-            cand = local_errors(r1, oracle, options, patterns=patterns, labels=("dir1", "oracle"))
-            ref = local_errors(r2, oracle, options, patterns=patterns, labels=("dir2", "oracle"))
-            lost += [u for e in cand + ref for u in e.unreadable]
-            verdicts = oracle_calls(cand, ref, options.oracle_factor)
-            verdicts = explain_containers(verdicts, enclosing_calls(r1, sorted({c.call.step for c in verdicts})))
+        elif isinstance(beside, OracleWindows):
+            assert oracle is not None and options.oracle_factor is not None
             oracle_report = OracleReport(str(oracle.run_dir), sources.oracle_id, options.oracle_factor,
-                                         tuple(verdicts))
+                                         beside.calls(_WINDOW_PAIRS))
+            lost += beside.lost
     if summary is None:
         summary = Summary.of(tensors, calls, *steps)
     return CompareResult(dir1=str(path1), dir2=str(path2), backend1=backend1, backend2=backend2, status1=status1,
@@ -221,7 +222,9 @@ class _Whole:
 
 
 def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], table: Any, r1: StoreReader,
-                     r2: StoreReader, options: CompareOptions, progress: Progress | None) -> _Whole:
+                     r2: StoreReader, options: CompareOptions, progress: Progress | None,
+                     beside: Callable[[list[CallResult], int], list[CallResult] | None] | None = None
+                     ) -> _Whole:
     """Plan, compare and analyse the steps a window at a time (each about :data:`_WINDOW_PAIRS`
     pairs): no plan of the whole run is held, and the entries and calls of every window after
     the first are kept in a temporary file (:mod:`.spill`), so a comparison of 100,000 steps
@@ -235,6 +238,13 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
 
     ``progress`` gets the pairs done and, while steps are still to be planned, an estimate of
     the total from the pairs per step so far (exact once the last window is planned).
+
+    ``beside(calls, last_step)`` is called with each window's calls and the last step it
+    planned, before they are kept: what is measured beside the comparison (local errors,
+    :class:`~.local.LocalWindows`; the oracle verdict, :class:`~.oracle.OracleWindows`) is
+    measured for the same steps, and the calls it gives back (with their local errors; None:
+    unchanged) are kept instead. (A run's unreadable body is then found in step order across the
+    comparison and the measurement: without ``keep_going``, the first one raises.)
     """
     spill: Spill | None = None
     tensor_parts: list[Held[TensorResult]] = []
@@ -271,6 +281,8 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
                                                            bad_from=first.step if first is not None else None)
         if before:
             calls = [dataclasses.replace(c, order=c.order + before) for c in calls]
+        if beside is not None and stop > start:
+            calls = beside(calls, int(planner.wanted[stop - 1])) or calls
         if first is None:
             first = first_here
         introduced = merge_introduced(introduced, introduced_here) if introduced else introduced_here

@@ -21,10 +21,15 @@ check that it is a replay of the run it is compared with, is :mod:`.provenance`'
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import math
+import operator
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from itertools import islice
+from typing import Any, overload
 
 import torch
 
@@ -34,13 +39,15 @@ from ilstore.records import iter_tensor_nodes
 from ilstore.store.base import StoreReader
 
 from .divergence import INTRODUCED
+from .entries import Held, concrete
 from .mapping import NameMap
 from .metrics import compare_many
 from .options import CompareOptions
 from .result import MEASURED, CallResult, Divergence, LocalError, LocalReport, TensorResult, Unreadable
+from .spill import Spill
 
 __all__ = ["REPLAY_KEY", "local_errors", "rank", "first_exceeding", "not_replayed", "local_report",
-           "measured_divergence", "local_notes"]
+           "measured_divergence", "local_notes", "Measurer", "Ranking", "LocalWindows", "Ranked"]
 
 #: The key of the per-call replay record on the top level of a call's ``outputs`` structure.
 REPLAY_KEY = "replay"
@@ -49,16 +56,16 @@ _RANDOM_NOTE = "the call drew random numbers (RNG state changed across it): its 
 
 
 # -- measuring ----------------------------------------------------------------------------------
-def _execution_order(reader: StoreReader, steps: Sequence[int]) -> dict[CallKey, int]:
-    """Position of each call in completion order: by step, then position among its rank's calls, then rank."""
+def _step_order(reader: StoreReader, step: int, offset: int) -> tuple[dict[CallKey, int], int]:
+    """Position of each call of ``step`` in completion order (by position among its rank's calls, then
+    rank), counted from ``offset``, and how many positions the step takes."""
     keys = []
-    for step in steps:
-        counters: dict[int, int] = {}
-        for c in reader.call_ends(step):
-            pos = counters.get(c.rank, 0)
-            counters[c.rank] = pos + 1
-            keys.append(((step, pos, c.rank), c))
-    return {c: n for n, (_, c) in enumerate(sorted(keys, key=lambda item: item[0]))}
+    counters: dict[int, int] = {}
+    for c in reader.call_ends(step):
+        pos = counters.get(c.rank, 0)
+        counters[c.rank] = pos + 1
+        keys.append(((pos, c.rank), c))
+    return {c: n for n, (_, c) in enumerate(sorted(keys, key=lambda item: item[0]), offset)}, len(keys)
 
 
 def _containers(reader: StoreReader, step: int) -> set[CallKey]:
@@ -214,28 +221,86 @@ def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOp
             ``options.keep_going`` an unreadable output body instead leaves its call unmeasured,
             the entry naming the file and the reason.
     """
-    steps = sorted(replay.steps()) if options.steps is None else [s for s in options.steps if s in set(replay.steps())]
-    ref_steps = set(reference.steps())
-    order = _execution_order(replay, steps)
-    entries: list[LocalError] = []
-    seen: set[CallKey] = set()
-    for step in steps:
-        containers = _containers(replay, step)
-        ref_calls = set(reference.calls(step)) if step in ref_steps else set()
-        for call in replay.calls(step):
-            shown = CallKey(call.rank, call.step, rename(call.module), call.call) if rename else call
-            if patterns is not None and not any(p.search(shown.module) for p in patterns):
-                continue
-            seen.add(shown)
-            entry = _one(replay, reference, call, shown, options, step in ref_steps, call in ref_calls,
-                         call in containers, order.get(call, len(order)), labels)
-            if entry is not None:
-                entries.append(entry)
-    extra = [c for c in expected if c not in seen and (options.steps is None or c.step in options.steps)]
-    for n, call in enumerate(extra, len(order)):
-        entries.append(_unmeasured(call, "not in the replay run (it did not capture this call)", replayed=False,
-                                   container=False, random=False, order=n))
-    return rank(entries)
+    entries, extra = Measurer(replay, reference, options, rename=rename, patterns=patterns,
+                              labels=labels).window(None, expected)
+    return rank(entries + extra)
+
+
+class Measurer:
+    """Measures the local errors of :func:`local_errors` a window of steps at a time (issue 18).
+
+    Each call of :meth:`window` measures the replay's steps up to a bound: with the windows
+    together, the entries (and their ``order``) are those :func:`local_errors` measures at once.
+    Only the replay's steps and, per step, its number of calls are read up front (an entry's
+    ``order`` counts the calls of every step before it, and a call missing from the completion
+    order, like a call the replay lacks, is placed after all of them).
+
+    Args:
+        replay, reference, options, rename, patterns, labels: as for :func:`local_errors`.
+    """
+
+    def __init__(self, replay: StoreReader, reference: StoreReader, options: CompareOptions, *,
+                 rename: Callable[[str], str] | None = None, patterns: Sequence[re.Pattern[str]] | None = None,
+                 labels: tuple[str, str] = ("replay", "reference")) -> None:
+        self.replay, self.reference, self.options = replay, reference, options
+        self.rename, self.patterns, self.labels = rename, patterns, labels
+        have = set(replay.steps())
+        self.steps = sorted(have) if options.steps is None else [s for s in options.steps if s in have]
+        del have
+        self._ref_steps = sorted(reference.steps())
+        #: how many calls have a completion position (an entry's ``order`` is below this, or this)
+        self.total = sum(len(set(replay.call_ends(step))) for step in self.steps)
+        self._next = 0  # the first step of self.steps not measured yet
+        self._offset = 0  # the order of that step's first call
+        self._extra = 0  # calls not in the replay listed so far
+
+    @property
+    def done(self) -> bool:
+        """Every step is measured."""
+        return self._next >= len(self.steps)
+
+    def bound(self, calls: int) -> int:
+        """The step up to which the steps not measured yet hold about ``calls`` calls (at least one step)."""
+        n, i = 0, self._next
+        while i < len(self.steps) - 1:
+            n += len(self.replay.calls(self.steps[i]))
+            if n >= calls:
+                break
+            i += 1
+        return self.steps[i]
+
+    def window(self, upto: int | None, expected: Iterable[CallKey] = ()) -> tuple[list[LocalError], list[LocalError]]:
+        """The entries of the steps up to ``upto`` (None: every step left), in measuring order, and
+        those of the ``expected`` calls the steps lack (steps up to ``upto`` only: the calls of the
+        steps of this window), not ranked."""
+        replay, reference, options, rename, patterns = self.replay, self.reference, self.options, self.rename, \
+            self.patterns
+        entries: list[LocalError] = []
+        seen: set[CallKey] = set()
+        while self._next < len(self.steps) and (upto is None or self.steps[self._next] <= upto):
+            step = self.steps[self._next]
+            self._next += 1
+            order, used = _step_order(replay, step, self._offset)
+            self._offset += used
+            containers = _containers(replay, step)
+            at = bisect_left(self._ref_steps, step)
+            step_in_ref = at < len(self._ref_steps) and self._ref_steps[at] == step
+            ref_calls = set(reference.calls(step)) if step_in_ref else set()
+            for call in replay.calls(step):
+                shown = CallKey(call.rank, call.step, rename(call.module), call.call) if rename else call
+                if patterns is not None and not any(p.search(shown.module) for p in patterns):
+                    continue
+                seen.add(shown)
+                entry = _one(replay, reference, call, shown, options, step_in_ref, call in ref_calls,
+                             call in containers, order.get(call, self.total), self.labels)
+                if entry is not None:
+                    entries.append(entry)
+        extra = [c for c in expected if c not in seen and (options.steps is None or c.step in options.steps)]
+        missing = [_unmeasured(call, "not in the replay run (it did not capture this call)", replayed=False,
+                               container=False, random=False, order=n)
+                   for n, call in enumerate(extra, self.total + self._extra)]
+        self._extra += len(extra)
+        return entries, missing
 
 
 def _no_tensors(structure: Any) -> bool:
@@ -302,6 +367,175 @@ def rank(entries: Iterable[LocalError]) -> list[LocalError]:
     return sorted(entries, key=key)
 
 
+def _measured_key(e: LocalError) -> tuple[float, bool, int]:
+    assert e.rel_l2 is not None
+    return (-e.rel_l2, e.container, e.order)
+
+
+def _order_key(e: LocalError) -> int:
+    return e.order
+
+
+#: Entries a record of a ranked run holds (:class:`Ranked`): a merge holds one record per window.
+_CHUNK = 128
+
+
+class Ranked(Sequence[LocalError]):
+    """Local errors in :func:`rank`'s order, merged from windows each ranked (issue 18).
+
+    A comparison measured a window of steps at a time (:class:`LocalWindows`) ranks each
+    window's entries and keeps them in runs: the measured entries, the unmeasured ones, and the
+    calls the replay lacks (those :func:`local_errors` lists last, before ranking). A run is a
+    list of records (tuples, or tuples kept in a temporary file, :class:`~.spill.Stored`, of
+    :data:`_CHUNK` entries each); iterating merges the runs (``heapq.merge`` is stable: at equal
+    keys, the earlier window first), holding one record of each run. To a caller it is the tuple
+    :func:`local_errors` returns: same length, same items in the same order, equal to it.
+
+    Args:
+        measured: the runs of measured entries, window by window.
+        unmeasured: the runs of unmeasured entries window by window, then those of the calls the
+            replay lacks window by window.
+    """
+
+    __slots__ = ("_measured", "_unmeasured", "_len")
+
+    def __init__(self, measured: Sequence[Sequence[Held[LocalError]]],
+                 unmeasured: Sequence[Sequence[Held[LocalError]]]) -> None:
+        self._measured, self._unmeasured = list(measured), list(unmeasured)
+        self._len = sum(len(part) for run in self._measured + self._unmeasured for part in run)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[LocalError]:
+        yield from heapq.merge(*(_run(r) for r in self._measured), key=_measured_key)
+        yield from self.unmeasured()
+
+    def records(self) -> Iterator[Held[LocalError]]:
+        """Every run's records (tuples, and tuples kept in the temporary file), run by run."""
+        return (record for run in self._measured + self._unmeasured for record in run)
+
+    def unmeasured(self) -> Iterator[LocalError]:
+        """The entries not measured (``compared`` false), in order: the last of the sequence."""
+        return heapq.merge(*(_run(r) for r in self._unmeasured), key=_order_key)
+
+    @overload
+    def __getitem__(self, index: int) -> LocalError: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[LocalError, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> LocalError | tuple[LocalError, ...]:
+        if isinstance(index, slice):
+            wanted = range(*index.indices(self._len))
+            picked = tuple(e for i, e in enumerate(self) if i in wanted)
+            return picked if wanted.step > 0 else picked[::-1]
+        i = operator.index(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("tuple index out of range")
+        return next(islice(iter(self), i, None))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (tuple, Ranked)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (tuple, (tuple(self),))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+def _run(records: Sequence[Held[LocalError]]) -> Iterator[LocalError]:
+    for record in records:
+        yield from record  # a Stored record is read back here, and let go after its last entry
+
+
+class Ranking:
+    """The entries of the windows, ranked as :func:`rank` ranks them all (see :class:`Ranked`); the
+    first call crossing the tolerance and the unreadable bodies are found as the windows come.
+
+    Args:
+        keep: keep the entries (False: only :attr:`first` and :attr:`lost`).
+    """
+
+    def __init__(self, keep: bool = True) -> None:
+        self._keep = keep
+        self._windows = 0
+        self._held: tuple[list[LocalError], list[LocalError]] | None = None  # the first window's, until a second
+        self._measured: list[list[Held[LocalError]]] = []
+        self._unmeasured: list[list[Held[LocalError]]] = []
+        self._extra: list[list[Held[LocalError]]] = []
+        self._spill: Spill | None = None
+        self._first: tuple[tuple[int, float, bool], LocalError] | None = None
+        self._lost: list[tuple[tuple[int, int, int], tuple[Unreadable, ...]]] = []
+
+    def add(self, entries: list[LocalError], extra: list[LocalError]) -> list[LocalError]:
+        """Take a window's entries and its calls the replay lacks (:meth:`Measurer.window`); the
+        window's entries ranked."""
+        window = self._windows
+        self._windows += 1
+        ranked = rank(entries)
+        measured = [e for e in ranked if e.compared]
+        unmeasured = [e for e in ranked if not e.compared]
+        for e in measured:  # rank order: at equal order, the first of the ranking (first_exceeding's min)
+            if e.exceeds:
+                key = _measured_key(e)
+                at = (key[2], key[0], key[1])
+                if self._first is None or at < self._first[0]:
+                    self._first = (at, e)
+        self._lost += [((e.order, window, i), e.unreadable) for i, e in enumerate(unmeasured) if e.unreadable]
+        if self._keep:
+            if window == 0:
+                self._held = (entries, extra)
+            else:
+                if self._held is not None:  # the first window: held as it is
+                    first = rank(self._held[0])
+                    self._add_runs([e for e in first if e.compared], [e for e in first if not e.compared],
+                                   self._held[1], None)
+                    self._held = None
+                self._spill = self._spill or Spill()
+                self._add_runs(measured, unmeasured, extra, self._spill)
+        return measured + unmeasured if not extra else rank(entries + extra)
+
+    def _add_runs(self, measured: list[LocalError], unmeasured: list[LocalError], extra: list[LocalError],
+                  spill: Spill | None) -> None:
+        for into, run in ((self._measured, measured), (self._unmeasured, unmeasured), (self._extra, extra)):
+            if spill is None:
+                into.append([tuple(run)])
+                continue
+            records: list[Held[LocalError]] = []
+            for at in range(0, len(run), _CHUNK):
+                chunk = tuple(run[at:at + _CHUNK])
+                steps = [e.call.step for e in chunk]
+                records.append(spill.add(chunk, first_step=min(steps), last_step=max(steps)))
+            into.append(records)
+
+    @property
+    def first(self) -> LocalError | None:
+        """:func:`first_exceeding` of every entry so far."""
+        return self._first[1] if self._first is not None else None
+
+    @property
+    def lost(self) -> list[Unreadable]:
+        """The unreadable bodies of the entries, in the order of the ranking."""
+        return [u for _, found in sorted(self._lost, key=lambda item: item[0]) for u in found]
+
+    def errors(self) -> Sequence[LocalError]:
+        """Every entry, ranked: a tuple when there was one window, else a :class:`Ranked`."""
+        if self._held is not None:
+            return tuple(rank(self._held[0] + self._held[1]))
+        if not self._windows:
+            return ()
+        return Ranked(self._measured, self._unmeasured + self._extra)
+
+
 def first_exceeding(entries: Iterable[LocalError]) -> LocalError | None:
     """The first call in execution order whose local error crosses the tolerance (None: no such call)."""
     crossing = [e for e in entries if e.compared and e.exceeds]
@@ -332,26 +566,68 @@ def local_report(replay: StoreReader, source: str, replayed: dict[str, str], ref
         calls: the comparison's calls; with ``--replay``, those in both dir1 and dir2 need a
             local error (the replay run lacking one fails closed).
     """
-    rename = nmap.rename if nmap is not None and nmap.apply_to == "dir2" else None
-    expected = [c.call for c in calls if c.presence == "both"] if source == "replay" else []
-    labels = ("dir1" if source == "dir1" else "replay", "dir2")
-    errors = local_errors(replay, reference, options, rename=rename, patterns=patterns, expected=expected,
-                          labels=labels)
-    return LocalReport(replay=str(replay.run_dir), reference=str(reference.run_dir), replayed_from=replayed,
-                       source=source, errors=tuple(errors), first=first_exceeding(errors))
+    windows = LocalWindows(replay, source, replayed, reference, options, nmap, patterns)
+    windows.window(calls, None)
+    return windows.report()
+
+
+class LocalWindows:
+    """The local errors of a comparison, measured beside it a window of steps at a time (issue 18).
+
+    The engine calls :meth:`window` with each window's calls (the calls of the steps up to a
+    bound), which measures the replay's steps up to that bound and gives the calls their local
+    error; then :meth:`report`, which measures the steps left (the replay's steps after the
+    last window's) and gives the :class:`~.result.LocalReport` of every call: the one
+    :func:`local_report` gives for all the calls at once. The entries of every window after the
+    first are kept in a temporary file (see :class:`Ranked`).
+
+    Args:
+        replay, source, replayed, reference, options, nmap, patterns: as for :func:`local_report`.
+    """
+
+    def __init__(self, replay: StoreReader, source: str, replayed: dict[str, str], reference: StoreReader,
+                 options: CompareOptions, nmap: NameMap | None, patterns: Sequence[re.Pattern[str]] | None) -> None:
+        rename = nmap.rename if nmap is not None and nmap.apply_to == "dir2" else None
+        labels = ("dir1" if source == "dir1" else "replay", "dir2")
+        self._measure = Measurer(replay, reference, options, rename=rename, patterns=patterns, labels=labels)
+        self._ranking = Ranking()
+        self._source, self._replayed = source, replayed
+        self._runs = (str(replay.run_dir), str(reference.run_dir))
+
+    def window(self, calls: Sequence[CallResult], upto: int | None) -> list[CallResult]:
+        """``calls`` (those of the steps up to ``upto``; None: every step) with their local errors."""
+        expected = [c.call for c in calls if c.presence == "both"] if self._source == "replay" else []
+        by_call = {e.call: e for e in self._ranking.add(*self._measure.window(upto, expected))}
+        return [dataclasses.replace(c, local=by_call.get(c.call)) for c in calls]
+
+    def report(self, calls: int = 4096) -> LocalReport:
+        """The report of every call, once the steps left are measured (about ``calls`` calls at a time)."""
+        while not self._measure.done:
+            self._ranking.add(*self._measure.window(self._measure.bound(calls)))
+        return LocalReport(replay=self._runs[0], reference=self._runs[1], replayed_from=self._replayed,
+                           source=self._source, errors=self._ranking.errors(), first=self._ranking.first)
+
+    @property
+    def lost(self) -> list[Unreadable]:
+        """The bodies the measurement could not read, in the order of the report's ``errors``."""
+        return self._ranking.lost
 
 
 def measured_divergence(local: LocalReport, calls: Sequence[CallResult],
                         tensors: Sequence[TensorResult]) -> Divergence | None:
     """The first divergence labelled from the measurement: the first call whose local error crosses the
-    tolerance (``basis`` ``measured``, ``origin`` ``introduced``), with its propagated errors; None if none."""
+    tolerance (``basis`` ``measured``, ``origin`` ``introduced``), with its propagated errors; None if none.
+
+    Only the parts of ``calls`` and ``tensors`` that may hold its step are read (:func:`~.entries.concrete`).
+    """
     m = local.first
     if m is None:
         return None
-    c = next((c for c in calls if c.call == m.call), None)
+    c = next((c for c in concrete(calls, m.call.step) if c.call == m.call), None)
     out, inp = (c.output_rel_l2, c.input_rel_l2) if c is not None else (None, None)
     growth = out / inp if out is not None and inp is not None and 0 < inp < math.inf else None
-    bad = tuple(t.key.display() for t in tensors if t.key.call_key == m.call and t.key.kind != "inputs" and t.bad_value)
+    bad = tuple(t.key.display() for t in concrete(tensors, m.call.step)
+                if t.key.call_key == m.call and t.key.kind != "inputs" and t.bad_value)
     return Divergence(step=m.call.step, module=m.call.module, call=m.call.call, rank=m.call.rank, origin=INTRODUCED,
                       output_rel_l2=out, input_rel_l2=inp, growth=growth, tensors=bad, basis=MEASURED,
                       local_rel_l2=m.rel_l2)
@@ -368,13 +644,13 @@ def _listing(entries: Sequence[LocalError]) -> str:
 
 def local_notes(local: LocalReport) -> list[str]:
     """What the report must say about calls without a local error (the measurement cannot speak for them)."""
-    if not local.not_compared:
+    missing = local.not_compared  # in execution order: what not_replayed(local.errors) gives
+    if not missing:
         return []
     if local.first is None:
-        missing = not_replayed(local.errors)
         return [f"{len(missing)} call(s) could not be replayed or measured; their local error is unknown: "
                 + _listing(missing)]
-    before = not_replayed(local.errors, local.first.order)
+    before = not_replayed(missing, local.first.order)
     if not before:
         return []
     return [f"{len(before)} call(s) before the measured first divergence could not be replayed or measured, so the "

@@ -33,8 +33,12 @@ LOCAL_HEADERS = ["#", "step", "module call", "kind", "local rel L2", "local max 
 
 
 def local_rows(errors: Sequence[LocalError], calls: Sequence[CallResult]) -> list[list[Any]]:
-    """Measured calls, ranked (``#``), with the propagated output error of the same call beside them."""
-    propagated = {c.call: c.output_rel_l2 for c in calls}
+    """Measured calls, ranked (``#``), with the propagated output error of the same call beside them.
+
+    Only the propagated errors of the calls listed are kept (``calls`` may be a long run's, read
+    back from a temporary file window by window)."""
+    listed = {e.call for e in errors}
+    propagated = {c.call: c.output_rel_l2 for c in calls if c.call in listed}
     return [[n, e.call.step, call_label(e.call), kind_label(e.container), num(e.rel_l2), num(e.max_abs_diff),
              num(e.max_ulp), _tolerance(e), num(propagated.get(e.call)), e.reason or ""]
             for n, e in enumerate(errors, 1)]

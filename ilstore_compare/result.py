@@ -352,7 +352,9 @@ class LocalReport:
         reference: the reference run's directory.
         replayed_from: what the replay run's manifest records (``path``, ``run_id``).
         source: ``dir1`` (dir1 is a replay of dir2) or ``replay`` (``--replay``).
-        errors: one entry per call, largest ``rel_l2`` first, unmeasured calls last.
+        errors: one entry per call, largest ``rel_l2`` first, unmeasured calls last: a tuple,
+            or, for a comparison of several windows of steps, a :class:`~.local.Ranked` that
+            reads them back from a temporary file when iterated (equal to the tuple).
         first: the first call in execution order whose local error crosses the tolerance.
     """
 
@@ -360,12 +362,15 @@ class LocalReport:
     reference: str
     replayed_from: dict[str, str]
     source: str
-    errors: tuple[LocalError, ...]
+    errors: Sequence[LocalError]
     first: LocalError | None
 
     @property
     def not_compared(self) -> tuple[LocalError, ...]:
         """Calls whose local error could not be measured (they fail the comparison closed)."""
+        unmeasured = getattr(self.errors, "unmeasured", None)  # a Ranked: without reading the measured ones
+        if unmeasured is not None:
+            return tuple(unmeasured())
         return tuple(e for e in self.errors if not e.compared)
 
 
@@ -403,13 +408,14 @@ class OracleReport:
         run: the oracle run's directory.
         run_id: its run id.
         factor: K.
-        calls: every call, in the candidate replay's execution order.
+        calls: every call, in the candidate replay's execution order (a tuple, or, for a
+            comparison of several windows of steps, an :class:`~.entries.Entries` equal to it).
     """
 
     run: str
     run_id: str | None
     factor: float
-    calls: tuple[OracleCall, ...]
+    calls: Sequence[OracleCall]
 
     @property
     def flagged(self) -> tuple[OracleCall, ...]:
