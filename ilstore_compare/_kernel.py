@@ -276,24 +276,39 @@ def enabled() -> bool:
     return LIBRARY.load() is not None
 
 
-def fused(x: np.ndarray, y: np.ndarray, *, rtol: float, atol: float, equal_nan: bool,
+def fused(x: Any, y: Any, *, rtol: float, atol: float, equal_nan: bool,
           with_ulp: bool) -> Totals | None:
     """Every metric of the pair ``(x, y)`` in one pass; None without the kernel.
 
     Args:
-        x: the candidate, 1-D contiguous float32 or float64.
-        y: the reference, 1-D contiguous float32 or float64, same length.
+        x: the candidate, 1-D contiguous float32 or float64: a numpy array, or a contiguous CPU
+            tensor of any shape (read from its memory, with no numpy array made: a few
+            microseconds a pair, which count on tensors of a few hundred elements).
+        y: the reference, the same (same length).
         rtol, atol: the tolerances of the verdict.
         equal_nan: NaN on both sides matches.
         with_ulp: also measure ``max_ulp`` (``x`` and ``y`` must then have the same dtype).
     """
+    if type(x) is np.ndarray:
+        assert x.flags.c_contiguous and y.flags.c_contiguous and x.size == y.size
+        return fused_at(x.ctypes.data, x.itemsize, y.ctypes.data, y.itemsize, x.size, rtol=rtol, atol=atol,
+                        equal_nan=equal_nan, with_ulp=with_ulp)
+    assert x.is_contiguous() and y.is_contiguous() and x.numel() == y.numel()
+    return fused_at(x.data_ptr(), x.element_size(), y.data_ptr(), y.element_size(), x.numel(), rtol=rtol, atol=atol,
+                    equal_nan=equal_nan, with_ulp=with_ulp)
+
+
+def fused_at(x: int, x_size: int, y: int, y_size: int, n: int, *, rtol: float, atol: float, equal_nan: bool,
+             with_ulp: bool) -> Totals | None:
+    """:func:`fused` of ``n`` contiguous elements at addresses ``x`` and ``y`` (float32 or float64,
+    ``x_size`` and ``y_size`` bytes each; with ``with_ulp``, the same size); the caller keeps the
+    memory alive."""
     lib = LIBRARY.load()
     if lib is None:
         return None
-    assert x.flags.c_contiguous and y.flags.c_contiguous and x.size == y.size
     t = _Totals()
-    lib.ilstore_fused(x.ctypes.data, x.itemsize, y.ctypes.data, y.itemsize, x.size, float(rtol), float(atol),
-                      int(bool(equal_nan)), x.itemsize if with_ulp else 0, ctypes.byref(t))
+    lib.ilstore_fused(x, x_size, y, y_size, n, float(rtol), float(atol), int(bool(equal_nan)),
+                      x_size if with_ulp else 0, ctypes.byref(t))
     return Totals(t.mis, t.fin, t.nan1, t.nan2, t.inf1, t.inf2, t.s_abs, t.dd, t.aa, t.bb, t.ab, t.max_abs, t.max_at,
                   t.max_rel, int(t.top) - 1 if t.top else None)
 

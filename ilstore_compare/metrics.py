@@ -439,9 +439,11 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     """
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-    acc = _Accumulator()
     if split is not None and (split.parts < 2 or a.numel() < split.min_elements):
         split = None
+    if split is None and not exact and (done := _fused_whole(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan)):
+        return done
+    acc = _Accumulator()
     _feed(acc, a, b, 0, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk, split=split)
     return acc.result(a.numel(), tuple(a.shape))
 
@@ -530,6 +532,34 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
         for parts in split.run_all([partial(group, lo, hi) for lo, hi in pairwise(edges)]):
             for part in parts:
                 acc.merge(part)
+
+
+#: Whether the kernel measures every streamed metric of a pair of one kernel dtype (``max_ulp``).
+_ULP_ONLY = tuple(name for name, _info in _STREAMED) == ("max_ulp",)
+
+
+def _fused_whole(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: float,
+                 equal_nan: bool) -> TensorMetrics | None:
+    """:func:`compare_tensors` of a pair :func:`_feed_fused` measures in one kernel call (one
+    kernel dtype on both sides, contiguous, on the CPU, not empty), made straight from the
+    tensors' memory: the same call with the same arguments, without the chunk views, numpy
+    arrays and checks around it, which cost more than the kernel on tensors of a few hundred
+    elements. None for any other pair (nothing measured)."""
+    dtype = a.dtype
+    if (dtype is not b.dtype or dtype not in _KERNEL_DTYPES or not _ULP_ONLY or type(a) is not torch.Tensor
+            or type(b) is not torch.Tensor or a.device.type != "cpu" or b.device.type != "cpu"
+            or not a.is_contiguous() or not b.is_contiguous() or a.is_neg() or b.is_neg()):
+        return None
+    n = a.numel()
+    if not n:
+        return None
+    totals = fused(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan, with_ulp=True)
+    if totals is None:
+        return None
+    acc = _Accumulator()
+    acc.add_totals(totals, 0)
+    acc.add_value("max_ulp", totals.max_ulp)
+    return acc.result(n, tuple(a.shape))
 
 
 def _kernel_side(t: torch.Tensor) -> Any:

@@ -23,7 +23,8 @@ import ilstore
 from ilstore.keys import TensorKey
 from ilstore.store import base, pt
 from ilstore.store import safetensors as st
-from ilstore_compare import compare, engine
+from ilstore_compare import _kernel as metrics_kernel
+from ilstore_compare import compare, engine, metrics
 from test_stats_compare_divergent import _same  # every field, count and report equal
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
@@ -183,3 +184,88 @@ def test_safetensors_recent_weighs_its_items() -> None:
     for i in range(4):
         plain.keep(i, "x" * 100)
     assert list(plain) == [2, 3] and plain.weight == 0
+
+
+# -- the metrics of a small pair straight from the tensors' memory ------------------------------
+def _general(a: torch.Tensor, b: torch.Tensor, **options: Any) -> metrics.TensorMetrics:
+    """:func:`compare_tensors` as it was before its one-call path: everything through ``_feed``."""
+    acc = metrics._Accumulator()
+    metrics._feed(acc, a, b, 0, exact=False, chunk=metrics.CHUNK, **options)
+    return acc.result(a.numel(), tuple(a.shape))
+
+
+def _values(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    b = (a.double() + torch.randn(n, generator=gen, dtype=torch.float64) * 1e-3).to(dtype)
+    info = torch.finfo(dtype)
+    special = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, info.tiny / 4, -info.tiny / 8, info.max]
+    for i, value in enumerate(special):  # on either side, or both
+        if seed % 3 != 1:
+            a[(i * 7 + seed) % n] = value
+        if seed % 3 != 2:
+            b[(i * 5 + seed) % n] = value
+    a[-1], b[-1] = -0.0, 0.0
+    return a, b
+
+
+@pytest.mark.skipif(not metrics_kernel.enabled(), reason="the fused kernel is not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("options", [{"rtol": 1e-5, "atol": 1e-8, "equal_nan": False},
+                                     {"rtol": 0.0, "atol": 0.0, "equal_nan": True},
+                                     {"rtol": 0.5, "atol": 1e-3, "equal_nan": True}], ids=["usual", "zero", "loose"])
+def test_one_call_metrics_equal_the_general_ones_bit_for_bit(dtype: torch.dtype, seed: int,
+                                                             options: dict[str, Any]) -> None:
+    for n in (1, 3, 64, 257):
+        a, b = _values(dtype, max(n, 16), seed)
+        a, b = a[:n].clone().reshape(1, n), b[:n].clone().reshape(1, n)
+        fast = metrics._fused_whole(a, b, **options)
+        assert fast is not None
+        assert repr(fast) == repr(_general(a, b, **options)) == repr(metrics.compare_tensors(a, b, **options))
+    a, b = _values(dtype, 300, seed)
+    assert repr(metrics.compare_tensors(a, b, **options)) == repr(_general(a, b, **options))
+
+
+@pytest.mark.parametrize("pair", ["bf16", "f16", "mixed", "int", "bool", "complex", "strided", "offset", "empty",
+                                  "neg_view"])
+def test_other_pairs_take_the_general_path(pair: str) -> None:
+    """Only a contiguous CPU pair of one kernel dtype goes the one-call way; the others are measured
+    as before (a strided pair or a view with an offset that does go is read at its own elements)."""
+    a, b = _values(torch.float32, 64, 4)
+    if pair == "bf16":
+        a, b = a.bfloat16(), b.bfloat16()
+    elif pair == "f16":
+        a, b = a.half(), b.half()
+    elif pair == "mixed":
+        b = b.double()
+    elif pair == "int":
+        a, b = torch.arange(64), torch.arange(64).flip(0)
+    elif pair == "bool":
+        a, b = torch.arange(64) % 2 == 0, torch.arange(64) % 3 == 0
+    elif pair == "complex":
+        a, b = torch.complex(a.nan_to_num(), b.nan_to_num()), torch.complex(b.nan_to_num(), a.nan_to_num())
+    elif pair == "strided":
+        a, b = a.reshape(8, 8).t(), b.reshape(8, 8).t()
+    elif pair == "offset":  # contiguous views that do not start their storage: the one-call path, rightly read
+        a, b = a[5:37], b[9:41]
+    elif pair == "empty":
+        a, b = a[:0], b[:0]
+    elif pair == "neg_view":
+        a, b = torch._neg_view(a), b
+    options = {"rtol": 1e-5, "atol": 1e-8, "equal_nan": False}
+    if pair == "neg_view":
+        assert metrics._fused_whole(a, b, **options) is None
+        return
+    fast = metrics._fused_whole(a, b, **options)
+    assert (fast is not None) == (pair == "offset" and metrics_kernel.enabled())
+    assert repr(metrics.compare_tensors(a, b, **options)) == repr(_general(a.contiguous(), b.contiguous(), **options))
+
+
+def test_without_the_kernel_the_general_path_measures(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _values(torch.float32, 64, 0)
+    options = {"rtol": 1e-5, "atol": 1e-8, "equal_nan": False}
+    want = repr(metrics.compare_tensors(a, b, **options))
+    monkeypatch.setattr(metrics, "fused", lambda *args, **kwargs: None)
+    assert metrics._fused_whole(a, b, **options) is None
+    assert repr(metrics.compare_tensors(a, b, **options)) == want
