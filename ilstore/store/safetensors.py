@@ -600,7 +600,7 @@ class _Shard:
                     and all(isinstance(v, int) and v >= 0 for v in [*shape, *offsets])):
                 raise ValueError("malformed entry in the header")
             begin, end = offsets
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes or self._base + end > self._size:
                 raise ValueError(f"bytes {begin}..{end} do not hold {shape} {code} inside the file")
             buf, view = byte_tensor(nbytes)
@@ -713,10 +713,11 @@ class SafetensorsReader(StoreReader):
                 self._lib.keep(path, handle)
         return handle
 
-    def _entry(self, key: TensorKey) -> tuple[dict[str, Any], Path]:
-        """The index entry of a stored tensor and the path of its shard."""
+    def _entry(self, key: TensorKey, name: str | None = None) -> tuple[dict[str, Any], Path]:
+        """The index entry of a stored tensor (``name``: ``str(key)``, when the caller has it) and
+        the path of its shard."""
         index = self._index(key.step)
-        entry = index.tensors.get(str(key))
+        entry = index.tensors.get(str(key) if name is None else name)
         if entry is None:
             raise CorruptFileError(index.path, f"{key}: stored according to its metadata, but the index maps it "
                                    "to no shard")
@@ -733,7 +734,7 @@ class SafetensorsReader(StoreReader):
 
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         name = str(key)
-        entry, path = self._entry(key)
+        entry, path = self._entry(key, name)
         stored = self._shard(path).read(entry.get("name", name))
         if stored is None:  # a dtype _Shard does not know: the library's reader
             try:
