@@ -295,11 +295,12 @@ class StoreWriter(ABC):
 
 #: How many steps' structures a reader keeps at least (the most recently read ones).
 _CACHED_STEPS = 4
-#: Beyond those, more recent steps' structures are kept while their tensor nodes (a side without
-#: any counts 1) total at most this: a comparer plans a window of ~4,096 pairs, then loads them
-#: (``same_as`` bodies and the hdf5 reader's ``prepare_loads`` look nodes up again), and a window
-#: of small steps spans more than a few steps. The plan holds those nodes anyway meanwhile.
-_CACHED_NODES = 8192
+#: Beyond those, a reader whose loads look nodes up again (:attr:`StoreReader.window_nodes`)
+#: keeps more recent steps' structures while their tensor nodes total at most this (and at most
+#: as many steps): a comparer plans a window of ~4,096 pairs, then loads them, and a window of
+#: small steps spans more than a few steps. Kept structures cost memory (~2.5 KB a node of the
+#: long-run workload, ~10 MB a reader at this bound), so only readers that need them keep them.
+_CACHED_NODES = 4608
 
 
 class _Side:
@@ -529,6 +530,10 @@ class StoreReader(ABC):
 
     #: Sum of the cached steps' weights (a class default: views that skip ``__init__`` start at 0).
     _cached_weight: int = 0
+    #: Whether the reader keeps a comparer's window of structures (:data:`_CACHED_NODES` nodes), not
+    #: only :data:`_CACHED_STEPS` steps': a reader whose loads look nodes up by key (``same_as``
+    #: bodies without a locator key, planned loads) sets it; the others would only pay memory.
+    window_nodes: bool = False
 
     def _structure_entry(self, call: CallKey, kind: str) -> _Side:
         """The cached side (read, and the cache trimmed, on a miss)."""
@@ -555,16 +560,18 @@ class StoreReader(ABC):
                 raise CorruptFileError(source, f"lists module call {call.module}#{call.call} of step {call.step}, "
                                        "but the run has no data for it (the files disagree)") from None
             side = step_cache[(call, kind)] = _Side(structure)
-            self._weigh_structures(step_cache, 1)
+            self._weigh_structures(step_cache, 0)  # (its nodes weigh once walked)
         return side
 
     def _weigh_structures(self, step_cache: _StepSides, weight: int) -> None:
         """Add ``weight`` to a cached step's, and drop the least recently used steps beyond
-        :data:`_CACHED_STEPS` while the cached weight passes :data:`_CACHED_NODES`."""
+        :data:`_CACHED_STEPS` while they or their weight pass :data:`_CACHED_NODES` (0 for a
+        reader without :attr:`window_nodes`)."""
         step_cache.weight += weight
         self._cached_weight += weight
         cache = self._structures
-        while len(cache) > _CACHED_STEPS and self._cached_weight > _CACHED_NODES:
+        bound = _CACHED_NODES if self.window_nodes else 0
+        while len(cache) > _CACHED_STEPS and (self._cached_weight > bound or len(cache) > bound):
             try:
                 _step, old = cache.popitem(last=False)
             except KeyError:  # emptied by another thread
@@ -580,8 +587,8 @@ class StoreReader(ABC):
         if nodes is None:
             nodes = side.nodes = [(call.tensor(kind, path), node) for path, node in iter_tensor_nodes(side.structure)]
             step_cache = self._structures.get(call.step)
-            if step_cache is not None and len(nodes) > 1:  # the side counted 1 already
-                self._weigh_structures(step_cache, len(nodes) - 1)
+            if step_cache is not None and nodes:
+                self._weigh_structures(step_cache, len(nodes))
         return side, nodes
 
     def _answers_from_cache(self) -> bool:

@@ -744,6 +744,10 @@ class Hdf5Reader(StoreReader):
     """Reads a run written by :class:`Hdf5Writer`; each step file is opened once, when first needed."""
 
     name = "hdf5"
+    #: ``same_as`` bodies are loaded through their original's node, and ``prepare_loads`` looks up
+    #: every node of a compare window: the window's structures are kept (see
+    #: :attr:`StoreReader.window_nodes`).
+    window_nodes = True
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)

@@ -847,16 +847,14 @@ class PtReader(StoreReader):
         if dirs is not None and call_dir.name not in dirs and call_dir.parent == self._step_root(call.step):
             doc = None  # no such directory in the step (of a link, resolved: its target's name is asked)
         else:
-            doc = self._read_side_file(call, kind, call_dir)
+            doc = self._read_side_file(call, kind)
         if doc is None:
             listed.check()  # the side may be on a damaged line
         return doc
 
-    def _read_side_file(self, call: CallKey, kind: str, call_dir: Path | None = None) -> Any | None:
-        """The structure of a side written as ``<kind>.json`` in the call's directory (``call_dir``,
-        when the caller has it)."""
-        if call_dir is None:
-            call_dir = self._call_dir(call)
+    def _read_side_file(self, call: CallKey, kind: str) -> Any | None:
+        """The structure of a side written as ``<kind>.json`` in the call's directory."""
+        call_dir = self._call_dir(call)
         text = _read_plain(self._dir_str(call) + kind + ".json") if _DIRECT else None
         path: Path | None = None  # the checked path; else built for a message only
         if text is None:  # a link, another kind of file, an error: the checked path and its errors
@@ -933,7 +931,7 @@ _CACHED_LISTS = 8
 _CACHED_STEPS = 1024
 #: ... and how many calls' in all (the last step's always): a comparer plans a window of ~4,096
 #: pairs, then loads them, and a window of small steps spans many steps (they were listed twice).
-_CACHED_CALLS = 8192
+_CACHED_CALLS = 4096
 
 
 class _StructureList:

@@ -504,10 +504,10 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
 #: used go): a compare of two 100,000-step runs must not hold 100,000 parsed indexes, nor run out
 #: of file descriptors (1,024 by default on many systems) with one open shard per step.
 _KEEP_INDEXES = 1024
-#: ... and the kept indexes' records and tensors at most this many in all (the last index always):
-#: a comparer plans a window of ~4,096 pairs, then loads them, and a window of small steps spans
-#: many steps (their indexes were parsed twice).
-_KEEP_INDEX_ENTRIES = 16384
+#: ... and the kept indexes' tensors at most this many in all (the last index always): a comparer
+#: plans a window of ~4,096 pairs, then loads them, and a window of small steps spans many steps
+#: (their indexes were parsed twice).
+_KEEP_INDEX_ENTRIES = 4608
 _KEEP_SHARDS = 64
 _KEEP_LIBRARY = 8
 
@@ -621,13 +621,16 @@ class _Shard:
 
 
 def _index_weight(index: _Index) -> int:
-    return 1 + len(index.structures) + len(index.tensors)
+    return 1 + len(index.tensors)
 
 
 class SafetensorsReader(StoreReader):
     """Reads a run written by :class:`SafetensorsWriter`; shards are opened lazily, once each."""
 
     name = "safetensors"
+    #: ``same_as`` bodies are loaded through their original's node: a compare window's
+    #: structures are kept (see :attr:`StoreReader.window_nodes`).
+    window_nodes = True
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
