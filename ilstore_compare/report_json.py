@@ -138,15 +138,23 @@ def _oracle_call(c: OracleCall) -> dict[str, Any]:
 def _oracle(o: OracleReport) -> dict[str, Any]:
     return {"run": o.run, "run_id": o.run_id, "factor": o.factor, "verdict": o.verdict,
             "flagged": [_key(c.call) for c in o.flagged], "not_evaluated": len(o.not_evaluated),
-            "calls": [_oracle_call(c) for c in o.calls]}
+            "calls": _Items(o.calls, _oracle_call, one_line=False)}
 
 
 class _Items:
-    """A list of report items made one at a time (``calls``, ``tensors``: one per line when written);
-    items may still hold tuples and non-finite floats (:func:`_plain_item` makes them JSON-ready)."""
+    """A list of report items made one at a time, when written (:func:`write_json`) or listed
+    (:func:`report_dict`); items may still hold tuples and non-finite floats (:func:`_plain_item`
+    makes them JSON-ready).
 
-    def __init__(self, source: Any, make: Callable[[Any], dict[str, Any]]) -> None:
-        self.source, self.make = source, make
+    Args:
+        source: the entries, iterated once per write.
+        make: an entry's item.
+        one_line: each item written on one line (``calls``, ``tensors``), or indented like the rest
+            of the report (``local_errors``, the oracle's ``calls``: their text as it always was).
+    """
+
+    def __init__(self, source: Any, make: Callable[[Any], dict[str, Any]], *, one_line: bool = True) -> None:
+        self.source, self.make, self.one_line = source, make, one_line
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         make = self.make
@@ -155,7 +163,8 @@ class _Items:
 
 
 def _report(result: CompareResult) -> dict[str, Any]:
-    """The report with its long lists (``calls``, ``tensors``) still to be made (:class:`_Items`)."""
+    """The report with its long lists (``calls``, ``tensors``, ``local_errors``, the oracle's ``calls``)
+    still to be made (:class:`_Items`)."""
     local = result.local
     replayed = local is not None
     out = {
@@ -177,7 +186,7 @@ def _report(result: CompareResult) -> dict[str, Any]:
     }
     if local is not None:
         d = result.threshold_divergence
-        out.update(replay=_replay(local), local_errors=[local_error_item(e) for e in local.errors],
+        out.update(replay=_replay(local), local_errors=_Items(local.errors, local_error_item, one_line=False),
                    threshold_divergence=_plain(dataclasses.asdict(d)) if d is not None else None)
     if result.oracle is not None:
         out["oracle"] = _oracle(result.oracle)
@@ -194,11 +203,16 @@ def report_dict(result: CompareResult) -> dict[str, Any]:
     ``threshold_divergence``; with an oracle, ``oracle``; with ``align_tokens``,
     ``token_alignment``.
     """
-    return {k: [_plain_item(item) for item in v] if isinstance(v, _Items) else v for k, v in _report(result).items()}
+    return {k: _made(v) for k, v in _report(result).items()}
 
 
-#: Items written to the file between two writes (a few MB of text).
-_BATCH = 2048
+def _made(value: Any) -> Any:
+    """``value`` with its :class:`_Items` (at any depth of dicts) made into lists."""
+    if isinstance(value, _Items):
+        return [_plain_item(item) for item in value]
+    if isinstance(value, dict):
+        return {k: _made(v) for k, v in value.items()}
+    return value
 
 
 def write_json(result: CompareResult, out: TextIO) -> None:
@@ -207,30 +221,62 @@ def write_json(result: CompareResult, out: TextIO) -> None:
     The text is :func:`report_dict` indented by one space per level, except that each item of
     ``calls`` and ``tensors`` is one line: a report of millions of tensors is written in memory
     bounded by a batch, whatever the run's length, and stays one item per line for tools like
-    ``grep``.
+    ``grep``. ``local_errors`` and the oracle's ``calls`` are written a batch at a time too,
+    indented like the rest.
     """
-    dump = json.JSONEncoder(allow_nan=False).encode  # the C encoder: one line per item
-    report = _report(result)
     out.write("{")
-    for i, (key, value) in enumerate(report.items()):
+    for i, (key, value) in enumerate(_report(result).items()):
         out.write(("\n " if i == 0 else ",\n ") + json.dumps(key) + ": ")
-        if not isinstance(value, _Items):
-            out.write(json.dumps(value, indent=1, allow_nan=False).replace("\n", "\n "))
-            continue
-        batch: list[str] = []
-        opened = False
-        for item in itertools.chain(value, (None,)):  # None: the end, write what is left
-            if item is not None:
-                try:
-                    batch.append(dump(item))
-                except ValueError:  # a NaN or infinity: null (rare, so checked only when the encoder refuses)
-                    batch.append(dump(_plain_item(item)))
-            if batch and (item is None or len(batch) == _BATCH):
-                out.write((",\n  " if opened else "[\n  ") + ",\n  ".join(batch))
-                opened = True
-                batch.clear()
-        out.write("\n ]" if opened else "[]")
+        _write_value(out, value, "\n ")
     out.write("\n}\n")
+
+
+def _write_value(out: TextIO, value: Any, pad: str) -> None:
+    """``value`` as ``json.dumps(value, indent=1)`` gives it, each line break followed by ``pad``, its
+    :class:`_Items` made and written a batch at a time."""
+    if isinstance(value, _Items):
+        _write_list(out, _one_line(value) if value.one_line else _indented(value, pad + " "), pad)
+    elif isinstance(value, dict) and any(isinstance(v, _Items) for v in value.values()):
+        for i, (key, v) in enumerate(value.items()):
+            out.write(("{" if i == 0 else ",") + pad + " " + json.dumps(key) + ": ")
+            _write_value(out, v, pad + " ")
+        out.write(pad + "}")
+    else:
+        out.write(json.dumps(value, indent=1, allow_nan=False).replace("\n", pad))
+
+
+def _one_line(items: _Items) -> Iterator[str]:
+    dump = json.JSONEncoder(allow_nan=False).encode  # the C encoder: one line per item
+    for item in items:
+        try:
+            yield dump(item)
+        except ValueError:  # a NaN or infinity: null (rare, so checked only when the encoder refuses)
+            yield dump(_plain_item(item))
+
+
+def _indented(items: _Items, pad: str) -> Iterator[str]:
+    for item in items:
+        yield json.dumps(_plain_item(item), indent=1, allow_nan=False).replace("\n", pad)
+
+
+#: Items written to the file between two writes (a few MB of text).
+_BATCH = 2048
+
+
+def _write_list(out: TextIO, texts: Iterator[str], pad: str) -> None:
+    """A JSON list of the items' ``texts``, each after a line break and ``pad`` and one space, written
+    :data:`_BATCH` items at a time; ``[]`` when there is none."""
+    batch: list[str] = []
+    opened = False
+    sep = "," + pad + " "
+    for text in itertools.chain(texts, (None,)):  # None: the end, write what is left
+        if text is not None:
+            batch.append(text)
+        if batch and (text is None or len(batch) == _BATCH):
+            out.write(("," if opened else "[") + pad + " " + sep.join(batch))
+            opened = True
+            batch.clear()
+    out.write(pad + "]" if opened else "[]")
 
 
 def render_json(result: CompareResult, verbose: bool = False) -> str:
