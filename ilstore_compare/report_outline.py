@@ -59,7 +59,7 @@ from .report_local import (
     oracle_rows,
     unreplayed_rows,
 )
-from .result import CallResult, CompareResult
+from .result import CallResult, CompareResult, LocalError
 from .svgplot import error_plot_svg
 
 __all__ = ["BRIEF_LIMIT", "Heading", "Text", "Notes", "Table", "Figure", "Block", "outline"]
@@ -273,23 +273,31 @@ def _measured_first(result: CompareResult) -> list[Block]:
 def _local_section(result: CompareResult, verbose: bool) -> list[Block]:
     local = result.local
     assert local is not None
-    measured = [e for e in local.errors if e.compared]
-    nonzero = [e for e in measured if e.rel_l2 != 0]
-    shown = measured if verbose else nonzero[:TOP_LOCAL]
+    measured = nonzero = 0  # counted; only the entries listed are held (every measured one with --verbose)
+    shown: list[LocalError] = []
+    for e in local.errors:
+        if not e.compared:
+            continue
+        measured += 1
+        if e.rel_l2 != 0:
+            nonzero += 1
+        if verbose or (e.rel_l2 != 0 and len(shown) < TOP_LOCAL):
+            shown.append(e)
     out: list[Block] = [Heading("Local error (where error is introduced, measured)"), Text(local_intro(local))]
     if shown:
-        cut = "." if len(shown) == len(nonzero) or verbose else (
-            f"; the top {len(shown)} of {len(nonzero)} (--verbose or --format json for all).")
+        cut = "." if len(shown) == nonzero or verbose else (
+            f"; the top {len(shown)} of {nonzero} (--verbose or --format json for all).")
         out += [Text("Calls by local error (relative L2 over all their outputs), largest first" + cut),
                 _table(local_rows(shown, result.calls), LOCAL_HEADERS)]
-    if not verbose and len(nonzero) < len(measured):
-        out.append(Text(f"{len(measured) - len(nonzero)} measured call(s) reproduce the reference's outputs exactly "
+    if not verbose and nonzero < measured:
+        out.append(Text(f"{measured - nonzero} measured call(s) reproduce the reference's outputs exactly "
                         "(local error 0)" + (" and are not listed (--verbose lists them)." if nonzero else ".")))
-    if local.not_compared:
+    missing = local.not_compared
+    if missing:
         out += [Heading("Calls not replayed or not measured", 3),
                 Text("No local error for these; they count as not compared (exit status 1, or 2 where a file "
                      "could not be read)."),
-                _table(unreplayed_rows(local.not_compared), UNREPLAYED_HEADERS)]
+                _table(unreplayed_rows(missing), UNREPLAYED_HEADERS)]
     return out
 
 
