@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -316,6 +316,8 @@ class Capture:
                 self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
             else:
                 self._sink = SyncSink(writer)
+                if getattr(writer, "borrows_bodies", False) is True:  # written inline, before the hook returns
+                    self._policy = replace(self._policy, borrow=True)
             _WRITING.add(self)
             self._attach()
         except BaseException as exc:

@@ -162,6 +162,11 @@ class TensorPolicy:
     max_numel: int | None = None
     device_ok: Callable[[str], bool] = lambda _d: True
     pin_memory: bool = True
+    #: Hand the writer a CPU tensor's own memory instead of a copy where that memory holds exactly
+    #: the tensor (:func:`_borrowed`). Only for a writer that has written every body before its
+    #: ``write`` returns (``StoreWriter.borrows_bodies``), called inline in the hook
+    #: (``async_writes: false``): nothing can change the tensor before its bytes are out.
+    borrow: bool = False
     # device name -> device_ok(name), asked once per device (the predicate is asked for every tensor)
     _devices: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
@@ -442,6 +447,17 @@ def _snapshot(t: torch.Tensor, pin_memory: bool) -> tuple[torch.Tensor, bool]:
         return x.to("cpu", memory_format=torch.contiguous_format, copy=True), False
 
 
+def _borrowed(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` detached, when it is a plain dense CPU tensor that owns exactly its contiguous storage
+    (what :func:`_snapshot` would copy it into); None otherwise (a view into a larger storage, a
+    lazy conjugate or negation, a device tensor, a subclass): those are copied."""
+    if type(t) is not torch.Tensor or t.device.type != "cpu" or t.is_conj() or t.is_neg() or not t.is_contiguous() \
+            or t.storage_offset():
+        return None
+    x = t.detach()
+    return x if x.untyped_storage().nbytes() == x.numel() * x.element_size() else None
+
+
 #: Sparse layouts stored as their parts, and the names of a compressed layout's two index tensors.
 _COMPRESSED = {torch.sparse_csr: ("crow_indices", "col_indices"), torch.sparse_bsr: ("crow_indices", "col_indices"),
                torch.sparse_csc: ("ccol_indices", "row_indices"), torch.sparse_bsc: ("ccol_indices", "row_indices")}
@@ -656,8 +672,12 @@ def _supported_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, over_limi
         known = ctx.known_stats(t) if ctx.known_stats is not None else None
         # filled from the snapshot by finalize_stats, off the hook, unless already known (replay)
         node["stats"] = dict(known) if known else {}
-        ctx.out[path], pending = _snapshot(t, policy.pin_memory)
-        ctx.async_copy |= pending
+        own = _borrowed(t) if policy.borrow else None
+        if own is not None:
+            ctx.out[path] = own
+        else:
+            ctx.out[path], pending = _snapshot(t, policy.pin_memory)
+            ctx.async_copy |= pending
         if deduper is not None:
             deduper.add(ident, t, ctx.key(path), node["stats"])
     if ctx.nodes is not None:

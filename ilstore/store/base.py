@@ -131,6 +131,13 @@ class StoreWriter(ABC):
     #: The name the backend declares for itself; only a default: the manifest's ``"backend"``
     #: field, set by whoever registered and opened the backend, is authoritative.
     name: ClassVar[str] = ""
+    #: True for a writer that has written every tensor body of a record (or copied what it
+    #: keeps) before :meth:`write` returns. With ``async_writes: false`` capture then hands it a
+    #: CPU tensor's own memory instead of a copy (the copy was a fifth of a capture's cost); the
+    #: writer must only read it. False (the default, and any plug-in that does not say) keeps
+    #: the copy: a writer that holds bodies until later, as the safetensors one does for its
+    #: shards, would otherwise write what the model changed in place meanwhile.
+    borrows_bodies: ClassVar[bool] = False
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)

@@ -142,6 +142,7 @@ class Hdf5Writer(StoreWriter):
     """
 
     name = "hdf5"
+    borrows_bodies = True  # every body is in the step file (pwritten or through HDF5) before write returns
     #: Sides without a stored body become entries of the step's ``/structures`` dataset (format
     #: version 2), the default of ``backend_options.structure_list``; False writes every side as a
     #: group attribute, as version 1 did (SPEC §4.4's group per module call).

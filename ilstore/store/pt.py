@@ -96,6 +96,7 @@ class PtWriter(StoreWriter):
     holds a stored body, one line of the step's ``structures.jsonl`` per side that holds none."""
 
     name = "pt"
+    borrows_bodies = True  # every body is written (or hard-linked) before write returns
 
     #: Whether sides without a stored body go to the step's structure list (format 3, ilstore
     #: 0.2.0), the default of ``backend_options.structure_list``; False writes each as
