@@ -167,6 +167,6 @@ def test_sync_capture_leaves_the_model_output_unchanged(tmp_path: Path) -> None:
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = model(x)
-    for backend in ("pt", "hdf5"):
+    for backend in ("pt", "hdf5", "safetensors"):
         _, _, y = _run(tmp_path / backend, backend, async_writes=False)
         assert torch.equal(y, plain)
