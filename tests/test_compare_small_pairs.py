@@ -150,6 +150,28 @@ def test_the_structure_cache_is_bounded_and_answers_as_the_files(runs: tuple[str
         assert run._cached_weight == 0 and not run._structures
 
 
+def test_structures_read_alone_weigh_too(runs: tuple[str, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Convert and replay only ask for structures, never for their nodes: those sides must weigh
+    as soon as they are read (they once weighed nothing until walked, so a reader kept up to
+    ``_CACHED_NODES`` steps of them: 1,200 steps of a 30-module statistics run held 122-169 MiB)."""
+    _backend, a, _b = runs
+    monkeypatch.setattr(base, "_CACHED_NODES", 20)
+    with ilstore.open_run(a) as run:
+        for step in run.steps():
+            for call in run.calls(step):
+                for kind in ("inputs", "outputs"):
+                    run.structure(call, kind)
+            assert run._cached_weight == sum(s.weight for s in run._structures.values())
+            assert all(s.weight >= len(s) for s in run._structures.values())  # every side weighs 1 at least
+            assert len(run._structures) <= max(base._CACHED_STEPS, 20 // 4)
+        indexes = getattr(run, "_indexes", None)
+        if indexes is not None:  # safetensors: an index weighs its records too
+            from ilstore.store.safetensors import _index_weight
+
+            index = next(iter(indexes.values()))
+            assert _index_weight(index) > len(index.tensors) + 1
+
+
 def test_pt_call_directories_kept_by_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ``pt`` reader keeps steps' call directories up to ``_CACHED_CALLS`` calls (the last
     step's always), and a step dropped reads the same again."""

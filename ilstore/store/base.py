@@ -310,6 +310,13 @@ _CACHED_STEPS = 4
 _CACHED_NODES = 4608
 
 
+def _weight_of(structure: Any) -> int:
+    """A cached side's weight: its tensor nodes, at least 1 (weighed when it is read, whoever
+    reads it: convert and replay only ask for structures, and a side weighed only once its nodes
+    were walked let a reader keep up to :data:`_CACHED_NODES` steps of them)."""
+    return max(1, sum(1 for _ in iter_tensor_nodes(structure)))
+
+
 class _Side:
     """One cached side of a call: its structure and, once asked for, its tensor nodes with
     their keys (and, once looked up by key, the same by key)."""
@@ -567,7 +574,7 @@ class StoreReader(ABC):
                 raise CorruptFileError(source, f"lists module call {call.module}#{call.call} of step {call.step}, "
                                        "but the run has no data for it (the files disagree)") from None
             side = step_cache[(call, kind)] = _Side(structure)
-            self._weigh_structures(step_cache, 0)  # (its nodes weigh once walked)
+            self._weigh_structures(step_cache, _weight_of(structure))
         return side
 
     def _weigh_structures(self, step_cache: _StepSides, weight: int) -> None:
@@ -593,9 +600,6 @@ class StoreReader(ABC):
         nodes = side.nodes
         if nodes is None:
             nodes = side.nodes = [(call.tensor(kind, path), node) for path, node in iter_tensor_nodes(side.structure)]
-            step_cache = self._structures.get(call.step)
-            if step_cache is not None and nodes:
-                self._weigh_structures(step_cache, len(nodes))
         return side, nodes
 
     def _answers_from_cache(self) -> bool:

@@ -504,7 +504,7 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
 #: used go): a compare of two 100,000-step runs must not hold 100,000 parsed indexes, nor run out
 #: of file descriptors (1,024 by default on many systems) with one open shard per step.
 _KEEP_INDEXES = 1024
-#: ... and the kept indexes' tensors at most this many in all (the last index always): a comparer
+#: ... and the kept indexes' records and tensors at most this many in all (the last index always): a comparer
 #: plans a window of ~4,096 pairs, then loads them, and a window of small steps spans many steps
 #: (their indexes were parsed twice).
 _KEEP_INDEX_ENTRIES = 4608
@@ -621,7 +621,9 @@ class _Shard:
 
 
 def _index_weight(index: _Index) -> int:
-    return 1 + len(index.tensors)
+    """An index's weight in the cache: its records and its tensors (a statistics run's index has
+    records and no tensor: it must weigh too)."""
+    return 1 + len(index.structures) + len(index.tensors)
 
 
 class SafetensorsReader(StoreReader):
