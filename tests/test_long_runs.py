@@ -298,15 +298,30 @@ def test_index_is_the_same_whatever_the_read_size(out_dir: Path, monkeypatch: py
 
 
 @pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
-def test_reading_a_run_step_by_step_keeps_few_steps_cached(out_dir: Path, backend: str) -> None:
+def test_reading_a_run_step_by_step_keeps_few_steps_cached(out_dir: Path, backend: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The structure cache keeps the most recent steps only: 4 (pt), or, for a reader that keeps a
+    compare window's structures (hdf5, safetensors: ``window_nodes``), those whose tensor nodes
+    weigh at most ``_CACHED_NODES`` (here lowered to 6, so 4 steps again)."""
     run_dir = _capture(out_dir, 12, backend=backend)
+    monkeypatch.setattr(ilstore.store.base, "_CACHED_NODES", 6)
     with ilstore.open_run(run_dir) as run:
         for step in run.steps():
             for key in run.keys(step):
                 run.meta(key)
-            assert set(run._structures) <= set(range(step - 3, step + 1))  # noqa: SLF001 - the cache itself
+            kept = sorted(run._structures)  # noqa: SLF001 - the cache itself
+            assert kept == list(range(max(0, step - 3), step + 1))  # the most recent ones, 4 at most
         assert len(run._structures) == 4  # noqa: SLF001
         assert run.meta(run.keys(0)[0])["shape"] == [1, 4]  # an evicted step is read again
+    monkeypatch.undo()
+    with ilstore.open_run(run_dir) as run:  # the default bound: a window reader keeps these 12 small steps
+        for step in run.steps():
+            for key in run.keys(step):
+                run.meta(key)
+        kept = sorted(run._structures)  # noqa: SLF001
+        assert kept == list(range(12 - len(kept), 12))
+        assert len(kept) == (12 if run.window_nodes else 4)
+        assert run._cached_weight <= ilstore.store.base._CACHED_NODES  # noqa: SLF001
 
 
 def test_one_step_is_found_without_indexing_the_journal(out_dir: Path) -> None:
