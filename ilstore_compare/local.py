@@ -3,8 +3,8 @@
 A replay run (captured with ``replay_from``) fed every selected call the inputs the reference
 run recorded for it, so the difference between the replay's outputs and the reference's outputs
 of the same call is the error that call itself introduces, whatever happened upstream. This
-module measures the local error of every call (all its output tensors together, with
-:func:`~.metrics.compare_many`: the comparer's own metrics), ranks the calls by it (the ranking,
+module measures the local error of every call (one call at a time, :mod:`.local_call`: all its
+output tensors together, with the comparer's own metrics), ranks the calls by it (the ranking,
 window by window for a long comparison, is :mod:`.local_rank`'s) and finds the first call, in
 execution order, whose local error crosses the comparison's tolerance.
 
@@ -26,169 +26,21 @@ import dataclasses
 import math
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
-import torch
-
-from ilstore.errors import IlstoreError, StoreError
-from ilstore.keys import CallKey, TensorKey
-from ilstore.records import iter_tensor_nodes
+from ilstore.keys import CallKey
 from ilstore.store.base import StoreReader
 
 from .divergence import INTRODUCED
 from .entries import concrete
+from .local_call import REPLAY_KEY, completion_order, measure_call, nested_calls, unmeasured
 from .local_rank import Ranked, Ranking, rank
 from .mapping import NameMap
-from .metrics import compare_many
 from .options import CompareOptions
 from .result import MEASURED, CallResult, Divergence, LocalError, LocalReport, TensorResult, Unreadable
 
 __all__ = ["REPLAY_KEY", "local_errors", "rank", "first_exceeding", "not_replayed", "local_report",
            "measured_divergence", "local_notes", "Measurer", "Ranking", "LocalWindows", "Ranked"]
-
-#: The key of the per-call replay record on the top level of a call's ``outputs`` structure.
-REPLAY_KEY = "replay"
-
-_RANDOM_NOTE = "the call drew random numbers (RNG state changed across it): its local error includes them"
-
-
-# -- measuring ----------------------------------------------------------------------------------
-def _step_order(reader: StoreReader, step: int, offset: int) -> tuple[dict[CallKey, int], int]:
-    """Position of each call of ``step`` in completion order (by position among its rank's calls, then
-    rank), counted from ``offset``, and how many positions the step takes."""
-    keys = []
-    counters: dict[int, int] = {}
-    for c in reader.call_ends(step):
-        pos = counters.get(c.rank, 0)
-        counters[c.rank] = pos + 1
-        keys.append(((pos, c.rank), c))
-    return {c: n for n, (_, c) in enumerate(sorted(keys, key=lambda item: item[0]), offset)}, len(keys)
-
-
-def _containers(reader: StoreReader, step: int) -> set[CallKey]:
-    """Calls another selected call started and ended inside (from the start and end orders)."""
-    out: set[CallKey] = set()
-    starts: dict[CallKey, int] = {}
-    ends: dict[CallKey, int] = {}
-    for n, c in enumerate(reader.calls(step)):
-        starts[c] = n
-    for n, c in enumerate(reader.call_ends(step)):
-        ends[c] = n
-    by_start = sorted(starts, key=lambda c: (c.rank, starts[c]))
-    for i, c in enumerate(by_start):
-        nxt = by_start[i + 1] if i + 1 < len(by_start) else None
-        if nxt is not None and nxt.rank == c.rank and ends.get(nxt, -1) < ends.get(c, -1):
-            out.add(c)  # the next call to start ended before this one did: it ran inside it
-    return out
-
-
-def _replay_record(structure: Any) -> dict[str, Any] | None:
-    record = structure.get(REPLAY_KEY) if isinstance(structure, dict) else None
-    return record if isinstance(record, dict) else None
-
-
-def _join(*parts: str | None) -> str | None:
-    text = "; ".join(p for p in parts if p)
-    return text or None
-
-
-def _note_of(record: Mapping[str, Any]) -> str | None:
-    """The record's reason, with the inputs kept live and the randomness said when it does not say them."""
-    reason = record.get("reason") if isinstance(record.get("reason"), str) else None
-    kept = record.get("kept")
-    if reason is None and isinstance(kept, Mapping) and kept:
-        reason = "inputs kept live: " + ", ".join(f"{p or '(whole)'} ({why})" for p, why in kept.items())
-    if record.get("random") is True and not (reason and "random" in reason):
-        reason = _join(reason, _RANDOM_NOTE)
-    return reason
-
-
-def _unmeasured(call: CallKey, reason: str, *, replayed: bool, container: bool, random: bool,
-                order: int, unreadable: tuple[Unreadable, ...] = ()) -> LocalError:
-    return LocalError(call, rel_l2=None, max_abs_diff=None, max_ulp=None, mismatched=None, replayed=replayed,
-                      compared=False, reason=reason, container=container, random=random, order=order,
-                      unreadable=unreadable)
-
-
-def _load(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
-    try:
-        return reader.load(key)
-    except IlstoreError:
-        raise
-    except Exception as exc:  # a backend (maybe a plug-in) that lets its library's error through
-        raise StoreError(f"{reader.run_dir} ({label}): cannot load {key.display()}: "
-                         f"{type(exc).__name__}: {exc}") from None
-
-
-def _outputs_problem(nodes: Mapping[tuple[str, ...], dict[str, Any]],
-                     ref_nodes: Mapping[tuple[str, ...], dict[str, Any]]) -> str | None:
-    """Why the replay's and the reference's outputs cannot be compared as they are, or None."""
-    only = [p for p in nodes if p not in ref_nodes]
-    missing = [p for p in ref_nodes if p not in nodes]
-    if only or missing:
-        def show(paths: list[tuple[str, ...]]) -> str:
-            return ", ".join("outputs" + "".join(f"[{e}]" for e in p) for p in paths[:4])
-        parts = ([f"only in the replay: {show(only)}"] if only else []) + (
-            [f"only in the reference: {show(missing)}"] if missing else [])
-        return "outputs differ in structure (" + "; ".join(parts) + ")"
-    for path, node in nodes.items():
-        ref = ref_nodes[path]
-        name = "outputs" + "".join(f"[{e}]" for e in path)
-        if node.get("shape") is not None and ref.get("shape") is not None and list(node["shape"]) != list(ref["shape"]):
-            return f"{name}: shape differs: replay {list(node['shape'])}, reference {list(ref['shape'])}"
-        for side, n in (("replay", node), ("reference", ref)):
-            if n.get("stored", True) is False:
-                return f"{name}: body not stored in the {side} ({n.get('reason') or 'not stored'})"
-    return None
-
-
-def _load_pair(replay: StoreReader, reference: StoreReader, key: TensorKey, labels: tuple[str, str],
-               keep_going: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sides' bodies; with ``keep_going`` an unreadable one (both tried) raises :class:`_Unreadables`."""
-    out: list[torch.Tensor] = []
-    lost: list[Unreadable] = []
-    for reader, label in zip((replay, reference), labels, strict=True):
-        try:
-            out.append(_load(reader, key, label))
-        except StoreError as exc:
-            if not keep_going:
-                raise
-            lost.append(Unreadable.from_error(exc, run=label, run_dir=reader.run_dir, key=key, during="local_error"))
-    if lost:
-        raise _Unreadables(tuple(lost))
-    return out[0], out[1]
-
-
-def _measure(replay: StoreReader, reference: StoreReader, call: CallKey, paths: Iterable[tuple[str, ...]],
-             options: CompareOptions, labels: tuple[str, str]) -> tuple[Any, str | None, tuple[Unreadable, ...]]:
-    """The metrics of the call's outputs, all tensors together; or a reason they cannot be compared (and the
-    bodies that could not be read, if that is the reason)."""
-    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for path in paths:
-            a, b = _load_pair(replay, reference, call.tensor("outputs", path), labels, options.keep_going)
-            if a.shape != b.shape:
-                raise _ShapeDiffers(f"outputs{''.join(f'[{e}]' for e in path)}: shape differs: replay "
-                                    f"{list(a.shape)}, reference {list(b.shape)}")
-            yield a, b
-
-    try:
-        return compare_many(pairs(), rtol=options.rtol, atol=options.atol, exact=options.exact,
-                            equal_nan=options.equal_nan), None, ()
-    except _ShapeDiffers as exc:
-        return None, str(exc), ()
-    except _Unreadables as exc:
-        return None, "; ".join(f"unreadable in {u.text()}" for u in exc.entries), exc.entries
-
-
-class _ShapeDiffers(Exception):
-    pass
-
-
-class _Unreadables(Exception):
-    def __init__(self, entries: tuple[Unreadable, ...]) -> None:
-        super().__init__("; ".join(u.text() for u in entries))
-        self.entries = entries
 
 
 def local_errors(replay: StoreReader, reference: StoreReader, options: CompareOptions, *,
@@ -278,9 +130,9 @@ class Measurer:
         while self._next < len(self.steps) and (upto is None or self.steps[self._next] <= upto):
             step = self.steps[self._next]
             self._next += 1
-            order, used = _step_order(replay, step, self._offset)
+            order, used = completion_order(replay, step, self._offset)
             self._offset += used
-            containers = _containers(replay, step)
+            containers = nested_calls(replay, step)
             at = bisect_left(self._ref_steps, step)
             step_in_ref = at < len(self._ref_steps) and self._ref_steps[at] == step
             ref_calls = set(reference.calls(step)) if step_in_ref else set()
@@ -289,69 +141,16 @@ class Measurer:
                 if patterns is not None and not any(p.search(shown.module) for p in patterns):
                     continue
                 seen.add(shown)
-                entry = _one(replay, reference, call, shown, options, step_in_ref, call in ref_calls,
+                entry = measure_call(replay, reference, call, shown, options, step_in_ref, call in ref_calls,
                              call in containers, order.get(call, self.total), self.labels)
                 if entry is not None:
                     entries.append(entry)
         extra = [c for c in expected if c not in seen and (options.steps is None or c.step in options.steps)]
-        missing = [_unmeasured(call, "not in the replay run (it did not capture this call)", replayed=False,
+        missing = [unmeasured(call, "not in the replay run (it did not capture this call)", replayed=False,
                                container=False, random=False, order=n)
                    for n, call in enumerate(extra, self.total + self._extra)]
         self._extra += len(extra)
         return entries, missing
-
-
-def _no_tensors(structure: Any) -> bool:
-    return next(iter_tensor_nodes(structure), None) is None
-
-
-def _one(replay: StoreReader, reference: StoreReader, call: CallKey, shown: CallKey, options: CompareOptions,
-         step_in_ref: bool, in_ref: bool, nested: bool, order: int, labels: tuple[str, str]) -> LocalError | None:
-    """The call's local error; None when there is nothing to measure (no tensor output on either side)."""
-    structure = replay.structure(call, "outputs")
-    if (structure is not None and _no_tensors(structure)
-            and not (in_ref and not _no_tensors(reference.structure(call, "outputs")))):
-        return None  # None, a number...: capture records no replay object, and there is no error to measure
-    record = _replay_record(structure)
-    container = bool(record.get("container")) if record is not None and "container" in record else nested
-    random = bool(record.get("random")) if record is not None else False
-    if structure is None:
-        return _unmeasured(shown, "outputs not captured (log_outputs is off): no local error", replayed=False,
-                           container=container, random=random, order=order)
-    if record is None:
-        return _unmeasured(shown, "no replay record on its outputs (not a replayed call)", replayed=False,
-                           container=container, random=random, order=order)
-    note = _note_of(record)
-    if record.get("replayed") is not True:
-        return _unmeasured(shown, note or "not replayed (no reason recorded)", replayed=False, container=container,
-                           random=random, order=order)
-    problem = None
-    nodes: dict[tuple[str, ...], dict[str, Any]] = {}
-    if not step_in_ref:
-        problem = f"step {call.step} is not in the reference"
-    elif not in_ref:
-        problem = "call not in the reference"
-    else:
-        ref_structure = reference.structure(call, "outputs")
-        if ref_structure is None:
-            problem = "the reference recorded no outputs for this call"
-        else:
-            nodes = dict(iter_tensor_nodes(structure))
-            problem = _outputs_problem(nodes, dict(iter_tensor_nodes(ref_structure)))
-    metrics = None
-    lost: tuple[Unreadable, ...] = ()
-    if problem is None:
-        metrics, problem, lost = _measure(replay, reference, call, list(nodes), options, labels)
-    if problem is not None or metrics is None:
-        return _unmeasured(shown, _join(problem, note) or "not measured", replayed=True, container=container,
-                           random=random, order=order, unreadable=lost)
-    rel_l2 = metrics.rel_l2
-    if rel_l2 is None:  # the reference's outputs are zero and the replay's are not
-        rel_l2 = math.inf
-        note = _join("relative L2 infinite: the reference's outputs are zero, the replay's are not", note)
-    return LocalError(shown, rel_l2=rel_l2, max_abs_diff=metrics.max_abs_diff, max_ulp=metrics.max_ulp,
-                      mismatched=metrics.mismatched, replayed=True, compared=True, reason=note, container=container,
-                      random=random, order=order)
 
 
 def first_exceeding(entries: Iterable[LocalError]) -> LocalError | None:
