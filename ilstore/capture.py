@@ -114,28 +114,50 @@ def _opaque(hook: Any, skip_in_graph: bool = False) -> Any:
     the compiled pieces computed. With ``skip_in_graph`` (compilers that allow no graph break,
     e.g. vLLM's ``fullgraph=True``), a traced hook does nothing at all instead, so calls inside
     compiled regions are not recorded (as with CUDA graph replays).
+
+    Every hook goes through one disabled function (:func:`_eager_caller`), made once per process:
+    ``torch.compiler.disable`` of each hook cost ~10-30 us per hook at every capture's set-up
+    (a model of a hundred modules: a few ms).
     """
     if "torch._dynamo" not in sys.modules:
         # Nobody has compiled anything yet: importing dynamo only to wrap the hooks would add a
         # second or more to every capture's set-up. Attach the capture after torch.compile(...)
         # (docs/capture.md); Capture warns when dynamo appears later.
         return hook
-    opaque = torch.compiler.disable(hook, recursive=True)
+    eager = _eager_caller()
     callback = _eval_frame_callback()
-    if callback is None and not skip_in_graph:
-        return opaque
 
     def step_aside(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # traced (dynamo answers True): a graph break, or nothing with skip
-            return None if skip_in_graph else opaque(*args, **kwargs)
+            return None if skip_in_graph else eager(hook, *args, **kwargs)
         # Run eagerly. Outside any compiled code dynamo evaluates no frame and the hook needs no
         # hiding: called directly, it skips disable's wrapper (~5 us a call with cold caches).
         # Inside a compiled function's eager parts dynamo would compile the hook's frames.
         if callback is not None and callback() is None:
             return hook(*args, **kwargs)
-        return opaque(*args, **kwargs)
+        return eager(hook, *args, **kwargs)
 
     return step_aside
+
+
+def _call(hook: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hook(*args, **kwargs)``: what :func:`_eager_caller` disables."""
+    return hook(*args, **kwargs)
+
+
+#: :func:`_call` disabled for dynamo (recursively: nothing it calls is compiled), made at the first
+#: :func:`_opaque` that needs it.
+_EAGER: Any = None
+
+
+def _eager_caller() -> Any:
+    """``torch.compiler.disable(_call, recursive=True)``, made once (two threads making it at
+    once make two equivalent ones)."""
+    global _EAGER
+    eager = _EAGER
+    if eager is None:
+        eager = _EAGER = torch.compiler.disable(_call, recursive=True)
+    return eager
 
 
 def _eval_frame_callback() -> Any:
