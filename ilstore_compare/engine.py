@@ -319,16 +319,21 @@ def _counted(progress: Progress, before: int, total: int, told: list[int], done:
 
 def _prepare_loads(pairs: Sequence[Pair], r1: StoreReader, r2: StoreReader) -> None:
     """Let a reader that can (``prepare_loads``, the hdf5 reader) find every body the pairs will
-    load before the workers start: its loads then hold no lock a worker waits on."""
+    load before the workers start: its loads then hold no lock a worker waits on. Each key goes
+    with the run's own node for it where the plan holds one (:func:`_load` loads it so too), so
+    the reader need not keep the window's structures to look them up again."""
     for index, reader in enumerate((r1, r2)):
         prepare = getattr(reader, "prepare_loads", None)
         if prepare is None:
             continue
-        keys: list[TensorKey] = []
+        keys: list[tuple[TensorKey, Mapping[str, Any] | None]] = []
         for pair in pairs:
             side = pair.side2 if index else pair.side1
             if side is not None and pair.unaligned is None and _stored(side.node):  # (the table's pairs are not)
-                keys.extend(side.parts or (side.key,))
+                if side.parts or side.select is not None:  # a sum's or a select's node is derived
+                    keys.extend((key, None) for key in side.parts or (side.key,))
+                else:
+                    keys.append((side.key, side.node))
         prepare(keys)
 
 

@@ -546,7 +546,8 @@ class StoreReader(ABC):
     _cached_weight: int = 0
     #: Whether the reader keeps a comparer's window of structures (:data:`_CACHED_NODES` nodes), not
     #: only :data:`_CACHED_STEPS` steps': a reader whose loads look nodes up by key (``same_as``
-    #: bodies without a locator key, planned loads) sets it; the others would only pay memory.
+    #: bodies without a locator key) sets it; the others would only pay memory. A reader told the
+    #: nodes of what it will load (the hdf5 reader's ``prepare_loads``) needs no window either.
     window_nodes: bool = False
 
     def _structure_entry(self, call: CallKey, kind: str) -> _Side:
@@ -669,13 +670,19 @@ class StoreReader(ABC):
                 raise CorruptFileError(self.run_dir, f"{key}: bad same_as reference {same_as!r}") from None
             if original.step != key.step or original == key:
                 raise CorruptFileError(self.run_dir, f"{key}: same_as must name another tensor of step {key.step}")
-            return self.load(original)
+            return self._load_original(original)
         tensor = self._load(key, node)
         shape, dtype = node.get("shape"), node.get("dtype")
         if shape is not None and list(tensor.shape) != list(shape) or dtype is not None and str(tensor.dtype) != dtype:
             raise CorruptFileError(self._body_path(key, node), f"{key}: holds {tensor.dtype} {list(tensor.shape)} "
                                    f"but its metadata says {dtype} {shape}")
         return tensor
+
+    def _load_original(self, original: TensorKey) -> torch.Tensor:
+        """The body of a de-duplicated tensor: its original's, :meth:`load` of it. A reader that
+        was told the original's node beforehand (the hdf5 reader's planned loads) overrides this
+        to load it without looking the node up in the structures again."""
+        return self.load(original)
 
     def parts(self) -> list[tuple[str, StoreReader]]:
         """The single runs this reader reads, as ``(directory relative to run_dir, reader)``.

@@ -749,10 +749,6 @@ class Hdf5Reader(StoreReader):
     """Reads a run written by :class:`Hdf5Writer`; each step file is opened once, when first needed."""
 
     name = "hdf5"
-    #: ``same_as`` bodies are loaded through their original's node, and ``prepare_loads`` looks up
-    #: every node of a compare window: the window's structures are kept (see
-    #: :attr:`StoreReader.window_nodes`).
-    window_nodes = True
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(run_dir)
@@ -764,7 +760,10 @@ class Hdf5Reader(StoreReader):
         self._last_texts: tuple[CallKey, Any] | None = None  # that group's attributes (_group_texts)
         # step -> its /structures entries (format version 2), of the few steps read last
         self._sides: OrderedDict[int, _Sides] = OrderedDict()
-        self._located: dict[TensorKey, _Located | None] = {}  # see prepare_loads
+        # see prepare_loads: where the planned bodies lie, and the nodes of the originals of
+        # the planned de-duplicated (``same_as``) tensors
+        self._located: dict[TensorKey, _Located | None] = {}
+        self._originals: dict[TensorKey, Mapping[str, Any]] = {}
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -954,7 +953,7 @@ class Hdf5Reader(StoreReader):
         except Exception as exc:
             raise CorruptFileError(path, f"cannot read the {kind} of {call.module}#{call.call}: {_msg(exc)}") from None
 
-    def prepare_loads(self, keys: Iterable[TensorKey]) -> None:
+    def prepare_loads(self, keys: Iterable[TensorKey | tuple[TensorKey, Mapping[str, Any] | None]]) -> None:
         """Find, once and before any of them is loaded, where each key's values lie in its step
         file (offset, size, type, shape, the dataset's attributes): :meth:`load` of such a key
         is then an ``open``, one ``pread`` (GIL released) and a ``close``, and no h5py call, so
@@ -963,19 +962,45 @@ class Hdf5Reader(StoreReader):
         its errors. Planning opens the step files one after the other under the usual bound
         (:data:`_OPEN_FILES`), so a compare of runs of any length stays under the process's
         open-file limit. Each call replaces what the one before found (the comparer plans and
-        compares a window of steps at a time: what it holds stays one window's)."""
+        compares a window of steps at a time: what it holds stays one window's).
+
+        Args:
+            keys: the keys to be loaded, each alone or as ``(key, node)`` with the node
+                :meth:`tensor_nodes` gave for it (the comparer's plan holds them), which is then
+                not looked up again: the structures of a window's early steps need not stay
+                cached (a window of small steps spans hundreds of steps). A de-duplicated
+                tensor's original is located instead, and its node kept (given among ``keys``,
+                else looked up here) until the next call, for :meth:`load_node` of the tensor.
+        """
         self._located.clear()
-        for key in keys:
+        self._originals.clear()
+        items = [(k, None) if isinstance(k, TensorKey) else k for k in keys]
+        given = {key: node for key, node in items if node is not None}
+        for key, node in items:
             try:
-                node = self.meta(key)
+                if node is None:
+                    node = self.meta(key)
+                if node.get("stored") is False:
+                    continue
                 same_as = node.get("same_as")
                 if same_as is not None and not self.locator_keys & node.keys():
-                    key = TensorKey.parse(same_as)  # load() reads the original
-                if node.get("stored") is False or key in self._located:
-                    continue
-                self._located[key] = self._locate(key)
+                    original = TensorKey.parse(same_as)  # load_node() reads the original
+                    if original.step != key.step or original == key:
+                        continue  # load_node() reports it
+                    if original not in self._originals:
+                        found = given.get(original)
+                        self._originals[original] = found if found is not None else self.meta(original)
+                    key = original
+                if key not in self._located:
+                    self._located[key] = self._locate(key)
             except (KeyError, ValueError, TypeError, OSError, RuntimeError, StoreError):
                 continue  # load() reports it
+
+    def _load_original(self, original: TensorKey) -> torch.Tensor:
+        node = self._originals.get(original)
+        if node is None:
+            return self.load(original)
+        return self.load_node(original, node if isinstance(node, dict) else dict(node))
 
     def _locate(self, key: TensorKey) -> _Located | None:
         with self._lock:
@@ -1062,6 +1087,7 @@ class Hdf5Reader(StoreReader):
         self._last_group = self._last_texts = None
         self._sides.clear()
         self._located.clear()
+        self._originals.clear()
         self._raw_fds.clear()  # HDF5's descriptors, closed with the files
 
 
