@@ -457,8 +457,10 @@ def annotate(module: nn.Module, *, inputs: Any = None, outputs: Any = None,
 def _dtensor_param_layout(module: nn.Module) -> ModuleLayout | None:
     """What a module's DTensor weight says about its plain (local) inputs and outputs."""
     cls = _dtensor_class()
+    if cls is None:  # no DTensor in this program (asked first: the lookup below raises inside nn.Module)
+        return None
     weight = getattr(module, "weight", None)
-    if cls is None or not isinstance(weight, cls) or weight.device_mesh.ndim != 1 or weight.ndim != 2:
+    if not isinstance(weight, cls) or weight.device_mesh.ndim != 1 or weight.ndim != 2:
         return None
     placement = weight.placements[0]
     if not placement.is_shard():
@@ -482,7 +484,11 @@ def _dtensor_param_layout(module: nn.Module) -> ModuleLayout | None:
 
 def module_layout(module: nn.Module) -> ModuleLayout | None:
     """The layout rules of a module: its annotation, else what its DTensor parameters imply."""
-    annotated = getattr(module, _ATTR, None)
+    # annotate() sets it on the instance: looked up there (and on the class) without nn.Module's
+    # __getattr__, which raises and catches an AttributeError for every module without one
+    annotated = module.__dict__.get(_ATTR)
+    if annotated is None:
+        annotated = getattr(type(module), _ATTR, None)
     if isinstance(annotated, ModuleLayout):
         return annotated
     return _dtensor_param_layout(module)
