@@ -200,9 +200,13 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                          unreadable=_once(lost), token_alignment=token_alignment)
 
 
-#: About how many tensor pairs a window of steps holds (:func:`_compare_windows`): its plan and
-#: entries take a few MB (~4.5 KB a pair).
-_WINDOW_PAIRS = 4096
+#: About how many tensor pairs a window of steps holds (:func:`_compare_windows`). A window's
+#: plan (both runs' parsed structures), entries and calls are what a comparison of small tensors
+#: holds most of: ~8 KB a pair on the long-run workload. ``ilstore-compare --format json`` of two
+#: hdf5 tensors-mode runs of 3,000 steps peaked at 305 MB with 4,096 (over the issue 18 bound of
+#: 300 MB), 283 MB with 2,048, 271 MB with 1,024 (pt: 275, 258 MB with 2,048), in the same CPU
+#: time (with 1 or 2 workers): a window boundary costs far less than its pairs.
+_WINDOW_PAIRS = 1024
 
 
 @dataclasses.dataclass
