@@ -340,6 +340,7 @@ class Capture:
                 self._sink = SyncSink(writer)
                 if getattr(writer, "borrows_bodies", False) is True:  # written inline, before the hook returns
                     self._policy = replace(self._policy, borrow=True)
+                    writer.lent = True
             _WRITING.add(self)
             self._attach()
         except BaseException as exc:

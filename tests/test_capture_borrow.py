@@ -1,10 +1,10 @@
-"""``async_writes: false`` with a writer that writes every body before ``write`` returns (pt,
-hdf5: ``StoreWriter.borrows_bodies``): capture hands the writer the module's own CPU tensors
-instead of copies (issue 13: the copy was a fifth of a capture's cost). Where that memory is
-not exactly the tensor's (a view into a larger storage, a lazy conjugate), with asynchronous
-writes, and for a writer that holds bodies until later (safetensors, any plug-in that does not
-say otherwise), a copy is made as before. Either way what is stored is the tensor as the hook saw
-it, even when the model changes it in place right after.
+"""``async_writes: false`` with a writer that writes (or copies) every body before ``write``
+returns (pt, hdf5, safetensors once lent: ``StoreWriter.borrows_bodies``): capture hands the
+writer the module's own CPU tensors instead of copies (issue 13: the copy was a fifth of a
+capture's cost). Where that memory is not exactly the tensor's (a view into a larger storage, a
+lazy conjugate), with asynchronous writes, and for a writer that does not say it borrows (any
+plug-in that does not say otherwise), a copy is made as before. Either way what is stored is the
+tensor as the hook saw it, even when the model changes it in place right after.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import ilstore
 from ilstore.store import hdf5 as hdf5_store
 from ilstore.store import pt as pt_store
 from ilstore.store import registry
+from ilstore.store import safetensors as st_store
 from ilstore.store.pt import PtReader, PtWriter
 
 
@@ -61,6 +62,14 @@ def _seen(monkeypatch: pytest.MonkeyPatch, backend: str) -> list[tuple[str, int]
             return original(self, group, name, tensor, key)
 
         monkeypatch.setattr(hdf5_store.Hdf5Writer, "_create_dataset", create)
+    elif backend == "safetensors":
+        add = st_store.SafetensorsWriter._add
+
+        def added(self: Any, key: str, tensor: torch.Tensor) -> Any:
+            ptrs.append((key, tensor.data_ptr()))
+            return add(self, key, tensor)
+
+        monkeypatch.setattr(st_store.SafetensorsWriter, "_add", added)
     else:
         save = pt_store._save_tensor
 
@@ -99,7 +108,7 @@ def _handed(ptrs: list[tuple[str, int]], module: str) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("backend", ["pt", "hdf5"])
+@pytest.mark.parametrize("backend", ["pt", "hdf5", "safetensors"])
 def test_sync_writes_borrow_the_tensor_and_store_it_as_the_hook_saw_it(tmp_path: Path, backend: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ptrs = _seen(monkeypatch, backend)
@@ -118,7 +127,7 @@ def test_sync_writes_borrow_the_tensor_and_store_it_as_the_hook_saw_it(tmp_path:
         assert torch.equal(conj.resolve_conj(), outputs["cj"][1].resolve_conj())
 
 
-@pytest.mark.parametrize("backend", ["pt", "hdf5"])
+@pytest.mark.parametrize("backend", ["pt", "hdf5", "safetensors"])
 def test_async_writes_still_copy(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ptrs = _seen(monkeypatch, backend)
     run, outputs, _ = _run(tmp_path, backend, async_writes=True)
@@ -127,13 +136,25 @@ def test_async_writes_still_copy(tmp_path: Path, backend: str, monkeypatch: pyte
         assert torch.equal(r.load(r.calls(0)[0].tensor("outputs")), outputs["lin"][1])
 
 
-def test_safetensors_holds_bodies_so_it_gets_copies(tmp_path: Path) -> None:
-    """safetensors keeps some bodies until its shard is finished: a borrowed tensor would be stored
-    as ReLU left it."""
-    from ilstore.store.safetensors import SafetensorsWriter
+@pytest.mark.parametrize("async_writes", [False, True])
+def test_safetensors_settles_bodies_only_when_lent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   async_writes: bool) -> None:
+    """safetensors keeps some bodies until its shard is finished: lent the model's tensors (a
+    synchronous capture) it writes or copies them before ``write`` returns; handed copies (an
+    asynchronous capture) it keeps them as they are, at no extra cost."""
+    settled: list[bool] = []
+    settle = st_store.SafetensorsWriter._settle
 
-    assert SafetensorsWriter.borrows_bodies is False
-    run, outputs, _ = _run(tmp_path, "safetensors", async_writes=False)
+    def spy(self: Any, added: Any) -> None:
+        settled.append(self.lent)
+        settle(self, added)
+
+    monkeypatch.setattr(st_store.SafetensorsWriter, "_settle", spy)
+    run, outputs, _ = _run(tmp_path, "safetensors", async_writes=async_writes)
+    if async_writes:
+        assert settled == []
+    else:
+        assert settled and all(settled)  # every record with bodies settled, the writer lent
     with ilstore.open_run(run) as r:
         stored = r.load(r.calls(0)[0].tensor("outputs"))
         assert stored.min() < 0 and torch.equal(stored, outputs["lin"][1])

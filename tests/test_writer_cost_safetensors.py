@@ -1,7 +1,8 @@
-"""The safetensors writer with ``borrows_bodies`` (issue 13: a synchronous capture then lends it
-the model's own tensors instead of copies): every body is written, or copied, before ``write``
-returns, so what the model changes in place afterwards never reaches the shard; and the files
-are the same bytes as when the writer holds its bodies until later (the default)."""
+"""The safetensors writer lent the model's own tensors (``borrows_bodies``; issue 13: a
+synchronous capture lends them instead of copies): every body is written, or copied, before
+``write`` returns, so what the model changes in place afterwards never reaches the shard; and the
+files are the same bytes as when the writer holds its bodies until later (not lent: the copies
+an asynchronous capture hands it)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I16": 2
 
 
 class _Lending(st.SafetensorsWriter):
-    """The writer as a synchronous capture gets it once it says it borrows."""
+    """The writer as a synchronous capture uses it: lent the tensors it is handed."""
 
-    borrows_bodies = True
+    lent = True
 
 
 def _record(step: int, module: str, value: Any) -> Record:
@@ -147,7 +148,6 @@ class _Model(nn.Module):
 
 def test_a_sync_capture_lends_and_stores_what_the_hook_saw(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(st.SafetensorsWriter, "borrows_bodies", True)
     seen: list[int] = []
     add = st.SafetensorsWriter._add
 

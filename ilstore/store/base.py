@@ -135,9 +135,15 @@ class StoreWriter(ABC):
     #: keeps) before :meth:`write` returns. With ``async_writes: false`` capture then hands it a
     #: CPU tensor's own memory instead of a copy (the copy was a fifth of a capture's cost); the
     #: writer must only read it. False (the default, and any plug-in that does not say) keeps
-    #: the copy: a writer that holds bodies until later, as the safetensors one does for its
-    #: shards, would otherwise write what the model changed in place meanwhile.
+    #: the copy: a writer that holds bodies until later would otherwise write what the model
+    #: changed in place meanwhile (the safetensors one, which holds bodies for its shards, writes
+    #: or copies them before ``write`` returns when it is :attr:`lent` them).
     borrows_bodies: ClassVar[bool] = False
+    #: Set True by a capture that lends this writer the model's own tensors (``async_writes:
+    #: false`` and :attr:`borrows_bodies`). A writer that keeps some bodies until later writes or
+    #: copies them before :meth:`write` returns only then: the copies an asynchronous capture
+    #: hands it are its own to keep.
+    lent: bool = False
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
