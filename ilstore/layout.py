@@ -485,10 +485,15 @@ def _dtensor_param_layout(module: nn.Module) -> ModuleLayout | None:
 def module_layout(module: nn.Module) -> ModuleLayout | None:
     """The layout rules of a module: its annotation, else what its DTensor parameters imply."""
     # annotate() sets it on the instance: looked up there (and on the class) without nn.Module's
-    # __getattr__, which raises and catches an AttributeError for every module without one
-    annotated = module.__dict__.get(_ATTR)
-    if annotated is None:
-        annotated = getattr(type(module), _ATTR, None)
+    # __getattr__, which raises and catches an AttributeError for every module without one. A
+    # module class with its own __getattr__ (a wrapper that forwards lookups to the module it
+    # wraps, e.g. torch's checkpoint_wrapper) is asked the usual way: it may answer the inner one's.
+    if type(module).__getattr__ is nn.Module.__getattr__:
+        annotated = module.__dict__.get(_ATTR)
+        if annotated is None:
+            annotated = getattr(type(module), _ATTR, None)
+    else:
+        annotated = getattr(module, _ATTR, None)
     if isinstance(annotated, ModuleLayout):
         return annotated
     return _dtensor_param_layout(module)

@@ -92,6 +92,23 @@ def test_annotate_and_apply_rules() -> None:
     assert module_layout(torch.nn.Linear(4, 4)) is None
 
 
+def test_a_wrapper_that_forwards_lookups_has_its_inner_modules_layout() -> None:
+    """torch's checkpoint_wrapper (like FSDP1 and PEFT wrappers) answers attribute lookups with the
+    wrapped module's: its calls carry the inner annotation; a class-level annotation counts too."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    inner = annotate(torch.nn.Linear(4, 4), outputs="... i[tp]")
+    wrapped = checkpoint_wrapper(inner)
+    assert module_layout(wrapped) is module_layout(inner) is not None
+
+    class Annotated(torch.nn.Linear):
+        pass
+
+    Annotated.__ilstore_layout__ = module_layout(inner)  # type: ignore[attr-defined]
+    assert module_layout(Annotated(4, 4)) is module_layout(inner)
+    assert module_layout(torch.nn.Linear(4, 4)) is None
+
+
 # -- synthetic multi-rank runs -------------------------------------------------------------------
 torch.manual_seed(0)
 FULL = {
