@@ -150,3 +150,47 @@ def test_an_original_outside_the_plan_is_looked_up(runs: tuple[Path, Path], monk
     assert {key.module for _run, key in lookups} == {"0", "2"} and {key.kind for _run, key in lookups} == {"outputs"}
     monkeypatch.setattr(engine, "_prepare_loads", lambda *args: None)
     _same(planned, compare(a, b, modules=["^[13]$"]))
+
+
+def test_multi_rank_hdf5_runs_read_each_structure_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-rank run's reader hands each rank's hdf5 reader its planned keys and nodes and loads
+    with them: no side is parsed twice although a window spans more steps than a reader keeps."""
+    from ilstore.keys import CallKey
+    from ilstore.manifest import new_manifest
+    from ilstore.records import TensorPolicy, build_record, finalize_stats
+    from ilstore.store import get_backend
+    from ilstore.store.base import StepInfo
+    from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
+
+    def write(run_dir: Path, delta: float) -> None:
+        for rank in (0, 1):
+            w = get_backend("hdf5").writer(rank_run_dir(run_dir, rank, 2))
+            w.open(new_manifest("hdf5", {}, rank=rank, world_size=2))
+            for step in range(12):
+                calls = []
+                for m in range(3):
+                    call = CallKey(rank, step, f"m{m}", 0)
+                    x = torch.full((4,), float(step + m))
+                    for kind, v in (("inputs", (x,)), ("outputs", x + delta)):
+                        rec = build_record(call, kind, v, TensorPolicy(pin_memory=False))
+                        finalize_stats(rec)
+                        w.write(rec)
+                    calls.append(call)
+                w.end_step(StepInfo(step, calls, calls))
+            w.close()
+        write_ranks_manifest(run_dir, backend="hdf5", world_size=2, config={})
+
+    write(tmp_path / "a", 0.0)
+    write(tmp_path / "b", 1.0)
+    reads: Counter[tuple[str, Any, str]] = Counter()
+    real = Hdf5Reader._read_structure
+
+    def counting(self: Hdf5Reader, call: Any, kind: str) -> Any:
+        reads[(str(self.run_dir), call, kind)] += 1
+        return real(self, call, kind)
+
+    monkeypatch.setattr(Hdf5Reader, "_read_structure", counting)
+    result = compare(tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 1 and len(result.tensors) == 2 * 12 * 3 * 2
+    assert {call.step for _, call, _ in reads} == set(range(12))  # every step's sides, once each
+    assert max(reads.values()) == 1, [k for k, n in reads.items() if n > 1][:3]

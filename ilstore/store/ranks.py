@@ -14,7 +14,7 @@ is all convert needs to copy the layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,22 @@ class RankedReader(StoreReader):
     def load(self, key: TensorKey) -> torch.Tensor:
         """Load from the rank ``key`` names (which resolves ``same_as`` and checks the tensor)."""
         return self._reader(key.rank).load(key)
+
+    def load_node(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
+        """:meth:`load` with the rank's own node for ``key`` (no lookup of it there)."""
+        return self._reader(key.rank).load_node(key, node)
+
+    def prepare_loads(self, keys: Iterable[TensorKey | tuple[TensorKey, Mapping[str, Any] | None]]) -> None:
+        """Hand each rank's reader that plans its loads (hdf5: ``prepare_loads``) its rank's keys,
+        with their nodes, so that it need not keep a comparer's window of structures."""
+        by_rank: dict[int, list[TensorKey | tuple[TensorKey, Mapping[str, Any] | None]]] = {}
+        for item in keys:
+            key = item[0] if isinstance(item, tuple) else item
+            by_rank.setdefault(key.rank, []).append(item)
+        for rank, reader in self.ranks.items():
+            prepare = getattr(reader, "prepare_loads", None)
+            if prepare is not None:
+                prepare(by_rank.get(rank, []))
 
     def parts(self) -> list[tuple[str, StoreReader]]:
         """One part per rank: ``("rank_<r>", that rank's reader)``."""
