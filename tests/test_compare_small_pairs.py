@@ -5,7 +5,8 @@ steps, more than the readers used to keep: each step's metadata was read again w
 loaded (the ``pt`` call directories, the ``safetensors`` indexes), and every structure holding
 a ``same_as`` body's original (``safetensors``, ``hdf5``) or every structure of the window (the
 ``hdf5`` reader's ``prepare_loads``) was parsed again. The readers now keep a window's metadata,
-bounded by its size, and look a tensor's node up by key. These tests count the reads, check the
+bounded by its size, and look a tensor's node up by key (the hdf5 reader is handed the window's
+nodes by the comparer with its planned loads, and keeps 4 steps of structures). These tests count the reads, check the
 bounds and that the result is the same whatever the caches hold.
 """
 
@@ -78,7 +79,8 @@ def test_the_runs_have_same_as_bodies(runs: tuple[str, Path, Path]) -> None:
 
 def test_each_structure_is_read_once(runs: tuple[str, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Each side of each call is read from the files once per comparison: loading a ``same_as``
-    body and the hdf5 reader's ``prepare_loads`` look nodes up in the window's structures."""
+    body looks its node up in the window's structures; the hdf5 reader's ``prepare_loads`` is handed
+    the plan's nodes."""
     backend, a, b = runs
     cls = type(ilstore.open_run(a))
     reads = _counting(monkeypatch, cls, "_read_structure", lambda self, call, kind: (str(self.run_dir), call, kind))

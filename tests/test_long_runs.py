@@ -301,7 +301,7 @@ def test_index_is_the_same_whatever_the_read_size(out_dir: Path, monkeypatch: py
 def test_reading_a_run_step_by_step_keeps_few_steps_cached(out_dir: Path, backend: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The structure cache keeps the most recent steps only: 4 (pt), or, for a reader that keeps a
-    compare window's structures (hdf5, safetensors: ``window_nodes``), those whose tensor nodes
+    compare window's structures (safetensors: ``window_nodes``), those whose tensor nodes
     weigh at most ``_CACHED_NODES`` (here lowered to 6, so 4 steps again)."""
     run_dir = _capture(out_dir, 12, backend=backend)
     monkeypatch.setattr(ilstore.store.base, "_CACHED_NODES", 6)

@@ -2,7 +2,9 @@
 synchronous capture lends them instead of copies): every body is written, or copied, before
 ``write`` returns, so what the model changes in place afterwards never reaches the shard; and the
 files are the same bytes as when the writer holds its bodies until later (not lent: the copies
-an asynchronous capture hands it)."""
+an asynchronous capture hands it), as long as the headers' room is not what ends a shard: lent,
+a shard's header counts its bodies at their exact length earlier, so a shard of many small bodies
+may take more of them (the tensors stored are the same)."""
 
 from __future__ import annotations
 
@@ -170,3 +172,31 @@ def test_a_sync_capture_lends_and_stores_what_the_hook_saw(tmp_path: Path,
         call = next(c for c in run.calls(0) if c.module == "lin")
         stored = run.load(call.tensor("outputs"))
     assert stored.min() < 0 and torch.equal(stored, lin_out[1])  # as the hook saw it, before ReLU
+
+
+def test_many_small_lent_bodies_may_split_shards_differently_but_store_the_same_tensors(tmp_path: Path) -> None:
+    """One streamed 4 MiB body, then 1,500 small ones: the header's room ends the shard. Lent, each
+    entry is counted at its exact length once written, so the first shard takes more bodies than
+    when held (the shards differ); every tensor still loads bit for bit, and every shard is a
+    valid safetensors file whose header fits its room."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(7)
+    values = [("big", torch.randn(1024, 1024, generator=g))]
+    values += [(f"s{i}", torch.randn(3, generator=g)) for i in range(1500)]
+    held = _write_steps(st.SafetensorsWriter, tmp_path / "held", {0: values})
+    _write_steps(_Lending, tmp_path / "lent", {0: values})
+    counts = {}
+    for run in ("held", "lent"):
+        shards = sorted((tmp_path / run).glob("step_*/shard_*.safetensors"))
+        assert len(shards) >= 2, run  # the header's room did end a shard
+        counts[run] = []
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as f:
+                counts[run].append(len(list(f.keys())))
+        with ilstore.open_run(tmp_path / run) as reader:
+            for rec in held[0]:
+                for path, tensor in rec.tensors.items():
+                    assert_bits_equal(reader.load(rec.key(path)), tensor)
+    assert sum(counts["held"]) == sum(counts["lent"]) == 1501
+    assert counts["lent"][0] >= counts["held"][0]

@@ -310,7 +310,7 @@ class StoreWriter(ABC):
 _CACHED_STEPS = 4
 #: Beyond those, a reader whose loads look nodes up again (:attr:`StoreReader.window_nodes`)
 #: keeps more recent steps' structures while their tensor nodes total at most this (and at most
-#: as many steps): a comparer plans a window of ~4,096 pairs, then loads them, and a window of
+#: as many steps): a comparer plans a window of ~1,024 pairs, then loads them, and a window of
 #: small steps spans more than a few steps. Kept structures cost memory (~2.5 KB a node of the
 #: long-run workload, ~10 MB a reader at this bound), so only readers that need them keep them.
 _CACHED_NODES = 4608

@@ -930,7 +930,7 @@ class PtReader(StoreReader):
 _CACHED_LISTS = 8
 #: How many steps' call directories a reader keeps at most (the most recently used ones)...
 _CACHED_STEPS = 1024
-#: ... and how many calls' in all (the last step's always): a comparer plans a window of ~4,096
+#: ... and how many calls' in all (the last step's always): a comparer plans a window of ~1,024
 #: pairs, then loads them, and a window of small steps spans many steps (they were listed twice).
 _CACHED_CALLS = 4096
 

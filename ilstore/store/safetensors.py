@@ -286,8 +286,9 @@ class SafetensorsWriter(StoreWriter):
     name = "safetensors"
     #: A synchronous capture lends the writer the model's own tensors instead of copies (see
     #: :attr:`StoreWriter.borrows_bodies`); lent them (:attr:`StoreWriter.lent`), the writer
-    #: writes, or copies, every body before ``write`` returns (:meth:`_settle`). The files are the
-    #: same bytes either way, but for the order of a streamed shard's last bodies (:meth:`_settle`).
+    #: writes, or copies, every body before ``write`` returns (:meth:`_settle`). The tensors stored
+    #: are the same either way; the files too but for the order of a streamed shard's last bodies,
+    #: and for where shards of many small bodies split (:meth:`_settle`).
     #: Measured on the capture benchmark (synchronous, CPU time): 0.89-0.95x the time of the
     #: copying capture.
     borrows_bodies = True
@@ -363,12 +364,14 @@ class SafetensorsWriter(StoreWriter):
         """Before ``write`` returns, no body of the record may still point at the tensor it was
         given (a synchronous capture lends the model's own, which the model may change next): in
         a streamed shard, the bodies whose size is a multiple of 8 are written now, in the order
-        they came, and any other body still held is copied. The files are those of holding the
-        bodies (the same shards, headers, bodies and offsets), but for the order of a streamed
-        shard's last bodies of sizes that are multiples of 8: held, they are written when the
-        shard ends, larger element sizes first; here as they came (each still starts at a
-        multiple of 8). A shard's header room counts bodies written at their exact length, held
-        ones at their longest, so a shard whose header room is nearly full may take one more body."""
+        they came, and any other body still held is copied. The tensors stored are those of holding
+        the bodies, and so are the files while no shard's header room fills: a shard's header
+        room counts bodies written at their exact length, held ones at their longest, so lent,
+        a shard of many small bodies takes more of them before its header room is full (the
+        shards then split differently; each is a valid file). Otherwise the files differ only in
+        the order of a streamed shard's last bodies of sizes that are multiples of 8: held, they
+        are written when the shard ends, larger element sizes first; here as they came (each
+        still starts at a multiple of 8)."""
         shard = self._shard
         if shard is not None and shard.reserve and shard.held:
             try:
@@ -551,7 +554,7 @@ def _parse_index(path: Path, step: int, data: Any) -> _Index:
 #: of file descriptors (1,024 by default on many systems) with one open shard per step.
 _KEEP_INDEXES = 1024
 #: ... and the kept indexes' records and tensors at most this many in all (the last index always): a comparer
-#: plans a window of ~4,096 pairs, then loads them, and a window of small steps spans many steps
+#: plans a window of ~1,024 pairs, then loads them, and a window of small steps spans many steps
 #: (their indexes were parsed twice).
 _KEEP_INDEX_ENTRIES = 4608
 _KEEP_SHARDS = 64
