@@ -519,8 +519,8 @@ def _stored(node: Mapping[str, Any]) -> bool:
 def _load_key(reader: StoreReader, key: TensorKey, label: str, node: Mapping[str, Any] | None = None) -> torch.Tensor:
     """``reader.load(key)``; with the plan's ``node`` for the key, a reader whose ``load`` and
     ``meta`` are :class:`StoreReader`'s, or that has a ``load_node`` of its own, loads it without
-    looking the node up again (the
-    structures of the window's early steps have left the reader's cache by then)."""
+    looking the node up again (the structures of the window's early steps have left the
+    reader's cache by then)."""
     try:
         cls = type(reader)
         if node is not None and (cls.load is StoreReader.load and cls.meta is StoreReader.meta
