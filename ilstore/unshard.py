@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,10 @@ class LogicalReader(StoreReader):
         if unstored:
             base.update(stored=False, reason="; ".join(f"rank {r}: {why}" for r, why in unstored))
             return base
+        # The ranks' own nodes ride along (in memory only: the plan is a locator key), so that
+        # loading a part looks nothing up in the rank's structures again (they may be gone from
+        # its cache by the time a comparer's window loads) and a planning rank reader is told them.
+        plan["nodes"] = {r: parts[r] for r in plan["ranks"]}
         base[PLAN_KEY] = plan
         base["stored"] = True
         return base
@@ -289,8 +294,26 @@ class LogicalReader(StoreReader):
         return plan, shape
 
     # -- assembling ----------------------------------------------------------------------------
-    def _part(self, rank: int, key: TensorKey) -> torch.Tensor:
-        return self.ranks[rank].load(TensorKey(key.step, key.module, key.call, key.kind, key.path, rank=rank))
+    def _part(self, rank: int, key: TensorKey, plan: dict[str, Any]) -> torch.Tensor:
+        part = _rank_key(key, rank)
+        node = plan.get("nodes", {}).get(rank)
+        return self.ranks[rank].load(part) if node is None else self.ranks[rank].load_node(part, node)
+
+    def prepare_loads(self, keys: Iterable[TensorKey | tuple[TensorKey, Mapping[str, Any] | None]]) -> None:
+        """Hand each rank's reader that plans its loads (hdf5: ``prepare_loads``) the parts the
+        logical tensors will load, with the rank's own nodes (see :meth:`_load`)."""
+        by_rank: dict[int, list[TensorKey | tuple[TensorKey, Mapping[str, Any] | None]]] = {r: [] for r in self.ranks}
+        for item in keys:
+            key, node = item if isinstance(item, tuple) else (item, None)
+            plan = (node or {}).get(PLAN_KEY)
+            if not isinstance(plan, dict):
+                continue  # (no plan at hand: the part is looked up when it is loaded)
+            for rank, part_node in plan.get("nodes", {}).items():
+                by_rank[rank].append((_rank_key(key, rank), part_node))
+        for rank, reader in self.ranks.items():
+            prepare = getattr(reader, "prepare_loads", None)
+            if prepare is not None:
+                prepare(by_rank[rank])
 
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         plan = node.get(PLAN_KEY)
@@ -298,12 +321,12 @@ class LogicalReader(StoreReader):
             raise KeyError(f"{key}: no assembly plan (not stored: {node.get('reason', 'unknown')})")
         ranks = plan["ranks"]
         if plan["kind"] == "replicate":
-            return self._replica(key, ranks)
+            return self._replica(key, ranks, plan)
         dtype = node.get("dtype")
         if plan["kind"] == "partial":
             total: torch.Tensor | None = None
             for rank in ranks:
-                part = self._part(rank, key)
+                part = self._part(rank, key, plan)
                 wide = torch.complex128 if part.is_complex() else torch.float64 if part.is_floating_point() else None
                 total = part.to(wide or part.dtype, copy=True) if total is None else total.add_(part)
             assert total is not None
@@ -316,7 +339,7 @@ class LogicalReader(StoreReader):
         # block i of the logical tensor starts after every rank's blocks before i
         block_starts = [sum(b[j] for b in blocks for j in range(i)) for i in range(len(offsets))] if blocks else [0]
         for n, rank in enumerate(ranks):
-            part = self._part(rank, key)
+            part = self._part(rank, key, plan)
             if out is None:
                 out = torch.empty(node["shape"], dtype=part.dtype)
             pieces = part.split(blocks[n], dim) if blocks else (part,)
@@ -328,10 +351,10 @@ class LogicalReader(StoreReader):
         assert out is not None
         return out
 
-    def _replica(self, key: TensorKey, ranks: list[int]) -> torch.Tensor:
-        first = self._part(ranks[0], key)
+    def _replica(self, key: TensorKey, ranks: list[int], plan: dict[str, Any]) -> torch.Tensor:
+        first = self._part(ranks[0], key, plan)
         for rank in ranks[1:]:
-            other = self._part(rank, key)
+            other = self._part(rank, key, plan)
             if self._agree(first, other):
                 continue
             diff = "?"
@@ -361,6 +384,10 @@ class LogicalReader(StoreReader):
     def close(self) -> None:
         self._structures.clear()
         self.source.close()
+
+
+def _rank_key(key: TensorKey, rank: int) -> TensorKey:
+    return TensorKey(key.step, key.module, key.call, key.kind, key.path, rank=rank)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -275,3 +275,32 @@ def fake_replay(reference: Path, out_dir: Path, run_id: str, *, backend: str = "
             writer.end_step(StepInfo(step, calls, ends))
         writer.close()
     return run_dir
+
+
+def two_rank_run(run_dir: Path, backend: str, delta: float, steps: int = 12, modules: int = 3) -> Path:
+    """A 2-rank run written through ``backend``'s writer: ``steps`` steps of ``modules`` modules,
+    each rank's module ``m`` taking ``full((4,), step + m)`` and returning it plus ``delta`` (no
+    layout: replicated)."""
+    from ilstore.keys import CallKey
+    from ilstore.manifest import new_manifest
+    from ilstore.records import TensorPolicy, build_record, finalize_stats
+    from ilstore.store.base import StepInfo
+    from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
+
+    for rank in (0, 1):
+        writer = ilstore.get_backend(backend).writer(rank_run_dir(run_dir, rank, 2))
+        writer.open(new_manifest(backend, {}, rank=rank, world_size=2))
+        for step in range(steps):
+            calls = []
+            for m in range(modules):
+                call = CallKey(rank, step, f"m{m}", 0)
+                x = torch.full((4,), float(step + m))
+                for kind, value in (("inputs", (x,)), ("outputs", x + delta)):
+                    record = build_record(call, kind, value, TensorPolicy(pin_memory=False))
+                    finalize_stats(record)
+                    writer.write(record)
+                calls.append(call)
+            writer.end_step(StepInfo(step, calls, calls))
+        writer.close()
+    write_ranks_manifest(run_dir, backend=backend, world_size=2, config={})
+    return run_dir

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import ilstore
+from compare_helpers import two_rank_run
 from ilstore.keys import TensorKey
 from ilstore.store import base
 from ilstore.store.hdf5 import Hdf5Reader
@@ -155,33 +156,8 @@ def test_an_original_outside_the_plan_is_looked_up(runs: tuple[Path, Path], monk
 def test_multi_rank_hdf5_runs_read_each_structure_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A multi-rank run's reader hands each rank's hdf5 reader its planned keys and nodes and loads
     with them: no side is parsed twice although a window spans more steps than a reader keeps."""
-    from ilstore.keys import CallKey
-    from ilstore.manifest import new_manifest
-    from ilstore.records import TensorPolicy, build_record, finalize_stats
-    from ilstore.store import get_backend
-    from ilstore.store.base import StepInfo
-    from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
-
-    def write(run_dir: Path, delta: float) -> None:
-        for rank in (0, 1):
-            w = get_backend("hdf5").writer(rank_run_dir(run_dir, rank, 2))
-            w.open(new_manifest("hdf5", {}, rank=rank, world_size=2))
-            for step in range(12):
-                calls = []
-                for m in range(3):
-                    call = CallKey(rank, step, f"m{m}", 0)
-                    x = torch.full((4,), float(step + m))
-                    for kind, v in (("inputs", (x,)), ("outputs", x + delta)):
-                        rec = build_record(call, kind, v, TensorPolicy(pin_memory=False))
-                        finalize_stats(rec)
-                        w.write(rec)
-                    calls.append(call)
-                w.end_step(StepInfo(step, calls, calls))
-            w.close()
-        write_ranks_manifest(run_dir, backend="hdf5", world_size=2, config={})
-
-    write(tmp_path / "a", 0.0)
-    write(tmp_path / "b", 1.0)
+    two_rank_run(tmp_path / "a", "hdf5", 0.0)
+    two_rank_run(tmp_path / "b", "hdf5", 1.0)
     reads: Counter[tuple[str, Any, str]] = Counter()
     real = Hdf5Reader._read_structure
 

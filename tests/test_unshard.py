@@ -317,3 +317,33 @@ def test_dtensor_layouts_in_one_process(tmp_path: Path) -> None:
         assert layout("1", "outputs") is None
     with open_logical(tmp_path / "one") as logical:
         assert logical.load(TensorKey(0, "0", 0, "outputs")).shape == (2, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compare_unshard_reads_each_rank_side_once(tmp_path: Path, backend: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logical tensor loads its parts with the ranks' own nodes (kept in its plan) and hands a
+    planning rank reader (hdf5) those parts: no rank's side is parsed again at load time, although
+    a comparer's window spans more steps than a rank reader keeps structures of."""
+    from collections import Counter
+
+    from compare_helpers import two_rank_run
+    from ilstore_compare.unshard import compare_unsharded
+
+    two_rank_run(tmp_path / "a", backend, 0.0)
+    two_rank_run(tmp_path / "b", backend, 1.0)
+    cls = get_backend(backend).reader
+    real = cls._read_structure
+    reads: Counter[tuple[str, Any, str]] = Counter()
+
+    def counting(self: Any, call: Any, kind: str) -> Any:
+        reads[(str(self.run_dir), call, kind)] += 1
+        return real(self, call, kind)
+
+    monkeypatch.setattr(cls, "_read_structure", counting)
+    result = compare_unsharded(tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 1 and len(result.tensors) == 12 * 3 * 2
+    # replicated tensors (no layout): every rank's replica is loaded, and each of its sides parsed once
+    assert len([k for k in reads if k[2] in ("inputs", "outputs")]) == 2 * 2 * 12 * 3 * 2
+    assert max(reads.values()) == 1, \
+        [k for k, n in reads.items() if n > 1][:3]
