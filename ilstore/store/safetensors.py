@@ -181,8 +181,9 @@ class _ShardFile:
 
     Bodies are held until the shard ends, or until those whose size is a multiple of 8 reach
     :data:`_STREAM_AT` bytes: the file is then opened with ``reserve`` bytes kept for the header,
-    and those bodies written after the ones before them, again whenever they reach
-    :data:`_STREAM_AT` bytes. A body of another size is held
+    and those bodies written after the ones before them, in their order, again whenever they
+    reach :data:`_STREAM_AT` bytes (lent the model's tensors: at every record, :meth:`write_early`).
+    A body of another size is held
     to the end and written then, larger element sizes first, so that every body starts at a
     multiple of its element size (as the library lays them out: readers that map the file get
     aligned tensors). The header, padded with spaces to the room kept for it (JSON allows that;
@@ -198,11 +199,14 @@ class _ShardFile:
         self.entries: list[str] = []  # header entries of the bodies written
         self.held: list[_Body] = []  # held bodies whose size is a multiple of 8, in their order
         self.odd: list[_Body] = []  # held bodies of another size (written when the shard ends)
-        self.ready_bytes = 0  # bytes of ``held``
+        self.ready_bytes = 0  # bytes of ``held``, and of the bodies written early (write_early) since
         self.end = 0  # bytes of bodies written
         self.nbytes = 0  # bytes of all bodies, written or held
         # the header's length at most: exact for the bodies placed, at most for those held
         self.header_max = len(self.prefix) + 1
+        # what the entries of the bodies written early (write_early) will take off header_max, at
+        # the point where holding them would have written them (write_ready, finish)
+        self.early = 0
 
     def fits(self, body: _Body) -> bool:
         """Whether ``body``'s header entry still fits the room kept for the header."""
@@ -226,29 +230,48 @@ class _ShardFile:
         """Write the held bodies whose size is a multiple of 8, with one ``pwritev``."""
         ready, self.held, self.ready_bytes = self.held, [], 0
         self._write(ready)
+        self.header_max -= self.early
+        self.early = 0
+
+    def write_early(self) -> None:
+        """Write the held bodies whose size is a multiple of 8 now (a writer lent the model's
+        tensors may not keep them), in the order :meth:`write_ready` would, but go on counting
+        them as held (:attr:`ready_bytes`, their header entries at their longest) until
+        :meth:`write_ready` or :meth:`finish`: so the shard ends where holding them would have
+        ended it, and its file is the same bytes."""
+        ready, self.held = self.held, []
+        _pwrite_all(self.fd, [b.view for b in ready], 8 + self.reserve + self.end)
+        self._place(ready, early=True)
 
     def _write(self, bodies: list[_Body]) -> None:
         """Write ``bodies`` after the bodies written so far and place their header entries."""
         _pwrite_all(self.fd, [b.view for b in bodies], 8 + self.reserve + self.end)
         self._place(bodies)
 
-    def _place(self, bodies: list[_Body]) -> None:
-        """Give ``bodies`` the next offsets: their header entries, counted at their true length."""
-        end = self.end
+    def _place(self, bodies: list[_Body], early: bool = False) -> None:
+        """Give ``bodies`` the next offsets: their header entries, counted at their true length
+        (``early``: once holding them would have written them)."""
+        end, less = self.end, 0
         for body in bodies:
             body.placed = True
             entry = f"{body.head}{end},{end + body.nbytes}]}}"
             end += body.nbytes
             self.entries.append(entry)
-            self.header_max += len(entry) + 1 - body.most
+            less += body.most - len(entry) - 1
         self.end = end
+        if early:
+            self.early += less
+        else:
+            self.header_max -= less
 
     def finish(self) -> None:
         """Write what is held and then the header; close the file."""
-        # sizes that are multiples of 8 first, then the others, each larger element sizes first:
-        # each body starts aligned to its element size
-        rest = sorted(self.held, key=_larger_first) + sorted(self.odd, key=_larger_first)
+        # sizes that are multiples of 8 first, in their order (each starts at a multiple of 8), then
+        # the others, larger element sizes first: each body starts aligned to its element size
+        rest = self.held + sorted(self.odd, key=_larger_first)
         self.held, self.odd, self.ready_bytes = [], [], 0
+        self.header_max -= self.early
+        self.early = 0
         before = self.end
         self._place(rest)
         header = f'{self.prefix},{",".join(self.entries)}}}'.encode()
@@ -286,9 +309,8 @@ class SafetensorsWriter(StoreWriter):
     name = "safetensors"
     #: A synchronous capture lends the writer the model's own tensors instead of copies (see
     #: :attr:`StoreWriter.borrows_bodies`); lent them (:attr:`StoreWriter.lent`), the writer
-    #: writes, or copies, every body before ``write`` returns (:meth:`_settle`). The tensors stored
-    #: are the same either way; the files too but for the order of a streamed shard's last bodies,
-    #: and for where shards of many small bodies split (:meth:`_settle`).
+    #: writes, or copies, every body before ``write`` returns (:meth:`_settle`). The files are the
+    #: same bytes either way (:meth:`_settle`), lent for some records and not for others too.
     #: Measured on the capture benchmark (synchronous, CPU time): 0.89-0.95x the time of the
     #: copying capture.
     borrows_bodies = True
@@ -365,17 +387,14 @@ class SafetensorsWriter(StoreWriter):
         given (a synchronous capture lends the model's own, which the model may change next): in
         a streamed shard, the bodies whose size is a multiple of 8 are written now, in the order
         they came, and any other body still held is copied. The tensors stored are those of holding
-        the bodies, and so are the files while no shard's header room fills: a shard's header
-        room counts bodies written at their exact length, held ones at their longest, so lent,
-        a shard of many small bodies takes more of them before its header room is full (the
-        shards then split differently; each is a valid file). Otherwise the files differ only in
-        the order of a streamed shard's last bodies of sizes that are multiples of 8: held, they
-        are written when the shard ends, larger element sizes first; here as they came (each
-        still starts at a multiple of 8)."""
+        the bodies, and so are the files, byte for byte: bodies whose size is a multiple of 8 are
+        laid out in the order they came either way, and those written early count in the shard's
+        header room at their longest until holding them would have written them
+        (:meth:`_ShardFile.write_early`), so shards end at the same bodies."""
         shard = self._shard
         if shard is not None and shard.reserve and shard.held:
             try:
-                shard.write_ready()
+                shard.write_early()
             except OSError as exc:
                 raise self._failed(shard, exc) from exc
         for body in added:
