@@ -357,3 +357,47 @@ def test_stream_error_stops_and_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         for value in engine._stream(list(range(100)), fn, 2, None):  # type: ignore[arg-type]
             out.append(value)
     assert out == [0, 1, 2] and len(started) < 100
+
+
+def test_small_pairs_run_in_batches_in_the_streaming_thread_beside_a_large_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers, neighbouring small pairs run together in the thread that streams the
+    results (two threads cannot run their Python at once), while a large pair runs in a worker:
+    the barrier breaks unless big1 and the batch behind it run at once. Results and progress
+    still come in input order, and an error raises after the results before it."""
+    import threading
+
+    from ilstore_compare import engine
+
+    mib = 2**20
+    order = ["big1", *(f"s{i}" for i in range(100)), "big2", "s100"]
+    sizes = {p: 400 * mib if p.startswith("big") else 1024 for p in order}
+    monkeypatch.setattr(engine, "_pair_bytes", lambda pair: sizes[pair])
+    assert engine._units(order) == [(0, 1, 400 * mib), (1, 1 + engine._BATCH_PAIRS, 1024),  # type: ignore[arg-type]
+                                    (1 + engine._BATCH_PAIRS, 101, 1024), (101, 102, 400 * mib), (102, 103, 1024)]
+    together = threading.Barrier(2, timeout=10)
+    threads: dict[str, str] = {}
+
+    def fn(pair: str) -> str:
+        threads[pair] = threading.current_thread().name
+        if pair in ("big1", "s0"):
+            together.wait()
+        return pair.upper()
+
+    seen: list[tuple[int, int]] = []
+    got = list(engine._stream(order, fn, 2, lambda done, total: seen.append((done, total))))  # type: ignore[arg-type]
+    assert got == [p.upper() for p in order] and seen == [(i, len(order)) for i in range(1, len(order) + 1)]
+    main = threading.current_thread().name
+    assert {threads[p] for p in order if p.startswith("s")} == {main}
+    assert threads["big1"] != main and threads["big2"] != main
+
+    def failing(pair: str) -> str:
+        if pair == "s3":
+            raise RuntimeError("bad pair s3")
+        return pair.upper()
+
+    out: list[str] = []
+    with pytest.raises(RuntimeError, match="bad pair s3"):
+        for value in engine._stream(order, failing, 2, None):  # type: ignore[arg-type]
+            out.append(value)
+    assert out == ["BIG1", "S0", "S1", "S2"]
