@@ -100,6 +100,15 @@ def _agree_run_id(config: Config) -> Config:
     return load_config(config, run_id=box[0])
 
 
+#: With ``async_writes: true`` and a writer that borrows bodies, write a record with stored bodies
+#: from the model's own CPU tensors before the hook returns whenever nothing is queued for the
+#: writer thread (:meth:`ThreadedSink.write_lent`: no snapshot, no second pass over the bytes;
+#: turned off for the run when those writes are slow, e.g. a disk that throttles its writers).
+#: Off by default for now: tests/test_capture_borrow.py still asserts that asynchronous writes
+#: always copy.
+_ASYNC_LENDS = False
+
+
 def _tensor_policy(config: Config) -> TensorPolicy:
     return TensorPolicy(store_bodies=config.mode == "tensors", max_numel=config.max_tensor_size,
                         device_ok=config.logs_device)
@@ -271,6 +280,7 @@ class Capture:
         self.hooked_modules: list[str] = []
         self.error: Exception | None = None
         self._policy = _tensor_policy(self.config)
+        self._lend_policy: TensorPolicy | None = None  # async writes: the policy of a lent record
         self._handles: list[Any] = []
         self._sink: RecordSink | None = None
         self._dedup: Deduper | None = None
@@ -336,6 +346,11 @@ class Capture:
                 self._opaque_hooks = True  # nothing to warn about: the hooks are meant to be traced
             if cfg.async_writes:
                 self._sink = ThreadedSink(writer, int(cfg.max_pending_mb * 2**20))
+                if _ASYNC_LENDS and getattr(writer, "borrows_bodies", False) is True and self._policy.store_bodies:
+                    # while nothing is queued, a record is written from the model's own CPU
+                    # tensors before the hook returns (ThreadedSink.write_lent)
+                    self._lend_policy = replace(self._policy, borrow=True)
+                    self._sink.lending = True
             else:
                 self._sink = SyncSink(writer)
                 if getattr(writer, "borrows_bodies", False) is True:  # written inline, before the hook returns
@@ -617,13 +632,19 @@ class Capture:
                replay: dict[str, Any] | None = None) -> None:
         assert self._sink is not None
         known = self._replay.known_stats if self._replay is not None else None
-        record = build_record(call, kind, value, self._policy, kwargs, self._dedup, known)
+        sink, lend = self._sink, self._lend_policy
+        lent = lend is not None and sink.lends()
+        policy = lend if lend is not None and lent else self._policy
+        record = build_record(call, kind, value, policy, kwargs, self._dedup, known)
         rules = self._layouts.get(call.module)
         if rules is not None:
             rules.apply(kind, record.tensor_nodes(), self.rank, self.world_size)
         if replay is not None and isinstance(record.structure, dict):
             record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
-        self._sink.write(record)
+        if lent:
+            sink.write_lent(record)
+        else:
+            sink.write(record)
 
     def pause(self) -> None:
         """Stop recording until :meth:`resume`; calls in between are neither logged nor counted.

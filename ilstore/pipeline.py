@@ -57,6 +57,32 @@ _BATCH_RECORDS = 32
 #: about this long for the GIL, instead of Python's switch interval (5 ms), while its OpenMP
 #: threads spin.
 _GIL_SLICE_S: float | None = 0.0002
+#: Lent writes (:meth:`ThreadedSink.write_lent`) are budgeted this much each, plus their bytes at
+#: :data:`_LEND_BUDGET_BPS`: writes into the page cache run at 2 GB/s and more on tmpfs, and on a
+#: disk that keeps up (as fast as the snapshots they replace), several times slower when the
+#: kernel throttles its writers for a slow disk or hands out fresh page-cache pages slowly.
+#: What each write takes beyond its budget, less what the faster ones leave unused, accumulates;
+#: past :data:`_LEND_SLACK_S` lending is off for the run (so the model waits at most that much
+#: longer for the disk than with snapshots, plus one write). Only CPU time counts, or the wall
+#: clock when the write waited in the kernel (a voluntary context switch): a write descheduled
+#: in favour of another process (a busy machine) is not a slow write.
+_LEND_BUDGET_S = 0.0005
+_LEND_BUDGET_BPS = 1e9
+_LEND_SLACK_S = 0.02
+
+
+def _thread_usage() -> tuple[float, int]:
+    """The calling thread's CPU time (s) and voluntary context switches (where not known: 0)."""
+    # (getrusage's times advance by scheduler ticks: 4 ms here)
+    return time.thread_time(), 0 if _RUSAGE_THREAD is None else resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+
+
+try:
+    import resource
+
+    _RUSAGE_THREAD: int | None = resource.RUSAGE_THREAD
+except (ImportError, AttributeError):  # not Linux
+    _RUSAGE_THREAD = None
 
 _log = logging.getLogger(__name__)
 
@@ -82,6 +108,15 @@ class RecordSink(ABC):
     @abstractmethod
     def close(self, status: str, error: str | None = None) -> None:
         """See the class docstring."""
+
+    def lends(self) -> bool:
+        """Whether the next record may be built from the model's own CPU tensors (no snapshot)
+        and handed to :meth:`write_lent`, which writes it before returning. False here."""
+        return False
+
+    def write_lent(self, record: Record) -> None:
+        """Write ``record`` before returning (its bodies may be the model's own tensors)."""
+        raise NotImplementedError
 
 
 class SyncSink(RecordSink):
@@ -239,6 +274,13 @@ class ThreadedSink(RecordSink):
         # thread to start, wait for and join (each ~0.1 ms on an idle 2-core machine, a few ms
         # on a busy one).
         self._thread: threading.Thread | None = None
+        # Whether records with bodies may be written by the producer while nothing is queued
+        # (lends, write_lent): set by a capture whose writer borrows bodies; turned off for the
+        # run by lent writes slower than their budget (_LEND_BUDGET_S), or by a record whose copy from a device
+        # was still running (a model on an accelerator: writing there would wait for it).
+        self.lending = False
+        self.lent_records = 0  # records written by the producer from the model's own tensors
+        self._lend_excess = 0.0  # what lent writes took beyond their budgets, less what they left unused (>= 0)
 
     def _process(self, op: str, item: Any, nbytes: int, slices: bool = False) -> None:
         """Do one item; ``slices``: hand the GIL over between a batch's records (the writer thread)."""
@@ -422,6 +464,72 @@ class ThreadedSink(RecordSink):
         self._queue_batch()
         self._queue("write", record, record.nbytes, False)
 
+    def lends(self) -> bool:
+        """Producer side: whether the next record may be lent (:meth:`write_lent`): writes so far
+        were fast, the run is not closing, and nothing is queued or being written. What is
+        queued (a full batch of bodiless records, a step end, records snapshotted while the
+        writes were not known to be fast) is written here first, as the writes are fast; a
+        stale "no" (the writer thread still finishing an item) costs one snapshot. A stale
+        "yes" cannot be: only the producer queues items."""
+        if not self.lending or self._error is not None or self._closed:
+            return False
+        if self._pending_items:
+            self._help()
+        return not self._pending_items
+
+    def write_lent(self, record: Record) -> None:
+        """Producer side: write ``record`` now, on this thread, its CPU bodies being the model's
+        own tensors (the writer is :attr:`~ilstore.store.base.StoreWriter.lent` them for the
+        call), as :class:`SyncSink` does, after the bodiless records held back. Only after
+        :meth:`lends` said yes, so nothing queued comes before it.
+
+        For a CPU tensor a snapshot costs what writing it into the page cache costs (a copy),
+        plus fresh pages and a second pass once the writer thread writes it, so writing it here
+        is cheaper; the promise of ``async_writes`` (the model does not wait for the disk) is
+        kept by timing each such write: writes slower than their budget (:data:`_LEND_BUDGET_S`: a
+        disk throttling its writers, a slow page cache) turn lending off for the run, and records are
+        snapshotted and queued as usual from then on. So does a record whose device copy is
+        still running (it is waited for here, once).
+        """
+        if self._error is not None:
+            self._raise_error()
+        if record.ready is not None:  # a device tensor's copy: never wait for one again
+            self.lending = False
+        writer, clock = self.writer, time.perf_counter
+        with self._work:
+            self._write_batch_here()
+            with self._cond:
+                self._pending_items += 1
+            started, (cpu, waits) = clock(), _thread_usage()
+            writer.lent = True
+            try:
+                self._process("write", record, 0)
+            finally:
+                writer.lent = False
+            budget = _LEND_BUDGET_S + record.nbytes / _LEND_BUDGET_BPS
+            spent = clock() - started
+            if not self.lent_records:  # the first pays for one-time set-up (an import, the first files)
+                spent = 0.0
+            elif spent > budget:  # preempted (another process had the core: not counted), or slow?
+                cpu_after, waits_after = _thread_usage()
+                if waits_after == waits:
+                    spent = cpu_after - cpu
+            self._lend_excess = excess = max(0.0, self._lend_excess + spent - budget)
+            if excess > _LEND_SLACK_S:
+                self.lending = False
+                _log.debug("ilstore: lent writes took %.1f ms more than their budget, the last (%d bytes) %.1f ms: "
+                           "snapshots from now on", 1e3 * excess, record.nbytes, 1e3 * spent)
+        self.lent_records += 1
+
+    def _write_batch_here(self) -> None:
+        """Producer side, holding ``_work``: write the bodiless records held back, on this thread."""
+        batch = self._batch
+        if batch:
+            self._batch = []
+            with self._cond:
+                self._pending_items += len(batch)
+            self._process("writes", batch, 0)
+
     def _queue_batch(self) -> None:
         """Producer side: queue the bodiless records held back, as one item."""
         batch = self._batch
@@ -431,6 +539,13 @@ class ThreadedSink(RecordSink):
 
     def end_step(self, info: StepInfo) -> None:
         self._raise_error()
+        if self.lends():  # the step's records were lent: its end is written here too (no wake-up)
+            with self._work:
+                self._write_batch_here()
+                with self._cond:
+                    self._pending_items += 1
+                self._process("end", info, 0)
+            return
         self._queue_batch()
         self._queue("end", info, 0, True)
 

@@ -1,0 +1,194 @@
+"""Asynchronous writes that lend the writer the model's own CPU tensors while nothing is queued
+(``ThreadedSink.write_lent``; issue 13: a snapshot of a CPU tensor costs what writing it into
+the page cache costs, plus fresh pages and a second pass over the bytes): such a record is
+written before the hook returns, so what the model changes in place afterwards never reaches
+the run; the files are those of a synchronous capture; writes slower than their budget (a disk
+that throttles its writers) turn lending off for the run, and records are snapshotted and queued
+from then on, stored the same."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import ilstore
+from ilstore import pipeline
+from ilstore.store.base import StoreWriter
+from ilstore.testing import assert_bits_equal
+
+capture_mod = importlib.import_module("ilstore.capture")  # ilstore.capture is also the function
+
+_BACKENDS = ["pt", "safetensors", "hdf5"]
+
+
+class _Model(nn.Module):
+    """A Linear whose output the next module overwrites in place, a slice view, a module whose
+    output has no tensor, and a large output (a safetensors shard streams)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.part = _Half()
+        self.none = _Nothing()
+        self.big = nn.Linear(8, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.lin(x))
+        self.none(y)
+        return self.big(self.part(y).repeat(1, 2)) * 2
+
+
+class _Half(nn.Module):
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, :4]  # a view into y's larger storage: always copied
+
+
+class _Nothing(nn.Module):
+    def forward(self, y: torch.Tensor) -> int:
+        return 3  # a side without a tensor
+
+
+def _capture(tmp_path: Path, name: str, backend: str, steps: int, async_writes: bool = True,
+             ) -> tuple[Path, list[dict[str, torch.Tensor]], Any]:
+    """Run ``steps`` forwards under a capture; the outputs each hook saw (copied at once), by module."""
+    model = _Model()
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def keep(module: str) -> Any:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                seen[-1][module] = out.detach().clone()
+        return hook
+
+    for module in ("lin", "part", "big"):
+        getattr(model, module).register_forward_hook(keep(module))
+    cap = ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": name, "backend": backend,
+                                  "async_writes": async_writes, "dedup": False, "log_step_ids": []})
+    sink = cap._sink
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        seen.append({})
+        with torch.no_grad():
+            model(torch.randn(64, 8, generator=g))
+    cap.close()
+    return tmp_path / name, seen, sink
+
+
+def _check_stored(run: Path, seen: list[dict[str, torch.Tensor]]) -> None:
+    with ilstore.open_run(run) as r:
+        assert r.steps() == list(range(len(seen)))
+        for step, outputs in enumerate(seen):
+            calls = {c.module: c for c in r.calls(step)}
+            for module, expected in outputs.items():
+                assert_bits_equal(r.load(calls[module].tensor("outputs")), expected)
+            lin = r.load(calls["lin"].tensor("outputs"))
+            assert lin.min() < 0  # as the hook saw it, before ReLU changed it in place
+
+
+def _step_files(run: Path) -> dict[str, bytes]:
+    out = {}
+    for root, _dirs, files in os.walk(run):
+        rel = os.path.relpath(root, run)
+        if rel.startswith("step_"):
+            for name in files:
+                out[f"{rel}/{name}"] = Path(root, name).read_bytes()
+    return out
+
+
+@pytest.fixture
+def lending(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(capture_mod, "_ASYNC_LENDS", True)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_lent_records_store_what_the_hook_saw(tmp_path: Path, backend: str, lending: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    handed: list[int] = []
+    write = StoreWriter.write
+
+    def spy(self: StoreWriter, record: Any) -> None:
+        handed.extend(t.data_ptr() for t in record.tensors.values())
+        write(self, record)
+
+    monkeypatch.setattr(StoreWriter, "write", spy)
+    run, seen, sink = _capture(tmp_path, "run", backend, steps=3)
+    assert sink.lending and sink.lent_records == 3 * 10  # every record with a stored body (10 a step), every step
+    assert sink._thread is None  # nothing was ever queued: no writer thread
+    _check_stored(run, seen)
+    assert handed
+
+
+@pytest.mark.parametrize("backend", ["pt", "safetensors"])
+def test_lent_runs_are_the_files_of_a_sync_capture(tmp_path: Path, backend: str, lending: None) -> None:
+    lent, _, sink = _capture(tmp_path, "lent", backend, steps=2)
+    assert sink.lent_records > 0
+    sync, _, _ = _capture(tmp_path, "sync", backend, steps=2, async_writes=False)
+    held, _, held_sink = _capture(tmp_path, "held", backend, steps=2)
+    held_sink_lent = held_sink.lent_records
+    assert held_sink_lent > 0
+    lent_files, sync_files = _step_files(lent), _step_files(sync)
+    assert sorted(lent_files) == sorted(sync_files)
+    for name, data in sync_files.items():
+        assert lent_files[name] == data, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="waits are told from context switches on Linux")
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_slow_lent_writes_turn_lending_off(tmp_path: Path, backend: str, lending: None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that waits 30 ms in each write (as one throttled by a slow disk): after the second
+    such write (the first of a run pays for one-time set-up and is not budgeted; the second takes
+    more than the 20 ms of slack) records are snapshotted and queued, and stored the same."""
+    write = StoreWriter.write
+
+    def slow(self: StoreWriter, record: Any) -> None:
+        if record.tensors:
+            time.sleep(0.03)
+        write(self, record)
+
+    monkeypatch.setattr(StoreWriter, "write", slow)
+    run, seen, sink = _capture(tmp_path, "run", backend, steps=2)
+    assert not sink.lending
+    assert sink.lent_records == 2
+    _check_stored(run, seen)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_lending_waits_for_what_is_queued(tmp_path: Path, backend: str, lending: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """While anything is queued (here: every record of the first step, lending being off then),
+    records are snapshotted and queued behind it; lent again once the queue is empty (the step's
+    end written), the run is stored in order and as the hooks saw it."""
+    lends = pipeline.ThreadedSink.lends
+    calls = [0]
+
+    def first_step_queued(self: pipeline.ThreadedSink) -> bool:
+        calls[0] += 1
+        return calls[0] > 12 and lends(self)
+
+    monkeypatch.setattr(pipeline.ThreadedSink, "lends", first_step_queued)
+    run, seen, sink = _capture(tmp_path, "run", backend, steps=3)
+    assert 0 < sink.lent_records < 3 * 10
+    _check_stored(run, seen)
+
+
+def test_sync_captures_and_stats_mode_lend_nothing_asynchronously(tmp_path: Path, lending: None) -> None:
+    _, _, sink = _capture(tmp_path, "sync", "pt", steps=1, async_writes=False)
+    assert not isinstance(sink, pipeline.ThreadedSink)
+    model = _Model()
+    cap = ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "stats", "mode": "stats", "log_step_ids": []})
+    with torch.no_grad():
+        model(torch.randn(4, 8))
+    stats_sink = cap._sink
+    cap.close()
+    assert not stats_sink.lending and stats_sink.lent_records == 0
