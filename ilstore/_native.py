@@ -109,13 +109,16 @@ class NativeLibrary:
         switch: the environment variable that switches the kernel off when ``0``.
         what: how log and error messages name the kernel.
         declare: sets the loaded library's functions' ``argtypes`` and ``restype``.
+        optional: flags used where the compiler takes them (``-fopenmp``): the kernel is compiled
+            without them otherwise (its source tests what they define).
     """
 
     def __init__(self, name: str, version: int, source: str, defines: dict[str, int], switch: str, what: str,
-                 declare: Callable[[Any], None]) -> None:
+                 declare: Callable[[Any], None], optional: Sequence[str] = ()) -> None:
         self.name, self.version, self.source, self.switch, self.what = name, version, source, switch, what
         self.flags: Sequence[str] = (*FLAGS, *(f"-D{k}={v}" for k, v in defines.items()))
         self._declare = declare
+        self.optional = tuple(optional)
         self._lib: Any = None
         self._failed = False
         self._lock = threading.Lock()
@@ -130,7 +133,8 @@ class NativeLibrary:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not cc:
             return None
-        tag = hashlib.sha256("\0".join([self.source, cc, *self.flags, platform.machine(), _cpu_flags()]).encode())
+        tag = hashlib.sha256("\0".join([self.source, cc, *self.flags, *self.optional, platform.machine(),
+                                         _cpu_flags()]).encode())
         target = cache_dir() / f"{self.name}-v{self.version}-{tag.hexdigest()[:16]}.so"
         if target.exists():
             return target
@@ -139,13 +143,20 @@ class NativeLibrary:
             src = Path(tmp) / f"{self.name}.c"
             src.write_text(self.source)
             out = Path(tmp) / target.name
-            try:
-                subprocess.run([*cc.split(), *self.flags, "-o", str(out), str(src), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-            except subprocess.CalledProcessError:  # a compiler without -march=native (clang on some targets)
-                flags = [f for f in self.flags if f != "-march=native"]
-                subprocess.run([*cc.split(), *flags, "-o", str(out), str(src), "-lm"], check=True,
-                               capture_output=True, timeout=120)
+            # with the optional flags, then without; each with -march=native, then without (a
+            # compiler without it: clang on some targets)
+            native = list(self.flags)
+            portable = [f for f in self.flags if f != "-march=native"]
+            attempts = [[*native, *self.optional], [*portable, *self.optional]] if self.optional else []
+            attempts += [native, portable]
+            for i, flags in enumerate(attempts):
+                try:
+                    subprocess.run([*cc.split(), *flags, "-o", str(out), str(src), "-lm"], check=True,
+                                   capture_output=True, timeout=120)
+                    break
+                except subprocess.CalledProcessError:
+                    if i == len(attempts) - 1:
+                        raise
             os.replace(out, target)  # atomic: another process may be building the same file
         return target
 

@@ -26,12 +26,23 @@ zero centre is added by one, which rounds exactly as the addition alone since su
 exact in float64) and :func:`fallback_sums` (numpy's sequential scans along the lanes, used
 without a compiler or with ``ILSTORE_STATS_KERNEL=0``; several times slower) implement that same
 order.
+
+Threads: asked with ``threads`` > 1 (a capture's hook asks with torch's intra-op thread count
+when ``ILSTORE_STATS_SHARE=1``: :func:`sharing_threads`), the kernel shares a tensor of more
+than :data:`CHUNK` blocks among that many threads: where the compiler takes ``-fopenmp`` and the
+process has one OpenMP runtime (torch's, which the kernel then joins: the forward's own threads,
+waiting for the next operator, take part), the caller takes chunks of :data:`CHUNK` blocks from
+the front and the others from the back; every block's two sums are kept, and added in block
+order once all are done: the same additions in the same order as one thread makes, so the same
+bits for any thread count. A forked child computes alone (OpenMP's threads do not survive a
+fork).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 import struct
 from typing import Any, NamedTuple
 
@@ -40,19 +51,25 @@ import torch
 
 from ._native import EXACT_FP, NativeLibrary
 
-__all__ = ["BLOCK", "LANES", "DTYPES", "EMPTY", "Sums", "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
+__all__ = ["BLOCK", "LANES", "CHUNK", "SHARED_MIN", "can_share", "sharing_threads", "DTYPES", "EMPTY", "Sums",
+           "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
 
 #: Partial sums per block (16: two AVX-512 or four AVX2 registers of float64 per sum).
 LANES = 16
 #: Elements per block.
 BLOCK = 4096
+#: Blocks per chunk: the unit the threads sharing a large tensor take in turn (128 KB of float32).
+CHUNK = 8
+#: Elements from which a tensor has two chunks or more: the kernel shares smaller ones with no thread.
+SHARED_MIN = CHUNK * BLOCK + 1
 
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 
-/* LANES and BLOCK come from the command line (-D) */
+/* LANES, BLOCK and CHUNK come from the command line (-D) */
 
 /* The loops ask for the cache lines this many bytes ahead of the one they read (a hint, which
    never faults past the end): a tensor a hook sees has often left the core's own caches already,
@@ -60,6 +77,18 @@ _SOURCE = r"""
 #define PREFETCH 8192
 
 typedef struct { double sum, sumsq, lo, hi; int64_t finite; } stats;
+
+/* What a range of blocks measured: the running sums (when no block array is given) and the three
+   integer extremes of the elements' bits, widened (the comparisons keep their results). */
+typedef struct { double sum, sumsq; uint64_t un, ux; int64_t sx; } part;
+
+static const part IDENTITY = {0.0, 0.0, UINT64_MAX, 0, INT64_MIN};
+
+static inline void merge(part *into, const part *p) {
+    if (p->un < into->un) into->un = p->un;
+    if (p->ux > into->ux) into->ux = p->ux;
+    if (p->sx > into->sx) into->sx = p->sx;
+}
 
 /* the fixed pairwise tree over the lanes: ((l0 + l1) + (l2 + l3)) + ... */
 static inline double tree(const double *s) {
@@ -115,12 +144,16 @@ static inline double f16_bits(uint16_t b) { return from_f16(b); }
     double v = CONV(x[i_]), d = DIFF; s[l_] += v; SQUARE(q[l_], d); \
 }
 
-#define STATS_FN(NAME, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, DIFF, SQUARE) \
-static void NAME(const T *x, int64_t n, double center, stats *o) { \
-    double sum = 0.0, sq = 0.0; \
+/* Elements [first, stop) (first a multiple of BLOCK): each block's sums either added in block
+   order to o's running sums (blocks NULL) or stored in blocks[2k], blocks[2k + 1] for the range's
+   k-th block (to be added in block order by the caller); the extremes merged into o's. */
+#define STATS_FN(NAME, T, UT, ST, SMIN, UMAX, CONV, DIFF, SQUARE) \
+static void NAME(const void *data, int64_t first, int64_t n, double center, double *blocks, part *o) { \
+    const T *x = (const T *)data; \
+    double sum = o->sum, sq = o->sumsq; \
     UT umin[LANES], umax[LANES]; ST smax[LANES]; \
     for (int l = 0; l < LANES; l++) { umin[l] = UMAX; umax[l] = 0; smax[l] = SMIN; } \
-    for (int64_t start = 0; start < n; start += BLOCK) { \
+    for (int64_t start = first; start < n; start += BLOCK) { \
         int64_t stop = start + BLOCK < n ? start + BLOCK : n; \
         double s[LANES], q[LANES]; \
         for (int l = 0; l < LANES; l++) { s[l] = -0.0; q[l] = -0.0; } \
@@ -131,21 +164,30 @@ static void NAME(const T *x, int64_t n, double center, stats *o) { \
             for (int l = 0; l < LANES; l++) ELEMENT(b + l, l, UT, ST, CONV, DIFF, SQUARE) \
         } \
         for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole, UT, ST, CONV, DIFF, SQUARE) \
-        sum += tree(s); \
-        sq += tree(q); \
+        if (blocks) { *blocks++ = tree(s); *blocks++ = tree(q); } \
+        else { sum += tree(s); sq += tree(q); } \
     } \
     UT un = umin[0], ux = umax[0]; ST sx = smax[0]; \
     for (int l = 1; l < LANES; l++) { \
         un = umin[l] < un ? umin[l] : un; ux = umax[l] > ux ? umax[l] : ux; sx = smax[l] > sx ? smax[l] : sx; } \
-    /* no +inf or NaN (bits at or above +inf's, sign clear), no -inf or -NaN (sign set) */ \
-    o->finite = sx < (ST)(INF) && ux < (UT)((SIGN) | (INF)); \
     o->sum = sum; o->sumsq = sq; \
+    part p = {0.0, 0.0, un, ux, sx}; merge(o, &p); \
+}
+
+/* the extremes' floats, and whether there is no +inf or NaN (bits at or above +inf's, sign
+   clear) and no -inf or -NaN (sign set) */
+#define FINISH_FN(NAME, UT, ST, SIGN, INF, BITS) \
+static void NAME(const part *p, stats *o) { \
+    UT un = (UT)p->un, ux = (UT)p->ux; ST sx = (ST)p->sx; \
+    o->finite = sx < (ST)(INF) && ux < (UT)((SIGN) | (INF)); \
+    o->sum = p->sum; o->sumsq = p->sumsq; \
     o->lo = BITS(ux >= (SIGN) ? ux : un); o->hi = BITS(sx >= 0 ? (UT)sx : un); \
 }
 
 #define STATS_FNS(NAME, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, SQUARE0) \
-    STATS_FN(NAME, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, v - center, ROUNDED_SQUARE) \
-    STATS_FN(NAME##_0, T, UT, ST, SMIN, UMAX, SIGN, CONV, INF, BITS, v, SQUARE0)
+    STATS_FN(NAME, T, UT, ST, SMIN, UMAX, CONV, v - center, ROUNDED_SQUARE) \
+    STATS_FN(NAME##_0, T, UT, ST, SMIN, UMAX, CONV, v, SQUARE0) \
+    FINISH_FN(NAME##_finish, UT, ST, SIGN, INF, BITS)
 
 STATS_FNS(stats_f32, float, uint32_t, int32_t, INT32_MIN, UINT32_MAX, 0x80000000u, from_f32, 0x7F800000u, f32_bits,
           EXACT_SQUARE)
@@ -156,15 +198,100 @@ STATS_FNS(stats_bf16, uint16_t, uint16_t, int16_t, INT16_MIN, UINT16_MAX, 0x8000
 STATS_FNS(stats_f16, uint16_t, uint16_t, int16_t, INT16_MIN, UINT16_MAX, 0x8000u, from_f16, 0x7C00u, f16_bits,
           EXACT_SQUARE)
 
-/* kind: 0 float32, 1 float64, 2 bfloat16, 3 float16; n >= 0 contiguous elements */
-void ilstore_stats(const void *x, int kind, int64_t n, double center, stats *o) {
-    int zero = center == 0.0;  /* +0.0 or -0.0 */
+typedef void (*range_fn)(const void *, int64_t, int64_t, double, double *, part *);
+typedef void (*finish_fn)(const part *, stats *);
+static const range_fn CENTERED[4] = {stats_f32, stats_f64, stats_bf16, stats_f16};
+static const range_fn ZERO[4] = {stats_f32_0, stats_f64_0, stats_bf16_0, stats_f16_0};
+static const finish_fn FINISH[4] = {stats_f32_finish, stats_f64_finish, stats_bf16_finish, stats_f16_finish};
+
+/* ---- a large tensor's chunks of CHUNK blocks shared among OpenMP threads ----
+   The library is linked with the OpenMP runtime torch uses (libgomp.so.1, already loaded), so a
+   parallel region started in a hook is run by the forward's own intra-op threads, which are
+   waiting for the next operator. The threads take chunks until none is left; every block's sums
+   go to its own slot, and the caller adds the slots in block order after the region: the same
+   additions in the same order as one thread makes, so the same bits for any thread count. */
+static int64_t helper_chunks;  /* atomic: chunks threads other than the caller have taken (tests ask) */
+
+int64_t ilstore_stats_helper_chunks(void) { return __atomic_load_n(&helper_chunks, __ATOMIC_RELAXED); }
+
+#ifdef _OPENMP
+#include <omp.h>
+#include <pthread.h>
+
+#define MAX_THREADS 64
+
+/* GNU OpenMP's threads do not survive a fork, and a region in a child of a process that started
+   one waits for them forever: a forked child computes alone */
+static int forked;
+static void after_fork_in_child(void) { forked = 1; }
+__attribute__((constructor)) static void at_load(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }
+
+int ilstore_stats_openmp(void) { return 1; }
+
+/* The next chunk to compute, or -1 when none is left: the caller takes them from the front, the
+   other threads from the back (a tensor an operator has just written with torch's threads lies
+   half in each core's cache, the first half in the caller's: each side reads mostly its own). */
+static int64_t claim(uint64_t *span, int from_back) {
+    uint64_t state = __atomic_load_n(span, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint64_t lo = state & 0xFFFFFFFFu, hi = state >> 32;
+        if (lo >= hi) return -1;
+        uint64_t want = from_back ? lo | ((hi - 1) << 32) : (lo + 1) | (hi << 32);
+        if (__atomic_compare_exchange_n(span, &state, want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return (int64_t)(from_back ? hi - 1 : lo);
+    }
+}
+
+/* 1 when the job was shared (o filled), 0 when the caller must compute alone */
+static int shared(const void *x, int kind, int64_t n, double center, int threads, stats *o) {
+    int64_t nblocks = (n + BLOCK - 1) / BLOCK, chunks = (nblocks + CHUNK - 1) / CHUNK;
+    if (threads < 2 || chunks < 2 || chunks > INT32_MAX || forked || omp_in_parallel()) return 0;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > chunks) threads = (int)chunks;  /* a thread without a chunk would only wait */
+    double *blocks = malloc((size_t)nblocks * 2 * sizeof(double));
+    if (!blocks) return 0;
+    range_fn fn = center == 0.0 ? ZERO[kind] : CENTERED[kind];
+    uint64_t span = (uint64_t)chunks << 32;  /* the chunks not taken yet, [low 32 bits, high 32 bits) */
+    part parts[MAX_THREADS];
+    for (int t = 0; t < threads; t++) parts[t] = IDENTITY;
+    #pragma omp parallel num_threads(threads)
+    {
+        EXACT_FP_BEGIN
+        int t = omp_get_thread_num();
+        part p = IDENTITY;
+        for (int64_t c; (c = claim(&span, t != 0)) >= 0;) {
+            if (t) __atomic_fetch_add(&helper_chunks, 1, __ATOMIC_RELAXED);
+            int64_t first = c * CHUNK * BLOCK, stop = first + CHUNK * BLOCK;
+            fn(x, first, stop < n ? stop : n, center, blocks + 2 * c * CHUNK, &p);
+        }
+        parts[t] = p;
+        EXACT_FP_END
+    }
+    part p = parts[0];
+    for (int t = 1; t < threads; t++) merge(&p, &parts[t]);
+    double sum = 0.0, sq = 0.0;  /* the blocks' sums in block order, as one thread adds them */
+    for (int64_t b = 0; b < nblocks; b++) { sum += blocks[2 * b]; sq += blocks[2 * b + 1]; }
+    p.sum = sum; p.sumsq = sq;
+    free(blocks);
+    FINISH[kind](&p, o);
+    return 1;
+}
+#else
+int ilstore_stats_openmp(void) { return 0; }
+static int shared(const void *x, int kind, int64_t n, double center, int threads, stats *o) {
+    (void)x; (void)kind; (void)n; (void)center; (void)threads; (void)o;
+    return 0;
+}
+#endif
+
+/* kind: 0 float32, 1 float64, 2 bfloat16, 3 float16; n >= 0 contiguous elements; threads: how
+   many threads may share a large tensor (1: the calling thread alone) */
+void ilstore_stats(const void *x, int kind, int64_t n, double center, int threads, stats *o) {
     EXACT_FP_BEGIN
-    switch (kind) {
-    case 0: (zero ? stats_f32_0 : stats_f32)((const float *)x, n, center, o); break;
-    case 1: (zero ? stats_f64_0 : stats_f64)((const double *)x, n, center, o); break;
-    case 2: (zero ? stats_bf16_0 : stats_bf16)((const uint16_t *)x, n, center, o); break;
-    default: (zero ? stats_f16_0 : stats_f16)((const uint16_t *)x, n, center, o); break;
+    if (!shared(x, kind, n, center, threads, o)) {
+        part p = IDENTITY;
+        (center == 0.0 ? ZERO : CENTERED)[kind](x, 0, n, center, NULL, &p);  /* +0.0 or -0.0: zero */
+        FINISH[kind](&p, o);
     }
     EXACT_FP_END
 }
@@ -178,13 +305,17 @@ class _Out(ctypes.Structure):
 
 def _declare(lib: Any) -> None:
     lib.ilstore_stats.restype = None
-    lib.ilstore_stats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double,
+    lib.ilstore_stats.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_int,
                                   ctypes.POINTER(_Out)]
+    lib.ilstore_stats_helper_chunks.restype = ctypes.c_int64
+    lib.ilstore_stats_helper_chunks.argtypes = []
+    lib.ilstore_stats_openmp.restype = ctypes.c_int
+    lib.ilstore_stats_openmp.argtypes = []
 
 
 #: The compiled kernel, switched off by ``ILSTORE_STATS_KERNEL=0``.
-LIBRARY = NativeLibrary("stats", 1, EXACT_FP + _SOURCE, {"LANES": LANES, "BLOCK": BLOCK}, "ILSTORE_STATS_KERNEL",
-                        "statistics kernel", _declare)
+LIBRARY = NativeLibrary("stats", 2, EXACT_FP + _SOURCE, {"LANES": LANES, "BLOCK": BLOCK, "CHUNK": CHUNK},
+                        "ILSTORE_STATS_KERNEL", "statistics kernel", _declare, optional=("-fopenmp",))
 
 
 class _Kind(NamedTuple):
@@ -236,9 +367,9 @@ def _decode(kind: _Kind, kmin: int, kmax: int, total: float, squares: float) -> 
     return Sums(True, lo, hi, total, squares)
 
 
-def native_sums(x: torch.Tensor, center: float = 0.0) -> Sums | None:
+def native_sums(x: torch.Tensor, center: float = 0.0, threads: int = 1) -> Sums | None:
     """:class:`Sums` of a contiguous CPU tensor of one of :data:`DTYPES` by the C kernel; None
-    without it."""
+    without it. ``threads``: how many threads may share a large tensor (the same bits for any)."""
     lib = LIBRARY.load()
     if lib is None:
         return None
@@ -246,8 +377,44 @@ def native_sums(x: torch.Tensor, center: float = 0.0) -> Sums | None:
     if n == 0:
         return EMPTY
     out = _Out()
-    lib.ilstore_stats(x.data_ptr(), _KINDS[x.dtype].code, n, center, out)  # ctypes passes out by reference
+    lib.ilstore_stats(x.data_ptr(), _KINDS[x.dtype].code, n, center, threads, out)  # ctypes passes out by reference
     return Sums(bool(out.finite), out.lo, out.hi, out.sum, out.sumsq)
+
+
+_get_num_threads = torch.get_num_threads
+#: Whether the kernel shares large tensors with torch's own OpenMP threads (decided once).
+_sharing: bool | None = None
+
+
+def _one_openmp_runtime() -> bool:
+    """Whether the process has exactly one OpenMP runtime mapped (so the kernel's is torch's, not
+    a second one with threads of its own): read from ``/proc/self/maps`` (Linux; elsewhere no)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "omp" in line and ".so" in line}
+    except OSError:
+        return False
+    runtimes = {os.path.realpath(p) for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp"))}
+    return len(runtimes) == 1
+
+
+def can_share() -> bool:
+    """Whether the kernel can share a tensor with torch's own threads: it was built with OpenMP
+    and the process has one OpenMP runtime (torch's)."""
+    lib = LIBRARY.load()
+    return lib is not None and bool(lib.ilstore_stats_openmp()) and _one_openmp_runtime()
+
+
+def sharing_threads() -> int:
+    """How many threads a hook's kernel call may share a large tensor among: torch's intra-op
+    thread count when ``ILSTORE_STATS_SHARE=1`` and :func:`can_share` (the forward's own threads,
+    which wait while a hook runs, take part), else 1 (the default: on a machine whose cores other
+    processes keep busy, every parallel region may wait for a descheduled thread, and the gain
+    on a quiet one is not measured yet; docs/performance.md)."""
+    global _sharing
+    if _sharing is None:
+        _sharing = os.environ.get("ILSTORE_STATS_SHARE", "0") == "1" and can_share()
+    return _get_num_threads() if _sharing else 1
 
 
 #: Full blocks per fallback chunk (bounds its float64 temporaries to a few MB).
@@ -330,10 +497,11 @@ def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain_sums(x: torch.Tensor, dtype: torch.dtype, n: int) -> Sums:
+def plain_sums(x: torch.Tensor, dtype: torch.dtype, n: int, threads: int = 1) -> Sums:
     """``sums(x)`` of a ``torch.Tensor`` (the class itself, no subclass) whose dtype ``dtype`` (one
     of :data:`DTYPES`) and element count ``n`` the caller has read already: the same result, with
-    fewer calls into torch (a capture asks this for every tensor it sees)."""
+    fewer calls into torch (a capture asks this for every tensor it sees). ``threads``: how many
+    threads may share a large tensor (the same bits for any)."""
     if n == 0:
         return EMPTY
     if not x.is_neg() and not x._is_zerotensor():
@@ -341,17 +509,18 @@ def plain_sums(x: torch.Tensor, dtype: torch.dtype, n: int) -> Sums:
         if lib is not None:
             out = _Out()
             dense = x if x.is_contiguous() else x.contiguous()  # held until the kernel has read it
-            lib.ilstore_stats(dense.data_ptr(), _CODES[dtype], n, 0.0, out)
+            lib.ilstore_stats(dense.data_ptr(), _CODES[dtype], n, 0.0, threads, out)
             return Sums(bool(out.finite), out.lo, out.hi, out.sum, out.sumsq)
     return fallback_sums(x)
 
 
-def sums(x: torch.Tensor, center: float = 0.0) -> Sums:
+def sums(x: torch.Tensor, center: float = 0.0, threads: int = 1) -> Sums:
     """:class:`Sums` of a CPU tensor of one of :data:`DTYPES`, of any layout (a strided one is read
     through a contiguous copy): by the kernel when it is there and the tensor is a plain one, by
-    :func:`fallback_sums` otherwise (the same bits)."""
+    :func:`fallback_sums` otherwise (the same bits). ``threads``: how many threads may share a
+    large tensor (the same bits for any)."""
     if type(x) in _PLAIN and not x.is_neg() and not x._is_zerotensor():
-        got = native_sums(x if x.is_contiguous() else x.contiguous(), center)
+        got = native_sums(x if x.is_contiguous() else x.contiguous(), center, threads)
         if got is not None:
             return got
     return fallback_sums(x, center)

@@ -265,7 +265,8 @@ def _float_stats(x: torch.Tensor, n: int, acc: torch.dtype) -> dict[str, Any]:
     return _device_float_stats(x, n, acc)
 
 
-def _cpu_float_stats(x: torch.Tensor, n: int, plain_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def _cpu_float_stats(x: torch.Tensor, n: int, plain_dtype: torch.dtype | None = None,
+                     threads: int = 1) -> dict[str, Any]:
     """:func:`_float_stats` of a CPU tensor: ilstore's own one-pass sums (:mod:`._stats_kernel`:
     min/max exact, sum and sum of squares in float64 in a fixed order), the same bits for any
     thread count and CPU, with or without the compiled kernel. A strided tensor is read through
@@ -275,15 +276,18 @@ def _cpu_float_stats(x: torch.Tensor, n: int, plain_dtype: torch.dtype | None = 
     that could lose digits to cancellation: then a second pass sums ``(x - mean)^2``.
 
     ``plain_dtype``: ``x.dtype``, given when ``x`` is a ``torch.Tensor`` itself (no subclass).
+    ``threads``: how many threads the kernel may share a large tensor among (the same bits for
+    any); the hook's path gives torch's intra-op thread count, whose threads wait while a hook runs.
     """
-    s = _stats_kernel.sums(x) if plain_dtype is None else _stats_kernel.plain_sums(x, plain_dtype, n)
+    s = _stats_kernel.sums(x, 0.0, threads) if plain_dtype is None else \
+        _stats_kernel.plain_sums(x, plain_dtype, n, threads)
     if not (s.finite and math.isfinite(s.squares)):  # NaN/Inf, or float64 squares past the range
         return _slow_stats(x)
     mn, mx, sq = s.minimum, s.maximum, s.squares
     mean = s.total / n
     var = max(sq / n - mean * mean, 0.0)
     if mean * mean > 1e3 * var:
-        centered = _stats_kernel.sums(x, mean).squares
+        centered = _stats_kernel.sums(x, mean, threads).squares
         if not math.isfinite(centered):
             return _slow_stats(x)
         var = centered / n
@@ -738,7 +742,10 @@ def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, dtype: t
             if known:
                 stats = dict(known)
             elif is_cpu and numel and dtype in _ACC and not t.requires_grad:
-                stats = _cpu_float_stats(t, numel, dtype)  # what tensor_stats computes for it
+                # what tensor_stats computes for it; a large tensor shared with the forward's own
+                # threads, which wait for the hook (the same bits)
+                stats = _cpu_float_stats(t, numel, dtype,
+                                         _stats_kernel.sharing_threads() if numel >= _stats_kernel.SHARED_MIN else 1)
             else:
                 stats = tensor_stats(t)
             if ident is not None:
