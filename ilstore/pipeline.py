@@ -38,6 +38,12 @@ __all__ = ["MAX_PENDING_ITEMS", "RecordSink", "SyncSink", "ThreadedSink", "Write
 #: each for a bodiless record on the 2-core development machine: well under a second). Not a
 #: config key: it trades nothing a user tunes (memory is ``max_pending_mb``'s job).
 MAX_PENDING_ITEMS = 1024
+#: Step ends queued or being written at most: the producer's step end waits (doing queued work
+#: itself) until no more than this many completed steps are unwritten, so a process killed
+#: (SIGKILL) loses at most the last completed step besides the one it was in. Without it a
+#: writer thread starved on a busy machine (it runs at nice 19) left up to the item bound
+#: queued: ~60 completed steps of 17 items were lost to a kill.
+MAX_PENDING_STEPS = 1
 
 #: The writer thread is woken once this many items wait, or this many bytes of snapshots, or at
 #: once by a step end, a flush or close, not for every record: each wake-up of a thread costs a
@@ -256,6 +262,7 @@ class ThreadedSink(RecordSink):
         self._items: collections.deque[tuple[str, Any, int]] = collections.deque()
         self._pending = 0
         self._pending_items = 0  # queued or being processed; the "stop" item is not counted
+        self._pending_ends = 0  # step ends queued or being processed (MAX_PENDING_STEPS)
         self._cond = threading.Condition()  # guards _items, _pending and _pending_items
         self._work = threading.Lock()  # held while one item is taken and processed
         self._error: BaseException | None = None
@@ -312,6 +319,8 @@ class ThreadedSink(RecordSink):
             with self._cond:
                 self._pending -= nbytes
                 self._pending_items -= count
+                if op == "end":
+                    self._pending_ends -= 1
                 self._cond.notify_all()
 
     def _take_one(self) -> str | None:
@@ -544,10 +553,28 @@ class ThreadedSink(RecordSink):
                 self._write_batch_here()
                 with self._cond:
                     self._pending_items += 1
+                    self._pending_ends += 1
                 self._process("end", info, 0)
             return
         self._queue_batch()
+        with self._cond:
+            self._pending_ends += 1
         self._queue("end", info, 0, True)
+        self._settle_ends()
+
+    def _settle_ends(self) -> None:
+        """Producer side, after queueing a step end: until at most :data:`MAX_PENDING_STEPS`
+        step ends are unwritten, do queued items here (or wait for the one the writer thread
+        holds). A writer failure ends the wait (it is raised at the next step end or close)."""
+        cond = self._cond
+        while True:
+            with cond:
+                if self._pending_ends <= MAX_PENDING_STEPS or self._error is not None:
+                    return
+            if self._take_one() is None:
+                with cond:  # the writer thread holds the item: wait for it
+                    if self._pending_ends > MAX_PENDING_STEPS and self._error is None:
+                        cond.wait(0.05)
 
     def flush(self) -> None:
         """Write everything queued so far (on this thread too); raise a writer failure."""
