@@ -104,9 +104,7 @@ def _agree_run_id(config: Config) -> Config:
 #: from the model's own CPU tensors before the hook returns whenever nothing is queued for the
 #: writer thread (:meth:`ThreadedSink.write_lent`: no snapshot, no second pass over the bytes;
 #: turned off for the run when those writes are slow, e.g. a disk that throttles its writers).
-#: Off by default for now: tests/test_capture_borrow.py still asserts that asynchronous writes
-#: always copy.
-_ASYNC_LENDS = False
+_ASYNC_LENDS = True
 
 
 def _tensor_policy(config: Config) -> TensorPolicy:

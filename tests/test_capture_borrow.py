@@ -2,13 +2,16 @@
 returns (pt, hdf5, safetensors once lent: ``StoreWriter.borrows_bodies``): capture hands the
 writer the module's own CPU tensors instead of copies (issue 13: the copy was a fifth of a
 capture's cost). Where that memory is not exactly the tensor's (a view into a larger storage, a
-lazy conjugate), with asynchronous writes, and for a writer that does not say it borrows (any
-plug-in that does not say otherwise), a copy is made as before. Either way what is stored is the
-tensor as the hook saw it, even when the model changes it in place right after.
+lazy conjugate), for a writer that does not say it borrows (any plug-in that does not say
+otherwise), and with asynchronous writes whenever something is queued for the writer thread or
+the writes were slow (ilstore.pipeline.ThreadedSink.write_lent), a copy is made as before.
+Either way what is stored is the tensor as the hook saw it, even when the model changes it in
+place right after.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from ilstore.store import pt as pt_store
 from ilstore.store import registry
 from ilstore.store import safetensors as st_store
 from ilstore.store.pt import PtReader, PtWriter
+
+capture_mod = importlib.import_module("ilstore.capture")  # ilstore.capture is also the function
 
 
 class _Model(nn.Module):
@@ -128,12 +133,21 @@ def test_sync_writes_borrow_the_tensor_and_store_it_as_the_hook_saw_it(tmp_path:
 
 
 @pytest.mark.parametrize("backend", ["pt", "hdf5", "safetensors"])
-def test_async_writes_still_copy(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("lends", [True, False])
+def test_async_writes_lend_while_the_writer_keeps_up_and_copy_otherwise(
+        tmp_path: Path, backend: str, lends: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asynchronous writes hand the writer the module's own tensor, written before the hook
+    returns, while nothing is queued and the writes are fast (pipeline.ThreadedSink.write_lent);
+    otherwise (here: lending switched off) a snapshot. Either way the stored tensor is what the
+    hook saw, although ReLU(inplace=True) changes it next."""
+    monkeypatch.setattr(capture_mod, "_ASYNC_LENDS", lends)
     ptrs = _seen(monkeypatch, backend)
     run, outputs, _ = _run(tmp_path, backend, async_writes=True)
-    assert _handed(ptrs, "lin") != outputs["lin"][0]
+    assert (_handed(ptrs, "lin") == outputs["lin"][0]) is lends
+    assert _handed(ptrs, "part") != outputs["part"][0]  # a view into a larger storage: copied
     with ilstore.open_run(run) as r:
-        assert torch.equal(r.load(r.calls(0)[0].tensor("outputs")), outputs["lin"][1])
+        stored = r.load(r.calls(0)[0].tensor("outputs"))
+        assert stored.min() < 0 and torch.equal(stored, outputs["lin"][1])
 
 
 @pytest.mark.parametrize("async_writes", [False, True])
@@ -141,7 +155,9 @@ def test_safetensors_settles_bodies_only_when_lent(tmp_path: Path, monkeypatch: 
                                                    async_writes: bool) -> None:
     """safetensors keeps some bodies until its shard is finished: lent the model's tensors (a
     synchronous capture) it writes or copies them before ``write`` returns; handed copies (an
-    asynchronous capture) it keeps them as they are, at no extra cost."""
+    asynchronous capture that does not lend, see the test above) it keeps them as they are, at
+    no extra cost."""
+    monkeypatch.setattr(capture_mod, "_ASYNC_LENDS", False)
     settled: list[bool] = []
     settle = st_store.SafetensorsWriter._settle
 
