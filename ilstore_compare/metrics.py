@@ -2,11 +2,11 @@
 
 Real floating pairs on the CPU (not ``exact``) go through one fused pass of a compiled kernel
 (:mod:`._kernel`: every metric in a single loop, no temporaries; float32/float64 read in place,
-other floating dtypes widened to float32 chunk by chunk). Everything else -- and everything when
-the kernel cannot be built -- is compared in flat chunks of :data:`CHUNK` elements upcast to
-float64 (complex128 for complex tensors), so the extra memory is a few chunks whatever the
-tensor size. Every sum is accumulated in float64 either way, and both paths give the same
-results (the sums to rounding).
+other floating dtypes widened to float32 chunk by chunk, :data:`CHUNK` elements at a time).
+Everything else -- and everything when the kernel cannot be built -- is compared in flat chunks
+of :data:`TORCH_CHUNK` elements upcast to float64 (complex128 for complex tensors), so the extra
+memory is a few chunks whatever the tensor size. Every sum is accumulated in float64 either
+way, and both paths give the same results (the sums to rounding).
 
 Example:
     >>> import torch
@@ -28,11 +28,16 @@ import torch
 
 from ._kernel import BLOCK, RunAll, Totals, fused, fused_ranges
 
-__all__ = ["CHUNK", "SPLIT_MIN", "Split", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp", "StatsCheck",
-           "compare_tensors", "compare_many", "compare_stats", "is_float_dtype"]
+__all__ = ["CHUNK", "TORCH_CHUNK", "SPLIT_MIN", "Split", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp",
+           "StatsCheck", "compare_tensors", "compare_many", "compare_stats", "is_float_dtype"]
 
 #: Elements per chunk: 1 Mi elements, i.e. 8 MiB per float64 temporary.
 CHUNK = 1 << 20
+#: Elements per chunk of the torch path (:func:`_feed` past the kernel), at most: its chunk is
+#: widened to float64 or complex128 and makes about ten temporaries of that size, ~86 MB at
+#: :data:`CHUNK` (137 MB complex), which broke the memory bound (2 x the largest tensor + 300
+#: MB) by ~30-80 MB for integer, bool, complex and ``exact`` pairs; ~22 MB at 256 Ki.
+TORCH_CHUNK = 1 << 18
 #: Elements from which :func:`compare_tensors` splits a pair into ranges when given a :class:`Split`.
 SPLIT_MIN = 1 << 20
 
@@ -496,6 +501,8 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
             and _feed_fused(acc, fa, fb, offset, rtol=rtol, atol=atol, equal_nan=equal_nan, chunk=chunk,
                             split=split)):
         return
+
+    chunk = min(chunk, TORCH_CHUNK)
 
     def one(into: _Accumulator, start: int) -> _Accumulator:
         ca, cb = fa[start:start + chunk], fb[start:start + chunk]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -238,3 +239,32 @@ def test_max_ulp_fnuz_reference_out_of_range_saturates() -> None:
     assert expected is not None and expected > 0
     assert max_ulp(a, torch.tensor([1.0, 1000.0])) == expected
     assert max_ulp(a, torch.tensor([1.0, float("inf")])) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, "exact"])
+def test_the_torch_path_widens_at_most_torch_chunk_elements_at_a_time(dtype: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pairs the kernel does not take (integer, bool, complex, ``exact``) are widened to float64
+    (complex128) a chunk at a time, and each chunk makes about ten temporaries of its size: at
+    1 Mi elements that was ~86 MB (137 MB complex), over the memory bound's 300 MB beside two
+    tensors. The chunks are now at most metrics.TORCH_CHUNK elements, with the same verdict."""
+    from ilstore_compare import metrics
+
+    n = 3 * metrics.TORCH_CHUNK + 5
+    exact = dtype == "exact"
+    real = torch.float32 if exact else dtype
+    a = (torch.arange(n) % 7).to(real)
+    b = a.clone()
+    b[-1] = (not bool(a[-1])) if real is torch.bool else a[-1] + 1
+    seen: list[int] = []
+    for name in ("add_general", "add_finite"):
+        real_fn = getattr(metrics._Accumulator, name)
+
+        def spy(self: Any, ok_or_x: Any, *args: Any, _fn: Any = real_fn) -> Any:
+            seen.append(int(ok_or_x.numel()))
+            return _fn(self, ok_or_x, *args)
+
+        monkeypatch.setattr(metrics._Accumulator, name, spy)
+    m = compare_tensors(a, b, rtol=0.0, atol=0.0, exact=exact)
+    assert m.mismatched == 1
+    assert seen and max(seen) <= metrics.TORCH_CHUNK and sum(seen) >= n
