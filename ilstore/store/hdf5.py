@@ -449,6 +449,7 @@ class _Api:
         self.scalar = h5s.create(h5s.SCALAR)
         self.all_space = h5s.ALL
         self.str_dtype = h5py.string_dtype()
+        self.str_dtypes = {True: self.str_dtype, False: h5py.string_dtype("ascii")}  # by "is UTF-8"
         # groups without time stamps (as datasets have always been): HDF5 otherwise rewrites a
         # group's modification time with each attribute (-13 % of the stats mode's HDF5 time)
         self.gcpl = h5p.create(h5p.GROUP_CREATE)
@@ -564,14 +565,13 @@ def _vlen_text(attr: Any) -> str | None:
     ``attrs[name]`` reads it (UTF-8, ``surrogateescape``); None for any other attribute. Told
     apart by its HDF5 type and dataspace: ``attr.dtype`` (the numpy dtype h5py builds anew for
     each attribute) took half of the time of a small pair's structure and dtype reads."""
-    import h5py
-    from h5py import h5s, h5t
-
+    api = _api()  # h5py's modules without an import statement a call (~1 us each)
+    h5t = api.h5t
     tid = attr.get_type()
     if (tid.get_class() != h5t.STRING or not tid.is_variable_str()
-            or attr.get_space().get_simple_extent_type() != h5s.SCALAR):
+            or attr.get_space().get_simple_extent_type() != api.h5s.SCALAR):
         return None
-    dtype = h5py.string_dtype("utf-8" if tid.get_cset() == h5t.CSET_UTF8 else "ascii")  # as attr.dtype
+    dtype = api.str_dtypes[tid.get_cset() == h5t.CSET_UTF8]  # as attr.dtype, made once
     value = np.zeros((), dtype=dtype)
     attr.read(value, mtype=_mem_type(dtype))
     raw: Any = value[()]
@@ -641,8 +641,7 @@ def _group_texts(oid: Any) -> dict[str, str] | None:
     one is not, or h5py fails (the caller then reads through h5py's attributes, with their
     errors). One pass over the group instead of a lookup per kind: ~half the time of planning's
     structure reads."""
-    from h5py import h5a
-
+    h5a = _api().h5a
     try:
         out: dict[str, str] = {}
         for index in range(h5a.get_num_attrs(oid)):
@@ -706,8 +705,7 @@ def _raw_layout(dsid: Any) -> tuple[int, int, torch.dtype, tuple[int, ...]] | No
     values ``ds[()]`` would give by copying the file's bytes: contiguous, no filters or external
     storage, all its bytes allocated, a file type equal to the in-memory type of its numpy dtype
     (so HDF5 converts nothing), the native byte order, not empty. None for anything else."""
-    from h5py import h5d
-
+    h5d = _api().h5d
     raw = _raw_type(dsid.get_type())
     shape = dsid.shape
     if raw is None or shape is None or len(shape) > _MAX_RANK:
@@ -747,8 +745,7 @@ def _dataset_attrs(dsid: Any) -> dict[str, Any]:
     """``dict(ds.attrs)`` of a dataset (low-level identifier); a lone scalar variable-length
     string ``dtype`` (what the writer gives nearly every dataset) is read the way h5py's
     ``attrs[name]`` reads it, with 4 calls instead of ~12."""
-    from h5py import h5a
-
+    h5a = _api().h5a
     if h5a.get_num_attrs(dsid) == 1 and h5a.exists(dsid, b"dtype"):
         text = _vlen_text(h5a.open(dsid, b"dtype"))
         if text is not None:
@@ -783,7 +780,7 @@ def _read_planned(located: _Located) -> torch.Tensor | None:
         os.close(fd)
 
 
-def _decoded(path: Path, key: TensorKey, node: Mapping[str, Any], stored: torch.Tensor, attrs: Mapping[str, Any],
+def _decoded(path: Path | str, key: TensorKey, node: Mapping[str, Any], stored: torch.Tensor, attrs: Mapping[str, Any],
              where: str) -> torch.Tensor:
     """The tensor from a dataset's stored values and its attributes (``shape``, ``encoding``, ``dtype``)."""
     try:
@@ -1174,7 +1171,7 @@ class Hdf5Reader(StoreReader):
         if located is not None:  # planned: no h5py call, no lock, a descriptor of its own
             stored = _read_planned(located)
             if stored is not None:
-                return _decoded(Path(located.path), key, node, stored, located.attrs, located.where)
+                return _decoded(located.path, key, node, stored, located.attrs, located.where)  # no Path a load
         return self._load_h5py(key, node)
 
     @_guarded
