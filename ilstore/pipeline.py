@@ -2,9 +2,12 @@
 
 The hook only takes snapshots; everything else (statistics of stored tensors, serialization,
 disk I/O) happens here, either inline (``async_writes: false``) or on one background thread
-that consumes records in order. Pending work is bounded twice: the memory held by snapshots
-waiting to be written (``max_pending_mb``) and the number of queued items (records and step
-ends, :data:`MAX_PENDING_ITEMS`). When either bound is reached the producer (the model) waits,
+that consumes records in order -- except that, while nothing is queued and the writes are fast,
+a record may be written by the producer from the model's own CPU tensors
+(:meth:`ThreadedSink.write_lent`). Pending work is bounded three times: the memory held by
+snapshots waiting to be written (``max_pending_mb``), the number of queued items (records and
+step ends, :data:`MAX_PENDING_ITEMS`) and the completed steps not yet written
+(:data:`MAX_PENDING_STEPS`). When a bound is reached the producer (the model) waits,
 doing queued work itself meanwhile, so nothing is dropped, memory cannot grow without bound
 (records without bodies, as in ``mode: "stats"``, weigh almost nothing in bytes) and ``close()``
 never inherits more than a bounded backlog. A failure on the writer thread is kept and raised
