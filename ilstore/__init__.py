@@ -18,11 +18,11 @@ torch: ``ilstore ls`` of a long run reads JSON only, and importing torch would b
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from ._lazy import lazy_names
 from ._version import __version__
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
@@ -58,20 +58,7 @@ _LAZY = {
 _SUBMODULES = frozenset({"config", "engine_capture", "errors", "keys", "manifest", "pipeline", "records", "schemas",
                          "store"})
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, _SUBMODULES)
 
 
 class _Package(types.ModuleType):

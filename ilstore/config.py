@@ -361,14 +361,20 @@ def _run_id_problems(run_id: Any) -> list[str]:
 
 def _backend_problems(data: dict[str, Any]) -> list[str]:
     # The registry, not the schema, checks backend names, so plug-in backends validate too.
+    # A built-in backend without options is valid as named, and is not imported for it: a
+    # backend module imports torch, which `ilstore validate-config` need not wait for.
     from .errors import BackendError
-    from .store.registry import get_backend
+    from .store.registry import BUILTIN_BACKENDS, get_backend
 
+    name = data.get("backend", DEFAULTS["backend"])
+    options = data.get("backend_options", {})
+    if name in BUILTIN_BACKENDS and not options:
+        return []
     try:
-        backend = get_backend(data.get("backend", DEFAULTS["backend"]))
+        backend = get_backend(name)
     except BackendError as exc:
         return [f"backend: {exc}"]
-    return backend.writer.validate_options(data.get("backend_options", {}))
+    return backend.writer.validate_options(options)
 
 
 def _read_source(source: Any) -> tuple[Any, str | None]:

@@ -20,8 +20,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ilstore._lazy import lazy_names
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .engine import compare
@@ -41,14 +42,4 @@ _LAZY = {
     **{name: "result" for name in ("CompareResult", "TensorResult", "CallResult", "Divergence", "Summary")},
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -161,3 +161,36 @@ def step_records(run_dir: Path, step: int) -> tuple[list[Any], Any]:
         records = [Record(call, kind, run.structure(call, kind), {})
                    for call in calls for kind in ("inputs", "outputs")]
         return records, StepInfo(step, calls, run.call_ends(step))
+
+
+_CLI_DRIVER = """
+import importlib, json, sys
+module, prog, cases, heavy = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+main = importlib.import_module(module).main
+codes = []
+for args in cases:
+    sys.argv = [prog, *args]
+    try:
+        main()
+        codes.append(0)
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(json.dumps({'codes': codes, 'heavy': [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def run_cli_cases(module: str, prog: str, cases: list[list[str]], heavy: tuple[str, ...]
+                  ) -> tuple[list[Any], list[str], str]:
+    """Run a click CLI's ``main`` (from ``module``) on each argument list in one fresh process.
+
+    Returns each case's exit code, which of the ``heavy`` modules the process had imported at
+    the end, and its stderr: start-up tests assert that answers need none of them.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CLI_DRIVER, module, prog, json.dumps(cases), json.dumps(heavy)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["codes"], out["heavy"], proc.stderr

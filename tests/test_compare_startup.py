@@ -3,7 +3,6 @@ h5py, safetensors or numba (issue 18: start-up is most of a short answer's time)
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +10,9 @@ from typing import Any
 
 import pytest
 
-HEAVY = ("torch", "h5py", "safetensors", "numba")
+from support import run_cli_cases
 
-_DRIVER = """
-import json, sys
-from ilstore_compare.cli import main
-cases, heavy = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-codes = []
-for args in cases:
-    sys.argv = ['ilstore-compare', *args]
-    try:
-        main()
-        codes.append(0)
-    except SystemExit as exc:
-        codes.append(exc.code)
-print(json.dumps({'codes': codes, 'heavy': [m for m in heavy if m in sys.modules]}))
-"""
+HEAVY = ("torch", "h5py", "safetensors", "numba")
 
 
 def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
@@ -50,16 +36,12 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
         (["--dir1", d, "--dir2", d, "--map", "no_such_shipped_map"], 2),
         (["--dir1", d + "/no_such_run", "--dir2", d], 2),  # a mistyped run directory
     ]
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps([args for args, _ in cases]),
-                           json.dumps(HEAVY)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["codes"] == [code for _, code in cases], proc.stderr
-    assert out["heavy"] == []
+    codes, heavy, stderr = run_cli_cases("ilstore_compare.cli", "ilstore-compare", [args for args, _ in cases], HEAVY)
+    assert codes == [code for _, code in cases], stderr
+    assert heavy == []
     for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map",
                    "no_such_run: no such run directory"):
-        assert needle in proc.stderr
+        assert needle in stderr
 
 
 def test_the_command_maps_large_blocks_on_their_own(monkeypatch: Any) -> None:

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AmbiguousRunError, BackendError, RunNotFoundError, StoreError
 from ..manifest import MANIFEST_NAME
-from .base import StoreReader, StoreWriter, read_manifest
-from .ranks import RankedReader
+
+if TYPE_CHECKING:
+    from .base import StoreReader, StoreWriter
 
 __all__ = ["Backend", "ENTRY_POINT_GROUP", "BUILTIN_BACKENDS", "get_backend", "backend_names", "register_backend",
            "detect_backend", "open_run", "find_run"]
@@ -132,6 +133,8 @@ def get_backend(name: str) -> Backend:
 
 def detect_backend(run_dir: Path) -> Backend:
     """Which backend wrote ``run_dir``: the manifest says, else each reader's ``can_open``."""
+    from .base import read_manifest
+
     manifest = read_manifest(run_dir)
     if manifest is not None and isinstance(manifest.get("backend"), str):
         return get_backend(manifest["backend"])
@@ -153,6 +156,8 @@ def open_run(path: str | Path) -> StoreReader:
         >>> with open_run("/tmp/vllm_intermediates/my-run") as run:  # doctest: +SKIP
         ...     print(run.steps(), run.keys(0)[:3])
     """
+    from .ranks import RankedReader
+
     run_dir = Path(path)
     if not run_dir.exists():
         raise RunNotFoundError(f"{run_dir}: no such run directory")
