@@ -151,6 +151,20 @@ def _damage_hdf5(run: Path) -> tuple[Path, str]:
     return path, "step_1"
 
 
+def test_an_hdf5_step_file_that_does_not_open_stops_with_its_name(tmp_path: Path) -> None:
+    # The step file holds that step's call structure too: nothing of the step can be paired, so
+    # the comparison stops as for other metadata (docs/compare.md), naming the file, no report.
+    need_backend("hdf5")
+    ref = llama_run(tmp_path, "ref", backend="hdf5")
+    bad = llama_run(tmp_path, "bad", backend="hdf5")
+    victim = bad / "step_1.h5"
+    _truncate(victim, keep=victim.stat().st_size // 2)
+    out = tmp_path / "report.json"
+    res = invoke("--dir1", bad, "--dir2", ref, "--output", out)
+    assert res.exit_code == 2 and str(victim) in res.stderr and "Traceback" not in res.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("backend,damage", [("safetensors", _damage_safetensors), ("hdf5", _damage_hdf5)])
 def test_a_damaged_shard_or_dataset_is_reported_and_the_rest_compared(tmp_path: Path, backend: str,
                                                                        damage: Any) -> None:
