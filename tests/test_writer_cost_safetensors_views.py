@@ -129,3 +129,22 @@ def test_the_library_reads_every_tensor_back(tmp_path: Path) -> None:
             want = value.detach().resolve_conj().resolve_neg()
             assert got.dtype == want.dtype and got.shape == want.shape, name
             assert _raw(got) == _raw(want), name
+
+
+def test_a_circular_structure_fails_at_write_and_the_writer_goes_on(tmp_path: Path) -> None:
+    """The structures' encoder does not look for circular references (a structure is a tree): one
+    that is not fails at write with the same error as any structure that is not JSON."""
+    from ilstore.errors import StoreError
+
+    writer = st.SafetensorsWriter(tmp_path / "run", {})
+    writer.open(new_manifest("safetensors", {}))
+    record = _record(0, "m", torch.ones(3))
+    record.structure["loop"] = record.structure
+    with pytest.raises(StoreError, match="r0/s0/m/0/outputs: structure is not valid JSON"):
+        writer.write(record)
+    good = _record(0, "m", torch.ones(3))
+    writer.write(good)
+    writer.end_step(StepInfo(0, [good.call], [good.call]))
+    writer.close()
+    index = json.loads((tmp_path / "run" / "step_0" / "index.json").read_text())
+    assert len(index["records"]) == 1 and "loop" not in index["records"][0]["structure"]
