@@ -81,10 +81,11 @@ STRUCTURES = "structures"
 #: metadata reaches the file then, and a killed process's cut step keeps, readable with h5py, the
 #: records written before its last flush. 0 flushes after every record (~70 us each).
 DEFAULT_FLUSH_INTERVAL = 0.1
-#: How many attributes of the open step's groups and datasets the writer holds before it writes
-#: them (it writes them all before each flush and at step end): HDF5 creates an attribute in
-#: much less CPU time when it creates many in a row than one between a dataset's creation and
-#: the next record's.
+#: How many attributes and links of the open step's groups and datasets the writer holds before
+#: it writes them (it writes them all before each flush and at step end): HDF5 creates a group,
+#: a link or an attribute in much less CPU time when it creates many in a row than one between
+#: a dataset's creation and the next record's (the model's work in between evicts HDF5's code
+#: and data from the CPU's caches: a group took ~78 us in the capture's rhythm, ~20 us in a row).
 _PENDING_ATTRS = 512
 _STEP_FILE = re.compile(r"^step_(\d+)\.h5(\.partial)?$")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -163,7 +164,9 @@ class Hdf5Writer(StoreWriter):
         self._fd: int | None = None  # the open step file's descriptor (HDF5's own): raw data is pwritten
         # Within the open step: the groups and datasets written so far, as h5py's low-level
         # identifiers (lookups by name cost ~80 us each; a de-duplicated tensor links to the
-        # dataset object directly).
+        # dataset object directly). A group is None until it is created (with the held
+        # attributes); a dataset is created anonymous, its bytes written at once, and linked
+        # into its group then.
         self._groups: dict[str, Any] = {}
         self._datasets: dict[str, Any] = {}
         # Within the open step: the entries of /structures (one JSON line per side without a
@@ -171,7 +174,11 @@ class Hdf5Writer(StoreWriter):
         self._entries: list[str] = []
         # Within the open step: the attributes of its groups and datasets not written yet
         # (object, name, value), in the order they were set; see _PENDING_ATTRS.
-        self._attrs: list[tuple[Any, str, str | int]] = []
+        self._attrs: list[tuple[Any, str, str | int]] = []  # object: its identifier, or a group's name
+        # Within the open step: the groups not created yet, in call-start order, and the links
+        # not made yet (dataset, group name, link name), in the order of their records.
+        self._new_groups: list[str] = []
+        self._links: list[tuple[Any, str, bytes]] = []
         self._prefixes: dict[tuple[str, str], str] = {}  # (module, kind) -> the start of its entries
         self._flush_interval = float(self.options.get("flush_interval", DEFAULT_FLUSH_INTERVAL))
         self._flushed = 0.0  # time.monotonic() of the open step file's last flush
@@ -236,6 +243,7 @@ class Hdf5Writer(StoreWriter):
             self._drop()
             raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
         self._step, self._groups, self._datasets, self._entries, self._attrs = step, {}, {}, [], []
+        self._new_groups, self._links = [], []
         return self._file
 
     def forked(self) -> None:
@@ -266,6 +274,7 @@ class Hdf5Writer(StoreWriter):
         open after a failed write can crash the interpreter when it is finally deallocated."""
         f, self._file, self._step, self._fd = self._file, None, None, None
         self._groups, self._datasets, self._entries, self._attrs = {}, {}, [], []
+        self._new_groups, self._links = [], []
         if f is not None:
             try:
                 f.close()
@@ -274,8 +283,8 @@ class Hdf5Writer(StoreWriter):
 
     def _abandon(self) -> None:
         """A step that never ended: close its file, which stays ``.partial``, with every record
-        written into it (the attributes not written yet too)."""
-        if self._file is not None and self._attrs:
+        written into it (the groups, links and attributes not written yet too)."""
+        if self._file is not None and (self._attrs or self._links or self._new_groups):
             try:
                 self._set_attrs()
             except Exception as exc:
@@ -284,6 +293,7 @@ class Hdf5Writer(StoreWriter):
                 raise StoreError(f"{path}: cannot finish the unfinished step file: {_msg(exc)}") from exc
         f, path, self._file, self._step, self._fd = self._file, self._path, None, None, None
         self._groups, self._datasets, self._entries, self._attrs = {}, {}, [], []
+        self._new_groups, self._links = [], []
         if f is not None:
             try:
                 f.close()
@@ -299,7 +309,7 @@ class Hdf5Writer(StoreWriter):
                     self._set_attrs()
                     f.flush()
                     self._flushed = now
-                elif len(self._attrs) >= _PENDING_ATTRS:
+                elif len(self._attrs) + len(self._links) >= _PENDING_ATTRS:
                     self._set_attrs()
         except StoreError:
             raise
@@ -309,9 +319,9 @@ class Hdf5Writer(StoreWriter):
 
     def _write_record(self, f: Any, record: Record) -> bool:
         """Store ``record``; True when it went into the file (a group's datasets and attribute),
-        False when it became an entry of ``/structures`` (no stored body), written at step end."""
-        from h5py import h5g
-
+        False when it became an entry of ``/structures`` (no stored body), written at step end.
+        The bodies are written before it returns (anonymous datasets); the group, the links to
+        the datasets and the attributes are held until :meth:`_set_attrs`."""
         call = record.call
         try:
             text = _to_json(record.structure)
@@ -327,26 +337,28 @@ class Hdf5Writer(StoreWriter):
             self._entries.append(f'{prefix}{call.call},"structure":{text}}}\n')
             return False
         gname = group_name(call.module, call.call)
-        group = self._groups.get(gname)  # the step file is new: every group in it is here
-        if group is None:
-            group = self._groups[gname] = h5g.create(f.id, gname.encode(), gcpl=_api().gcpl)
+        if gname not in self._groups:  # the step file is new: every group in it is here
+            self._groups[gname] = None
+            self._new_groups.append(gname)
             if not self._list_sides:  # version 1 repeated the name's module and call, the root's step and rank
-                self._attrs.extend((group, name, value) for name, value in (
+                self._attrs.extend((gname, name, value) for name, value in (
                     ("module", call.module), ("call", call.call), ("step", call.step), ("rank", call.rank)))
+        links = self._links
         for path, node, tensor in bodies:
             dname = dataset_name(record.kind, path).encode()
             if tensor is None:
                 original = self._datasets.get(node["same_as"])
                 if original is not None:  # an HDF5 hard link: plain h5py readers see the tensor too
-                    _api().h5o.link(original, group, dname)
+                    links.append((original, gname, dname))
                 continue
             key = str(record.key(path))
-            self._datasets[key] = self._create_dataset(group, dname, tensor, key)
-        self._attrs.append((group, record.kind, text))
+            self._datasets[key] = self._create_dataset(gname, dname, tensor, key)
+        self._attrs.append((gname, record.kind, text))
         return True
 
-    def _create_dataset(self, group: Any, name: bytes, tensor: torch.Tensor, key: str) -> Any:
-        """The dataset ``name`` in ``group`` (low-level identifiers) holding ``tensor``.
+    def _create_dataset(self, gname: str, name: bytes, tensor: torch.Tensor, key: str) -> Any:
+        """An anonymous dataset (low-level identifier) holding ``tensor``, to be linked as ``name``
+        into the group ``gname`` with its attributes by :meth:`_set_attrs`.
 
         Without filters the dataset is contiguous with its space allocated at creation (no fill
         value written), and the bytes go from the tensor's memory to that space in the file with
@@ -367,9 +379,10 @@ class Hdf5Writer(StoreWriter):
         if self._filters and array.ndim > 0 and array.size > 0:  # chunked, through h5py as it chooses the chunks
             import h5py
 
-            ds = h5py.Group(group).create_dataset(name, data=array, **self._filters).id
+            ds = h5py.Group(self._file.id).create_dataset(None, data=array, **self._filters).id
         else:
-            ds = self._contiguous(group, name, array)
+            ds = self._contiguous(self._file.id, array)
+        self._links.append((ds, gname, name))
         attrs = self._attrs
         attrs.append((ds, "dtype", str(tensor.dtype)))
         if encoding:
@@ -379,21 +392,33 @@ class Hdf5Writer(StoreWriter):
         return ds
 
     def _set_attrs(self) -> None:
-        """Write the attributes set since the last call, in the order they were set."""
-        attrs, self._attrs = self._attrs, []
-        for oid, name, value in attrs:
-            _set_attr(oid, name, value)
+        """Create the groups held since the last call (in call-start order), link the datasets
+        into them, then write the attributes (in the order they were set)."""
+        new, links, attrs = self._new_groups, self._links, self._attrs
+        self._new_groups, self._links, self._attrs = [], [], []
+        api = _api()
+        groups = self._groups
+        if new:
+            fid, create, gcpl = self._file.id, api.h5g.create, api.gcpl
+            for gname in new:
+                groups[gname] = create(fid, gname.encode(), gcpl=gcpl)
+        link = api.h5o.link
+        for oid, gname, dname in links:
+            link(oid, groups[gname], dname)
+        for target, name, value in attrs:
+            _set_attr(groups[target] if isinstance(target, str) else target, name, value)
 
-    def _contiguous(self, group: Any, name: bytes, array: np.ndarray[Any, Any]) -> Any:
+    def _contiguous(self, fid: Any, array: np.ndarray[Any, Any]) -> Any:
+        """An anonymous contiguous dataset of the file ``fid`` holding ``array``."""
         api = _api()
         h5d = api.h5d
         tid, space = api.type_of(array.dtype), api.space_of(array.shape)
         if self._fd is None or not array.nbytes:  # HDF5 writes (no raw descriptor; nothing to write)
-            ds = h5d.create(group, name, tid, space, dcpl=api.dcpl)
+            ds = h5d.create(fid, None, tid, space, dcpl=api.dcpl)
             if array.nbytes:
                 ds.write(api.all_space, api.all_space, array)
             return ds
-        ds = h5d.create(group, name, tid, space, dcpl=api.dcpl_direct)
+        ds = h5d.create(fid, None, tid, space, dcpl=api.dcpl_direct)
         offset = ds.get_offset()
         if offset is None:  # HDF5 allocated nothing (never seen): it writes
             ds.write(api.all_space, api.all_space, array)
@@ -408,11 +433,12 @@ class Hdf5Writer(StoreWriter):
             self._set_attrs()
             if self._entries:
                 text = "".join(self._entries).encode("utf-8")  # ASCII: json.dumps escapes the rest
-                self._contiguous(f.id, STRUCTURES.encode(), np.frombuffer(text, dtype=np.uint8))
+                ds = self._contiguous(f.id, np.frombuffer(text, dtype=np.uint8))
+                _api().h5o.link(ds, f.id, STRUCTURES.encode())
             _set_attr(f.id, "calls", json.dumps(calls_to_json(info.calls)))
             _set_attr(f.id, "call_ends", json.dumps(calls_to_json(info.call_ends)))
             self._file, self._step, self._fd, self._groups, self._datasets, self._entries = None, None, None, {}, {}, []
-            self._attrs = []
+            self._attrs, self._new_groups, self._links = [], [], []
             f.close()
             os.replace(partial, final)
         except Exception as exc:
@@ -432,9 +458,9 @@ class _Api:
 
     def __init__(self) -> None:
         import h5py
-        from h5py import h5a, h5d, h5f, h5o, h5p, h5s, h5t
+        from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
 
-        self.h5a, self.h5d, self.h5f, self.h5o, self.h5t, self.h5s = h5a, h5d, h5f, h5o, h5t, h5s
+        self.h5a, self.h5d, self.h5f, self.h5g, self.h5o, self.h5t, self.h5s = h5a, h5d, h5f, h5g, h5o, h5t, h5s
         # a step file as ``h5py.File(path, "w", track_order=True)`` creates it, except that the root
         # tracks the creation order of its links only (groups list in call-start order), not of
         # its attributes: indexing those costs ~20 % of a step file's fixed cost
