@@ -28,14 +28,14 @@ without a compiler or with ``ILSTORE_STATS_KERNEL=0``; several times slower) imp
 order.
 
 Threads: asked with ``threads`` > 1 (a capture's hook asks with torch's intra-op thread count
-when ``ILSTORE_STATS_SHARE=1``: :func:`sharing_threads`), the kernel shares a tensor of more
-than :data:`CHUNK` blocks among that many threads: where the compiler takes ``-fopenmp`` and the
-process has one OpenMP runtime (torch's, which the kernel then joins: the forward's own threads,
-waiting for the next operator, take part), the caller takes chunks of :data:`CHUNK` blocks from
-the front and the others from the back; every block's two sums are kept, and added in block
-order once all are done: the same additions in the same order as one thread makes, so the same
-bits for any thread count. A forked child computes alone (OpenMP's threads do not survive a
-fork).
+when ``ILSTORE_STATS_SHARE=1``, or adaptively with ``=auto``: :func:`sharing_threads`), the
+kernel shares a tensor of more than :data:`CHUNK` blocks among that many threads: where the
+compiler takes ``-fopenmp`` and the process has one OpenMP runtime (torch's, which the kernel
+then joins: the forward's own threads, waiting for the next operator, take part), the caller
+takes chunks of :data:`CHUNK` blocks from the front and the others from the back; every block's
+two sums are kept, and added in block order once all are done: the same additions in the same
+order as one thread makes, so the same bits for any thread count. A forked child computes alone
+(OpenMP's threads do not survive a fork).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import ctypes
 import math
 import os
 import struct
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -51,8 +52,8 @@ import torch
 
 from ._native import EXACT_FP, NativeLibrary
 
-__all__ = ["BLOCK", "LANES", "CHUNK", "SHARED_MIN", "can_share", "sharing_threads", "DTYPES", "EMPTY", "Sums",
-           "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
+__all__ = ["BLOCK", "LANES", "CHUNK", "SHARED_MIN", "can_share", "sharing_threads", "shared_sums", "DTYPES", "EMPTY",
+           "Sums", "sums", "plain_sums", "native_sums", "fallback_sums", "LIBRARY"]
 
 #: Partial sums per block (16: two AVX-512 or four AVX2 registers of float64 per sum).
 LANES = 16
@@ -382,8 +383,25 @@ def native_sums(x: torch.Tensor, center: float = 0.0, threads: int = 1) -> Sums 
 
 
 _get_num_threads = torch.get_num_threads
-#: Whether the kernel shares large tensors with torch's own OpenMP threads (decided once).
-_sharing: bool | None = None
+#: Whether the kernel may share large tensors with torch's own OpenMP threads (decided once):
+#: None not yet decided, False never, True always (``ILSTORE_STATS_SHARE=1``), :data:`_AUTO` while
+#: the threads answer (``=auto``, :func:`sharing_threads`).
+_sharing: Any = None
+_AUTO = "auto"
+#: Adaptive sharing: large tensors still to compute alone before sharing is tried again; shared
+#: calls the other threads missed since sharing last ran clean (each doubles the wait, up to
+#: :data:`_MAX_SKIP` tensors: about 60 forwards of a 110-module model); shared calls in a row
+#: they took part in (:data:`_CLEAN` of them and the misses are forgotten).
+_skip = 0
+_misses = 0
+_clean = 0
+_MAX_SKIP = 8192
+_CLEAN = 64
+#: A shared call slower than this many seconds per element (4 GB/s of float32: half the kernel's
+#: speed alone on data the caches lost, a quarter of what two threads reach) was missed too: the
+#: caller waited at the region's end for a thread that took a chunk and was then descheduled.
+_SLOW_S_PER_ELEMENT = 1e-9
+_clock = time.perf_counter
 
 
 def _one_openmp_runtime() -> bool:
@@ -407,14 +425,54 @@ def can_share() -> bool:
 
 def sharing_threads() -> int:
     """How many threads a hook's kernel call may share a large tensor among: torch's intra-op
-    thread count when ``ILSTORE_STATS_SHARE=1`` and :func:`can_share` (the forward's own threads,
-    which wait while a hook runs, take part), else 1 (the default: on a machine whose cores other
-    processes keep busy, every parallel region may wait for a descheduled thread, and the gain
-    on a quiet one is not measured yet; docs/performance.md)."""
-    global _sharing
+    thread count (the forward's own threads, which wait while a hook runs, take part) where
+    asked and :func:`can_share`, else 1.
+
+    ``ILSTORE_STATS_SHARE=1`` shares every large tensor. ``ILSTORE_STATS_SHARE=auto`` adapts to
+    the machine (:func:`shared_sums`): on a machine whose cores other processes keep busy, a
+    parallel region waits for a descheduled thread, so after a shared call that the other
+    threads missed (they took no chunk, or the call was slow) the next large tensors are
+    computed alone, twice as many after each further miss, up to :data:`_MAX_SKIP`, until
+    :data:`_CLEAN` shared calls in a row were made by all the threads (measured at load 8 on 2
+    cores, the kernel's wall time in a stats-mode forward of the benchmark model: 29 ms alone,
+    50 ms adaptive over the first 15 forwards, 490-700 ms sharing every tensor). Unset or any
+    other value: no sharing (the default until the gain on a quiet machine is measured;
+    docs/performance.md).
+    """
+    global _sharing, _skip
     if _sharing is None:
-        _sharing = os.environ.get("ILSTORE_STATS_SHARE", "0") == "1" and can_share()
-    return _get_num_threads() if _sharing else 1
+        asked = os.environ.get("ILSTORE_STATS_SHARE")
+        _sharing = (True if asked == "1" else _AUTO if asked == _AUTO else False) if asked else False
+        if _sharing is not False and not can_share():
+            _sharing = False
+    if _sharing is False:
+        return 1
+    if _skip and _sharing is _AUTO:
+        _skip -= 1
+        return 1
+    return _get_num_threads()
+
+
+def shared_sums(x: torch.Tensor, dtype: torch.dtype, n: int, threads: int) -> Sums:
+    """:func:`plain_sums` of a large tensor that :func:`sharing_threads` let ``threads`` (> 1)
+    threads share: the same bits. With adaptive sharing, a call the other threads missed (they
+    took no chunk: the caller did every chunk and then waited for them at the region's end, or
+    the call was slower than :data:`_SLOW_S_PER_ELEMENT`) makes the next large tensors be
+    computed alone (:func:`sharing_threads`)."""
+    global _skip, _misses, _clean
+    lib = LIBRARY.load()
+    if _sharing is not _AUTO or lib is None:
+        return plain_sums(x, dtype, n, threads)
+    helped, started = lib.ilstore_stats_helper_chunks(), _clock()
+    got = plain_sums(x, dtype, n, threads)
+    if _clock() - started > n * _SLOW_S_PER_ELEMENT or lib.ilstore_stats_helper_chunks() == helped:
+        _misses, _clean = min(_misses + 1, 20), 0
+        _skip = min(1 << _misses, _MAX_SKIP)
+    else:  # a few clean calls between misses are no quiet machine: only a run of them resets the waits
+        _clean += 1
+        if _clean >= _CLEAN:
+            _misses = 0
+    return got
 
 
 #: Full blocks per fallback chunk (bounds its float64 temporaries to a few MB).

@@ -279,8 +279,12 @@ def _cpu_float_stats(x: torch.Tensor, n: int, plain_dtype: torch.dtype | None = 
     ``threads``: how many threads the kernel may share a large tensor among (the same bits for
     any); the hook's path gives torch's intra-op thread count, whose threads wait while a hook runs.
     """
-    s = _stats_kernel.sums(x, 0.0, threads) if plain_dtype is None else \
-        _stats_kernel.plain_sums(x, plain_dtype, n, threads)
+    if plain_dtype is None:
+        s = _stats_kernel.sums(x, 0.0, threads)
+    elif threads > 1:  # shared with torch's threads (sharing_threads): adapts to a busy machine
+        s = _stats_kernel.shared_sums(x, plain_dtype, n, threads)
+    else:
+        s = _stats_kernel.plain_sums(x, plain_dtype, n, threads)
     if not (s.finite and math.isfinite(s.squares)):  # NaN/Inf, or float64 squares past the range
         return _slow_stats(x)
     mn, mx, sq = s.minimum, s.maximum, s.squares
