@@ -193,7 +193,7 @@ def _numpy_has(dtype: torch.dtype) -> bool:
                 warnings.simplefilter("ignore")
                 torch.empty(1, dtype=dtype).numpy()
             ok = True
-        except TypeError:  # "Got unsupported ScalarType ..."
+        except (TypeError, RuntimeError):  # "Got unsupported ScalarType ..." (a TypeError in torch 2.x)
             ok = False
         _NUMPY_HAS[dtype] = ok
     return ok
