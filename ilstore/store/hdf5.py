@@ -129,8 +129,9 @@ def parse_dataset_name(name: str) -> tuple[str, tuple[str, ...]]:
     return kind, tuple(decode_part(p) for p in parts)
 
 
-#: ``json.dumps(value, allow_nan=False)`` without building an encoder per call.
-_to_json = json.JSONEncoder(allow_nan=False).encode
+#: ``json.dumps(value, allow_nan=False)`` without building an encoder per call, and without the
+#: check for circular references (a structure is a tree; one that is not raises RecursionError).
+_to_json = json.JSONEncoder(allow_nan=False, check_circular=False).encode
 
 
 def _msg(exc: BaseException) -> str:
@@ -180,6 +181,9 @@ class Hdf5Writer(StoreWriter):
         self._new_groups: list[str] = []
         self._links: list[tuple[Any, str, bytes]] = []
         self._prefixes: dict[tuple[str, str], str] = {}  # (module, kind) -> the start of its entries
+        # group_name and dataset_name of the calls and paths seen (bounded as _prefixes)
+        self._gnames: dict[tuple[str, int], str] = {}
+        self._dnames: dict[tuple[str, tuple[str, ...]], bytes] = {}
         self._flush_interval = float(self.options.get("flush_interval", DEFAULT_FLUSH_INTERVAL))
         self._flushed = 0.0  # time.monotonic() of the open step file's last flush
         self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
@@ -325,7 +329,7 @@ class Hdf5Writer(StoreWriter):
         call = record.call
         try:
             text = _to_json(record.structure)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
         bodies = list(self._stored_bodies(record))
         if not bodies and self._list_sides:
@@ -336,16 +340,24 @@ class Hdf5Writer(StoreWriter):
                     self._prefixes[(call.module, record.kind)] = prefix
             self._entries.append(f'{prefix}{call.call},"structure":{text}}}\n')
             return False
-        gname = group_name(call.module, call.call)
+        gname = self._gnames.get((call.module, call.call))
+        if gname is None:
+            gname = group_name(call.module, call.call)
+            if len(self._gnames) < 65536:
+                self._gnames[(call.module, call.call)] = gname
         if gname not in self._groups:  # the step file is new: every group in it is here
             self._groups[gname] = None
             self._new_groups.append(gname)
             if not self._list_sides:  # version 1 repeated the name's module and call, the root's step and rank
                 self._attrs.extend((gname, name, value) for name, value in (
                     ("module", call.module), ("call", call.call), ("step", call.step), ("rank", call.rank)))
-        links = self._links
+        links, dnames, kind = self._links, self._dnames, record.kind
         for path, node, tensor in bodies:
-            dname = dataset_name(record.kind, path).encode()
+            dname = dnames.get((kind, path))
+            if dname is None:
+                dname = dataset_name(kind, path).encode()
+                if len(dnames) < 65536:
+                    dnames[(kind, path)] = dname
             if tensor is None:
                 original = self._datasets.get(node["same_as"])
                 if original is not None:  # an HDF5 hard link: plain h5py readers see the tensor too
@@ -423,7 +435,10 @@ class Hdf5Writer(StoreWriter):
         if offset is None:  # HDF5 allocated nothing (never seen): it writes
             ds.write(api.all_space, api.all_space, array)
         else:
-            _pwrite_all(self._fd, array.reshape(-1).view(np.uint8).data, offset)
+            # a C-contiguous array's buffer is its bytes: no flattened byte view to make first
+            done = os.pwrite(self._fd, array.data, offset) if array.flags.c_contiguous else 0
+            if done != array.nbytes:  # a short write (or none): the rest
+                _pwrite_all(self._fd, array.reshape(-1).view(np.uint8).data[done:], offset + done)
         return ds
 
     def _end_step(self, info: StepInfo) -> None:
@@ -472,6 +487,10 @@ class _Api:
         # what ``attrs[name] = value`` creates for a ``str``/``int``
         self.vlen_str = h5t.py_create(h5py.string_dtype(), logical=True)
         self.i64 = h5t.py_create(np.dtype("<i8"))
+        # the memory types h5py's ``AttrID.write`` makes for each value written (``py_create`` of
+        # the value's numpy dtype: h5py's object type for a str, which it converts), made once
+        self.str_mem = h5t.py_create(h5py.string_dtype())
+        self.i64_mem = self.i64
         self.scalar = h5s.create(h5s.SCALAR)
         self.all_space = h5s.ALL
         self.str_dtype = h5py.string_dtype()
@@ -548,7 +567,10 @@ def _set_attr(oid: Any, name: str, value: str | int) -> None:
     except (OSError, RuntimeError, ValueError):  # it exists
         api.h5a.delete(oid, key)
         attr = api.h5a.create(oid, key, tid, api.scalar)
-    attr.write(np.array(value, dtype=api.str_dtype if is_str else "<i8"))
+    if is_str:
+        attr.write(np.array(value, dtype=api.str_dtype), mtype=api.str_mem)
+    else:
+        attr.write(np.array(value, dtype="<i8"), mtype=api.i64_mem)
 
 
 def _json_attr(path: Path, attrs: Any, name: str) -> Any:
