@@ -14,6 +14,7 @@ per unreadable tensor too) and the progress bar go to stderr.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import logging
@@ -112,9 +113,13 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
     Raises:
         IlstoreError: bad input (the CLI turns it into exit status 2).
     """
-    for path in (dir1, dir2):  # the commonest mistake, answered before torch is imported
+    for path in (dir1, dir2):  # the commonest mistakes, answered before torch is imported
         if not Path(path).exists():
             raise RunNotFoundError(f"{path}: no such run directory")
+        if not Path(path).is_dir():
+            raise RunNotFoundError(f"{path}: not a directory")
+    if output is not None:
+        _check_output(output)
     from .engine import compare
 
     fmt = report_format(fmt, output)
@@ -194,6 +199,29 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
             os.replace(part, output)
         finally:
             part.unlink(missing_ok=True)
+    except OSError as exc:
+        raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
+
+
+def _check_output(output: Path) -> None:
+    """Fail before comparing, not after, when the report could not be written to ``output``: its
+    directory is made (as the report would make it) and a file is created there and removed. A
+    path that exists and is not a plain file (a pipe, ``/dev/stdout``) is written directly, so it
+    only has to be writable.
+
+    Raises:
+        IlstoreError: naming ``output`` and why.
+    """
+    try:
+        if output.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if output.exists() and not output.is_file():
+            if not os.access(output, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{output.name}.", suffix=".part", dir=output.parent):
+            pass
     except OSError as exc:
         raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
 

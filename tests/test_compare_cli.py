@@ -292,3 +292,23 @@ def test_max_ulp_in_every_report(tmp_path: Path) -> None:
     assert [c.strip() for c in row.strip("|").split("|")][column] == "1"
     html = invoke("--dir1", run1, "--dir2", run2, "--format", "html", "--verbose").stdout
     assert "<th>max_ulp" in html
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_comparing(tmp_path: Path, monkeypatch) -> None:
+    # An unwritable --output used to be found after the whole comparison (its result lost).
+    from ilstore_compare import engine
+
+    def never(*args, **kwargs):
+        raise AssertionError("compared although the report could not be written")
+
+    monkeypatch.setattr(engine, "compare", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    runs = tmp_path / "run"
+    runs.mkdir()
+    output = a_file / "report.md"  # (a directory is refused by click's option check)
+    res = CliRunner().invoke(compare_cmd, ["--dir1", str(runs), "--dir2", str(runs), "--output", str(output)])
+    assert res.exit_code == 2 and f"{output}: cannot write the report" in res.stderr, res.output
+    ok = tmp_path / "new" / "dir" / "report.md"  # a directory the report would make is fine
+    res = CliRunner().invoke(compare_cmd, ["--dir1", str(runs), "--dir2", str(runs), "--output", str(ok)])
+    assert "compared although" in str(res.exception) and ok.parent.is_dir() and not list(ok.parent.iterdir())

@@ -21,6 +21,8 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
     bad_key = tmp_path / "key.json"
     bad_key.write_text('{"renames": {}}')
     d = str(tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a run")
     cases = [
         (["--help"], 0),
         ([], 2),  # --dir1 missing
@@ -35,12 +37,15 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
         (["--dir1", d, "--dir2", d, "--map", str(bad_key)], 2),
         (["--dir1", d, "--dir2", d, "--map", "no_such_shipped_map"], 2),
         (["--dir1", d + "/no_such_run", "--dir2", d], 2),  # a mistyped run directory
+        (["--dir1", str(a_file), "--dir2", d], 2),  # a file, not a run directory
+        (["--dir1", d, "--dir2", d, "--output", str(a_file / "report.md")], 2),  # a report nowhere to go
     ]
     codes, heavy, stderr = run_cli_cases("ilstore_compare.cli", "ilstore-compare", [args for args, _ in cases], HEAVY)
     assert codes == [code for _, code in cases], stderr
     assert heavy == []
     for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map",
-                   "no_such_run: no such run directory"):
+                   "no_such_run: no such run directory", "a_file: not a directory",
+                   "report.md: cannot write the report"):
         assert needle in stderr
 
 

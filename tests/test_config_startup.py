@@ -1,6 +1,7 @@
-"""``ilstore --help`` and ``ilstore validate-config`` answer without importing torch or h5py
-(as ilstore-compare's start-up does, issue 18): a config is checked before a long job starts,
-and the check should take the time of reading JSON, not of importing torch.
+"""``ilstore --help``, ``ilstore validate-config`` and ``ilstore ls`` of a missing run answer
+without importing torch or h5py (as ilstore-compare's start-up does, issue 18): a config is
+checked before a long job starts, and the check should take the time of reading JSON, not of
+importing torch.
 
 A built-in backend is valid by name; only ``backend_options`` need its writer class (and so
 torch), and a plug-in backend's name needs its entry point loaded.
@@ -26,11 +27,14 @@ def test_help_and_config_errors_import_nothing_heavy(tmp_path: Path) -> None:
         (["validate-config", '{"log_step_ids": [0, 1], "backend": "safetensors"}'], 0),
         (["validate-config", '{"mode": "stats", "output_dir": 3}'], 2),
         (["validate-config", str(tmp_path / "missing.json")], 2),
+        (["ls", str(tmp_path / "no_such_run")], 2),
+        (["ls", str(bad)], 2),
     ]
     codes, heavy, stderr = run_cli_cases("ilstore.cli", "ilstore", [args for args, _ in cases], HEAVY)
     assert codes == [code for _, code in cases], stderr
     assert heavy == []
-    for needle in ("bad.json", "modee", "did you mean 'mode'", "'hdf6'", "output_dir", "missing.json"):
+    for needle in ("bad.json", "modee", "did you mean 'mode'", "'hdf6'", "output_dir", "missing.json",
+                   "no_such_run: no such run directory", "bad.json: not a directory"):
         assert needle in stderr
 
 

@@ -156,13 +156,13 @@ def open_run(path: str | Path) -> StoreReader:
         >>> with open_run("/tmp/vllm_intermediates/my-run") as run:  # doctest: +SKIP
         ...     print(run.steps(), run.keys(0)[:3])
     """
-    from .ranks import RankedReader
-
     run_dir = Path(path)
-    if not run_dir.exists():
+    if not run_dir.exists():  # answered before torch is imported (with the multi-rank reader)
         raise RunNotFoundError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
         raise RunNotFoundError(f"{run_dir}: not a directory")
+    from .ranks import RankedReader
+
     try:
         if RankedReader.can_open(run_dir):
             return RankedReader(run_dir, open_run)
