@@ -27,6 +27,8 @@ def test_file_too_large_does_not_stop_the_model(out_dir: Path, async_writes: boo
     summary, stderr = _run(out_dir, "warn", async_writes=async_writes)
     assert summary["same"] and summary["n_outputs"] == 4 and summary["raised"] is None
     assert "File too large" in summary["error"] and not summary["hooks_left"]
+    # the message names the file (SPEC section 7), as the other backends' do
+    assert f"{out_dir / 'run' / 'step_2'}" in summary["error"] and "cannot write the tensor file" in summary["error"]
     assert stderr.count("capture stopped") == 1 and "File too large" in stderr
     with ilstore.open_run(out_dir / "run") as run:
         assert run.status == "failed"

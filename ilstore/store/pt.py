@@ -204,7 +204,11 @@ class PtWriter(StoreWriter):
         if first is not None:
             self._write_bodies(record, call_dir, itertools.chain((first,), bodies))
         # One file written with one os.write (_write_file).
-        _write_file(f"{call_dir}{os.sep}{kind}.json", _document(record.structure, call, kind, "").encode("utf-8"))
+        target = f"{call_dir}{os.sep}{kind}.json"
+        try:
+            _write_file(target, _document(record.structure, call, kind, "").encode("utf-8"))
+        except OSError as exc:
+            raise StoreError(f"{target}: cannot write the structure file: {exc}") from exc
 
     def _write_bodies(self, record: Record, call_dir: str,
                       bodies: Iterator[tuple[tuple[str, ...], dict[str, Any], torch.Tensor | None]]) -> None:
@@ -223,11 +227,14 @@ class PtWriter(StoreWriter):
             used.add(fname)
             node["file"] = fname
             target = f"{call_dir}{os.sep}{fname}"
-            if tensor is None:
-                # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
-                _link_or_copy(files[node["same_as"]], target)
-            else:
-                _save_tensor(tensor, target)
+            try:
+                if tensor is None:
+                    # A de-duplicated tensor: a hard link keeps the tree valid for plain torch.load.
+                    _link_or_copy(files[node["same_as"]], target)
+                else:
+                    _save_tensor(tensor, target)
+            except OSError as exc:  # disk full, file too large...: the message names the file
+                raise StoreError(f"{target}: cannot write the tensor file: {exc}") from exc
             files[prefix + "".join(["/" + encode_part(p) for p in path]) if path else prefix] = target
 
     def _append_line(self, line: bytes) -> None:
