@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import click
 
 from ilstore.errors import IlstoreError, RunNotFoundError
+from ilstore.manifest import read_manifest
 
 from .errors import OptionError
 from .options import CompareOptions
@@ -118,6 +119,9 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
             raise RunNotFoundError(f"{path}: no such run directory")
         if not Path(path).is_dir():
             raise RunNotFoundError(f"{path}: not a directory")
+    for run_dir in (dir1, dir2, options.replay, options.oracle):
+        if run_dir is not None and Path(run_dir).is_dir():
+            read_manifest(Path(run_dir))  # a corrupt or newer manifest: named before torch is imported
     if output is not None:
         _check_output(output)
     from .engine import compare

@@ -23,6 +23,12 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
     d = str(tmp_path)
     a_file = tmp_path / "a_file"
     a_file.write_text("not a run")
+    corrupt = tmp_path / "corrupt_run"
+    corrupt.mkdir()
+    (corrupt / "ilstore.json").write_text('{"format": "ilstore", ')
+    newer = tmp_path / "newer_run"
+    newer.mkdir()
+    (newer / "ilstore.json").write_text('{"format": "ilstore", "format_version": 999}')
     cases = [
         (["--help"], 0),
         ([], 2),  # --dir1 missing
@@ -39,13 +45,17 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
         (["--dir1", d + "/no_such_run", "--dir2", d], 2),  # a mistyped run directory
         (["--dir1", str(a_file), "--dir2", d], 2),  # a file, not a run directory
         (["--dir1", d, "--dir2", d, "--output", str(a_file / "report.md")], 2),  # a report nowhere to go
+        (["--dir1", str(corrupt), "--dir2", d], 2),  # a manifest that is not JSON
+        (["--dir1", d, "--dir2", str(newer)], 2),  # a run written by a newer ilstore
+        (["--dir1", d, "--dir2", d, "--replay", str(corrupt)], 2),
     ]
     codes, heavy, stderr = run_cli_cases("ilstore_compare.cli", "ilstore-compare", [args for args, _ in cases], HEAVY)
     assert codes == [code for _, code in cases], stderr
     assert heavy == []
     for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map",
                    "no_such_run: no such run directory", "a_file: not a directory",
-                   "report.md: cannot write the report"):
+                   "report.md: cannot write the report", "corrupt_run/ilstore.json: unreadable manifest",
+                   "newer_run/ilstore.json: written by a newer ilstore"):
         assert needle in stderr
 
 
