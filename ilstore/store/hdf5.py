@@ -173,6 +173,10 @@ class Hdf5Writer(StoreWriter):
         # Within the open step: the entries of /structures (one JSON line per side without a
         # stored body), written when the step ends.
         self._entries: list[str] = []
+        # Within the open step: the sides written so far (module, call, kind): a side written
+        # twice fails at its second write (its dataset names, group attribute or /structures
+        # entry would clash, and with the links held that surfaced only at the next flush)
+        self._written: set[tuple[str, int, str]] = set()
         # Within the open step: the attributes of its groups and datasets not written yet
         # (object, name, value), in the order they were set; see _PENDING_ATTRS.
         self._attrs: list[tuple[Any, str, str | int]] = []  # object: its identifier, or a group's name
@@ -247,7 +251,7 @@ class Hdf5Writer(StoreWriter):
             self._drop()
             raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
         self._step, self._groups, self._datasets, self._entries, self._attrs = step, {}, {}, [], []
-        self._new_groups, self._links = [], []
+        self._new_groups, self._links, self._written = [], [], set()
         return self._file
 
     def forked(self) -> None:
@@ -278,7 +282,7 @@ class Hdf5Writer(StoreWriter):
         open after a failed write can crash the interpreter when it is finally deallocated."""
         f, self._file, self._step, self._fd = self._file, None, None, None
         self._groups, self._datasets, self._entries, self._attrs = {}, {}, [], []
-        self._new_groups, self._links = [], []
+        self._new_groups, self._links, self._written = [], [], set()
         if f is not None:
             try:
                 f.close()
@@ -297,7 +301,7 @@ class Hdf5Writer(StoreWriter):
                 raise StoreError(f"{path}: cannot finish the unfinished step file: {_msg(exc)}") from exc
         f, path, self._file, self._step, self._fd = self._file, self._path, None, None, None
         self._groups, self._datasets, self._entries, self._attrs = {}, {}, [], []
-        self._new_groups, self._links = [], []
+        self._new_groups, self._links, self._written = [], [], set()
         if f is not None:
             try:
                 f.close()
@@ -327,10 +331,15 @@ class Hdf5Writer(StoreWriter):
         The bodies are written before it returns (anonymous datasets); the group, the links to
         the datasets and the attributes are held until :meth:`_set_attrs`."""
         call = record.call
+        side = (call.module, call.call, record.kind)
+        if side in self._written:  # before anything of it reaches the file: the step keeps the first
+            raise StoreError(f"{self.run_dir}: step {call.step}: {call.tensor(record.kind)} ({record.kind} of "
+                             f"{call.module}#{call.call}) written a second time in the step; the first is kept")
         try:
             text = _to_json(record.structure)
         except (TypeError, ValueError, RecursionError) as exc:
             raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
+        self._written.add(side)
         bodies = list(self._stored_bodies(record))
         if not bodies and self._list_sides:
             prefix = self._prefixes.get((call.module, record.kind))
@@ -453,7 +462,7 @@ class Hdf5Writer(StoreWriter):
             _set_attr(f.id, "calls", json.dumps(calls_to_json(info.calls)))
             _set_attr(f.id, "call_ends", json.dumps(calls_to_json(info.call_ends)))
             self._file, self._step, self._fd, self._groups, self._datasets, self._entries = None, None, None, {}, {}, []
-            self._attrs, self._new_groups, self._links = [], [], []
+            self._attrs, self._new_groups, self._links, self._written = [], [], [], set()
             f.close()
             os.replace(partial, final)
         except Exception as exc:
