@@ -38,7 +38,7 @@ from .keys import CallKey
 
 __all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "UNORDERED_KEY", "TOTALS_KEYS", "TotalCounts",
            "write_json_atomic", "write_text_atomic", "read_manifest", "new_manifest", "calls_to_json",
-           "calls_from_json", "JournalWriter", "JournalReader", "CallOrder"]
+           "calls_from_json", "JournalWriter", "JournalReader", "CallOrder", "dumps", "dumps_tree", "json_str"]
 
 _log = logging.getLogger(__name__)
 
@@ -79,6 +79,63 @@ _LINE_CACHE = 64
 _ORDER_WINDOW = 1 << 20
 # Lines that spell their orders out, remembered by call_orders() for the lines that refer to them.
 _SPELLED_LINES = 1024
+
+
+def _c_encoder(check_circular: bool) -> Any:
+    """What ``json.dumps(doc, allow_nan=False)`` makes per call (a ``JSONEncoder`` and its C
+    encoder), made once: calling it gives the same text, without the two objects and the two
+    Python calls (``encode``, ``iterencode``) per document. ``check_circular=False`` leaves out
+    the check for circular references (what ``JSONEncoder(check_circular=False)`` does). None
+    where this interpreter has no C encoder, or its private signature is not the one checked
+    here (against ``json.dumps``, once)."""
+    enc = json.JSONEncoder(allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # another Python: json.dumps
+        return None
+    try:
+        encoder = make({} if check_circular else None, enc.default, json.encoder.encode_basestring_ascii, None,
+                       enc.key_separator, enc.item_separator, False, False, False)
+        sample = {"a": [1.5, -0.0, 10**20, None, True, "\u00e9\n"], "b": {"c": 2.5e-300}, "": []}
+        if "".join(encoder(sample, 0)) != json.dumps(sample, allow_nan=False):
+            return None
+    except Exception:
+        return None
+    return encoder
+
+
+_ENCODER = _c_encoder(True)
+_TREE_ENCODER = _c_encoder(False)
+_ENCODE_TREE = json.JSONEncoder(allow_nan=False, check_circular=False).encode
+
+
+def dumps(doc: Any) -> str:
+    """``json.dumps(doc, allow_nan=False)``: the same text and the same errors, cheaper per
+    call (the C encoder is made once; only the one-shot C encoder is fast: ``dump`` to a file and
+    ``indent`` use the pure-Python one, ~6x slower). A failed call (a NaN, a type JSON lacks) may
+    leave its circular-reference marks behind, so the encoder is made again after one."""
+    global _ENCODER
+    encoder = _ENCODER
+    if encoder is None:
+        return json.dumps(doc, allow_nan=False)
+    try:
+        return "".join(encoder(doc, 0))
+    except BaseException:
+        _ENCODER = _c_encoder(True)
+        raise
+
+
+def dumps_tree(doc: Any) -> str:
+    """:func:`dumps` without the check for circular references, for a document known to be a
+    tree (a record's structure): the same text; a document that loops raises RecursionError
+    instead of ValueError. ~5 % cheaper than :func:`dumps` on the capture benchmark's structures."""
+    encoder = _TREE_ENCODER
+    if encoder is None:
+        return _ENCODE_TREE(doc)
+    return "".join(encoder(doc, 0))
+
+
+#: A string as :func:`dumps` spells it (``ensure_ascii``, escaped, quoted).
+json_str = json.encoder.encode_basestring_ascii
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -227,7 +284,7 @@ class JournalWriter:
         else:
             line["calls"], line["call_ends"] = calls, call_ends
         line["totals"] = totals
-        data = (json.dumps(line, allow_nan=False) + "\n").encode("utf-8")
+        data = (dumps(line) + "\n").encode("utf-8")
         try:
             done = os.write(self._fd, data)
             while done < len(data):  # a short write (a signal, a full disk): finish or fail

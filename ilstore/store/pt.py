@@ -38,7 +38,7 @@ import torch
 
 from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey, encode_part
-from ..manifest import MANIFEST_NAME
+from ..manifest import MANIFEST_NAME, dumps, dumps_tree, json_str
 from ..records import Record, iter_tensor_nodes
 from ._pread import AVAILABLE as pread_ok
 from ._pread import O_NOFOLLOW, O_RDONLY, byte_tensor, pread_into
@@ -197,7 +197,7 @@ class PtWriter(StoreWriter):
             if ident not in self._dirs:
                 self._call_name(call, ident)
             # One line appended with one os.write (_append_line).
-            self._append_line(_document(record.structure, call, kind, "\n").encode("utf-8"))
+            self._append_line(self._text(record, "\n"))
             listed.add(side)
             return
         call_dir = self._made.get(ident) or self._call_dir(call, ident)
@@ -205,10 +205,20 @@ class PtWriter(StoreWriter):
             self._write_bodies(record, call_dir, itertools.chain((first,), bodies))
         # One file written with one os.write (_write_file).
         target = f"{call_dir}{os.sep}{kind}.json"
+        text = self._text(record, "")
         try:
-            _write_file(target, _document(record.structure, call, kind, "").encode("utf-8"))
+            _write_file(target, text)
         except OSError as exc:
             raise StoreError(f"{target}: cannot write the structure file: {exc}") from exc
+
+    @staticmethod
+    def _text(record: Record, end: str) -> bytes:
+        """The bytes of ``record``'s side document (:func:`_document`) + ``end``; a structure that
+        is not JSON (a NaN, a type JSON lacks, a loop) is a StoreError naming the side."""
+        try:
+            return _document(record.structure, record.call, record.kind, end).encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise StoreError(f"{record.call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
 
     def _write_bodies(self, record: Record, call_dir: str,
                       bodies: Iterator[tuple[tuple[str, ...], dict[str, Any], torch.Tensor | None]]) -> None:
@@ -360,60 +370,32 @@ def _write_all(fd: int, data: bytes) -> None:
             done += _os_write(fd, view[done:])
 
 
-def _json_encoder() -> Any:
-    """What ``json.dumps(doc, allow_nan=False)`` makes per call (a ``JSONEncoder`` and its C
-    encoder), made once: calling it gives the same text, without the two objects per record."""
-    enc = json.JSONEncoder(allow_nan=False)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # another Python: json.dumps
-        return None
-    try:  # (this interpreter's private signature, checked against json.dumps once)
-        encoder = make({}, enc.default, json.encoder.encode_basestring_ascii, None, enc.key_separator,
-                       enc.item_separator, False, False, False)
-        sample = {"a": [1.5, -0.0, 10**20, None, True, "\u00e9\n"], "b": {"c": 2.5e-300}}
-        if "".join(encoder(sample, 0)) != json.dumps(sample, allow_nan=False):
-            return None
-    except Exception:
-        return None
-    return encoder
-
-
-_ENCODER = _json_encoder()
-
-
-def _dumps(doc: dict[str, Any]) -> str:
-    """``json.dumps(doc, allow_nan=False)``, the same text, cheaper per call. Only the one-shot
-    C encoder is fast (``dump`` to a file and ``indent`` use the pure-Python one, ~6x slower);
-    this one is made once (a failed call, e.g. a NaN, may leave its circular-reference marks
-    behind, so the encoder is made again after one)."""
-    global _ENCODER
-    if _ENCODER is None:
-        return json.dumps(doc, allow_nan=False)
-    try:
-        return "".join(_ENCODER(doc, 0))
-    except BaseException:
-        _ENCODER = _json_encoder()
-        raise
+#: ``json.dumps(doc, allow_nan=False)``, the same text, with the C encoder made once (shared by
+#: every backend: :func:`ilstore.manifest.dumps`); a side's document is encoded without the check
+#: for circular references (:func:`ilstore.manifest.dumps_tree`: a structure is a tree; one that
+#: loops raises RecursionError, which ``write`` reports as the StoreError of any structure that
+#: is not JSON).
+_dumps, _dumps_tree = dumps, dumps_tree
 
 
 def _document(structure: dict[str, Any], call: CallKey, kind: str, end: str) -> str:
     """The text of a side's JSON document (its structure, ``"ilstore"`` header last) + ``end``:
-    ``_dumps(dict(structure, ilstore={"module": ..., "call": ..., "step": ..., "rank": ...,
-    "kind": ...}))``, the same text, with the header formatted here after the structure's
+    ``json.dumps(dict(structure, ilstore={"module": ..., "call": ..., "step": ..., "rank": ...,
+    "kind": ...}), allow_nan=False)``, the same text, with the header formatted here after the structure's
     text instead of a copy of the structure and a header dict encoded per record."""
     module, number, step, rank = call.module, call.call, call.step, call.rank
     if (type(structure) is not dict or type(module) is not str or type(kind) is not str or type(number) is not int
             or type(step) is not int or type(rank) is not int or "ilstore" in structure):
         doc = dict(structure)
         doc["ilstore"] = {"module": module, "call": number, "step": step, "rank": rank, "kind": kind}
-        return _dumps(doc) + end
-    text = _dumps(structure)
+        return _dumps_tree(doc) + end
+    text = _dumps_tree(structure)
     return (f'{text[:-1]}{", " if len(text) > 2 else ""}"ilstore": {{"module": {_json_str(module)}, '
             f'"call": {number}, "step": {step}, "rank": {rank}, "kind": {_json_str(kind)}}}}}{end}')
 
 
 #: A string as the JSON encoder writes it (``ensure_ascii``: what _dumps writes).
-_json_str = json.encoder.encode_basestring_ascii
+_json_str = json_str
 
 
 # dtypes the legacy (non-zip) torch.save format can hold; others (float8, uint16+) need the zip one.

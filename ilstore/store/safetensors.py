@@ -38,7 +38,7 @@ import torch
 
 from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey
-from ..manifest import calls_from_json, calls_to_json, write_text_atomic
+from ..manifest import calls_from_json, calls_to_json, dumps, dumps_tree, json_str, write_text_atomic
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
 from ._pread import byte_tensor, pread_into
@@ -94,12 +94,12 @@ def _writable(dtype: torch.dtype) -> bool:
     return dtype in _CODE_OF and _supported(dtype)
 
 
-#: ``json.dumps(value, allow_nan=False)`` without a new encoder per call (the same C encoder, the same
-#: text), and without the check for circular references (a structure is a tree; one that is not would
-#: raise RecursionError): ~5 % of the encoding's time in the benchmark's forward.
-_ENCODE = json.JSONEncoder(allow_nan=False, check_circular=False).encode
+#: ``json.dumps(value, allow_nan=False)`` with the C encoder made once (shared by every backend), and
+#: without the check for circular references (a structure is a tree; one that is not raises
+#: RecursionError): the same text (:func:`ilstore.manifest.dumps_tree`).
+_ENCODE = dumps_tree
 #: A string as ``json.dumps`` spells it (ASCII, escaped).
-_json_str = json.encoder.encode_basestring_ascii
+_json_str = json_str
 
 
 def _shard_name(i: int) -> str:
@@ -511,7 +511,7 @@ class SafetensorsWriter(StoreWriter):
             lost = self._lost
             self._reset(None)
             raise StoreError(f"step {info.step} is incomplete, its index is not written: {lost}")
-        head = json.dumps({
+        head = dumps({
             "format": INDEX_FORMAT,
             "format_version": INDEX_VERSION,
             "step": info.step,
@@ -519,7 +519,7 @@ class SafetensorsWriter(StoreWriter):
             "shards": self._shards,
             "calls": calls_to_json(info.calls),
             "call_ends": calls_to_json(info.call_ends),
-        }, allow_nan=False)
+        })
         # The index is json.dumps of the whole object, byte for byte; the records' entries were
         # encoded as they were written, so it is assembled here rather than encoded again.
         text = (f'{head[:-1]}, "records": [{", ".join(self._records)}], '
