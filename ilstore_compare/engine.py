@@ -136,7 +136,11 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         # -- end issue 13 --
 
         heap = HeapGuard()
-        assist = stack.enter_context(_Assist(options.workers)) if options.workers > 1 else None
+        pool = assist = None
+        if options.workers > 1:  # one pool: the workers run the pairs and help each other with the large ones
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=options.workers,
+                                                          thread_name_prefix="ilstore-compare"))
+            assist = _Assist(options.workers, pool)
 
         def one(pair: Pair) -> TensorResult:
             if table is not None and (done := table.result(pair)) is not None:  # issue 13
@@ -160,7 +164,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             report = progress
             if progress is not None:  # the plain steps are decided already
                 report = _after(progress, sum(len(t.pairs) for t in plain.templates.values()), len(plan.pairs))
-            tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report))
+            tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report, pool))
             lost = [u for t in tensors for u in t.unreadable]
             tensors, calls, first, introduced = columnar.analyse(plan, plain, tensors)
             plan_notes, steps = plan.notes, (plan.steps, plan.steps_only1, plan.steps_only2)
@@ -173,7 +177,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                 beside = OracleWindows(r1, r2, oracle, options, patterns)
             planner = Planner(p1, p2, steps=options.steps, modules=patterns, name_map=nmap)
             whole = _compare_windows(planner, one, table, r1, r2, options, progress,
-                                     beside.window if beside is not None else None)
+                                     beside.window if beside is not None else None, pool)
             tensors, calls, first, introduced, lost = whole.tensors, whole.calls, whole.first, whole.introduced, \
                 whole.lost
             plan_notes, steps, summary = whole.notes, whole.steps, whole.summary
@@ -227,8 +231,8 @@ class _Whole:
 
 def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], table: Any, r1: StoreReader,
                      r2: StoreReader, options: CompareOptions, progress: Progress | None,
-                     beside: Callable[[list[CallResult], int], list[CallResult] | None] | None = None
-                     ) -> _Whole:
+                     beside: Callable[[list[CallResult], int], list[CallResult] | None] | None = None,
+                     pool: ThreadPoolExecutor | None = None) -> _Whole:
     """Plan, compare and analyse the steps a window at a time (each about :data:`_WINDOW_PAIRS`
     pairs): no plan of the whole run is held, and the entries and calls of every window after
     the first are kept in a temporary file (:mod:`.spill`), so a comparison of 100,000 steps
@@ -249,6 +253,8 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
     measured for the same steps, and the calls it gives back (with their local errors; None:
     unchanged) are kept instead. (A run's unreadable body is then found in step order across the
     comparison and the measurement: without ``keep_going``, the first one raises.)
+
+    ``pool``: the workers' threads, shared by every window (see :func:`_stream`).
     """
     spill: Spill | None = None
     tensor_parts: list[Held[TensorResult]] = []
@@ -279,7 +285,7 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
             left = wanted - stop
             total = planned + (round(planned / stop * left) if stop and left else 0)
             report = partial(_counted, progress, done, total, last_total)
-        tensors = tuple(_stream(plan.pairs, one, options.workers, report))
+        tensors = tuple(_stream(plan.pairs, one, options.workers, report, pool))
         lost += [u for t in tensors for u in t.unreadable]
         calls, first_here, introduced_here = analyse_calls(plan.calls, tensors,
                                                            bad_from=first.step if first is not None else None)
@@ -368,7 +374,7 @@ def _once(entries: Sequence[Unreadable]) -> tuple[Unreadable, ...]:
 
 
 def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,
-            progress: Progress | None) -> Iterator[TensorResult]:
+            progress: Progress | None, pool: ThreadPoolExecutor | None = None) -> Iterator[TensorResult]:
     """Results in input order.
 
     With several workers, pairs are loaded and compared in threads (reading releases the GIL,
@@ -379,6 +385,9 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
     memory does not hold back the smaller pairs just behind it: up to ``2 * workers`` pairs from
     the oldest unfinished one may start, the oldest first whenever memory frees. Small pairs run
     in batches of neighbours in this thread (:func:`_units`), a batch counting as one pair here.
+
+    ``pool``: the workers' threads (``workers`` of them), which may also run the pieces of the
+    large pairs (:class:`_Assist`); without it, a pool of ``workers`` threads for this call.
     """
     total = len(pairs)
     if workers <= 1:
@@ -416,7 +425,9 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
     ready: dict[int, tuple[list[TensorResult], BaseException | None]] = {}  # batches run here
     waiting: list[int] = []  # unit indices not started, in order, below next_new
     next_new = next_out = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilstore-compare") as pool:
+    with ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ilstore-compare"))
         try:
             while next_out < len(units):
                 here = None
@@ -462,18 +473,27 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
 
 
 class _Assist:
-    """Threads that help a worker with one large pair: both sides loaded at once, the metrics
-    computed in ranges at once (see :class:`.metrics.Split`), so a large pair -- which, with the
-    memory budget, runs beside small pairs only -- still uses every core. Its memory is the
-    pair's own: nothing more is loaded.
+    """Help for a worker with one large pair: both sides loaded at once, the metrics computed in
+    ranges at once (see :class:`.metrics.Split`), so a large pair -- which, with the memory
+    budget, runs beside small pairs only -- still uses every core. Its memory is the pair's
+    own: nothing more is loaded.
+
+    The pieces go to the compare's own workers (``pool``): a worker with nothing else to do
+    takes them, one busy with another pair leaves them to the pair's worker. A thread of its
+    own for the pieces made more threads than cores: beside a worker busy with a smaller pair it
+    took a share of that core, and the large pair then waited for its slowest piece (with two
+    workers on two cores, ``--workers 2`` gained less than two threads of the metrics alone).
 
     Args:
-        workers: the compare's workers; a pair is cut into that many pieces, ``workers - 1`` run
-            by these threads and one by the worker itself.
+        workers: the compare's workers; a pair is cut into ``2 * workers`` pieces.
+        pool: the threads that run pieces beside the pair's worker (the compare's workers);
+            without it, ``workers - 1`` threads of this object's own.
     """
 
-    def __init__(self, workers: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="ilstore-compare-assist")
+    def __init__(self, workers: int, pool: ThreadPoolExecutor | None = None) -> None:
+        self._own = pool is None
+        self._pool = pool if pool is not None else ThreadPoolExecutor(max_workers=workers - 1,
+                                                                      thread_name_prefix="ilstore-compare-assist")
         # two pieces a thread: a thread that gets less of a core (another process, a small pair
         # beside) is left fewer pieces (see run_all)
         self.split = Split(parts=2 * workers, run_all=self.run_all)
@@ -482,7 +502,8 @@ class _Assist:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._own:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run_all(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
         """``[fn() for fn in fns]``, the first on this thread and the others on the assisting
