@@ -37,7 +37,7 @@ import numpy
 import torch
 
 from ..errors import CorruptFileError, StoreError
-from ..keys import KINDS, CallKey, TensorKey
+from ..keys import KINDS, CallKey, TensorKey, encode_part
 from ..manifest import calls_from_json, calls_to_json, dumps, dumps_tree, json_str, write_text_atomic
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
@@ -100,6 +100,14 @@ def _writable(dtype: torch.dtype) -> bool:
 _ENCODE = dumps_tree
 #: A string as ``json.dumps`` spells it (ASCII, escaped).
 _json_str = json_str
+
+
+def _key_prefix(call: CallKey, kind: str) -> str:
+    """``str(call.tensor(kind))``, the key of a record's tensors up to their path, without a
+    :class:`~ilstore.keys.TensorKey` made per tensor (its checks: ``kind`` one of KINDS)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return f"r{call.rank}/s{call.step}/{encode_part(call.module)}/{call.call}/{kind}"
 
 
 def _shard_name(i: int) -> str:
@@ -398,10 +406,14 @@ class SafetensorsWriter(StoreWriter):
         except (TypeError, ValueError, RecursionError) as exc:
             raise StoreError(f"{call.tensor(record.kind)}: structure is not valid JSON: {exc}") from None
         added: list[_Body] = []
+        prefix = ""
         try:
             for path, _node, tensor in self._stored_bodies(record):
                 if tensor is not None:
-                    added.append(self._add(str(record.key(path)), tensor))
+                    if not prefix:  # str(record.key(path)), from the record's prefix made once
+                        prefix = _key_prefix(call, record.kind)
+                    key = prefix + "".join(["/" + encode_part(p) for p in path]) if path else prefix
+                    added.append(self._add(key, tensor))
         finally:
             if added and self.lent:
                 self._settle(added)
