@@ -87,6 +87,9 @@ DEFAULT_FLUSH_INTERVAL = 0.1
 #: a dataset's creation and the next record's (the model's work in between evicts HDF5's code
 #: and data from the CPU's caches: a group took ~78 us in the capture's rhythm, ~20 us in a row).
 _PENDING_ATTRS = 512
+#: The most file space the datasets created ahead of their tensors (:meth:`Hdf5Writer._take`)
+#: hold for one dtype and shape at a time (at least one dataset).
+_SPARE_BYTES = 4 << 20
 _STEP_FILE = re.compile(r"^step_(\d+)\.h5(\.partial)?$")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MAX_RANK = 32  # HDF5's limit on dataset dimensions
@@ -177,6 +180,11 @@ class Hdf5Writer(StoreWriter):
         # twice fails at its second write (its dataset names, group attribute or /structures
         # entry would clash, and with the links held that surfaced only at the next flush)
         self._written: set[tuple[str, int, str]] = set()
+        # Within the open step: datasets created ahead, not holding a tensor yet (see _take), by
+        # numpy dtype and shape, and how many datasets of each dtype and shape the step took
+        self._spare: dict[tuple[np.dtype[Any], tuple[int, ...]], list[tuple[Any, int | None]]] = {}
+        self._taken: dict[tuple[np.dtype[Any], tuple[int, ...]], int] = {}
+        self._last_taken: dict[tuple[np.dtype[Any], tuple[int, ...]], int] = {}  # the last step's, when it ended
         # Within the open step: the attributes of its groups and datasets not written yet
         # (object, name, value), in the order they were set; see _PENDING_ATTRS.
         self._attrs: list[tuple[Any, str, str | int]] = []  # object: its identifier, or a group's name
@@ -188,6 +196,7 @@ class Hdf5Writer(StoreWriter):
         # group_name and dataset_name of the calls and paths seen (bounded as _prefixes)
         self._gnames: dict[tuple[str, int], str] = {}
         self._dnames: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        self._ksuffixes: dict[tuple[str, ...], str] = {}  # a path's end of a tensor key's string
         self._flush_interval = float(self.options.get("flush_interval", DEFAULT_FLUSH_INTERVAL))
         self._flushed = 0.0  # time.monotonic() of the open step file's last flush
         self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
@@ -251,7 +260,7 @@ class Hdf5Writer(StoreWriter):
             self._drop()
             raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
         self._step, self._groups, self._datasets, self._entries, self._attrs = step, {}, {}, [], []
-        self._new_groups, self._links, self._written = [], [], set()
+        self._new_groups, self._links, self._written, self._spare, self._taken = [], [], set(), {}, {}
         return self._file
 
     def forked(self) -> None:
@@ -282,7 +291,7 @@ class Hdf5Writer(StoreWriter):
         open after a failed write can crash the interpreter when it is finally deallocated."""
         f, self._file, self._step, self._fd = self._file, None, None, None
         self._groups, self._datasets, self._entries, self._attrs = {}, {}, [], []
-        self._new_groups, self._links, self._written = [], [], set()
+        self._new_groups, self._links, self._written, self._spare, self._taken = [], [], set(), {}, {}
         if f is not None:
             try:
                 f.close()
@@ -301,7 +310,7 @@ class Hdf5Writer(StoreWriter):
                 raise StoreError(f"{path}: cannot finish the unfinished step file: {_msg(exc)}") from exc
         f, path, self._file, self._step, self._fd = self._file, self._path, None, None, None
         self._groups, self._datasets, self._entries, self._attrs = {}, {}, [], []
-        self._new_groups, self._links, self._written = [], [], set()
+        self._new_groups, self._links, self._written, self._spare, self._taken = [], [], set(), {}, {}
         if f is not None:
             try:
                 f.close()
@@ -360,7 +369,7 @@ class Hdf5Writer(StoreWriter):
             if not self._list_sides:  # version 1 repeated the name's module and call, the root's step and rank
                 self._attrs.extend((gname, name, value) for name, value in (
                     ("module", call.module), ("call", call.call), ("step", call.step), ("rank", call.rank)))
-        links, dnames, kind = self._links, self._dnames, record.kind
+        links, dnames, kind, ksuffixes, kprefix = self._links, self._dnames, record.kind, self._ksuffixes, None
         for path, node, tensor in bodies:
             dname = dnames.get((kind, path))
             if dname is None:
@@ -372,7 +381,14 @@ class Hdf5Writer(StoreWriter):
                 if original is not None:  # an HDF5 hard link: plain h5py readers see the tensor too
                     links.append((original, gname, dname))
                 continue
-            key = str(record.key(path))
+            if kprefix is None:  # str(record.key(path)) (the form of "same_as") without a TensorKey each
+                kprefix = f"r{call.rank}/s{call.step}/{gname[:gname.rindex('#')]}/{call.call}/{kind}"
+            suffix = ksuffixes.get(path)
+            if suffix is None:
+                suffix = "".join(["/" + encode_part(p) for p in path])
+                if len(ksuffixes) < 65536:
+                    ksuffixes[path] = suffix
+            key = kprefix + suffix
             self._datasets[key] = self._create_dataset(gname, dname, tensor, key)
         self._attrs.append((gname, record.kind, text))
         return True
@@ -388,7 +404,18 @@ class Hdf5Writer(StoreWriter):
         descriptor, holding the GIL. Raw data and metadata never share file space (HDF5 keeps
         them apart), so nothing HDF5 caches covers these bytes.
         """
-        tensor = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous()
+        # detach().resolve_conj().resolve_neg().cpu().contiguous(), each only where it changes
+        # something (the usual tensor needs none: five dispatched calls for nothing)
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if tensor.is_conj():
+            tensor = tensor.resolve_conj()
+        if tensor.is_neg():
+            tensor = tensor.resolve_neg()
+        if not tensor.is_cpu:
+            tensor = tensor.cpu()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
         try:
             data, encoding = encode(tensor, _NUMPY_DTYPES.__contains__)
         except TypeError as exc:
@@ -402,7 +429,7 @@ class Hdf5Writer(StoreWriter):
 
             ds = h5py.Group(self._file.id).create_dataset(None, data=array, **self._filters).id
         else:
-            ds = self._contiguous(self._file.id, array)
+            ds = self._contiguous(self._file.id, array, spares=True)
         self._links.append((ds, gname, name))
         attrs = self._attrs
         attrs.append((ds, "dtype", str(tensor.dtype)))
@@ -429,18 +456,21 @@ class Hdf5Writer(StoreWriter):
         for target, name, value in attrs:
             _set_attr(groups[target] if isinstance(target, str) else target, name, value)
 
-    def _contiguous(self, fid: Any, array: np.ndarray[Any, Any]) -> Any:
-        """An anonymous contiguous dataset of the file ``fid`` holding ``array``."""
+    def _contiguous(self, fid: Any, array: np.ndarray[Any, Any], spares: bool = False) -> Any:
+        """An anonymous contiguous dataset of the file ``fid`` holding ``array`` (with ``spares``,
+        one created ahead where there is one: :meth:`_take`)."""
         api = _api()
         h5d = api.h5d
-        tid, space = api.type_of(array.dtype), api.space_of(array.shape)
         if self._fd is None or not array.nbytes:  # HDF5 writes (no raw descriptor; nothing to write)
-            ds = h5d.create(fid, None, tid, space, dcpl=api.dcpl)
+            ds = h5d.create(fid, None, api.type_of(array.dtype), api.space_of(array.shape), dcpl=api.dcpl)
             if array.nbytes:
                 ds.write(api.all_space, api.all_space, array)
             return ds
-        ds = h5d.create(fid, None, tid, space, dcpl=api.dcpl_direct)
-        offset = ds.get_offset()
+        if spares:
+            ds, offset = self._take(fid, array)
+        else:
+            ds = h5d.create(fid, None, api.type_of(array.dtype), api.space_of(array.shape), dcpl=api.dcpl_direct)
+            offset = ds.get_offset()
         if offset is None:  # HDF5 allocated nothing (never seen): it writes
             ds.write(api.all_space, api.all_space, array)
         else:
@@ -450,11 +480,45 @@ class Hdf5Writer(StoreWriter):
                 _pwrite_all(self._fd, array.reshape(-1).view(np.uint8).data[done:], offset + done)
         return ds
 
+    def _take(self, fid: Any, array: np.ndarray[Any, Any]) -> tuple[Any, int | None]:
+        """A new anonymous contiguous dataset of ``array``'s type and shape, its space allocated,
+        and that space's offset in the file: one created ahead by an earlier call, or a new one.
+
+        Created one by one between the model's operations, a dataset took ~175-230 us of CPU
+        time (HDF5's code and data evicted from the caches by the model's work in between),
+        ~20-25 us when created in a row. So more are created at once: as many as the last
+        completed step took of this dtype and shape after this one, else, when the step takes
+        a dtype and shape again, as many as it took so far (1, 1, 2, 4, 8...: a layer's shapes
+        repeat with each layer); at most :data:`_SPARE_BYTES` of space ahead (at least one
+        dataset). The spares left when the step ends were never linked: HDF5 deletes them then
+        and frees their space, which was never written (a hole, no data, where the file system
+        keeps holes). Readers never see them: a dataset is reachable only once it is linked.
+        """
+        key = (array.dtype, array.shape)
+        spare = self._spare.get(key)
+        taken = self._taken[key] = self._taken.get(key, 0) + 1
+        if spare:
+            return spare.pop()
+        last = self._last_taken.get(key, 0)
+        want = last - taken + 1 if last >= taken else taken - 1  # this one included
+        api = _api()
+        create, tid, space, dcpl = api.h5d.create, api.type_of(array.dtype), api.space_of(array.shape), api.dcpl_direct
+        ds = create(fid, None, tid, space, dcpl=dcpl)
+        made = [(ds, ds.get_offset())]
+        for _ in range(min(want, _SPARE_BYTES // array.nbytes) - 1):
+            ahead = create(fid, None, tid, space, dcpl=dcpl)
+            made.append((ahead, ahead.get_offset()))
+        if len(made) > 1:
+            self._spare[key] = made[:0:-1]  # popped from the end: in the order they were created
+        return made[0]
+
     def _end_step(self, info: StepInfo) -> None:
         f = self._begin(info.step)
         final, partial = self._paths(info.step)
         try:
             self._set_attrs()
+            # HDF5 deletes the spare datasets (never linked) and frees their space
+            self._spare, self._taken, self._last_taken = {}, {}, self._taken
             if self._entries:
                 text = "".join(self._entries).encode("utf-8")  # ASCII: json.dumps escapes the rest
                 ds = self._contiguous(f.id, np.frombuffer(text, dtype=np.uint8))
