@@ -255,7 +255,7 @@ class Hdf5Writer(StoreWriter):
                 _set_attr(root, name, value)
             self._file.flush()
             self._flushed = time.monotonic()
-            self._fd = _vfd_handle(self._file)
+            self._fd = _vfd_handle(root)
         except Exception as exc:  # OSError, or RuntimeError from HDF5 on a full disk
             self._drop()
             raise StoreError(f"{partial}: cannot create the step file: {_msg(exc)}") from exc
@@ -546,7 +546,7 @@ class _Api:
 
     def __init__(self) -> None:
         import h5py
-        from h5py import h5a, h5d, h5f, h5g, h5o, h5p, h5s, h5t
+        from h5py import h5a, h5d, h5f, h5fd, h5g, h5o, h5p, h5s, h5t
 
         self.h5a, self.h5d, self.h5f, self.h5g, self.h5o, self.h5t, self.h5s = h5a, h5d, h5f, h5g, h5o, h5t, h5s
         # a step file as ``h5py.File(path, "w", track_order=True)`` creates it, except that the root
@@ -557,6 +557,9 @@ class _Api:
         self.fcpl = h5p.create(h5p.FILE_CREATE)
         self.fcpl.set_link_creation_order(h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED)
         self.fcpl.set_obj_track_times(False)
+        # step files made with these have the sec2 driver and no user block (unless HDF5_DRIVER
+        # says otherwise): HDF5's addresses are then file offsets, and raw data is pwritten
+        self.offsets = self.fapl.get_driver() == h5fd.SEC2 and self.fcpl.get_userblock() == 0
         # what ``attrs[name] = value`` creates for a ``str``/``int``
         self.vlen_str = h5t.py_create(h5py.string_dtype(), logical=True)
         self.i64 = h5t.py_create(np.dtype("<i8"))
@@ -606,12 +609,14 @@ def _api() -> _Api:
     return _Api()
 
 
-def _vfd_handle(f: Any) -> int | None:
-    """The descriptor HDF5 writes ``f`` through, where addresses in the file are file offsets."""
-    if not pread_ok or f.driver != "sec2" or f.userblock_size:
+def _vfd_handle(fid: Any) -> int | None:
+    """The descriptor HDF5 writes the step file ``fid`` (created with the writer's property
+    lists) through, where addresses in the file are file offsets (:attr:`_Api.offsets`; asked of
+    each file through h5py's ``File.driver`` and ``userblock_size``, ~40 us of a step's ~360)."""
+    if not pread_ok or not _api().offsets:
         return None
     try:
-        return int(f.id.get_vfd_handle())
+        return int(fid.get_vfd_handle())
     except (OSError, RuntimeError, ValueError, TypeError):
         return None
 
