@@ -61,7 +61,7 @@ import torch
 
 from ..errors import CorruptFileError, StoreError
 from ..keys import KINDS, CallKey, TensorKey, decode_part, encode_part
-from ..manifest import calls_from_json, calls_to_json
+from ..manifest import calls_from_json, calls_to_json, dumps, dumps_tree, json_str
 from ..records import Record, dtype_from_str, iter_tensor_nodes
 from ._encode import decode, encode
 from ._pread import AVAILABLE as pread_ok
@@ -134,7 +134,7 @@ def parse_dataset_name(name: str) -> tuple[str, tuple[str, ...]]:
 
 #: ``json.dumps(value, allow_nan=False)`` without building an encoder per call, and without the
 #: check for circular references (a structure is a tree; one that is not raises RecursionError).
-_to_json = json.JSONEncoder(allow_nan=False, check_circular=False).encode
+_to_json = dumps_tree
 
 
 def _msg(exc: BaseException) -> str:
@@ -353,7 +353,7 @@ class Hdf5Writer(StoreWriter):
         if not bodies and self._list_sides:
             prefix = self._prefixes.get((call.module, record.kind))
             if prefix is None:
-                prefix = f'{{"module":{json.dumps(call.module)},"kind":{json.dumps(record.kind)},"call":'
+                prefix = f'{{"module":{json_str(call.module)},"kind":{json_str(record.kind)},"call":'
                 if len(self._prefixes) < 65536:
                     self._prefixes[(call.module, record.kind)] = prefix
             self._entries.append(f'{prefix}{call.call},"structure":{text}}}\n')
@@ -436,7 +436,7 @@ class Hdf5Writer(StoreWriter):
         if encoding:
             attrs.append((ds, "encoding", encoding))
         if flat:
-            attrs.append((ds, "shape", json.dumps(list(data.shape))))
+            attrs.append((ds, "shape", dumps(list(data.shape))))
         return ds
 
     def _set_attrs(self) -> None:
@@ -523,8 +523,8 @@ class Hdf5Writer(StoreWriter):
                 text = "".join(self._entries).encode("utf-8")  # ASCII: json.dumps escapes the rest
                 ds = self._contiguous(f.id, np.frombuffer(text, dtype=np.uint8))
                 _api().h5o.link(ds, f.id, STRUCTURES.encode())
-            _set_attr(f.id, "calls", json.dumps(calls_to_json(info.calls)))
-            _set_attr(f.id, "call_ends", json.dumps(calls_to_json(info.call_ends)))
+            _set_attr(f.id, "calls", dumps(calls_to_json(info.calls)))
+            _set_attr(f.id, "call_ends", dumps(calls_to_json(info.call_ends)))
             self._file, self._step, self._fd, self._groups, self._datasets, self._entries = None, None, None, {}, {}, []
             self._attrs, self._new_groups, self._links, self._written = [], [], [], set()
             f.close()
