@@ -194,7 +194,7 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
             with open(output, "w", encoding="utf-8") as out:
                 write(out)
             return
-        fd, part_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+        fd, part_name = tempfile.mkstemp(prefix=_part_prefix(output), suffix=".part", dir=output.parent)
         part = Path(part_name)
         try:
             with open(fd, "w", encoding="utf-8") as out:
@@ -208,10 +208,12 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
 
 
 def _check_output(output: Path) -> None:
-    """Fail before comparing, not after, when the report could not be written to ``output``: its
-    directory is made (as the report would make it) and a file is created there and removed. A
-    path that exists and is not a plain file (a pipe, ``/dev/stdout``) is written directly, so it
-    only has to be writable.
+    """Fail before comparing, not after, when the report could not be written to ``output``, along
+    the same ways :func:`_write_report` takes: a plain file (or a new one) is written beside its
+    name and renamed, so its directory is made (as the report would make it) and a file is created
+    there and removed; a path written directly (a symbolic link, a pipe, ``/dev/stdout``, a file
+    with hard links) is opened for appending and closed (an existing file: nothing changes), its
+    target's directory probed when a link names a file not yet there.
 
     Raises:
         IlstoreError: naming ``output`` and why.
@@ -219,15 +221,32 @@ def _check_output(output: Path) -> None:
     try:
         if output.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if output.exists() and not output.is_file():
-            if not os.access(output, os.W_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-            return
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=f".{output.name}.", suffix=".part", dir=output.parent):
+        try:
+            was = os.lstat(output)
+        except FileNotFoundError:
+            was = None
+        if was is not None and (not stat.S_ISREG(was.st_mode) or was.st_nlink > 1):
+            if output.is_file():
+                os.close(os.open(output, os.O_WRONLY | os.O_APPEND))
+                return
+            if output.exists():  # a pipe, a device: opening one for writing could block
+                if not os.access(output, os.W_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                return
+            probe = Path(os.path.realpath(output)).parent  # a link to a file not yet there: open creates it
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            probe = output.parent
+        with tempfile.NamedTemporaryFile(prefix=_part_prefix(output), suffix=".part", dir=probe):
             pass
     except OSError as exc:
         raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
+
+
+def _part_prefix(output: Path) -> str:
+    """The temporary report's name prefix: a hidden name from the report's own, kept short enough
+    that the temporary name fits where the report's name does (255 bytes)."""
+    return f".{output.name[:100]}."
 
 
 def _umask() -> int:

@@ -135,3 +135,76 @@ def test_report_through_a_symlink_keeps_the_link_and_a_replaced_file_its_mode(ru
     os.umask(mask)
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~mask
     assert sorted(os.listdir(tmp_path)) == ["fresh.md", "link.json", "own.json", "target.json"]
+
+
+def test_links_and_long_names_are_checked_the_way_the_report_is_written(runs: dict[str, Path], tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The --output check before comparing follows the report's own ways (review findings): a
+    dangling link whose target's directory is missing is refused before comparing (it passed the
+    check and the result was lost after the comparison); a link to a file not yet there is fine
+    and the check leaves nothing behind; a 250-character name is written (the temporary name was
+    the report's name plus 15 characters, over 255 bytes)."""
+    from ilstore_compare import engine
+
+    real = engine.compare
+    ran: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        ran.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "compare", counted)
+    nowhere = tmp_path / "nowhere.md"
+    nowhere.symlink_to(tmp_path / "no_such_dir" / "report.md")
+    res = CliRunner().invoke(compare_cmd, ["--dir1", str(runs["a"]), "--dir2", str(runs["p"]), "--output",
+                                           str(nowhere)])
+    assert res.exit_code == 2 and f"{nowhere}: cannot write the report" in res.stderr and ran == []
+    later = tmp_path / "later.md"
+    later.symlink_to("made_by_the_report.md")
+    assert invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", later).exit_code == 1 and ran == [1]
+    assert later.is_symlink() and "mismatch" in (tmp_path / "made_by_the_report.md").read_text()
+    long_name = tmp_path / ("r" * 247 + ".md")
+    assert invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", long_name).exit_code == 1
+    assert "mismatch" in long_name.read_text() and ran == [1, 1]
+    assert sorted(os.listdir(tmp_path)) == sorted(["nowhere.md", "later.md", "made_by_the_report.md", long_name.name])
+
+
+_AS_A_USER = """
+import sys
+from pathlib import Path
+from ilstore_compare.cli import main
+sys.argv = ["ilstore-compare", "--dir1", sys.argv[1], "--dir2", sys.argv[2], "--output", sys.argv[3]]
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_a_link_in_a_directory_the_user_cannot_write_is_written_through(runs: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """A report link in a read-only directory, to a file the user may write, is written through (as
+    docs/compare.md says); the check before comparing had created its probe beside the link and
+    refused the report (a review finding). Run without the capability that lets root write
+    anywhere, where the test runs as root."""
+    import shutil
+    import subprocess
+    import sys
+
+    target_dir, link_dir = tmp_path / "rw", tmp_path / "ro"
+    target_dir.mkdir()
+    link_dir.mkdir()
+    target = target_dir / "report.md"
+    target.write_text("old\n")
+    link = link_dir / "link.md"
+    link.symlink_to(target)
+    link_dir.chmod(0o555)
+    cmd = [sys.executable, "-c", _AS_A_USER, str(runs["a"]), str(runs["p"]), str(link)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: permissions are not enforced")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        link_dir.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert "mismatch" in target.read_text() and link.is_symlink() and os.listdir(link_dir) == ["link.md"]
