@@ -777,7 +777,21 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
-    return {"type": "value", "class": f"{type(value).__module__}.{type(value).__qualname__}", "repr": repr(value)[:200]}
+    return {"type": "value", "class": f"{type(value).__module__}.{type(value).__qualname__}", "repr": _repr(value)}
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, its first 200 characters. A repr that fails (a ``__repr__`` that raises, a
+    structure nested too deep to print) is recorded as having failed, with the exception: one odd
+    value never stops a capture (SPEC section 8)."""
+    try:
+        return repr(value)[:200]
+    except Exception as exc:  # noqa: BLE001 - whatever a user's __repr__ raises
+        try:
+            why = f"{type(exc).__name__}: {exc}"
+        except Exception:  # noqa: BLE001 - an exception whose str() raises too
+            why = type(exc).__name__
+        return f"<repr failed: {why}>"[:200]
 
 
 def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
