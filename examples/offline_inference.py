@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             cap.close()
     print("generated token ids:", out[0, input_ids.shape[1]:].tolist())
     if cap is not None and cap.run_dir is not None:
-        print(f"captured {cap.step_index} step(s) into {cap.run_dir}")
+        with ilstore.open_run(cap.run_dir) as run:  # the steps log_step_ids kept, of those the model ran
+            stored = len(run.steps())
+        print(f"captured {stored} of {cap.step_index} step(s) into {cap.run_dir}")
     return 0
 
 

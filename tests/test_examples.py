@@ -38,12 +38,13 @@ def test_generate_with_and_without_capture(out_dir: Path, capsys: pytest.Capture
         assert step0[1] == 12 and step1[1] == 1  # prompt, then one token per step (KV cache)
 
 
-def test_config_path_and_bad_config(out_dir: Path, tmp_path: Path) -> None:
+def test_config_path_and_bad_config(out_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ex = _example()
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"output_dir": str(out_dir), "run_id": "p", "mode": "stats"}))
-    assert ex.main(["--max-new-tokens", "1", "--intermediate-log-config-path", str(path)]) == 0
+    assert ex.main(["--max-new-tokens", "2", "--intermediate-log-config-path", str(path)]) == 0
     assert ilstore.open_run(out_dir / "p").steps() == [0]
+    assert f"captured 1 of 2 step(s) into {out_dir / 'p'}" in capsys.readouterr().out  # said 2 (steps run)
     with pytest.raises(SystemExit) as info:
         ex.main(["--intermediate-log-config", '{"mode": "nope"}'])
     assert info.value.code == 2
