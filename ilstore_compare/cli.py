@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from ilstore.errors import IlstoreError, RunNotFoundError
+from ilstore.errors import AmbiguousRunError as CoreAmbiguousRunError
+from ilstore.errors import IlstoreError
 from ilstore.manifest import read_manifest
+from ilstore.store.registry import find_run_early
 
-from .errors import OptionError
+from .errors import AmbiguousRunError, OptionError
 from .options import CompareOptions
 from .selection import parse_steps
 
@@ -114,14 +116,14 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
     Raises:
         IlstoreError: bad input (the CLI turns it into exit status 2).
     """
-    for path in (dir1, dir2):  # the commonest mistakes, answered before torch is imported
-        if not Path(path).exists():
-            raise RunNotFoundError(f"{path}: no such run directory")
-        if not Path(path).is_dir():
-            raise RunNotFoundError(f"{path}: not a directory")
-    for run_dir in (dir1, dir2, options.replay, options.oracle):
-        if run_dir is not None and Path(run_dir).is_dir():
-            read_manifest(Path(run_dir))  # a corrupt or newer manifest: named before torch is imported
+    for run_dir in (dir1, dir2):  # the commonest mistakes, answered before torch is imported: a missing
+        try:  # path, a file, an empty directory, an output_dir of several runs
+            find_run_early(run_dir)
+        except CoreAmbiguousRunError as exc:
+            raise AmbiguousRunError(exc.directory, exc.runs) from None
+    for given in (dir1, dir2, options.replay, options.oracle):
+        if given is not None and Path(given).is_dir():
+            read_manifest(Path(given))  # a corrupt or newer manifest: named before torch is imported
     if output is not None:
         _check_output(output)
     from .engine import compare

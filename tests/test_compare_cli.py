@@ -306,6 +306,7 @@ def test_a_report_that_cannot_be_written_is_refused_before_comparing(tmp_path: P
     a_file.write_text("x")
     runs = tmp_path / "run"
     runs.mkdir()
+    (runs / "ilstore.json").write_text('{"format": "ilstore"}')  # (an empty directory is refused before)
     output = a_file / "report.md"  # (a directory is refused by click's option check)
     res = CliRunner().invoke(compare_cmd, ["--dir1", str(runs), "--dir2", str(runs), "--output", str(output)])
     assert res.exit_code == 2 and f"{output}: cannot write the report" in res.stderr, res.output

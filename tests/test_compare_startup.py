@@ -26,6 +26,12 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt_run"
     corrupt.mkdir()
     (corrupt / "ilstore.json").write_text('{"format": "ilstore", ')
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    two = tmp_path / "two_runs"
+    for name in ("a", "b"):
+        (two / name).mkdir(parents=True)
+        (two / name / "ilstore.json").write_text('{"format": "ilstore"}')
     newer = tmp_path / "newer_run"
     newer.mkdir()
     (newer / "ilstore.json").write_text('{"format": "ilstore", "format_version": 999}')
@@ -48,6 +54,8 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
         (["--dir1", str(corrupt), "--dir2", d], 2),  # a manifest that is not JSON
         (["--dir1", d, "--dir2", str(newer)], 2),  # a run written by a newer ilstore
         (["--dir1", d, "--dir2", d, "--replay", str(corrupt)], 2),
+        (["--dir1", str(empty), "--dir2", d], 2),  # an empty directory
+        (["--dir1", d, "--dir2", str(two)], 2),  # an output_dir holding two runs
     ]
     codes, heavy, stderr = run_cli_cases("ilstore_compare.cli", "ilstore-compare", [args for args, _ in cases], HEAVY)
     assert codes == [code for _, code in cases], stderr
@@ -55,7 +63,9 @@ def test_help_usage_and_map_errors_import_nothing_heavy(tmp_path: Path) -> None:
     for needle in ("--dir1", "--bogus", "pdf", "bad.json", "renames", "no_such_shipped_map",
                    "no_such_run: no such run directory", "a_file: not a directory",
                    "report.md: cannot write the report", "corrupt_run/ilstore.json: unreadable manifest",
-                   "newer_run/ilstore.json: written by a newer ilstore"):
+                   "newer_run/ilstore.json: written by a newer ilstore",
+                   "empty_dir: not a run directory (no ilstore.json, no step_<N> data) and no run inside it",
+                   "two_runs: holds 2 runs; pass one of them"):
         assert needle in stderr
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .base import StoreReader, StoreWriter
 
 __all__ = ["Backend", "ENTRY_POINT_GROUP", "BUILTIN_BACKENDS", "get_backend", "backend_names", "register_backend",
-           "detect_backend", "open_run", "find_run"]
+           "detect_backend", "open_run", "find_run", "find_run_early"]
 
 ENTRY_POINT_GROUP = "ilstore.backends"
 
@@ -184,6 +184,36 @@ def _is_run(path: Path) -> bool:
     except RunNotFoundError:
         return False
     return True
+
+
+def find_run_early(path: str | Path) -> None:
+    """Raise what :func:`find_run` would for ``path`` where that is known without the backends
+    (importing them imports torch): a missing path or a file, an empty directory, and a directory
+    without a manifest whose subdirectories are all runs with one, two or more of them. Otherwise
+    return: :func:`find_run` decides.
+
+    Raises:
+        RunNotFoundError: ``path`` is missing, not a directory, or empty.
+        AmbiguousRunError: ``path`` holds several runs, each with its manifest, and nothing else.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise RunNotFoundError(f"{p}: no such run directory")
+    if not p.is_dir():
+        raise RunNotFoundError(f"{p}: not a directory")
+    if (p / MANIFEST_NAME).is_file():
+        return
+    try:
+        entries = [e for e in p.iterdir() if not e.name.startswith(".")]
+    except OSError:
+        return  # find_run says why
+    if not entries:
+        raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
+    if any(not e.is_dir() or e.name.startswith(("step_", "rank_")) for e in entries):
+        return
+    runs = sorted(e for e in entries if (e / MANIFEST_NAME).is_file())
+    if len(runs) > 1 and len(runs) == len(entries):
+        raise AmbiguousRunError(p, [str(r) for r in runs])
 
 
 def find_run(path: str | Path) -> Path:
