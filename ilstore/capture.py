@@ -600,7 +600,10 @@ class Capture:
             try:
                 self._sink.close("failed", error=str(exc))
             except Exception as close_exc:  # the disk may still be full
-                _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
+                if close_exc.__cause__ is None or close_exc.__cause__ is not exc.__cause__:
+                    # (not the writer's failure that stopped the capture, raised again by the
+                    # sink once it had written the manifest as failed)
+                    _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
         try:
             self._close_parts()
         except Exception as close_exc:
