@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,8 +146,13 @@ def detect_backend(run_dir: Path) -> Backend:
             continue
         if backend.reader.can_open(run_dir):
             return backend
-    raise RunNotFoundError(f"{run_dir}: not a run directory any backend can read "
-                           f"(no {MANIFEST_NAME}, no step_<N> data; tried {', '.join(_available())})")
+    raise _unreadable(run_dir)
+
+
+def _unreadable(run_dir: Path) -> RunNotFoundError:
+    """The error of a directory no backend reads as a run."""
+    return RunNotFoundError(f"{run_dir}: not a run directory any backend can read "
+                            f"(no {MANIFEST_NAME}, no step_<N> data; tried {', '.join(_available())})")
 
 
 def open_run(path: str | Path) -> StoreReader:
@@ -161,6 +167,8 @@ def open_run(path: str | Path) -> StoreReader:
         raise RunNotFoundError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
         raise RunNotFoundError(f"{run_dir}: not a directory")
+    if _empty(run_dir):  # no backend reads it: answered before the backends (and torch) are imported
+        raise _unreadable(run_dir)
     from .ranks import RankedReader
 
     try:
@@ -186,6 +194,15 @@ def _is_run(path: Path) -> bool:
     return True
 
 
+def _empty(path: Path) -> bool:
+    """``path`` (a directory) holds nothing; False when it cannot be listed (the reader says why)."""
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
 def find_run_early(path: str | Path) -> None:
     """Raise what :func:`find_run` would for ``path`` where that is known without the backends
     (importing them imports torch): a missing path or a file, an empty directory, and a directory
@@ -208,7 +225,7 @@ def find_run_early(path: str | Path) -> None:
     except OSError:
         return  # find_run says why
     if not entries:
-        raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
+        raise _no_run(p)
     if any(not e.is_dir() or e.name.startswith(("step_", "rank_")) for e in entries):
         return
     runs = sorted(e for e in entries if (e / MANIFEST_NAME).is_file())
@@ -225,10 +242,7 @@ def find_run(path: str | Path) -> Path:
         AmbiguousRunError: ``path`` holds several runs (they are listed).
     """
     p = Path(path)
-    if not p.exists():
-        raise RunNotFoundError(f"{p}: no such run directory")
-    if not p.is_dir():
-        raise RunNotFoundError(f"{p}: not a directory")
+    find_run_early(p)
     if _is_run(p):
         return p
     try:
@@ -241,4 +255,9 @@ def find_run(path: str | Path) -> Path:
         return runs[0]
     if runs:
         raise AmbiguousRunError(p, [str(r) for r in runs])
-    raise RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
+    raise _no_run(p)
+
+
+def _no_run(p: Path) -> RunNotFoundError:
+    """The error of a directory that is neither a run nor holds one."""
+    return RunNotFoundError(f"{p}: not a run directory (no {MANIFEST_NAME}, no step_<N> data) and no run inside it")
