@@ -246,9 +246,9 @@ def _check_output(output: Path) -> None:
 
 
 def _part_prefix(output: Path) -> str:
-    """The temporary report's name prefix: a hidden name from the report's own, kept short enough
-    that the temporary name fits where the report's name does (255 bytes)."""
-    return f".{output.name[:100]}."
+    """The temporary report's name prefix: a hidden name from the report's own cut to 100 bytes,
+    so the temporary name fits where the report's name does (255 bytes)."""
+    return f".{output.name.encode()[:100].decode(errors='ignore')}."
 
 
 def _umask() -> int:

@@ -166,7 +166,11 @@ def test_links_and_long_names_are_checked_the_way_the_report_is_written(runs: di
     long_name = tmp_path / ("r" * 247 + ".md")
     assert invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", long_name).exit_code == 1
     assert "mismatch" in long_name.read_text() and ran == [1, 1]
-    assert sorted(os.listdir(tmp_path)) == sorted(["nowhere.md", "later.md", "made_by_the_report.md", long_name.name])
+    wide_name = tmp_path / ("\u20ac" * 80 + ".md")  # 243 bytes, 83 characters: the cut counts bytes
+    assert invoke("--dir1", runs["a"], "--dir2", runs["p"], "--output", wide_name).exit_code == 1
+    assert "mismatch" in wide_name.read_text() and ran == [1, 1, 1]
+    assert sorted(os.listdir(tmp_path)) == sorted(["nowhere.md", "later.md", "made_by_the_report.md", long_name.name,
+                                                   wide_name.name])
 
 
 _AS_A_USER = """
