@@ -53,7 +53,10 @@ def test_nice_group_on_this_process_is_undone() -> None:
     path = bench.AUTOGROUP
     if not path.exists() or not os.access(path, os.W_OK):
         pytest.skip("no writable autogroup here (not Linux, autogroups off, or not root)")
-    before = _nice(path)
+    try:
+        before = _nice(path)
+    except (OSError, ValueError, IndexError):  # some kernels/containers give an empty or odd file
+        pytest.skip(f"{path} does not read back '/autogroup-N nice K' here")
     with bench.nice_group(True, nice=before) as niced:  # the same value: nothing else on the machine changes
         if not niced:
             pytest.skip("this process may not set its autogroup's nice value")
