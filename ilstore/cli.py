@@ -106,11 +106,15 @@ def validate_config_cmd(config: str) -> int:
 def ls_run(run_dir: Path, show_calls: bool = False, as_json: bool = False) -> int:
     """Print a run's steps with call/tensor counts and bytes; returns the exit status.
 
+    ``run_dir`` is a run, or an ``output_dir`` holding one run (as ``ilstore-compare`` takes them:
+    :func:`~ilstore.store.registry.find_run`; one holding several is an error that lists them).
     Only ``show_calls`` reads every structure of the run (the per-call counts, also in the
     JSON); otherwise the step journal's totals suffice, however long the run, and a run in a
     built-in backend is listed without importing torch (:func:`~ilstore.summary.summarize_run`).
     """
-    summary = summarize_run(run_dir, calls=show_calls)
+    from .store.registry import find_run
+
+    summary = summarize_run(find_run(run_dir), calls=show_calls)
     click.echo(json.dumps(summary.to_dict(), indent=1) if as_json else format_summary(summary, show_calls=show_calls))
     return 0
 
@@ -126,6 +130,8 @@ Examples:
 @handle_errors
 def ls_cmd(run_dir: Path, show_calls: bool, as_json: bool) -> int:
     """List a run's steps, module calls, tensor counts and bytes, and its status.
+
+    RUN_DIR is a run, or a capture's output_dir holding one run.
 
     Three or more consecutive steps with the same counts share one row (e.g. 1-99999).
     """

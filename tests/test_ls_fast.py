@@ -168,7 +168,19 @@ def test_an_empty_directory_is_answered_without_torch(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     result = _ls_without_torch(empty, "(2,)")
-    assert f"{empty}: not a run directory any backend can read (no ilstore.json" in result.stderr
+    assert f"{empty}: not a run directory (no ilstore.json, no step_<N> data) and no run inside it" in result.stderr
+
+
+def test_an_output_dir_of_one_run_lists_it_and_of_several_names_them_without_torch(out_dir: Path) -> None:
+    """``ilstore ls OUTPUT_DIR`` takes the output_dir as ``ilstore-compare`` does: one run inside is
+    listed as if it were given; several are an error naming each, answered before torch is
+    imported (it imported torch, then said "not a run directory any backend can read")."""
+    run_dir = _capture(out_dir, "pt", "stats", steps=3, run_id="first")
+    assert _ls([str(out_dir)]) == _ls([str(run_dir)]) and "status complete, 3 step(s)" in _ls([str(out_dir)])
+    second = _capture(out_dir, "hdf5", "stats", steps=2, run_id="second")
+    result = _ls_without_torch(out_dir, "(2,)")
+    assert f"{out_dir}: holds 2 runs; pass one of them:\n  - {run_dir}\n  - {second}" in result.stderr
+    assert _ls_without_torch(second, "(0, None)").stdout.count("status complete, 2 step(s)") == 1
 
 
 def test_total_counts_match_totals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
