@@ -247,8 +247,9 @@ def _check_output(output: Path) -> None:
 
 def _part_prefix(output: Path) -> str:
     """The temporary report's name prefix: a hidden name from the report's own cut to 100 bytes,
-    so the temporary name fits where the report's name does (255 bytes)."""
-    return f".{output.name.encode()[:100].decode(errors='ignore')}."
+    so the temporary name fits where the report's name does (255 bytes). Works on the name's bytes
+    as the file system holds them, so a name that is not UTF-8 (surrogate escapes) is kept too."""
+    return "." + os.fsdecode(os.fsencode(output.name)[:100]) + "."
 
 
 def _umask() -> int:

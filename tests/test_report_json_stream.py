@@ -212,3 +212,19 @@ def test_a_link_in_a_directory_the_user_cannot_write_is_written_through(runs: di
         link_dir.chmod(0o755)
     assert proc.returncode == 1, proc.stderr
     assert "mismatch" in target.read_text() and link.is_symlink() and os.listdir(link_dir) == ["link.md"]
+
+
+def test_a_report_name_that_is_not_utf8_is_written(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``--output`` naming a file whose name is not UTF-8 (byte 0xff, as a file system may hold it)
+    gets its report; the temporary name's cut to 100 bytes encoded the name as UTF-8 and stopped
+    with a traceback (a review finding)."""
+    import subprocess
+    import sys
+
+    name = os.fsencode(tmp_path) + b"/rep\xff.md"
+    proc = subprocess.run([sys.executable, "-c", _AS_A_USER, str(runs["a"]), str(runs["p"]), name],
+                          capture_output=True, text=True, errors="replace", timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert os.listdir(os.fsencode(tmp_path)) == [b"rep\xff.md"]
+    with open(name, encoding="utf-8") as f:
+        assert "mismatch" in f.read()
