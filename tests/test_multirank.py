@@ -147,8 +147,11 @@ def test_llama_perturbed_shard_found_in_the_logical_tensor(llama_runs: dict[str,
                                                                               "introduced", 0)
     gate = next(t for t in result.tensors if t.key.module == "model.layers.0.mlp.gate_proj"
                 and t.key.kind == "outputs" and t.key.step == 0)
-    # rank 1's column 3 of its 64 is logical column 67, on each of the 2 x 6 tokens
-    assert gate.metrics is not None and gate.metrics.max_abs_diff_index == (0, 3, 67)
+    # rank 1's column 3 of its 64 is logical column 67, on each of the 2 x 6 tokens; every token's
+    # difference is ~0.01, so which token holds the largest one depends on the machine's rounding
+    assert gate.metrics is not None and gate.metrics.max_abs_diff_index is not None
+    batch, token, column = gate.metrics.max_abs_diff_index
+    assert column == 67 and 0 <= batch < 2 and 0 <= token < 6
     assert gate.metrics.mismatched == 12
 
 
