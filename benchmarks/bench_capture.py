@@ -116,6 +116,9 @@ class Row:
         self.total: list[float] = []
         self.rss: list[int] = []
         self.bytes = self.files = 0
+        # async rows: rounds whose capture wrote records on the model's thread (lent) and rounds
+        # where it then switched lending off (lent writes over their budget: snapshots from then on)
+        self.lent_rounds = self.lending_off_rounds = 0
 
     def measure(self, r: int, tmp: Path, model: torch.nn.Module, ids: torch.Tensor) -> None:
         out = tmp / f"{self.name.replace(' ', '_')}_{r}"
@@ -138,7 +141,8 @@ class Row:
 
     def result(self) -> dict[str, Any]:
         return {"name": self.name, "forward": statistics.median(self.fwd), "total": statistics.median(self.total),
-                "bytes": self.bytes, "files": self.files, "rss": statistics.median(self.rss)}
+                "bytes": self.bytes, "files": self.files, "rss": statistics.median(self.rss),
+                "lent_rounds": self.lent_rounds, "lending_off_rounds": self.lending_off_rounds}
 
 
 def _fs_type(path: Path) -> str:
@@ -255,7 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     def ilstore_row(label: str, timed_setup: bool = False, **cfg: Any) -> Row:
         def setup(out: Path) -> Any:
             return ilstore.capture(model, {"output_dir": str(out), "run_id": "run", **cfg})
-        return Row(label, setup, lambda cap: cap.close(), timed_setup)
+
+        def close(cap: Any) -> None:
+            sink = cap._sink  # (private: whether an async capture kept writing on the model's thread)
+            if getattr(sink, "lent_records", 0):
+                row.lent_rounds += 1
+                row.lending_off_rounds += not sink.lending
+            cap.close()
+
+        row = Row(label, setup, close, timed_setup)
+        return row
 
     for backend in [b for b in args.backends.split(",") if b]:
         for mode in ("sync", "async"):
@@ -314,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{res['name']:28} {res['forward']:9.3f} {res['fwd/base']:8.2f} {res['total']:8.3f} "
               f"{res['tot/base']:8.2f} {res['tot/floor']:9.2f} {res['bytes'] / 1e6:7.1f} {res['files']:6d} "
               f"{res['rss'] / 2**20:7.0f}")
+    lent = [res for res in results if res["lent_rounds"]]
+    if lent:
+        print("async rounds that wrote on the model's thread (lent) / of them, lending switched off: "
+              + ", ".join(f"{res['name'].removeprefix('ilstore ')} {res['lent_rounds']}/{res['lending_off_rounds']}"
+                          for res in lent))
     by_name = {row.name: row for row in rows}
     if "ilstore pt replay" in by_name and "ilstore pt async" in by_name:
         ratio = _paired(by_name["ilstore pt replay"].total, by_name["ilstore pt async"].total)

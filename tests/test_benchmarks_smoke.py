@@ -78,15 +78,19 @@ def test_bench_write_size_smoke(tmp_path: Path, capsys) -> None:
 
 def test_bench_capture_smoke(tmp_path: Path, capsys) -> None:
     out = tmp_path / "capture.json"
-    assert _load("bench_capture").main(["--rounds", "1", "--backends", "pt", "--rows", "pt sync,replay",
+    assert _load("bench_capture").main(["--rounds", "1", "--backends", "pt", "--rows", "pt sync,pt async,replay",
                                         "--tmp", str(tmp_path), "--json", str(out)]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"baseline", "raw floor", "raw floor, 1 MiB writes", "ilstore pt sync", "ilstore pt replay"}
+    assert set(rows) == {"baseline", "raw floor", "raw floor, 1 MiB writes", "ilstore pt sync", "ilstore pt async",
+                         "ilstore pt replay"}
+    # the async capture wrote on the model's thread (its first record at least is always lent)
+    assert rows["ilstore pt async"]["lent_rounds"] == 1 and rows["ilstore pt async"]["lending_off_rounds"] in (0, 1)
+    assert rows["ilstore pt sync"]["lent_rounds"] == 0
     assert rows["raw floor"]["bytes"] > rows["ilstore pt sync"]["bytes"] > 0  # de-duplication
     assert rows["ilstore pt replay"]["bytes"] > 0
     assert [p for p in tmp_path.iterdir() if p != out] == []  # every run deleted at the end
     printed = capsys.readouterr().out
-    assert "tot/floor" in printed and "ilstore pt replay" in printed
+    assert "tot/floor" in printed and "ilstore pt replay" in printed and "lending switched off: pt async 1/" in printed
 
 
 def test_bench_capture_long_run_smoke(tmp_path: Path, capsys) -> None:
