@@ -104,8 +104,8 @@ class _SchedStat:
     def __init__(self) -> None:
         self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
 
-    def __del__(self) -> None:  # the thread ended (its locals are dropped), or the child of a fork
-        os.close(self.fd)
+    def __del__(self, _close: Any = os.close) -> None:  # the thread ended (its locals dropped), or a fork's child
+        _close(self.fd)  # (bound early: at interpreter exit the module's globals may be gone)
 
 
 _schedstats = threading.local()
