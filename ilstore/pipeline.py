@@ -72,21 +72,21 @@ _GIL_SLICE_S: float | None = 0.0002
 #: kernel throttles its writers for a slow disk or hands out fresh page-cache pages slowly.
 #: What each write takes beyond its budget, less what the faster ones leave unused, accumulates;
 #: past :data:`_LEND_SLACK_S` lending is off for the run (so the model waits at most that much
-#: longer for the disk than with snapshots, plus one write). What counts is the write's wall
-#: clock less the time its thread waited for a core (Linux's ``/proc/thread-self/schedstat``:
-#: on-CPU time and time blocked in the kernel count, a wait in the run queue while another
-#: process had the core does not): a write descheduled on a busy machine is not a slow write.
-#: Without schedstat: CPU time only, or the wall clock when the write waited in the kernel (a
-#: voluntary context switch).
+#: longer for the disk than with snapshots, plus one write). What counts is the time the write
+#: was blocked in the kernel (a throttled disk, a page cache that sleeps to hand out pages): its
+#: wall clock less its CPU time (a snapshot would copy the same bytes: a copy slowed by a busy
+#: machine's memory is no reason to snapshot) and less the time its thread waited for a core
+#: (Linux's ``/proc/thread-self/schedstat``: another process's time, not the disk's). Without
+#: schedstat, a write that did not sleep (no voluntary context switch) was not blocked; where
+#: that is not known either (not Linux), its wall clock less its CPU time counts.
 _LEND_BUDGET_S = 0.0005
 _LEND_BUDGET_BPS = 1e9
 _LEND_SLACK_S = 0.02
 
 
-def _thread_usage() -> tuple[float, int]:
-    """The calling thread's CPU time (s) and voluntary context switches (where not known: 0)."""
-    # (getrusage's times advance by scheduler ticks: 4 ms here)
-    return time.thread_time(), 0 if _RUSAGE_THREAD is None else resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+def _voluntary_waits() -> int | None:
+    """How many times the calling thread has slept in the kernel (``None`` where not known)."""
+    return None if _RUSAGE_THREAD is None else resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
 try:
@@ -332,11 +332,11 @@ class ThreadedSink(RecordSink):
         self._thread: threading.Thread | None = None
         # Whether records with bodies may be written by the producer while nothing is queued
         # (lends, write_lent): set by a capture whose writer borrows bodies; turned off for the
-        # run by lent writes slower than their budget (_LEND_BUDGET_S), or by a record whose copy from a device
+        # run by lent writes blocked longer than their budget (_LEND_BUDGET_S), or by a record whose copy from a device
         # was still running (a model on an accelerator: writing there would wait for it).
         self.lending = False
         self.lent_records = 0  # records written by the producer from the model's own tensors
-        self._lend_excess = 0.0  # what lent writes took beyond their budgets, less what they left unused (>= 0)
+        self._lend_excess = 0.0  # what lent writes were blocked beyond their budgets, less what they left unused (>= 0)
 
     def _process(self, op: str, item: Any, nbytes: int, slices: bool = False) -> None:
         """Do one item; ``slices``: hand the GIL over between a batch's records (the writer thread)."""
@@ -544,9 +544,9 @@ class ThreadedSink(RecordSink):
         For a CPU tensor a snapshot costs what writing it into the page cache costs (a copy),
         plus fresh pages and a second pass once the writer thread writes it, so writing it here
         is cheaper; the promise of ``async_writes`` (the model does not wait for the disk) is
-        kept by timing each such write: writes slower than their budget (:data:`_LEND_BUDGET_S`: a
-        disk throttling its writers, a slow page cache) turn lending off for the run, and records are
-        snapshotted and queued as usual from then on. So does a record whose device copy is
+        kept by timing each such write: writes blocked longer than their budget (:data:`_LEND_BUDGET_S`:
+        a disk throttling its writers, a page cache slow to hand out pages) turn lending off for the
+        run, and records are snapshotted and queued as usual from then on. So does a record whose device copy is
         still running (it is waited for here, once).
         """
         if self._error is not None:
@@ -559,9 +559,9 @@ class ThreadedSink(RecordSink):
             with self._cond:
                 self._pending_items += 1
             queued = _run_queue_wait()
-            started = clock()
             if queued is None:
-                cpu, waits = _thread_usage()
+                waits = _voluntary_waits()
+            cpu, started = time.thread_time(), clock()
             writer.lent = True
             try:
                 self._process("write", record, 0)
@@ -571,20 +571,23 @@ class ThreadedSink(RecordSink):
             spent = clock() - started
             if not self.lent_records:  # the first pays for one-time set-up (an import, the first files)
                 spent = 0.0
-            elif spent > budget:  # preempted (another process had the core: not counted), or slow?
-                if queued is None:  # no schedstat: CPU time, unless the write waited in the kernel
-                    cpu_after, waits_after = _thread_usage()
-                    if waits_after == waits:
-                        spent = cpu_after - cpu
+            elif spent > budget:  # it waited for the disk, or for a core, or it copied slowly?
+                # What counts is the time it was blocked: not its CPU time (a snapshot copies the same
+                # bytes), nor its waits for a core (another process's time, not the disk's)
+                spent -= time.thread_time() - cpu
+                if queued is None:  # no schedstat: a write that never slept waited only for a core
+                    if waits is not None and _voluntary_waits() == waits:
+                        spent = 0.0
                 else:
                     queued_after = _run_queue_wait()
                     if queued_after is not None:
-                        spent = max(0.0, spent - (queued_after - queued))
+                        spent -= queued_after - queued
+                spent = max(0.0, spent)
             self._lend_excess = excess = max(0.0, self._lend_excess + spent - budget)
             if excess > _LEND_SLACK_S:
                 self.lending = False
-                _log.debug("ilstore: lent writes took %.1f ms more than their budget, the last (%d bytes) %.1f ms: "
-                           "snapshots from now on", 1e3 * excess, record.nbytes, 1e3 * spent)
+                _log.debug("ilstore: lent writes were blocked %.1f ms beyond their budget, the last (%d bytes) "
+                           "%.1f ms: snapshots from now on", 1e3 * excess, record.nbytes, 1e3 * spent)
         self.lent_records += 1
 
     def _write_batch_here(self) -> None:
