@@ -128,6 +128,10 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
         _check_output(output)
     from .engine import compare
 
+    if output is not None:  # (finding a run named by its output_dir may import the backends)
+        _check_output_outside_runs(output, {"dir1": dir1, "dir2": dir2, "--replay": options.replay,
+                                            "--oracle": options.oracle})
+
     fmt = report_format(fmt, output)
     options = CompareOptions.create(options, keep_going=True)
     bar = _ProgressBar() if sys.stderr.isatty() else None
@@ -209,13 +213,39 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
         raise IlstoreError(f"{output}: cannot write the report: {exc.strerror or exc}") from None
 
 
+def _check_output_outside_runs(output: Path, runs: dict[str, Path | str | None]) -> None:
+    """Refuse a report path inside one of the runs read (followed through links): writing there
+    could replace one of the run's own files (its manifest, a tensor's JSON) or add a stray one.
+    A run named by its ``output_dir`` counts as the one run inside it; a path that names no run
+    is left to the comparison to refuse.
+
+    Raises:
+        IlstoreError: naming ``output`` and the run.
+    """
+    from ilstore.store.registry import find_run
+
+    target = os.path.realpath(output)
+    for name, given in runs.items():
+        if given is None:
+            continue
+        try:
+            run_dir = find_run(given)
+        except (IlstoreError, OSError):
+            continue
+        root = os.path.realpath(run_dir)
+        if os.path.commonpath([target, root]) == root:
+            raise IlstoreError(f"{output}: inside the run {name} ({run_dir}): the report could overwrite the "
+                               "run's own files; write it elsewhere")
+
+
 def _check_output(output: Path) -> None:
     """Fail before comparing, not after, when the report could not be written to ``output``, along
     the same ways :func:`_write_report` takes: a plain file (or a new one) is written beside its
-    name and renamed, so its directory is made (as the report would make it) and a file is created
-    there and removed; a path written directly (a symbolic link, a pipe, ``/dev/stdout``, a file
-    with hard links) is opened for appending and closed (an existing file: nothing changes), its
-    target's directory probed when a link names a file not yet there.
+    name and renamed, so a file is created and removed in its directory, or in the nearest of its
+    parents that exists where the report will make the rest (nothing is made before comparing); a
+    path written directly (a symbolic link, a pipe, ``/dev/stdout``, a file with hard links) is
+    opened for appending and closed (an existing file: nothing changes), its target's directory
+    probed when a link names a file not yet there.
 
     Raises:
         IlstoreError: naming ``output`` and why.
@@ -236,9 +266,12 @@ def _check_output(output: Path) -> None:
                     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
                 return
             probe = Path(os.path.realpath(output)).parent  # a link to a file not yet there: open creates it
-        else:
-            output.parent.mkdir(parents=True, exist_ok=True)
+        else:  # the report's directory is made when the report is written: probe the nearest that exists
             probe = output.parent
+            while not os.path.lexists(probe) and probe != probe.parent:
+                probe = probe.parent
+            if not probe.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         with tempfile.NamedTemporaryFile(prefix=_part_prefix(output), suffix=".part", dir=probe):
             pass
     except OSError as exc:

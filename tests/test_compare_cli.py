@@ -310,6 +310,34 @@ def test_a_report_that_cannot_be_written_is_refused_before_comparing(tmp_path: P
     output = a_file / "report.md"  # (a directory is refused by click's option check)
     res = CliRunner().invoke(compare_cmd, ["--dir1", str(runs), "--dir2", str(runs), "--output", str(output)])
     assert res.exit_code == 2 and f"{output}: cannot write the report" in res.stderr, res.output
-    ok = tmp_path / "new" / "dir" / "report.md"  # a directory the report would make is fine
+    ok = tmp_path / "new" / "dir" / "report.md"  # a directory the report would make is fine, and is not made
     res = CliRunner().invoke(compare_cmd, ["--dir1", str(runs), "--dir2", str(runs), "--output", str(ok)])
-    assert "compared although" in str(res.exception) and ok.parent.is_dir() and not list(ok.parent.iterdir())
+    assert "compared although" in str(res.exception) and not (tmp_path / "new").exists()
+
+
+def test_a_report_inside_a_run_read_is_refused(tmp_path: Path) -> None:
+    """A report path inside dir1 or dir2 (or a link to a file there) would replace the run's own
+    files (a reviewer's ``-o A/ilstore.json`` left run A unreadable): exit 2, nothing written. A
+    path beside the run, in the output_dir that holds it, is fine."""
+    from ilstore_compare import cli
+
+    lin = torch.nn.Linear(3, 2)
+    run1 = module_run(tmp_path / "out1", "one", lin, torch.ones(3))
+    run2 = module_run(tmp_path / "out2", "two", lin, torch.ones(3))
+    manifest, manifest2 = (run1 / "ilstore.json").read_bytes(), (run2 / "ilstore.json").read_bytes()
+    link = tmp_path / "link.json"
+    link.symlink_to(run2 / "ilstore.json")
+    for output, name, run in ((run1 / "ilstore.json", "dir1", run1), (run1 / "new" / "r.md", "dir1", run1),
+                              (link, "dir2", run2)):
+        res = CliRunner().invoke(compare_cmd, ["--dir1", str(tmp_path / "out1"), "--dir2", str(run2),
+                                               "--output", str(output), "--format", "json"])
+        assert res.exit_code == 2, res.output
+        assert f"{output}: inside the run {name} ({run})" in res.stderr, res.stderr
+    assert (run1 / "ilstore.json").read_bytes() == manifest and not (run1 / "new").exists()
+    assert (run2 / "ilstore.json").read_bytes() == manifest2
+    with pytest.raises(ilstore.errors.IlstoreError, match="inside the run --replay"):
+        cli._check_output_outside_runs(run2 / "x.md", {"dir1": run1, "--replay": tmp_path / "out2"})
+    beside = tmp_path / "out1" / "report.md"
+    res = CliRunner().invoke(compare_cmd, ["--dir1", str(tmp_path / "out1"), "--dir2", str(run2),
+                                           "--output", str(beside)])
+    assert res.exit_code == 0 and beside.is_file(), res.output
