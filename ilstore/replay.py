@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -184,8 +185,9 @@ class ReplaySource:
         return fed
 
     def describe(self) -> dict[str, str]:
-        """What the replay run's manifest records as ``replayed_from``."""
-        return {"path": str(self.run_dir), "run_id": self.run_id}
+        """What the replay run's manifest records as ``replayed_from``: the reference's absolute path
+        (what the comparer checks while it is there) and its run id."""
+        return {"path": os.path.abspath(self.run_dir), "run_id": self.run_id}
 
     def _has_call(self, call: CallKey) -> bool:
         key = (call.rank, call.step)

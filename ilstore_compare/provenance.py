@@ -11,6 +11,7 @@ before anything is compared.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -71,11 +72,20 @@ def _same_dir(a: str | Path, b: str | Path) -> bool:
 
 
 def is_replay_of(source: Mapping[str, str], reference: StoreReader) -> bool:
-    """Whether a ``replayed_from`` record names ``reference``: by run id, else by path."""
+    """Whether a ``replayed_from`` record names ``reference``.
+
+    A replay records its reference's absolute path: while a directory is still there, the path
+    decides (another run with the same run id, elsewhere, is another run: its local errors would
+    be measured against the wrong inputs). A path that is gone (the runs were moved, or copied to
+    another machine) or relative (a replay written before ilstore recorded absolute paths, relative
+    to a working directory not known here) leaves it to the run id, else to the path as given.
+    """
     run_id, path = source.get("run_id") or "", source.get("path") or ""
+    if path and os.path.isabs(path) and os.path.isdir(path):
+        # replay_from may have named an output_dir holding the one run
+        return _same_dir(path, reference.run_dir) or _same_dir(path, reference.run_dir.parent)
     if run_id:
         return run_id in run_ids(reference)
-    # replay_from may name an output_dir holding the one run
     return bool(path) and (_same_dir(path, reference.run_dir) or _same_dir(path, reference.run_dir.parent))
 
 

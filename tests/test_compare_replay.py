@@ -299,13 +299,37 @@ def test_bad_replay_options_are_exit_2(runs: dict[str, Path], args: list[str], m
     assert res.exit_code == 2 and message in res.stderr
 
 
+def test_a_replay_of_a_same_named_run_elsewhere_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two references with one run id in two output_dirs (a reviewer's runs/fp32 and runs2/fp32):
+    a replay of the first compared with the second measured its "local errors" against inputs
+    the second never saw. The replay's absolute path decides while it is there; once the runs are
+    moved, the run id does (nothing else is left to tell them apart)."""
+    ref = _chain_run(tmp_path / "runs", "ref", {})
+    other = _chain_run(tmp_path / "runs2", "ref", {"a": 1.5})
+    cand = _chain_run(tmp_path / "runs", "cand", {"c": 1 + 1e-3})
+    rep = fake_replay(ref, tmp_path / "runs", "rep", scale={"c": 1 + 1e-3})
+    res = invoke("--dir1", cand, "--dir2", other, "--replay", rep)
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    assert f"was replayed from run ref ({ref})" in res.stderr and f"--dir2 {other} is run ref" in res.stderr
+    assert invoke("--dir1", cand, "--dir2", ref, "--replay", rep).exit_code == 1
+    monkeypatch.chdir(tmp_path)  # a relative path (an older replay's record): the run id decides
+    relative = fake_replay(ref, tmp_path / "runs", "rep_rel", source={"path": "runs/ref", "run_id": "ref"})
+    assert invoke("--dir1", cand, "--dir2", other, "--replay", relative).exit_code == 1
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    ref.rename(moved / "ref")
+    assert invoke("--dir1", cand, "--dir2", moved / "ref", "--replay", rep).exit_code == 1
+
+
 # -- end to end: a real capture with replay_from ----------------------------------------------------
-def test_end_to_end_with_a_replay_from_capture(tmp_path: Path) -> None:
+def test_end_to_end_with_a_replay_from_capture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ref = llama_run(tmp_path, "ref", log_step_ids=[0])  # the replay logs a step the reference lacks
-    rep = llama_run(tmp_path, "rep", perturb=PERTURBED, replay_from=str(ref))
+    monkeypatch.chdir(tmp_path)
+    rep = llama_run(tmp_path, "rep", perturb=PERTURBED, replay_from="ref")
     result = compare(rep, ref)
     local = result.local
     assert local is not None and local.source == "dir1" and local.replayed_from["run_id"] == "ref"
+    assert local.replayed_from["path"] == str(ref.absolute())  # absolute, whatever replay_from said
     assert (local.errors[0].call.step, local.errors[0].call.module) == (0, PERTURBED)
     step0 = [e for e in local.errors if e.call.step == 0]
     assert all(e.replayed and e.compared for e in step0)
