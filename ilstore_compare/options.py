@@ -29,7 +29,7 @@ from typing import Any
 from .errors import OptionError
 from .mapping import NameMap
 from .maps import resolve_map
-from .selection import compile_patterns, split_patterns
+from .selection import compile_patterns, parse_steps, split_patterns
 
 __all__ = ["CompareOptions", "reported_options"]
 
@@ -38,10 +38,11 @@ __all__ = ["CompareOptions", "reported_options"]
 class CompareOptions:
     """What to compare and how; validated and normalised on construction.
 
-    Fields accept a few loose forms, stored canonically: ``steps`` any iterable of integers
-    (stored sorted, without repeats), ``modules`` a comma-separated string or a list of them
-    (stored as one tuple of regexes), ``name_map`` a :class:`~ilstore_compare.mapping.NameMap`,
-    its dict form, a JSON file path or a shipped map's name (stored as the map's JSON form),
+    Fields accept a few loose forms, stored canonically: ``steps`` any iterable of integers or
+    the command line's string (``"0,2,5-7"``; stored sorted, without repeats), ``modules`` a
+    comma-separated string or a list of them (stored as one tuple of regexes), ``name_map`` a
+    :class:`~ilstore_compare.mapping.NameMap`, its dict form, a JSON file path or a shipped map's
+    name (stored as the map's JSON form),
     ``squeeze_shapes`` None (stored as what the map says, off without a map; it then follows
     the map the comparer picks by itself, see ``auto_map``).
 
@@ -115,7 +116,9 @@ class CompareOptions:
             self._set(name, float(value))
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise OptionError("workers", f"must be an integer >= 1, got {self.workers!r}")
-        if self.steps is not None:
+        if isinstance(self.steps, str):  # the command line's form: "0,2,5-7"
+            self._set("steps", parse_steps(self.steps))
+        elif self.steps is not None:
             steps = list(self.steps)
             if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
                 raise OptionError("steps", f"must be integers >= 0, got {steps!r}")

@@ -180,7 +180,7 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
     intro = "Module calls in start order (parents before their children)." + (
         " Propagated error (dir1 vs dir2) and local error (measured by replay) side by side." if side is not None
         else "")
-    groups = _step_groups(result.calls, side, None if verbose else BRIEF_LIMIT)
+    groups, held_back = _step_groups(result.calls, side, None if verbose else BRIEF_LIMIT)
     for steps, rows in groups:
         if len(steps) == 1:
             out += [Heading(f"Step {steps[0]}"), Text(intro), _table(rows, headers)]
@@ -190,7 +190,7 @@ def outline(result: CompareResult, verbose: bool = False) -> list[Block]:
                          "verdicts and figures, so they share one table."), _table(rows, headers)]
     tabled = {step for steps, _ in groups for step in steps}
     rest = [step for step in result.summary.steps if step not in tabled]
-    if rest and not verbose:
+    if rest and held_back:  # (steps of the run with no call compared, a --modules matching none there, have no table)
         out.append(Text(f"The call tables of {len(rest)} more step(s) ({step_ranges(rest)}) are not shown (the "
                         f"first {BRIEF_LIMIT} tables are): --verbose shows every step's table, --steps picks steps, "
                         "--format json lists every call."))
@@ -234,13 +234,14 @@ def _step_tables(calls: Sequence[CallResult], side: Any) -> Iterator[tuple[int, 
 
 
 def _step_groups(calls: Sequence[CallResult], side: Any,
-                 limit: int | None = None) -> list[tuple[list[int], list[list[Any]]]]:
+                 limit: int | None = None) -> tuple[list[tuple[list[int], list[list[Any]]]], bool]:
     """Consecutive steps (numbers in a row) whose call tables are equal cell for cell, grouped;
-    the first ``limit`` groups (no table made beyond them) or all."""
+    the first ``limit`` groups (no table made beyond them) or all; and whether groups were left
+    out (a step with calls past the limit)."""
     groups: list[tuple[list[int], list[list[Any]]]] = []
     for step, rows in _step_tables(calls, side):
         if limit is not None and len(groups) > limit:  # a group past the limit has begun (it may merge no more)
-            break
+            return groups[:limit], True
         if groups and groups[-1][0][-1] == step:  # one step's calls in two parts: one table
             steps, before = groups[-1]
             if len(steps) == 1:
@@ -252,7 +253,7 @@ def _step_groups(calls: Sequence[CallResult], side: Any,
             groups[-1][0].append(step)
         else:
             groups.append(([step], rows))
-    return groups if limit is None else groups[:limit]
+    return (groups, False) if limit is None or len(groups) <= limit else (groups[:limit], True)
 
 
 def _measured_first(result: CompareResult) -> list[Block]:

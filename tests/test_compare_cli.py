@@ -341,3 +341,20 @@ def test_a_report_inside_a_run_read_is_refused(tmp_path: Path) -> None:
     res = CliRunner().invoke(compare_cmd, ["--dir1", str(tmp_path / "out1"), "--dir2", str(run2),
                                            "--output", str(beside)])
     assert res.exit_code == 0 and beside.is_file(), res.output
+
+
+def test_option_errors_name_the_flag_and_steps_take_the_command_lines_form(runs: dict[str, Path]) -> None:
+    """docs/compare.md: a bad option raises OptionError naming it, and the command line shows the
+    same message under the flag's name (--steps and --workers were click's own "Invalid value"
+    messages); ``steps`` given as a string in Python is the command line's form (it was taken
+    as a list of characters)."""
+    from ilstore_compare import CompareOptions, OptionError
+
+    assert CompareOptions(steps="5-7,0,2").steps == (0, 2, 5, 6, 7)
+    with pytest.raises(OptionError, match=r"^steps: 'x' is not a step number or a range like 2-5 \(in 'x'\)$"):
+        CompareOptions(steps="x")
+    for args, message in ((["--steps", "x"], "error: --steps: 'x' is not a step number or a range like 2-5 (in 'x')"),
+                          (["--workers", "0"], "error: --workers: must be an integer >= 1, got 0")):
+        res = invoke("--dir1", runs["a"], "--dir2", runs["a"], *args)
+        assert res.exit_code == 2 and res.stderr.strip() == message, res.stderr
+    assert invoke("--dir1", runs["a"], "--dir2", runs["a"], "--steps", "0-0").exit_code == 0

@@ -112,3 +112,8 @@ def test_brief_report_shows_the_first_tables_of_a_long_divergent_run(tmp_path: P
     assert [line for line in full.splitlines() if line.startswith("## Step")] == [
         "## Step 0", "## Step 1", "## Step 2", "## Step 3", "## Step 4", "## Step 5"]
     assert "more step(s)" not in full
+    # steps whose calls the modules filter leaves out have no table to hold back (a reviewer saw
+    # "The call tables of 2 more step(s) (0–1) are not shown (the first 50 tables are)" there)
+    none = compare(tmp_path / "a", tmp_path / "b", modules="no_such_module")
+    assert none.summary.steps and "more step(s)" not in render_markdown(none)
+    assert "more step(s)" not in render_html(none)
