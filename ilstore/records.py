@@ -7,6 +7,15 @@ containers ``{"type": "tuple"|"list"|"dict", "items": ...}``, plain JSON values 
 are and anything else becomes ``{"type": "value", "class": ..., "repr": ...}``. The tensor
 bodies travel beside it in ``tensors``, keyed by path.
 
+A dict's items are named by their keys made strings; a key whose string an earlier key of the same
+dict already gave (``1`` and ``"1"``) is named ``<key>~2`` (``~3``... the first name free), and the
+dict node lists such items in ``"renamed"`` (item name -> repr of the original key), so no tensor
+is lost. A key holding a lone surrogate, which no backend can write (names are UTF-8), is named
+with the surrogate escaped (``k\\ud800``) and listed in ``"renamed"`` too. One odd value never
+stops a capture (SPEC section 8): a container that cannot be walked (a ``__getitem__`` or a
+dataclass field that raises, a key whose ``str()`` raises) is recorded as one ``"value"`` node
+with a ``"reason"``, and none of its tensors is captured.
+
 A sparse or quantized tensor is a ``"dict"`` container with ``"class": "torch.Tensor"`` and an
 ``"encoding"`` whose items are ordinary dense tensors (indices and values; the integer
 representation, scale and zero point), so every backend, convert and compare handle it as
@@ -534,7 +543,7 @@ class _Ctx:
     known_stats: Callable[[torch.Tensor], dict[str, Any] | None] | None = None
     _prefix: str | None = None
     # the tensor nodes made so far, in the order iter_tensor_nodes yields them; None once that
-    # order is no longer known (a dict whose keys collide once made strings)
+    # order is no longer known (a tensor node given kwargs)
     nodes: list[tuple[tuple[str, ...], dict[str, Any]]] | None = field(default_factory=list)
     stats_only: bool = False  # no body is stored (policy.store_bodies is false)
 
@@ -777,7 +786,52 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
-    return {"type": "value", "class": f"{type(value).__module__}.{type(value).__qualname__}", "repr": _repr(value)}
+    return _value_node(value)
+
+
+def _value_node(value: Any, why: BaseException | None = None) -> dict[str, Any]:
+    """The ``{"type": "value"}`` node of a value that is recorded as its class and repr only; ``why``:
+    why a container was not walked (recorded as ``"reason"``). Never raises."""
+    try:
+        cls = type(value)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+    except Exception:  # noqa: BLE001 - a metaclass whose __module__ or __qualname__ raises
+        name = "?"
+    node: dict[str, Any] = {"type": "value", "class": name, "repr": _repr(value)}
+    if why is not None:
+        node["reason"] = f"cannot be walked: {_why(why)}"[:200]
+    return node
+
+
+def _why(exc: BaseException) -> str:
+    """``"<exception class>: <message>"``, or the class alone when the message cannot be made."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - an exception whose str() raises too
+        return type(exc).__name__
+
+
+def _encodable(key: str) -> str:
+    """``key``, or, when it holds a lone surrogate (``"k\\ud800"``, which no backend can write: names
+    are UTF-8), the same with each such character written as its escape (``"k\\\\ud800"``)."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+    return key
+
+
+def _item_name(key: str, items: Mapping[str, Any]) -> str:
+    """The name of a dict item whose key, made a string, is ``key``, given the names taken so far:
+    ``key`` itself, or, when an earlier key made the same string (``1`` and ``"1"``), ``key~2``,
+    ``key~3``... the first not taken, so no tensor is lost and the names depend only on the order of
+    the keys (the same spirit as the pt backend's ``fc_1~2`` directories)."""
+    if key not in items:
+        return key
+    n = 2
+    while f"{key}~{n}" in items:
+        n += 1
+    return f"{key}~{n}"
 
 
 def _repr(value: Any) -> str:
@@ -787,11 +841,7 @@ def _repr(value: Any) -> str:
     try:
         return repr(value)[:200]
     except Exception as exc:  # noqa: BLE001 - whatever a user's __repr__ raises
-        try:
-            why = f"{type(exc).__name__}: {exc}"
-        except Exception:  # noqa: BLE001 - an exception whose str() raises too
-            why = type(exc).__name__
-        return f"<repr failed: {why}>"[:200]
+        return f"<repr failed: {_why(exc)}>"[:200]
 
 
 def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
@@ -820,28 +870,54 @@ def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
     if cls is tuple or cls is list:  # the common containers, before the (slower) test against Mapping
         return {"type": "tuple" if cls is tuple else "list",
                 "items": [_walk(v, path + (str(i),), ctx, depth + 1) for i, v in enumerate(value)]}
-    if cls is dict or isinstance(value, Mapping):
+    try:
+        members = _members(value, cls)
+    except Exception as exc:  # noqa: BLE001 - one odd value never stops a capture (SPEC section 8)
+        return _value_node(value, exc)
+    if members is None:
+        return _plain(value)
+    kind, named, is_dataclass = members
+    node: dict[str, Any] = {"type": kind}
+    if is_dataclass:
+        node["class"] = cls.__qualname__
+    if kind == "dict":
         items: dict[str, Any] = {}
-        count = 0
-        for k, v in value.items():
-            key = str(k)
-            items[key] = _walk(v, path + (key,), ctx, depth + 1)
-            count += 1
-        if count != len(items):  # keys that collide as strings: the tree keeps the last one's node only
-            ctx.nodes = None
-        node: dict[str, Any] = {"type": "dict", "items": items}
-        if cls is not dict:
-            node["class"] = cls.__qualname__
-        return node
+        renamed: dict[str, str] = {}
+        for key, original, v in named:
+            name = _item_name(key if key.isascii() else _encodable(key), items)
+            if name != key:
+                renamed[name] = _repr(original)
+            items[name] = _walk(v, path + (name,), ctx, depth + 1)
+        node["items"] = items
+        if renamed:
+            node["renamed"] = renamed
+    else:
+        node["items"] = [_walk(v, path + (str(i),), ctx, depth + 1) for i, (_, _, v) in enumerate(named)]
+    if cls is not dict and "class" not in node:
+        node["class"] = cls.__qualname__
+    return node
+
+
+def _members(value: Any, cls: type) -> tuple[str, list[tuple[str, Any, Any]], bool] | None:
+    """What :func:`_walk` needs of a container, all asked before any of its members is walked, so a
+    container that fails to tell (a ``__getitem__`` that raises, a dataclass field never set, a key
+    whose ``str()`` raises) becomes one value node and leaves no half-made tensor nodes behind.
+
+    Returns:
+        ``(kind, [(name, key, member), ...], is_dataclass)``: ``kind`` is ``"dict"`` (a mapping or
+        a dataclass), ``"tuple"`` or ``"list"``; ``name`` is the key made a string (``""`` in a
+        sequence). None when ``value`` is no container (a plain value).
+
+    Raises:
+        Exception: whatever the value raises while it is asked.
+    """
+    if cls is dict or isinstance(value, Mapping):
+        return "dict", [(str(k), k, v) for k, v in value.items()], False
     if isinstance(value, (tuple, list)):  # a subclass (a named tuple...)
-        return {"type": "tuple" if isinstance(value, tuple) else "list",
-                "items": [_walk(v, path + (str(i),), ctx, depth + 1) for i, v in enumerate(value)],
-                "class": cls.__qualname__}
+        return "tuple" if isinstance(value, tuple) else "list", [("", None, v) for v in value], False
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return {"type": "dict", "class": type(value).__qualname__,
-                "items": {k: _walk(v, path + (k,), ctx, depth + 1) for k, v in fields.items()}}
-    return _plain(value)
+        return "dict", [(f.name, f.name, getattr(value, f.name)) for f in dataclasses.fields(value)], True
+    return None
 
 
 def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,

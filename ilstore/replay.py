@@ -32,7 +32,7 @@ import torch
 
 from .errors import IlstoreError, RunNotFoundError, StoreError
 from .keys import CallKey, TensorKey
-from .records import iter_tensor_nodes, node_at, rebuild_tensor
+from .records import _encodable, _item_name, iter_tensor_nodes, node_at, rebuild_tensor
 from .store.base import StoreReader, read_manifest
 from .store.registry import find_run
 
@@ -314,8 +314,17 @@ class _Swap:
         if depth >= _MAX_DEPTH:
             return value
         if isinstance(value, Mapping):
-            items = {k: self.walk(v, path + (str(k),), depth + 1) for k, v in value.items()}
-            if all(items[k] is value[k] for k in items):
+            try:  # asked first, as records._members does: one that cannot tell was recorded as a value
+                pairs = [(str(k), k, v) for k, v in value.items()]
+            except Exception:  # noqa: BLE001 - (no tensor of it in the reference: nothing to feed)
+                return value
+            names: dict[str, None] = {}
+            items = {}
+            for key, original, v in pairs:  # named as records._walk names them (colliding keys: "1~2")
+                name = _item_name(key if key.isascii() else _encodable(key), names)
+                names[name] = None
+                items[original] = self.walk(v, path + (name,), depth + 1)
+            if all(items[original] is v for _, original, v in pairs):
                 return value
             return _rebuild_mapping(value, items)
         if isinstance(value, (tuple, list)):
@@ -327,7 +336,10 @@ class _Swap:
             make = getattr(type(value), "_make", None)  # namedtuple
             return make(seq) if make is not None else type(value)(seq)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            try:
+                fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            except Exception:  # noqa: BLE001 - a field never set: recorded as a value, nothing to feed
+                return value
             new = {k: self.walk(v, path + (k,), depth + 1) for k, v in fields.items()}
             changed = {k: v for k, v in new.items() if v is not fields[k]}
             if not changed:

@@ -1,10 +1,17 @@
 """Values that are not tensors and cannot be printed do not stop a capture (a review finding, the
 2026-12-01 third round): a module called with (or returning) an object whose ``__repr__`` raises,
 or a list nested deeper than Python can print, had stopped the capture at step 0 with the run
-marked failed; each such value is now recorded with the failure, and every tensor is kept."""
+marked failed; each such value is now recorded with the failure, and every tensor is kept.
+
+The same for containers that cannot be walked (the fourth round): a dataclass with a field never
+set, a mapping whose ``__getitem__`` raises, a dict key whose ``str()`` raises had stopped the
+capture; each is now one value node with the reason. And dict keys that collide once made strings
+(``{1: a, "1": b}``) had kept ``b`` only, silently: both are kept now, the second as ``1~2``."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,11 @@ import torch
 from torch import nn
 
 import ilstore
+from ilstore.convert import convert
 from ilstore.store.registry import open_run
+from ilstore_compare import compare
+
+BACKENDS = ["pt", "safetensors", "hdf5"]
 
 
 class Unprintable:
@@ -46,7 +57,7 @@ def _deep(levels: int) -> Any:
     return value
 
 
-@pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("async_writes", [False, True])
 @pytest.mark.parametrize("odd", ["unprintable", "deep"])
 def test_a_value_that_cannot_be_printed_is_recorded_as_such(tmp_path: Path, backend: str, async_writes: bool,
@@ -70,3 +81,139 @@ def test_a_value_that_cannot_be_printed_is_recorded_as_such(tmp_path: Path, back
         assert "repr failed: RecursionError" in text
     (key, _), = reader.tensor_nodes(calls["inner.lin"], "inputs")
     assert torch.equal(reader.load(key), x)
+
+
+@dataclasses.dataclass
+class _Unset:
+    x: torch.Tensor
+    y: int = dataclasses.field(init=False)  # never set: getattr raises AttributeError
+
+
+class _FailingMapping(Mapping[str, Any]):
+    """Lists two keys; the first item is a tensor, the second cannot be read."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "a":
+            return self.t
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["a", "b"])
+
+    def __len__(self) -> int:
+        return 2
+
+
+class _NoStr:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        return "_NoStr()"
+
+
+def _odd_container(kind: str, t: torch.Tensor) -> tuple[Any, str]:
+    """The container and the reason its node must give."""
+    if kind == "unset_field":
+        return _Unset(t), "AttributeError"
+    if kind == "failing_mapping":
+        return _FailingMapping(t), "KeyError: 'b'"
+    return {"ok": t, _NoStr(): t}, "RuntimeError: no str"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["unset_field", "failing_mapping", "unprintable_key"])
+def test_a_container_that_cannot_be_walked_is_one_value(tmp_path: Path, backend: str, kind: str) -> None:
+    model = Outer()
+    x = torch.randn(3, 4)
+    seen = []
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "backend": backend,
+                                                  "on_error": "raise", "log_step_ids": []}) as cap:
+        for _ in range(2):
+            value, reason = _odd_container(kind, x + 1)
+            out = model(x, value)
+            seen.append(out[1] is value)
+    assert seen == [True, True]  # the model's own object, untouched
+    reader = open_run(cap.run_dir)
+    assert reader.manifest["status"] == "complete" and list(reader.steps()) == [0, 1]
+    calls = {c.module: c for c in reader.calls(1)}
+    for side, node in (("inputs", reader.structure(calls["inner"], "inputs")["items"][1]),
+                       ("outputs", reader.structure(calls["inner"], "outputs")["items"][1])):
+        assert node["type"] == "value", side
+        assert node["reason"].startswith("cannot be walked: ") and reason in node["reason"], node
+        assert isinstance(node["repr"], str) and node["class"].endswith(type(value).__qualname__)
+    # nothing of the container was half captured: its tensor has no key
+    assert [k.path for k in reader.keys(1) if k.module == "inner"] == [("0",), ("0",)]
+    (key, _), = reader.tensor_nodes(calls["inner.lin"], "inputs")
+    assert torch.equal(reader.load(key), x)
+
+
+class _Keys(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[Any, torch.Tensor]:
+        return {1: x + 1, "1": x + 2, "1~2": x + 3, "z": x + 4}
+
+
+class _Root(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keys_that_collide_as_strings_keep_every_tensor(tmp_path: Path, backend: str) -> None:
+    model = _Root(_Keys())
+    x = torch.zeros(2)
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path / "runs"), "backend": backend,
+                                                  "on_error": "raise"}) as cap:
+        model(x)
+    want = {("1",): 1.0, ("1~2",): 2.0, ("1~2~2",): 3.0, ("z",): 4.0}
+    with open_run(cap.run_dir) as reader:
+        call, = reader.calls(0)
+        node = reader.structure(call, "outputs")
+        assert list(node["items"]) == ["1", "1~2", "1~2~2", "z"]
+        assert node["renamed"] == {"1~2": "'1'", "1~2~2": "'1~2'"}
+        got = {k.path: reader.load(k) for k in reader.keys(0) if k.kind == "outputs"}
+    assert {p: float(t[0]) for p, t in got.items()} == want
+    for other in BACKENDS:
+        if other == backend:
+            continue
+        there = convert(cap.run_dir, tmp_path / other, to=other)
+        back = convert(there, tmp_path / f"{other}-back", to=backend)
+        for run in (there, back):
+            with open_run(run) as reader:
+                call, = reader.calls(0)
+                assert reader.structure(call, "outputs")["renamed"] == node["renamed"]
+                assert {k.path: float(reader.load(k)[0]) for k in reader.keys(0) if k.kind == "outputs"} == want
+            result = compare(run, cap.run_dir)
+            assert result.exit_code == 0 and len(result.tensors) == 5  # 4 outputs and the input
+
+
+class _SurrogateKey(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"k\ud800": x + 1, "k\\ud800": x + 2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dedup", [True, False])
+def test_a_key_with_a_lone_surrogate_keeps_its_tensor(tmp_path: Path, backend: str, dedup: bool) -> None:
+    """No backend can write a lone surrogate (names are UTF-8): the tensor had been lost (with
+    ``dedup``) or the capture stopped (without); now the key is written escaped."""
+    model = _Root(_SurrogateKey())
+    x = torch.zeros(2)
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "backend": backend,
+                                                  "dedup": dedup, "on_error": "raise"}) as cap:
+        model(x)
+    with open_run(cap.run_dir) as reader:
+        assert reader.manifest["status"] == "complete"
+        call, = reader.calls(0)
+        node = reader.structure(call, "outputs")
+        assert list(node["items"]) == ["k\\ud800", "k\\ud800~2"]
+        assert node["renamed"] == {"k\\ud800": repr("k\ud800"), "k\\ud800~2": repr("k\\ud800")}
+        got = {k.path: float(reader.load(k)[0]) for k in reader.keys(0) if k.kind == "outputs"}
+    assert got == {("k\\ud800",): 1.0, ("k\\ud800~2",): 2.0}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ pytestmark = [
 ]
 
 CALL = CallKey(0, 0, "m", 0)
-_CASES = 12
+_CASES = 13
 
 
 @dataclasses.dataclass
@@ -46,6 +47,24 @@ class _Unprintable:
         return "<unprintable>"
 
 
+class _HalfReadable(Mapping[str, Any]):
+    """Its first item (a tensor) reads, its second raises: the walk must leave no node of the first."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "a":
+            return self.t
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["a", "b"])
+
+    def __len__(self) -> int:
+        return 2
+
+
 def _values() -> list[tuple[Any, dict[str, Any] | None]]:
     x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     sparse = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
@@ -56,7 +75,7 @@ def _values() -> list[tuple[Any, dict[str, Any] | None]]:
         ((x,), {"mask": x > 2, "n": 4, "emb": (x.double(), x.half())}),
         ({"a": x, "b": [x.bfloat16(), {"c": torch.tensor(5)}]}, None),
         (OrderedDict(z=x, y=x.t()), None),
-        ({1: x, "1": x + 1}, None),  # keys that collide as strings: the tree keeps the second
+        ({1: x, "1": x + 1}, None),  # keys that collide as strings: the second is "1~2"
         (_Pair(x, (x, sparse)), None),
         ([sparse, quant, torch.empty(0), torch.tensor(float("nan"))], None),
         ((torch.empty(2, device="meta"), torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])), None),
@@ -64,6 +83,7 @@ def _values() -> list[tuple[Any, dict[str, Any] | None]]:
         ((torch.zeros(2, dtype=torch.complex64), torch.ones(3, dtype=torch.int16), torch.ones(2, dtype=torch.bool)),
          None),
         ((_Unprintable(), x), {"x": [[[x]]]}),
+        ((_HalfReadable(x.double()), x), {"m": _HalfReadable(x)}),  # each a value node, none of its tensors
     ]
 
 
@@ -82,10 +102,11 @@ def test_collected_nodes_are_what_the_walk_yields(case: int, store_bodies: bool)
     assert record.nodes is None or record.nodes == walked
 
 
-def test_nodes_are_dropped_when_keys_collide_or_a_tensor_gets_kwargs() -> None:
+def test_nodes_are_dropped_when_a_tensor_gets_kwargs() -> None:
     x = torch.ones(2)
     policy = TensorPolicy(store_bodies=False)
-    assert build_record(CALL, "outputs", {1: x, "1": x}, policy).nodes is None
+    record = build_record(CALL, "outputs", {1: x, "1": x + 1}, policy)
+    assert record.nodes is not None and [p for p, _ in record.nodes] == [("1",), ("1~2",)]
     assert build_record(CALL, "inputs", x, policy, {"k": x}).nodes is None
     assert build_record(CALL, "inputs", (x,), policy, {"k": x}).nodes is not None
 
@@ -205,3 +226,17 @@ def test_stats_fast_path_nodes_of_odd_cpu_float_tensors() -> None:
     zero = torch._efficientzerotensor(2, 2)
     node = build_record(CALL, "outputs", zero, policy, None, Deduper()).structure
     assert node["stored"] is False and node["reason"].startswith("cannot be captured: RuntimeError")
+
+
+@pytest.mark.parametrize("store_bodies", [True, False])
+def test_a_container_that_fails_midway_leaves_nothing_behind(store_bodies: bool) -> None:
+    x = torch.ones(3)
+    dedup = Deduper()
+    record = build_record(CALL, "outputs", (_HalfReadable(x), [x]), TensorPolicy(store_bodies=store_bodies,
+                                                                                 pin_memory=False), dedup=dedup)
+    odd, listed = record.structure["items"]
+    assert odd["type"] == "value" and odd["reason"] == "cannot be walked: KeyError: 'b'"
+    assert record.tensor_nodes() == list(iter_tensor_nodes(record.structure)) and [p for p, _ in record.nodes] == [
+        ("1", "0")]
+    assert list(record.tensors) == ([("1", "0")] if store_bodies else [])
+    assert "same_as" not in listed["items"][0]  # x was first seen in the list, not in the failed mapping

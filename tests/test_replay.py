@@ -179,6 +179,34 @@ def test_nested_positional_and_keyword_tensors_are_fed_and_plain_values_stay_liv
     assert info["replayed"] and sorted(info["replaced"]) == ["0.0", "0.1", "extra.y"]
 
 
+class KeyedSum(nn.Module):
+    def forward(self, d: dict[Any, torch.Tensor]) -> torch.Tensor:
+        return d[1] * 10 + d["1"]
+
+
+class Keyed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = KeyedSum()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.inner({1: a, "1": b})
+
+
+def test_inputs_under_keys_that_collide_as_strings_are_both_fed(tmp_path: Path) -> None:
+    """``{1: a, "1": b}``: the capture names the second item ``1~2`` (records._walk), and replay
+    walks the live inputs under the same names, so each is fed its own reference tensor."""
+    model = Keyed()
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "ref"}) as cap:
+        expected = model(a, b)
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "rep", "replay_from": str(cap.run_dir)}) as rep:
+        got = model(a + 100, b - 100)
+    assert torch.equal(got, expected)
+    info = _replay_info(rep.run_dir)[(0, "inner", 0)]
+    assert info["replayed"] and sorted(info["replaced"]) == ["0.1", "0.1~2"]
+
+
 def test_a_call_that_draws_random_numbers_says_so(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4))
