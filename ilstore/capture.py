@@ -77,6 +77,13 @@ class _Frame:
     replay: CallReplay | None = None
 
 
+#: What the pre-hook of a call that begins paused pushes where a call of the same module is still
+#: open (re-entrant, or cut by the pause): that call's post-hook pops this, even after a resume
+#: inside it, and not the open call's frame (whose outputs it would otherwise record as its own).
+#: Shared and never changed: ``take`` is False, so the post-hook writes nothing for it.
+_MUTED = _Frame(CallKey(-1, -1, "", -1), take=False)
+
+
 @dataclass(slots=True)
 class _StepState:
     """What one step accumulates: created when the step starts, dropped when it ends."""
@@ -285,6 +292,7 @@ class Capture:
         self._closed = False
         self._paused = False
         self._paused_roots = 0  # nesting depth of root forwards that began paused (not steps)
+        self._ran_paused = False  # a hooked module ran paused in this step: hooks do fire (_warn_no_hooks)
         self._forked_from: int | None = None  # the parent's pid, in a forked child (see _orphan)
         self._inherited: Any = None  # in a forked child: the parent's sink, kept and never used
         self._fork_warned = False
@@ -446,6 +454,7 @@ class Capture:
     # -- steps --------------------------------------------------------------------------------
     def _begin_step(self) -> _StepState:
         step = self._step = _StepState(self.config.logs_step(self.step_index))
+        self._ran_paused = False
         step.graph_breaks = _hook_graph_breaks()
         if not self._opaque_hooks and "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
             self._opaque_hooks = True  # warn once
@@ -485,15 +494,17 @@ class Capture:
                 self._warn_no_hooks()
 
     def _warn_no_hooks(self) -> None:
-        if self.hooked_modules:
+        # Paused, or hooks ran paused in this step: they do fire, the capture was told not to record.
+        if self.hooked_modules and not self._paused and not self._ran_paused:
             warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
                           "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
 
     def _root_pre(self, module: nn.Module | None, args: Any) -> None:
         if (self._in_root or self._paused_roots) and self._root_call_gone():
             self._end_interrupted_root()  # the last root forward never returned: this one is not nested in it
-        if self._paused_roots or (self._paused and self._in_root == 0 and self._step is None):
-            # a forward that began paused (a warm-up run) is not a step: not logged, not counted
+        if self._paused_roots or (self._paused and self._in_root == 0):
+            # A forward that began paused (a warm-up run) is not a step: not logged, not counted.
+            # A step that calls made outside a forward opened stays open for the next forward.
             if not self._paused_roots and module is not None:
                 self._root_call, self._root_thread = _call_frame(1), threading.get_ident()
             self._paused_roots += 1
@@ -625,6 +636,7 @@ class Capture:
             self._end_step()
         except Exception as exc:
             self._fail(exc)
+        self._ran_paused = False
         self.step_index += 1
         return self.step_index
 
@@ -694,6 +706,13 @@ class Capture:
         if self._paused or self._paused_roots:  # a forward that began paused stays unrecorded to its end
             if self._forked_from is not None:
                 self._warn_forked()
+            else:
+                self._ran_paused = True
+                step = self._step
+                if step is not None:
+                    stack = step.frames.get(name)
+                    if stack:  # a call of this module is open: this call's post-hook pops _MUTED, not its frame
+                        stack.append(_MUTED)
             return None
         try:
             return self._pre_impl(name, selected, args, kwargs)
@@ -703,6 +722,9 @@ class Capture:
 
     def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if self._paused or self._paused_roots:
+            step = self._step
+            if step is not None:
+                self._cut(step, name)
             return
         try:
             self._post_impl(name, output)
@@ -776,6 +798,18 @@ class Capture:
         if self.config.log_post_fwd_inputs:
             self._write(frame.call, "post_fwd_inputs", tuple(frame.args), frame.kwargs)
         step.ends.append(frame.call)
+
+    def _cut(self, step: _StepState, name: str) -> None:
+        """A call of ``name`` ends paused: drop what its pre-hook pushed (its frame, when the call
+        began before the pause: it keeps its inputs and gets no outputs; ``_MUTED``, when it began
+        paused too), so the calls still open keep their own frames (each post-hook pops exactly
+        what its pre-hook pushed, paused or not)."""
+        stack = step.frames.get(name)
+        if not stack:
+            return
+        frame = stack.pop()
+        if frame.replay is not None and step.open and step.open[-1] is frame:
+            step.open.pop()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self, status: str = "complete") -> None:
