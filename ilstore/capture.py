@@ -29,7 +29,7 @@ from .keys import CallKey
 from .layout import ModuleLayout, module_layout
 from .manifest import MANIFEST_NAME, new_manifest
 from .pipeline import RecordSink, SyncSink, ThreadedSink, WriterFailed
-from .records import Deduper, TensorPolicy, build_record
+from .records import Deduper, TensorPolicy, _encodable, build_record
 from .replay import CallReplay, ReplaySource, open_reference, rng_marker
 from .store.base import StepInfo
 from .store.ranks import rank_run_dir, write_ranks_manifest
@@ -409,6 +409,8 @@ class Capture:
         has_children = next(model.children(), None) is not None
         root = self.config.capture_root if self.config.capture_root is not None else not has_children
         for name, module in model.named_modules():
+            if not name.isascii():  # a lone surrogate (add_module("m\ud800")): no backend writes it
+                name = _encodable(name)
             if module is model:
                 if not root:
                     continue

@@ -217,3 +217,32 @@ def test_a_key_with_a_lone_surrogate_keeps_its_tensor(tmp_path: Path, backend: s
         assert node["renamed"] == {"k\\ud800": repr("k\ud800"), "k\\ud800~2": repr("k\\ud800")}
         got = {k.path: float(reader.load(k)[0]) for k in reader.keys(0) if k.kind == "outputs"}
     assert got == {("k\\ud800",): 1.0, ("k\\ud800~2",): 2.0}
+
+
+class _Plus(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+
+class _OddlyNamed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("m\ud800", _Plus())  # add_module checks no encoding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule("m\ud800")(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_name_with_a_lone_surrogate_is_written_escaped(tmp_path: Path, backend: str) -> None:
+    """A reviewer's module named ``m\\ud800``: pt stopped the capture, safetensors lost the bodies
+    and hdf5 wrote a run that said complete and could not be read. The name is now recorded as
+    dict keys are, with the surrogate escaped, in every backend alike (so runs compare)."""
+    model = _OddlyNamed()
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "backend": backend,
+                                                  "on_error": "raise"}) as cap:
+        model(torch.zeros(2))
+    with open_run(cap.run_dir) as reader:
+        assert reader.manifest["status"] == "complete"
+        got = {(k.module, k.kind): reader.load(k).tolist() for k in reader.keys(0)}
+    assert got == {("m\\ud800", "inputs"): [0.0, 0.0], ("m\\ud800", "outputs"): [1.0, 1.0]}
