@@ -16,10 +16,11 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-__all__ = ["KINDS", "CallKey", "TensorKey", "encode_part", "decode_part"]
+__all__ = ["KINDS", "CallKey", "TensorKey", "encode_part", "decode_part", "printable"]
 
 #: The sides of a module call that can be captured, in the order they are written.
 KINDS = ("inputs", "outputs", "post_fwd_inputs")
@@ -106,3 +107,20 @@ class TensorKey:
         path = "".join(f"[{p}]" for p in self.path)
         rank = f"rank{self.rank} " if self.rank else ""
         return f"{rank}step {self.step} {self.module or '(root)'}{call} {self.kind}{path}"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    r"""``text`` for a terminal or a table cell: control characters (a newline, ESC) written as
+    their escapes (``\n``, ``\x1b``), so a module name cannot move the cursor, colour the
+    terminal or split a row, and ``"a\nb"`` does not look like ``"ab"``.
+
+    Example:
+        >>> printable("layers.0\x1b[31m\n")
+        'layers.0\\x1b[31m\\n'
+    """
+    if text.isprintable():
+        return text
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)

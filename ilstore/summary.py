@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from .errors import IlstoreError
-from .keys import KINDS, CallKey
+from .keys import KINDS, CallKey, printable
 from .manifest import JournalReader, TotalCounts, read_manifest
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ def format_summary(summary: RunSummary, *, show_calls: bool = False) -> str:
     if show_calls:
         for s in summary.steps:
             lines.append(f"\nstep {s.step}")
-            rows = [[c.module + (f"#{c.call}" if c.call else ""), c.tensors, c.stored, human_bytes(c.nbytes)]
+            rows = [[printable(c.module) + (f"#{c.call}" if c.call else ""), c.tensors, c.stored, human_bytes(c.nbytes)]
                     for c in s.calls or ()]
             lines.append(tabulate(rows, headers=["module call", "tensors", "stored", "bytes"], tablefmt="simple"))
     return "\n".join(lines)

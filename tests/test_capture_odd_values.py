@@ -246,3 +246,39 @@ def test_a_module_name_with_a_lone_surrogate_is_written_escaped(tmp_path: Path, 
         assert reader.manifest["status"] == "complete"
         got = {(k.module, k.kind): reader.load(k).tolist() for k in reader.keys(0)}
     assert got == {("m\\ud800", "inputs"): [0.0, 0.0], ("m\\ud800", "outputs"): [1.0, 1.0]}
+
+
+class _Named(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.add_module(name, _Plus())
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(self.name)(x)
+
+
+def test_control_characters_in_module_names_are_shown_escaped(tmp_path: Path) -> None:
+    """A reviewer's module names with ESC sequences and a newline: ``ilstore ls --calls`` and the
+    markdown report printed them raw (a newline was dropped, so ``ctl\\n`` looked like ``ctl``; a
+    ``|`` or a newline split a table row; ``<script>`` went into the markdown as HTML)."""
+    from click.testing import CliRunner
+
+    from ilstore.cli import cli
+    from ilstore_compare.report_md import render_markdown
+
+    name = "ctl\n\x1b[31m|<script>"
+    runs = []
+    for run_id, scale in (("a", 1.0), ("b", 2.0)):
+        model = _Named(name)
+        with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": run_id}) as cap:
+            model(torch.ones(2) * scale)
+        runs.append(cap.run_dir)
+    listing = CliRunner().invoke(cli, ["ls", "--calls", str(runs[0])])
+    assert listing.exit_code == 0 and "ctl\\n\\x1b[31m|<script>" in listing.output, listing.output
+    assert "\x1b" not in listing.output
+    md = render_markdown(compare(runs[0], runs[1]), verbose=True)
+    assert "\x1b" not in md and "ctl\n" not in md and "\\<script>" in md
+    assert md.count("<script>") == md.count("\\<script>")  # every one escaped (it renders as written)
+    rows = [line for line in md.splitlines() if "ctl\\n\\x1b[31m\\|\\<script>" in line]
+    assert rows and all(line.startswith("|") and line.endswith("|") for line in rows)
