@@ -29,7 +29,7 @@ import dataclasses
 import math
 import struct
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -939,12 +939,34 @@ def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
         # iter_tensor_nodes does not look into a tensor node's kwargs
         if isinstance(structure, dict) and structure.get("type") == "tensor":
             ctx.nodes = None
-        structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}
+        if all(k.isascii() and not k.isdigit() for k in kwargs):
+            structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}
+        else:  # a keyword named as a positional index ("0"), or holding a lone surrogate
+            names = kwarg_names(kwargs, len(value) if isinstance(value, (tuple, list)) else 0)
+            structure["kwargs"] = {name: _walk(v, (name,), ctx, 1)
+                                   for name, v in zip(names, kwargs.values(), strict=True)}
+            renamed = {name: _repr(k) for name, k in zip(names, kwargs, strict=True) if name != k}
+            if renamed:
+                structure["renamed"] = renamed
     ready = None
     if ctx.async_copy:
         ready = torch.cuda.Event()
         ready.record()
     return _new_record(call, kind, structure, ctx.out, ready, ctx.nodes)
+
+
+def kwarg_names(kwargs: Iterable[str], positional: int) -> list[str]:
+    """The names keyword arguments are recorded under, in order: their own, except that a keyword
+    whose name a positional argument's path already is (``**{"0": x}`` beside a first positional
+    argument) or that holds a lone surrogate is named as a dict's item would be (``0~2``, the
+    surrogate escaped; listed in the structure's ``"renamed"``). Replay names them the same way."""
+    taken: dict[str, None] = dict.fromkeys(str(i) for i in range(positional))
+    names = []
+    for key in kwargs:
+        name = _item_name(key if key.isascii() else _encodable(key), taken)
+        taken[name] = None
+        names.append(name)
+    return names
 
 
 _new_object = object.__new__

@@ -32,7 +32,7 @@ import torch
 
 from .errors import IlstoreError, RunNotFoundError, StoreError
 from .keys import CallKey, TensorKey
-from .records import _encodable, _item_name, iter_tensor_nodes, node_at, rebuild_tensor
+from .records import _encodable, _item_name, iter_tensor_nodes, kwarg_names, node_at, rebuild_tensor
 from .store.base import StoreReader, read_manifest
 from .store.registry import find_run
 
@@ -224,7 +224,11 @@ class ReplaySource:
         new_args = swap.walk(args, (), 0)
         if kwargs and not isinstance(structure.get("kwargs") if isinstance(structure, dict) else None, dict):
             swap.missing = "keyword input not in the reference (it recorded no keyword inputs)"
-        new_kwargs = {k: swap.walk(v, (k,), 1) for k, v in kwargs.items()}
+        if all(k.isascii() and not k.isdigit() for k in kwargs):
+            new_kwargs = {k: swap.walk(v, (k,), 1) for k, v in kwargs.items()}
+        else:  # recorded under other names (records.build_record)
+            names = kwarg_names(kwargs, len(args))
+            new_kwargs = {k: swap.walk(v, (name,), 1) for name, (k, v) in zip(names, kwargs.items(), strict=True)}
         if not swap.changed:
             return args, kwargs, info
         return new_args, new_kwargs, info

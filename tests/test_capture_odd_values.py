@@ -282,3 +282,34 @@ def test_control_characters_in_module_names_are_shown_escaped(tmp_path: Path) ->
     assert md.count("<script>") == md.count("\\<script>")  # every one escaped (it renders as written)
     rows = [line for line in md.splitlines() if "ctl\\n\\x1b[31m\\|\\<script>" in line]
     assert rows and all(line.startswith("|") and line.endswith("|") for line in rows)
+
+
+class _TakesAnything(nn.Module):
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return args[0] + kwargs["0"] + kwargs["k\ud800"]
+
+
+class _PassesOddKeywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _TakesAnything()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, **{"0": x * 10, "k\ud800": x * 3})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keywords_named_as_positions_or_with_a_surrogate_keep_their_tensors(tmp_path: Path, backend: str) -> None:
+    """``**{"0": y}`` beside a first positional argument had the path ``("0",)`` of that argument
+    (one of the two tensors lost); a keyword holding a lone surrogate lost its body. They are
+    named as dict items are (``0~2``, escaped) and listed in the structure's ``"renamed"``."""
+    model = _PassesOddKeywords()
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "backend": backend,
+                                                  "on_error": "raise"}) as cap:
+        model(torch.ones(2))
+    with open_run(cap.run_dir) as reader:
+        got = {k.path: reader.load(k).tolist() for k in reader.keys(0) if k.kind == "inputs" and k.module == "inner"}
+        call = next(c for c in reader.calls(0) if c.module == "inner")
+        renamed = reader.structure(call, "inputs")["renamed"]
+    assert got == {("0",): [1.0, 1.0], ("0~2",): [10.0, 10.0], ("k\\ud800",): [3.0, 3.0]}
+    assert renamed == {"0~2": repr("0"), "k\\ud800": repr("k\ud800")}

@@ -207,6 +207,33 @@ def test_inputs_under_keys_that_collide_as_strings_are_both_fed(tmp_path: Path) 
     assert info["replayed"] and sorted(info["replaced"]) == ["0.1", "0.1~2"]
 
 
+class _Keywords(nn.Module):
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return args[0] + kwargs["0"] * 10
+
+
+class _PassesKeywords(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Keywords()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.inner(a, **{"0": b})
+
+
+def test_a_keyword_named_as_a_position_is_fed_its_own_tensor(tmp_path: Path) -> None:
+    """``**{"0": b}`` is recorded as ``0~2`` (records.kwarg_names): replay feeds it from there."""
+    model = _PassesKeywords()
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "ref"}) as cap:
+        expected = model(a, b)
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "rep", "replay_from": str(cap.run_dir)}) as rep:
+        got = model(a + 100, b - 100)
+    assert torch.equal(got, expected)
+    info = _replay_info(rep.run_dir)[(0, "inner", 0)]
+    assert info["replayed"] and sorted(info["replaced"]) == ["0", "0~2"]
+
+
 def test_a_call_that_draws_random_numbers_says_so(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4))
