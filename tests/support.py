@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,22 @@ def run_cli_cases(module: str, prog: str, cases: list[list[str]], heavy: tuple[s
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return out["codes"], out["heavy"], proc.stderr
+
+
+class HalfReadableMapping(Mapping[str, Any]):
+    """Lists two keys; its first item (a tensor) reads, its second raises ``KeyError('b')``: a
+    container a capture cannot walk (it must leave no node of the first item)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "a":
+            return self.t
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["a", "b"])
+
+    def __len__(self) -> int:
+        return 2

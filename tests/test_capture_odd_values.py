@@ -11,7 +11,6 @@ capture; each is now one value node with the reason. And dict keys that collide 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import ilstore
 from ilstore.convert import convert
 from ilstore.store.registry import open_run
 from ilstore_compare import compare
+from support import HalfReadableMapping
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
 
@@ -89,24 +89,6 @@ class _Unset:
     y: int = dataclasses.field(init=False)  # never set: getattr raises AttributeError
 
 
-class _FailingMapping(Mapping[str, Any]):
-    """Lists two keys; the first item is a tensor, the second cannot be read."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "a":
-            return self.t
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(["a", "b"])
-
-    def __len__(self) -> int:
-        return 2
-
-
 class _NoStr:
     def __str__(self) -> str:
         raise RuntimeError("no str")
@@ -120,7 +102,7 @@ def _odd_container(kind: str, t: torch.Tensor) -> tuple[Any, str]:
     if kind == "unset_field":
         return _Unset(t), "AttributeError"
     if kind == "failing_mapping":
-        return _FailingMapping(t), "KeyError: 'b'"
+        return HalfReadableMapping(t), "KeyError: 'b'"
     return {"ok": t, _NoStr(): t}, "RuntimeError: no str"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from ilstore.records import (  # the general path the fast one must match
     build_record,
     iter_tensor_nodes,
 )
+from support import HalfReadableMapping
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning"),  # deprecated, still what users have
@@ -47,24 +47,6 @@ class _Unprintable:
         return "<unprintable>"
 
 
-class _HalfReadable(Mapping[str, Any]):
-    """Its first item (a tensor) reads, its second raises: the walk must leave no node of the first."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def __getitem__(self, key: str) -> Any:
-        if key == "a":
-            return self.t
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(["a", "b"])
-
-    def __len__(self) -> int:
-        return 2
-
-
 def _values() -> list[tuple[Any, dict[str, Any] | None]]:
     x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     sparse = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
@@ -83,7 +65,7 @@ def _values() -> list[tuple[Any, dict[str, Any] | None]]:
         ((torch.zeros(2, dtype=torch.complex64), torch.ones(3, dtype=torch.int16), torch.ones(2, dtype=torch.bool)),
          None),
         ((_Unprintable(), x), {"x": [[[x]]]}),
-        ((_HalfReadable(x.double()), x), {"m": _HalfReadable(x)}),  # each a value node, none of its tensors
+        ((HalfReadableMapping(x.double()), x), {"m": HalfReadableMapping(x)}),  # each a value node, none of its tensors
     ]
 
 
@@ -232,7 +214,7 @@ def test_stats_fast_path_nodes_of_odd_cpu_float_tensors() -> None:
 def test_a_container_that_fails_midway_leaves_nothing_behind(store_bodies: bool) -> None:
     x = torch.ones(3)
     dedup = Deduper()
-    record = build_record(CALL, "outputs", (_HalfReadable(x), [x]), TensorPolicy(store_bodies=store_bodies,
+    record = build_record(CALL, "outputs", (HalfReadableMapping(x), [x]), TensorPolicy(store_bodies=store_bodies,
                                                                                  pin_memory=False), dedup=dedup)
     odd, listed = record.structure["items"]
     assert odd["type"] == "value" and odd["reason"] == "cannot be walked: KeyError: 'b'"

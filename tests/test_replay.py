@@ -193,20 +193,6 @@ class Keyed(nn.Module):
         return self.inner({1: a, "1": b})
 
 
-def test_inputs_under_keys_that_collide_as_strings_are_both_fed(tmp_path: Path) -> None:
-    """``{1: a, "1": b}``: the capture names the second item ``1~2`` (records._walk), and replay
-    walks the live inputs under the same names, so each is fed its own reference tensor."""
-    model = Keyed()
-    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
-    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "ref"}) as cap:
-        expected = model(a, b)
-    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "rep", "replay_from": str(cap.run_dir)}) as rep:
-        got = model(a + 100, b - 100)
-    assert torch.equal(got, expected)
-    info = _replay_info(rep.run_dir)[(0, "inner", 0)]
-    assert info["replayed"] and sorted(info["replaced"]) == ["0.1", "0.1~2"]
-
-
 class _Keywords(nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         return args[0] + kwargs["0"] * 10
@@ -221,9 +207,13 @@ class _PassesKeywords(nn.Module):
         return self.inner(a, **{"0": b})
 
 
-def test_a_keyword_named_as_a_position_is_fed_its_own_tensor(tmp_path: Path) -> None:
-    """``**{"0": b}`` is recorded as ``0~2`` (records.kwarg_names): replay feeds it from there."""
-    model = _PassesKeywords()
+@pytest.mark.parametrize(("model_class", "replaced"), [(Keyed, ["0.1", "0.1~2"]), (_PassesKeywords, ["0", "0~2"])])
+def test_inputs_recorded_under_other_names_are_fed_their_own_tensors(tmp_path: Path, model_class: type[nn.Module],
+                                                                     replaced: list[str]) -> None:
+    """``{1: a, "1": b}`` (the second item recorded as ``1~2``, records._walk) and ``**{"0": b}``
+    beside a first positional argument (``0~2``, records.kwarg_names): replay walks the live inputs
+    under the same names, so each is fed its own reference tensor (it fed both one tensor)."""
+    model = model_class()
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
     with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "ref"}) as cap:
         expected = model(a, b)
@@ -231,7 +221,7 @@ def test_a_keyword_named_as_a_position_is_fed_its_own_tensor(tmp_path: Path) -> 
         got = model(a + 100, b - 100)
     assert torch.equal(got, expected)
     info = _replay_info(rep.run_dir)[(0, "inner", 0)]
-    assert info["replayed"] and sorted(info["replaced"]) == ["0", "0~2"]
+    assert info["replayed"] and sorted(info["replaced"]) == replaced
 
 
 def test_a_call_that_draws_random_numbers_says_so(tmp_path: Path) -> None:
