@@ -409,8 +409,7 @@ class Capture:
         has_children = next(model.children(), None) is not None
         root = self.config.capture_root if self.config.capture_root is not None else not has_children
         for name, module in model.named_modules():
-            if not name.isascii():  # a lone surrogate (add_module("m\ud800")): no backend writes it
-                name = _encodable(name)
+            name = _encodable(name)  # a lone surrogate (add_module("m\ud800")): no backend writes it
             if module is model:
                 if not root:
                     continue

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import struct
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -814,6 +814,8 @@ def _why(exc: BaseException) -> str:
 def _encodable(key: str) -> str:
     """``key``, or, when it holds a lone surrogate (``"k\\ud800"``, which no backend can write: names
     are UTF-8), the same with each such character written as its escape (``"k\\\\ud800"``)."""
+    if key.isascii():
+        return key
     try:
         key.encode("utf-8")
     except UnicodeEncodeError:
@@ -823,9 +825,10 @@ def _encodable(key: str) -> str:
 
 def _item_name(key: str, items: Mapping[str, Any]) -> str:
     """The name of a dict item whose key, made a string, is ``key``, given the names taken so far:
-    ``key`` itself, or, when an earlier key made the same string (``1`` and ``"1"``), ``key~2``,
-    ``key~3``... the first not taken, so no tensor is lost and the names depend only on the order of
-    the keys (the same spirit as the pt backend's ``fc_1~2`` directories)."""
+    ``key`` itself (:func:`_encodable`), or, when an earlier key made the same string (``1`` and
+    ``"1"``), ``key~2``, ``key~3``... the first not taken, so no tensor is lost and the names depend
+    only on the order of the keys (the same spirit as the pt backend's ``fc_1~2`` directories)."""
+    key = _encodable(key)
     if key not in items:
         return key
     n = 2
@@ -884,7 +887,7 @@ def _walk(value: Any, path: tuple[str, ...], ctx: _Ctx, depth: int) -> Any:
         items: dict[str, Any] = {}
         renamed: dict[str, str] = {}
         for key, original, v in named:
-            name = _item_name(key if key.isascii() else _encodable(key), items)
+            name = _item_name(key, items)
             if name != key:
                 renamed[name] = _repr(original)
             items[name] = _walk(v, path + (name,), ctx, depth + 1)
@@ -939,10 +942,10 @@ def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
         # iter_tensor_nodes does not look into a tensor node's kwargs
         if isinstance(structure, dict) and structure.get("type") == "tensor":
             ctx.nodes = None
-        if all(k.isascii() and not k.isdigit() for k in kwargs):
+        names = kwarg_names(kwargs, len(value) if isinstance(value, (tuple, list)) else 0)
+        if names is None:
             structure["kwargs"] = {k: _walk(v, (k,), ctx, 1) for k, v in kwargs.items()}
         else:  # a keyword named as a positional index ("0"), or holding a lone surrogate
-            names = kwarg_names(kwargs, len(value) if isinstance(value, (tuple, list)) else 0)
             structure["kwargs"] = {name: _walk(v, (name,), ctx, 1)
                                    for name, v in zip(names, kwargs.values(), strict=True)}
             renamed = {name: _repr(k) for name, k in zip(names, kwargs, strict=True) if name != k}
@@ -955,15 +958,18 @@ def build_record(call: CallKey, kind: str, value: Any, policy: TensorPolicy,
     return _new_record(call, kind, structure, ctx.out, ready, ctx.nodes)
 
 
-def kwarg_names(kwargs: Iterable[str], positional: int) -> list[str]:
-    """The names keyword arguments are recorded under, in order: their own, except that a keyword
-    whose name a positional argument's path already is (``**{"0": x}`` beside a first positional
-    argument) or that holds a lone surrogate is named as a dict's item would be (``0~2``, the
-    surrogate escaped; listed in the structure's ``"renamed"``). Replay names them the same way."""
+def kwarg_names(kwargs: Collection[str], positional: int) -> list[str] | None:
+    """The names keyword arguments are recorded under, in order, or None when each keeps its own
+    (the common case: ASCII names that are not digits). A keyword whose name a positional
+    argument's path already is (``**{"0": x}`` beside a first positional argument) or that holds a
+    lone surrogate is named as a dict's item would be (``0~2``, the surrogate escaped; listed in the
+    structure's ``"renamed"``). Replay names them the same way."""
+    if all(k.isascii() and not k.isdigit() for k in kwargs):
+        return None
     taken: dict[str, None] = dict.fromkeys(str(i) for i in range(positional))
     names = []
     for key in kwargs:
-        name = _item_name(key if key.isascii() else _encodable(key), taken)
+        name = _item_name(key, taken)
         taken[name] = None
         names.append(name)
     return names

@@ -32,7 +32,7 @@ import torch
 
 from .errors import IlstoreError, RunNotFoundError, StoreError
 from .keys import CallKey, TensorKey
-from .records import _encodable, _item_name, iter_tensor_nodes, kwarg_names, node_at, rebuild_tensor
+from .records import _item_name, iter_tensor_nodes, kwarg_names, node_at, rebuild_tensor
 from .store.base import StoreReader, read_manifest
 from .store.registry import find_run
 
@@ -224,10 +224,10 @@ class ReplaySource:
         new_args = swap.walk(args, (), 0)
         if kwargs and not isinstance(structure.get("kwargs") if isinstance(structure, dict) else None, dict):
             swap.missing = "keyword input not in the reference (it recorded no keyword inputs)"
-        if all(k.isascii() and not k.isdigit() for k in kwargs):
+        names = kwarg_names(kwargs, len(args))
+        if names is None:
             new_kwargs = {k: swap.walk(v, (k,), 1) for k, v in kwargs.items()}
         else:  # recorded under other names (records.build_record)
-            names = kwarg_names(kwargs, len(args))
             new_kwargs = {k: swap.walk(v, (name,), 1) for name, (k, v) in zip(names, kwargs.items(), strict=True)}
         if not swap.changed:
             return args, kwargs, info
@@ -325,7 +325,7 @@ class _Swap:
             names: dict[str, None] = {}
             items = {}
             for key, original, v in pairs:  # named as records._walk names them (colliding keys: "1~2")
-                name = _item_name(key if key.isascii() else _encodable(key), names)
+                name = _item_name(key, names)
                 names[name] = None
                 items[original] = self.walk(v, path + (name,), depth + 1)
             if all(items[original] is v for _, original, v in pairs):
