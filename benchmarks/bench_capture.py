@@ -1,7 +1,7 @@
 """Capture cost against a raw-write floor, all measured in this one process.
 
 Workload (issue 5): a transformers Llama (hidden 512, intermediate 1408, 8 layers, 8 heads,
-vocab 8000, float32), batch 1 x 256 tokens, ``use_cache=False``, every module's inputs and
+vocab 8000, float32), batch 1 x 256 tokens (``--tokens``), ``use_cache=False``, every module's inputs and
 outputs captured for one forward.
 
 Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-max-rss-mb", type=float, default=8192,
                     help="long-run mode: kill an ilstore-compare CLI whose resident set passes this (0: no limit)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    ap.add_argument("--tokens", type=int, default=256,
+                    help="tokens per forward (default 256, the workload above; fewer for a quick smoke run)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="time rows by the wall clock or by the process's CPU time (all its threads)")
     args = ap.parse_args(argv)
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     model = build_model()
-    ids = torch.randint(0, 8000, (1, 256), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 8000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-"))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)  # warm-up

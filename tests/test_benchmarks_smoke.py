@@ -79,7 +79,7 @@ def test_bench_write_size_smoke(tmp_path: Path, capsys) -> None:
 def test_bench_capture_smoke(tmp_path: Path, capsys) -> None:
     out = tmp_path / "capture.json"
     assert _load("bench_capture").main(["--rounds", "1", "--backends", "pt", "--rows", "pt sync,pt async,replay",
-                                        "--tmp", str(tmp_path), "--json", str(out)]) == 0
+                                        "--tokens", "32", "--tmp", str(tmp_path), "--json", str(out)]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"baseline", "raw floor", "raw floor, 1 MiB writes", "ilstore pt sync", "ilstore pt async",
                          "ilstore pt replay"}
