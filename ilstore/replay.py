@@ -3,16 +3,18 @@
 Before each selected call, :class:`ReplaySource` replaces the call's tensor inputs (positional,
 keyword, nested) with the tensors the reference recorded for the same (rank, step, module, call,
 path), cast to the live tensor's dtype and device. Everything it cannot replace stays live, and
-the reason is kept for the call's metadata. The capture then records the outputs as usual, so
-the difference between a replay run's outputs and the reference's outputs is the error that
-call itself introduces (its *local error*; see ``docs/replay.md``).
+the reason is kept for the call's metadata; so does each tensor input of the reference the live
+call lacks (``UNFED``), since the call was then not fed the reference's inputs either. The
+capture then records the outputs as usual, so the difference between a replay run's outputs and
+the reference's outputs is the error that call itself introduces (its *local error*; see
+``docs/replay.md``).
 
 The per-call metadata is a ``"replay"`` object on the top level of the call's ``outputs``
 structure::
 
-    {"replayed": true,            # every tensor input was fed from the reference
+    {"replayed": true,            # every tensor input was fed, and every one of the reference
      "replaced": ["0", "hidden_states"],   # input paths fed from the reference ('.'-joined)
-     "kept": {"position_ids": "not in the reference"},   # inputs left live, with the reason
+     "kept": {"position_ids": "not in the reference"},   # inputs not fed, with the reason
      "reason": null,              # why the call is not (fully) replayed
      "random": false,             # the call drew random numbers (the RNG state moved)
      "container": false}          # another selected call ran inside this one
@@ -40,6 +42,8 @@ __all__ = ["ReplaySource", "CallReplay", "resolve_reference", "rng_marker"]
 
 _log = logging.getLogger(__name__)
 _MAX_DEPTH = 32  # the same nesting limit as records._walk: deeper values are not tensors there
+#: The ``kept`` reason of a reference tensor input the live call did not have at its path.
+UNFED = "in the reference, absent or not a tensor in the live call"
 
 
 def resolve_reference(path: str | Path) -> Path:
@@ -140,12 +144,14 @@ class ReplaySource:
         self.run_id = str(run_id or manifest.get("run_id") or run_dir.name)
         self._steps = set(reader.steps())
         self._calls: dict[tuple[int, int], set[tuple[str, int]]] = {}  # (rank, step) -> calls
-        # Within a step: reference body -> the tensor fed from it, while that tensor is alive and
-        # unmodified, so calls the reference fed the same tensor get the same object again
-        # (one read, and capture's de-duplication sees one tensor, as in the reference).
-        self._fed: dict[tuple[TensorKey, torch.dtype, torch.device], tuple[weakref.ref[torch.Tensor], int]] = {}
-        # id(fed tensor) -> (weak reference, the reference's statistics when the bits are the reference's)
-        self._stats: dict[int, tuple[weakref.ref[torch.Tensor], dict[str, Any]]] = {}
+        # Within a step: (reference body, dtype, device, fed with autograd) -> the tensor fed from
+        # it and its version when fed, so calls the reference fed the same tensor get the same
+        # object again while it is alive and unmodified (one read, and capture's de-duplication
+        # sees one tensor, as in the reference). One modified in place is never fed again.
+        self._fed: dict[tuple[TensorKey, torch.dtype, torch.device, bool], tuple[weakref.ref[torch.Tensor], int]] = {}
+        # id(fed tensor) -> (weak reference, its version when fed, the reference's statistics):
+        # the statistics hold while the version is unchanged (the bits are still the reference's)
+        self._stats: dict[int, tuple[weakref.ref[torch.Tensor], int, dict[str, Any]]] = {}
 
     def end_step(self) -> None:
         """Forget the step's fed tensors and call lists (a long replay keeps memory flat)."""
@@ -154,34 +160,46 @@ class ReplaySource:
         self._calls.clear()
 
     def known_stats(self, t: torch.Tensor) -> dict[str, Any] | None:
-        """The reference's statistics of ``t`` if ``t`` was fed from the reference unchanged."""
+        """The reference's statistics of ``t`` if ``t`` was fed from the reference and is unchanged.
+
+        Unchanged means ``t``'s version counter is the one it had when it was fed: a module that
+        modified it in place (``ReLU(inplace=True)``) makes its outputs, its post-forward inputs
+        and every later call computing their own statistics. An inference-mode tensor has no
+        version counter, so nothing is known of it.
+        """
         hit = self._stats.get(id(t))
-        if hit is None or hit[0]() is not t:
+        if hit is None or hit[0]() is not t or _version(t) != hit[1]:
             return None
-        return hit[1]
+        return hit[2]
 
     def load_fed(self, key: TensorKey, node: Mapping[str, Any], live: torch.Tensor) -> torch.Tensor:
-        """The reference tensor at ``key`` as ``live``'s dtype and device (a tensor of its own)."""
+        """The reference tensor at ``key`` as ``live``'s dtype and device (a tensor of its own).
+
+        When ``live`` requires grad, so does the tensor fed, and it is made by an autograd
+        operation (not a leaf), so the module may still modify it in place, as it may modify
+        ``live``; the model's backward reaches no further back than the fed tensor.
+        """
         source = _resolve_same_as(key, node)
-        cache_key = (source, live.dtype, live.device)
+        grad = live.requires_grad and _differentiable(live.dtype)
+        cache_key = (source, live.dtype, live.device, grad)
         hit = self._fed.get(cache_key)
         if hit is not None:
             fed = hit[0]()
-            if fed is not None and _version(fed) == hit[1] and hit[1] is not None:
+            if fed is not None and _version(fed) == hit[1]:
                 return fed
         ref = self.reader.load(key)
-        with torch.no_grad():
-            fed = ref.to(device=live.device, dtype=live.dtype, copy=True)  # never a read-only mmap
+        fed = _fed_copy(ref, live, grad)
         version = _version(fed)
         try:
             ref_weak = weakref.ref(fed)
         except TypeError:
             return fed
-        if version is not None:
-            self._fed[cache_key] = (ref_weak, version)
+        if version is None:  # an inference-mode tensor: its changes cannot be seen, so it is fed once
+            return fed
+        self._fed[cache_key] = (ref_weak, version)
         stats = node.get("stats")
         if ref.dtype == fed.dtype and isinstance(stats, dict) and stats:
-            self._stats[id(fed)] = (ref_weak, stats)
+            self._stats[id(fed)] = (ref_weak, version, stats)
         return fed
 
     def describe(self) -> dict[str, str]:
@@ -229,6 +247,7 @@ class ReplaySource:
             new_kwargs = {k: swap.walk(v, (k,), 1) for k, v in kwargs.items()}
         else:  # recorded under other names (records.build_record)
             new_kwargs = {k: swap.walk(v, (name,), 1) for name, (k, v) in zip(names, kwargs.items(), strict=True)}
+        swap.unfed()
         if not swap.changed:
             return args, kwargs, info
         return new_args, new_kwargs, info
@@ -245,8 +264,19 @@ class _Swap:
         self.source, self.call, self.nodes, self.info, self.structure = source, call, nodes, info, structure
         self.changed = False
         self.missing = "not in the reference"  # the reason for a live tensor the reference lacks
+        self.seen: set[tuple[str, ...]] = set()  # the paths of the live tensors
+
+    def unfed(self) -> None:
+        """After the walk: each reference tensor at no live tensor's path is an input the call was
+        not fed (the live call passed ``None``, a plain value or nothing there), so the call is
+        not replayed: it is kept, under the reference's path. The parts of a sparse or quantized
+        reference tensor are its path's."""
+        for path in self.nodes:
+            if not any(path[:n] in self.seen for n in range(len(path) + 1)):
+                self.info.kept.setdefault(".".join(path), UNFED)
 
     def tensor(self, live: torch.Tensor, path: tuple[str, ...]) -> torch.Tensor:
+        self.seen.add(path)
         name = ".".join(path)
         node = self.nodes.get(path)
         if node is None:
@@ -271,8 +301,6 @@ class _Swap:
         if list(fed.shape) != list(live.shape):
             self.info.kept[name] = f"shape differs: live {list(live.shape)}, reference {list(fed.shape)}"
             return live
-        if live.requires_grad and fed.is_floating_point():
-            fed.requires_grad_(True)
         self.info.replaced.append(name)
         self.changed = True
         return fed
@@ -366,6 +394,25 @@ def _resolve_same_as(key: TensorKey, node: Mapping[str, Any]) -> TensorKey:
         except ValueError:
             return key
     return key
+
+
+def _differentiable(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _fed_copy(ref: torch.Tensor, live: torch.Tensor, grad: bool) -> torch.Tensor:
+    """``ref`` copied to ``live``'s device and dtype (never a read-only mmap); with ``grad``, a
+    tensor that requires grad and has autograd history (an in-place change of it is legal, where
+    one of a leaf that requires grad raises), whatever the grad mode of the caller."""
+    if grad and _differentiable(ref.dtype):
+        with torch.enable_grad():  # the copy is the autograd operation: no second copy
+            return ref.detach().requires_grad_(True).to(device=live.device, dtype=live.dtype, copy=True)
+    with torch.no_grad():
+        fed = ref.to(device=live.device, dtype=live.dtype, copy=True)
+    if grad:  # e.g. an integer reference fed to a floating-point input
+        with torch.enable_grad():
+            fed = fed.requires_grad_(True).clone()
+    return fed
 
 
 def _version(t: torch.Tensor) -> int | None:
