@@ -15,7 +15,8 @@ def test_bench_capture_cpu_clock(tmp_path: Path, capsys) -> None:
     before = torch.get_num_threads()
     try:
         assert _load("bench_capture").main(["--rounds", "1", "--backends", "pt", "--rows", "pt stats", "--threads", "1",
-                                            "--clock", "cpu", "--tokens", "32", "--tmp", str(tmp_path), "--json", str(out)]) == 0
+                                            "--clock", "cpu", "--tokens", "32", "--tmp", str(tmp_path),
+                                            "--json", str(out)]) == 0
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
