@@ -88,10 +88,11 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
         wanted = _wanted_steps(reader, src, steps)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        unassembled: list[tuple[str, str]] = []
         try:
             bar = _progress_bar(reader, wanted, progress)
             try:
-                _convert_reader(reader, tmp, backend, wanted, options, src, bar)
+                _convert_reader(reader, tmp, backend, wanted, options, src, bar, unassembled)
             finally:
                 bar.close()
             _move_into_place(tmp, dst)
@@ -99,7 +100,17 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     _log.info("converted %s (%s) into %s (%s)", src, reader.name, dst, backend.name)
+    if unassembled:
+        _warn_unassembled(dst, unassembled)
     return dst
+
+
+def _warn_unassembled(dst: Path, unassembled: list[tuple[str, str]], shown: int = 5) -> None:
+    """One warning for the tensors the logical view could not assemble (written as not stored)."""
+    listed = "; ".join(f"{name}: {why}" for name, why in unassembled[:shown])
+    more = f"; and {len(unassembled) - shown} more" if len(unassembled) > shown else ""
+    _log.warning("%s: %d tensor(s) could not be assembled from the ranks and are written as not stored, without a "
+                 "shape (a comparison with this run fails on them): %s%s", dst, len(unassembled), listed, more)
 
 
 def _open_source(src: Path, unshard: bool) -> StoreReader:
@@ -197,18 +208,20 @@ def _structure_or_none(reader: StoreReader, call: CallKey, kind: str) -> Any:
 
 
 def _convert_reader(reader: StoreReader, out_dir: Path, backend: Backend, steps: list[int],
-                    options: Mapping[str, Any], src: Path, bar: Any) -> None:
-    """Convert each part of the run (itself, or one per rank), then the layout's own manifest."""
+                    options: Mapping[str, Any], src: Path, bar: Any, unassembled: list[tuple[str, str]]) -> None:
+    """Convert each part of the run (itself, or one per rank), then the layout's own manifest;
+    ``unassembled`` collects the tensors a logical view could not assemble (name, reason)."""
     for rel, part in reader.parts():
         done = set(part.steps())
-        _convert_part(part, out_dir / rel, backend, [s for s in steps if s in done], options, src / rel, bar)
+        _convert_part(part, out_dir / rel, backend, [s for s in steps if s in done], options, src / rel, bar,
+                      unassembled)
     top = reader.layout_manifest(backend.name)
     if top is not None:
         write_json_atomic(out_dir / MANIFEST_NAME, top)
 
 
 def _convert_part(reader: StoreReader, out_dir: Path, backend: Backend, steps: list[int],
-                  options: Mapping[str, Any], src: Path, bar: Any) -> None:
+                  options: Mapping[str, Any], src: Path, bar: Any, unassembled: list[tuple[str, str]]) -> None:
     source = reader.manifest or {}
     manifest = new_manifest(backend.name, dict(source.get("config", {})))
     manifest.update({k: v for k, v in source.items() if k not in _RUN_STATE})
@@ -218,7 +231,7 @@ def _convert_part(reader: StoreReader, out_dir: Path, backend: Backend, steps: l
     writer.open(manifest)
     try:
         for step in steps:
-            for record in _step_records(reader, step):
+            for record in _step_records(reader, step, unassembled):
                 writer.write(record)
                 bar.update(1)
             writer.end_step(StepInfo(step, reader.calls(step), reader.call_ends(step)))
@@ -262,22 +275,28 @@ def replay_order(calls: list[CallKey], call_ends: list[CallKey]) -> Iterator[tup
             yield call, True
 
 
-def _step_records(reader: StoreReader, step: int) -> Iterator[Record]:
+def _step_records(reader: StoreReader, step: int, unassembled: list[tuple[str, str]] | None = None) -> Iterator[Record]:
     for call, is_end in replay_order(reader.calls(step), reader.call_ends(step)):
         for kind in (("outputs", "post_fwd_inputs") if is_end else ("inputs",)):
-            record = _read_record(reader, call, kind)
+            record = _read_record(reader, call, kind, unassembled)
             if record is not None:
                 yield record
 
 
-def _read_record(reader: StoreReader, call: CallKey, kind: str) -> Record | None:
-    """One captured side of a call, as a Record: neutral structure plus the stored bodies."""
+def _read_record(reader: StoreReader, call: CallKey, kind: str,
+                 unassembled: list[tuple[str, str]] | None = None) -> Record | None:
+    """One captured side of a call, as a Record: neutral structure plus the stored bodies
+    (``unassembled``: where to note the tensors a logical view could not assemble)."""
     structure = reader.structure(call, kind)
     if structure is None:
         return None
     doc = copy.deepcopy(structure)
     tensors = {}
+    why_unassembled = getattr(reader, "unassembled_reason", None)
     for path, node in iter_tensor_nodes(doc):
+        why = why_unassembled(node) if why_unassembled is not None else None
+        if why is not None and unassembled is not None:
+            unassembled.append((call.tensor(kind, path).display(), why))
         for key in reader.locator_keys:
             node.pop(key, None)
         if node.get("stored", True) is False:

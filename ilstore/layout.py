@@ -15,8 +15,9 @@ Each tensor node of a multi-rank run may carry a ``"layout"`` (see ``docs/parall
 * ``partial``: the logical tensor is the sum (``reduce``: ``sum`` or ``avg``) of the members'.
 * ``replicate``: every member holds the whole logical tensor.
 
-``ranks`` are global ranks in the group's order; ``index`` is this rank's position in it.
-A tensor of a multi-rank run without a layout is taken to be replicated on every rank.
+``ranks`` are global ranks in the group's order (each once, >= 0); ``index`` is this rank's
+position in it. A tensor of a multi-rank run without a layout is taken to be replicated on every
+rank that recorded it.
 
 Where layouts come from, in order of precedence: a ``DTensor`` (its placements; its local
 shard is what is stored), an annotation (:func:`annotate`, a dims string such as ``"t h[tp]"``)
@@ -36,7 +37,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -56,6 +57,11 @@ _ATTR = "__ilstore_layout__"
 
 class LayoutError(IlstoreError, ValueError):
     """A bad dims string or layout, or one that does not fit the tensor it is applied to."""
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    """An integer that is not a bool (JSON ``true`` must not pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def chunk_sizes(total: int, parts: int) -> list[int]:
@@ -86,12 +92,23 @@ class Layout:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LayoutError(f"layout kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.ranks or not 0 <= self.index < len(self.ranks):
-            raise LayoutError(f"layout index {self.index} is not a position in ranks {list(self.ranks)}")
-        if self.kind == "shard" and (self.dim is None or self.dim < 0):
+        if not isinstance(self.ranks, tuple) or not self.ranks or not all(_is_int(r) and r >= 0 for r in self.ranks):
+            raise LayoutError(f"layout ranks must be a non-empty list of ranks >= 0, got {self.ranks!r:.80}")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise LayoutError(f"layout ranks {list(self.ranks)} name a rank twice")
+        if not _is_int(self.index) or not 0 <= self.index < len(self.ranks):
+            raise LayoutError(f"layout index {self.index!r} is not a position in ranks {list(self.ranks)}")
+        if self.dim is not None and (not _is_int(self.dim) or self.dim < 0):
+            raise LayoutError(f"layout dim must be an integer >= 0, got {self.dim!r}")
+        if self.kind == "shard" and self.dim is None:
             raise LayoutError("a shard layout needs a dimension >= 0")
-        if self.sizes is not None and len(self.sizes) != len(self.ranks):
-            raise LayoutError(f"layout sizes {list(self.sizes)} must give one size per rank of {list(self.ranks)}")
+        if self.sizes is not None:
+            if not all(_is_int(v) and v >= 0 for v in self.sizes):
+                raise LayoutError(f"layout sizes must be integers >= 0, got {list(self.sizes)!r:.80}")
+            if len(self.sizes) != len(self.ranks):
+                raise LayoutError(f"layout sizes {list(self.sizes)} must give one size per rank of {list(self.ranks)}")
+        if self.blocks is not None and (not self.blocks or not all(_is_int(v) and v > 0 for v in self.blocks)):
+            raise LayoutError(f"layout blocks must be a non-empty list of sizes > 0, got {list(self.blocks)!r:.80}")
         if self.kind == "partial" and self.reduce not in _REDUCE:
             raise LayoutError(f"partial layouts reduce with one of {_REDUCE}, got {self.reduce!r}")
 
@@ -124,7 +141,7 @@ class Layout:
             return tuple(value)
 
         ranks, index, dim = ints("ranks"), doc.get("index"), doc.get("dim")
-        if ranks is None or not isinstance(index, int) or dim is not None and not isinstance(dim, int):
+        if ranks is None or not _is_int(index) or dim is not None and not _is_int(dim):
             raise LayoutError(f"layout needs integer 'ranks' and 'index' (and 'dim' for a shard): {dict(doc)!r:.120}")
         return cls(kind=str(doc.get("kind")), ranks=ranks, index=index, group=str(doc.get("group", "tp")), dim=dim,
                    sizes=ints("sizes"), blocks=ints("blocks"), reduce=str(doc.get("reduce", "sum")),
@@ -281,20 +298,47 @@ def _mesh_ranks(mesh: Any) -> tuple[int, ...]:
     return tuple(int(r) for r in mesh.mesh.flatten().tolist())
 
 
-def _placement_layout(placement: Any, mesh: Any, shape: Sequence[int], source: str) -> Layout:
-    """The layout a 1-D mesh placement gives a tensor of logical ``shape``."""
+def _is_plain_shard(placement: Any) -> bool:
+    """Whether a placement is exactly ``Shard``: a subclass (``_StridedShard``, FSDP2 + TP's
+    interleaved shards) splits the dimension otherwise than a concatenation in rank order."""
+    module = sys.modules.get("torch.distributed.tensor.placement_types")
+    cls = getattr(module, "Shard", None) if module is not None else None
+    return cls is not None and type(placement) is cls
+
+
+def _reduce_of(placement: Any) -> str | None:
+    """A ``Partial`` placement's reduction as a layout's ``reduce`` (``sum``, ``avg``); None for
+    any other (``max``, ``min``, ...), which the logical view cannot assemble."""
+    op = str(getattr(placement, "reduce_op", "sum")).lower().rsplit(".", 1)[-1]  # "sum", or "RedOpType.SUM"
+    return op if op in _REDUCE else None
+
+
+def _placement_layout(placement: Any, mesh: Any, shape: Sequence[int], source: str) -> dict[str, Any]:
+    """The layout (JSON) a 1-D mesh placement gives a tensor of logical ``shape``:
+    ``{"kind": "unsupported", ...}`` for a placement the logical view cannot assemble."""
     ranks = _mesh_ranks(mesh)
     rank, _world_size = _world()
     index = ranks.index(rank) if rank in ranks else 0
     group = (mesh.mesh_dim_names or ("mesh",))[0]
+
+    def unsupported(reason: str) -> dict[str, Any]:
+        return {"kind": "unsupported", "reason": reason, "placements": str((placement,)), "source": source}
+
     if placement.is_shard():
+        if not _is_plain_shard(placement):
+            return unsupported(f"{type(placement).__name__} placement (only Shard is assembled)")
         dim = placement.dim % len(shape) if shape else 0
         return Layout("shard", ranks, index, group, dim=dim, sizes=tuple(chunk_sizes(shape[dim], len(ranks))),
-                      source=source)
+                      source=source).to_json()
     if placement.is_partial():
-        op = str(getattr(placement, "reduce_op", "sum")).lower()
-        return Layout("partial", ranks, index, group, reduce="avg" if "avg" in op else "sum", source=source)
-    return Layout("replicate", ranks, index, group, source=source)
+        reduce = _reduce_of(placement)
+        if reduce is None:
+            return unsupported(f"Partial({getattr(placement, 'reduce_op', '?')!s}) placement "
+                               f"(only {' and '.join(_REDUCE)} are assembled)")
+        return Layout("partial", ranks, index, group, reduce=reduce, source=source).to_json()
+    if placement.is_replicate():
+        return Layout("replicate", ranks, index, group, source=source).to_json()
+    return unsupported(f"{type(placement).__name__} placement")
 
 
 def _async_collective(t: Any) -> torch.Tensor | None:
@@ -310,8 +354,10 @@ def _async_collective(t: Any) -> torch.Tensor | None:
 def split_dtensor(t: Any) -> tuple[torch.Tensor, dict[str, Any] | None] | None:
     """A DTensor's local shard and its layout (JSON); None if ``t`` is no distributed tensor.
 
-    A DTensor over a mesh of more than one dimension gets ``{"kind": "unsupported", ...}``:
-    it is stored, but not assembled into a logical tensor. An ``AsyncCollectiveTensor`` (the
+    A DTensor over a mesh of more than one dimension, or with a placement other than ``Shard``
+    (exactly: not a subclass such as ``_StridedShard``), ``Partial`` with a ``sum`` or ``avg``
+    reduction, or ``Replicate``, gets ``{"kind": "unsupported", ...}`` with the reason: it is
+    stored, but not assembled into a logical tensor. An ``AsyncCollectiveTensor`` (the
     local output of ``parallelize_module``'s row-wise styles) gives the plain tensor it holds,
     waited for, and no layout.
     """
@@ -328,7 +374,7 @@ def split_dtensor(t: Any) -> tuple[torch.Tensor, dict[str, Any] | None] | None:
     if mesh.ndim != 1:
         return local, {"kind": "unsupported", "reason": f"DTensor on a {mesh.ndim}-D mesh", "placements":
                        str(tuple(t.placements)), "source": "dtensor"}
-    return local, _placement_layout(t.placements[0], mesh, list(t.shape), "dtensor").to_json()
+    return local, _placement_layout(t.placements[0], mesh, list(t.shape), "dtensor")
 
 
 # -- per-module layouts ----------------------------------------------------------------------
@@ -463,7 +509,7 @@ def _dtensor_param_layout(module: nn.Module) -> ModuleLayout | None:
     if not isinstance(weight, cls) or weight.device_mesh.ndim != 1 or weight.ndim != 2:
         return None
     placement = weight.placements[0]
-    if not placement.is_shard():
+    if not _is_plain_shard(placement):
         return None
     ranks = _mesh_ranks(weight.device_mesh)
     rank, _ = _world()

@@ -241,10 +241,11 @@ def _incomplete_on_disk(run_dir: Path, backend: str, done: Container[int]) -> li
 def _ranks_listing(run_dir: Path, manifest: dict[str, Any]) -> _Listing | None:
     """A multi-rank run as :class:`~ilstore.store.ranks.RankedReader` lists it: the first rank's
     backend, the worst status, and per step the sums of the totals of the ranks that completed it."""
-    ranks = manifest.get("ranks")
+    ranks, world_size = manifest.get("ranks"), manifest.get("world_size")
     if "journal" in manifest or not isinstance(ranks, list) or not all(
-            isinstance(r, int) and not isinstance(r, bool) for r in ranks):
-        return None  # a manifest the reader rejects
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks) or sorted(ranks) != list(
+            range(world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else -1)):
+        return None  # a manifest the reader rejects (each rank of 0 .. world_size - 1 once)
     parts = []
     for rank in dict.fromkeys(ranks):
         part = _listing(run_dir / f"rank_{rank}")  # ilstore.store.ranks.rank_dir_name

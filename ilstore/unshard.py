@@ -29,6 +29,7 @@ is how ``ilstore-compare --unshard`` hands logical runs to the comparer.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -183,36 +184,78 @@ class LogicalReader(StoreReader):
             if call not in self.calls(call.step):
                 raise KeyError(f"no call {call.module}#{call.call} in step {call.step} of {self.run_dir}")
             return None
-        template = copy.deepcopy(next(iter(present.values())))
-        for path, node in list(iter_tensor_nodes(template)):
-            parts = {}
-            for rank, side in present.items():
-                try:
-                    part = node_at(side, path)
-                except KeyError:
-                    continue
-                if _is_tensor(part):
-                    parts[rank] = part
-            logical = self._logical_node(parts)
-            node.clear()
-            node.update(logical)
+        # Every rank that recorded the call must hold a tensor at the same paths: a tensor that one
+        # rank has and another has not (missing, or a plain value there) is not assembled.
+        tensors = {r: dict(iter_tensor_nodes(s)) for r, s in present.items()}
+        paths: dict[tuple[str, ...], None] = {}
+        for nodes in tensors.values():
+            paths.update(dict.fromkeys(nodes))
+        # the template: the structure of the rank with the most tensors (the lowest such rank)
+        first = max(present, key=lambda r: (len(tensors[r]), -r))
+        template = copy.deepcopy(present[first])
+        unplaced = []
+        for path in paths:
+            parts = {r: nodes[path] for r, nodes in tensors.items() if path in nodes}
+            lacking = [r for r in present if r not in parts]
+            if not lacking or all(_holds_none(present[r], path) for r in lacking):
+                # None where other ranks hold the tensor (a result gathered to some ranks only, as
+                # vLLM's logits may be): the ranks holding it, as for a call only some ranks made
+                logical = self._logical_node(parts)
+            else:
+                logical = self._unassembled(parts, f"rank(s) {sorted(parts)} recorded a tensor at {kind}"
+                                                   f"[{'/'.join(path)}] and rank(s) {lacking} did not")
+            if not _put(template, path, logical):
+                unplaced.append("/".join(path))
+        if unplaced:  # a tensor the template has no place for: nothing of this side is trusted
+            why = (f"the ranks {sorted(present)} recorded different structures (rank {first}'s has no place for "
+                   f"the tensor(s) at {kind}{unplaced[:3]} that other ranks recorded)")
+            for _path, node in list(iter_tensor_nodes(template)):
+                unassembled = self._unassembled({first: dict(node)}, why)
+                node.clear()
+                node.update(unassembled)
         return template
 
     # -- planning one tensor ---------------------------------------------------------------------
-    def _logical_node(self, parts: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    def _base(self, parts: dict[int, dict[str, Any]]) -> dict[str, Any]:
         first = next(iter(parts.values()))
-        base = {k: v for k, v in first.items() if k not in (LAYOUT_KEY, "same_as", PLAN_KEY, *self.source.locator_keys)}
+        return {k: v for k, v in first.items() if k not in (LAYOUT_KEY, "same_as", PLAN_KEY, *self.source.locator_keys)}
+
+    def _unassembled(self, parts: dict[int, dict[str, Any]], why: str) -> dict[str, Any]:
+        """A tensor that cannot be assembled: not stored, with the reason; no rank's shape,
+        size or statistics (they would pass for the logical tensor's)."""
+        base = self._base(parts)
+        base.pop("stats", None)
+        base.update(shape=None, numel=None, stored=False, reason=why if why.startswith(_NOT_ASSEMBLED)
+                    else f"{_NOT_ASSEMBLED}: {why}")
+        base[PLAN_KEY] = {"kind": _UNASSEMBLED}
+        return base
+
+    @staticmethod
+    def unassembled_reason(node: Mapping[str, Any]) -> str | None:
+        """Why the logical view could not assemble the tensor of ``node`` (one of its tensor
+        nodes, locator keys included); None for a tensor it assembles (stored or not)."""
+        plan = node.get(PLAN_KEY)
+        if isinstance(plan, dict) and plan.get("kind") == _UNASSEMBLED:
+            return str(node.get("reason") or _NOT_ASSEMBLED)
+        return None
+
+    def _logical_node(self, parts: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        base = self._base(parts)
         try:
             plan, shape = self._plan(parts)
         except LayoutError as exc:
-            base.pop("stats", None)  # one rank's statistics would pass for the logical tensor's
-            base.update(stored=False, reason=f"not assembled: {exc}")
-            return base
+            return self._unassembled(parts, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a backstop: malformed metadata must not crash a reader
+            return self._unassembled(parts, f"unexpected {type(exc).__name__} while planning it: {exc}")
         unstored = [(r, p.get("reason", "not stored")) for r, p in parts.items()
                     if r in plan["ranks"] and p.get("stored") is False]
         base.update(shape=shape, numel=int(torch.Size(shape).numel()))
         if plan["kind"] != "replicate":
             base.pop("stats", None)  # the shards' statistics are not the logical tensor's
+        elif unstored:  # replicas without bodies: their statistics must agree, as bodies would
+            differ = self._stats_differ(parts, plan["ranks"], str(base.get("dtype")), base["numel"])
+            if differ is not None:
+                return self._unassembled(parts, differ)
         if unstored:
             base.update(stored=False, reason="; ".join(f"rank {r}: {why}" for r, why in unstored))
             return base
@@ -223,6 +266,29 @@ class LogicalReader(StoreReader):
         base[PLAN_KEY] = plan
         base["stored"] = True
         return base
+
+    def _stats_differ(self, parts: dict[int, dict[str, Any]], ranks: list[int], dtype: str,
+                      numel: int) -> str | None:
+        """Why the replicas' recorded statistics disagree (beyond ``replica_atol`` where their
+        bodies would be allowed to: floating tensors), or None when they agree."""
+        stats = {r: parts[r].get("stats") for r in ranks}
+        if all(not st for st in stats.values()):
+            return None  # nothing recorded, nothing claimed (the comparer finds no statistics)
+        ref = ranks[0]
+        floating = any(t in dtype for t in ("float", "half", "bfloat", "double", "complex"))
+        for rank in ranks[1:]:
+            a, b = stats[ref], stats[rank]
+            if not isinstance(a, Mapping) or not isinstance(b, Mapping) or not a or not b or a.keys() != b.keys():
+                names = [sorted(x) if isinstance(x, Mapping) else x for x in (a, b)]
+                return (f"replicated (no body stored) but ranks {ref} and {rank} recorded different statistics "
+                        f"({names[0]} vs {names[1]})")
+            for name in a:
+                if not _stat_agrees(a[name], b[name], self.replica_atol if floating and not name.endswith("_count")
+                                    else 0.0, numel if name == "l2_norm" else 1):
+                    return (f"replicated (no body stored) but rank {rank}'s statistics differ from rank {ref}'s "
+                            f"({name} {b[name]!r} vs {a[name]!r}, allowed {self.replica_atol:g}); the ranks diverged "
+                            "there, or the tensor is split and its module needs a layout (docs/parallel.md)")
+        return None
 
     def _plan(self, parts: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
         """How to assemble the tensor from ``parts`` (rank → node), and its logical shape."""
@@ -235,7 +301,14 @@ class LogicalReader(StoreReader):
                 raise LayoutError(f"rank {rank} recorded a layout that cannot be assembled: "
                                   f"{doc.get('reason', doc.get('kind'))}")
             else:
-                layouts[rank] = Layout.from_json(doc)
+                try:
+                    lay = Layout.from_json(doc)
+                except LayoutError as exc:
+                    raise LayoutError(f"rank {rank} recorded a malformed layout: {exc}") from None
+                if lay.ranks[lay.index] != rank:
+                    raise LayoutError(f"rank {rank} recorded index {lay.index} in group {lay.group!r} "
+                                      f"{list(lay.ranks)}, which is rank {lay.ranks[lay.index]}'s position")
+                layouts[rank] = lay
         dtypes = {n.get("dtype") for n in parts.values()}
         if len(dtypes) > 1:
             raise LayoutError(f"the ranks hold different dtypes {sorted(map(str, dtypes))}")
@@ -244,20 +317,27 @@ class LogicalReader(StoreReader):
             return self._replicate(parts, sorted(parts))
         lay = known[0]
         for rank, other in layouts.items():
-            if other is None or (other.kind, other.ranks, other.dim, other.reduce) != \
-                    (lay.kind, lay.ranks, lay.dim, lay.reduce):
+            if other is None or _agreement(other) != _agreement(lay):
                 raise LayoutError(f"ranks {sorted(parts)[0]} and {rank} recorded different layouts "
                                   f"({lay.to_json()} vs {other.to_json() if other else None})")
         missing = [r for r in lay.ranks if r not in self.ranks]
         if missing:
             raise LayoutError(f"group {lay.group!r} has ranks {list(lay.ranks)}, the run has {sorted(self.ranks)}")
-        if lay.kind == "replicate":
-            return self._replicate(parts, [r for r in lay.ranks if r in parts])
         absent = [r for r in lay.ranks if r not in parts]
         if absent:
-            raise LayoutError(f"rank(s) {absent} of group {lay.group!r} recorded no such tensor")
-        shapes = [list(parts[r].get("shape") or []) for r in lay.ranks]
+            raise LayoutError(f"rank(s) {absent} of group {lay.group!r} {list(lay.ranks)} recorded no such tensor")
+        outside = [r for r in parts if r not in lay.ranks]
+        if outside:
+            raise LayoutError(f"rank(s) {outside} recorded the tensor but are not in its group {lay.group!r} "
+                              f"{list(lay.ranks)}")
+        if lay.kind == "replicate":
+            return self._replicate(parts, list(lay.ranks))
+        shapes = [_shape_of(r, parts[r]) for r in lay.ranks]
         if lay.kind == "partial":
+            dtype = _known_dtype(next(iter(dtypes)))
+            if dtype == torch.bool or lay.reduce == "avg" and not (dtype.is_floating_point or dtype.is_complex):
+                raise LayoutError(f"a partial {lay.reduce} of {dtype} tensors is not assembled (a sum of booleans "
+                                  "is no boolean, a mean of integers no integer); record it reduced, or replicated")
             if any(s != shapes[0] for s in shapes):
                 raise LayoutError(f"partial sums of different shapes {shapes}")
             return {"kind": "partial", "ranks": list(lay.ranks), "reduce": lay.reduce}, shapes[0]
@@ -265,7 +345,7 @@ class LogicalReader(StoreReader):
 
     @staticmethod
     def _replicate(parts: dict[int, dict[str, Any]], ranks: list[int]) -> tuple[dict[str, Any], list[int]]:
-        shapes = {r: list(parts[r].get("shape") or []) for r in ranks}
+        shapes = {r: _shape_of(r, parts[r]) for r in ranks}
         if len({tuple(s) for s in shapes.values()}) > 1:
             raise LayoutError(f"no layout recorded and the ranks' shapes differ ({shapes}); annotate the module "
                               "(ilstore.layout.annotate, docs/parallel.md)")
@@ -317,8 +397,17 @@ class LogicalReader(StoreReader):
 
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         plan = node.get(PLAN_KEY)
-        if not isinstance(plan, dict):
+        if not isinstance(plan, dict) or plan.get("kind") not in ("replicate", "partial", "shard"):
             raise KeyError(f"{key}: no assembly plan (not stored: {node.get('reason', 'unknown')})")
+        try:
+            return self._assemble(key, node, plan)
+        except (StoreError, KeyError, MemoryError):
+            raise
+        except Exception as exc:  # a backstop: what the planning did not foresee names the run and tensor
+            raise StoreError(f"{self.run_dir}: {key.display()} cannot be assembled from the ranks "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+    def _assemble(self, key: TensorKey, node: dict[str, Any], plan: dict[str, Any]) -> torch.Tensor:
         ranks = plan["ranks"]
         if plan["kind"] == "replicate":
             return self._replica(key, ranks, plan)
@@ -384,6 +473,101 @@ class LogicalReader(StoreReader):
     def close(self) -> None:
         self._structures.clear()
         self.source.close()
+
+
+_NOT_ASSEMBLED = "not assembled"
+#: The plan of a tensor the view cannot assemble (:meth:`LogicalReader.unassembled_reason`).
+_UNASSEMBLED = "unassembled"
+
+
+def _agreement(lay: Layout) -> tuple[Any, ...]:
+    """What every member of a group must record alike (``index`` differs; ``blocks`` are each
+    rank's own sizes: only whether there are blocks, and how many, must agree)."""
+    return (lay.kind, lay.ranks, lay.group, lay.dim, lay.reduce, lay.sizes,
+            None if lay.blocks is None else len(lay.blocks))
+
+
+def _shape_of(rank: int, node: Mapping[str, Any]) -> list[int]:
+    shape = node.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        why = f" (not stored: {node['reason']})" if node.get("stored") is False and node.get("reason") else ""
+        raise LayoutError(f"rank {rank} recorded no shape for it{why}")
+    return list(shape)
+
+
+def _known_dtype(name: Any) -> torch.dtype:
+    try:
+        return _dtype(str(name))
+    except Exception:  # noqa: BLE001 - whatever the name is, the tensor cannot be reduced
+        raise LayoutError(f"a partial of dtype {name!r} (no known dtype recorded) is not assembled") from None
+
+
+def _stat_agrees(a: Any, b: Any, atol: float, numel: int) -> bool:
+    """One statistic of two replicas: equal, or numbers within what ``atol`` allows elementwise
+    (``numel``: the L2 norm can move by ``atol * sqrt(numel)``)."""
+    if a == b:
+        return True
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    if not numbers:
+        return False
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if atol <= 0:
+        return False
+    allowed = atol * math.sqrt(max(numel, 1)) + 1e-12 * max(abs(a), abs(b))  # (float64 rounding of the stats)
+    return abs(a - b) <= allowed
+
+
+def _put(structure: Any, path: tuple[str, ...], node: dict[str, Any]) -> bool:
+    """Put the logical tensor ``node`` at ``path`` of ``structure`` (a template): over the tensor
+    there, over a plain value there, or as a new item of the container above; False when the
+    structure has no such place (a container stands there, or no container above)."""
+    try:
+        here = node_at(structure, path)
+    except KeyError:
+        here = _ABSENT
+    if _is_tensor(here):
+        here.clear()
+        here.update(node)
+        return True
+    if not path or isinstance(here, dict) and here.get("type") in ("tuple", "list", "dict"):
+        return False
+    try:
+        parent = node_at(structure, path[:-1])
+    except KeyError:
+        return False
+    if not isinstance(parent, dict):
+        return False
+    last, items, kwargs = path[-1], parent.get("items"), parent.get("kwargs")
+    if parent.get("type") in ("tuple", "list") and isinstance(items, list) and last.isdigit() \
+            and str(int(last)) == last and int(last) <= len(items):
+        if int(last) == len(items):
+            items.append(node)
+        else:
+            items[int(last)] = node
+        return True
+    if isinstance(kwargs, dict) and (last in kwargs or here is _ABSENT and parent.get("type") != "dict"):
+        kwargs[last] = node
+        return True
+    if parent.get("type") == "dict" and isinstance(items, dict):
+        items[last] = node
+        return True
+    return False
+
+
+_ABSENT: Any = object()
+
+
+def _holds_none(structure: Any, path: tuple[str, ...]) -> bool:
+    """Whether ``structure`` holds ``None`` at ``path`` (not another value, not nothing): JSON
+    null, or a value node of null (how a call's whole ``None`` result is stored)."""
+    try:
+        node = node_at(structure, path)
+    except KeyError:
+        return False
+    return node is None or isinstance(node, dict) and node.get("type") == "value" and "value" in node \
+        and node["value"] is None
 
 
 def _rank_key(key: TensorKey, rank: int) -> TensorKey:

@@ -214,7 +214,7 @@ def test_what_cannot_be_assembled_says_why(tmp_path: Path) -> None:
     for rank in (0, 1):
         values = {"noshard": (torch.ones(3, 4 + rank), None),       # shapes differ, no layout
                   "half": (torch.ones(3, 4), "t h[tp]" if rank == 0 else None),  # layouts differ
-                  "alone": (torch.ones(2) if rank == 0 else None, None)}  # one rank only: taken as is
+                  "alone": (torch.ones(2) if rank == 0 else None, None)}  # a tensor on rank 0, None on rank 1
         _write_rank(rank_run_dir(run_dir, rank, 2), "pt", rank, 2, values)
     with open_logical(run_dir) as run:
         noshard = run.meta(TensorKey(0, "noshard", 0, "outputs"))
@@ -223,6 +223,8 @@ def test_what_cannot_be_assembled_says_why(tmp_path: Path) -> None:
         assert "different layouts" in run.meta(TensorKey(0, "half", 0, "outputs"))["reason"]
         with pytest.raises(KeyError, match="not stored"):
             run.load(TensorKey(0, "noshard", 0, "outputs"))
+        # None on rank 1: the tensor is rank 0's, as a call only rank 0 made (vLLM may gather
+        # logits to one rank); a plain value there instead fails (tests/test_unshard_review.py)
         assert torch.equal(run.load(TensorKey(0, "alone", 0, "outputs")), torch.ones(2))
 
 

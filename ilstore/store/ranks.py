@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -79,6 +79,43 @@ def is_ranked(manifest: dict[str, Any] | None) -> bool:
     return manifest is not None and manifest.get("layout") == RANKS_LAYOUT
 
 
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _listed_ranks(run_dir: Path, manifest: Mapping[str, Any]) -> list[int]:
+    """The ranks of a multi-rank run's manifest: exactly ``0 .. world_size - 1``, each once.
+
+    Raises:
+        CorruptFileError: ``ranks`` or ``world_size`` is malformed, or they disagree (a rank
+            missing from ``ranks``: a run that lost a rank would otherwise read as a smaller one).
+    """
+    path = run_dir / MANIFEST_NAME
+    ranks, world_size = manifest.get("ranks"), manifest.get("world_size")
+    if not isinstance(ranks, list) or not all(_is_int(r) for r in ranks):
+        raise CorruptFileError(path, "\"ranks\" must be a list of integers")
+    if not _is_int(world_size) or world_size < 1:
+        raise CorruptFileError(path, f"\"world_size\" must be an integer >= 1, got {world_size!r:.40}")
+    if len(set(ranks)) != len(ranks) or any(not 0 <= r < world_size for r in ranks):
+        raise CorruptFileError(path, f"\"ranks\" {ranks!r:.80} must list each rank of 0 .. {world_size - 1} once")
+    missing = [r for r in range(world_size) if r not in ranks]
+    if missing:
+        raise CorruptFileError(path, f"the run has world_size {world_size} but rank(s) {missing} are missing from "
+                                     f"\"ranks\" {ranks}: the run is incomplete")
+    return sorted(ranks)
+
+
+def _check_rank_manifest(sub: Path, manifest: Mapping[str, Any] | None, rank: int, world_size: int) -> None:
+    """A rank's own manifest, where it says, must be that rank of a run of ``world_size``."""
+    said = {key: (manifest or {}).get(key) for key in ("rank", "world_size")}
+    expected = {"rank": rank, "world_size": world_size}
+    wrong = {key: value for key, value in said.items() if value is not None and value != expected[key]}
+    if wrong:
+        raise CorruptFileError(sub / MANIFEST_NAME, f"says {', '.join(f'{k} {v!r:.20}' for k, v in said.items())}; "
+                                                    f"as {sub.name} of the run it must be rank {rank} of world_size "
+                                                    f"{world_size}")
+
+
 class RankedReader(StoreReader):
     """One reader over the per-rank sub-runs of a multi-rank run.
 
@@ -88,21 +125,27 @@ class RankedReader(StoreReader):
         open_part: opens one rank's run (any backend) and returns its reader.
 
     Raises:
-        CorruptFileError: the manifest's ``"ranks"`` is not a list of integers.
+        CorruptFileError: the manifest's ``"ranks"`` is not each rank of ``0 .. world_size - 1``
+            once, or a rank's own manifest names another rank or world size.
         RunNotFoundError: a listed rank wrote nothing.
     """
 
     def __init__(self, run_dir: str | Path, open_part: Callable[[Path], StoreReader]) -> None:
         super().__init__(run_dir)
-        ranks = (self.manifest or {}).get("ranks")
-        if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
-            raise CorruptFileError(self.run_dir / MANIFEST_NAME, "\"ranks\" must be a list of integers")
+        ranks = _listed_ranks(self.run_dir, self.manifest or {})
+        world_size = len(ranks)
         self.ranks: dict[int, StoreReader] = {}
-        for rank in ranks:
-            sub = self.run_dir / rank_dir_name(rank)
-            if not sub.is_dir():
-                raise RunNotFoundError(f"{sub}: rank {rank} listed in {self.run_dir / MANIFEST_NAME} wrote nothing")
-            self.ranks[rank] = open_part(sub)
+        try:
+            for rank in ranks:
+                sub = self.run_dir / rank_dir_name(rank)
+                if not sub.is_dir():
+                    raise RunNotFoundError(f"{sub}: rank {rank} listed in {self.run_dir / MANIFEST_NAME} wrote nothing")
+                self.ranks[rank] = reader = open_part(sub)
+                _check_rank_manifest(sub, reader.manifest, rank, world_size)
+        except BaseException:
+            for reader in self.ranks.values():
+                reader.close()
+            raise
         self._rank_steps: dict[int, frozenset[int]] = {}  # each rank's completed steps, read once
         first = next(iter(self.ranks.values()), None)
         self.name = first.name if first is not None else "ranks"
