@@ -142,8 +142,9 @@ class PathRule:
       ``tensor.select(d, i)`` is compared (negative ``d``/``i`` count from the end), e.g. the
       last position of Hugging Face's ``[1, T, V]`` logits;
     * sum: ``{"module", "sum": [p1, p2, ...], "to"}`` — the elementwise sum of the listed
-      tensors (same shape; added in their own dtype) is compared as ``to``; the summands are
-      not listed separately.
+      tensors (same shape; added in order with PyTorch's type promotion: one dtype stays that
+      dtype, mixed ones are promoted, fp16 + fp32 in fp32) is compared as ``to``; the summands
+      are not listed separately.
 
     A rule applies to a call when ``module`` matches (``re.search``) and every tensor it names
     exists there; each tensor is taken by the first rule that applies (no chaining).
@@ -202,7 +203,8 @@ class UnalignedRule:
     after the path rules, e.g. ``outputs/1`` or ``inputs/position_embeddings/.*``; at least one
     of the two is required), and ``side`` fits:
     ``dir1``/``dir2`` — the tensor is in that run only; ``both`` — it is in both runs (same name,
-    different computation); ``any`` (default) — either.
+    different computation); ``any`` (default) — in one run or both (a pair present in both
+    runs is then not compared).
 
     Attributes:
         index: position in ``unaligned`` (for messages).
@@ -414,13 +416,29 @@ def _list(data: Mapping[str, Any], key: str, where: str) -> list[Any]:
     return value
 
 
+# what re.compile raises for a bad pattern: re.error, and for patterns it cannot build,
+# OverflowError (a{99999999999}), RecursionError (thousands of nested groups) or ValueError
+_REGEX_ERRORS = (re.error, OverflowError, RecursionError, ValueError)
+
+
+def _shown(pattern: str) -> str:
+    """A pattern for a message: long ones cut (a 4,000-character pattern would drown it)."""
+    return repr(pattern) if len(pattern) <= 80 else f"{pattern[:60]!r}... ({len(pattern)} characters)"
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+    """``re.compile``, every failure a :class:`NameMapError` that starts with ``what``."""
+    try:
+        return re.compile(pattern)
+    except _REGEX_ERRORS as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise NameMapError(f"{what}: {why}") from None
+
+
 def _regex(pattern: Any, where: str, what: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or not pattern:
         raise NameMapError(f"{where}: {what} must be a non-empty regex string, got {pattern!r}")
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise NameMapError(f"{where}: bad regex {pattern!r} in {what}: {exc}") from None
+    return _compile(pattern, f"{where}: bad regex {_shown(pattern)} in {what}")
 
 
 def _rule(item: Any, where: str) -> Rule:
@@ -436,10 +454,7 @@ def _rule(item: Any, where: str) -> Rule:
                            f"{{\"pattern\", \"replacement\"}}, got {item!r}")
     if not isinstance(pattern, str) or not pattern or not isinstance(replacement, str):
         raise NameMapError(f"{where}: pattern must be a non-empty string and replacement a string")
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise NameMapError(f"{where}: bad regex {pattern!r}: {exc}") from None
+    compiled = _compile(pattern, f"{where}: bad regex {_shown(pattern)}")
     try:
         compiled.sub(replacement, "")  # validates group references in the replacement
     except (re.error, IndexError) as exc:

@@ -60,6 +60,8 @@ def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern[str]]:
     for pattern in patterns:
         try:
             compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise OptionError("modules", f"bad regex {pattern!r}: {exc}") from None
+        except (re.error, OverflowError, RecursionError, ValueError) as exc:  # not only re.error: a{99999999999}
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            shown = repr(pattern) if len(pattern) <= 80 else f"{pattern[:60]!r}... ({len(pattern)} characters)"
+            raise OptionError("modules", f"bad regex {shown}: {why}") from None
     return compiled

@@ -22,12 +22,18 @@ Compositions come from (see :func:`read_composition`):
   ``inputs[0]``): a 2-D ``[B, S]`` tensor is a *batched* step, whose padding and positions come
   from a 2-D ``attention_mask`` of the step (``[B, L]``, ``L >= S``: positions are its running
   count minus one over the last ``S`` columns; zeros are padding); without a mask every token
-  is real, and a row continues its previous request when the step holds one token per row
-  (a decode step), else starts a new one at position 0. A 1-D ``[T]`` tensor without a record
-  is read the same way, as a one-row batch: a single sequence (one prompt per run).
+  is real, and its position is the one the run recorded: the integer ``position_ids`` (Hugging
+  Face) or ``positions`` (vLLM) keyword of a call of the step, shaped like the ids (or ``[1, S]``,
+  shared by the rows). Only where none was recorded is the position guessed: a row continues its
+  previous request when the step holds one token per row (a decode step), else starts a new one
+  at position 0 — which misreads a new one-token prompt as a decode step, so the composition's
+  ``source`` says so. A 1-D ``[T]`` tensor without a record is read the same way, as a one-row
+  batch: a single sequence (one prompt per run).
 
 In a batched run a row whose first real token is at position 0 starts a new request (named
-``s<step>r<row>``); a row at a later position continues the request last seen in that row.
+``s<step>r<row>``); a row at a later position continues the request last seen in that row —
+with recorded positions (no mask) only when it does not skip past that request's next position
+(a position at or before it is a recomputation); a row that does starts a new request.
 """
 
 from __future__ import annotations
@@ -354,20 +360,34 @@ def packed_step(step: int, request_ids: Sequence[str], starts: Sequence[int], po
     return StepLayout(step, PACKED, len(token_ids), len(request_ids), tuple(requests))
 
 
-def batched_steps(steps: Iterable[tuple[int, list[list[int]], list[list[int]] | None]]) -> list[StepLayout]:
-    """Batched steps from each step's ``[B, S]`` token ids and optional ``[B, L]`` attention mask.
+def continues(next_position: int | None, first: int) -> bool:
+    """Whether tokens fed from recorded position ``first`` continue the request whose next
+    position is ``next_position`` (None: there is none): not at position 0, and not past it (at
+    or before it is a recomputation of the same request)."""
+    return next_position is not None and 0 < first <= next_position
 
-    Requests follow rows across steps (see the module docstring).
+
+def batched_steps(steps: Iterable[tuple[int, list[list[int]], list[list[int]] | None, list[list[int]] | None]]
+                  ) -> list[StepLayout]:
+    """Batched steps from each step's ``[B, S]`` token ids, optional ``[B, L]`` attention mask
+    and optional recorded ``[B, S]`` (or ``[1, S]``) positions.
+
+    Requests follow rows across steps (see the module docstring). Recorded positions are used
+    where there is no mask (a mask gives the positions itself); a row's must be consecutive.
 
     Example:
         >>> left_padded = [[0, 5, 6], [7, 8, 9]]
-        >>> s0, s1 = batched_steps([(0, left_padded, [[0, 1, 1], [1, 1, 1]]), (1, [[4], [3]], [[0, 1, 1, 1], [1] * 4])])
+        >>> s0, s1 = batched_steps([(0, left_padded, [[0, 1, 1], [1, 1, 1]], None),
+        ...                         (1, [[4], [3]], [[0, 1, 1, 1], [1] * 4], None)])
         >>> [(r.request, r.positions) for r in s0.requests], [(r.request, r.positions) for r in s1.requests]
         ([('s0r0', (0, 1)), ('s0r1', (0, 1, 2))], [('s0r0', (2,)), ('s0r1', (3,))])
+        >>> one_by_one = [(0, [[3, 4, 5]], None, [[0, 1, 2]]), (1, [[20]], None, [[3]]), (2, [[7]], None, [[0]])]
+        >>> [(r.request, r.positions) for s in batched_steps(one_by_one) for r in s.requests]
+        [('s0r0', (0, 1, 2)), ('s0r0', (3,)), ('s2r0', (0,))]
     """
     current: dict[int, tuple[str, int]] = {}  # row -> (request, next position)
     out = []
-    for step, ids, mask in steps:
+    for step, ids, mask, recorded in steps:
         rows = len(ids)
         width = len(ids[0]) if rows else 0
         requests = []
@@ -381,14 +401,22 @@ def batched_steps(steps: Iterable[tuple[int, list[list[int]], list[list[int]] | 
                 tail_mask, tail_pos = mask[b][-width:], counted[-width:]
                 cols = [j for j in range(width) if tail_mask[j]]
                 positions = [tail_pos[j] for j in cols]
-            else:
+            elif recorded is not None:
+                cols = list(range(width))
+                positions = [int(p) for p in recorded[b if len(recorded) == rows else 0]]
+            else:  # nothing recorded: a one-token row is guessed to be a decode step of its request
                 cols = list(range(width))
                 prev = current.get(b)
                 start = prev[1] if prev is not None and width == 1 else 0
                 positions = [start + j for j in cols]
             if not cols:
                 continue
-            if positions[0] == 0 or b not in current:
+            prev = current.get(b)
+            if mask is None and recorded is not None:
+                new = not continues(prev[1] if prev is not None else None, positions[0])
+            else:
+                new = positions[0] == 0 or prev is None
+            if new:
                 current[b] = (f"s{step}r{b}", 0)
             rid = current[b][0]
             current[b] = (rid, positions[-1] + 1)

@@ -48,6 +48,7 @@ from .tokens import (
     TokenAlignment,
     align,
     batched_steps,
+    continues,
     packed_step,
 )
 
@@ -55,6 +56,7 @@ __all__ = ["TokenAlignmentError", "TokenView", "WithoutBatch", "read_composition
 
 _GATHER = "token_gather"  # the view's locator key: where a node's rows come from
 _INTS = ("torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8")
+_POSITIONS = (("position_ids",), ("positions",))  # the keywords Hugging Face / vLLM feed positions as
 
 
 class TokenAlignmentError(CompareError):
@@ -103,6 +105,42 @@ def _is_ids(key: TensorKey, node: dict[str, Any]) -> bool:
             and len(shape) in (1, 2))
 
 
+def _is_positions(key: TensorKey, node: dict[str, Any], shape: list[int]) -> bool:
+    """The positions the run fed with the ids of ``shape``: ``[B, S]`` (or ``[1, S]``) / ``[T]``."""
+    got = node.get("shape")
+    return (key.path in _POSITIONS and node.get("dtype") in _INTS and isinstance(got, list)
+            and (got == shape or got == [1, shape[-1]]))
+
+
+def _recorded_positions(reader: StoreReader, step: int, ids_shape: list[int], label: str
+                        ) -> tuple[list[list[int]] | None, str]:
+    """The step's recorded positions as rows (None: not recorded, or not stored) and a note on
+    where they came from (or that the caller guesses them).
+
+    Raises:
+        TokenAlignmentError: a row's positions are not consecutive (several sequences in one row,
+            or padding without an attention mask).
+    """
+    found = _find(reader, step, functools.partial(_is_positions, shape=ids_shape))
+    if found is None or found[1].get("stored") is False:
+        why = ("not recorded (no integer position_ids or positions keyword)" if found is None
+               else f"at {found[0].display()} not stored")
+        return None, (f"positions {why}, so guessed: a step of one token per row is read as a decode step of the "
+                      "row's last request (a new one-token prompt would be misread; pass the model position_ids "
+                      "by keyword)")
+    key, node = found
+    rows = _load_ints(reader, key, node, label)
+    rows = rows if len(node["shape"]) == 2 else [rows]
+    for b, row in enumerate(rows):
+        if any(q != p + 1 for p, q in zip(row, row[1:], strict=False)):
+            shown = row if len(row) <= 12 else [*row[:12], "..."]
+            raise TokenAlignmentError(
+                f"{label} ({reader.run_dir}): step {step}: the positions at {key.display()} (row {b}: {shown}) are "
+                "not consecutive: the row holds several sequences, or padding without an attention mask; capture "
+                f"the {BATCH_MODULE} record (vLLM) or the model's attention_mask to align tokens")
+    return rows, f"positions from {key.module} {key.kind}[{key.path[0]}]"
+
+
 def _is_mask(key: TensorKey, node: dict[str, Any], rows: int, width: int) -> bool:
     shape = node.get("shape")
     return (key.path[-1:] == ("attention_mask",) and node.get("dtype") in (*_INTS, "torch.bool")
@@ -112,14 +150,18 @@ def _is_mask(key: TensorKey, node: dict[str, Any], rows: int, width: int) -> boo
 def read_composition(reader: StoreReader, label: str) -> RunComposition:
     """Every step's composition of a run (see :mod:`.tokens` for the sources).
 
+    Without a record or a mask, a step's positions are the ones it recorded (``position_ids`` /
+    ``positions``); only without those are they guessed, and the composition's ``source`` says so.
+
     Raises:
         TokenAlignmentError: a step has neither a usable ``ilstore.batch`` record nor integer
-            token ids, or their bodies were not stored.
+            token ids, or their bodies were not stored, or its recorded positions are not
+            consecutive within a row.
     """
     layouts: list[StepLayout] = []
-    batched: list[tuple[int, list[list[int]], list[list[int]] | None]] = []
+    batched: list[tuple[int, list[list[int]], list[list[int]] | None, list[list[int]] | None]] = []
     sources: dict[str, None] = {}
-    single: tuple[str, int] | None = None  # without a record: (request, last position) of the 1-D run
+    single: tuple[str, int] | None = None  # without a record: (request, next position) of the 1-D run
     for step in reader.steps():
         record = next((c for c in reader.calls(step) if c.module == BATCH_MODULE), None)
         if record is not None:
@@ -136,21 +178,29 @@ def read_composition(reader: StoreReader, label: str) -> RunComposition:
         where = f"{ids_key.module} {ids_key.kind}[{ids_key.path[0]}]"
         if len(ids_node["shape"]) == 1:  # packed without a record: one sequence, as a 1-row batch is read
             n = len(ids)
-            if n == 1 and single is not None:  # a decode step continues the sequence
-                single = (single[0], single[1] + 1)
-            else:
-                single = (f"s{step}", 0)
-            start = single[1]
-            layouts.append(packed_step(step, [single[0]], [0, n], list(range(start, start + n)), ids))
-            single = (single[0], start + n - 1)
-            sources[f"token ids from {where}, one request (no {BATCH_MODULE} record)"] = None
+            if n == 0:  # nothing fed: no request
+                layouts.append(packed_step(step, [], [0], [], []))
+                continue
+            recorded, note = _recorded_positions(reader, step, ids_node["shape"], label)
+            if recorded is not None:
+                positions = recorded[0]
+                new = not continues(single[1] if single is not None else None, positions[0])
+            else:  # guessed: a one-token step continues the sequence (a decode step)
+                new = n != 1 or single is None
+                start = 0 if new or single is None else single[1]
+                positions = list(range(start, start + n))
+            request = f"s{step}" if new or single is None else single[0]
+            layouts.append(packed_step(step, [request], [0, n], positions, ids))
+            single = (request, positions[-1] + 1)
+            sources[f"token ids from {where}, one request (no {BATCH_MODULE} record), {note}"] = None
             continue
         rows, width = ids_node["shape"]
         mask_found = _find(reader, step, functools.partial(_is_mask, rows=rows, width=width))
         mask = _load_ints(reader, *mask_found, label) if mask_found is not None else None
-        mask_from = f" and padding from {mask_found[0].module} inputs[attention_mask]" if mask_found else ""
-        sources[f"token ids from {where}{mask_from}"] = None
-        batched.append((step, ids, mask))
+        recorded, note = (None, "") if mask_found else _recorded_positions(reader, step, ids_node["shape"], label)
+        how = f" and padding from {mask_found[0].module} inputs[attention_mask]" if mask_found else f", {note}"
+        sources[f"token ids from {where}{how}"] = None
+        batched.append((step, ids, mask, recorded))
     layouts += batched_steps(batched)
     layouts.sort(key=lambda s: s.step)
     return RunComposition(tuple(layouts), "; ".join(sources) or "no steps")

@@ -280,3 +280,31 @@ def test_introduced_table_names_the_differing_tensors_only() -> None:
                             for k in keys])
     assert [row[-1] for row in rows] == ["outputs[0]", "post_fwd_inputs"]
     assert rows[0][1] == "rank1 model.layers.0 mlp#2"
+
+
+class _Outs(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return xs
+
+
+class _Root(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = _Outs()
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.c(*xs)
+
+
+def test_a_sum_promotes_mixed_dtypes_and_side_any_covers_a_pair(tmp_path: Path) -> None:
+    # as documented: a sum adds with torch's type promotion (fp16 + fp32 in fp32, where 1 + 1e-4 is
+    # not 1); side "any" declares a tensor present in both runs too, which is then not compared
+    one = module_run(tmp_path, "one", _Root(), torch.ones(3, dtype=torch.float16), torch.full((3,), 1e-4))
+    two = module_run(tmp_path, "two", _Root(), torch.full((3,), 1.0001))
+    rule = {"module": "^c$", "sum": ["outputs/0", "outputs/1"], "to": "outputs/0"}
+    summed = {"apply_to": "dir1", "path_rules": [rule]}
+    out = _entries(compare(one, two, name_map=summed, rtol=0, atol=0))[("c", "outputs/0")]
+    assert out.status == "match" and out.metrics is not None and out.metrics.max_abs_diff == 0
+    declared = {"unaligned": [{"module": "^c$", "tensor": "outputs/0", "reason": "r"}]}
+    both = _entries(compare(two, two, name_map=declared))[("c", "outputs/0")]
+    assert both.status == "unaligned" and both.metrics is None and both.shape1 == both.shape2 == (3,)
