@@ -193,6 +193,36 @@ def _hook_graph_breaks() -> int:
     return sum(n for reason, n in breaks.items() if _DISABLED_BREAK in reason)
 
 
+def _dynamo_compiles() -> int | None:
+    """How many times dynamo has compiled a frame since its last reset (-1: it did, how often is
+    not known), or None when compiled code cannot hide new hooks: dynamo is not loaded (an eager
+    model: nothing is imported here), or it guards on hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards = False``: it recompiles when they change).
+
+    With torch's default, code dynamo compiled before a hook was added keeps running without it
+    (no guard checks the module's hooks), so a capture attached after a compiled forward records
+    nothing unless that code is discarded (:meth:`Capture._discard_compiled_code`)."""
+    if "torch._dynamo" not in sys.modules:
+        return None
+    config = sys.modules.get("torch._dynamo.config")
+    if config is not None and getattr(config, "skip_nnmodule_hook_guards", True) is False:
+        return None
+    convert = sys.modules.get("torch._dynamo.convert_frame")
+    if convert is None:  # dynamo is imported but has never compiled a frame
+        return 0
+    counter = getattr(convert, "FRAME_COMPILE_COUNTER", None)  # frame id -> compilations, cleared by reset()
+    try:
+        return int(sum(counter.values()))  # type: ignore[union-attr]
+    except Exception:  # another torch: assume compiled code exists
+        return -1
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper or was compiled in place (``module.compile()``)."""
+    return isinstance(getattr(module, "_orig_mod", None), nn.Module) or \
+        getattr(module, "_compiled_call_impl", None) is not None
+
+
 def model_info(model: nn.Module) -> dict[str, str]:
     """What the manifest records about the model: its class and architecture name.
 
@@ -305,6 +335,12 @@ class Capture:
         self._root_thread: int | None = None  # the thread whose stack holds _root_call
         self._stray_warned = False
         self._compile_warned = False
+        # Compiled models (see _discard_compiled_code): dynamo's compile count once the hooks were
+        # attached (None: not relevant), forwards of the torch.compile wrapper seen while
+        # recording, and whether any of this capture's hooks ran at all.
+        self._compiles_at_attach: int | None = None
+        self._compiled_calls = 0
+        self._hooks_ran = False
         self._step: _StepState | None = None  # the open step, if any
         self._replay: ReplaySource | None = None
         self._in_graph: InGraph | None = None  # config in_graph: the traced hooks (ilstore.in_graph)
@@ -446,11 +482,79 @@ class Capture:
                 root_pre, root_post = _opaque(self._root_pre, skip), _opaque(self._root_post, skip)
             self._handles.append(model.register_forward_pre_hook(root_pre, prepend=True))
             self._handles.append(model.register_forward_hook(root_post, always_call=True))
+        if model is not self.model:
+            # The wrapper's own hooks run eagerly, around the compiled code: they count its
+            # forwards, so a capture whose hooks never fire inside does not close silently.
+            self._handles.append(self.model.register_forward_pre_hook(_opaque(self._count_compiled_call, True)))
+        self._discard_compiled_code()
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _discard_compiled_code(self) -> None:
+        """At attach: let the new hooks take effect in code torch.compile compiled before them.
+
+        With torch's default ``torch._dynamo.config.skip_nnmodule_hook_guards = True`` dynamo
+        does not check a module's hooks before it reuses compiled code: a model (or a submodule,
+        or the model inside a ``torch.compile`` wrapper) that already ran compiled keeps running
+        the code compiled without ilstore's hooks, and the capture would record nothing. Which
+        model a piece of compiled code belongs to cannot be told cheaply, so when dynamo holds
+        any compiled code, all of it is discarded (``torch.compiler.reset()``) and recompiled at
+        its next call, with a warning. Nothing is done for an eager process (dynamo not loaded),
+        before the first compiled forward, or when dynamo guards on hooks itself.
+        """
+        compiles = _dynamo_compiles()
+        if compiles is None:
+            return
+        if compiles:
+            compiled = [name or "the model" for name, m in self.model.named_modules() if _is_compiled(m)]
+            _log.warning("ilstore: torch.compile has already compiled code in this process (%s), and dynamo does not "
+                         "check hooks before reusing it (torch._dynamo.config.skip_nnmodule_hook_guards): that code "
+                         "would run without this capture's hooks and record nothing. ilstore discards it "
+                         "(torch.compiler.reset()): the model will be recompiled at its next forward, with the hooks "
+                         "in it, and so will any other compiled code of this process (run %s)",
+                         "compiled: " + ", ".join(compiled[:3]) if compiled else "the model may run inside it",
+                         self.run_dir)
+            try:
+                torch.compiler.reset()
+            except Exception as exc:  # the capture goes on; _warn_hooks_never_ran reports what it misses
+                _log.warning("ilstore: could not discard the compiled code: %s", exc)
+            compiles = _dynamo_compiles()
+        self._compiles_at_attach = compiles
+
+    def _discard_capture_code(self) -> None:
+        """At close: drop the code torch.compile compiled with this capture's hooks in it (their
+        graph breaks or taps), so the model runs the code it runs without capture again, and a
+        later capture records (see :meth:`_discard_compiled_code`). Logged; never raises."""
+        before, self._compiles_at_attach = self._compiles_at_attach, None
+        if before is None or torch.compiler.is_compiling():
+            return
+        now = _dynamo_compiles()
+        if now is None or (now == before and now >= 0):
+            return  # nothing was compiled while the hooks were attached
+        try:
+            _log.info("ilstore: discarding the code torch.compile compiled with the hooks of the capture of run "
+                      "%s (torch.compiler.reset()); the model is recompiled without them at its next forward",
+                      self.run_dir)
+            torch.compiler.reset()
+        except Exception as exc:  # never stop the model for this
+            _log.warning("ilstore: could not discard the code compiled with the capture's hooks: %s", exc)
+
+    def _count_compiled_call(self, module: nn.Module, args: Any) -> None:
+        """Pre-hook of the ``torch.compile`` wrapper (eager, around the compiled code)."""
+        if not (self._closed or self._paused):
+            self._compiled_calls += 1
+
+    def _warn_hooks_never_ran(self) -> None:
+        """At close: the compiled model ran and none of the capture's hooks did."""
+        if self._compiled_calls and not self._hooks_ran and self.hooked_modules and self._forked_from is None:
+            warnings.warn(f"ilstore: the compiled model ran {self._compiled_calls} forward(s) during the capture and "
+                          "none of the capture's hooks fired: it ran code compiled without them, and nothing of those "
+                          f"forwards was recorded in run {self.run_dir}. Attach the capture before the first compiled "
+                          "forward, or set torch._dynamo.config.skip_nnmodule_hook_guards = False "
+                          "(docs/compiled.md).", IlstoreWarning, stacklevel=3)
 
     # -- steps --------------------------------------------------------------------------------
     def _begin_step(self) -> _StepState:
@@ -501,6 +605,7 @@ class Capture:
                           "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
 
     def _root_pre(self, module: nn.Module | None, args: Any) -> None:
+        self._hooks_ran = True
         if (self._in_root or self._paused_roots) and self._root_call_gone():
             self._end_interrupted_root()  # the last root forward never returned: this one is not nested in it
         if self._paused_roots or (self._paused and self._in_root == 0):
@@ -704,6 +809,7 @@ class Capture:
 
     def _pre(self, name: str, selected: frozenset[int] | None, module: nn.Module, args: Any,
              kwargs: Any) -> tuple[Any, Any] | None:
+        self._hooks_ran = True
         if self._paused or self._paused_roots:  # a forward that began paused stays unrecorded to its end
             if self._forked_from is not None:
                 self._warn_forked()
@@ -721,14 +827,15 @@ class Capture:
             self._fail(exc)
             return None
 
-    def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def _post(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any,
+              post_inputs: tuple[Any, Any] | None = None) -> None:
         if self._paused or self._paused_roots:
             step = self._step
             if step is not None:
                 self._cut(step, name)
             return
         try:
-            self._post_impl(name, output)
+            self._post_impl(name, output, post_inputs)
         except Exception as exc:
             self._fail(exc)
 
@@ -778,7 +885,11 @@ class Capture:
         step.open.append(frame)
         return (new_args, new_kwargs) if info.replaced else None
 
-    def _post_impl(self, name: str, output: Any) -> None:
+    def _post_impl(self, name: str, output: Any, post_inputs: tuple[Any, Any] | None = None) -> None:
+        """A call ends: record its outputs and, with ``log_post_fwd_inputs``, its arguments as the
+        call left them: ``post_inputs`` (args, kwargs) where they were tapped again at the call's
+        end (``in_graph``), else the objects its pre-hook saw (in eager code the same objects,
+        changed in place by the call, if at all)."""
         step = self._step
         if step is None:
             return
@@ -797,7 +908,8 @@ class Capture:
         if self.config.log_outputs:
             self._write(frame.call, "outputs", output, replay=replay)
         if self.config.log_post_fwd_inputs:
-            self._write(frame.call, "post_fwd_inputs", tuple(frame.args), frame.kwargs)
+            args, kwargs = post_inputs if post_inputs is not None else (frame.args, frame.kwargs)
+            self._write(frame.call, "post_fwd_inputs", tuple(args), kwargs)
         step.ends.append(frame.call)
 
     def _cut(self, step: _StepState, name: str) -> None:
@@ -825,6 +937,8 @@ class Capture:
             return
         if self._in_graph is not None:
             self._in_graph.close()  # no tap reaches the capture from here (_close_parts forgets it)
+        self._warn_hooks_never_ran()
+        self._discard_capture_code()
         if self._sink is not None:
             if isinstance(self._sink, ThreadedSink):
                 self._sink.closing()  # the step end below starts no writer thread

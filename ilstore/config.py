@@ -95,7 +95,7 @@ def _parse_selector(entry: str | Mapping[str, Any]) -> ModuleSelector:
     if m:
         try:
             re.compile(m["pattern"])
-        except re.error:
+        except (re.error, OverflowError, RecursionError, ValueError):
             # "a:1" where "a" alone is not a regex: keep the whole text as the regex.
             return ModuleSelector(entry)
         return ModuleSelector(m["pattern"], _parse_calls(m["calls"]))
@@ -336,7 +336,7 @@ def _regex_problems(mcm: Any) -> list[str]:
             try:
                 re.compile(cand)
                 break
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, deep nesting
                 errors.append(exc)
         else:
             problems.append(f"{where}: {text!r} is not a valid regular expression: {errors[-1]}")

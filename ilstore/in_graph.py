@@ -15,6 +15,9 @@ string naming the module, the kind (``inputs``, ``outputs``, or the step markers
 ``root_post``) and each tensor's path. Only dense strided tensors are tapped; anything else in a
 call (Python values, sparse or quantized tensors) is not recorded in this mode. Containers are
 rebuilt from the paths: positions become tuples, names dicts, so the keys equal the eager run's.
+With ``log_post_fwd_inputs`` an outputs tap carries the call's arguments after its outputs, tapped
+again at the call's end, so in-place changes show as in an eager run. Tapped tensors are detached:
+autograd never sees the op (a backward through the compiled model needs no formula for it).
 
 **CUDA graphs.** Kernels launched while a CUDA graph is captured run only when it is replayed,
 and Python does not run then. A tap reached while the current stream is capturing therefore
@@ -174,7 +177,9 @@ def _leaves(value: Any, prefix: str, xs: list[torch.Tensor], paths: list[str], d
     """Collect the tensors in ``value`` with their paths (components joined by ``_PART``)."""
     if isinstance(value, torch.Tensor):
         if _tappable(value):
-            xs.append(value)
+            # Detached: the tap only reads values, so autograd must not see it (a training step
+            # through the compiled model would need a gradient formula for the op otherwise).
+            xs.append(value.detach())
             paths.append(prefix)
         return
     if value is None or isinstance(value, (bool, int, float, str)) or depth >= _MAX_DEPTH:
@@ -223,6 +228,11 @@ def _split_inputs(value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return args, {k: v for k, v in value.items() if not k.isdigit()}
 
 
+#: A parsed tap description: module name, kind, the tensors' paths and, for an outputs tap that
+#: carries the post-forward inputs too, the number of outputs and the inputs' paths.
+_Parsed = tuple[str, str, list[tuple[str, ...]], tuple[int, list[tuple[str, ...]]] | None]
+
+
 class InGraph:
     """The in-graph hooks of one :class:`~ilstore.capture.Capture` and the delivery of its taps."""
 
@@ -235,7 +245,7 @@ class InGraph:
         # so the compiler can neither drop a tap nor run it before an earlier one (inductor
         # schedules independent side-effecting ops in any order it likes).
         self.chain: list[torch.Tensor] = [torch.empty(0)]
-        self._parsed: dict[str, tuple[str, str, list[tuple[str, ...]]]] = {}
+        self._parsed: dict[tuple[str, int], _Parsed] = {}
         _live[self.token] = weakref.ref(self)
         _patch_cuda_graphs()
 
@@ -246,7 +256,7 @@ class InGraph:
     def pre_hook(self, name: str, selected: frozenset[int] | None) -> Callable[..., None]:
         self.selected[name] = selected
         op, token, chain, head = self.op, self.token, self.chain, name + _FIELD + "inputs" + _FIELD
-        log_inputs = self.capture.config.log_inputs or self.capture.config.log_post_fwd_inputs
+        log_inputs = self.capture.config.log_inputs  # post-forward inputs are tapped by the post hook
 
         def pre(module: Any, args: Any, kwargs: Any) -> None:
             xs: list[torch.Tensor] = []
@@ -261,13 +271,23 @@ class InGraph:
     def post_hook(self, name: str) -> Callable[..., None]:
         op, token, chain, head = self.op, self.token, self.chain, name + _FIELD + "outputs" + _FIELD
         log_outputs = self.capture.config.log_outputs
+        log_post_inputs = self.capture.config.log_post_fwd_inputs
 
         def post(module: Any, args: Any, kwargs: Any, output: Any) -> None:
             xs: list[torch.Tensor] = []
             paths: list[str] = []
             if log_outputs:
                 _leaves(output, "", xs, paths, 0)
-            chain[0] = op(xs, chain[0], token, head + _PATH.join(paths))
+            desc = head + _PATH.join(paths)
+            if log_post_inputs:
+                # The arguments again, as the call left them (in-place changes included), in the
+                # same tap: a later kernel may reuse their buffers before another tap would run.
+                n_out = len(xs)
+                in_paths: list[str] = []
+                _leaves(args, "", xs, in_paths, 0)
+                _leaves(kwargs, "", xs, in_paths, 0)
+                desc = desc + _FIELD + str(n_out) + _FIELD + _PATH.join(in_paths)
+            chain[0] = op(xs, chain[0], token, desc)
 
         return post
 
@@ -294,28 +314,43 @@ class InGraph:
         return disable(root_pre), disable(root_post)
 
     # delivery (plain Python, at the tap's place in the compiled program or after a graph replay)
-    def _parse(self, desc: str, n: int) -> tuple[str, str, list[tuple[str, ...]]]:
-        parsed = self._parsed.get(desc)
+    def _parse(self, desc: str, n: int) -> _Parsed:
+        key = (desc, n)  # "" is one root tensor's path, or no tensor at all: the count tells
+        parsed = self._parsed.get(key)
         if parsed is None:
-            name, kind, joined = desc.split(_FIELD)
-            paths = [tuple(p.split(_PART)) if p else () for p in joined.split(_PATH)] if n else []
-            parsed = self._parsed[desc] = (name, kind, paths)
+            name, kind, joined, *post = desc.split(_FIELD)
+            if post:  # an outputs tap that carries the post-forward inputs after the outputs
+                n_out = int(post[0])
+                parsed = (name, kind, _paths(joined, n_out), (n_out, _paths(post[1], n - n_out)))
+            else:
+                parsed = (name, kind, _paths(joined, n), None)
+            self._parsed[key] = parsed
         return parsed
 
     def deliver(self, desc: str, xs: Sequence[torch.Tensor]) -> None:
         cap = self.capture
         if cap._closed:
             return
-        name, kind, paths = self._parse(desc, len(xs))
+        name, kind, paths, post = self._parse(desc, len(xs))
         if kind == "inputs":
             args, kwargs = _split_inputs(_rebuild(paths, xs)) if xs else ((), {})
             cap._pre(name, self.selected.get(name), None, args, kwargs)
         elif kind == "outputs":
-            cap._post(name, None, None, None, _rebuild(paths, xs) if xs else None)
+            if post is None:
+                cap._post(name, None, None, None, _rebuild(paths, xs) if xs else None)
+            else:
+                n_out, in_paths = post
+                outs, ins = xs[:n_out], xs[n_out:]
+                inputs = _split_inputs(_rebuild(in_paths, ins)) if ins else ((), {})
+                cap._post(name, None, None, None, _rebuild(paths, outs) if outs else None, post_inputs=inputs)
         elif kind == "root_pre":
             cap._root_pre(None, None)
         elif kind == "root_post":
             cap._root_post(None, None, _COMPLETED)
+
+
+def _paths(joined: str, n: int) -> list[tuple[str, ...]]:
+    return [tuple(p.split(_PART)) if p else () for p in joined.split(_PATH)] if n else []
 
 
 _COMPLETED = object()  # a root_post tap means the forward reached its end: the step completed
