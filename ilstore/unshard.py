@@ -271,12 +271,14 @@ class LogicalReader(StoreReader):
                       numel: int) -> str | None:
         """Why the replicas' recorded statistics disagree (beyond ``replica_atol`` where their
         bodies would be allowed to: floating tensors), or None when they agree."""
-        stats = {r: parts[r].get("stats") for r in ranks}
-        if all(not st for st in stats.values()):
-            return None  # nothing recorded, nothing claimed (the comparer finds no statistics)
-        ref = ranks[0]
+        # Only the replicas that recorded statistics are compared: one that recorded none (its
+        # device not in device_names, say) claims nothing, and its reason stays the node's.
+        stats = {r: st for r in ranks if isinstance(st := parts[r].get("stats"), Mapping) and st}
+        if len(stats) < 2:
+            return None
+        ref, *others = stats
         floating = any(t in dtype for t in ("float", "half", "bfloat", "double", "complex"))
-        for rank in ranks[1:]:
+        for rank in others:
             a, b = stats[ref], stats[rank]
             if not isinstance(a, Mapping) or not isinstance(b, Mapping) or not a or not b or a.keys() != b.keys():
                 names = [sorted(x) if isinstance(x, Mapping) else x for x in (a, b)]
@@ -560,14 +562,19 @@ _ABSENT: Any = object()
 
 
 def _holds_none(structure: Any, path: tuple[str, ...]) -> bool:
-    """Whether ``structure`` holds ``None`` at ``path`` (not another value, not nothing): JSON
-    null, or a value node of null (how a call's whole ``None`` result is stored)."""
-    try:
-        node = node_at(structure, path)
-    except KeyError:
-        return False
-    return node is None or isinstance(node, dict) and node.get("type") == "value" and "value" in node \
-        and node["value"] is None
+    """Whether ``structure`` holds ``None`` at ``path`` or above it (not another value, not
+    nothing): JSON null, or a value node of null (how a call's whole ``None`` result is stored).
+    Above it: vLLM's first pipeline stage passes ``intermediate_tensors=None`` where later stages
+    pass a container of tensors."""
+    for depth in range(len(path) + 1):
+        try:
+            node = node_at(structure, path[:depth])
+        except KeyError:
+            return False
+        if node is None or isinstance(node, dict) and node.get("type") == "value" and "value" in node \
+                and node["value"] is None:
+            return True
+    return False
 
 
 def _rank_key(key: TensorKey, rank: int) -> TensorKey:

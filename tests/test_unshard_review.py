@@ -372,3 +372,35 @@ def test_each_ranks_manifest_must_agree(tmp_path: Path) -> None:
         ilstore.open_run(run_dir)
     res = CliRunner().invoke(cli, ["convert", str(run_dir), str(tmp_path / "out"), "--to", "pt", "--unshard"])
     assert res.exit_code == 2 and "must be rank 1" in res.output
+
+
+def test_a_replica_that_recorded_nothing_keeps_its_reason_and_the_shape(tmp_path: Path) -> None:
+    """A replica left out by ``device_names`` (no body, no statistics) is no disagreement of
+    statistics: the node keeps its shape and the rank's own reason, as before the stats check."""
+    run_dir = tmp_path / "filtered"
+    write_ranks_manifest(run_dir, backend="pt", world_size=2, config={"run_id": "filtered"})
+    for rank in (0, 1):
+        writer = get_backend("pt").writer(rank_run_dir(run_dir, rank, 2), {})
+        writer.open(new_manifest("pt", {"run_id": "filtered"}, rank=rank, world_size=2))
+        call = CallKey(rank, 0, "norm", 0)
+        policy = TensorPolicy(pin_memory=False, device_ok=lambda _device, keep=rank == 0: keep)
+        record = build_record(call, "outputs", FULL[:2, :3].clone(), policy)
+        finalize_stats(record)
+        writer.write(record)
+        writer.end_step(StepInfo(0, [call], [call]))
+        writer.close("complete")
+    node = meta(run_dir, "norm")
+    assert node["stored"] is False and node["shape"] == [2, 3]
+    assert node["reason"].startswith("rank 1: ") and "not assembled" not in node["reason"]
+
+
+def test_none_above_a_tensor_path_leaves_it_to_the_ranks_holding_it(tmp_path: Path) -> None:
+    """vLLM's first pipeline stage passes ``intermediate_tensors=None`` where later stages pass a
+    container of tensors: those tensors are the later stages' (as for None at their own path)."""
+    x, hidden = FULL[:2, :3].clone(), torch.ones(2, 3)
+    first, later = {"model": ((x, None), None)}, {"model": ((x.clone(), {"hidden": hidden}), None)}
+    run_dir = write_ranks(tmp_path, "pp", [first, first, later, later])
+    node = meta(run_dir, "model", ("1", "hidden"))
+    assert node["stored"] is True and node["shape"] == [2, 3]
+    with open_logical(run_dir) as run:
+        assert torch.equal(run.load(TensorKey(0, "model", 0, "outputs", ("1", "hidden"))), hidden)
