@@ -193,28 +193,57 @@ def _hook_graph_breaks() -> int:
     return sum(n for reason, n in breaks.items() if _DISABLED_BREAK in reason)
 
 
-def _dynamo_compiles() -> int | None:
-    """How many times dynamo has compiled a frame since its last reset (-1: it did, how often is
-    not known), or None when compiled code cannot hide new hooks: dynamo is not loaded (an eager
-    model: nothing is imported here), or it guards on hooks
-    (``torch._dynamo.config.skip_nnmodule_hook_guards = False``: it recompiles when they change).
-
-    With torch's default, code dynamo compiled before a hook was added keeps running without it
-    (no guard checks the module's hooks), so a capture attached after a compiled forward records
+def _hooks_unguarded() -> bool:
+    """Whether compiled code can hide new hooks: dynamo is loaded (an eager process imports
+    nothing here) and reuses the code it compiled without checking the modules' hooks (torch's
+    default ``torch._dynamo.config.skip_nnmodule_hook_guards = True``; with ``False`` it
+    recompiles when they change). Then a capture attached after a compiled forward would record
     nothing unless that code is discarded (:meth:`Capture._discard_compiled_code`)."""
     if "torch._dynamo" not in sys.modules:
-        return None
+        return False
     config = sys.modules.get("torch._dynamo.config")
-    if config is not None and getattr(config, "skip_nnmodule_hook_guards", True) is False:
-        return None
-    convert = sys.modules.get("torch._dynamo.convert_frame")
-    if convert is None:  # dynamo is imported but has never compiled a frame
-        return 0
-    counter = getattr(convert, "FRAME_COMPILE_COUNTER", None)  # frame id -> compilations, cleared by reset()
+    return not (config is not None and getattr(config, "skip_nnmodule_hook_guards", True) is False)
+
+
+def _compiled_forwards(model: nn.Module) -> dict[Any, str] | None:
+    """The ``forward`` code objects of ``model``'s modules (each class once) that dynamo holds
+    compiled code for, with the code dynamo made to resume them after graph breaks (which it
+    reuses when it recompiles the forward), each with the name of a module it belongs to; None
+    where this torch does not tell (its private cache API changed)."""
     try:
-        return int(sum(counter.values()))  # type: ignore[union-attr]
-    except Exception:  # another torch: assume compiled code exists
-        return -1
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+
+        resumes = ContinueExecutionCache.cache
+    except Exception:  # noqa: BLE001 - another torch
+        return None
+    found: dict[Any, str] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        code = getattr(getattr(type(module), "forward", None), "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        try:
+            if not entries(code):
+                continue
+            stack = [code]
+            while stack:  # the forward, then its resume functions (and theirs)
+                here = stack.pop()
+                if here not in found:
+                    found[here] = name or "the model"
+                    stack.extend((resumes.get(here) or {}).values())
+        except Exception:  # noqa: BLE001
+            return None
+    return found
+
+
+def _discard(codes: dict[Any, str]) -> None:
+    """Discard dynamo's compiled code of ``codes``: they are compiled again at their next call."""
+    from torch._C._dynamo.eval_frame import reset_code
+
+    for code in codes:
+        reset_code(code)
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -335,10 +364,10 @@ class Capture:
         self._root_thread: int | None = None  # the thread whose stack holds _root_call
         self._stray_warned = False
         self._compile_warned = False
-        # Compiled models (see _discard_compiled_code): dynamo's compile count once the hooks were
-        # attached (None: not relevant), forwards of the torch.compile wrapper seen while
-        # recording, and whether any of this capture's hooks ran at all.
-        self._compiles_at_attach: int | None = None
+        # Compiled models (see _discard_compiled_code): whether compiled code could hide the hooks
+        # (then the model's is discarded again at close), forwards of the torch.compile wrapper
+        # seen while recording, and whether any of this capture's hooks ran at all.
+        self._watch_compiled = False
         self._compiled_calls = 0
         self._hooks_ran = False
         self._step: _StepState | None = None  # the open step, if any
@@ -499,48 +528,48 @@ class Capture:
         With torch's default ``torch._dynamo.config.skip_nnmodule_hook_guards = True`` dynamo
         does not check a module's hooks before it reuses compiled code: a model (or a submodule,
         or the model inside a ``torch.compile`` wrapper) that already ran compiled keeps running
-        the code compiled without ilstore's hooks, and the capture would record nothing. Which
-        model a piece of compiled code belongs to cannot be told cheaply, so when dynamo holds
-        any compiled code, all of it is discarded (``torch.compiler.reset()``) and recompiled at
-        its next call, with a warning. Nothing is done for an eager process (dynamo not loaded),
-        before the first compiled forward, or when dynamo guards on hooks itself.
+        the code compiled without ilstore's hooks, and the capture would record nothing. So the
+        code dynamo compiled for the ``forward`` of the model's modules (and what resumes them
+        after graph breaks) is discarded, with a warning, and compiled again at the next forward,
+        hooks included; other compiled code of the process is left alone. Where this torch's
+        cache cannot be read, a model holding a compiled module gets ``torch.compiler.reset()``
+        (all of the process's compiled code). Nothing is done for an eager process (dynamo not
+        loaded), for a model dynamo compiled nothing for, or when dynamo guards on hooks.
         """
-        compiles = _dynamo_compiles()
-        if compiles is None:
-            return
-        if compiles:
-            compiled = [name or "the model" for name, m in self.model.named_modules() if _is_compiled(m)]
-            _log.warning("ilstore: torch.compile has already compiled code in this process (%s), and dynamo does not "
-                         "check hooks before reusing it (torch._dynamo.config.skip_nnmodule_hook_guards): that code "
-                         "would run without this capture's hooks and record nothing. ilstore discards it "
-                         "(torch.compiler.reset()): the model will be recompiled at its next forward, with the hooks "
-                         "in it, and so will any other compiled code of this process (run %s)",
-                         "compiled: " + ", ".join(compiled[:3]) if compiled else "the model may run inside it",
-                         self.run_dir)
-            try:
-                torch.compiler.reset()
-            except Exception as exc:  # the capture goes on; _warn_hooks_never_ran reports what it misses
-                _log.warning("ilstore: could not discard the compiled code: %s", exc)
-            compiles = _dynamo_compiles()
-        self._compiles_at_attach = compiles
+        self._watch_compiled = _hooks_unguarded()
+        if self._watch_compiled:
+            self._discard_model_code(
+                "ilstore: torch.compile compiled this model's code before the capture attached (%s), and dynamo does "
+                "not check hooks before reusing it (torch._dynamo.config.skip_nnmodule_hook_guards): it would run "
+                "without the capture's hooks and record nothing. ilstore discards it (%s): it is recompiled at its "
+                "next forward, hooks included (run %s)", logging.WARNING)
 
     def _discard_capture_code(self) -> None:
-        """At close: drop the code torch.compile compiled with this capture's hooks in it (their
-        graph breaks or taps), so the model runs the code it runs without capture again, and a
-        later capture records (see :meth:`_discard_compiled_code`). Logged; never raises."""
-        before, self._compiles_at_attach = self._compiles_at_attach, None
-        if before is None or torch.compiler.is_compiling():
-            return
-        now = _dynamo_compiles()
-        if now is None or (now == before and now >= 0):
-            return  # nothing was compiled while the hooks were attached
+        """At close: drop the code torch.compile compiled for the model with this capture's hooks
+        in it (their graph breaks or taps), so the model runs the code it runs without capture
+        again, and a later capture records (see :meth:`_discard_compiled_code`). Logged; never raises."""
+        watch, self._watch_compiled = self._watch_compiled, False
+        if watch and not torch.compiler.is_compiling():
+            self._discard_model_code(
+                "ilstore: discarding the code torch.compile compiled with the hooks of the capture (%s; %s): the "
+                "model is recompiled without them at its next forward (run %s)", logging.INFO)
+
+    def _discard_model_code(self, message: str, level: int) -> None:
         try:
-            _log.info("ilstore: discarding the code torch.compile compiled with the hooks of the capture of run "
-                      "%s (torch.compiler.reset()); the model is recompiled without them at its next forward",
-                      self.run_dir)
-            torch.compiler.reset()
-        except Exception as exc:  # never stop the model for this
-            _log.warning("ilstore: could not discard the code compiled with the capture's hooks: %s", exc)
+            codes = _compiled_forwards(self.model)
+            if codes is None:  # this torch's cache cannot be read: all of it, if the model is compiled
+                compiled = [name or "the model" for name, m in self.model.named_modules() if _is_compiled(m)]
+                if compiled:
+                    _log.log(level, message, "compiled: " + ", ".join(compiled[:3]),
+                             "torch.compiler.reset(), all compiled code of the process", self.run_dir)
+                    torch.compiler.reset()
+            elif codes:
+                names = list(dict.fromkeys(codes.values()))
+                _log.log(level, message, "the forward of " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
+                         "that code only", self.run_dir)
+                _discard(codes)
+        except Exception as exc:  # never stop the model for this; _warn_hooks_never_ran reports what it misses
+            _log.warning("ilstore: could not discard the compiled code of the model: %s", exc)
 
     def _count_compiled_call(self, module: nn.Module, args: Any) -> None:
         """Pre-hook of the ``torch.compile`` wrapper (eager, around the compiled code)."""

@@ -8,6 +8,7 @@ with ``in_graph``. Backends ``eager``/``aot_eager`` only: inductor is slow on 2 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_a_capture_attached_after_a_compiled_forward_records_and_leaves_no_trace
         warnings.simplefilter("ignore", IlstoreWarning)  # the graph-break notice of the default hooks
         with torch.no_grad(), ilstore.capture(attach_to, {**cfg, "run_id": "warm"}) as cap:
             outs = [call(_x()) for _ in range(2)]
-    assert "will be recompiled" in caplog.text
+    assert "recompiled at its next forward" in caplog.text
     assert cap.run_dir is not None and all(torch.equal(o, plain) for o in outs)
     with ilstore.open_run(cap.run_dir) as run:
         assert run.steps() == [0, 1]
@@ -127,6 +128,24 @@ def test_an_eager_capture_discards_no_compiled_code_and_a_guarding_dynamo_needs_
     monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1) or real_reset())
     _capture(_net(), tmp_path, "eager")  # dynamo loaded, nothing compiled since its reset
     assert resets == []
+    # compiled code of the process that is not the model's is kept, before the capture and during it
+    frames: list[str] = []
+
+    def counting(gm: Any, example_inputs: Any) -> Any:
+        frames.append(gm.code)
+        return gm.forward
+
+    before, during = torch.compile(lambda x: x.sin() + 1, backend=counting), torch.compile(
+        lambda x: x.cos() * 2, backend=counting)
+    cfg = {"output_dir": str(tmp_path), "run_id": "eager_beside", "log_step_ids": []}
+    with torch.no_grad():  # (one grad mode: a change of it recompiles by itself)
+        before(torch.ones(3))
+        with ilstore.capture(_net(), cfg) as cap:
+            cap.model(_x())
+            during(torch.ones(3))
+        before(torch.ones(3))
+        during(torch.ones(3))
+    assert len(frames) == 2 and resets == []  # each compiled once: neither discarded
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
         cm = torch.compile(_net(), backend="aot_eager")
         with torch.no_grad():
@@ -138,6 +157,7 @@ def test_an_eager_capture_discards_no_compiled_code_and_a_guarding_dynamo_needs_
 def test_a_compiled_model_whose_hooks_never_fire_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled code the capture could not discard (simulated): the run must not close silently empty."""
     monkeypatch.setattr(torch.compiler, "reset", lambda: None)
+    monkeypatch.setattr(sys.modules["ilstore.capture"], "_discard", lambda codes: None)
     torch.manual_seed(0)
     # torch.nn containers are traced from the wrapper's call down: the root's hooks are compiled too
     cm = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), backend="aot_eager")
@@ -194,3 +214,32 @@ def test_post_forward_inputs_show_the_in_place_change_when_compiled(tmp_path: Pa
     post = [k for k in want if "act" in k and "post_fwd_inputs" in k]
     assert post and all(want[k].min() >= 0 for k in post)  # relu applied in place
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+class _Broken(_Net):
+    """``_Net`` with a graph break of its own between its layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        torch._dynamo.graph_break()
+        self.act(h)
+        return self.fc2(h)
+
+
+def test_code_resuming_after_a_graph_break_is_discarded_too(tmp_path: Path) -> None:
+    """Dynamo reuses the code it compiled to resume a forward after a graph break when it
+    compiles that forward again: discarding the forward's code alone left the modules after the
+    break running without the capture's hooks."""
+    torch.manual_seed(0)
+    model = _Broken()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        compiled(_x())  # the warm-up, before the capture
+    cfg = {"output_dir": str(tmp_path), "run_id": "broken", "log_step_ids": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IlstoreWarning)
+        with torch.no_grad(), ilstore.capture(compiled, cfg) as cap:
+            compiled(_x())
+    assert cap.run_dir is not None
+    with ilstore.open_run(cap.run_dir) as run:
+        assert {c.module for c in run.calls(0)} >= {"fc1", "act", "fc2"}
