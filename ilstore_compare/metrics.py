@@ -118,6 +118,24 @@ def _index_cell(m: TensorMetrics, num: Callable[..., str]) -> str:
     return str(list(m.max_abs_diff_index)) if m.max_abs_diff_index is not None else "—"
 
 
+def cosine_text(x: float | None, num: Callable[..., str]) -> str:
+    """A cosine as the reports show it: with the digits that tell it from 1 (two beyond the
+    first that differs from 9: 0.99996667 shows as ``0.9999667``, not as three significant
+    digits' ``1``); ``1`` only when it is 1.
+
+    Example:
+        >>> [cosine_text(c, "{:g}".format) for c in (1.0, 0.999966673, 0.9999999999999998, 0.5)]
+        ['1', '0.9999667', '1 - 2.2e-16', '0.5']
+    """
+    if x is None or not math.isfinite(x) or x == 1.0 or abs(x) < 0.999:
+        return num(x)
+    gap = 1.0 - abs(x)
+    decimals = math.ceil(-math.log10(gap)) + 2
+    if decimals > 12:  # closer to 1 than a fixed-point figure reads well: the gap itself
+        return f"{'-' if x < 0 else ''}1 - {gap:.2g}"
+    return f"{x:.{decimals}f}".rstrip("0")
+
+
 #: Floating dtypes stored as sign and magnitude: the integer type of the same width, the largest
 #: magnitude (bits without the sign) that is not NaN, and whether the "negative zero" pattern is
 #: NaN (the ``fnuz`` types). Other dtypes (complex, ``float8_e8m0fnu``...) have no ``max_ulp``.
@@ -236,7 +254,8 @@ class TensorMetrics:
     mean_abs_diff: float | None = field(metadata=_metric("mean abs diff"))
     max_rel_diff: float | None = field(metadata=_metric("max rel diff"))
     rel_l2: float | None = field(metadata=_metric("rel L2"))
-    cosine: float | None = field(metadata=_metric("cos", key="cosine_similarity"))
+    cosine: float | None = field(metadata=_metric("cos", key="cosine_similarity",
+                                                  cell=lambda m, num: cosine_text(m.cosine, num)))
     nan1: int = field(default=0, metadata=_metric("NaN 1/2", key="nan_count1", cell=lambda m, _: f"{m.nan1}/{m.nan2}"))
     nan2: int = field(default=0, metadata=_metric(None, key="nan_count2"))
     inf1: int = field(default=0, metadata=_metric("Inf 1/2", key="inf_count1", cell=lambda m, _: f"{m.inf1}/{m.inf2}"))
@@ -405,8 +424,10 @@ class _Accumulator:
             rel_l2: float | None = math.sqrt(self.dd) / math.sqrt(self.bb)
         else:
             rel_l2 = 0.0 if self.dd == 0 else None
-        if self.aa > 0 and self.bb > 0:
-            cosine: float | None = max(-1.0, min(1.0, self.ab / (math.sqrt(self.aa) * math.sqrt(self.bb))))
+        if self.dd == 0 and self.aa == self.bb:  # equal where finite: exactly 1 (or both zero)
+            cosine: float | None = 1.0
+        elif self.aa > 0 and self.bb > 0:
+            cosine = max(-1.0, min(1.0, self.ab / (math.sqrt(self.aa) * math.sqrt(self.bb))))
         else:
             cosine = 1.0 if self.aa == self.bb == 0 else 0.0
         return TensorMetrics(numel=n, mismatched=self.mismatched,

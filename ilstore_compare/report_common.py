@@ -10,7 +10,7 @@ from typing import Any
 from ilstore.keys import CallKey, TensorKey
 
 from .entries import concrete, with_status
-from .metrics import MetricInfo, metric_infos
+from .metrics import MetricInfo, cosine_text, metric_infos
 from .result import CallResult, CompareResult, Divergence, TensorResult, Unreadable
 from .tokens import TokenAlignment
 
@@ -242,7 +242,7 @@ def call_rows(calls: Sequence[CallResult], local: Callable[[CallResult], list[st
             verdict = f"unaligned, only in {c.presence}" if c.verdict == "unaligned" else f"only in {c.presence}"
         rows.append([call_label(c.call), verdict, c.origin or "", c.tensors, c.mismatched_tensors,
                      c.unaligned_tensors, num(c.max_abs_diff), num(c.max_rel_diff), num(c.output_rel_l2),
-                     num(c.min_cosine)] + (local(c) if local is not None else []))
+                     cosine_text(c.min_cosine, num)] + (local(c) if local is not None else []))
     return rows
 
 

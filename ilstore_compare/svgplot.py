@@ -220,9 +220,15 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
                  f'transform="rotate(-90 14 {_TOP + plot_h / 2:.1f})">output rel L2 error</text>')
     legend_x = _LEFT + 8
     for n, (name, color) in enumerate((("match", _COLORS["match"]), ("introduced", _COLORS["introduced"]),
-                                       ("inherited", _COLORS["inherited"]))):
+                                       ("inherited", _COLORS["inherited"]),
+                                       ("other (e.g. only inputs differ)", _COLORS["other"]))):
         x = legend_x + n * 110
         parts.append(f'<circle cx="{x}" cy="{_TOP - 10}" r="4" fill="{color}"/>'
                      f'<text x="{x + 8}" y="{_TOP - 6}" font-size="11">{name}</text>')
+    if rtol > 0:  # the line is a scale, not the verdict: that is per element (|a-b| <= atol + rtol |b|)
+        x = legend_x + 3 * 110 + 200
+        parts.append(f'<line x1="{x - 6}" x2="{x + 14}" y1="{_TOP - 10}" y2="{_TOP - 10}" stroke="#1565c0" '
+                     f'stroke-dasharray="6 4"/><text x="{x + 20}" y="{_TOP - 6}" font-size="11">rtol = {rtol:g} '
+                     f'(a guide; verdicts are per element)</text>')
     parts.append("</svg>")
     return "\n".join(parts)

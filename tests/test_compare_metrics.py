@@ -268,3 +268,11 @@ def test_the_torch_path_widens_at_most_torch_chunk_elements_at_a_time(dtype: Any
     m = compare_tensors(a, b, rtol=0.0, atol=0.0, exact=exact)
     assert m.mismatched == 1
     assert seen and max(seen) <= metrics.TORCH_CHUNK and sum(seen) >= n
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.float64])
+def test_equal_tensors_have_a_cosine_of_exactly_one(dtype: torch.dtype) -> None:
+    """<a, a> / (||a|| ||a||) rounds below 1 for some tensors (3, 5, 7, 11, 13: 0.9999999999999999):
+    equal tensors report a cosine of 1, as the reports then print it."""
+    a = torch.tensor([3, 5, 7, 11, 13]).to(dtype)
+    assert compare_tensors(a, a.clone(), rtol=1e-5, atol=1e-8).cosine == 1.0

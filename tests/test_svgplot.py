@@ -12,7 +12,7 @@ from ilstore.keys import CallKey
 from ilstore_compare.result import CallResult
 from ilstore_compare.svgplot import MAX_POINTS, error_plot_svg
 
-LEGEND = 3  # the legend's circles
+LEGEND = 4  # the legend's circles
 
 
 def calls(steps: int, per_step: int, special: dict[int, tuple[str, str | None, float]]) -> list[CallResult]:
@@ -36,6 +36,9 @@ def test_short_comparison_plots_every_call_and_separates_every_step() -> None:
     assert len(re.findall(r">step \d+</text>", svg)) == 3
     assert "step 1 layers.2: mismatch (introduced), output rel L2 0.001" in svg
     assert "the most significant of" not in svg
+    # the legend names every colour and the dashed rtol line, which is no pass/fail threshold
+    assert ">other (e.g. only inputs differ)</text>" in svg
+    assert "rtol = 1e-05 (a guide; verdicts are per element)" in svg
 
 
 def test_long_comparison_is_bounded_and_keeps_the_significant_calls() -> None:
