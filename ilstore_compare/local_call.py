@@ -9,7 +9,8 @@ comparison with these, window by window, and turns the entries into the report.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ilstore.keys import CallKey, TensorKey
 from ilstore.records import iter_tensor_nodes
 from ilstore.store.base import StoreReader
 
-from .metrics import compare_many
+from .metrics import TensorMetrics, compare_many
 from .options import CompareOptions
 from .result import LocalError, Unreadable
 
@@ -99,22 +100,23 @@ def _load(reader: StoreReader, key: TensorKey, label: str) -> torch.Tensor:
 
 
 def _outputs_problem(nodes: Mapping[tuple[str, ...], dict[str, Any]],
-                     ref_nodes: Mapping[tuple[str, ...], dict[str, Any]]) -> str | None:
-    """Why the replay's and the reference's outputs cannot be compared as they are, or None."""
+                     ref_nodes: Mapping[tuple[str, ...], dict[str, Any]], source: str = "reference") -> str | None:
+    """Why the replay's and the reference's (``source``: what the messages call it) outputs cannot be
+    compared as they are, or None."""
     only = [p for p in nodes if p not in ref_nodes]
     missing = [p for p in ref_nodes if p not in nodes]
     if only or missing:
         def show(paths: list[tuple[str, ...]]) -> str:
             return ", ".join("outputs" + "".join(f"[{e}]" for e in p) for p in paths[:4])
         parts = ([f"only in the replay: {show(only)}"] if only else []) + (
-            [f"only in the reference: {show(missing)}"] if missing else [])
+            [f"only in the {source}: {show(missing)}"] if missing else [])
         return "outputs differ in structure (" + "; ".join(parts) + ")"
     for path, node in nodes.items():
         ref = ref_nodes[path]
         name = "outputs" + "".join(f"[{e}]" for e in path)
         if node.get("shape") is not None and ref.get("shape") is not None and list(node["shape"]) != list(ref["shape"]):
-            return f"{name}: shape differs: replay {list(node['shape'])}, reference {list(ref['shape'])}"
-        for side, n in (("replay", node), ("reference", ref)):
+            return f"{name}: shape differs: replay {list(node['shape'])}, {source} {list(ref['shape'])}"
+        for side, n in (("replay", node), (source, ref)):
             if n.get("stored", True) is False:
                 return f"{name}: body not stored in the {side} ({n.get('reason') or 'not stored'})"
     return None
@@ -137,25 +139,90 @@ def _load_pair(replay: StoreReader, reference: StoreReader, key: TensorKey, labe
     return out[0], out[1]
 
 
-def _measure(replay: StoreReader, reference: StoreReader, call: CallKey, paths: Iterable[tuple[str, ...]],
-             options: CompareOptions, labels: tuple[str, str]) -> tuple[Any, str | None, tuple[Unreadable, ...]]:
-    """The metrics of the call's outputs, all tensors together; or a reason they cannot be compared (and the
-    bodies that could not be read, if that is the reason)."""
+def _measure(replay: StoreReader, reference: StoreReader, call: CallKey, paths: Sequence[tuple[str, ...]],
+             options: CompareOptions, labels: tuple[str, str]
+             ) -> tuple[TensorMetrics | None, str | None, str | None, tuple[Unreadable, ...]]:
+    """The metrics of the call's outputs, all tensors together, and how their NaN/Inf differ
+    (:func:`_nonfinite_text`; None: they do not); or a reason they cannot be compared (and the bodies
+    that could not be read, if that is the reason).
+
+    The metrics' ``rel_l2`` is taken over the elements finite on both sides, so it cannot say a
+    replay that outputs NaN where the reference is finite: the NaN/Inf text does (then the local
+    error is infinite).
+    """
+    source = _source(labels)
+
     def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for path in paths:
             a, b = _load_pair(replay, reference, call.tensor("outputs", path), labels, options.keep_going)
             if a.shape != b.shape:
                 raise _ShapeDiffers(f"outputs{''.join(f'[{e}]' for e in path)}: shape differs: replay "
-                                    f"{list(a.shape)}, reference {list(b.shape)}")
+                                    f"{list(a.shape)}, {source} {list(b.shape)}")
             yield a, b
 
     try:
-        return compare_many(pairs(), rtol=options.rtol, atol=options.atol, exact=options.exact,
-                            equal_nan=options.equal_nan), None, ()
+        metrics = compare_many(pairs(), rtol=options.rtol, atol=options.atol, exact=options.exact,
+                               equal_nan=options.equal_nan)
+        nonfinite = None
+        if metrics.nan1 or metrics.nan2 or metrics.inf1 or metrics.inf2:  # rare: the bodies are read again
+            nonfinite = _nonfinite_text(pairs(), source)
+        return metrics, nonfinite, None, ()
     except _ShapeDiffers as exc:
-        return None, str(exc), ()
+        return None, None, str(exc), ()
     except _Unreadables as exc:
-        return None, "; ".join(f"unreadable in {u.text()}" for u in exc.entries), exc.entries
+        return None, None, "; ".join(f"unreadable in {u.text()}" for u in exc.entries), exc.entries
+
+
+def _source(labels: tuple[str, str]) -> str:
+    """What the messages call the run replayed from: ``oracle`` for the oracle verdict, else ``reference``."""
+    return "oracle" if labels[1] == "oracle" else "reference"
+
+
+#: The replay record's words for the run replayed from (:mod:`ilstore.replay`), said of the oracle.
+_REFERENCE_WORDS = re.compile(r"\bthe reference\b|(?<=, )reference(?= \[)")
+
+
+def _oracle_words(text: str | None) -> str | None:
+    """A replay record's reason, the run replayed from called the oracle (the record says "the reference").
+
+    Example:
+        >>> _oracle_words("step 2 is not in the reference (stepping mismatch)")
+        'step 2 is not in the oracle (stepping mismatch)'
+        >>> _oracle_words("inputs kept live: 0 (shape differs: live [5, 16], reference [4, 16])")
+        'inputs kept live: 0 (shape differs: live [5, 16], oracle [4, 16])'
+    """
+    if text is None:
+        return None
+    return _REFERENCE_WORDS.sub(lambda m: m.group(0).replace("reference", "oracle"), text)
+
+
+def _nonfinite_text(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], source: str) -> str | None:
+    """How the replay's NaN/Inf differ from those of ``source`` (what the other run is called); None
+    when both sides have the same NaN/Inf at the same places.
+
+    Example:
+        >>> nan, inf = float("nan"), float("inf")
+        >>> _nonfinite_text([(torch.tensor([nan, inf, 1.0, nan]), torch.tensor([1.0, 2.0, 3.0, nan]))], "reference")
+        'the replay has 1 NaN / 1 Inf where the reference is finite'
+        >>> _nonfinite_text([(torch.tensor([nan, inf]), torch.tensor([nan, inf]))], "reference") is None
+        True
+    """
+    nan = inf = lost = other = 0
+    for a, b in pairs:
+        if not (a.is_floating_point() or a.is_complex() or b.is_floating_point() or b.is_complex()):
+            continue  # exact types hold no NaN/Inf
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+        nan += int((nan_a & fb).sum())
+        inf += int((torch.isinf(a) & fb).sum())
+        lost += int((~fb & fa).sum())
+        same = (nan_a & nan_b) | (torch.isinf(a) & torch.isinf(b) & (a == b))
+        other += int((~fa & ~fb & ~same).sum())
+    parts = ([f"the replay has {nan} NaN / {inf} Inf where the {source} is finite"] if nan or inf else []) + (
+        [f"the {source} has {lost} NaN/Inf where the replay is finite"] if lost else []) + (
+        [f"{other} element(s) NaN/Inf on both sides differ (NaN against Inf, or Inf of the other sign)"]
+        if other else [])
+    return "; ".join(parts) or None
 
 
 class _ShapeDiffers(Exception):
@@ -188,34 +255,38 @@ def measure_call(replay: StoreReader, reference: StoreReader, call: CallKey, sho
     if record is None:
         return unmeasured(shown, "no replay record on its outputs (not a replayed call)", replayed=False,
                            container=container, random=random, order=order)
-    note = _note_of(record)
+    source = _source(labels)
+    note = _note_of(record) if source == "reference" else _oracle_words(_note_of(record))
     if record.get("replayed") is not True:
         return unmeasured(shown, note or "not replayed (no reason recorded)", replayed=False, container=container,
                            random=random, order=order)
     problem = None
     nodes: dict[tuple[str, ...], dict[str, Any]] = {}
     if not step_in_ref:
-        problem = f"step {call.step} is not in the reference"
+        problem = f"step {call.step} is not in the {source}"
     elif not in_ref:
-        problem = "call not in the reference"
+        problem = f"call not in the {source}"
     else:
         ref_structure = reference.structure(call, "outputs")
         if ref_structure is None:
-            problem = "the reference recorded no outputs for this call"
+            problem = f"the {source} recorded no outputs for this call"
         else:
             nodes = dict(iter_tensor_nodes(structure))
-            problem = _outputs_problem(nodes, dict(iter_tensor_nodes(ref_structure)))
-    metrics = None
+            problem = _outputs_problem(nodes, dict(iter_tensor_nodes(ref_structure)), source)
+    metrics = nonfinite = None
     lost: tuple[Unreadable, ...] = ()
     if problem is None:
-        metrics, problem, lost = _measure(replay, reference, call, list(nodes), options, labels)
+        metrics, nonfinite, problem, lost = _measure(replay, reference, call, list(nodes), options, labels)
     if problem is not None or metrics is None:
         return unmeasured(shown, _join(problem, note) or "not measured", replayed=True, container=container,
                            random=random, order=order, unreadable=lost)
     rel_l2 = metrics.rel_l2
-    if rel_l2 is None:  # the reference's outputs are zero and the replay's are not
+    if nonfinite is not None:  # rel_l2 counts only the elements finite on both sides: it cannot say this
         rel_l2 = math.inf
-        note = _join("relative L2 infinite: the reference's outputs are zero, the replay's are not", note)
+        note = _join(f"local error infinite: {nonfinite}", note)
+    elif rel_l2 is None:  # the reference's outputs are zero and the replay's are not
+        rel_l2 = math.inf
+        note = _join(f"relative L2 infinite: the {source}'s outputs are zero, the replay's are not", note)
     return LocalError(shown, rel_l2=rel_l2, max_abs_diff=metrics.max_abs_diff, max_ulp=metrics.max_ulp,
                       mismatched=metrics.mismatched, replayed=True, compared=True, reason=note, container=container,
                       random=random, order=order)

@@ -28,15 +28,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ilstore.keys import CallKey
+from ilstore.records import iter_tensor_nodes
 from ilstore.store.base import StoreReader
 
 from .entries import Entries, Held
 from .local import Measurer, Ranking
+from .local_call import nested_calls
 from .options import CompareOptions
 from .result import CallResult, LocalError, OracleCall, Unreadable
 from .spill import Spill
 
-__all__ = ["oracle_calls", "is_flagged", "enclosing_calls", "explain_containers", "OracleWindows"]
+__all__ = ["oracle_calls", "is_flagged", "enclosing_calls", "last_children", "explain_containers", "OracleWindows"]
 
 
 def is_flagged(candidate: float, reference: float, factor: float) -> bool:
@@ -112,26 +114,52 @@ def enclosing_calls(reader: StoreReader, steps: Sequence[int]) -> dict[CallKey, 
     return out
 
 
-def explain_containers(calls: Sequence[OracleCall], enclosing: Mapping[CallKey, Sequence[CallKey]]) -> list[OracleCall]:
-    """Unflag a container whose flag is explained by a flagged call that ran inside it.
+def last_children(reader: StoreReader, steps: Sequence[int]) -> dict[CallKey, CallKey]:
+    """For each call of ``steps`` that other calls ran inside (a container), its last direct child to end:
+    the one call inside it whose output can be its output (:func:`enclosing_calls` says which are direct).
+
+    Example: a block computing ``x + act(fc(x))`` runs ``fc`` then ``act`` inside it; its last child is
+    ``act``, whose output flows into the block's; ``fc``'s does only through ``act``.
+    """
+    out: dict[CallKey, CallKey] = {}
+    for step in steps:
+        ends = {c: n for n, c in enumerate(reader.call_ends(step))}
+        for call, outer in enclosing_calls(reader, [step]).items():
+            if outer and ends.get(call, -1) >= ends.get(out.get(outer[-1], call), -1):
+                out[outer[-1]] = call
+    return out
+
+
+def explain_containers(calls: Sequence[OracleCall], last: Mapping[CallKey, CallKey]) -> list[OracleCall]:
+    """Unflag a container whose flag is explained by its last child (``last``, :func:`last_children`), flagged.
 
     With every call fed the oracle's inputs, a container's output carries the error of its last
-    child (e.g. an MLP's output is its down projection's), so a faulty child flags its containers
-    too. The child is the finding; each container it explains keeps its figures, is not flagged
-    and says which flagged call it carries.
+    child (e.g. an MLP's output is its down projection's), so a faulty last child flags its
+    containers too. The child is the finding; each container it explains keeps its figures, is not
+    flagged and says which flagged call it carries. A flagged call elsewhere inside it (one whose
+    output is not the container's) explains nothing: the container's own code may be at fault, and
+    it stays flagged. The last child's own flag counts even when a child of its own explains it
+    (the error flows out through it): the reason names the call flagged in its own right.
     """
-    flagged_inside: dict[CallKey, list[CallKey]] = {}
-    for c in calls:
-        if c.flagged:
-            for outer in enclosing.get(c.call, ()):
-                flagged_inside.setdefault(outer, []).append(c.call)
+    flagged = {c.call for c in calls if c.flagged}
+
+    def culprit(call: CallKey, seen: frozenset[CallKey] = frozenset()) -> CallKey | None:
+        """The call flagged in its own right whose error ``call``'s last child carries out, if any."""
+        child = last.get(call)
+        if child is None or child not in flagged or child in seen:
+            return None
+        return culprit(child, seen | {call}) or child
+
     out = []
     for c in calls:
-        inner = flagged_inside.get(c.call)
-        if c.flagged and inner:
-            names = ", ".join(f"{k.module}#{k.call}" if k.call else k.module for k in inner[:3])
-            more = f" and {len(inner) - 3} more" if len(inner) > 3 else ""
-            note = f"not flagged itself: it carries the error of {names}{more}, flagged inside it"
+        source = culprit(c.call) if c.flagged else None
+        if source is not None:
+            child = last[c.call]
+            name = f"{source.module}#{source.call}" if source.call else source.module
+            via = "" if child == source else (
+                f" (through its last call inside it, {child.module}#{child.call})" if child.call else
+                f" (through its last call inside it, {child.module})")
+            note = f"not flagged itself: it carries the error of {name}, flagged inside it{via}"
             c = dataclasses.replace(c, flagged=False, reason="; ".join(p for p in (c.reason, note) if p))
         out.append(c)
     return out
@@ -145,8 +173,9 @@ class OracleWindows:
     judged (:func:`oracle_calls`, :func:`explain_containers`: both need the window's steps
     only); then :meth:`calls` measures the steps left and gives every call's verdict in the order
     :func:`oracle_calls` gives them for all the steps at once: the candidate's calls in its
-    execution order, then the reference's own. The verdicts of every window after the first are
-    kept in a temporary file (:mod:`.spill`).
+    execution order, then the reference's own; then the oracle's selected calls that neither
+    replay captured, not evaluated (fail closed: the verdict cannot speak for them). The verdicts
+    of every window after the first are kept in a temporary file (:mod:`.spill`).
 
     Args:
         candidate, reference: dir1 and dir2, both replays of ``oracle``.
@@ -159,15 +188,20 @@ class OracleWindows:
                  patterns: Sequence[re.Pattern[str]] | None) -> None:
         assert options.oracle_factor is not None
         self._factor = options.oracle_factor
-        self._r1 = candidate
+        self._r1, self._r2, self._oracle, self._patterns = candidate, reference, oracle, patterns
         self._sides = [(Measurer(reader, oracle, options, patterns=patterns, labels=(label, "oracle")),
                         Ranking(keep=False)) for reader, label in ((candidate, "dir1"), (reference, "dir2"))]
+        have = sorted(oracle.steps())
+        self._oracle_steps = have if options.steps is None else [s for s in have if s in set(options.steps)]
+        self._replay_steps = (set(candidate.steps()), set(reference.steps()))
+        self._oracle_next = 0  # the first of self._oracle_steps not looked at yet (calls in neither replay)
         self._windows = 0
         self._spill: Spill | None = None
-        # the candidate's calls in its order, then the reference's own; each either with a place in the
-        # completion order (parts, window by window) or not (placed after all those, kept with their rank)
-        self._parts: tuple[list[Held[OracleCall]], list[Held[OracleCall]]] = ([], [])
-        self._tails: tuple[list[tuple[Any, OracleCall]], list[tuple[Any, OracleCall]]] = ([], [])
+        # the candidate's calls in its order, then the reference's own, then the oracle's that neither replay
+        # has; each either with a place in the completion order (parts, window by window) or not (placed after
+        # all those, kept with their rank)
+        self._parts: tuple[list[Held[OracleCall]], ...] = ([], [], [])
+        self._tails: tuple[list[tuple[Any, OracleCall]], ...] = ([], [], [])
 
     def window(self, calls: Sequence[CallResult], upto: int | None) -> None:
         """Measure and judge the steps up to ``upto`` (None: every step left), those of a window
@@ -192,19 +226,42 @@ class OracleWindows:
             groups.append((placed, tail))
         calls = [e.call for placed, tail in groups for e in placed + [e for _, e in tail]]
         verdicts = [_verdict(call, cand_calls.get(call), ref_calls.get(call), self._factor) for call in calls]
-        verdicts = explain_containers(verdicts, enclosing_calls(self._r1, sorted({c.call.step for c in verdicts})))
+        verdicts = explain_containers(verdicts, last_children(self._r1, sorted({c.call.step for c in verdicts})))
         at = 0
         for side, (placed, tail) in enumerate(groups):
             part = tuple(verdicts[at:at + len(placed)])
             at += len(placed)
             self._tails[side].extend((key, v) for (key, _), v in zip(tail, verdicts[at:at + len(tail)], strict=True))
             at += len(tail)
-            if window and part:
-                self._spill = self._spill or Spill()
-                steps = [c.call.step for c in part]
-                self._parts[side].append(self._spill.add(part, first_step=min(steps), last_step=max(steps)))
-            else:
-                self._parts[side].append(part)
+            self._hold(side, part, window)
+        self._hold(2, self._in_neither(upto), window)
+
+    def _hold(self, side: int, part: tuple[OracleCall, ...], window: int) -> None:
+        if window and part:
+            self._spill = self._spill or Spill()
+            steps = [c.call.step for c in part]
+            self._parts[side].append(self._spill.add(part, first_step=min(steps), last_step=max(steps)))
+        else:
+            self._parts[side].append(part)
+
+    def _in_neither(self, upto: int | None) -> tuple[OracleCall, ...]:
+        """The oracle's selected calls of its steps up to ``upto`` (None: every step left) that neither
+        replay captured: not evaluated (the verdict cannot speak for them, as a call a ``--replay`` run
+        lacks). A call whose recorded outputs hold no tensor has nothing to measure and is left out."""
+        out: list[OracleCall] = []
+        steps = self._oracle_steps
+        while self._oracle_next < len(steps) and (upto is None or steps[self._oracle_next] <= upto):
+            step = steps[self._oracle_next]
+            self._oracle_next += 1
+            replayed = {c for r, have in zip((self._r1, self._r2), self._replay_steps, strict=True) if step in have
+                        for c in r.calls(step)}
+            missing = [c for c in self._oracle.calls(step) if c not in replayed and (
+                self._patterns is None or any(p.search(c.module) for p in self._patterns))]
+            missing = [c for c in missing if not _no_tensor(self._oracle.structure(c, "outputs"))]
+            containers = nested_calls(self._oracle, step) if missing else set()
+            out += [OracleCall(c, None, None, None, False, False, "in the oracle, in neither replay (not captured)",
+                               c in containers) for c in missing]
+        return tuple(out)
 
     def calls(self, calls: int = 4096) -> Sequence[OracleCall]:
         """Every call's verdict, once the steps left are measured (about ``calls`` calls at a time): a
@@ -213,8 +270,9 @@ class OracleWindows:
         while not (m1.done and m2.done):
             pending = [m.bound(calls) for m in (m1, m2) if not m.done]
             self._judge(min(pending))
+        self._hold(2, self._in_neither(None), 0)  # the oracle's steps after the replays' last, if any
         parts: list[Held[OracleCall]] = []
-        for side in (0, 1):
+        for side in (0, 1, 2):
             parts += self._parts[side]
             parts.append(tuple(v for _, v in sorted(self._tails[side], key=lambda item: item[0])))
         if self._windows <= 1:
@@ -225,6 +283,11 @@ class OracleWindows:
     def lost(self) -> list[Unreadable]:
         """The bodies the measurements could not read: the candidate's, then the reference's."""
         return self._sides[0][1].lost + self._sides[1][1].lost
+
+
+def _no_tensor(structure: Any) -> bool:
+    """Outputs recorded, holding no tensor (outputs not recorded may have held one: not this)."""
+    return structure is not None and next(iter_tensor_nodes(structure), None) is None
 
 
 def _rank_key(e: LocalError) -> tuple[Any, ...]:

@@ -280,9 +280,11 @@ def _local_section(result: CompareResult, verbose: bool) -> list[Block]:
         if not e.compared:
             continue
         measured += 1
-        if e.rel_l2 != 0:
+        # exact: no error and no element out of the tolerance (NaN on both sides with equal_nan off is one)
+        inexact = e.rel_l2 != 0 or bool(e.mismatched)
+        if inexact:
             nonzero += 1
-        if verbose or (e.rel_l2 != 0 and len(shown) < TOP_LOCAL):
+        if verbose or (inexact and len(shown) < TOP_LOCAL):
             shown.append(e)
     out: list[Block] = [Heading("Local error (where error is introduced, measured)"), Text(local_intro(local))]
     if shown:

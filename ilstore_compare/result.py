@@ -305,9 +305,10 @@ class LocalError:
 
     Attributes:
         call: the call (names after the name map).
-        rel_l2: ``||a - b|| / ||b||`` over all output tensors; ``math.inf`` when the reference's
-            outputs are zero and the replay's are not; None when not measured (``compared``
-            false).
+        rel_l2: ``||a - b|| / ||b||`` over all output tensors (their elements finite on both
+            sides); ``math.inf`` when the reference's outputs are zero and the replay's are not,
+            or when the NaN/Inf of the two differ (``reason`` says how); None when not measured
+            (``compared`` false).
         max_abs_diff: the largest ``|a - b|`` over the outputs.
         max_ulp: the largest distance in units in the last place (the replay's dtype), where
             the metric exists.
