@@ -179,7 +179,7 @@ def _leaves(value: Any, prefix: str, xs: list[torch.Tensor], paths: list[str], d
         if _tappable(value):
             # Detached: the tap only reads values, so autograd must not see it (a training step
             # through the compiled model would need a gradient formula for the op otherwise).
-            xs.append(value.detach())
+            xs.append(value.detach() if value.requires_grad else value)
             paths.append(prefix)
         return
     if value is None or isinstance(value, (bool, int, float, str)) or depth >= _MAX_DEPTH:
