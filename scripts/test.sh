@@ -12,7 +12,7 @@ echo "== doctests: the examples in the packages' docstrings"
 .venv/bin/python -m pytest -q --doctest-modules ilstore ilstore_compare schemas
 echo "== default tier"
 .venv/bin/python -m pytest -q -m "not slow and not vllm" "$@"
-echo "== slow tier: multi-rank capture under torchrun"
+echo "== slow tier: multi-rank capture under torchrun, long runs, killed processes, compiles, the benchmark scripts"
 .venv/bin/python -m pytest -q -m slow
 if [ "${ILSTORE_SKIP_VLLM:-0}" != "1" ]; then
   echo "== vllm tier: the plug-in and the example script against real vLLM (CPU build)"

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc and prctl: Linux only")
+# the benchmarks' child processes: the slow tier (~20 s in all)
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, /proc and prctl: Linux only"),
+              pytest.mark.slow]
 
 #: What each script starts with: ``benchmarks/`` importable, as the scripts themselves do.
 _PRELUDE = f"import sys; sys.path.insert(0, {str(BENCH)!r})\n"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.test_benchmarks_smoke import _load
+
+pytestmark = pytest.mark.slow  # a benchmark run in small: ~6 s
 
 
 def test_bench_capture_cpu_clock(tmp_path: Path, capsys) -> None:

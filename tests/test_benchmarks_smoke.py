@@ -12,6 +12,9 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
+# the benchmark scripts run in small (~30 s in all): the slow tier
+pytestmark = pytest.mark.slow
+
 
 def _load(name: str) -> ModuleType:
     if str(BENCH) not in sys.path:

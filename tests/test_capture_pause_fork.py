@@ -259,7 +259,8 @@ print("ok")
 
 
 @needs_fork
-@pytest.mark.parametrize("backend", ["pt", "safetensors", "hdf5"])
+@pytest.mark.parametrize("backend", ["pt", pytest.param("safetensors", marks=pytest.mark.slow),  # ~5 s each
+                                     pytest.param("hdf5", marks=pytest.mark.slow)])
 def test_a_child_that_exits_normally_leaves_the_parents_open_step_whole(tmp_path: Path, backend: str) -> None:
     """Before, an hdf5 child's normal exit let HDF5 close its copy of the parent's open step
     file, cutting it to its length at the fork: the run's step lost the calls written since."""

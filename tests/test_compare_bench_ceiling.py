@@ -14,7 +14,8 @@ import pytest
 
 from tests.test_benchmarks_smoke import _load
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+# the benchmark script run in small: the slow tier (~30 s in all)
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork"), pytest.mark.slow]
 
 
 def _bench() -> ModuleType:

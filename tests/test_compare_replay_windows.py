@@ -244,6 +244,7 @@ print(held(short_rep, short_ref), held(long_rep, long_ref),
 """
 
 
+@pytest.mark.slow  # long runs compared twice: ~16 s
 def test_memory_does_not_grow_with_the_steps(tmp_path: Path) -> None:
     """What a replay's and an oracle comparison's result holds (Python heap, tracemalloc, in a process of
     its own) for 4x the steps stays about the same: the first window's entries and the others'

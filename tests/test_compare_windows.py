@@ -185,6 +185,7 @@ print(held(short_a, short_b), held(long_a, long_b))
 """
 
 
+@pytest.mark.slow  # long runs compared twice: ~10 s
 def test_memory_does_not_grow_with_the_steps(tmp_path: Path) -> None:
     """What a comparison's result holds (Python heap, tracemalloc, in a process of its own) for 4x
     the steps stays about the same: the first window's entries and the others' counts; the

@@ -34,6 +34,7 @@ def eager_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cap.run_dir
 
 
+@pytest.mark.slow  # inductor compiles the tiny Llama: ~25 s
 def test_a_compiled_model_records_what_eager_records_without_recompiling(tmp_path: Path, eager_run: Path) -> None:
     from torch._dynamo.utils import counters
 
@@ -59,6 +60,7 @@ def test_a_compiled_model_records_what_eager_records_without_recompiling(tmp_pat
     assert s.compared == len(ilstore.open_run(eager_run).keys()) and result.verdict == "match", result.first_divergence
 
 
+@pytest.mark.slow  # an inductor compile: ~17 s
 def test_capture_attached_to_the_compiled_wrapper_uses_the_eager_names(tmp_path: Path, eager_run: Path) -> None:
     model = tiny_llama()
     compiled = torch.compile(model, backend="eager")  # dynamo only: the names are what this checks

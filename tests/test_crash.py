@@ -15,9 +15,12 @@ from ilstore.cli import cli
 
 WORKER = Path(__file__).parent / "workers" / "kill_worker.py"
 BACKENDS = ["pt", "safetensors", "hdf5"]
+# a killed child per backend takes 5-8 s: pt in the default tier, the others in the slow tier
+BACKENDS_PT_FIRST = ["pt", pytest.param("safetensors", marks=pytest.mark.slow),
+                     pytest.param("hdf5", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_PT_FIRST)
 def test_sigkill_mid_step(out_dir: Path, backend: str) -> None:
     proc = subprocess.run([sys.executable, str(WORKER), str(out_dir), backend, "2"], capture_output=True, text=True,
                           timeout=120)
@@ -37,7 +40,7 @@ def test_sigkill_mid_step(out_dir: Path, backend: str) -> None:
     assert "status running" in result.output and "cut before they finished: [2]" in result.output
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_PT_FIRST)
 def test_sigkill_at_a_late_step(out_dir: Path, backend: str) -> None:
     """Killed at step 1,500 of a run logging every step: every earlier step is listed (from the
     step journal) and readable, the cut step is reported, and ``ilstore ls`` lists the run."""
@@ -83,6 +86,7 @@ def test_sigkill_with_a_starved_writer_thread_loses_at_most_one_completed_step(o
         assert all(run.meta(k)["shape"] == [1, 8] and "min" in run.meta(k)["stats"] for k in run.keys(steps[-1]))
 
 
+@pytest.mark.slow  # two killed workers and a compare: ~9 s
 def test_compare_reports_the_cut_step(out_dir: Path) -> None:
     """Comparing a killed run with a complete one fails closed: the cut step is missing."""
     from ilstore_compare import compare

@@ -76,6 +76,7 @@ _LOW_LIMIT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a long run in a child process: ~8 s
 def test_a_run_of_more_steps_than_open_files(tmp_path: Path) -> None:
     """150 steps read, converted and compared under a limit of 200 open files (each reader held one
     descriptor per step before, and failed with 'Too many open files'; a compare's planning kept

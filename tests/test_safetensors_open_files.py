@@ -94,6 +94,7 @@ def test_compare_with_few_shards_kept_gives_the_same_result(runs: tuple[Path, Pa
     assert few_same == full_same and few_diff == full_diff
 
 
+@pytest.mark.slow  # a long run in a child process: ~16 s
 def test_compare_of_many_steps_under_a_low_file_limit(tmp_path: Path) -> None:
     """Two runs of 400 steps (800 shards) compare within a limit of 256 open files."""
     import subprocess

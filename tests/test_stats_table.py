@@ -108,7 +108,7 @@ def test_table_rows_are_the_structures_statistics(out_dir: Path, backend: str) -
                 assert (math.isnan(value) and want is None) or value == want, (step, module, kind, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["pt", "safetensors", pytest.param("hdf5", marks=pytest.mark.slow)])  # hdf5: ~16 s
 def test_fast_comparison_equals_the_general_one(out_dir: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A few hundred steps; some steps differ (a scaled input), one has a NaN in each run, the
     integer output always goes the general way: every entry, call, verdict and note is equal."""

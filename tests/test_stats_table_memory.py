@@ -50,6 +50,7 @@ def _same(one: CompareResult, other: CompareResult) -> None:
     assert render_json(one) == render_json(other)
 
 
+@pytest.mark.slow  # a long run written and compared: ~20 s
 def test_the_comparer_reads_the_rows_a_window_at_a_time(long_runs: tuple[Path, Path],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With windows of 37 rows (a few steps; blocks straddle their borders), no read of a rows

@@ -8,6 +8,8 @@ import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from ilstore.keys import CallKey
 from ilstore_compare.result import CallResult
 from ilstore_compare.svgplot import MAX_POINTS, error_plot_svg
@@ -81,6 +83,7 @@ class _Lazy(Sequence[CallResult]):
                           output_rel_l2=1e-3 * (1 + (i % 11) / 11))
 
 
+@pytest.mark.slow  # a long comparison: ~8 s
 def test_the_plot_of_a_long_comparison_holds_a_step_of_calls_at_a_time() -> None:
     """Calls listed step by step are put in execution order a step at a time: the plot of
     40,000 calls made on demand never holds them all (it did: ~25 MB), and it is the plot of the
