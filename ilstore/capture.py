@@ -113,6 +113,11 @@ def _agree_run_id(config: Config) -> Config:
 #: turned off for the run when those writes are slow, e.g. a disk that throttles its writers).
 _ASYNC_LENDS = True
 
+#: The manifest's ``"warnings"`` (:meth:`Capture._manifest_warnings`): at most this many lines,
+#: naming at most :data:`_HOOKLESS_SHOWN` of the steps in which no hooked module ran.
+_WARNINGS_KEPT = 20
+_HOOKLESS_SHOWN = 10
+
 
 def _tensor_policy(config: Config) -> TensorPolicy:
     return TensorPolicy(store_bodies=config.mode == "tensors", max_numel=config.max_tensor_size,
@@ -364,6 +369,11 @@ class Capture:
         self._root_thread: int | None = None  # the thread whose stack holds _root_call
         self._stray_warned = False
         self._compile_warned = False
+        # What the capture warned about, kept for the run's manifest ("warnings", _manifest_warnings):
+        # each distinct message once, and the steps that ended with no hooked module run.
+        self._warnings: list[str] = []
+        self._hookless_steps: list[int] = []
+        self._hookless_count = 0
         # Compiled models (see _discard_compiled_code): whether compiled code could hide the hooks
         # (then the model's is discarded again at close), forwards of the torch.compile wrapper
         # seen while recording, and whether any of this capture's hooks ran at all.
@@ -501,7 +511,7 @@ class Capture:
                 why = f"module_call_match {list(self.config.module_call_match)} matches no module of the model"
             else:
                 why = "the model has no submodules and capture_root is false"
-            warnings.warn(f"ilstore: {why}; nothing will be captured", IlstoreWarning, stacklevel=3)
+            self._warn(f"ilstore: {why}; nothing will be captured", stacklevel=3)
         if not self.manual_step:
             # The step opens before the root's own capture hook (prepend) and ends after it.
             skip = self._skip_in_graph
@@ -579,11 +589,45 @@ class Capture:
     def _warn_hooks_never_ran(self) -> None:
         """At close: the compiled model ran and none of the capture's hooks did."""
         if self._compiled_calls and not self._hooks_ran and self.hooked_modules and self._forked_from is None:
-            warnings.warn(f"ilstore: the compiled model ran {self._compiled_calls} forward(s) during the capture and "
-                          "none of the capture's hooks fired: it ran code compiled without them, and nothing of those "
-                          f"forwards was recorded in run {self.run_dir}. Attach the capture before the first compiled "
-                          "forward, or set torch._dynamo.config.skip_nnmodule_hook_guards = False "
-                          "(docs/compiled.md).", IlstoreWarning, stacklevel=3)
+            self._warn(f"ilstore: the compiled model ran {self._compiled_calls} forward(s) during the capture and "
+                       "none of the capture's hooks fired: it ran code compiled without them, and nothing of those "
+                       f"forwards was recorded in run {self.run_dir}. Attach the capture before the first compiled "
+                       "forward, or set torch._dynamo.config.skip_nnmodule_hook_guards = False "
+                       "(docs/compiled.md).", stacklevel=3)
+
+    # -- what the run says it missed -----------------------------------------------------------
+    def _warn(self, message: str, stacklevel: int) -> None:
+        """Warn (:class:`~ilstore.errors.IlstoreWarning`, ``stacklevel`` as the caller's own) and keep
+        ``message`` for the run's manifest."""
+        warnings.warn(message, IlstoreWarning, stacklevel=stacklevel + 1)
+        self._keep_warning(message)
+
+    def _keep_warning(self, message: str) -> None:
+        """Keep ``message`` for the run's manifest (``"warnings"``) without warning again (an
+        integration that warned before the capture existed); each distinct message once."""
+        message = message.removeprefix("ilstore: ")
+        if message not in self._warnings:
+            self._warnings.append(message)
+
+    def _manifest_warnings(self) -> list[str]:
+        """The manifest's ``"warnings"``: what the capture warned about that bears on what the run
+        holds, in order, at most :data:`_WARNINGS_KEPT` (then a line counting the rest)."""
+        said = list(self._warnings)
+        if self._hookless_count:
+            shown = ", ".join(map(str, self._hookless_steps))
+            more = f", ... ({self._hookless_count} in all)" if self._hookless_count > len(self._hookless_steps) else ""
+            said.append(f"no hooked module ran in {self._hookless_count} step(s) ({shown}{more}): nothing of them was "
+                        "recorded; the model may run compiled or in CUDA graphs, where hooks do not fire")
+        if len(said) > _WARNINGS_KEPT:
+            said = said[:_WARNINGS_KEPT - 1] + [f"... and {len(said) - _WARNINGS_KEPT + 1} more warning(s), in the "
+                                                "capturing process's output"]
+        return said
+
+    def _record_warnings(self) -> None:
+        """Put :meth:`_manifest_warnings` in the manifest the writer writes at close (when any)."""
+        said = self._manifest_warnings()
+        if said and self._sink is not None:
+            self._sink.writer.manifest["warnings"] = said  # (the writer saves its manifest at close only)
 
     # -- steps --------------------------------------------------------------------------------
     def _begin_step(self) -> _StepState:
@@ -592,10 +636,9 @@ class Capture:
         step.graph_breaks = _hook_graph_breaks()
         if not self._opaque_hooks and "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
             self._opaque_hooks = True  # warn once
-            warnings.warn("ilstore: torch.compile was first used after this capture was attached, so its hooks are "
-                          "not opaque to dynamo: a compiled forward traces ilstore's own code (recompilations, "
-                          "slow compiles). Attach the capture after calling torch.compile(...).",
-                          IlstoreWarning, stacklevel=4)
+            self._warn("ilstore: torch.compile was first used after this capture was attached, so its hooks are "
+                       "not opaque to dynamo: a compiled forward traces ilstore's own code (recompilations, "
+                       "slow compiles). Attach the capture after calling torch.compile(...).", stacklevel=4)
         return step
 
     def _warn_graph_breaks(self, step: _StepState) -> None:
@@ -605,11 +648,10 @@ class Capture:
         added = _hook_graph_breaks() - step.graph_breaks
         if added > 0:
             self._compile_warned = True
-            warnings.warn(f"ilstore: torch.compile split the model's graphs at ilstore's hooks {added} time(s) while "
-                          f"compiling step {self.step_index}: each hooked call runs outside the compiled graphs "
-                          "(fewer fusions, more compiled pieces). The values recorded are those the compiled "
-                          "pieces computed. Hook fewer modules (module_call_match) to split less.",
-                          IlstoreWarning, stacklevel=4)
+            self._warn(f"ilstore: torch.compile split the model's graphs at ilstore's hooks {added} time(s) while "
+                       f"compiling step {self.step_index}: each hooked call runs outside the compiled graphs "
+                       "(fewer fusions, more compiled pieces). The values recorded are those the compiled "
+                       "pieces computed. Hook fewer modules (module_call_match) to split less.", stacklevel=4)
 
     def _end_step(self, completed: bool = True) -> None:
         """Close the open step: hand it to the writer, or (a forward that raised) abandon it."""
@@ -632,6 +674,9 @@ class Capture:
         if self.hooked_modules and not self._paused and not self._ran_paused:
             warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
                           "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
+            self._hookless_count += 1  # for the manifest: one line for them all (_manifest_warnings)
+            if len(self._hookless_steps) < _HOOKLESS_SHOWN:
+                self._hookless_steps.append(self.step_index)
 
     def _root_pre(self, module: nn.Module | None, args: Any) -> None:
         self._hooks_ran = True
@@ -743,6 +788,7 @@ class Capture:
         self._closed = True
         _WRITING.discard(self)
         if self._sink is not None:
+            self._record_warnings()
             try:
                 self._sink.close("failed", error=str(exc))
             except Exception as close_exc:  # the disk may still be full
@@ -874,8 +920,8 @@ class Capture:
             if not self.manual_step and self.config.calls_outside_forward == "ignore":
                 if not self._stray_warned:
                     self._stray_warned = True
-                    warnings.warn(f"ilstore: {name} was called outside a forward of the root module; such calls are "
-                                  "not logged (calls_outside_forward: ignore)", IlstoreWarning, stacklevel=2)
+                    self._warn(f"ilstore: {name} was called outside a forward of the root module; such calls are "
+                               "not logged (calls_outside_forward: ignore)", stacklevel=2)
                 return None
             # Manual stepping: the step opens at its first call. Automatic stepping: a call made
             # outside any root forward (the encoder generate() runs itself) opens the step that
@@ -979,6 +1025,7 @@ class Capture:
             except Exception as exc:
                 self._fail(exc)
                 return
+            self._record_warnings()
             try:
                 self._sink.close(status)
             except Exception as exc:

@@ -38,7 +38,8 @@ from .keys import CallKey
 
 __all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "FORMAT_VERSION", "UNORDERED_KEY", "TOTALS_KEYS", "TotalCounts",
            "write_json_atomic", "write_text_atomic", "read_manifest", "new_manifest", "calls_to_json",
-           "calls_from_json", "JournalWriter", "JournalReader", "CallOrder", "dumps", "dumps_tree", "json_str"]
+           "calls_from_json", "JournalWriter", "JournalReader", "CallOrder", "dumps", "dumps_tree", "json_str",
+           "warnings_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -218,6 +219,23 @@ def new_manifest(backend: str, config: dict[str, Any], *, rank: int = 0, world_s
         "status": "running",
         "journal": JOURNAL_NAME,
     }
+
+
+def warnings_of(manifest: dict[str, Any] | None) -> list[str]:
+    """The manifest's ``"warnings"``: what the capture warned about that bears on what the run
+    holds (a compiled model whose hooks never fired, steps in which no hooked module ran, a
+    ``module_call_match`` that matches nothing...), written at close; empty for a run without
+    (every run before ilstore 0.2, and one killed before its close). Entries that are not
+    strings are left out: the field is for people, and nothing else depends on it.
+
+    Example:
+        >>> warnings_of({"warnings": ["no hooked module ran in 1 step(s) (0): ...", 3]})
+        ['no hooked module ran in 1 step(s) (0): ...']
+        >>> warnings_of({}), warnings_of(None)
+        ([], [])
+    """
+    said = manifest.get("warnings") if isinstance(manifest, dict) else None
+    return [w for w in said if isinstance(w, str)] if isinstance(said, list) else []
 
 
 def calls_to_json(calls: Iterable[CallKey]) -> list[list[Any]]:

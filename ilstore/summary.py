@@ -32,7 +32,7 @@ from tabulate import tabulate
 
 from .errors import IlstoreError
 from .keys import KINDS, CallKey, printable
-from .manifest import JournalReader, TotalCounts, read_manifest
+from .manifest import JournalReader, TotalCounts, read_manifest, warnings_of
 
 if TYPE_CHECKING:
     from .store.base import StoreReader
@@ -105,18 +105,21 @@ class StepSummary:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """A run's backend, status, steps and the steps cut before they finished."""
+    """A run's backend, status, steps, the steps cut before they finished, and what its capture
+    warned about (:attr:`~ilstore.store.base.StoreReader.capture_warnings`)."""
 
     run_dir: Path
     backend: str
     status: str
     steps: tuple[StepSummary, ...]
     incomplete_steps: tuple[int, ...]
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (what ``ilstore ls --json`` prints)."""
         return {"run_dir": str(self.run_dir), "backend": self.backend, "status": self.status,
-                "steps": [s.to_dict() for s in self.steps], "incomplete_steps": list(self.incomplete_steps)}
+                "steps": [s.to_dict() for s in self.steps], "incomplete_steps": list(self.incomplete_steps),
+                "warnings": list(self.warnings)}
 
 
 def summarize_run(run_dir: str | Path, *, calls: bool = True) -> RunSummary:
@@ -162,18 +165,21 @@ def _summary_from_reader(run_dir: Path, calls: bool) -> RunSummary:
                 continue
             summary = StepSummary.from_calls(step, tuple(_call_summary(run, call) for call in run.calls(step)))
             steps.append(summary if calls else dataclasses.replace(summary, calls=None))
-        return RunSummary(run_dir, run.name, run.status, tuple(steps), tuple(run.incomplete_steps()))
+        return RunSummary(run_dir, run.name, run.status, tuple(steps), tuple(run.incomplete_steps()),
+                          tuple(run.capture_warnings))
 
 
 @dataclass(frozen=True)
 class _Listing:
     """What :func:`_summary_from_journal` reads of one run: backend name, status, each completed
-    step's totals (ascending steps, :data:`~ilstore.manifest.TOTALS_KEYS` order), incomplete steps."""
+    step's totals (ascending steps, :data:`~ilstore.manifest.TOTALS_KEYS` order), incomplete steps,
+    the capture's warnings."""
 
     backend: str
     status: str
     totals: dict[int, TotalCounts]
     incomplete: list[int]
+    warnings: list[str]
 
 
 def _summary_from_journal(run_dir: Path) -> RunSummary | None:
@@ -183,7 +189,8 @@ def _summary_from_journal(run_dir: Path) -> RunSummary | None:
     if listing is None:
         return None
     steps = tuple(StepSummary(step, *counts) for step, counts in listing.totals.items())
-    return RunSummary(run_dir, listing.backend, listing.status, steps, tuple(listing.incomplete))
+    return RunSummary(run_dir, listing.backend, listing.status, steps, tuple(listing.incomplete),
+                      tuple(listing.warnings))
 
 
 def _listing(run_dir: Path) -> _Listing | None:
@@ -217,7 +224,7 @@ def _listing(run_dir: Path) -> _Listing | None:
         return None
     finally:
         journal.close()
-    return _Listing(backend, str(manifest.get("status", "unknown")), totals, incomplete)
+    return _Listing(backend, str(manifest.get("status", "unknown")), totals, incomplete, warnings_of(manifest))
 
 
 def _builtin_reader(backend: str) -> bool:
@@ -246,12 +253,13 @@ def _ranks_listing(run_dir: Path, manifest: dict[str, Any]) -> _Listing | None:
             isinstance(r, int) and not isinstance(r, bool) for r in ranks) or sorted(ranks) != list(
             range(world_size if isinstance(world_size, int) and not isinstance(world_size, bool) else -1)):
         return None  # a manifest the reader rejects (each rank of 0 .. world_size - 1 once)
-    parts = []
+    parts, said = [], []
     for rank in dict.fromkeys(ranks):
         part = _listing(run_dir / f"rank_{rank}")  # ilstore.store.ranks.rank_dir_name
         if part is None:
             return None
         parts.append(part)
+        said += [f"rank {rank}: {w}" for w in part.warnings]  # as RankedReader.capture_warnings
     statuses = {p.status for p in parts}
     status = next((worst for worst in ("failed", "running", "unknown") if worst in statuses),
                   "complete" if statuses else "unknown")
@@ -262,7 +270,7 @@ def _ranks_listing(run_dir: Path, manifest: dict[str, Any]) -> _Listing | None:
             totals[step] = counts if have is None else (
                 have[0] + counts[0], have[1] + counts[1], have[2] + counts[2], have[3] + counts[3])
     return _Listing(parts[0].backend if parts else _RANKS_LAYOUT, status, dict(sorted(totals.items())),
-                    sorted({s for p in parts for s in p.incomplete}))
+                    sorted({s for p in parts for s in p.incomplete}), said)
 
 
 def _call_summary(run: StoreReader, call: CallKey) -> CallSummary:
@@ -295,6 +303,7 @@ def format_summary(summary: RunSummary, *, show_calls: bool = False) -> str:
     """
     lines = [f"run {summary.run_dir}", f"backend {summary.backend}, status {summary.status}, "
              f"{len(summary.steps)} step(s)"]
+    lines += [f"warning (from the capture): {printable(w)}" for w in summary.warnings]
     rows = [[label, s.module_calls, s.tensors, s.stored, human_bytes(s.nbytes)]
             for label, s in _step_rows(summary.steps)]
     lines.append(tabulate(rows, headers=["step", "module calls", "tensors", "stored", "bytes"], tablefmt="simple"))

@@ -182,7 +182,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                 whole.lost
             plan_notes, steps, summary = whole.notes, whole.steps, whole.summary
         backend1, backend2, status1, status2 = r1.name, r2.name, r1.status, r2.status
-        notes = pick_notes + list(plan_notes) + sources.notes
+        notes = capture_notes(r1, r2) + pick_notes + list(plan_notes) + sources.notes
         local = oracle_report = threshold = None
         if isinstance(beside, LocalWindows):
             local = beside.report(_WINDOW_PAIRS)
@@ -202,6 +202,12 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                          first_divergence=first, introduced=tuple(introduced), summary=summary,
                          notes=tuple(notes), local=local, threshold_divergence=threshold, oracle=oracle_report,
                          unreadable=_once(lost), token_alignment=token_alignment)
+
+
+def capture_notes(r1: StoreReader, r2: StoreReader) -> list[str]:
+    """What each run's capture warned about (the manifest's ``"warnings"``: a compiled model whose
+    hooks never fired, steps with no hooked module...), as the report's first notes."""
+    return [f"{side}'s capture warned: {w}" for side, run in (("dir1", r1), ("dir2", r2)) for w in run.capture_warnings]
 
 
 #: About how many tensor pairs a window of steps holds (:func:`_compare_windows`). A window's

@@ -167,12 +167,16 @@ def test_a_compiled_model_whose_hooks_never_fire_is_reported(tmp_path: Path, mon
     assert ilstore.open_run(run).steps() == []
     assert any("ran 3 forward(s) during the capture and none of the capture's hooks fired" in m
                for m in messages), messages
+    said = ilstore.open_run(run).capture_warnings  # and the run says so itself
+    assert len(said) == 1 and "ran 3 forward(s) during the capture and none of the capture's hooks fired" in said[0]
     # a model whose forward dynamo picks up below the root's hooks: each step says it recorded nothing
     cm = torch.compile(_net(), backend="aot_eager")
     with torch.no_grad():
         cm(_x())
     run, messages = _capture(cm, tmp_path, "empty_steps", forwards=2)
     assert [m for m in messages if "no hooked module ran" in m], messages
+    said = ilstore.open_run(run).capture_warnings
+    assert [w for w in said if w.startswith("no hooked module ran in 2 step(s) (0, 1)")], said
 
 
 @pytest.mark.parametrize("in_graph", [False, True])

@@ -228,6 +228,7 @@ def test_compiled_warm_up_is_not_a_step(vllm_python: Path, tiny_model: Path, bas
     assert "IlstoreWarning" in gen.stderr and "compiled or with CUDA graphs" in gen.stderr
     with ilstore.open_run(tmp_path / "compiled") as run:
         assert run.steps() == [0, 1]
+        assert [w for w in run.capture_warnings if "compiled or with CUDA graphs" in w], run.capture_warnings
         for step in (0, 1):
             assert [(c.module, c.call) for c in run.calls(step)] == [("logits_processor", 0)]
             assert _output_shape(run, step, "logits_processor") == [len(baseline), 1000]

@@ -188,6 +188,9 @@ def test_compiled_engine_warns(fake_vllm: type[FakeRunner], monkeypatch: pytest.
     with pytest.warns(ilstore.IlstoreWarning, match="compiled or with CUDA graphs.*enforce_eager"):
         _, cap = _loaded(fake_vllm, compiled=True)
     cap.close()
+    with ilstore.open_run(out_dir / "c") as run:  # and the run says so
+        (said,) = run.capture_warnings
+        assert said.startswith("vLLM runs this model compiled or with CUDA graphs (enforce_eager=False")
 
 
 def test_run_id_is_pinned_for_child_processes(fake_vllm: type[FakeRunner], monkeypatch: pytest.MonkeyPatch,

@@ -175,15 +175,16 @@ def _wrap_sample_tokens(sample_tokens: Callable[..., Any]) -> Callable[..., Any]
 
 def _attach(runner: Any, config: Config) -> EngineCapture | None:
     model: nn.Module = runner.get_model()
-    compiled = _warn_if_compiled(runner, config.in_graph)
-    _annotate_layouts(model)
+    said: list[str] = []  # the warnings given before the capture exists, for its run's manifest
+    compiled = _warn_if_compiled(runner, config.in_graph, said)
+    _annotate_layouts(model, said)
     if config.backend == "hdf5" and config.async_writes and config.enabled:
         # Known issue (docs/vllm.md): in vLLM's CPU worker, HDF5 written from ilstore's background
         # writer thread while the model runs corrupted HDF5's state now and then (a failed write
         # "Operation not defined for data type class", a crash at exit), in about 1 run in 5 of
         # the test suite's tiny model; written on the model's thread it never did (0 of 22).
         _warn("ilstore: the hdf5 backend writes synchronously (async_writes=false) inside vLLM: HDF5 written "
-              "from a background thread while vLLM's CPU worker runs was seen to fail (see docs/vllm.md)")
+              "from a background thread while vLLM's CPU worker runs was seen to fail (see docs/vllm.md)", said)
         config = load_config(config, async_writes=False)
     try:
         # vLLM compiles with fullgraph=True, where a graph break is an error: inside its compiled
@@ -196,6 +197,8 @@ def _attach(runner: Any, config: Config) -> EngineCapture | None:
         return None
     if cap.run_dir is None:
         return None
+    for message in said:
+        cap._keep_warning(message)
     # Closing flushes the background writer and marks the run complete. atexit covers the
     # in-process engine and spawned worker processes (they leave through sys.exit); forked ones
     # (VLLM_WORKER_MULTIPROC_METHOD=fork) leave through os._exit after running only
@@ -207,17 +210,18 @@ def _attach(runner: Any, config: Config) -> EngineCapture | None:
     return cap
 
 
-def _annotate_layouts(model: nn.Module) -> None:
+def _annotate_layouts(model: nn.Module, said: list[str] | None = None) -> None:
     """Tensor parallelism: record the layouts of vLLM's parallel layers (docs/parallel.md)."""
     try:
         from .vllm_layout import annotate_model
 
         annotate_model(model)
     except Exception as exc:  # an internals change must not stop the capture
-        _warn(f"ilstore: could not annotate the tensor-parallel layouts ({exc!r}); --unshard will not assemble them")
+        _warn(f"ilstore: could not annotate the tensor-parallel layouts ({exc!r}); --unshard will not assemble them",
+              said)
 
 
-def _warn_if_compiled(runner: Any, in_graph: bool = False) -> bool:
+def _warn_if_compiled(runner: Any, in_graph: bool = False, said: list[str] | None = None) -> bool:
     """True if vLLM compiles; warns unless the capture's hooks are traced into the graphs (``in_graph``).
 
     Without ``in_graph`` the hooks step aside inside vLLM's compiled regions (fullgraph, no graph
@@ -236,12 +240,14 @@ def _warn_if_compiled(runner: Any, in_graph: bool = False) -> bool:
               f"mode={mode}, cudagraphs={cudagraphs}); forward hooks do not fire inside compiled regions or graph "
               "replays, so capture may record nothing or only the modules outside them. Set in_graph: true in the "
               "config to trace the capture into vLLM's compiled graphs, or run with enforce_eager=True "
-              "(--enforce-eager), to capture every module.")
+              "(--enforce-eager), to capture every module.", said)
     return compiled
 
 
-def _warn(message: str) -> None:
+def _warn(message: str, said: list[str] | None = None) -> None:
     # Both: Python's warnings reach scripts and tests, vLLM's logs reach engine-core processes
-    # whose stderr may be the only trace.
+    # whose stderr may be the only trace; and the run's manifest, through ``said``.
     warnings.warn(message, IlstoreWarning, stacklevel=3)
     _log.warning(message)
+    if said is not None:
+        said.append(message)

@@ -36,6 +36,7 @@ from ..manifest import (
     calls_from_json,
     calls_to_json,
     read_manifest,
+    warnings_of,
     write_json_atomic,
 )
 from ..records import Record, dtype_from_str, iter_tensor_nodes
@@ -431,6 +432,12 @@ class StoreReader(ABC):
     def status(self) -> str:
         """``complete``, ``running`` (still running or killed), ``failed``, or ``unknown``."""
         return str(self.manifest.get("status", "unknown")) if self.manifest else "unknown"
+
+    @property
+    def capture_warnings(self) -> list[str]:
+        """What the capture warned about that bears on what the run holds (the manifest's
+        ``"warnings"``, :func:`~ilstore.manifest.warnings_of`); empty when it said nothing."""
+        return warnings_of(self.manifest)
 
     def steps(self) -> list[int]:
         """Readable steps, ascending: the completed ones."""

@@ -172,6 +172,11 @@ class RankedReader(StoreReader):
                 return worst
         return "complete" if statuses else "unknown"
 
+    @property
+    def capture_warnings(self) -> list[str]:
+        """Every rank's, each prefixed with its rank."""
+        return [f"rank {rank}: {w}" for rank, reader in self.ranks.items() for w in reader.capture_warnings]
+
     def steps(self) -> list[int]:
         """Steps completed by at least one rank."""
         return sorted({s for r in self.ranks.values() for s in r.steps()})
