@@ -54,6 +54,16 @@ def _max(values: Iterable[float | None]) -> float | None:
     return max(present) if present else None
 
 
+def _worst_abs(entries: Sequence[TensorResult]) -> TensorResult | None:
+    """The first entry with the largest ``max_abs_diff`` (None when no entry has one)."""
+    worst, largest = None, -1.0
+    for e in entries:
+        value = e.metrics.max_abs_diff if e.metrics is not None else None
+        if value is not None and value > largest:
+            worst, largest = e, value
+    return worst
+
+
 def _min(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
@@ -192,13 +202,16 @@ def analyse_calls(planned: Sequence[PlannedCall], tensors: Sequence[TensorResult
     calls = []
     for info in infos:
         es = info.entries
+        worst = _worst_abs(es)
+        worst_abs = worst.metrics.max_abs_diff if worst is not None and worst.metrics is not None else None
         calls.append(CallResult(
             call=info.planned.call, presence=info.planned.presence, verdict=_verdict(info.planned.presence, es),
             origin=info.origin, order=info.order, tensors=len(es),
             mismatched_tensors=sum(1 for e in es if e.bad_value),
             unaligned_tensors=sum(1 for e in es if e.status == UNALIGNED), output_rel_l2=info.out_err,
             input_rel_l2=info.in_err,
-            max_abs_diff=_max(e.metrics.max_abs_diff for e in es if e.metrics is not None),
+            max_abs_diff=worst_abs,  # and where, but not for a 0 (every tensor holds it)
+            max_abs_diff_at=(worst.key.kind, *worst.key.path) if worst is not None and worst_abs else None,
             max_rel_diff=_max(e.metrics.max_rel_diff for e in es if e.metrics is not None),
             min_cosine=_min(e.metrics.cosine for e in es if e.metrics is not None)))
     return calls, (_divergence(first) if first is not None else None), [d for d, _ in ranked[:top]]

@@ -46,7 +46,11 @@ def call_label(call: CallKey) -> str:
 
 
 def tensor_label(key: TensorKey) -> str:
-    return key.kind + "".join(f"[{p}]" for p in key.path)
+    return _label(key.kind, key.path)
+
+
+def _label(kind: str, path: Sequence[str]) -> str:
+    return kind + "".join(f"[{p}]" for p in path)
 
 
 def verdict_line(result: CompareResult) -> str:
@@ -233,6 +237,15 @@ CALL_HEADERS = ["module call", "verdict", "origin", "tensors", "differ", "unalig
                 "out rel L2", "min cos"]
 
 
+def max_abs_cell(c: CallResult) -> str:
+    """The call's largest ``|a - b|``, naming the tensor that holds it unless that is the call's one
+    output (``1.3e+36 (inputs[attention_mask])``: an input, or one output of several)."""
+    at = c.max_abs_diff_at
+    if c.max_abs_diff is None or at is None or at == ("outputs",):
+        return num(c.max_abs_diff)
+    return f"{num(c.max_abs_diff)} ({_label(at[0], at[1:])})"
+
+
 def call_rows(calls: Sequence[CallResult], local: Callable[[CallResult], list[str]] | None = None) -> list[list[Any]]:
     """One row per call (:data:`CALL_HEADERS`), then ``local(call)``'s cells when given (the local error)."""
     rows = []
@@ -241,7 +254,7 @@ def call_rows(calls: Sequence[CallResult], local: Callable[[CallResult], list[st
         if c.presence != "both":
             verdict = f"unaligned, only in {c.presence}" if c.verdict == "unaligned" else f"only in {c.presence}"
         rows.append([call_label(c.call), verdict, c.origin or "", c.tensors, c.mismatched_tensors,
-                     c.unaligned_tensors, num(c.max_abs_diff), num(c.max_rel_diff), num(c.output_rel_l2),
+                     c.unaligned_tensors, max_abs_cell(c), num(c.max_rel_diff), num(c.output_rel_l2),
                      cosine_text(c.min_cosine, num)] + (local(c) if local is not None else []))
     return rows
 

@@ -161,6 +161,8 @@ class CallResult:
         unaligned_tensors: entries the map declares unaligned.
         output_rel_l2, input_rel_l2: the largest relative L2 error over outputs / inputs.
         max_abs_diff, max_rel_diff: the largest over all tensors of the call.
+        max_abs_diff_at: the tensor holding ``max_abs_diff``: its kind, then its path
+            (``("inputs", "attention_mask")``); None when it is 0 or None.
         min_cosine: the smallest cosine similarity over all tensors of the call.
         local: the call's local error (measured by replay) when the comparison has one, else None.
     """
@@ -175,6 +177,7 @@ class CallResult:
     output_rel_l2: float | None = None
     input_rel_l2: float | None = None
     max_abs_diff: float | None = None
+    max_abs_diff_at: tuple[str, ...] | None = None
     max_rel_diff: float | None = None
     min_cosine: float | None = None
     unaligned_tensors: int = 0
