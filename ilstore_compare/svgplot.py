@@ -4,7 +4,9 @@ One point per module call, in completion order across steps: the largest relativ
 its outputs on a log scale (beyond :data:`MAX_POINTS` calls, the most significant call of each
 stretch, so the page stays small for runs of any length). Calls whose outputs are identical sit on
 the ``0`` row; calls where the reference is zero but dir1 is not on the ``∞`` row. Colours: match, mismatch (inherited),
-introduced; a vertical line marks the first divergence and dashed lines separate steps.
+introduced; a vertical line marks the first divergence and dashed lines separate steps. With local
+errors (a replay: ``CallResult.local``) each plotted call's local error is a hollow diamond on the
+same scale, so the error a call adds stands beside the error it passes on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = ["MAX_POINTS", "error_plot_svg"]
 _W, _H = 960, 340
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 24, 48
 _COLORS = {"match": "#2e7d32", "inherited": "#ef6c00", "introduced": "#c62828", "other": "#757575"}
+_LOCAL = "#6a1b9a"  # the local error's diamonds
+_LEGEND_ROW = 16  # a second legend row (the local error's), when there is one
 
 
 #: At most this many points: a longer comparison plots, per stretch of consecutive calls, the one
@@ -93,10 +97,13 @@ class _Scan:
     def __init__(self, ordered: Iterable[CallResult], first: Divergence | None) -> None:
         self.n = 0
         self.measured = 0
-        self.low = self.high = None  # smallest and largest positive finite output error
+        # smallest and largest positive finite output (and local) error
+        self.low: float | None = None
+        self.high: float | None = None
         self.starts, self.steps = array("q"), array("q")
         self.first_at: int | None = None
         self.few: list[tuple[int, CallResult]] = []
+        self.local = False  # some plotted call has a local error
         target = (first.step, first.rank, first.module, first.call) if first is not None else None
         for i, c in enumerate(ordered):
             k = c.call
@@ -110,10 +117,17 @@ class _Scan:
                 self.measured += 1
                 if self.measured <= MAX_POINTS:
                     self.few.append((i, c))
-                if v > 0 and math.isfinite(v):
-                    self.low = v if self.low is None or v < self.low else self.low
-                    self.high = v if self.high is None or v > self.high else self.high
+                self._extend(v)
+                local = _local(c)
+                if local is not None:
+                    self.local = True
+                    self._extend(local)
             self.n = i + 1
+
+    def _extend(self, v: float) -> None:
+        if v > 0 and math.isfinite(v):
+            self.low = v if self.low is None or v < self.low else self.low
+            self.high = v if self.high is None or v > self.high else self.high
 
 
 def _plotted(ordered: Iterable[CallResult], scan: _Scan) -> list[tuple[int, CallResult, int]]:
@@ -139,6 +153,15 @@ def _plotted(ordered: Iterable[CallResult], scan: _Scan) -> list[tuple[int, Call
     return [(i, c, among) for _b, (i, c, _rank, among) in sorted(best.items())]
 
 
+def _local(c: CallResult) -> float | None:
+    """The call's local error (rel L2, by replay), when measured."""
+    return c.local.rel_l2 if c.local is not None else None
+
+
+def _diamond(x: float, y: float, r: float) -> str:
+    return f"M{x:.1f},{y - r:.1f} L{x + r:.1f},{y:.1f} L{x:.1f},{y + r:.1f} L{x - r:.1f},{y:.1f} Z"
+
+
 def _y_range(values: Sequence[float]) -> tuple[int, int]:
     positive = [v for v in values if v > 0 and math.isfinite(v)]
     if not positive:
@@ -158,9 +181,11 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
     """
     ordered, scan = _scanned(calls, first)
     lo, hi = _y_range([v for v in (scan.low, scan.high) if v is not None] + ([rtol] if rtol > 0 else []))
+    top = _TOP + (_LEGEND_ROW if scan.local else 0)
+    height = _H + top - _TOP
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
-    zero_y, inf_y = _TOP + plot_h, _TOP
-    band_top, band_bottom = _TOP + 26, _TOP + plot_h - 22
+    zero_y, inf_y = top + plot_h, top
+    band_top, band_bottom = top + 26, top + plot_h - 22
 
     def x_of(i: int) -> float:
         return _LEFT + (plot_w * (i + 0.5) / max(scan.n, 1))
@@ -173,9 +198,9 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         frac = (math.log10(v) - lo) / (hi - lo)
         return band_bottom - frac * (band_bottom - band_top)
 
-    parts = [f'<svg class="error-plot" viewBox="0 0 {_W} {_H}" width="100%" role="img" '
+    parts = [f'<svg class="error-plot" viewBox="0 0 {_W} {height}" width="100%" role="img" '
              f'aria-label="relative L2 error of module outputs along execution order">',
-             f'<rect x="{_LEFT}" y="{_TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#bbb"/>']
+             f'<rect x="{_LEFT}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#bbb"/>']
     for e in range(lo, hi + 1):
         y = y_of(10.0 ** e)
         parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e0e0e0"/>')
@@ -191,15 +216,15 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         k * count // _STEP_LABELS for k in range(_STEP_LABELS)]  # the last 1/9 unlabelled: room
     for i, step in ((scan.starts[j], scan.steps[j]) for j in shown):
         x = x_of(i) - plot_w / max(scan.n, 1) / 2
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#9e9e9e" '
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#9e9e9e" '
                      f'stroke-dasharray="3 3"/>')
-        parts.append(f'<text x="{x + 3:.1f}" y="{_TOP + plot_h + 14}" font-size="11">step {step}</text>')
+        parts.append(f'<text x="{x + 3:.1f}" y="{top + plot_h + 14}" font-size="11">step {step}</text>')
     if first is not None and scan.first_at is not None:
         x = x_of(scan.first_at)
         k = CallKey(first.rank, first.step, first.module, first.call)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{_TOP}" y2="{_TOP + plot_h}" stroke="#c62828" '
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#c62828" '
                      f'stroke-width="1.5"><title>first divergence: {escape(call_label(k))}</title></line>')
-    points = []
+    points, diamonds = [], []
     for i, c, among in _plotted(ordered(), scan):
         assert c.output_rel_l2 is not None
         kind = _kind(c)
@@ -211,13 +236,20 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         points.append((x_of(i), y_of(c.output_rel_l2), r, _COLORS[kind], tip))
         parts.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(c.output_rel_l2):.1f}" r="{r}" fill="{_COLORS[kind]}">'
                      f'<title>{escape(tip)}</title></circle>')
+        local = _local(c)
+        if local is not None:
+            tip = (f"step {c.call.step} {call_label(c.call)}: local error (by replay) rel L2 {local:.3g}, "
+                   f"output rel L2 {c.output_rel_l2:.3g}")
+            diamonds.append(f'<path d="{_diamond(x_of(i), y_of(local), 4.5)}" fill="none" stroke="{_LOCAL}" '
+                            f'stroke-width="1.5"><title>{escape(tip)}</title></path>')
     if len(points) > 1:
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y, *_ in points)
         parts.insert(-len(points), f'<polyline points="{path}" fill="none" stroke="#90a4ae" stroke-width="1"/>')
-    parts.append(f'<text x="{_LEFT + plot_w / 2:.1f}" y="{_H - 8}" text-anchor="middle" font-size="12">'
+    parts += diamonds  # over the circles: a local error equal to the output error stays visible
+    parts.append(f'<text x="{_LEFT + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="12">'
                  f'module calls in execution (completion) order</text>')
-    parts.append(f'<text x="14" y="{_TOP + plot_h / 2:.1f}" text-anchor="middle" font-size="12" '
-                 f'transform="rotate(-90 14 {_TOP + plot_h / 2:.1f})">output rel L2 error</text>')
+    parts.append(f'<text x="14" y="{top + plot_h / 2:.1f}" text-anchor="middle" font-size="12" '
+                 f'transform="rotate(-90 14 {top + plot_h / 2:.1f})">output rel L2 error</text>')
     legend_x = _LEFT + 8
     for n, (name, color) in enumerate((("match", _COLORS["match"]), ("introduced", _COLORS["introduced"]),
                                        ("inherited", _COLORS["inherited"]),
@@ -230,5 +262,10 @@ def error_plot_svg(calls: Sequence[CallResult], first: Divergence | None, rtol: 
         parts.append(f'<line x1="{x - 6}" x2="{x + 14}" y1="{_TOP - 10}" y2="{_TOP - 10}" stroke="#1565c0" '
                      f'stroke-dasharray="6 4"/><text x="{x + 20}" y="{_TOP - 6}" font-size="11">rtol = {rtol:g} '
                      f'(a guide; verdicts are per element)</text>')
+    if scan.local:
+        y = _TOP - 10 + _LEGEND_ROW
+        parts.append(f'<path d="{_diamond(legend_x, y, 4.5)}" fill="none" stroke="{_LOCAL}" stroke-width="1.5"/>'
+                     f'<text x="{legend_x + 8}" y="{y + 4}" font-size="11">local error: what the call adds, '
+                     f'measured by replay on the reference\'s inputs (rel L2 of its outputs)</text>')
     parts.append("</svg>")
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import tracemalloc
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from ilstore.keys import CallKey
-from ilstore_compare.result import CallResult
+from ilstore_compare.result import CallResult, LocalError
 from ilstore_compare.svgplot import MAX_POINTS, error_plot_svg
 
 LEGEND = 4  # the legend's circles
@@ -101,3 +102,23 @@ def test_the_plot_of_a_long_comparison_holds_a_step_of_calls_at_a_time() -> None
     random.Random(0).shuffle(shuffled)
     assert error_plot_svg(shuffled, None, 1e-5) == svg == error_plot_svg(sorted(shuffled, key=lambda c: c.order),
                                                                           None, 1e-5)
+
+
+def test_local_errors_are_diamonds_on_the_same_scale_with_their_own_legend_row() -> None:
+    base = calls(2, 4, {5: ("mismatch", "introduced", 1e-2)})
+    local = {1: 3e-9, 5: 4e-2, 6: None}  # 6: not measured (no diamond); 0, 2, ...: no local error at all
+    with_local = [dataclasses.replace(c, local=LocalError(c.call, rel_l2=local[c.order], max_abs_diff=None,
+                                                          max_ulp=None, mismatched=None, replayed=True,
+                                                          compared=local[c.order] is not None, reason=None,
+                                                          container=False, random=False, order=c.order))
+                  if c.order in local else c for c in base]
+    svg = error_plot_svg(with_local, None, 1e-5)
+    diamonds = re.findall(r'<path d="M[^"]*"[^>]*><title>([^<]*)</title>', svg)
+    assert diamonds == ["step 0 layers.1: local error (by replay) rel L2 3e-09, output rel L2 1.14e-07",
+                        "step 1 layers.1: local error (by replay) rel L2 0.04, output rel L2 0.01"]
+    assert len(circles(svg)) == 8 + LEGEND  # the calls' own points are unchanged
+    assert ">local error: what the call adds, measured by replay on the reference's inputs" in svg
+    assert ">1e-9</text>" in svg and ">1e-1</text>" in svg  # the scale takes the local errors in
+    assert 'viewBox="0 0 960 356"' in svg  # one legend row more
+    plain = error_plot_svg(base, None, 1e-5)
+    assert "<path" not in plain and "local error" not in plain and 'viewBox="0 0 960 340"' in plain
