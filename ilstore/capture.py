@@ -454,6 +454,7 @@ class Capture:
         self._closed = True
         _WRITING.discard(self)
         self._detach()
+        self._record_warnings(writer)  # (those given before the set-up failed)
         sink, self._sink = self._sink, None
         try:
             if sink is not None:
@@ -623,11 +624,13 @@ class Capture:
                                                 "capturing process's output"]
         return said
 
-    def _record_warnings(self) -> None:
-        """Put :meth:`_manifest_warnings` in the manifest the writer writes at close (when any)."""
+    def _record_warnings(self, writer: Any = None) -> None:
+        """Put :meth:`_manifest_warnings` in the manifest the writer (the sink's, else ``writer``)
+        writes at close (when any)."""
         said = self._manifest_warnings()
-        if said and self._sink is not None:
-            self._sink.writer.manifest["warnings"] = said  # (the writer saves its manifest at close only)
+        writer = self._sink.writer if self._sink is not None else writer
+        if said and writer is not None:
+            writer.manifest["warnings"] = said  # (the writer saves its manifest at close only)
 
     # -- steps --------------------------------------------------------------------------------
     def _begin_step(self) -> _StepState:
@@ -669,11 +672,13 @@ class Capture:
             if not step.fired:
                 self._warn_no_hooks()
 
-    def _warn_no_hooks(self) -> None:
+    def _warn_no_hooks(self, say: bool = True) -> None:
+        """The step ends and no hooked module ran in it: warn (``say``) and count it for the manifest."""
         # Paused, or hooks ran paused in this step: they do fire, the capture was told not to record.
         if self.hooked_modules and not self._paused and not self._ran_paused:
-            warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
-                          "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
+            if say:
+                warnings.warn(f"ilstore: step {self.step_index} ended and no hooked module ran; the model may run "
+                              "compiled or in CUDA graphs, where hooks do not fire", IlstoreWarning, stacklevel=3)
             self._hookless_count += 1  # for the manifest: one line for them all (_manifest_warnings)
             if len(self._hookless_steps) < _HOOKLESS_SHOWN:
                 self._hookless_steps.append(self.step_index)
@@ -1023,14 +1028,31 @@ class Capture:
                 if self._step is not None and (self.manual_step or status == "complete"):
                     self._end_step()
             except Exception as exc:
-                self._fail(exc)
+                self._fail_in_close(exc)
                 return
             self._record_warnings()
             try:
                 self._sink.close(status)
             except Exception as exc:
-                self._fail(exc)
+                self._fail_in_close(exc)
         self._close_parts()
+
+    def _fail_in_close(self, exc: Exception) -> None:
+        """:meth:`_fail` for a failure inside :meth:`close`. With ``on_error: "raise"`` the run is
+        first closed as ``failed`` (with the error and the warnings), as ``"warn"`` closes it: the
+        capture is closed already, and nothing else would (the run would stay ``running``, read as
+        killed)."""
+        if self.config.on_error == "raise" and self._sink is not None:
+            self._record_warnings()
+            try:
+                self._sink.close("failed", error=str(exc))
+            except Exception as close_exc:  # the disk may still be full
+                _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
+            try:
+                self._close_parts()
+            except Exception as close_exc:
+                _log.error("ilstore: could not close the replay reference: %s", close_exc)
+        self._fail(exc)
 
     def flush(self) -> None:
         """Wait until everything captured so far is written (asynchronous writes only)."""

@@ -53,8 +53,14 @@ class EngineCapture(Capture):
         self.resume()
 
     def end_engine_step(self) -> None:
-        """Close the current step (if one is live) and advance to the next."""
+        """Close the current step (if one is live) and advance to the next.
+
+        A live, logged step in which no hooked module ran (a model run compiled or in CUDA graphs)
+        is counted for the run's manifest (``"warnings"``); the Python warning is given for the
+        first such step only: an engine runs many."""
         if not self.paused:
+            if self._step is None and self._sink is not None and self.config.logs_step(self.step_index):
+                self._warn_no_hooks(say=self._hookless_count == 0)
             self.pause()
             self.step()
 

@@ -120,6 +120,10 @@ class LogicalReader(StoreReader):
             manifest.pop(key, None)
         manifest.update(rank=0, world_size=1, status=source.status,
                         unsharded_from={"path": str(source.run_dir), "ranks": sorted(self.ranks)})
+        manifest.pop("warnings", None)
+        said = source.capture_warnings  # every rank's, each with its rank (the copy is rank 0's alone)
+        if said:
+            manifest["warnings"] = said
         self.manifest = manifest
         self._structures = OrderedDict()
         self._journal = None

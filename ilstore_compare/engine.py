@@ -207,7 +207,11 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
 def capture_notes(r1: StoreReader, r2: StoreReader) -> list[str]:
     """What each run's capture warned about (the manifest's ``"warnings"``: a compiled model whose
     hooks never fired, steps with no hooked module...), as the report's first notes."""
-    return [f"{side}'s capture warned: {w}" for side, run in (("dir1", r1), ("dir2", r2)) for w in run.capture_warnings]
+    return [f"{side}{CAPTURE_NOTE}{w}" for side, run in (("dir1", r1), ("dir2", r2)) for w in run.capture_warnings]
+
+
+#: What a note of :func:`capture_notes` says after ``dir1`` or ``dir2``.
+CAPTURE_NOTE = "'s capture warned: "
 
 
 #: About how many tensor pairs a window of steps holds (:func:`_compare_windows`). A window's

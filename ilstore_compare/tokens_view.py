@@ -255,6 +255,10 @@ class _View(StoreReader):
     def status(self) -> str:
         return self._base.status
 
+    @property
+    def capture_warnings(self) -> list[str]:
+        return self._base.capture_warnings  # (a multi-rank base's manifest is the ranks' own, without them)
+
     def incomplete_steps(self) -> list[int]:
         return self._base.incomplete_steps()
 

@@ -18,6 +18,7 @@ from torch import nn
 import ilstore
 from ilstore.capture import IlstoreWarning
 from ilstore.convert import convert
+from ilstore.engine_capture import EngineCapture
 from ilstore.keys import CallKey
 from ilstore.manifest import new_manifest
 from ilstore.records import TensorPolicy, build_record, finalize_stats
@@ -25,8 +26,11 @@ from ilstore.store.base import StepInfo
 from ilstore.store.ranks import rank_run_dir, write_ranks_manifest
 from ilstore.store.registry import get_backend
 from ilstore.summary import format_summary, summarize_run
+from ilstore.unshard import open_logical
 from ilstore_compare import compare
 from ilstore_compare.cli import compare_cmd
+from ilstore_compare.tokens_view import WithoutBatch
+from ilstore_compare.unshard import compare_unsharded
 
 BACKENDS = ["pt", "safetensors", "hdf5"]
 
@@ -179,21 +183,107 @@ def test_a_comparison_opens_its_notes_with_each_runs_warnings(tmp_path: Path) ->
     assert json.loads(res.output)["notes"][:2] == list(result.notes[:2])
 
 
-def test_a_multi_rank_run_lists_each_ranks_warnings(tmp_path: Path) -> None:
-    run_dir = tmp_path / "tp2"
-    write_ranks_manifest(run_dir, backend="pt", world_size=2, config={"run_id": "tp2"})
+def _two_ranks(run_dir: Path, said: dict[int, list[Any]]) -> Path:
+    """A two-rank pt run (one call, ``fc``, the same on both ranks) whose ranks' manifests hold ``said``."""
+    write_ranks_manifest(run_dir, backend="pt", world_size=2, config={"run_id": run_dir.name})
     for rank in (0, 1):
         writer = get_backend("pt").writer(rank_run_dir(run_dir, rank, 2), {})
-        writer.open(new_manifest("pt", {"run_id": "tp2"}, rank=rank, world_size=2))
+        writer.open(new_manifest("pt", {"run_id": run_dir.name}, rank=rank, world_size=2))
         call = CallKey(rank, 0, "fc", 0)
         record = build_record(call, "outputs", torch.ones(2), TensorPolicy(pin_memory=False))
         finalize_stats(record)
         writer.write(record)
         writer.end_step(StepInfo(0, [call], [call]))
-        if rank == 1:
-            writer.manifest["warnings"] = ["something missed", 7]  # a non-string entry is left out
+        if said.get(rank):
+            writer.manifest["warnings"] = said[rank]
         writer.close("complete")
+    return run_dir
+
+
+def test_a_multi_rank_run_lists_each_ranks_warnings(tmp_path: Path) -> None:
+    run_dir = _two_ranks(tmp_path / "tp2", {1: ["something missed", 7]})  # a non-string entry is left out
     expected = ("rank 1: something missed",)
     assert summarize_run(run_dir).warnings == expected == summarize_run(run_dir, calls=False).warnings
     with ilstore.open_run(run_dir) as reader:
         assert tuple(reader.capture_warnings) == expected
+
+
+def test_unsharded_views_keep_every_ranks_warnings(tmp_path: Path) -> None:
+    a = _two_ranks(tmp_path / "a", {0: ["zero missed"], 1: ["one missed"]})
+    b = _two_ranks(tmp_path / "b", {})
+    expected = ["rank 0: zero missed", "rank 1: one missed"]
+    with open_logical(a) as view:
+        assert view.capture_warnings == expected  # not rank 0's alone, unprefixed
+    result = compare_unsharded(a, b)
+    assert list(result.notes[:2]) == [f"dir1's capture warned: {w}" for w in expected]
+    assert result.notes[2].startswith("--unshard: compared the logical runs")
+    out = convert(a, tmp_path / "logical", "pt", unshard=True)
+    assert _manifest(out)["warnings"] == expected
+
+
+def test_a_token_view_of_a_multi_rank_run_keeps_its_warnings(tmp_path: Path) -> None:
+    a = _two_ranks(tmp_path / "a", {1: ["one missed"]})
+    with ilstore.open_run(a) as ranked:
+        assert WithoutBatch(ranked).capture_warnings == ["rank 1: one missed"]
+
+
+def test_an_engine_step_without_a_hooked_call_is_counted_and_warned_once(tmp_path: Path) -> None:
+    model = _Skips({0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cap = EngineCapture(model, {"output_dir": str(tmp_path), "run_id": "engine", "module_call_match": r"^inner$",
+                                    "log_step_ids": []}, manual_step=True)
+        with torch.no_grad():
+            for _ in range(4):
+                cap.begin_engine_step()
+                model(torch.ones(1, 4))  # inner runs in the first engine step only
+                cap.end_engine_step()
+            model(torch.ones(1, 4))  # between engine steps: paused, neither recorded nor counted
+        cap.close()
+    said = [str(w.message) for w in caught if issubclass(w.category, IlstoreWarning)]
+    assert len([m for m in said if "no hooked module ran" in m]) == 1
+    assert cap.run_dir is not None
+    assert _manifest(cap.run_dir)["warnings"] == [
+        "no hooked module ran in 3 step(s) (1, 2, 3): nothing of them was recorded; the model may run compiled or in "
+        "CUDA graphs, where hooks do not fire"]
+
+
+def test_a_capture_whose_set_up_fails_keeps_the_warnings_it_gave(tmp_path: Path) -> None:
+    with warnings.catch_warnings(), pytest.raises(RuntimeError):
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2)))  # takes no hooks: the set-up fails
+        ilstore.capture(scripted, {"output_dir": str(tmp_path), "run_id": "setup", "module_call_match": "^nope$"})
+    manifest = _manifest(tmp_path / "setup")
+    assert manifest["status"] == "failed"
+    assert manifest["warnings"] == ["module_call_match ['^nope$'] matches no module of the model; nothing will be "
+                                    "captured"]
+
+
+@pytest.mark.parametrize("async_writes", [False, True])
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_step_end_that_fails_in_close_closes_the_run_as_failed(tmp_path: Path, on_error: str, async_writes: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _Skips({0, 1})
+    cap = ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "close", "module_call_match": r"^inner$",
+                                  "log_step_ids": [], "on_error": on_error, "async_writes": async_writes},
+                          manual_step=True)
+    with torch.no_grad():
+        model(torch.ones(1, 4))
+        cap.step()  # step 0 complete
+        model(torch.ones(1, 4))  # step 1 open: close() ends it
+    assert cap._sink is not None
+
+    def full(info: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cap._sink.writer, "_end_step", full)
+    if on_error == "raise":
+        with pytest.raises(ilstore.StoreError, match="No space left"):
+            cap.close()
+    else:
+        cap.close()
+    assert cap.run_dir is not None
+    manifest = _manifest(cap.run_dir)
+    assert manifest["status"] == "failed" and "No space left" in manifest["error"]
+    with ilstore.open_run(cap.run_dir) as run:
+        assert run.steps() == [0]
