@@ -391,6 +391,13 @@ class Capture:
         self.rank, self.world_size = _dist_info()
         if self.world_size > 1:
             cfg = self.config = _agree_run_id(cfg)
+            if cfg.dedup:
+                # Collectives (all_reduce, broadcast, ...) change tensors in place without bumping
+                # their version counter: a layer's all-reduced output would be stored as the partial
+                # sum its submodule returned (tests/test_multirank.py). The manifest's config says so.
+                _log.info("ilstore: de-duplication is off under torch.distributed (world size %d): collectives "
+                          "change tensors in place without bumping their version counter", self.world_size)
+                cfg = self.config = load_config(cfg, dedup=False)
         self.run_dir = cfg.run_dir
         # One process writes the documented tree at the run directory's top; under
         # torch.distributed each rank writes its own sub-run, rank_<r>/, so nothing collides.

@@ -163,3 +163,22 @@ def test_convert_unshard_of_the_llama_run(llama_runs: dict[str, Path], tmp_path:
     with ilstore.open_run(out) as run:
         assert run.manifest["world_size"] == 1 and "ranks" not in run.manifest
     assert compare(out, llama_runs["tp1"], rtol=TP_RTOL, atol=TP_ATOL).exit_code == 0
+
+
+ALLREDUCE_WORKER = Path(__file__).parent / "workers" / "allreduce_worker.py"
+
+
+def test_an_output_all_reduced_in_place_is_stored_as_reduced(tmp_path: Path) -> None:
+    """Collectives change tensors in place without bumping their version counter: under
+    torch.distributed the capture does not de-duplicate (it stored the partial sum, linked to the
+    submodule's output, as the layer's output)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = tmp_path / "result"
+    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(27500 + os.getpid() % 1000),
+                           str(ALLREDUCE_WORKER), str(tmp_path), str(result)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        found = json.loads(Path(f"{result}.{rank}").read_text())
+        assert found == {"rank": rank, "dedup": False, "same_as": None, "stored_is_the_output": True,
+                         "output_differs_from_partial": True}, found
