@@ -510,8 +510,13 @@ def fallback_sums(x: torch.Tensor, center: float = 0.0) -> Sums:
     elements is each lane's sequential sum; for many blocks at once a loop of vector adds over
     the rows does the same additions, faster.
     """
+    x = x.detach()
+    if x.is_neg():  # a lazily negated view (z.conj().imag): its bits are not viewable; the values are
+        x = x.resolve_neg()
+    elif x._is_zerotensor():  # an autograd zero tensor: no memory to view
+        x = x.clone()
     with np.errstate(all="ignore"):  # NaN, infinity and overflowing squares are the caller's to judge
-        return _fallback_sums(_KINDS[x.dtype], x.detach().reshape(-1), center)
+        return _fallback_sums(_KINDS[x.dtype], x.reshape(-1), center)
 
 
 def _fallback_sums(kind: _Kind, flat: torch.Tensor, center: float) -> Sums:

@@ -780,6 +780,10 @@ def _compare_by_stats(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOp
     s1 = tensor_stats(a) if a is not None else n1.get("stats")
     s2 = tensor_stats(b) if b is not None else n2.get("stats")
     del a, b
+    shape1, shape2 = meta["shape1"], meta["shape2"]
+    if shape1 is not None and shape1 == shape2 and math.prod(shape1) == 0 and isinstance(s1, Mapping) and isinstance(
+            s2, Mapping):  # (integer and bool tensors without elements have no statistics at all)
+        return TensorResult(pair.key, STATS_ONLY_MATCH, note="; ".join(notes + ["no element on either side"]), **meta)
     if not isinstance(s1, Mapping) or not isinstance(s2, Mapping) or not s1 or not s2:
         missing = [label for label, s in (("dir1", s1), ("dir2", s2)) if not isinstance(s, Mapping) or not s]
         return TensorResult(pair.key, NOT_COMPARED, note="; ".join(notes + [f"no statistics in {', '.join(missing)}"]),
