@@ -163,10 +163,10 @@ def summary_rows(result: CompareResult) -> list[list[Any]]:
         ["module calls declared unaligned", s.calls_unaligned],
         ["steps", step_ranges(s.steps) or "—"],
     ]
-    if s.steps_only_in_dir1:
-        rows.append(["steps only in dir1", step_ranges(s.steps_only_in_dir1)])
-    if s.steps_only_in_dir2:
-        rows.append(["steps only in dir2", step_ranges(s.steps_only_in_dir2)])
+    for label, only in (("dir1", s.steps_only_in_dir1), ("dir2", s.steps_only_in_dir2)):
+        if only:  # a count, then which: a lone step number in the count column read as "none"
+            rows.append([f"steps only in {label}", f"{len(only)} (step{'s' if len(only) > 1 else ''} "
+                                                   f"{step_ranges(only)})"])
     return rows
 
 

@@ -50,6 +50,20 @@ def test_malicious_pickle_refused(out_dir: Path) -> None:
     assert not MARKER.exists()
 
 
+class _Plain:
+    """A class no allow-list holds: torch's refusal then prints a phrase in terminal bold."""
+
+
+def test_a_refused_pickle_is_named_without_terminal_codes(out_dir: Path) -> None:
+    run_dir = _run(out_dir)
+    target = _first_tensor_file(run_dir)
+    torch.save({"x": _Plain()}, target)
+    with ilstore.open_run(run_dir) as run:
+        with pytest.raises(ilstore.CorruptFileError, match="refused to load") as info:
+            run.load(ilstore.TensorKey(0, "lin", 0, "outputs"))
+    assert "do those steps only if you trust the source" in str(info.value) and "\x1b" not in str(info.value)
+
+
 def test_legacy_format_malicious_pickle_refused(out_dir: Path) -> None:
     MARKER.unlink(missing_ok=True)
     run_dir = _run(out_dir)

@@ -117,3 +117,18 @@ def test_brief_report_shows_the_first_tables_of_a_long_divergent_run(tmp_path: P
     none = compare(tmp_path / "a", tmp_path / "b", modules="no_such_module")
     assert none.summary.steps and "more step(s)" not in render_markdown(none)
     assert "more step(s)" not in render_html(none)
+
+
+def test_steps_on_one_side_are_counted_then_named(tmp_path: Path) -> None:
+    """The summary's count column gives a count: a lone step 0 once read as "none"."""
+    a = _run(tmp_path, "a", None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    with torch.no_grad(), ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "b",
+                                                  "log_step_ids": [1, 2, 3, 4]}) as cap:
+        for _ in range(6):
+            model(torch.ones(2, 8))
+    assert cap.run_dir is not None
+    md = render_markdown(compare(a, cap.run_dir))
+    rows = [" ".join(line.split()) for line in md.splitlines() if line.startswith("| steps only in")]
+    assert rows == ["| steps only in dir1 | 2 (steps 0, 5) |"], rows

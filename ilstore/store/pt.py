@@ -1110,13 +1110,18 @@ def _read_plain(path: str) -> bytes | _Marker | None:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+#: A terminal's escape sequences (colours, bold), cut out of torch's messages before they are quoted.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _torch_load(path: Path) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CorruptFileError(path, "tensor file is missing") from None
     except Exception as exc:  # torch raises many types for truncated/corrupt/hostile files
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _ANSI.sub("", str(exc)).strip()  # (torch's weights_only message is in terminal bold)
+        text = text.splitlines()[0] if text else type(exc).__name__
         if "weights_only" in str(exc).lower() or "unpickl" in str(exc).lower():
             raise CorruptFileError(path, "refused to load: the file needs unpickling arbitrary objects, "
                                    f"which ilstore never does (weights_only=True): {text}") from None
