@@ -225,7 +225,7 @@ def warnings_of(manifest: dict[str, Any] | None) -> list[str]:
     """The manifest's ``"warnings"``: what the capture warned about that bears on what the run
     holds (a compiled model whose hooks never fired, steps in which no hooked module ran, a
     ``module_call_match`` that matches nothing...), written at close; empty for a run without
-    (every run before ilstore 0.2, and one killed before its close). Entries that are not
+    (a clean run, one killed before its close, one written before the field existed). Entries that are not
     strings are left out: the field is for people, and nothing else depends on it.
 
     Example:

@@ -60,6 +60,8 @@ def compare_unsharded(dir1: str | Path, dir2: str | Path, options: CompareOption
 
     from .engine import CAPTURE_NOTE, compare
 
+    _SAID = (f"dir1{CAPTURE_NOTE}", f"dir2{CAPTURE_NOTE}")  # the notes capture_notes puts first
+
     options = CompareOptions.create(options, **{k: kwargs.pop(k) for k in list(kwargs) if k != "progress"})
     for name in ("replay", "oracle"):
         if getattr(options, name) is not None:
@@ -74,7 +76,7 @@ def compare_unsharded(dir1: str | Path, dir2: str | Path, options: CompareOption
     note = (f"--unshard: compared the logical runs: dir1's {ranks1} and dir2's {ranks2} assembled by their "
             f"recorded layouts (replicas {'equal' if replica_atol == 0 else f'within {replica_atol:g}'})")
     # The logical readers name the source runs in their errors; the result names them too.
-    said = sum(1 for _ in itertools.takewhile(lambda n: n[4:].startswith(CAPTURE_NOTE), result.notes))
+    said = sum(1 for _ in itertools.takewhile(lambda n: n.startswith(_SAID), result.notes))
     notes = (*result.notes[:said], note, *result.notes[said:])  # after the runs' own warnings (capture_notes)
     return dataclasses.replace(result, dir1=str(path1), dir2=str(path2), notes=notes,
                                backend1=f"{backend1} ({VIEW_BACKEND})", backend2=f"{backend2} ({VIEW_BACKEND})")
