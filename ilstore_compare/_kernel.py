@@ -102,7 +102,9 @@ static void ulp64(const int64_t *a, const int64_t *b, int64_t start, int64_t sto
     double xv = LOAD(x, xk, e_i), yv = LOAD(y, yk, e_i); \
     double d = fabs(xv - yv), ay = fabs(yv); \
     int xn = xv != xv, yn = yv != yv; \
-    int good = (xv == yv) | (d <= ay * rtol + atol) | (equal_nan & xn & yn); \
+    /* a difference within the tolerance must be finite too (as torch.isclose): an infinite reference \
+       makes the tolerance infinite, and inf <= inf would match anything to it */ \
+    int good = (xv == yv) | ((d <= ay * rtol + atol) & (d <= DBL_MAX)) | (equal_nan & xn & yn); \
     int xf = fabs(xv) <= DBL_MAX, yf = ay <= DBL_MAX; \
     int ok = xf & yf; \
     mis += !good; fin += ok; nan1 += xn; nan2 += yn; inf1 += !(xf | xn); inf2 += !(yf | yn); \

@@ -24,6 +24,7 @@ from functools import partial
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._kernel import BLOCK, RunAll, Totals, fused, fused_ranges
@@ -237,9 +238,11 @@ class TensorMetrics:
         max_abs_diff: ``max |a - b|``; None when no element is finite on both sides.
         max_abs_diff_index: the multi-dimensional index of that maximum; None when it is 0.
         mean_abs_diff: ``mean |a - b|``.
-        max_rel_diff: ``max |a - b| / |b|`` over elements with ``b != 0``.
-        rel_l2: ``||a - b|| / ||b||``; 0 when both are zero, None (infinite) when only b is.
-        cosine: ``<a, b> / (||a|| ||b||)``; 1 when both are zero, 0 when only one is.
+        max_rel_diff: ``max |a - b| / |b|`` over elements with ``b != 0``; None when there are none.
+        rel_l2: ``||a - b|| / ||b||``; 0 when both are zero, None (infinite) when only b is, and
+            None when a float64 sum of squares overflowed (values past ~1e154).
+        cosine: ``<a, b> / (||a|| ||b||)``; 1 when both are zero, 0 when only one is; None when
+            a float64 sum overflowed.
         nan1, nan2, inf1, inf2: NaN and Inf counts in a and b.
         max_ulp: the largest distance in units in the last place, in a's dtype (see
             :func:`max_ulp`); None for non-floating dtypes or when every element has a NaN.
@@ -352,11 +355,13 @@ class _Accumulator:
         self.add_max(float(cmax), start + int(cidx), float(rel.max()))
         return True
 
-    def add_general(self, ok: torch.Tensor, x: torch.Tensor, y: torch.Tensor, start: int) -> None:
-        """Add one chunk that may hold NaN/Inf, complex values or exact types (``ok``: the verdict)."""
+    def add_general(self, ok: torch.Tensor, x: torch.Tensor, y: torch.Tensor, start: int,
+                    d: torch.Tensor | None = None) -> None:
+        """Add one chunk that may hold NaN/Inf, complex values or exact types (``ok``: the verdict;
+        ``d``: ``|x - y|`` where it cannot be taken from the float64 values, see :func:`_integer_abs_diff`)."""
         zero = torch.zeros((), dtype=torch.float64)
         finite = torch.isfinite(x) & torch.isfinite(y)
-        d = torch.where(finite, (x - y).abs(), zero)
+        d = torch.where(finite, (x - y).abs() if d is None else d, zero)
         yabs = y.abs()
         rel = torch.where(finite & (yabs > 0), d / torch.where(yabs > 0, yabs, 1.0), zero)
         xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
@@ -419,13 +424,23 @@ class _Accumulator:
             index = None
         else:
             max_abs_diff, mean_abs, max_rel_diff = self.max_abs, self.sum_abs / self.finite, self.max_rel
+            if max_rel_diff <= 0 and self.bb == 0:  # no reference element is nonzero: nothing to divide by
+                max_rel_diff = None
             index = _unravel(self.max_at, shape) if self.max_abs > 0 else None
-        if self.bb > 0:
-            rel_l2: float | None = math.sqrt(self.dd) / math.sqrt(self.bb)
+        # the sums are over finite elements, so an infinite one overflowed (float64 values past
+        # ~1e154): the metrics made of it are not known (null), not the inf or NaN they would give
+        if mean_abs is not None and not math.isfinite(mean_abs):
+            mean_abs = None
+        if not (math.isfinite(self.dd) and math.isfinite(self.bb)):
+            rel_l2: float | None = None
+        elif self.bb > 0:
+            rel_l2 = math.sqrt(self.dd) / math.sqrt(self.bb)
         else:
             rel_l2 = 0.0 if self.dd == 0 else None
-        if self.dd == 0 and self.aa == self.bb:  # equal where finite: exactly 1 (or both zero)
-            cosine: float | None = 1.0
+        if not (math.isfinite(self.aa) and math.isfinite(self.bb) and math.isfinite(self.ab)):
+            cosine: float | None = None
+        elif self.dd == 0 and self.aa == self.bb:  # equal where finite: exactly 1 (or both zero)
+            cosine = 1.0
         elif self.aa > 0 and self.bb > 0:
             cosine = max(-1.0, min(1.0, self.ab / (math.sqrt(self.aa) * math.sqrt(self.bb))))
         else:
@@ -516,6 +531,10 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
     bitwise = exact and a.dtype == b.dtype
     integral = _is_exact_type(a) and _is_exact_type(b)
     work = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
+    # the side that is a 64-bit integer against a float one (0: a, 1: b): float64 rounds it, so
+    # ``exact`` checks its values as integers too
+    wide = next((i for i, (t, u) in enumerate(((a, b), (b, a)))
+                 if t.dtype in _WIDE_INTEGERS and u.is_floating_point()), None)
     if exact:
         rtol = atol = 0.0
     if (not exact and n and a.is_floating_point() and b.is_floating_point()
@@ -531,19 +550,24 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
         if _STREAMED:
             into.add_streamed(ca, cb)
         # the common case: every element finite on both sides
-        if not (bitwise or integral or x.is_complex()) and into.add_finite(x, y, rtol, atol, offset + start):
+        if (not (bitwise or integral or x.is_complex() or (exact and wide is not None))
+                and into.add_finite(x, y, rtol, atol, offset + start)):
             return into
+        d = _integer_abs_diff(ca, cb) if integral else None
         if bitwise:
             size = ca.element_size()
             ok = (ca.contiguous().view(torch.uint8).view(-1, size)
                   == cb.contiguous().view(torch.uint8).view(-1, size)).all(dim=1)
-        elif integral:
-            ok = ca == cb
+        elif d is not None:
+            ok = d == 0  # exact: a difference of integers is at least 1 (torch has no uint64 == int64)
         else:
-            ok = (x == y) | ((x - y).abs() <= atol + rtol * y.abs())
+            apart = (x - y).abs()  # within the tolerance and finite (as torch.isclose): an infinite
+            ok = (x == y) | ((apart <= atol + rtol * y.abs()) & torch.isfinite(apart))  # reference matches only itself
             if equal_nan:
                 ok |= torch.isnan(x) & torch.isnan(y)
-        into.add_general(ok, x, y, offset + start)
+            if exact and wide is not None:
+                ok &= _equal_to_the_integer(*((ca, cb) if wide == 0 else (cb, ca)))
+        into.add_general(ok, x, y, offset + start, d)
         return into
 
     with torch.no_grad():
@@ -588,6 +612,46 @@ def _fused_whole(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: float,
     acc.add_totals(totals, 0)
     acc.add_value("max_ulp", totals.max_ulp)
     return acc.result(n, tuple(a.shape))
+
+
+_WIDE_INTEGERS = (torch.int64, torch.uint64)
+
+
+def _equal_to_the_integer(ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
+    """Whether each float value is exactly the integer beside it (``ints``: int64 or uint64), which
+    float64 cannot tell where the integer needs more than 53 bits: int64 ``2**53 + 1`` and float64
+    ``2.0**53`` are equal as float64."""
+    i = np.asarray(ints.detach().contiguous().numpy())
+    f = floats.detach().contiguous().to(torch.float64).numpy()
+    lo, hi = (0.0, 2.0**64) if i.dtype == np.uint64 else (-(2.0**63), 2.0**63)
+    with np.errstate(invalid="ignore"):
+        fits = (f >= lo) & (f < hi)  # NaN and infinities do not
+        as_int = np.where(fits, f, 0.0).astype(i.dtype)
+    return torch.from_numpy(fits & (as_int == i))
+
+
+def _integer_abs_diff(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """``|a - b|`` of two integer or bool chunks as float64, from the integers themselves: taken
+    from the float64 values, the difference of int64 ``2**62 + 1`` and ``2**62`` would be 0 (both
+    round to ``2**62``). Exact, rounded once to float64, except between uint64 and a negative
+    signed value (the two magnitudes rounded, then added: such a difference is at least ``2**63``
+    when either side needs more than 53 bits)."""
+    a, b = (np.asarray(c.detach().contiguous().numpy()) for c in (ca, cb))
+    a, b = (v.astype(np.uint8) if v.dtype == np.bool_ else v for v in (a, b))
+    if np.uint64 not in (a.dtype, b.dtype):  # every value fits int64; |a - b| < 2**64 fits uint64
+        a, b = a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
+        d = (np.maximum(a, b) - np.minimum(a, b)).view(np.uint64)  # wraps modulo 2**64 to the exact value
+    elif a.dtype == b.dtype:
+        d = np.maximum(a, b) - np.minimum(a, b)
+    else:  # uint64 against a signed type
+        u, s = (a, b) if a.dtype == np.uint64 else (b, a)
+        s = s.astype(np.int64, copy=False)
+        near = s.view(np.uint64)  # the signed values that are not negative, as they are
+        apart = np.maximum(u, near) - np.minimum(u, near)
+        magnitude = np.uint64(0) - near  # |s| of the negative ones, exactly (modulo 2**64)
+        return torch.from_numpy(np.where(s < 0, u.astype(np.float64) + magnitude.astype(np.float64),
+                                         apart.astype(np.float64)))
+    return torch.from_numpy(d.astype(np.float64))
 
 
 def _kernel_side(t: torch.Tensor) -> Any:
@@ -769,6 +833,9 @@ def compare_stats(s1: Mapping[str, Any], s2: Mapping[str, Any], *, numel: int, i
         if not isinstance(v1, (int, float)) or not isinstance(v2, (int, float)):
             if v1 != v2:
                 failed.append((name, v1, v2))
+            continue
+        if v1 != v2 and not is_float and not (isinstance(v1, float) or isinstance(v2, float)):
+            failed.append((name, v1, v2))  # integer extremes exactly: as floats 2**62 + 1 == 2**62
             continue
         bound = atol * math.sqrt(max(numel, 0)) + rtol * abs(float(v2)) if name == "l2_norm" else tol
         if v1 != v2 and not abs(float(v1) - float(v2)) <= bound:

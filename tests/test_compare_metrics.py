@@ -83,9 +83,11 @@ def test_exact_is_bitwise_for_every_dtype(dtype: torch.dtype) -> None:
 
 def test_zero_reference() -> None:
     m = compare_tensors(torch.ones(3), torch.zeros(3), **TOL)
-    assert m.rel_l2 is None and m.cosine == 0.0 and m.max_rel_diff == 0.0
+    assert m.rel_l2 is None and m.cosine == 0.0 and m.max_rel_diff is None  # no element with b != 0
     z = compare_tensors(torch.zeros(3), torch.zeros(3), **TOL)
-    assert z.rel_l2 == 0.0 and z.cosine == 1.0
+    assert z.rel_l2 == 0.0 and z.cosine == 1.0 and z.max_rel_diff is None
+    some = compare_tensors(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 2.0]), **TOL)
+    assert some.max_rel_diff == 0.0  # the one element with b != 0 agrees
 
 
 @settings(max_examples=60, deadline=None)
