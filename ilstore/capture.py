@@ -781,19 +781,25 @@ class Capture:
     def _fail(self, exc: Exception) -> None:
         """Capture could not write (disk full, unwritable directory, a bug): stop capturing.
 
-        With ``on_error: "raise"`` the exception propagates into the model's forward. With the
-        default ``"warn"`` the model keeps running untouched: one error is logged, the hooks
-        are removed, the run is closed as ``failed`` and everything already written stays.
+        Either way the hooks are removed, the run is closed as ``failed`` with the error and
+        everything already written stays (:attr:`error` keeps the first failure; a later
+        :meth:`close` changes nothing). With the default ``on_error: "warn"`` the model keeps
+        running untouched and one error is logged; with ``"raise"`` the exception then
+        propagates into the model's forward.
         """
+        if self.error is None:
+            self.error = exc
+            if self.config.on_error != "raise":
+                _log.error("ilstore: capture stopped at step %d, the model keeps running: %s (run %s)",
+                           self.step_index, exc, self.run_dir)
+            self._stop(exc)
         if self.config.on_error == "raise":
             if isinstance(exc, IlstoreError):
                 raise exc
             raise WriterFailed(f"{self.run_dir}: capture failed at step {self.step_index}: {exc}") from exc
-        if self.error is not None:
-            return
-        self.error = exc
-        _log.error("ilstore: capture stopped at step %d, the model keeps running: %s (run %s)",
-                   self.step_index, exc, self.run_dir)
+
+    def _stop(self, exc: Exception) -> None:
+        """The rest of :meth:`_fail`: detach, close the run as ``failed``, release the reference."""
         self._detach()
         self._step = None
         self._root_call = None
@@ -1015,6 +1021,10 @@ class Capture:
     def close(self, status: str = "complete") -> None:
         """Remove the hooks, finish an open step (manual mode) and finalise the run (in a forked
         child: only remove the hooks)."""
+        self._close(status)
+
+    def _close(self, status: str, error: str | None = None) -> None:
+        """:meth:`close`; ``error``: the manifest's ``"error"`` of a run closed as ``failed``."""
         if self._closed:
             return
         self._closed = True
@@ -1039,26 +1049,16 @@ class Capture:
                 return
             self._record_warnings()
             try:
-                self._sink.close(status)
+                self._sink.close(status, error)
             except Exception as exc:
                 self._fail_in_close(exc)
         self._close_parts()
 
     def _fail_in_close(self, exc: Exception) -> None:
-        """:meth:`_fail` for a failure inside :meth:`close`. With ``on_error: "raise"`` the run is
-        first closed as ``failed`` (with the error and the warnings), as ``"warn"`` closes it: the
-        capture is closed already, and nothing else would (the run would stay ``running``, read as
+        """:meth:`_fail` for a failure inside :meth:`close`: the run is closed as ``failed`` (with
+        the error and the warnings) before an ``on_error: "raise"`` capture raises; the capture is
+        closed already, and nothing else would close the run (it would stay ``running``, read as
         killed)."""
-        if self.config.on_error == "raise" and self._sink is not None:
-            self._record_warnings()
-            try:
-                self._sink.close("failed", error=str(exc))
-            except Exception as close_exc:  # the disk may still be full
-                _log.error("ilstore: could not finalise the run manifest: %s", close_exc)
-            try:
-                self._close_parts()
-            except Exception as close_exc:
-                _log.error("ilstore: could not close the replay reference: %s", close_exc)
         self._fail(exc)
 
     def flush(self) -> None:
@@ -1070,7 +1070,16 @@ class Capture:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close("complete" if exc_type is None else "failed")
+        if exc_type is None:
+            self.close()
+            return
+        # The block raised: the run is closed as failed, with that exception as its error, and
+        # a failure to close it (a full disk) is logged, never raised in place of the block's own.
+        try:
+            self._close("failed", f"{exc_type.__name__}: {exc}" if self.error is None else None)
+        except Exception as close_exc:
+            _log.error("ilstore: could not close the run after the capture's block raised %s: %s (run %s)",
+                       exc_type.__name__, close_exc, self.run_dir)
 
     def __repr__(self) -> str:
         return f"<Capture run_dir={self.run_dir} step={self.step_index} modules={len(self.hooked_modules)}>"

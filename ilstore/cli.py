@@ -26,7 +26,7 @@ __all__ = ["cli", "main", "handle_errors", "human_bytes", "ls_run", "convert_run
 
 
 def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
-    """Run a command body; an :class:`IlstoreError` becomes one message on stderr and exit 2."""
+    """Run a command body; an :class:`IlstoreError` or :class:`OSError` becomes one message on stderr and exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
@@ -37,6 +37,9 @@ def handle_errors(fn: Callable[..., int | None]) -> Callable[..., None]:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except IlstoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except OSError as exc:  # the system refused (a full disk, no permission) where no message names the file better
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         ctx.exit(code)

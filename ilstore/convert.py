@@ -236,7 +236,10 @@ def _convert_part(reader: StoreReader, out_dir: Path, backend: Backend, steps: l
                 bar.update(1)
             writer.end_step(StepInfo(step, reader.calls(step), reader.call_ends(step)))
     except BaseException as exc:
-        writer.close("failed", f"conversion failed: {exc}")
+        try:
+            writer.close("failed", f"conversion failed: {exc}")
+        except Exception:  # noqa: S110 - (the disk may be full) the error that stopped the conversion is the one to report
+            pass
         raise
     writer.close(status, source.get("error") if isinstance(source.get("error"), str) else None)
 

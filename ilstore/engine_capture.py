@@ -85,7 +85,7 @@ class EngineCapture(Capture):
         step = self._step
         return step is not None and step.logging
 
-    def close(self, status: str = "complete") -> None:
+    def _close(self, status: str, error: str | None = None) -> None:
         """Stop recording, then close as :meth:`Capture.close <ilstore.capture.Capture.close>` does."""
         self.pause()
-        super().close(status)
+        super()._close(status, error)

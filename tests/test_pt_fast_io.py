@@ -20,6 +20,7 @@ import torch
 
 import ilstore
 import ilstore.store.pt as pt
+from ilstore.errors import StoreError
 from ilstore.keys import TensorKey
 from support import OsCalls, step_records
 
@@ -300,13 +301,16 @@ def test_a_step_written_again_reuses_its_directories(tmp_path: Path) -> None:
             assert [run.meta(k) for k in run.keys(step)] == [src.meta(k) for k in src.keys(step)]
 
 
-def test_mkdir_refuses_a_file_in_the_way_and_makes_missing_parents(tmp_path: Path) -> None:
+def test_mkdir_refuses_a_file_in_the_way_and_a_missing_parent(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError):
         pt._mkdir(str(tmp_path / "file"))
-    pt._mkdir(str(tmp_path / "a" / "b" / "c"))
-    assert (tmp_path / "a" / "b" / "c").is_dir()
-    pt._mkdir(str(tmp_path / "a" / "b" / "c"))  # exists: fine
+    with pytest.raises(StoreError, match="its parent is gone"):  # the run directory, removed mid-run
+        pt._mkdir(str(tmp_path / "a" / "b" / "c"))
+    assert not (tmp_path / "a").exists()
+    pt._mkdir(str(tmp_path / "a"))
+    pt._mkdir(str(tmp_path / "a"))  # exists: fine
+    assert (tmp_path / "a").is_dir()
 
 
 def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,7 @@ hooks each class lists.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import os
 import re
@@ -47,6 +48,12 @@ __all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_ins
 
 #: The name of a step's directory (``step_<N>``), as the ``pt`` and ``safetensors`` layouts use it.
 STEP_DIR = re.compile(r"^step_(\d+)$")
+#: A file of :data:`RESERVE_BYTES` a writer keeps in the run directory while the run is open and
+#: deletes at close: on a full disk the final manifest (``"status": "failed"`` and the error) is
+#: written into its room, where the run would otherwise stay ``running`` (read as killed). Hidden:
+#: readers never look at it; a killed run may keep it.
+RESERVE_NAME = ".ilstore.reserve"
+RESERVE_BYTES = 64 * 1024
 
 
 def step_dir_name(step: int) -> str:
@@ -184,6 +191,7 @@ class StoreWriter(ABC):
             self.manifest.pop(key, None)
         self.manifest.update(format_version=FORMAT_VERSION, journal=JOURNAL_NAME)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        _reserve(self.run_dir / RESERVE_NAME)
         self._open()
         path = self.run_dir / JOURNAL_NAME
         try:
@@ -267,10 +275,29 @@ class StoreWriter(ABC):
             self.manifest["status"] = status
             if error:
                 self.manifest["error"] = error
-            self._save_manifest()
+            self._save_final_manifest()
 
     def _save_manifest(self) -> None:
         write_json_atomic(self.run_dir / MANIFEST_NAME, self.manifest)
+
+    def _save_final_manifest(self) -> None:
+        """The manifest at close, into the reserve's room when the disk is full; the reserve goes.
+
+        Raises:
+            StoreError: the manifest could not be written (naming it).
+        """
+        reserve = self.run_dir / RESERVE_NAME
+        try:
+            try:
+                self._save_manifest()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _unlink(reserve):
+                    raise
+                self._save_manifest()
+        except OSError as exc:
+            raise StoreError(f"{self.run_dir / MANIFEST_NAME}: cannot write the run's manifest: {exc}") from exc
+        finally:
+            _unlink(reserve)
 
     def _open(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Prepare backend files (optional)."""
@@ -305,6 +332,33 @@ class StoreWriter(ABC):
 
     def _close(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Release backend resources (optional)."""
+
+
+def _reserve(path: Path) -> None:
+    """Make the reserve file (:data:`RESERVE_NAME`); nothing when the file system refuses."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        return
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)  # blocks allocated, not a sparse file
+        else:
+            os.write(fd, bytes(RESERVE_BYTES))
+    except OSError:
+        os.close(fd)
+        _unlink(path)  # a reserve without its room holds nothing back
+        return
+    os.close(fd)
+
+
+def _unlink(path: Path) -> bool:
+    """Remove ``path``; whether it was there to remove."""
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 #: How many steps' structures a reader keeps at least (the most recently read ones).

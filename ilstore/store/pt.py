@@ -330,14 +330,18 @@ class PtWriter(StoreWriter):
 
 
 def _mkdir(path: str) -> None:
-    """``os.makedirs(path, exist_ok=True)`` in one system call where the parent exists."""
+    """``os.mkdir(path)``, at ease when it exists; a missing parent is a :class:`StoreError`."""
     try:
         os.mkdir(path)
     except FileExistsError:
         if not os.path.isdir(path):
             raise
-    except FileNotFoundError:  # a parent is missing (the run directory was removed?): as before
-        os.makedirs(path, exist_ok=True)
+    except FileNotFoundError:  # never made again: the run's other files went with it
+        raise StoreError(f"{path}: cannot create the directory: {_GONE}") from None
+
+
+#: Why a step's directory cannot be made: its parent, made when the run was opened, is gone.
+_GONE = "its parent is gone (was the run directory removed while the run was written?)"
 
 
 #: The system calls this module writes its files with, bound here: the run's other files (the

@@ -391,7 +391,11 @@ class SafetensorsWriter(StoreWriter):
         self._abandon()
         self._reset(step)
         # The directory exists from the first record on, so a step cut mid-way shows on disk.
-        self._step_dir(step).mkdir(parents=True, exist_ok=True)
+        try:
+            self._step_dir(step).mkdir(exist_ok=True)
+        except FileNotFoundError:  # never made again: the run's other files went with it
+            raise StoreError(f"{self._step_dir(step)}: cannot create the directory: its parent is gone (was the "
+                             "run directory removed while the run was written?)") from None
 
     def _abandon(self) -> None:
         """A step that never ended (its forward raised): finish its shard, write no index."""

@@ -1,6 +1,9 @@
 """Capture with a file-size limit (RLIMIT_FSIZE): writes fail mid-run like a full disk.
 
-Usage: python diskfull_worker.py OUT_DIR ON_ERROR BACKEND ASYNC  -> prints a JSON summary
+Usage: python diskfull_worker.py OUT_DIR ON_ERROR BACKEND ASYNC [continue]  -> prints a JSON summary
+
+With ``continue`` an error a forward raises is caught and the loop goes on to the next input
+(``raised`` then lists every one), and the capture is closed after the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ def main() -> int:
     got, raised = [], None
     cap = ilstore.capture(model, {"output_dir": out_dir, "run_id": "run", "log_step_ids": [], "backend": backend,
                                   "on_error": on_error, "async_writes": async_writes})
+    if sys.argv[5:] == ["continue"]:
+        errors = []
+        with torch.no_grad():
+            for x in inputs:
+                try:
+                    got.append(model(x))
+                except ilstore.IlstoreError as exc:
+                    errors.append(str(exc))
+        cap.close()
+        print(json.dumps({"n_outputs": len(got), "error": None if cap.error is None else str(cap.error),
+                          "raised": errors, "hooks_left": bool(model[0]._forward_hooks)}))
+        return 0
     try:
         with torch.no_grad():
             for x in inputs:
