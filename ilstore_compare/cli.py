@@ -35,7 +35,7 @@ from ilstore.store.registry import find_run_early
 
 from .errors import AmbiguousRunError, OptionError
 from .options import CompareOptions
-from .selection import parse_steps
+from .selection import parse_step_selection
 
 if TYPE_CHECKING:
     from .result import CompareResult
@@ -61,7 +61,8 @@ RENDERERS: dict[str, Callable[[CompareResult, bool], str]] = {
 _EXTENSIONS = {".md": "md", ".markdown": "md", ".json": "json", ".html": "html", ".htm": "html"}
 
 #: :class:`CompareOptions` field → the flag that sets it (the one place the two namings meet).
-FLAGS = {"rtol": "--rtol", "atol": "--atol", "steps": "--steps", "modules": "--modules", "exact": "--exact",
+FLAGS = {"rtol": "--rtol", "atol": "--atol", "steps": "--steps", "required_steps": "--steps", "modules": "--modules",
+         "exact": "--exact",
          "equal_nan": "--equal-nan", "allow_stats_only": "--allow-stats-only", "name_map": "--map",
          "squeeze_shapes": "--squeeze-shapes", "auto_map": "--no-auto-map", "allow_unaligned": "--allow-unaligned",
          "workers": "--workers", "replay": "--replay", "oracle": "--oracle", "oracle_factor": "--oracle-factor",
@@ -380,7 +381,8 @@ See docs/compare.md for the report, the metrics, replay and the map file format.
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
               help="Relative tolerance: |a-b| <= atol + rtol*|b|, b from dir2.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-8, show_default=True, help="Absolute tolerance.")
-@click.option("--steps", help="Steps to compare: '0,1' or '0-3' (default: all).")
+@click.option("--steps", help="Steps to compare: '0,1' or '0-3' (default: all). A step listed by itself that "
+                             "neither run has fails the comparison (exit 1); a range only selects.")
 @click.option("--modules", multiple=True,
               help="Comma-separated regexes (re.search on module names); repeatable. Default: all modules.")
 @click.option("--verbose", is_flag=True, help="List every tensor in the report, matches included.")
@@ -432,7 +434,8 @@ def compare_cmd(dir1: Path, dir2: Path, output: Path | None, rtol: float, atol: 
     replay (dir1 itself, or --replay), the error each call introduces, measured; with --oracle,
     which calls are worse than a correct reference.
     """
-    options = CompareOptions(rtol=rtol, atol=atol, steps=None if steps is None else parse_steps(steps),
+    selected, asked = parse_step_selection(steps) if steps is not None else (None, None)
+    options = CompareOptions(rtol=rtol, atol=atol, steps=selected, required_steps=asked,
                              modules=modules or None, exact=exact,
                              equal_nan=equal_nan, allow_stats_only=allow_stats_only,
                              name_map=map_file, auto_map=not no_auto_map,

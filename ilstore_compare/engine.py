@@ -36,7 +36,7 @@ from .maps import pick_map
 from .metrics import Split, compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
 from .oracle import OracleWindows
-from .pairing import Pair, Planner, build_plan, compile_patterns, resolve_run_dir
+from .pairing import Pair, Planner, build_plan, compile_patterns, neither_notes, resolve_run_dir
 from .provenance import find_sources, open_option_run
 from .result import (
     MATCH,
@@ -156,7 +156,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
         summary: Summary | None = None
         if plain is not None and plain.templates:  # steps decided in arrays (.columnar), failing ones too
             plan = build_plan(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
-                              planned_elsewhere=plain.templates)
+                              planned_elsewhere=plain.templates, required=options.required_steps or ())
             if table is not None:
                 table.results(plan.pairs, options)
             _log.info("comparing %d tensor pair(s) in %d module call(s)", len(plan.pairs), len(plan.calls))
@@ -167,7 +167,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report, pool))
             lost = [u for t in tensors for u in t.unreadable]
             tensors, calls, first, introduced = columnar.analyse(plan, plain, tensors)
-            plan_notes, steps = plan.notes, (plan.steps, plan.steps_only1, plan.steps_only2)
+            plan_notes, steps = plan.notes, (plan.steps, plan.steps_only1, plan.steps_only2, plan.steps_missing)
         else:
             # local errors and the oracle verdict are found beside the comparison, window by window
             if sources.local_run is not None:
@@ -175,7 +175,8 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                                       nmap, patterns)
             elif oracle is not None:
                 beside = OracleWindows(r1, r2, oracle, options, patterns)
-            planner = Planner(p1, p2, steps=options.steps, modules=patterns, name_map=nmap)
+            planner = Planner(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
+                              required=options.required_steps or ())
             whole = _compare_windows(planner, one, table, r1, r2, options, progress,
                                      beside.window if beside is not None else None, pool)
             tensors, calls, first, introduced, lost = whole.tensors, whole.calls, whole.first, whole.introduced, \
@@ -227,7 +228,7 @@ _WINDOW_PAIRS = 1024
 class _Whole:
     """What :func:`_compare_windows` found: every entry and call, the first divergence, the
     introduced-error calls, the unreadable bodies, the plan's notes, the steps (compared, dir1
-    only, dir2 only) and the counts."""
+    only, dir2 only, asked for and in neither run) and the counts."""
 
     tensors: Sequence[TensorResult]
     calls: Sequence[CallResult]
@@ -235,7 +236,7 @@ class _Whole:
     introduced: list[Divergence]
     lost: list[Unreadable]
     notes: list[str]
-    steps: tuple[list[int], list[int], list[int]]
+    steps: tuple[list[int], list[int], list[int], list[int]]
     summary: Summary
 
 
@@ -271,7 +272,8 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
     call_parts: list[Held[CallResult]] = []
     summaries: list[Summary] = []
     notes, lost = list(planner.notes), []
-    steps: tuple[list[int], list[int], list[int]] = ([], [], [])
+    steps: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    skipped: list[int] = []  # steps only a range selected that neither run has
     first: Divergence | None = None
     introduced: list[Divergence] = []
     before = done = 0  # calls and pairs of the windows so far
@@ -282,8 +284,10 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
             table.forget()  # the last window's nodes
         plan, stop = planner.window(start, _WINDOW_PAIRS)
         notes += plan.notes
-        for into, found in zip(steps, (plan.steps, plan.steps_only1, plan.steps_only2), strict=True):
+        for into, found in zip(steps, (plan.steps, plan.steps_only1, plan.steps_only2, plan.steps_missing),
+                               strict=True):
             into += found
+        skipped += plan.steps_skipped
         if table is not None:
             table.results(plan.pairs, options)
         _log.info("comparing %d tensor pair(s) in %d module call(s) of steps %d..%d of %d", len(plan.pairs),
@@ -306,7 +310,7 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
         if first is None:
             first = first_here
         introduced = merge_introduced(introduced, introduced_here) if introduced else introduced_here
-        summaries.append(Summary.of(tensors, calls, (), (), ()))
+        summaries.append(Summary.of(tensors, calls, (), (), (), ()))
         before, done = before + len(calls), done + len(plan.pairs)
         if not tensor_parts:  # the first window is held as it is
             tensor_parts.append(tensors)
@@ -322,6 +326,7 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
         start = stop
     if progress is not None and done != last_total[0]:  # the last windows had no pair: say the total is exact
         progress(done, done)
+    notes += neither_notes(steps[3], skipped)  # as build_plan gives them: last
     if len(tensor_parts) == 1:
         all_tensors: Sequence[TensorResult] = tensor_parts[0]
         all_calls: Sequence[CallResult] = call_parts[0]

@@ -29,7 +29,7 @@ from typing import Any
 from .errors import OptionError
 from .mapping import NameMap
 from .maps import resolve_map
-from .selection import compile_patterns, parse_steps, split_patterns
+from .selection import compile_patterns, parse_step_selection, split_patterns
 
 __all__ = ["CompareOptions", "reported_options"]
 
@@ -39,7 +39,8 @@ class CompareOptions:
     """What to compare and how; validated and normalised on construction.
 
     Fields accept a few loose forms, stored canonically: ``steps`` any iterable of integers or
-    the command line's string (``"0,2,5-7"``; stored sorted, without repeats), ``modules`` a
+    the command line's string (``"0,2,5-7"``; stored sorted, without repeats; ``required_steps``
+    follows from it unless given), ``modules`` a
     comma-separated string or a list of them (stored as one tuple of regexes), ``name_map`` a
     :class:`~ilstore_compare.mapping.NameMap`, its dict form, a JSON file path or a shipped map's
     name (stored as the map's JSON form),
@@ -51,6 +52,11 @@ class CompareOptions:
             ``|a - b| <= atol + rtol * |b|``.
         atol: absolute tolerance.
         steps: steps to compare (None: every step of either run).
+        required_steps: the steps of ``steps`` asked for one by one: each that neither run has
+            is a coverage gap (the comparison is incomplete, exit status 1), where a step
+            selected only by a range (``"0-9"``, ``range(10)``) that neither run has is just
+            not there. Given None, it follows ``steps``: the single steps of the string form,
+            every step of a list or tuple, none of a ``range``; None when ``steps`` is None.
         modules: regexes, ``re.search`` on the module name (after the name map); None: all.
         exact: bitwise comparison instead of tolerances.
         equal_nan: NaN in the same place on both sides is equal.
@@ -93,6 +99,7 @@ class CompareOptions:
     rtol: float = 1e-5
     atol: float = 1e-8
     steps: tuple[int, ...] | None = None
+    required_steps: tuple[int, ...] | None = None
     modules: tuple[str, ...] | None = None
     exact: bool = False
     equal_nan: bool = False
@@ -116,13 +123,7 @@ class CompareOptions:
             self._set(name, float(value))
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise OptionError("workers", f"must be an integer >= 1, got {self.workers!r}")
-        if isinstance(self.steps, str):  # the command line's form: "0,2,5-7"
-            self._set("steps", parse_steps(self.steps))
-        elif self.steps is not None:
-            steps = list(self.steps)
-            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps):
-                raise OptionError("steps", f"must be integers >= 0, got {steps!r}")
-            self._set("steps", tuple(sorted(set(steps))))
+        self._check_steps()
         if self.modules is not None:
             raw: Any = self.modules
             parts = [raw] if isinstance(raw, str) else list(raw)
@@ -143,6 +144,29 @@ class CompareOptions:
                      "align_tokens"):
             self._set(name, bool(getattr(self, name)))
         self._check_replay()
+
+    def _check_steps(self) -> None:
+        single: tuple[int, ...] | None = None
+        if isinstance(self.steps, str):  # the command line's form: "0,2,5-7"
+            steps, single = parse_step_selection(self.steps)
+            self._set("steps", steps)
+        elif self.steps is not None:
+            given = list(self.steps)
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in given):
+                raise OptionError("steps", f"must be integers >= 0, got {given!r}")
+            steps = tuple(sorted(set(given)))
+            single = () if isinstance(self.steps, range) else steps  # a range filters, as "0-9" does
+            self._set("steps", steps)
+        if self.required_steps is None:
+            self._set("required_steps", single)
+            return
+        if self.steps is None:
+            raise OptionError("required_steps", "needs steps (the steps to compare)")
+        required = list(self.required_steps)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in required) \
+                or not set(required) <= set(self.steps):
+            raise OptionError("required_steps", f"must be steps of steps, got {required!r}")
+        self._set("required_steps", tuple(sorted(set(required))))
 
     def _check_replay(self) -> None:
         for name in ("replay", "oracle"):
@@ -190,7 +214,8 @@ class CompareOptions:
 
         With a ``base``, ``squeeze_shapes`` stays as it was given: if the base's was given, its
         value is kept; if it followed the base's map, it follows the new options' map (pass
-        a value to set it, None to follow the map).
+        a value to set it, None to follow the map). New ``steps`` without ``required_steps``
+        bring their own (as a new object's).
 
         Raises:
             OptionError: an unknown option name (with a "did you mean") or a bad value.
@@ -207,6 +232,8 @@ class CompareOptions:
             return base
         if "squeeze_shapes" not in changes and base.squeeze_follows_map:
             changes["squeeze_shapes"] = None
+        if "steps" in changes and "required_steps" not in changes:
+            changes["required_steps"] = None  # as the new steps say
         return dataclasses.replace(base, **changes)
 
 

@@ -24,10 +24,10 @@ from ilstore.store.registry import find_run
 from .align import Side, align_call
 from .errors import AmbiguousRunError, NameMapError
 from .mapping import NameMap, PathRule, TensorPath
-from .selection import compile_patterns, parse_steps, split_patterns  # re-exported: they lived here
+from .selection import compile_patterns, parse_steps, split_patterns, step_ranges  # re-exported: they lived here
 
 __all__ = ["Side", "Pair", "PlannedCall", "Plan", "resolve_run_dir", "parse_steps", "split_patterns",
-           "compile_patterns", "Planner", "build_plan"]
+           "compile_patterns", "Planner", "build_plan", "neither_notes"]
 
 # -- run directories -------------------------------------------------------------------------
 def resolve_run_dir(path: str | Path) -> Path:
@@ -88,13 +88,19 @@ class PlannedCall:
 
 @dataclass
 class Plan:
-    """What to compare: pairs and calls in step, then start order; notes for the report."""
+    """What to compare: pairs and calls in step, then start order; notes for the report.
+
+    Of the steps wanted that neither run has, ``steps_missing`` holds those asked for one by one
+    (a coverage gap) and ``steps_skipped`` those only a range selected (no gap).
+    """
 
     pairs: list[Pair] = field(default_factory=list)
     calls: list[PlannedCall] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     steps_only1: list[int] = field(default_factory=list)
     steps_only2: list[int] = field(default_factory=list)
+    steps_missing: list[int] = field(default_factory=list)
+    steps_skipped: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -152,6 +158,9 @@ class Planner:
         name_map: rules renaming one side's modules into the other's naming.
         planned_elsewhere: steps (of both runs) the caller plans itself: they are counted in
             ``steps`` but get no calls or pairs here (:mod:`.columnar`).
+        required: the steps of ``steps`` asked for one by one (``CompareOptions.required_steps``):
+            one that neither run has goes to ``Plan.steps_missing``, any other to
+            ``Plan.steps_skipped``.
 
     Attributes:
         wanted: the steps to plan, in order (those asked for, or every step of either run), as
@@ -162,9 +171,9 @@ class Planner:
 
     def __init__(self, r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
                  modules: list[re.Pattern[str]] | None, name_map: NameMap | None,
-                 planned_elsewhere: Container[int] = ()) -> None:
+                 planned_elsewhere: Container[int] = (), required: Iterable[int] = ()) -> None:
         self.r1, self.r2, self.modules, self.name_map = r1, r2, modules, name_map
-        self.planned_elsewhere = planned_elsewhere
+        self.planned_elsewhere, self.required = planned_elsewhere, frozenset(required)
         # sorted int64 arrays, not sets: a 100,000-step run's step numbers as objects take ~16 MB
         steps1, steps2 = _sorted_steps(r1.steps()), _sorted_steps(r2.steps())
         asked = None if steps is None else sorted(set(steps))
@@ -215,7 +224,7 @@ class Planner:
                 return plan, i
             step, in1, in2 = int(self.wanted[i]), bool(self._in1[i]), bool(self._in2[i])
             if not in1 and not in2:
-                plan.notes.append(f"step {step} is in neither run")
+                (plan.steps_missing if step in self.required else plan.steps_skipped).append(step)
                 continue
             plan.steps.append(step)
             if not in2:
@@ -276,17 +285,37 @@ def _members(steps: Sequence[int] | np.ndarray, of: np.ndarray, fits: np.ndarray
     return found
 
 
+def neither_notes(missing: Sequence[int], skipped: Sequence[int]) -> list[str]:
+    """The report's notes on the steps wanted that neither run has: those asked for one by one
+    (``missing``, a coverage gap) and those only a range selected (``skipped``).
+
+    >>> neither_notes([7], [2, 3, 4])
+    ['step 7 is in neither run: asked for, so not compared (a coverage gap)', \
+'steps 2–4 are in neither run (selected by a range, and a range only selects: no gap)']
+    """
+    def which(steps: Sequence[int]) -> str:
+        return f"step {steps[0]} is" if len(steps) == 1 else f"steps {step_ranges(steps)} are"
+
+    notes = [f"{which(missing)} in neither run: asked for, so not compared (a coverage gap)"] if missing else []
+    if skipped:
+        notes.append(f"{which(skipped)} in neither run (selected by a range, and a range only selects: no gap)")
+    return notes
+
+
 def build_plan(r1: StoreReader, r2: StoreReader, *, steps: Iterable[int] | None,
                modules: list[re.Pattern[str]] | None, name_map: NameMap | None,
-               planned_elsewhere: Container[int] = ()) -> Plan:
+               planned_elsewhere: Container[int] = (), required: Iterable[int] = ()) -> Plan:
     """Line up the tensors of two runs (metadata only): every step's plan at once, with the
-    :class:`Planner`'s notes first. The arguments are the :class:`Planner`'s.
+    :class:`Planner`'s notes first and :func:`neither_notes` last. The arguments are the
+    :class:`Planner`'s.
 
     Raises:
         NameMapError: the map makes two calls of one run, or two tensors of one call, collide.
         StoreError: a run's metadata is unreadable.
     """
-    planner = Planner(r1, r2, steps=steps, modules=modules, name_map=name_map, planned_elsewhere=planned_elsewhere)
+    planner = Planner(r1, r2, steps=steps, modules=modules, name_map=name_map, planned_elsewhere=planned_elsewhere,
+                      required=required)
     plan = planner.plan()
     plan.notes[:0] = planner.notes
+    plan.notes += neither_notes(plan.steps_missing, plan.steps_skipped)
     return plan

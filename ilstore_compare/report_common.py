@@ -12,6 +12,7 @@ from ilstore.keys import CallKey, TensorKey
 from .entries import concrete, with_status
 from .metrics import MetricInfo, cosine_text, metric_infos
 from .result import CallResult, CompareResult, Divergence, TensorResult, Unreadable
+from .selection import step_ranges
 from .tokens import TokenAlignment
 
 __all__ = ["num", "call_label", "tensor_label", "verdict_line", "summary_rows", "options_line", "call_rows",
@@ -65,6 +66,9 @@ def verdict_line(result: CompareResult) -> str:
     if s.unaligned and not result.options.allow_unaligned and result.verdict == "incomplete":
         line += (f"; {s.unaligned} tensor(s) the map declares unaligned count as gaps "
                  "(--allow-unaligned accepts them)")
+    if s.steps_in_neither:
+        line += (f"; {len(s.steps_in_neither)} step(s) asked for are in neither run "
+                 f"({step_ranges(s.steps_in_neither)}) and count as gaps")
     local = result.local
     if local is not None and local.not_compared:
         line += f"; {len(local.not_compared)} call(s) could not be replayed or measured (not compared)"
@@ -163,31 +167,11 @@ def summary_rows(result: CompareResult) -> list[list[Any]]:
         ["module calls declared unaligned", s.calls_unaligned],
         ["steps", step_ranges(s.steps) or "—"],
     ]
-    for label, only in (("dir1", s.steps_only_in_dir1), ("dir2", s.steps_only_in_dir2)):
+    for label, only in (("only in dir1", s.steps_only_in_dir1), ("only in dir2", s.steps_only_in_dir2),
+                        ("asked for, in neither run", s.steps_in_neither)):
         if only:  # a count, then which: a lone step number in the count column read as "none"
-            rows.append([f"steps only in {label}", f"{len(only)} (step{'s' if len(only) > 1 else ''} "
-                                                   f"{step_ranges(only)})"])
+            rows.append([f"steps {label}", f"{len(only)} (step{'s' if len(only) > 1 else ''} {step_ranges(only)})"])
     return rows
-
-
-def step_ranges(steps: Sequence[int]) -> str:
-    """Sorted step numbers with runs of consecutive ones as ranges: ``0–3, 5, 7–8``.
-
-    >>> step_ranges([0, 1, 2, 3, 5, 7, 8])
-    '0–3, 5, 7–8'
-    """
-    parts: list[str] = []
-    start = prev = None
-    for step in steps:
-        if prev is not None and step == prev + 1:
-            prev = step
-            continue
-        if start is not None:
-            parts.append(str(start) if start == prev else f"{start}–{prev}")
-        start = prev = step
-    if start is not None:
-        parts.append(str(start) if start == prev else f"{start}–{prev}")
-    return ", ".join(parts)
 
 
 def unreadable_line(result: CompareResult) -> str:

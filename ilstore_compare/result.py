@@ -221,7 +221,9 @@ class Summary:
 
     ``calls_only_in_dir1``/``calls_only_in_dir2`` count one-sided calls that are not wholly
     declared unaligned; those are ``calls_unaligned``. ``not_compared`` includes the
-    ``unreadable`` tensors (a body that could not be read is not compared).
+    ``unreadable`` tensors (a body that could not be read is not compared). ``steps_in_neither``:
+    the steps asked for one by one (:attr:`CompareOptions.required_steps`) that neither run has, a
+    coverage gap like a step in one run only.
     """
 
     tensors: int = 0
@@ -246,16 +248,18 @@ class Summary:
     steps: tuple[int, ...] = ()
     steps_only_in_dir1: tuple[int, ...] = ()
     steps_only_in_dir2: tuple[int, ...] = ()
+    steps_in_neither: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, tensors: Sequence[TensorResult], calls: Sequence[CallResult], steps: Sequence[int],
-           only1: Sequence[int], only2: Sequence[int]) -> Summary:
+           only1: Sequence[int], only2: Sequence[int], missing: Sequence[int] = ()) -> Summary:
         """The counts of a comparison's entries and calls (which may hold blocks of entries made on
         demand, :mod:`.entries`: those are counted without being made where the block can say).
 
         Args:
             tensors, calls: every entry and call.
             steps, only1, only2: the steps compared, and those of dir1 only and of dir2 only.
+            missing: the steps asked for one by one that neither run has.
         """
         count = tally(tensors, "status")
         dtype_mismatches = squeezed = 0
@@ -283,19 +287,22 @@ class Summary:
             unaligned=count.get(UNALIGNED, 0), squeezed=squeezed, calls=len(calls),
             calls_mismatched=tally(calls, "verdict").get("mismatch", 0),
             calls_only_in_dir1=calls_only1, calls_only_in_dir2=calls_only2, calls_unaligned=calls_unaligned,
-            steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))
+            steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2),
+            steps_in_neither=tuple(missing))
 
     @classmethod
     def total(cls, parts: Iterable[Summary], steps: Sequence[int], only1: Sequence[int],
-              only2: Sequence[int]) -> Summary:
+              only2: Sequence[int], missing: Sequence[int] = ()) -> Summary:
         """The counts of a comparison made in parts (windows of its steps, each part's
-        :meth:`of` without steps) added up, with the steps compared, and those of dir1 only and of
-        dir2 only: what :meth:`of` over all the entries and calls gives."""
+        :meth:`of` without steps) added up, with the steps compared, those of dir1 only and of
+        dir2 only, and those asked for in neither run: what :meth:`of` over all the entries and
+        calls gives."""
         counts = {f.name: 0 for f in fields(cls) if not f.name.startswith("steps")}
         for part in parts:
             for name in counts:
                 counts[name] += getattr(part, name)
-        return cls(**counts, steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2))
+        return cls(**counts, steps=tuple(steps), steps_only_in_dir1=tuple(only1), steps_only_in_dir2=tuple(only2),
+                   steps_in_neither=tuple(missing))
 
 
 @dataclass(frozen=True)
@@ -495,10 +502,12 @@ class CompareResult:
 
         With an oracle, the oracle's verdict (:attr:`OracleReport.verdict`). With local errors,
         a call whose local error crosses the tolerance is a mismatch, and one that could not
-        be measured a coverage gap.
+        be measured a coverage gap. A step asked for that neither run has is a coverage gap in
+        every case (fail closed).
         """
         if self.oracle is not None:
-            return self.oracle.verdict
+            verdict = self.oracle.verdict
+            return "incomplete" if verdict == "match" and self.summary.steps_in_neither else verdict
         verdict = self._compared_verdict()
         if self.local is not None and verdict in ("match", "incomplete"):
             if self.local.first is not None:
@@ -519,7 +528,8 @@ class CompareResult:
         if tokens is not None and not tokens.complete and not self.options.allow_unaligned:
             unaligned += 1  # tokens not compared: a coverage gap like a declared unaligned tensor
         if (s.only_in_dir1 or s.only_in_dir2 or s.not_compared or s.calls_only_in_dir1 or s.calls_only_in_dir2
-                or s.steps_only_in_dir1 or s.steps_only_in_dir2 or unverified or unaligned or s.compared == 0):
+                or s.steps_only_in_dir1 or s.steps_only_in_dir2 or s.steps_in_neither or unverified or unaligned
+                or s.compared == 0):
             return "incomplete"
         return "match"
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from .errors import OptionError
 
-__all__ = ["parse_steps", "split_patterns", "compile_patterns"]
+__all__ = ["parse_steps", "parse_step_selection", "step_ranges", "split_patterns", "compile_patterns"]
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -19,7 +19,21 @@ def parse_steps(text: str) -> tuple[int, ...]:
     Raises:
         OptionError: anything but non-negative integers and ranges (option ``steps``).
     """
+    return parse_step_selection(text)[0]
+
+
+def parse_step_selection(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The steps ``text`` selects, and those it names one by one (not through a range): a step
+    asked for by itself must be in a run, a range only filters (docs/compare.md).
+
+    >>> parse_step_selection("0,2,5-7,6")
+    ((0, 2, 5, 6, 7), (0, 2, 6))
+
+    Raises:
+        OptionError: anything but non-negative integers and ranges (option ``steps``).
+    """
     steps: list[int] = []
+    single: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not m:
@@ -27,8 +41,30 @@ def parse_steps(text: str) -> tuple[int, ...]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise OptionError("steps", f"empty range {part!r}")
+        if m.group(2) is None:
+            single.add(lo)
         steps.extend(range(lo, hi + 1))
-    return tuple(sorted(set(steps)))
+    return tuple(sorted(set(steps))), tuple(sorted(single))
+
+
+def step_ranges(steps: Iterable[int]) -> str:
+    """Sorted step numbers with runs of consecutive ones as ranges: ``0–3, 5, 7–8``.
+
+    >>> step_ranges([0, 1, 2, 3, 5, 7, 8])
+    '0–3, 5, 7–8'
+    """
+    parts: list[str] = []
+    start = prev = None
+    for step in steps:
+        if prev is not None and step == prev + 1:
+            prev = step
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}–{prev}")
+        start = prev = step
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}–{prev}")
+    return ", ".join(parts)
 
 
 def split_patterns(text: str) -> list[str]:

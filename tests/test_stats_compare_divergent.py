@@ -120,7 +120,8 @@ def _same(fast: CompareResult, slow: CompareResult) -> None:
     assert fast == slow
     for r in (fast, slow):
         s = r.summary
-        assert Summary.of(r.tensors, r.calls, s.steps, s.steps_only_in_dir1, s.steps_only_in_dir2) == s
+        assert Summary.of(r.tensors, r.calls, s.steps, s.steps_only_in_dir1, s.steps_only_in_dir2,
+                          s.steps_in_neither) == s
     for verbose in (False, True):
         assert render_markdown(fast, verbose) == render_markdown(slow, verbose)
     assert render_json(fast) == render_json(slow)
