@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # The engine and the report renderers (torch and all) are imported when a comparison runs, so
 # `ilstore-compare --help` and option errors answer without importing torch.
 
-__all__ = ["compare_cmd", "main", "run", "RENDERERS", "FLAGS"]
+__all__ = ["compare_cmd", "main", "run", "RENDERERS", "FLAGS", "write_report_file"]
 
 #: Report format → renderer ``(result, verbose) -> text``.
 def _renderer(module: str, name: str) -> Callable[[CompareResult, bool], str]:
@@ -165,13 +165,10 @@ def run(dir1: Path, dir2: Path, options: CompareOptions, *, output: Path | None 
 
 
 def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path | None) -> None:
-    """Write the report to ``output`` (default: stdout).
+    """Write the report to ``output`` (default: stdout), through :func:`write_report_file`.
 
     The JSON report is streamed (:func:`.report_json.write_json`: memory bounded whatever the
-    run's length); the others are rendered, then written. A report file is written beside its
-    final name and renamed into place, so a failure midway leaves no half report (and an earlier
-    report of that name as it was, its mode kept); a path that is not a plain regular file (a
-    symbolic link, ``/dev/stdout``, a pipe, a file with hard links) is written directly.
+    run's length); the others are rendered, then written.
     """
     if fmt == "json":
         from .report_json import write_json
@@ -190,6 +187,20 @@ def _write_report(result: CompareResult, fmt: str, verbose: bool, output: Path |
         else:
             click.echo(text, nl=False)
         return
+    write_report_file(output, write)
+
+
+def write_report_file(output: Path, write: Callable[[TextIO], None]) -> None:
+    """Write a report file: ``write`` gets the open file (UTF-8 text).
+
+    The file is written beside its final name and renamed into place, so a failure midway (disk
+    full) leaves no half report (and an earlier report of that name as it was, its mode kept); a
+    path that is not a plain regular file (a symbolic link, ``/dev/stdout``, a pipe, a file with
+    hard links) is written directly. Missing parent directories are made.
+
+    Raises:
+        IlstoreError: the file could not be written (``PATH: cannot write the report: reason``).
+    """
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         try:
