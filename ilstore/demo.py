@@ -6,18 +6,24 @@ Nothing is downloaded: the model is built from a small ``LlamaConfig`` with a fi
 the bfloat16 model again, every call fed the float32 run's inputs (``replay_from``). It shows
 where the runs diverge by the tolerance alone, and the calls that introduce the most error,
 measured by the replay (docs/replay.md).
+
+Whatever cannot be written (a full disk) stops the demo with an :class:`~ilstore.errors.IlstoreError`
+naming the file or run (the command prints it and exits 2): a failed capture is not compared, and
+the reports are written beside their names and renamed into place, so none is left half written.
 """
 
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import torch
 
 from .capture import capture
+from .errors import IlstoreError
 from .manifest import MANIFEST_NAME
 from .summary import format_summary, summarize_run
 
@@ -57,6 +63,9 @@ def capture_demo_run(output_dir: Path, run_id: str, dtype: torch.dtype, backend:
 
     Returns:
         ``(run_dir, next_token)``: step 1 uses ``next_token`` (or this run's own argmax).
+
+    Raises:
+        IlstoreError: the capture failed (a full disk...): the message names the run and why.
     """
     model = tiny_llama(dtype)
     ids = torch.tensor(prompt or DEMO_PROMPT)
@@ -68,8 +77,16 @@ def capture_demo_run(output_dir: Path, run_id: str, dtype: torch.dtype, backend:
         logits = model(input_ids=ids, use_cache=False).logits
         token = int(logits[0, -1].float().argmax()) if next_token is None else next_token
         model(input_ids=torch.cat([ids, torch.tensor([[token]])], dim=1), use_cache=False)
-    assert cap.run_dir is not None
-    return cap.run_dir, token
+    run_dir = cap.run_dir if cap.run_dir is not None else output_dir / run_id
+    if cap.error is not None:  # the capture stopped (and logged it); the model ran on, but the run is not whole
+        reason = str(cap.error)
+        where = reason if reason.startswith(str(run_dir)) else f"{run_dir}: {reason}"
+        raise IlstoreError(f"{where} (capturing the demo's {run_id} run)")
+    return run_dir, token
+
+
+def _write_text(text: str, out: TextIO) -> None:
+    out.write(text)
 
 
 def run_demo(output_dir: Path, backend: str = "pt") -> int:
@@ -78,16 +95,24 @@ def run_demo(output_dir: Path, backend: str = "pt") -> int:
     The bfloat16 run is checked against the float32 reference with tolerances that bfloat16
     rounding alone would meet at the embeddings (rtol 1e-2, atol 1e-2), so the report shows
     where the error grows beyond rounding. Returns 0: differences are the expected outcome.
+
+    Raises:
+        IlstoreError: a run or report could not be written (the message names it).
     """
     from ilstore_compare import compare
+    from ilstore_compare.cli import write_report_file
     from ilstore_compare.report_html import render_html
     from ilstore_compare.report_md import render_markdown
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("fp32", "bf16", "bf16_replay"):
-        old = output_dir / name
-        if (old / MANIFEST_NAME).is_file():  # only ever delete the demo's own earlier runs
-            shutil.rmtree(old)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("fp32", "bf16", "bf16_replay"):
+            old = output_dir / name
+            if (old / MANIFEST_NAME).is_file():  # only ever delete the demo's own earlier runs
+                shutil.rmtree(old)
+    except OSError as exc:
+        raise IlstoreError(f"{exc.filename or output_dir}: cannot prepare the demo's directory: "
+                           f"{exc.strerror or exc}") from None
     fp32, token = capture_demo_run(output_dir, "fp32", torch.float32, backend)
     bf16, _ = capture_demo_run(output_dir, "bf16", torch.bfloat16, backend, next_token=token)
     replay, _ = capture_demo_run(output_dir, "bf16_replay", torch.bfloat16, backend, next_token=token,
@@ -98,8 +123,8 @@ def run_demo(output_dir: Path, backend: str = "pt") -> int:
     click.echo("")
     result = compare(bf16, fp32, rtol=1e-2, atol=1e-2, replay=replay)
     md, html = output_dir / "report.md", output_dir / "report.html"
-    md.write_text(render_markdown(result, False), encoding="utf-8")
-    html.write_text(render_html(result, False), encoding="utf-8")
+    for path, text in ((md, render_markdown(result, False)), (html, render_html(result, False))):
+        write_report_file(path, partial(_write_text, text))
     s = result.summary
     click.echo(f"compare bf16 (dir1) against fp32 (dir2, reference), rtol 1e-2, atol 1e-2: {result.verdict}")
     click.echo(f"  {s.compared} tensors compared, {s.matched} matched, {s.mismatched} mismatched, "
