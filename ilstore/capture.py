@@ -799,8 +799,11 @@ class Capture:
             raise WriterFailed(f"{self.run_dir}: capture failed at step {self.step_index}: {exc}") from exc
 
     def _stop(self, exc: Exception) -> None:
-        """The rest of :meth:`_fail`: detach, close the run as ``failed``, release the reference."""
+        """The rest of :meth:`_fail`: detach, close the run as ``failed``, release the reference.
+        Paused for good: calls that reach the capture without a hook (an engine's
+        ``record_call``) record nothing more."""
         self._detach()
+        self._paused = True
         self._step = None
         self._root_call = None
         self._closed = True
@@ -829,6 +832,9 @@ class Capture:
         if not self.manual_step:
             raise StoreError("step() is for manual stepping; create the capture with manual_step=True "
                              "(otherwise every forward of the root module is one step)")
+        if self._closed:  # (failed, or closed): the steps go on uncaptured
+            self.step_index += 1
+            return self.step_index
         if self._step is None and self._sink is not None and self.config.logs_step(self.step_index):
             self._warn_no_hooks()  # manual steps open at the first hook: none ran in this one
         try:
@@ -871,6 +877,8 @@ class Capture:
         :meth:`_orphan`)."""
         if self._forked_from is not None:
             self._warn_forked()
+            return
+        if self._closed:  # a closed (or failed) capture records nothing more
             return
         self._paused = False
 

@@ -73,7 +73,7 @@ def _rel_l2(entries: Sequence[TensorResult]) -> float | None:
     """Largest relative L2 error; a reference that is zero while dir1 is not counts as infinite."""
     values = []
     for e in entries:
-        if e.metrics is None:
+        if e.metrics is None or (e.metrics.rel_l2 is None and e.metrics.cosine is None):  # (not known: overflow)
             continue
         values.append(e.metrics.rel_l2 if e.metrics.rel_l2 is not None else math.inf)
     return max(values) if values else None

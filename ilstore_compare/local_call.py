@@ -284,6 +284,10 @@ def measure_call(replay: StoreReader, reference: StoreReader, call: CallKey, sho
     if nonfinite is not None:  # rel_l2 counts only the elements finite on both sides: it cannot say this
         rel_l2 = math.inf
         note = _join(f"local error infinite: {nonfinite}", note)
+    elif rel_l2 is None and metrics.cosine is None:  # float64 sums of squares overflowed: not known
+        why = "local error not measured: a float64 sum of squares overflows (values past ~1e154)"
+        return unmeasured(shown, _join(why, note) or why, replayed=True, container=container, random=random,
+                          order=order)
     elif rel_l2 is None:  # the reference's outputs are zero and the replay's are not
         rel_l2 = math.inf
         note = _join(f"relative L2 infinite: the {source}'s outputs are zero, the replay's are not", note)

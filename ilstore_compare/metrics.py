@@ -431,16 +431,18 @@ class _Accumulator:
         # ~1e154): the metrics made of it are not known (null), not the inf or NaN they would give
         if mean_abs is not None and not math.isfinite(mean_abs):
             mean_abs = None
-        if not (math.isfinite(self.dd) and math.isfinite(self.bb)):
-            rel_l2: float | None = None
+        if self.dd == 0:  # equal where finite (however large: these two need no sum)
+            rel_l2: float | None = 0.0
+        elif not (math.isfinite(self.dd) and math.isfinite(self.bb)):
+            rel_l2 = None
         elif self.bb > 0:
             rel_l2 = math.sqrt(self.dd) / math.sqrt(self.bb)
         else:
-            rel_l2 = 0.0 if self.dd == 0 else None
-        if not (math.isfinite(self.aa) and math.isfinite(self.bb) and math.isfinite(self.ab)):
-            cosine: float | None = None
-        elif self.dd == 0 and self.aa == self.bb:  # equal where finite: exactly 1 (or both zero)
-            cosine = 1.0
+            rel_l2 = None
+        if self.dd == 0 and self.aa == self.bb:  # equal where finite: exactly 1 (or both zero)
+            cosine: float | None = 1.0
+        elif not (math.isfinite(self.aa) and math.isfinite(self.bb) and math.isfinite(self.ab)):
+            cosine = None
         elif self.aa > 0 and self.bb > 0:
             cosine = max(-1.0, min(1.0, self.ab / (math.sqrt(self.aa) * math.sqrt(self.bb))))
         else:
@@ -483,10 +485,25 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     if split is not None and (split.parts < 2 or a.numel() < split.min_elements):
         split = None
     if split is None and not exact and (done := _fused_whole(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan)):
-        return done
+        return _with_tiny_references(done, a, b)
     acc = _Accumulator()
     _feed(acc, a, b, 0, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk, split=split)
-    return acc.result(a.numel(), tuple(a.shape))
+    return _with_tiny_references(acc.result(a.numel(), tuple(a.shape)), a, b)
+
+
+def _with_tiny_references(m: TensorMetrics, a: torch.Tensor, b: torch.Tensor) -> TensorMetrics:
+    """``m`` with ``max_rel_diff`` 0 where it is None only because the reference's nonzero values
+    are too small to square in float64 (below ~1e-162: the sum of squares that told "no nonzero
+    reference" is 0 then too). Looks at the tensors only when every finite reference element
+    squared to 0 (a reference of zeros, mostly)."""
+    if m.max_rel_diff is not None or m.max_abs_diff is None:
+        return m
+    with torch.no_grad():
+        for start in range(0, b.numel(), TORCH_CHUNK):
+            x, y = a.reshape(-1)[start:start + TORCH_CHUNK], b.reshape(-1)[start:start + TORCH_CHUNK]
+            if bool(((y != 0) & torch.isfinite(y) & torch.isfinite(x)).any()):
+                return replace(m, max_rel_diff=0.0)
+    return m
 
 
 def compare_many(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, rtol: float, atol: float,
@@ -534,7 +551,7 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
     # the side that is a 64-bit integer against a float one (0: a, 1: b): float64 rounds it, so
     # ``exact`` checks its values as integers too
     wide = next((i for i, (t, u) in enumerate(((a, b), (b, a)))
-                 if t.dtype in _WIDE_INTEGERS and u.is_floating_point()), None)
+                 if t.dtype in _WIDE_INTEGERS and (u.is_floating_point() or u.is_complex())), None)
     if exact:
         rtol = atol = 0.0
     if (not exact and n and a.is_floating_point() and b.is_floating_point()
@@ -566,7 +583,8 @@ def _feed(acc: _Accumulator, a: torch.Tensor, b: torch.Tensor, offset: int, *, r
             if equal_nan:
                 ok |= torch.isnan(x) & torch.isnan(y)
             if exact and wide is not None:
-                ok &= _equal_to_the_integer(*((ca, cb) if wide == 0 else (cb, ca)))
+                same, d = _against_the_integer(*((ca, cb) if wide == 0 else (cb, ca)))
+                ok &= same
         into.add_general(ok, x, y, offset + start, d)
         return into
 
@@ -617,17 +635,30 @@ def _fused_whole(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: float,
 _WIDE_INTEGERS = (torch.int64, torch.uint64)
 
 
-def _equal_to_the_integer(ints: torch.Tensor, floats: torch.Tensor) -> torch.Tensor:
-    """Whether each float value is exactly the integer beside it (``ints``: int64 or uint64), which
-    float64 cannot tell where the integer needs more than 53 bits: int64 ``2**53 + 1`` and float64
-    ``2.0**53`` are equal as float64."""
+def _against_the_integer(ints: torch.Tensor, floats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Whether each float (or complex) value is exactly the integer beside it (``ints``: int64 or
+    uint64), which float64 cannot tell where the integer needs more than 53 bits: int64
+    ``2**53 + 1`` and float64 ``2.0**53`` are equal as float64. Returns that, and ``|a - b|`` as
+    float64 taken on the integers where the float is one in the integer's range (else from the
+    float64 values; None for a complex side: its ``|a - b|`` stays the complex one)."""
     i = np.asarray(ints.detach().contiguous().numpy())
-    f = floats.detach().contiguous().to(torch.float64).numpy()
+    values = floats.detach().contiguous()
+    imag_zero = None
+    if values.is_complex():
+        imag_zero = values.imag.to(torch.float64).numpy() == 0
+        values = values.real
+    f = values.to(torch.float64).numpy()
     lo, hi = (0.0, 2.0**64) if i.dtype == np.uint64 else (-(2.0**63), 2.0**63)
     with np.errstate(invalid="ignore"):
-        fits = (f >= lo) & (f < hi)  # NaN and infinities do not
+        fits = (f >= lo) & (f < hi) & (f == np.floor(f))  # NaN, infinities and fractions do not
         as_int = np.where(fits, f, 0.0).astype(i.dtype)
-    return torch.from_numpy(fits & (as_int == i))
+    same = fits & (as_int == i)
+    if imag_zero is not None:
+        return torch.from_numpy(same & imag_zero), None
+    exact = _integer_abs_diff(torch.from_numpy(i), torch.from_numpy(as_int)).numpy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        rounded = np.abs(i.astype(np.float64) - f)
+    return torch.from_numpy(same), torch.from_numpy(np.where(fits, exact, rounded))
 
 
 def _integer_abs_diff(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:

@@ -205,3 +205,39 @@ def test_a_real_full_disk(tmp_path: Path, backend: str) -> None:
                 shutil.rmtree(entry)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_an_engine_capture_records_nothing_after_a_failure(out_dir: Path, on_error: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vLLM plug-in's capture records calls without hooks (``record_call``) and steps by hand:
+    after a failed write it wrote more step directories into the run closed as ``failed`` (warn),
+    or raised at every later step (raise)."""
+    from ilstore.engine_capture import EngineCapture
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    cap = EngineCapture(model, {"output_dir": str(out_dir), "run_id": "r", "log_step_ids": [], "async_writes": False,
+                                "on_error": on_error}, manual_step=True)
+    writer = cap._sink.writer  # type: ignore[union-attr]
+    real = writer._write
+
+    def fail_once(record: Any) -> None:
+        writer._write = real
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    raised = []
+    for step in range(3):
+        cap.begin_engine_step()
+        if step == 1:
+            writer._write = fail_once
+        try:
+            model(torch.ones(1, 4))
+        except ilstore.IlstoreError as exc:
+            raised.append(exc)
+        assert cap.record_call("ilstore.batch", ids=torch.arange(3)) is (step == 0)
+        cap.end_engine_step()
+    cap.close()
+    assert len(raised) == (1 if on_error == "raise" else 0) and cap.error is not None
+    with ilstore.open_run(out_dir / "r") as run:
+        assert run.status == "failed" and run.steps() == [0] and run.incomplete_steps() == []
+    assert sorted(p.name for p in (out_dir / "r").iterdir() if p.name.startswith("step_")) == ["step_0"]

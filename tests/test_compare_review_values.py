@@ -163,3 +163,61 @@ def test_the_report_shows_unknown_metrics_as_null(tmp_path: Path) -> None:
     assert result.exit_code == 1
     [entry] = [t for t in json.loads(json.dumps(report_dict(result)))["tensors"] if t["kind"] == "outputs"]
     assert entry["cosine_similarity"] is None and entry["rel_l2"] is None
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_identical_huge_float64_tensors_match_exactly(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Their sums of squares overflow too, but equal tensors need no sum: rel_l2 0, cosine 1."""
+    _paths(monkeypatch, path)
+    a = torch.full((4,), 1e200, dtype=torch.float64)
+    m = compare_tensors(a, a.clone(), **TOL)
+    assert (m.mismatched, m.rel_l2, m.cosine, m.max_rel_diff) == (0, 0.0, 1.0, 0.0)
+
+
+def test_a_replay_of_huge_float64_outputs(tmp_path: Path) -> None:
+    """Bit-identical replayed outputs past 1e154: local error 0 (it was reported infinite, 'the
+    reference's outputs are zero'); different ones: not measured (fails closed), never infinite."""
+    import ilstore
+
+    class Big(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+    def run(model: nn.Module, name: str, **extra: Any) -> Path:
+        config = {"output_dir": str(tmp_path), "run_id": name, "log_step_ids": [], **extra}
+        with torch.no_grad(), ilstore.capture(model, config) as cap:
+            model(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+        assert cap.run_dir is not None
+        return cap.run_dir
+
+    same = nn.Sequential(Big(1e200))
+    ref = run(same, "ref")
+    result = compare(run(same, "rep", replay_from=str(ref)), ref)
+    [error] = result.local.errors
+    assert error.rel_l2 == 0.0 and error.compared and result.exit_code == 0
+    other = run(nn.Sequential(Big(-1e200)), "other", replay_from=str(ref))
+    [error] = compare(other, ref).local.errors
+    assert not error.compared and "overflows" in (error.reason or "")
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_max_rel_diff_with_references_too_small_to_square(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    _paths(monkeypatch, path)
+    b = torch.tensor([1e-170, 2e-170], dtype=torch.float64)
+    assert compare_tensors(b.clone(), b, **TOL).max_rel_diff == 0.0
+    assert compare_tensors(b.clone(), b, rtol=0.0, atol=0.0, exact=True).max_rel_diff == 0.0
+    assert compare_tensors(torch.zeros(2), torch.zeros(2), **TOL).max_rel_diff is None
+
+
+def test_exact_int64_against_a_float_measures_on_the_integers() -> None:
+    ints = torch.tensor([2**53 + 1, 7])
+    m = compare_tensors(ints, torch.tensor([2.0**53, 7.5], dtype=torch.float64), rtol=0.0, atol=0.0, exact=True)
+    assert m.mismatched == 2 and m.max_abs_diff == 1.0 and m.max_abs_diff_index == (0,)
+    c = compare_tensors(ints, torch.tensor([2.0**53 + 0j, 7 + 0j]), rtol=0.0, atol=0.0, exact=True)
+    assert c.mismatched == 1  # int64 against complex128: the integers too
+    assert compare_tensors(torch.tensor([2**53, 7]), torch.tensor([2.0**53 + 0j, 7 + 1j]), rtol=0.0, atol=0.0,
+                           exact=True).mismatched == 1  # an imaginary part is a difference
