@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import BackendError, StoreError
 from .keys import CallKey
-from .manifest import MANIFEST_NAME, new_manifest, write_json_atomic
+from .manifest import MANIFEST_NAME, new_manifest, process_umask, write_json_atomic
 from .records import Record, iter_tensor_nodes, tensor_stats
 from .store.base import StepInfo, StoreReader, read_manifest
 from .store.registry import Backend, detect_backend, get_backend, open_run
@@ -88,6 +88,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "pt", steps: list[int] |
         wanted = _wanted_steps(reader, src, steps)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        os.chmod(tmp, 0o777 & ~process_umask())  # the run's directory, once renamed: as mkdir makes one
         unassembled: list[tuple[str, str]] = []
         try:
             bar = _progress_bar(reader, wanted, progress)

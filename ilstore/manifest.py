@@ -150,6 +150,28 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, allow_nan=False))
 
 
+_UMASK: list[int] = []
+
+
+def process_umask() -> int:
+    """The process's umask (read once): files and directories made under temporary names
+    (``tempfile``'s 0o600 and 0o700) are given the mode ``open`` and ``mkdir`` would give them."""
+    if not _UMASK:
+        mask = None
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:  # Linux: read without changing it
+                for line in fh:
+                    if line.startswith("Umask:"):
+                        mask = int(line.split()[1], 8)
+        except (OSError, ValueError):
+            pass
+        if mask is None:
+            mask = os.umask(0o022)
+            os.umask(mask)
+        _UMASK.append(mask)
+    return _UMASK[0]
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and a rename.
 
@@ -158,6 +180,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # as open() makes a file: mkstemp's 0o600 hid runs from others
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)

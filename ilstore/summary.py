@@ -52,17 +52,19 @@ _RANKS_LAYOUT = "ranks"  # ilstore.store.ranks.RANKS_LAYOUT
 
 @dataclass(frozen=True)
 class CallSummary:
-    """One module call: how many tensors it has, how many are stored, and their bytes."""
+    """One module call: how many tensors it has, how many are stored, and their bytes (``rank``:
+    the rank that made it, in a multi-rank run; the same call of each rank is one entry each)."""
 
     module: str
     call: int
     tensors: int
     stored: int
     nbytes: int
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "call": self.call, "tensors": self.tensors, "stored": self.stored,
-                "bytes": self.nbytes}
+        return {"module": self.module, "call": self.call, "rank": self.rank, "tensors": self.tensors,
+                "stored": self.stored, "bytes": self.nbytes}
 
 
 @dataclass(frozen=True, slots=True)  # slots: a listing of 10⁵ steps builds 10⁵ of them
@@ -283,7 +285,7 @@ def _call_summary(run: StoreReader, call: CallKey) -> CallSummary:
             if node.get("stored", True):
                 stored += 1
                 nbytes += node_nbytes(node)
-    return CallSummary(call.module, call.call, tensors, stored, nbytes)
+    return CallSummary(call.module, call.call, tensors, stored, nbytes, call.rank)
 
 
 def human_bytes(n: float) -> str:
@@ -312,9 +314,12 @@ def format_summary(summary: RunSummary, *, show_calls: bool = False) -> str:
     if show_calls:
         for s in summary.steps:
             lines.append(f"\nstep {s.step}")
-            rows = [[printable(c.module) + (f"#{c.call}" if c.call else ""), c.tensors, c.stored, human_bytes(c.nbytes)]
-                    for c in s.calls or ()]
-            lines.append(tabulate(rows, headers=["module call", "tensors", "stored", "bytes"], tablefmt="simple"))
+            calls = s.calls or ()
+            ranked = any(c.rank for c in calls)  # a multi-rank run: each rank's calls, told apart
+            call_rows = [[*([c.rank] if ranked else []), printable(c.module) + (f"#{c.call}" if c.call else ""),
+                          c.tensors, c.stored, human_bytes(c.nbytes)] for c in calls]
+            headers = (["rank"] if ranked else []) + ["module call", "tensors", "stored", "bytes"]
+            lines.append(tabulate(call_rows, headers=headers, tablefmt="simple"))
     return "\n".join(lines)
 
 

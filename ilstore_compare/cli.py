@@ -30,7 +30,7 @@ import click
 
 from ilstore.errors import AmbiguousRunError as CoreAmbiguousRunError
 from ilstore.errors import IlstoreError
-from ilstore.manifest import read_manifest
+from ilstore.manifest import process_umask, read_manifest
 from ilstore.store.registry import find_run_early
 
 from .errors import AmbiguousRunError, OptionError
@@ -217,7 +217,7 @@ def write_report_file(output: Path, write: Callable[[TextIO], None]) -> None:
         try:
             with open(fd, "w", encoding="utf-8") as out:
                 write(out)
-            os.chmod(part, stat.S_IMODE(was.st_mode) if was is not None else 0o666 & ~_umask())
+            os.chmod(part, stat.S_IMODE(was.st_mode) if was is not None else 0o666 & ~process_umask())
             os.replace(part, output)
         finally:
             part.unlink(missing_ok=True)
@@ -295,13 +295,6 @@ def _part_prefix(output: Path) -> str:
     so the temporary name fits where the report's name does (255 bytes). Works on the name's bytes
     as the file system holds them, so a name that is not UTF-8 (surrogate escapes) is kept too."""
     return "." + os.fsdecode(os.fsencode(output.name)[:100]) + "."
-
-
-def _umask() -> int:
-    """The process's umask (a new report file gets ``0o666 & ~umask``, as ``open`` would give it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 #: Unreadable tensors named on stderr (the report lists them all).

@@ -199,3 +199,22 @@ def test_total_counts_match_totals(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     counts, totals = reader.all_total_counts(), reader.all_totals()
     assert counts == {s: None if t is None else tuple(t[k] for k in TOTALS_KEYS) for s, t in totals.items()}
     assert counts[4] == (1, 1, 1, 32) and counts[12] == (1, 1, 1, 4) and counts[13] is None
+
+
+def test_the_calls_of_a_multi_rank_run_name_their_rank(tmp_path: Path) -> None:
+    """``ls --calls`` of a multi-rank run listed each call once per rank with nothing telling the
+    two apart (text and JSON)."""
+    from compare_helpers import two_rank_run
+
+    from ilstore.summary import format_summary
+
+    run_dir = two_rank_run(tmp_path / "ranked", "pt", 0.0, steps=1, modules=2)
+    summary = summarize_run(run_dir)
+    calls = summary.steps[0].calls
+    assert calls is not None
+    assert sorted((c.module, c.rank) for c in calls) == [("m0", 0), ("m0", 1), ("m1", 0), ("m1", 1)]
+    assert {c.to_dict()["rank"] for c in calls} == {0, 1}
+    text = format_summary(summary, show_calls=True)
+    assert "rank  module call" in text
+    single = summarize_run(two_rank_run(tmp_path / "other", "pt", 0.0, steps=1, modules=1) / "rank_0")
+    assert "rank  module call" not in format_summary(single, show_calls=True)
