@@ -205,7 +205,6 @@ def test_the_calls_of_a_multi_rank_run_name_their_rank(tmp_path: Path) -> None:
     """``ls --calls`` of a multi-rank run listed each call once per rank with nothing telling the
     two apart (text and JSON)."""
     from compare_helpers import two_rank_run
-
     from ilstore.summary import format_summary
 
     run_dir = two_rank_run(tmp_path / "ranked", "pt", 0.0, steps=1, modules=2)
