@@ -334,6 +334,13 @@ class StoreWriter(ABC):
         """Release backend resources (optional)."""
 
 
+def parent_gone(path: str | Path) -> StoreError:
+    """The error for a step's directory that cannot be made because the run directory is gone:
+    writers never make it again (the run's journal and table went with it)."""
+    return StoreError(f"{path}: cannot create the directory: its parent is gone (was the run directory removed "
+                      "while the run was written?)")
+
+
 def _reserve(path: Path) -> None:
     """Make the reserve file (:data:`RESERVE_NAME`); nothing when the file system refuses."""
     try:

@@ -42,7 +42,7 @@ from ..manifest import MANIFEST_NAME, dumps, dumps_tree, json_str
 from ..records import Record, iter_tensor_nodes
 from ._pread import AVAILABLE as pread_ok
 from ._pread import O_NOFOLLOW, O_RDONLY, byte_tensor, pread_into
-from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
+from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, parent_gone, step_dir_name
 
 __all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "writer", "reader", "STRUCTURES_NAME"]
 
@@ -337,11 +337,7 @@ def _mkdir(path: str) -> None:
         if not os.path.isdir(path):
             raise
     except FileNotFoundError:  # never made again: the run's other files went with it
-        raise StoreError(f"{path}: cannot create the directory: {_GONE}") from None
-
-
-#: Why a step's directory cannot be made: its parent, made when the run was opened, is gone.
-_GONE = "its parent is gone (was the run directory removed while the run was written?)"
+        raise parent_gone(path) from None
 
 
 #: The system calls this module writes its files with, bound here: the run's other files (the

@@ -42,7 +42,7 @@ from ..manifest import calls_from_json, calls_to_json, dumps, dumps_tree, json_s
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
 from ._pread import byte_tensor, pread_into
-from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, step_dir_name
+from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, parent_gone, step_dir_name
 
 __all__ = ["SafetensorsWriter", "SafetensorsReader", "INDEX_NAME", "INDEX_FORMAT", "DEFAULT_SHARD_SIZE_MB", "writer",
            "reader"]
@@ -394,8 +394,7 @@ class SafetensorsWriter(StoreWriter):
         try:
             self._step_dir(step).mkdir(exist_ok=True)
         except FileNotFoundError:  # never made again: the run's other files went with it
-            raise StoreError(f"{self._step_dir(step)}: cannot create the directory: its parent is gone (was the "
-                             "run directory removed while the run was written?)") from None
+            raise parent_gone(self._step_dir(step)) from None
 
     def _abandon(self) -> None:
         """A step that never ended (its forward raised): finish its shard, write no index."""
