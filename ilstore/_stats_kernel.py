@@ -27,8 +27,8 @@ exact in float64) and :func:`fallback_sums` (numpy's sequential scans along the 
 without a compiler or with ``ILSTORE_STATS_KERNEL=0``; several times slower) implement that same
 order.
 
-Threads: asked with ``threads`` > 1 (a capture's hook asks with torch's intra-op thread count
-when ``ILSTORE_STATS_SHARE=1``, or adaptively with ``=auto``: :func:`sharing_threads`), the
+Threads: asked with ``threads`` > 1 (a capture's hook asks with torch's intra-op thread count,
+adaptively by default or always with ``ILSTORE_STATS_SHARE=1``: :func:`sharing_threads`), the
 kernel shares a tensor of more than :data:`CHUNK` blocks among that many threads: where the
 compiler takes ``-fopenmp`` and the process has one OpenMP runtime (torch's, which the kernel
 then joins: the forward's own threads, waiting for the next operator, take part), the caller
@@ -384,8 +384,8 @@ def native_sums(x: torch.Tensor, center: float = 0.0, threads: int = 1) -> Sums 
 
 _get_num_threads = torch.get_num_threads
 #: Whether the kernel may share large tensors with torch's own OpenMP threads (decided once):
-#: None not yet decided, False never, True always (``ILSTORE_STATS_SHARE=1``), :data:`_AUTO` while
-#: the threads answer (``=auto``, :func:`sharing_threads`).
+#: None not yet decided, False never (``ILSTORE_STATS_SHARE=0``), True always (``=1``), :data:`_AUTO`
+#: while the threads answer (the default, or ``=auto``: :func:`sharing_threads`).
 _sharing: Any = None
 _AUTO = "auto"
 #: Adaptive sharing: large tensors still to compute alone before sharing is tried again; shared
@@ -428,21 +428,22 @@ def sharing_threads() -> int:
     thread count (the forward's own threads, which wait while a hook runs, take part) where
     asked and :func:`can_share`, else 1.
 
-    ``ILSTORE_STATS_SHARE=1`` shares every large tensor. ``ILSTORE_STATS_SHARE=auto`` adapts to
-    the machine (:func:`shared_sums`): on a machine whose cores other processes keep busy, a
-    parallel region waits for a descheduled thread, so after a shared call that the other
-    threads missed (they took no chunk, or the call was slow) the next large tensors are
-    computed alone, twice as many after each further miss, up to :data:`_MAX_SKIP`, until
-    :data:`_CLEAN` shared calls in a row were made by all the threads (measured at load 8 on 2
-    cores, the kernel's wall time in a stats-mode forward of the benchmark model: 29 ms alone,
-    50 ms adaptive over the first 15 forwards, 490-700 ms sharing every tensor). Unset or any
-    other value: no sharing (the default until the gain on a quiet machine is measured;
-    docs/performance.md).
+    By default (``ILSTORE_STATS_SHARE`` unset, or ``auto``) sharing adapts to the machine
+    (:func:`shared_sums`): on a machine whose cores other processes keep busy, a parallel region
+    waits for a descheduled thread, so after a shared call that the other threads missed (they
+    took no chunk, or the call was slow) the next large tensors are computed alone, twice as many
+    after each further miss, up to :data:`_MAX_SKIP`, until :data:`_CLEAN` shared calls in a row
+    were made by all the threads (measured at load 8 on 2 cores, the kernel's wall time in a
+    stats-mode forward of the benchmark model: 29 ms alone, 50 ms adaptive over the first 15
+    forwards, 490-700 ms sharing every tensor; on a quiet 2-core machine adaptive sharing took
+    0.05-0.07 x the forward off a stats-mode capture, docs/performance.md, the 2026-12-02 second
+    round). ``ILSTORE_STATS_SHARE=1`` shares every large tensor whatever the machine does; ``0``
+    (or any other value) never shares.
     """
     global _sharing, _skip
     if _sharing is None:
         asked = os.environ.get("ILSTORE_STATS_SHARE")
-        _sharing = (True if asked == "1" else _AUTO if asked == _AUTO else False) if asked else False
+        _sharing = (True if asked == "1" else _AUTO if asked == _AUTO else False) if asked else _AUTO
         if _sharing is not False and not can_share():
             _sharing = False
     if _sharing is False:

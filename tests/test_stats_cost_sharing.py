@@ -1,4 +1,4 @@
-"""Adaptive sharing of the statistics kernel with torch's threads (``ILSTORE_STATS_SHARE=auto``).
+"""Adaptive sharing of the statistics kernel with torch's threads (the default; ``ILSTORE_STATS_SHARE=auto``).
 
 A shared call that the other threads missed (they took no chunk, or the call was slow: on a busy
 machine the caller waits at the region's end for a descheduled thread) makes the next large
@@ -152,7 +152,7 @@ def test_the_hook_path_after_a_miss_gives_the_same_statistics(lib: _Counted) -> 
     assert lib.asked == [2, 1, 1, 2]  # shared (missed), alone twice, shared again
 
 
-@pytest.mark.parametrize(("value", "expected"), [(None, 1), ("0", 1), ("1", 2), ("auto", 2), ("yes", 1)])
+@pytest.mark.parametrize(("value", "expected"), [(None, 2), ("0", 1), ("1", 2), ("auto", 2), ("yes", 1)])
 def test_what_the_variable_asks_for(lib: _Counted, monkeypatch: pytest.MonkeyPatch, value: str | None,
                                     expected: int) -> None:
     if value is None:
@@ -165,3 +165,7 @@ def test_what_the_variable_asks_for(lib: _Counted, monkeypatch: pytest.MonkeyPat
         lib.helps = False
         K.shared_sums(_tensor(5), torch.float32, LARGE, 2)
         assert K.sharing_threads() == 2
+    if value in (None, "auto"):  # adaptive: a missed call makes the next large tensors computed alone
+        lib.helps = False
+        K.shared_sums(_tensor(5), torch.float32, LARGE, 2)
+        assert K.sharing_threads() == 1

@@ -220,9 +220,12 @@ def test_the_hook_path_shares_a_large_tensor_with_the_same_statistics(monkeypatc
     assert set(asked[0::2]) == {2} and set(asked[1::2]) == {1}  # one chunk: nothing to share
 
 
-def test_sharing_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sharing_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(K, "_get_num_threads", lambda: 4)
-    for value, expected in ((None, 1), ("0", 1), ("1", 4 if K.can_share() else 1)):
+    shared = 4 if K.can_share() else 1
+    for name in ("_skip", "_misses", "_clean"):  # no back-off left by earlier shared calls of this process
+        monkeypatch.setattr(K, name, 0)
+    for value, expected in ((None, shared), ("auto", shared), ("0", 1), ("no", 1), ("1", shared)):
         if value is None:
             monkeypatch.delenv("ILSTORE_STATS_SHARE", raising=False)
         else:
