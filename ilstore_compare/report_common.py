@@ -285,12 +285,18 @@ def _join(*parts: str | None) -> str:
     return "; ".join(p for p in parts if p)
 
 
+def _stat_failed(name: str, v1: Any, v2: Any) -> str:
+    """One statistic that failed a stats-only pair, as the note shows it."""
+    if name == "nan_count" and v1 == v2:  # equal counts fail only because NaN matches NaN with --equal-nan alone
+        return f"nan_count {v1} on both sides (NaN matches NaN only with --equal-nan)"
+    return f"{name} {num(v1) if isinstance(v1, float) else v1} vs {num(v2) if isinstance(v2, float) else v2}"
+
+
 def _tensor_note(t: TensorResult) -> str:
     note = t.note or ""
     if t.stats_failed:
         note = "; ".join([note] if note else []) + ("; " if note else "") + "differ: " + ", ".join(
-            f"{name} {num(v1) if isinstance(v1, float) else v1} vs {num(v2) if isinstance(v2, float) else v2}"
-            for name, v1, v2 in t.stats_failed)
+            _stat_failed(name, v1, v2) for name, v1, v2 in t.stats_failed)
     if t.renamed_from:
         note = _join(note, f"renamed from {t.renamed_from}")
     return _join(note, *t.alignment)

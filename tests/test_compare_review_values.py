@@ -19,6 +19,7 @@ from compare_helpers import module_run
 from ilstore_compare import compare, metrics
 from ilstore_compare.metrics import compare_stats, compare_tensors
 from ilstore_compare.report_json import report_dict
+from ilstore_compare.report_md import render_markdown
 
 INF = float("inf")
 TOL = dict(rtol=1e-5, atol=1e-8)
@@ -221,3 +222,16 @@ def test_exact_int64_against_a_float_measures_on_the_integers() -> None:
     assert c.mismatched == 1  # int64 against complex128: the integers too
     assert compare_tensors(torch.tensor([2**53, 7]), torch.tensor([2.0**53 + 0j, 7 + 1j]), rtol=0.0, atol=0.0,
                            exact=True).mismatched == 1  # an imaginary part is a difference
+
+
+def test_a_stats_only_pair_failed_by_nan_alone_says_so(tmp_path: Path) -> None:
+    """Two stats-mode runs of the same tensor holding NaN: without ``--equal-nan`` the pair fails on
+    its NaN count, which is equal on both sides; the note says that, not "nan_count 3 vs 3"."""
+    value = torch.tensor([1.0, float("nan"), 2.0, float("nan"), float("nan")])
+    model = nn.Sequential(Const(value))
+    a = module_run(tmp_path, "a", model, torch.zeros(1), mode="stats")
+    b = module_run(tmp_path, "b", model, torch.zeros(1), mode="stats")
+    md = render_markdown(compare(a, b, allow_stats_only=True), verbose=True)
+    assert "nan_count 3 on both sides (NaN matches NaN only with --equal-nan)" in md
+    assert "nan_count 3 vs 3" not in md
+    assert compare(a, b, allow_stats_only=True, equal_nan=True).exit_code == 0
