@@ -14,10 +14,12 @@ import signal
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import ilstore
 from ilstore import _stats_kernel as K
 from ilstore import records
 from ilstore.keys import CallKey
@@ -232,3 +234,52 @@ def test_sharing_is_on_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> N
             monkeypatch.setenv("ILSTORE_STATS_SHARE", value)
         monkeypatch.setattr(K, "_sharing", None)
         assert K.sharing_threads() == expected, value
+
+
+def test_stats_captures_on_several_threads_with_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharing is on by default: three stats-mode captures on three Python threads at once, the
+    main thread running torch's own parallel operators meanwhile, finish (no thread waits forever
+    for a team) and record the statistics one thread computes."""
+    monkeypatch.delenv("ILSTORE_STATS_SHARE", raising=False)
+    monkeypatch.setattr(K, "_sharing", None)
+    x = torch.randn(128, 512, generator=torch.Generator().manual_seed(1))  # outputs of 65,536 elements: shared
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512))
+
+    with torch.no_grad():
+        expected = [records.tensor_stats(t) for t in (x, model()[0](x), model()[:2](x), model()(x))]
+    failures: list[BaseException] = []
+
+    def job(i: int) -> None:
+        try:
+            m = model()
+            with torch.no_grad(), ilstore.capture(m, {"output_dir": str(tmp_path), "run_id": f"r{i}", "mode": "stats",
+                                                      "log_step_ids": []}):
+                for _ in range(10):
+                    m(x)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = [threading.Thread(target=job, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(20):
+            (x @ x.T).sum()
+        for t in threads:
+            t.join(120)
+    finally:
+        torch.set_num_threads(previous)
+    assert not any(t.is_alive() for t in threads) and not failures
+    assert K._sharing is (K._AUTO if K.can_share() else False)  # the default was taken
+    for i in range(3):
+        run = ilstore.open_run(tmp_path / f"r{i}")
+        for step in (0, 9):
+            got = {(k.module, k.kind): run.meta(k)["stats"] for k in run.keys(step)}
+            assert got == {("0", "inputs"): expected[0], ("0", "outputs"): expected[1],
+                           ("1", "inputs"): expected[1], ("1", "outputs"): expected[2],
+                           ("2", "inputs"): expected[2], ("2", "outputs"): expected[3]}
