@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -257,6 +259,35 @@ def release_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def memory_note(where: str | Path | None) -> str | None:
+    """A warning when the machine's memory state would distort the figures, else None: a tmpfs at
+    ``where`` already holding more than a GB (its pages are memory, and on this project's VMs a
+    row that needs fresh memory then pays for it: in one session 9 GB left in ``/dev/shm`` took
+    the pt replay row from 1.35 to 1.75-2.6 x the capture), or less than 4 GB of memory available."""
+    notes = []
+    target = Path(where) if where else Path(tempfile.gettempdir())
+    try:
+        usage = shutil.disk_usage(target)
+        with open("/proc/mounts") as fh:
+            mounts = [line.split() for line in fh]
+        resolved = str(target.resolve())
+        under = [m for m in mounts if len(m) > 2 and (resolved == m[1] or resolved.startswith(m[1].rstrip("/") + "/"))]
+        mount = max(under, key=lambda m: len(m[1]), default=None)
+        if mount is not None and mount[2] == "tmpfs" and usage.used > 1e9:
+            notes.append(f"{mount[1]} (tmpfs) already holds {usage.used / 1e9:.1f} GB: empty it for figures that "
+                         "compare")
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            available = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")), None)
+        if available is not None and available < 4e9:
+            notes.append(f"only {available / 1e9:.1f} GB of memory available")
+    except OSError:
+        pass
+    return "warning: " + "; ".join(notes) if notes else None
 
 
 def loadavg() -> str:

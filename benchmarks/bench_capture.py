@@ -67,7 +67,7 @@ import ilstore
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import PeakRss, dir_size  # noqa: E402
+from _bench_common import PeakRss, dir_size, memory_note  # noqa: E402
 
 
 def build_model() -> torch.nn.Module:
@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     global _clock
     _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    note = memory_note(args.tmp)
+    if note:
+        print(note, flush=True)
     model = build_model()
     ids = torch.randint(0, 8000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-"))

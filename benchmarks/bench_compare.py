@@ -112,6 +112,7 @@ from _bench_common import (  # noqa: E402
     drop_page_cache,
     files_under,
     loadavg,
+    memory_note,
     nbytes_of,
     read_all,
     release_memory,
@@ -566,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     run_bytes = nbytes_of(shapes)
     largest = max(nbytes_of([s]) for s in shapes)
     load_before = loadavg()
+    note = memory_note(args.tmp)
+    if note:
+        print(note, flush=True)
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="ilstore-bench-compare-"))
     try:
         print(f"building: {len(shapes)} float32 tensors, {run_bytes / 1e6:.1f} MB per run, largest "
