@@ -252,9 +252,11 @@ def test_stats_captures_on_several_threads_with_the_default(tmp_path: Path, monk
         expected = [records.tensor_stats(t) for t in (x, model()[0](x), model()[:2](x), model()(x))]
     failures: list[BaseException] = []
 
+    models = [model() for _ in range(3)]  # made here: torch's generator is global, seeding it on three threads races
+
     def job(i: int) -> None:
         try:
-            m = model()
+            m = models[i]
             with torch.no_grad(), ilstore.capture(m, {"output_dir": str(tmp_path), "run_id": f"r{i}", "mode": "stats",
                                                       "log_step_ids": []}):
                 for _ in range(10):
