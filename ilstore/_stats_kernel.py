@@ -442,8 +442,8 @@ def sharing_threads() -> int:
     """
     global _sharing, _skip
     if _sharing is None:
-        asked = os.environ.get("ILSTORE_STATS_SHARE")
-        _sharing = (True if asked == "1" else _AUTO if asked == _AUTO else False) if asked else _AUTO
+        asked = os.environ.get("ILSTORE_STATS_SHARE") or _AUTO  # unset or empty: the default
+        _sharing = True if asked == "1" else _AUTO if asked == _AUTO else False
         if _sharing is not False and not can_share():
             _sharing = False
     if _sharing is False:
