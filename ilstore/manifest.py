@@ -26,7 +26,7 @@ import re
 import tempfile
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
@@ -308,8 +308,10 @@ class JournalWriter:
         self._size = 0
         self._spelled: tuple[int, list[list[Any]], list[list[Any]]] | None = None
 
-    def append(self, step: int, calls: list[list[Any]], call_ends: list[list[Any]], totals: dict[str, int]) -> None:
-        """Append the line of one completed step (``calls``/``call_ends`` as :func:`calls_to_json` gives them).
+    def append(self, step: int, calls: list[list[Any]], call_ends: list[list[Any]], totals: dict[str, int],
+               fields: Mapping[str, Any] | None = None) -> None:
+        """Append the line of one completed step (``calls``/``call_ends`` as :func:`calls_to_json` gives them;
+        ``fields``: a backend's own, placed before ``totals``, which ends every line).
 
         Raises:
             OSError: the write failed (the journal is cut back to its last complete line).
@@ -324,6 +326,8 @@ class JournalWriter:
             line["calls_as"] = spelled[0]
         else:
             line["calls"], line["call_ends"] = calls, call_ends
+        if fields:
+            line.update(fields)
         line["totals"] = totals
         data = (dumps(line) + "\n").encode("utf-8")
         try:
@@ -771,6 +775,19 @@ class JournalReader:
                 raise failure
             return None
         return SharedValues(steps, numbers, distinct)
+
+    def field(self, step: int, name: str) -> Any:
+        """The value of a backend's own field ``name`` in ``step``'s line (:meth:`JournalWriter.append`);
+        None when no line has the step or the line has no such field.
+
+        Raises:
+            CorruptFileError: the line is damaged; names the line.
+        """
+        try:
+            doc, _ = self._line(step)
+        except KeyError:
+            return None
+        return doc.get(name)
 
     def totals(self, step: int) -> dict[str, int] | None:
         """The ``totals`` of ``step`` (:data:`TOTALS_KEYS`), None when no line has the step or it has none.

@@ -7,6 +7,9 @@ and their metadata read again. Once a reader has been asked to prepare loads (a 
 locates the stored tensors of each side it reads while the group is open, and ``prepare_loads``
 takes them from there. These tests count the step files opened, check the results against loads
 found the usual way, the bound on what is located ahead, and that errors still name the file.
+Since 2026-12-02 a step file lists where each body lies (``locations`` in ``/structures``) and
+the reader locates from there; locating ahead serves the files written before (the runs here
+are written so) and files whose list the reader does not trust.
 Also here: the step file is opened and its ``format``/``format_version`` read through h5py's
 low-level API (``_open_read``, ``_attr_get``), pinned to h5py's ``File``/``attrs.get``.
 """
@@ -53,17 +56,19 @@ class _Root(nn.Module):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two runs, every step logged, that differ a little."""
+    """Two runs, every step logged, that differ a little, in the layout written before 2026-12-02."""
     out = tmp_path_factory.mktemp("hdf5-prelocate")
     made = []
-    for run_id, delta in (("a", 0.0), ("b", 1e-3)):
-        root = _Root().eval()
-        with torch.no_grad(), ilstore.capture(root, {"output_dir": str(out), "run_id": run_id, "backend": "hdf5",
-                                                     "log_step_ids": []}) as cap:
-            for step in range(STEPS):
-                root(torch.full((1, 4), step / 10 + delta))
-        assert cap.run_dir is not None
-        made.append(cap.run_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hdf5.Hdf5Writer, "_list_bodied", False)
+        for run_id, delta in (("a", 0.0), ("b", 1e-3)):
+            root = _Root().eval()
+            with torch.no_grad(), ilstore.capture(root, {"output_dir": str(out), "run_id": run_id, "backend": "hdf5",
+                                                         "log_step_ids": []}) as cap:
+                for step in range(STEPS):
+                    root(torch.full((1, 4), step / 10 + delta))
+            assert cap.run_dir is not None
+            made.append(cap.run_dir)
     return made[0], made[1]
 
 

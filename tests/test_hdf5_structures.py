@@ -135,11 +135,16 @@ def test_old_and_new_layouts_read_the_same(out_dir: Path, mode: str, monkeypatch
     with ilstore.open_run(new) as run:
         for call in run.calls(0):
             for kind in KINDS:
-                nodes = [n for _k, n in run.tensor_nodes(call, kind)]
                 captured = run.structure(call, kind) is not None
                 in_list = (call.module, call.call, kind) in listed
-                # exactly the sides without a stored body are in the list
-                assert in_list == (captured and all(n.get("stored") is False for n in nodes)), (call, kind)
+                # every captured side is in the list (since 2026-12-02; before, only those without
+                # a stored body were), a side with one with the locations of its bodies
+                assert in_list == captured, (call, kind)
+                entry = next((e for e in new_entries if (e["module"], e["call"], e["kind"]) ==
+                              (call.module, call.call, kind)), {})
+                bodies = [hdf5.dataset_name(kind, k.path) for k, n in run.tensor_nodes(call, kind)
+                          if n.get("stored") and n.get("same_as") is None]
+                assert sorted(entry.get(hdf5.LOCATIONS, {})) == sorted(bodies), (call, kind)
     if mode == "stats":  # no body at all: no group at all, and nothing flushed per record
         assert new_names == [STRUCTURES] and len(new_entries) == len(listed) > 10
     else:
@@ -375,4 +380,6 @@ def test_tensors_mode_bodies_round_trip(out_dir: Path, monkeypatch: pytest.Monke
                                                                      "post_fwd_inputs": True}
     names, entries, _v = _layout(run_dir, 0)
     assert hdf5.group_name("big", 0) in names  # its inputs' link; its outputs are an entry
-    assert [e["kind"] for e in entries if e["module"] == "big"] == ["outputs"]
+    # every side is an entry (since 2026-12-02); those with a stored body say where it lies
+    assert [e["kind"] for e in entries if e["module"] == "big"] == ["inputs", "outputs", "post_fwd_inputs"]
+    assert [hdf5.LOCATIONS in e for e in entries if e["module"] == "big"] == [True, False, True]

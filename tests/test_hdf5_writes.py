@@ -101,7 +101,7 @@ def test_links_groups_and_order(tmp_path: Path) -> None:
         model(x)
     assert cap.run_dir is not None
     with h5py.File(cap.run_dir / "step_0.h5", "r") as f:
-        assert list(f.keys()) == [f"{i}#0" for i in range(300)]
+        assert list(f.keys()) == [f"{i}#0" for i in range(300)] + ["structures"]  # the sides, at step end
         first = f["0#0"]["inputs:0"]
         assert f["150#0"]["inputs:0"].id == first.id and f["299#0"]["outputs"].id == first.id
         np.testing.assert_array_equal(first[()], x.numpy())

@@ -231,15 +231,23 @@ def _count_raw(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 def test_hdf5_raw_read_is_h5py_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every dtype (bfloat16 and float8 stored as bits, bool, complex), 0-d, empty and large
     tensors, read raw and through h5py, come back identical, and the raw path was used for
-    every non-empty one."""
+    every non-empty one. The run is written as version-2 files were before 2026-12-02 (no list of where each
+    body lies: the reader finds each through HDF5); a run with that list reads the same."""
+    from ilstore.store import hdf5
+
     tensors = conformance_tensors()
     tensors["big"] = torch.randn(300, 1000)
     tensors["noncontiguous"] = torch.randn(40, 30).t()
-    run_dir = _hdf5_run(tmp_path, tensors)
+    listed_dir = _hdf5_run(tmp_path / "listed", tensors)
+    with monkeypatch.context() as patch:
+        patch.setattr(hdf5.Hdf5Writer, "_list_bodied", False)
+        run_dir = _hdf5_run(tmp_path, tensors)
     used = _count_raw(monkeypatch)
     raw = _load_all(run_dir, raw=True)
     assert sum(used) == sum(1 for t in tensors.values() if t.numel()) and len(used) == len(tensors)
     assert raw == _load_all(run_dir, raw=False)
+    used.clear()
+    assert _load_all(listed_dir, raw=True) == raw and not used  # every load found in the list
     with open_run(run_dir) as run:
         for key in run.keys():
             _same(run.load(key), tensors[key.path[0]].contiguous())

@@ -56,7 +56,7 @@ def test_file_layout(out_dir: Path) -> None:
         assert f.attrs["format"] == "ilstore-hdf5" and f.attrs["step"] == 0 and f.attrs["rank"] == 0
         assert f.attrs["format_version"] == 2
         assert json.loads(f.attrs["calls"]) == [["0", 0], ["1", 0]]
-        assert list(f.keys()) == ["0#0", "1#0"]
+        assert list(f.keys()) == ["0#0", "1#0", "structures"]  # every side is listed there too
         g = f["0#0"]
         assert sorted(g.attrs) == ["inputs", "outputs"]  # module, call: the name's; step, rank: the root's
         assert sorted(g.keys()) == ["inputs:0", "outputs"]

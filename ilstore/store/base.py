@@ -249,10 +249,15 @@ class StoreWriter(ABC):
         try:
             self._journal.append(info.step, calls_to_json(info.calls), calls_to_json(info.call_ends),
                                  {"module_calls": len(info.calls), "tensors": tensors, "stored": stored,
-                                  "bytes": nbytes})
+                                  "bytes": nbytes}, self._journal_fields(info.step))
         except OSError as exc:
             raise StoreError(f"{self._journal.path}: cannot append step {info.step} to the step journal: "
                              f"{exc}") from exc
+
+    def _journal_fields(self, step: int) -> dict[str, Any]:
+        """Backend fields of ``step``'s journal line, asked once ``_end_step`` finished it
+        (JSON values; none by default)."""
+        return {}
 
     def forked(self) -> None:
         """Called in a process forked from the writing one, which writes nothing to the run: make

@@ -75,8 +75,16 @@ FILE_FORMAT = "ilstore-hdf5"
 #: 2: sides without a stored body are entries of the root dataset ``structures``; 1 (ilstore 0.1
 #: and until issue 13): every side is an attribute of its call's group. Readers read both.
 FILE_VERSION = 2
-#: The root dataset of a step file that holds the sides without a stored body (format version 2).
+#: The root dataset of a step file that holds the sides without a stored body (format version 2),
+#: and, since 2026-12-02 (0.2.0 development), every other side too, with its :data:`LOCATIONS`.
 STRUCTURES = "structures"
+#: The key of a ``/structures`` entry of a side with stored bodies that says where the writer put
+#: each body's bytes: ``{"<dataset name>": [offset, nbytes, numpy type, shape, attributes]}``. A
+#: reader trusts it only while the step file is the one the writer finished (its size and
+#: modification time as the step journal's :data:`FILE_KEY` recorded them); otherwise it asks HDF5.
+LOCATIONS = "locations"
+#: The step journal's key for a completed step file's ``[size, st_mtime_ns]``.
+FILE_KEY = "file"
 #: Seconds between flushes of the open step file (``backend_options.flush_interval``): HDF5's
 #: metadata reaches the file then, and a killed process's cut step keeps, readable with h5py, the
 #: records written before its last flush. 0 flushes after every record (~70 us each).
@@ -157,6 +165,10 @@ class Hdf5Writer(StoreWriter):
     #: version 2), the default of ``backend_options.structure_list``; False writes every side as a
     #: group attribute, as version 1 did (SPEC §4.4's group per module call).
     _list_sides = True
+    #: Sides with a stored body are listed in ``/structures`` too, with their :data:`LOCATIONS`
+    #: (the default); False writes them only as group attributes, as the version-2 files written
+    #: before 2026-12-02 had them (the tests of the readers of such files write them so).
+    _list_bodied = True
 
     def __init__(self, run_dir: str | Path, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(run_dir, options)
@@ -201,6 +213,8 @@ class Hdf5Writer(StoreWriter):
         self._flushed = 0.0  # time.monotonic() of the open step file's last flush
         self._list_sides = bool(self.options.get("structure_list", type(self)._list_sides))
         self._version = FILE_VERSION if self._list_sides else 1
+        self._finished: tuple[int, list[int]] | None = None  # the last step file finished, [size, mtime]
+        self._tails: dict[tuple[Any, ...], str] = {}  # the end of a LOCATIONS value, by type and shape
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any]) -> list[str]:
@@ -351,12 +365,7 @@ class Hdf5Writer(StoreWriter):
         self._written.add(side)
         bodies = list(self._stored_bodies(record))
         if not bodies and self._list_sides:
-            prefix = self._prefixes.get((call.module, record.kind))
-            if prefix is None:
-                prefix = f'{{"module":{json_str(call.module)},"kind":{json_str(record.kind)},"call":'
-                if len(self._prefixes) < 65536:
-                    self._prefixes[(call.module, record.kind)] = prefix
-            self._entries.append(f'{prefix}{call.call},"structure":{text}}}\n')
+            self._entries.append(f'{self._entry_prefix(call.module, record.kind)}{call.call},"structure":{text}}}\n')
             return False
         gname = self._gnames.get((call.module, call.call))
         if gname is None:
@@ -370,6 +379,7 @@ class Hdf5Writer(StoreWriter):
                 self._attrs.extend((gname, name, value) for name, value in (
                     ("module", call.module), ("call", call.call), ("step", call.step), ("rank", call.rank)))
         links, dnames, kind, ksuffixes, kprefix = self._links, self._dnames, record.kind, self._ksuffixes, None
+        located: list[str] | None = [] if self._list_sides and self._list_bodied else None
         for path, node, tensor in bodies:
             dname = dnames.get((kind, path))
             if dname is None:
@@ -389,13 +399,30 @@ class Hdf5Writer(StoreWriter):
                 if len(ksuffixes) < 65536:
                     ksuffixes[path] = suffix
             key = kprefix + suffix
-            self._datasets[key] = self._create_dataset(gname, dname, tensor, key)
+            self._datasets[key], where = self._create_dataset(gname, dname, tensor, key)
+            if located is not None and where is not None:
+                located.append(f"{json_str(dname.decode())}:{where}")
         self._attrs.append((gname, record.kind, text))
+        if located is not None:  # the side in /structures too, with where its bodies lie (LOCATIONS)
+            prefix = self._entry_prefix(call.module, record.kind)
+            self._entries.append(f'{prefix}{call.call},"structure":{text},"{LOCATIONS}":{{{",".join(located)}}}}}\n')
         return True
 
-    def _create_dataset(self, gname: str, name: bytes, tensor: torch.Tensor, key: str) -> Any:
+    def _entry_prefix(self, module: str, kind: str) -> str:
+        """The start of a ``/structures`` entry of ``module``'s ``kind`` side, up to its call number."""
+        prefix = self._prefixes.get((module, kind))
+        if prefix is None:
+            prefix = f'{{"module":{json_str(module)},"kind":{json_str(kind)},"call":'
+            if len(self._prefixes) < 65536:
+                self._prefixes[(module, kind)] = prefix
+        return prefix
+
+    def _create_dataset(self, gname: str, name: bytes, tensor: torch.Tensor, key: str) -> tuple[Any, str | None]:
         """An anonymous dataset (low-level identifier) holding ``tensor``, to be linked as ``name``
-        into the group ``gname`` with its attributes by :meth:`_set_attrs`.
+        into the group ``gname`` with its attributes by :meth:`_set_attrs`, and where its bytes lie
+        in the file as JSON text (a :data:`LOCATIONS` value: ``[offset, nbytes, numpy type, shape,
+        attributes]``; offset 0 for no bytes), or None when HDF5 placed them (filters, no raw
+        descriptor) or the type is not read raw.
 
         Without filters the dataset is contiguous with its space allocated at creation (no fill
         value written), and the bytes go from the tensor's memory to that space in the file with
@@ -427,17 +454,31 @@ class Hdf5Writer(StoreWriter):
         if self._filters and array.ndim > 0 and array.size > 0:  # chunked, through h5py as it chooses the chunks
             import h5py
 
-            ds = h5py.Group(self._file.id).create_dataset(None, data=array, **self._filters).id
+            ds, offset = h5py.Group(self._file.id).create_dataset(None, data=array, **self._filters).id, None
         else:
-            ds = self._contiguous(self._file.id, array, spares=True)
+            ds, offset = self._contiguous(self._file.id, array, spares=True)
         self._links.append((ds, gname, name))
         attrs = self._attrs
-        attrs.append((ds, "dtype", str(tensor.dtype)))
+        dtype_name = str(tensor.dtype)
+        attrs.append((ds, "dtype", dtype_name))
         if encoding:
             attrs.append((ds, "encoding", encoding))
         if flat:
             attrs.append((ds, "shape", dumps(list(data.shape))))
-        return ds
+        if offset is None and not array.nbytes:  # no bytes to find: an empty tensor is listed too
+            offset = 0
+        if offset is None or array.dtype not in _RAW_DTYPES:
+            return ds, None
+        # what follows the offset and size, the same for every dataset of this type and shape
+        tails, tail_key = self._tails, (array.dtype, array.shape, dtype_name, encoding, flat and data.shape)
+        tail = tails.get(tail_key)
+        if tail is None:
+            shown = {"dtype": dtype_name, **({"encoding": encoding} if encoding else {}),
+                     **({"shape": dumps(list(data.shape))} if flat else {})}
+            tail = dumps([array.dtype.str, list(array.shape), shown])[1:]
+            if len(tails) < 4096:
+                tails[tail_key] = tail
+        return ds, f"[{offset},{array.nbytes},{tail}"
 
     def _set_attrs(self) -> None:
         """Create the groups held since the last call (in call-start order), link the datasets
@@ -456,20 +497,24 @@ class Hdf5Writer(StoreWriter):
         for target, name, value in attrs:
             _set_attr(groups[target] if isinstance(target, str) else target, name, value)
 
-    def _contiguous(self, fid: Any, array: np.ndarray[Any, Any], spares: bool = False) -> Any:
+    def _contiguous(self, fid: Any, array: np.ndarray[Any, Any], spares: bool = False,
+                    text: bool = False) -> tuple[Any, int | None]:
         """An anonymous contiguous dataset of the file ``fid`` holding ``array`` (with ``spares``,
-        one created ahead where there is one: :meth:`_take`)."""
+        one created ahead where there is one: :meth:`_take`), and the offset in the file where
+        this writer put the array's bytes (None where HDF5 wrote them). ``text``: a step's
+        ``/structures`` bytes, whose length seldom repeats (its dataspace is not cached)."""
         api = _api()
         h5d = api.h5d
         if self._fd is None or not array.nbytes:  # HDF5 writes (no raw descriptor; nothing to write)
-            ds = h5d.create(fid, None, api.type_of(array.dtype), api.space_of(array.shape), dcpl=api.dcpl)
+            ds = h5d.create(fid, None, api.type_of(array.dtype), api.space_of(array.shape, not text), dcpl=api.dcpl)
             if array.nbytes:
                 ds.write(api.all_space, api.all_space, array)
-            return ds
+            return ds, None
         if spares:
             ds, offset = self._take(fid, array)
         else:
-            ds = h5d.create(fid, None, api.type_of(array.dtype), api.space_of(array.shape), dcpl=api.dcpl_direct)
+            ds = h5d.create(fid, None, api.type_of(array.dtype), api.space_of(array.shape, not text),
+                            dcpl=api.dcpl_direct)
             offset = ds.get_offset()
         if offset is None:  # HDF5 allocated nothing (never seen): it writes
             ds.write(api.all_space, api.all_space, array)
@@ -478,7 +523,7 @@ class Hdf5Writer(StoreWriter):
             done = os.pwrite(self._fd, array.data, offset) if array.flags.c_contiguous else 0
             if done != array.nbytes:  # a short write (or none): the rest
                 _pwrite_all(self._fd, array.reshape(-1).view(np.uint8).data[done:], offset + done)
-        return ds
+        return ds, offset
 
     def _take(self, fid: Any, array: np.ndarray[Any, Any]) -> tuple[Any, int | None]:
         """A new anonymous contiguous dataset of ``array``'s type and shape, its space allocated,
@@ -521,7 +566,7 @@ class Hdf5Writer(StoreWriter):
             self._spare, self._taken, self._last_taken = {}, {}, self._taken
             if self._entries:
                 text = "".join(self._entries).encode("utf-8")  # ASCII: json.dumps escapes the rest
-                ds = self._contiguous(f.id, np.frombuffer(text, dtype=np.uint8))
+                ds = self._contiguous(f.id, np.frombuffer(text, dtype=np.uint8), text=True)[0]
                 _api().h5o.link(ds, f.id, STRUCTURES.encode())
             _set_attr(f.id, "calls", dumps(calls_to_json(info.calls)))
             _set_attr(f.id, "call_ends", dumps(calls_to_json(info.call_ends)))
@@ -529,10 +574,18 @@ class Hdf5Writer(StoreWriter):
             self._attrs, self._new_groups, self._links, self._written = [], [], [], set()
             f.close()
             os.replace(partial, final)
+            stat = os.stat(final)
+            self._finished = (info.step, [stat.st_size, stat.st_mtime_ns])
         except Exception as exc:
             self._file = f
             self._drop()
             raise StoreError(f"{partial}: cannot finish step {info.step}: {_msg(exc)}") from exc
+
+    def _journal_fields(self, step: int) -> dict[str, Any]:
+        """The completed step file's size and modification time (:data:`FILE_KEY`): a reader
+        trusts the file's :data:`LOCATIONS` while they still hold."""
+        finished, self._finished = self._finished, None
+        return {FILE_KEY: finished[1]} if finished is not None and finished[0] == step else {}
 
     def _close(self) -> None:
         try:
@@ -594,12 +647,13 @@ class _Api:
             tid = self._types[dtype] = self.h5t.py_create(dtype, logical=True)
         return tid
 
-    def space_of(self, shape: tuple[int, ...]) -> Any:
-        """The dataspace of ``shape`` (scalar for ``()``), cached: they are never modified."""
+    def space_of(self, shape: tuple[int, ...], cache: bool = True) -> Any:
+        """The dataspace of ``shape`` (scalar for ``()``), cached (they are never modified) unless
+        ``cache`` is false (a length that seldom repeats: a step's ``/structures`` text)."""
         space = self._spaces.get(shape)
         if space is None:
             space = self.scalar if not shape else self.h5s.create_simple(shape)
-            if len(self._spaces) < 4096:
+            if cache and len(self._spaces) < 4096:
                 self._spaces[shape] = space
         return space
 
@@ -940,9 +994,10 @@ class _Sides(NamedTuple):
 
     structures: dict[tuple[str, int, str], Any]
     calls: dict[tuple[str, int], None]  # in entry order
+    locations: dict[tuple[str, int, str], Any]  # the sides' LOCATIONS, where an entry has them
 
 
-_NO_SIDES = _Sides({}, {})
+_NO_SIDES = _Sides({}, {}, {})
 
 
 def parse_structures(data: bytes, path: Path, cut: bool = False) -> _Sides:
@@ -956,6 +1011,7 @@ def parse_structures(data: bytes, path: Path, cut: bool = False) -> _Sides:
     """
     structures: dict[tuple[str, int, str], Any] = {}
     calls: dict[tuple[str, int], None] = {}
+    locations: dict[tuple[str, int, str], Any] = {}
     lines = data.split(b"\n")
     for number, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline (torn or empty)
         try:
@@ -975,7 +1031,10 @@ def parse_structures(data: bytes, path: Path, cut: bool = False) -> _Sides:
             raise CorruptFileError(path, f"/{STRUCTURES} line {number}: {exc}") from None
         structures[(module, call, kind)] = doc["structure"]
         calls[(module, call)] = None
-    return _Sides(structures, calls)
+        found = doc.get(LOCATIONS)
+        if found is not None:
+            locations[(module, call, kind)] = found
+    return _Sides(structures, calls, locations)
 
 
 class Hdf5Reader(StoreReader):
@@ -1000,6 +1059,7 @@ class Hdf5Reader(StoreReader):
         # see _locate_side: the tensors of the sides read since the last prepare_loads, located
         self._prelocate = False
         self._prelocated: dict[TensorKey, _Located | None] = {}
+        self._trusted: dict[int, bool] = {}  # step -> whether its file's LOCATIONS may be used (_trusts)
 
     @classmethod
     def can_open(cls, run_dir: Path) -> bool:
@@ -1199,6 +1259,8 @@ class Hdf5Reader(StoreReader):
         next one. A tensor that cannot be located here is located by :meth:`prepare_loads`."""
         from h5py import h5d
 
+        if (call.module, call.call, kind) in self._step_sides(call.step).locations and self._trusts(call.step):
+            return  # _locate finds them in the table
         found = self._prelocated
         fd = self._raw_fds.get(call.step)
         gname = group_name(call.module, call.call)
@@ -1278,11 +1340,70 @@ class Hdf5Reader(StoreReader):
         with self._lock:
             return self._locate_locked(key)
 
+    def _trusts(self, step: int) -> bool:
+        """Whether the :data:`LOCATIONS` of ``step``'s file may be used: the file is a completed
+        step's, and its size and modification time are those the step journal recorded when the
+        writer finished it (:data:`FILE_KEY`). Anything that rewrote the file since (h5repack, an
+        edit with h5py, a copy that did not keep the time) makes the reader ask HDF5 instead."""
+        trusted = self._trusted.get(step)
+        if trusted is None:
+            trusted = False
+            path = self._paths.get(step)
+            if self._journal is not None and path is not None and not path.name.endswith(".partial"):
+                try:  # a damaged line is reported where the step's calls are read, not here
+                    recorded = self._journal.field(step, FILE_KEY)
+                    stat = os.stat(path)
+                except (OSError, CorruptFileError):
+                    recorded = stat = None
+                trusted = stat is not None and recorded == [stat.st_size, stat.st_mtime_ns]
+            if len(self._trusted) >= 65536:
+                self._trusted.clear()
+            self._trusted[step] = trusted
+        return trusted
+
+    def _from_table(self, key: TensorKey) -> _Located | None | object:
+        """Where ``key``'s bytes lie by its side's :data:`LOCATIONS` (``key``'s step file opened);
+        ``_MISSING`` when the table does not say (none, not trusted, not listed, malformed): HDF5
+        is asked then."""
+        sides = self._step_sides(key.step)
+        table = sides.locations.get((key.module, key.call, key.kind)) if sides.locations else None
+        if not isinstance(table, dict) or not self._trusts(key.step):
+            return _MISSING
+        dname = dataset_name(key.kind, key.path)
+        entry = table.get(dname)
+        try:
+            offset, nbytes, type_name, shape, attrs = entry  # type: ignore[misc]
+            tdtype = _RAW_DTYPES.get(np.dtype(type_name)) if isinstance(type_name, str) else None
+            if tdtype is None or not isinstance(attrs, dict) or not isinstance(shape, list) \
+                    or not all(type(v) is int and v >= 0 for v in (offset, nbytes, *shape)) \
+                    or math.prod(shape) * np.dtype(type_name).itemsize != nbytes \
+                    or not all(isinstance(v, str) for v in attrs.values()):
+                return _MISSING
+        except (TypeError, ValueError):
+            return _MISSING
+        return _Located(os.fspath(self._paths[key.step]), offset, nbytes, tdtype, tuple(shape), attrs,
+                        f"/{group_name(key.module, key.call)}/{dname}")
+
+    def _listed(self, key: TensorKey) -> _Located | None:
+        """A load not planned: where the step file's :data:`LOCATIONS` put ``key``'s bytes
+        (:meth:`_from_table`), None when they do not say (h5py reads then, with its errors)."""
+        with self._lock:
+            try:
+                found = self._from_table(key)
+            except Exception:  # noqa: BLE001 -- the h5py read reports what is wrong
+                return None
+            if found is _MISSING or self._raw_fds.get(key.step) is None:
+                return None
+            return found  # type: ignore[return-value]
+
     def _locate_locked(self, key: TensorKey) -> _Located | None:
         f = self._file(key.step)
         fd = self._raw_fds.get(key.step)
         if fd is None:
             return None
+        found = self._from_table(key)
+        if found is not _MISSING:
+            return found  # type: ignore[return-value]
         from h5py import h5d
 
         gname, dname = group_name(key.module, key.call), dataset_name(key.kind, key.path)
@@ -1294,7 +1415,9 @@ class Hdf5Reader(StoreReader):
 
     def _load(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         located = self._located.get(key)
-        if located is not None:  # planned: no h5py call, no lock, a descriptor of its own
+        if located is None:
+            located = self._listed(key)
+        if located is not None:  # planned or listed: no h5py call, no lock, a descriptor of its own
             stored = _read_planned(located)
             if stored is not None:
                 return _decoded(located.path, key, node, stored, located.attrs, located.where)  # no Path a load
