@@ -21,9 +21,12 @@ are widened exactly; ``-ffp-contract=off``: no fused multiply-adds), so the verd
 counts, ``max |a-b|`` and its (first) index, the largest relative difference and ``max_ulp``
 are identical. The five float64 sums (``sum |a-b|``, ``||a-b||^2``, ``||a||^2``, ``||b||^2``,
 ``<a, b>``) are kept in :data:`LANES` interleaved partial sums per block of :data:`BLOCK`
-elements (so the compiler can vectorise them without fast-math), then added up lane by lane
-and block by block: another order than torch's, so mean |a-b|, rel L2 and cosine can differ
-from the torch path in the last bits.
+elements, then added up lane by lane and block by block: another order than torch's, so mean
+|a-b|, rel L2 and cosine can differ from the torch path in the last bits. The lanes are written
+as vectors (GCC/Clang vector extensions: 4 doubles with AVX, else 2), each lane doing the
+scalar loop's operations in its order, so the results do not depend on the vector width or on
+whether the compiler vectorises; before that, GCC 12 left the loop mostly scalar (float32
+pairs: 7-10 ns a pair against 2.6-3.0 with the vectors on this machine's AVX2 CPU).
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ static void ulp64(const int64_t *a, const int64_t *b, int64_t start, int64_t sto
     if (top > t->top) t->top = top;
 }
 
-/* one element i into lane l of the block's partial sums (a macro: the lanes loop must have a
-   constant trip count to be vectorised) */
+/* one element i into lane l of the block's partial sums: the elements after a block's last whole
+   row of LANES (the rows go through VLANES, which does the same in each lane) */
 #define ELEMENT(i_, l_) { \
     const int64_t e_i = (i_); const int e_l = (l_); \
     double xv = LOAD(x, xk, e_i), yv = LOAD(y, yk, e_i); \
@@ -114,6 +117,65 @@ static void ulp64(const int64_t *a, const int64_t *b, int64_t start, int64_t sto
     beats |= ok & ((d > m_abs) | ((ay > 0.0) & (d > 0.0) & (d >= m_rel * ay))); \
 }
 
+/* The lanes loop of run in vectors (GCC/Clang vector extensions): VW_ doubles a vector, 4 with
+   AVX, else 2 (SSE2, NEON), VN_ = LANES / VW_ vectors a row of LANES elements. Lane l of vector j
+   is lane j * VW_ + l of ELEMENT, with the same IEEE operations in the same order per lane, so
+   every total is the same to the bit; the compiler need not find the vectorisation itself. */
+#if defined(__AVX__)
+#define VW_ 4
+#else
+#define VW_ 2
+#endif
+#define VN_ (LANES / VW_)
+#if LANES % VW_
+#error LANES must be a multiple of the vector width
+#endif
+typedef double vd_ __attribute__((vector_size(8 * VW_)));
+typedef int64_t vl_ __attribute__((vector_size(8 * VW_)));
+typedef float vf_ __attribute__((vector_size(4 * VW_)));
+static inline __attribute__((always_inline)) void vload_(vd_ *out, const void *p, int k, int64_t i) {
+    if (k == 4) { vf_ f; __builtin_memcpy(&f, (const float *)p + i, sizeof f); *out = __builtin_convertvector(f, vd_); }
+    else __builtin_memcpy(out, (const double *)p + i, sizeof *out);
+}
+#define VSPLAT_(T, v, s) T v; for (int l_ = 0; l_ < VW_; l_++) v[l_] = (s);
+#define VABS_(v) ((vd_)((vl_)(v) & vabs_mask))
+#define VAND_(v, m) ((vd_)((vl_)(v) & (m)))
+#define VLANES(x, xk, y, yk) \
+    vd_ va[VN_], vdd[VN_], vx[VN_], vy[VN_], vxy[VN_]; \
+    vl_ cmis[VN_], cfin[VN_], cn1[VN_], cn2[VN_], ci1[VN_], ci2[VN_], vbeats[VN_]; \
+    VSPLAT_(vd_, vzero, 0.0) VSPLAT_(vl_, vnone, 0) \
+    for (int j = 0; j < VN_; j++) { \
+        va[j] = vdd[j] = vx[j] = vy[j] = vxy[j] = vzero; \
+        cmis[j] = cfin[j] = cn1[j] = cn2[j] = ci1[j] = ci2[j] = vbeats[j] = vnone; \
+    } \
+    VSPLAT_(vd_, vrtol, rtol) VSPLAT_(vd_, vatol, atol) VSPLAT_(vd_, vmax, DBL_MAX) \
+    VSPLAT_(vd_, vmabs, m_abs) VSPLAT_(vd_, vmrel, m_rel) \
+    VSPLAT_(vl_, veq, -(int64_t)(equal_nan != 0)) VSPLAT_(vl_, vabs_mask, INT64_MAX) \
+    for (int64_t base = start; base < whole; base += LANES) { \
+        for (int j = 0; j < VN_; j++) { \
+            vd_ xv, yv; \
+            vload_(&xv, x, xk, base + j * VW_); \
+            vload_(&yv, y, yk, base + j * VW_); \
+            vd_ d = VABS_(xv - yv), ay = VABS_(yv); \
+            vl_ xn = xv != xv, yn = yv != yv; \
+            vl_ good = (xv == yv) | ((d <= ay * vrtol + vatol) & (d <= vmax)) | (veq & xn & yn); \
+            vl_ xf = VABS_(xv) <= vmax, yf = ay <= vmax; \
+            vl_ ok = xf & yf; \
+            cmis[j] -= ~good; cfin[j] -= ok; cn1[j] -= xn; cn2[j] -= yn; ci1[j] -= ~(xf | xn); ci2[j] -= ~(yf | yn); \
+            vd_ dz = VAND_(d, ok), xz = VAND_(xv, ok), yz = VAND_(yv, ok); \
+            va[j] += dz; vdd[j] += dz * dz; vx[j] += xz * xz; vy[j] += yz * yz; vxy[j] += xz * yz; \
+            vbeats[j] |= ok & ((d > vmabs) | ((ay > vzero) & (d > vzero) & (d >= vmrel * ay))); \
+        } \
+    } \
+    for (int j = 0; j < VN_; j++) { \
+        for (int l = 0; l < VW_; l++) { \
+            pa[j * VW_ + l] = va[j][l]; pd[j * VW_ + l] = vdd[j][l]; px[j * VW_ + l] = vx[j][l]; \
+            py[j * VW_ + l] = vy[j][l]; pxy[j * VW_ + l] = vxy[j][l]; \
+            mis += cmis[j][l]; fin += cfin[j][l]; nan1 += cn1[j][l]; nan2 += cn2[j][l]; \
+            inf1 += ci1[j][l]; inf2 += ci2[j][l]; beats |= vbeats[j][l] != 0; \
+        } \
+    }
+
 /* lanes: NULL (the block sums are added to t's sums, lane by lane, block by block), or room for
    5 x LANES doubles per block, where each block's partial sums are stored instead (in the order
    s_abs, dd, aa, bb, ab; ilstore_fold adds them up in the same order later) */
@@ -127,8 +189,8 @@ static inline __attribute__((always_inline)) void run(
         const double m_abs = t->max_abs, m_rel = t->max_rel;
         int beats = 0;
         const int64_t whole = start + (stop - start) / LANES * LANES;
-        for (int64_t base = start; base < whole; base += LANES) {
-            for (int l = 0; l < LANES; l++) ELEMENT(base + l, l)
+        {  /* whole rows of LANES elements in vectors; the rest (fewer than LANES) one at a time */
+            VLANES(x, xk, y, yk)
         }
         for (int64_t i = whole; i < stop; i++) ELEMENT(i, i - whole)
         if (lanes) {

@@ -88,6 +88,45 @@ def test_kernel_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, da: torc
     assert fast.nan1 and fast.inf2 and fast.max_ulp is not None
 
 
+def _lane_sums(a: list[float], b: list[float]) -> tuple[float, ...]:
+    """The five sums in the kernel's documented order, one IEEE double operation at a time: element
+    i of a block into lane (i - block start) % LANES, only where both sides are finite; each
+    block's lanes added to the totals lane by lane."""
+    totals = [0.0] * 5
+    for start in range(0, len(a), _kernel.BLOCK):
+        lanes = [[0.0] * _kernel.LANES for _ in range(5)]
+        for i in range(start, min(start + _kernel.BLOCK, len(a))):
+            x, y = a[i], b[i]
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            d, lane = abs(x - y), (i - start) % _kernel.LANES
+            for k, v in enumerate((d, d * d, x * x, y * y, x * y)):
+                lanes[k][lane] += v
+        for lane in range(_kernel.LANES):
+            for k in range(5):
+                totals[k] += lanes[k][lane]
+    return tuple(totals)
+
+
+@pytest.mark.parametrize(("da", "db"), [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                        (torch.float32, torch.float64)], ids=str)
+def test_kernel_sums_are_the_lane_order_to_the_bit(da: torch.dtype, db: torch.dtype) -> None:
+    """The lanes are vectors in C (4 or 2 doubles wide): each must still add its own elements in
+    the scalar order, whatever the width, including the elements after a block's last whole row."""
+    n = 2 * _kernel.BLOCK + 3 * _kernel.LANES + 5
+    g = torch.Generator().manual_seed(7)
+    scale = 10 ** (torch.rand(n, generator=g, dtype=torch.float64) * 6 - 3)
+    b = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    a = b + torch.randn(n, generator=g, dtype=torch.float64) * 1e-3  # magnitudes apart: the order shows in the bits
+    a[3::97], b[5::89], b[11::331] = float("nan"), float("inf"), float("-inf")
+    a, b = a.to(da), b.to(db)
+    t = _kernel.fused(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-8, equal_nan=False, with_ulp=False)
+    assert t is not None
+    expected = _lane_sums(a.double().tolist(), b.double().tolist())
+    assert (t.sum_abs, t.dd, t.aa, t.bb, t.ab) == expected  # exact: no tolerance
+    assert t.finite < n and t.nan1 and t.inf2  # the gating by finiteness was exercised
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_matches_on_plain_data_and_edge_shapes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     torch.manual_seed(3)
