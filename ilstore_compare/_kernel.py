@@ -26,7 +26,7 @@ elements, then added up lane by lane and block by block: another order than torc
 as vectors (GCC/Clang vector extensions: 4 doubles with AVX, else 2), each lane doing the
 scalar loop's operations in its order, so the results do not depend on the vector width or on
 whether the compiler vectorises; before that, GCC 12 left the loop mostly scalar (float32
-pairs: 7-10 ns a pair against 2.6-3.0 with the vectors on this machine's AVX2 CPU).
+pairs: 7-12 ns a pair against 2.6-3.8 with the vectors on an AVX2 VM).
 """
 
 from __future__ import annotations
