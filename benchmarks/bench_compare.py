@@ -30,6 +30,9 @@ Rows, each a median over ``--rounds`` rounds, rounds interleaved (every row once
   the GIL costs; against ``compare wN``, what the engine's scheduling costs.
 * ``<backend> compare w1`` / ``w2``: ``ilstore_compare.compare(a, b, workers=1|2)``, the whole
   call (opening both runs, planning, loading, metrics, the result).
+* with ``--loaded``, ``<backend> compare w1, loaded`` / ``w2, loaded``: the same with every pair
+  loaded whole, as the comparer did before it read large float32/float64 pairs from their files
+  a piece at a time (2026-12-03): the A/B of that change in one run.
 * with ``--cli``, ``<backend> CLI w1`` / ``w2``: ``ilstore-compare --format json`` in a fresh
   process (start-up, imports and the report included), as a user runs it.
 
@@ -341,10 +344,19 @@ def floor_lib(pairs: list[tuple[Path, Path, tuple[int, ...]]]) -> int:
     return mismatched
 
 
-def run_compare(a: Path, b: Path, workers: int) -> int:
+def run_compare(a: Path, b: Path, workers: int, loaded: bool = False) -> int:
+    """``compare(a, b)``'s mismatched elements; ``loaded``: every pair loaded, none read from its
+    files a piece at a time (the comparer's way before 2026-12-03), for an A/B in one run."""
     import ilstore_compare
+    from ilstore_compare import engine
 
-    result = ilstore_compare.compare(a, b, rtol=RTOL, atol=ATOL, workers=workers)
+    files_bytes = engine._FILE_BYTES
+    if loaded:
+        engine._FILE_BYTES = 1 << 62  # no pair is large enough to be read from its files
+    try:
+        result = ilstore_compare.compare(a, b, rtol=RTOL, atol=ATOL, workers=workers)
+    finally:
+        engine._FILE_BYTES = files_bytes
     return sum(t.metrics.mismatched for t in result.tensors if t.metrics is not None)
 
 
@@ -541,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tmp", default=None, help="directory for the runs (default: a temp dir); removed after")
     ap.add_argument("--no-f32", action="store_true",
                     help="leave out the f32-metrics floor (slow: torch elementwise in 1 Mi chunks); x f32 is then nan")
+    ap.add_argument("--loaded", action="store_true",
+                    help="also rows with every pair loaded whole (none read from its files a piece at a time)")
     ap.add_argument("--cli", action="store_true",
                     help="also time the whole `python -m ilstore_compare --format json` per backend and worker count")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
@@ -600,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
             disk[backend] = (sum(f.stat().st_size for f in files), len(files))
             for w in worker_counts:
                 rows.append(Row(f"{backend} compare w{w}", partial(run_compare, a, b, w), files, backend))
+            if args.loaded:
+                for w in worker_counts:
+                    rows.append(Row(f"{backend} compare w{w}, loaded", partial(run_compare, a, b, w, True), files,
+                                    backend))
             if args.cli:
                 for w in worker_counts:
                     cli = partial(run_cli, a, b, w, tmp / "peak")
@@ -672,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
         if by_w.get(1) and len(by_w) > 1:
             print(f"{backend}: " + ", ".join(f"w{w}/w1 throughput {by_w[1] / t:.2f}" for w, t in by_w.items()
                                              if t and w != 1))
+        loaded = {w: next((r["seconds"] for r in results if r["name"] == f"{backend} compare w{w}, loaded"), None)
+                  for w in worker_counts}
+        if any(loaded.values()):
+            print(f"{backend}: throughput from the files / loaded " + ", ".join(
+                f"w{w} {loaded[w] / t:.2f}" for w, t in by_w.items() if t and loaded.get(w)))
     print("targets: x floor >= 0.5 (throughput vs the minimal floor); w2/w1 >= 1.6; RSS <= 2 x largest tensor "
           f"+ 300 MB = {target_rss / 1e6:.0f} MB (in-process rows: growth, whole / anonymous; CLI rows: whole peak)")
     for backend, p in paired.items():

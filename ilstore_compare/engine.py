@@ -1,8 +1,9 @@
 """The comparison engine: plan the pairs, stream them through the metrics, assemble the result.
 
-Memory stays bounded: each worker holds one pair of tensors at a time (plus a few chunk-sized
-temporaries, see :mod:`.metrics`), and at most ``2 * workers`` pairs are queued; only the
-metrics are kept.
+Memory stays bounded: each worker holds at most one pair of tensors at a time (plus a few
+chunk-sized temporaries, see :mod:`.metrics`; a large float32/float64 pair is read from its files
+a piece at a time instead, :func:`.metrics.compare_files`), and at most ``_AHEAD * workers``
+pairs are queued; only the metrics are kept.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ import torch
 from ilstore.errors import IlstoreError, StoreError
 from ilstore.keys import TensorKey
 from ilstore.records import tensor_stats
-from ilstore.store.base import StoreReader
+from ilstore.store.base import Body, StoreReader
 from ilstore.store.registry import open_run
 
 from . import columnar, stats_table
 from ._heap import HeapGuard
+from ._kernel import FILE_CHUNK
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls, merge_introduced
 from .entries import Entries, Held
 from .local import LocalWindows, local_notes, measured_divergence
 from .maps import pick_map
-from .metrics import Split, compare_stats, compare_tensors, is_float_dtype
+from .metrics import Split, compare_files, compare_stats, compare_tensors, is_float_dtype
 from .options import CompareOptions
 from .oracle import OracleWindows
 from .pairing import Pair, Planner, build_plan, compile_patterns, neither_notes, resolve_run_dir
@@ -142,13 +144,22 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
                                                           thread_name_prefix="ilstore-compare"))
             assist = _Assist(options.workers, pool)
 
-        def one(pair: Pair) -> TensorResult:
+        def one(pair: Pair, bodies: tuple[Body, Body] | None | bool = None) -> TensorResult:
             if table is not None and (done := table.result(pair)) is not None:  # issue 13
+                _close(bodies)
                 return done
             size = _pair_bytes(pair)
-            result = _compare_pair(pair, r1, r2, options, assist if size >= _SPLIT_BYTES else None)
-            heap.after(size)
+            # a pair read from its files is not split: it holds no memory, so other pairs run beside it
+            # (split too, with 2 workers, 2 x 300 MB: w2/w1 1.38-1.41 against 1.51-1.68, paired)
+            helped = assist if size >= _SPLIT_BYTES and not isinstance(bodies, tuple) else None
+            result = _compare_pair(pair, r1, r2, options, helped, bodies)
+            heap.after(size)  # (nothing to give back after a pair compared from its files)
             return result
+
+        def opened(pair: Pair) -> tuple[Body, Body] | None:
+            if table is not None and table.result(pair) is not None:
+                return None
+            return _open_bodies(pair, r1, r2, options)
 
         lost: list[Unreadable]
         calls: Sequence[CallResult]
@@ -164,7 +175,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             report = progress
             if progress is not None:  # the plain steps are decided already
                 report = _after(progress, sum(len(t.pairs) for t in plain.templates.values()), len(plan.pairs))
-            tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report, pool))
+            tensors: Sequence[TensorResult] = tuple(_stream(plan.pairs, one, options.workers, report, pool, opened))
             lost = [u for t in tensors for u in t.unreadable]
             tensors, calls, first, introduced = columnar.analyse(plan, plain, tensors)
             plan_notes, steps = plan.notes, (plan.steps, plan.steps_only1, plan.steps_only2, plan.steps_missing)
@@ -178,7 +189,7 @@ def compare(dir1: str | Path, dir2: str | Path, options: CompareOptions | None =
             planner = Planner(p1, p2, steps=options.steps, modules=patterns, name_map=nmap,
                               required=options.required_steps or ())
             whole = _compare_windows(planner, one, table, r1, r2, options, progress,
-                                     beside.window if beside is not None else None, pool)
+                                     beside.window if beside is not None else None, pool, opened)
             tensors, calls, first, introduced, lost = whole.tensors, whole.calls, whole.first, whole.introduced, \
                 whole.lost
             plan_notes, steps, summary = whole.notes, whole.steps, whole.summary
@@ -240,10 +251,10 @@ class _Whole:
     summary: Summary
 
 
-def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], table: Any, r1: StoreReader,
+def _compare_windows(planner: Planner, one: Callable[..., TensorResult], table: Any, r1: StoreReader,
                      r2: StoreReader, options: CompareOptions, progress: Progress | None,
                      beside: Callable[[list[CallResult], int], list[CallResult] | None] | None = None,
-                     pool: ThreadPoolExecutor | None = None) -> _Whole:
+                     pool: ThreadPoolExecutor | None = None, opened: _Opener | None = None) -> _Whole:
     """Plan, compare and analyse the steps a window at a time (each about :data:`_WINDOW_PAIRS`
     pairs): no plan of the whole run is held, and the entries and calls of every window after
     the first are kept in a temporary file (:mod:`.spill`), so a comparison of 100,000 steps
@@ -265,7 +276,7 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
     unchanged) are kept instead. (A run's unreadable body is then found in step order across the
     comparison and the measurement: without ``keep_going``, the first one raises.)
 
-    ``pool``: the workers' threads, shared by every window (see :func:`_stream`).
+    ``pool``: the workers' threads, shared by every window, and ``opened``: see :func:`_stream`.
     """
     spill: Spill | None = None
     tensor_parts: list[Held[TensorResult]] = []
@@ -299,7 +310,7 @@ def _compare_windows(planner: Planner, one: Callable[[Pair], TensorResult], tabl
             left = wanted - stop
             total = planned + (round(planned / stop * left) if stop and left else 0)
             report = partial(_counted, progress, done, total, last_total)
-        tensors = tuple(_stream(plan.pairs, one, options.workers, report, pool))
+        tensors = tuple(_stream(plan.pairs, one, options.workers, report, pool, opened))
         lost += [u for t in tensors for u in t.unreadable]
         calls, first_here, introduced_here = analyse_calls(plan.calls, tensors,
                                                            bad_from=first.step if first is not None else None)
@@ -388,8 +399,13 @@ def _once(entries: Sequence[Unreadable]) -> tuple[Unreadable, ...]:
     return tuple(seen.values())
 
 
-def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: int,
-            progress: Progress | None, pool: ThreadPoolExecutor | None = None) -> Iterator[TensorResult]:
+#: Opens a pair's bodies to compare it from its files (:func:`_open_bodies`), or None.
+_Opener = Callable[[Pair], "tuple[Body, Body] | None"]
+
+
+def _stream(pairs: Sequence[Pair], fn: Callable[..., TensorResult], workers: int,
+            progress: Progress | None, pool: ThreadPoolExecutor | None = None,
+            opened: _Opener | None = None) -> Iterator[TensorResult]:
     """Results in input order.
 
     With several workers, pairs are loaded and compared in threads (reading releases the GIL,
@@ -397,12 +413,19 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
     starts only while the tensor bytes of the pairs running stay within the largest pair's plus
     :data:`_SLACK`: the memory bound of one worker (about 2 x the largest tensor) holds whatever
     ``workers`` is, and two large pairs run one after the other. A pair that must wait for
-    memory does not hold back the smaller pairs just behind it: up to ``2 * workers`` pairs from
-    the oldest unfinished one may start, the oldest first whenever memory frees. Small pairs run
+    memory does not hold back the smaller pairs just behind it: up to :data:`_AHEAD` ``* workers``
+    units from the oldest unfinished one may start, the oldest first whenever memory frees. Small pairs run
     in batches of neighbours in this thread (:func:`_units`), a batch counting as one pair here.
 
     ``pool``: the workers' threads (``workers`` of them), which may also run the pieces of the
     large pairs (:class:`_Assist`); without it, a pool of ``workers`` threads for this call.
+
+    ``opened``: with several workers, a large pair's bodies are opened here (:func:`_open_bodies`)
+    as it comes within reach, and ``fn(pair, bodies)`` compares it from its files (False: it
+    could not be, ``fn`` loads it): such a pair counts only its pieces' memory
+    (:data:`_FILE_PAIR_BYTES`), so large pairs run side by side. Should its files change before it
+    is read (a read that ends early), it is loaded beyond the budget: the one case the bound
+    does not cover. Every body opened is closed, whatever happens.
     """
     total = len(pairs)
     if workers <= 1:
@@ -415,22 +438,38 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
     sizes = [size for _start, _end, size in units]
     batched = [size < _BATCH_BYTES for size in sizes]
     budget = max(sizes, default=0) + _SLACK
-    ahead = 2 * workers
+    ahead = _AHEAD * workers
     running = [0]  # bytes of the units started and not finished
     changed = threading.Condition()  # a unit finished: memory freed, results are ready
+    bodies: dict[int, tuple[Body, Body] | bool] = {}  # unit index -> its pair's opened bodies (False: none)
 
-    def run(unit: tuple[int, int, int]) -> tuple[list[TensorResult], BaseException | None]:
-        start, end, size = unit
+    def run(unit: tuple[int, int, int], size: int,
+            index: int | None = None) -> tuple[list[TensorResult], BaseException | None]:
+        start, end, _bytes = unit
         done: list[TensorResult] = []
         try:
-            for index in range(start, end):
-                done.append(fn(pairs[index]))
+            opened_bodies = bodies.pop(index, None) if index is not None else None  # (the one taking them)
+            if opened_bodies is not None:
+                done.append(fn(pairs[start], opened_bodies))
+            else:
+                for index in range(start, end):
+                    done.append(fn(pairs[index]))
         except BaseException as exc:  # noqa: BLE001 - raised after the results before it
             return done, exc
         finally:
             with changed:
                 running[0] -= size
         return done, None
+
+    def arrive(index: int) -> None:
+        """Open the bodies of a unit's large pair as it comes within reach (see ``opened``)."""
+        start, end, size = units[index]
+        if opened is None or batched[index] or end - start != 1 or size < 2 * _FILE_BYTES:
+            return
+        found = opened(pairs[start])
+        bodies[index] = found if found is not None else False
+        if found is not None:
+            sizes[index] = min(size, _FILE_PAIR_BYTES)
 
     def finished(_future: Future[tuple[list[TensorResult], BaseException | None]]) -> None:
         with changed:  # after the future is done: a waiter that saw it not done is woken
@@ -448,6 +487,7 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
                 here = None
                 with changed:
                     while next_new < min(len(units), next_out + ahead):
+                        arrive(next_new)
                         waiting.append(next_new)
                         next_new += 1
                     for index in list(waiting):  # the oldest first
@@ -458,7 +498,7 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
                             continue
                         running[0] += sizes[index]
                         waiting.remove(index)
-                        futures[index] = pool.submit(run, units[index])
+                        futures[index] = pool.submit(run, units[index], sizes[index], index)
                         futures[index].add_done_callback(finished)
                     head = futures.get(next_out)
                     if next_out not in ready and (head is None or not head.done()):
@@ -470,7 +510,7 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
                     else:
                         here = None
                 if here is not None:  # taken above: run it while the oldest runs or waits
-                    ready[here] = run(units[here])
+                    ready[here] = run(units[here], sizes[here])
                     if not isinstance(ready[here][1], Exception | None):  # Ctrl-C: at once
                         raise ready[here][1]  # type: ignore[misc]
                     continue
@@ -485,6 +525,8 @@ def _stream(pairs: Sequence[Pair], fn: Callable[[Pair], TensorResult], workers: 
         finally:
             for future in futures.values():  # after an error: don't start anything new
                 future.cancel()
+            for index in list(bodies):  # opened, never run (cancelled, or not started)
+                _close(bodies.pop(index, None))
 
 
 class _Assist:
@@ -551,6 +593,11 @@ _SLACK = 16 * 2**20
 #: thread, up to this many bytes and :data:`_BATCH_PAIRS` pairs (:func:`_units`).
 _BATCH_BYTES = 2**18
 _BATCH_PAIRS = 64
+#: With several workers, up to this many units per worker from the oldest unfinished one may
+#: start (:func:`_stream`). Pairs read from their files hold no memory, so many run while a large
+#: one is compared: 2 per worker left workers idle behind it (2 workers, 2 x 300 MB runs of
+#: float32: w2/w1 1.38-1.41 with 2 per worker, 1.51-1.68 with 8, paired rounds on the same runs).
+_AHEAD = 8
 #: Bytes per element by dtype name (``torch.`` prefix removed); other names count 4.
 _ITEMSIZE = {"float64": 8, "double": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "cdouble": 16,
              "float16": 2, "half": 2, "bfloat16": 2, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}
@@ -727,8 +774,66 @@ def _shape_mismatch(pair: Pair, o: CompareOptions, meta: dict[str, Any]) -> Tens
     return TensorResult(pair.key, SHAPE_MISMATCH, note=hint, **meta)
 
 
+#: Stored tensors of at least this many bytes are compared from their files a piece at a time
+#: (:func:`.metrics.compare_files`) where both readers say where the elements lie
+#: (:meth:`StoreReader.open_body`), instead of being loaded: a pair then needs two pieces of
+#: :data:`._kernel.FILE_CHUNK` bytes per thread, not its tensors' size, so with several workers
+#: large pairs run side by side, and each piece is still in the cache when the kernel reads it.
+#: Smaller ones load (one read each: fewer system calls than the pieces' way, and little memory).
+_FILE_BYTES = FILE_CHUNK
+#: The memory a pair compared from its files counts for in :func:`_stream`'s budget.
+_FILE_PAIR_BYTES = 2 * FILE_CHUNK
+_FILE_DTYPES = ("torch.float32", "torch.float64")
+
+
+def _open_bodies(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions) -> tuple[Body, Body] | None:
+    """Both sides' bodies (:meth:`StoreReader.open_body`) when the pair is to be compared from its
+    files: stored tensors of one float32/float64 dtype and shape, each of at least
+    :data:`_FILE_BYTES`, no map sum or select, not ``exact``; None for every other pair (it is
+    loaded) and where either reader cannot say."""
+    s1, s2 = pair.side1, pair.side2
+    if o.exact or pair.unaligned is not None or s1 is None or s2 is None:
+        return None
+    n1, n2 = s1.node, s2.node
+    if (s1.parts or s2.parts or s1.select is not None or s2.select is not None or s1.problem or s2.problem
+            or n1 is None or n2 is None or not _stored(n1) or not _stored(n2)):
+        return None
+    dtype = n1.get("dtype")
+    if dtype not in _FILE_DTYPES or n2.get("dtype") != dtype or n1.get("shape") != n2.get("shape"):
+        return None
+    if _pair_bytes(pair) < 2 * _FILE_BYTES:
+        return None
+    b1 = r1.open_body(s1.key, n1 if isinstance(n1, dict) else dict(n1))
+    if b1 is None:
+        return None
+    b2 = r2.open_body(s2.key, n2 if isinstance(n2, dict) else dict(n2))
+    if b2 is None:
+        b1.close()
+        return None
+    return b1, b2
+
+
+def _close(bodies: tuple[Body, Body] | None | bool) -> None:
+    if isinstance(bodies, tuple):
+        for body in bodies:
+            body.close()
+
+
 def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions,
-                  assist: _Assist | None = None) -> TensorResult:
+                  assist: _Assist | None = None, bodies: tuple[Body, Body] | None | bool = None) -> TensorResult:
+    """One pair's result. ``bodies``: both sides' opened bodies (:func:`_open_bodies`, closed
+    here), to be compared from the files; None to open them here where the pair allows; False
+    when they were tried already (the pair is loaded)."""
+    if bodies is None:
+        bodies = _open_bodies(pair, r1, r2, o) or False
+    try:
+        return _compare_pair_of(pair, r1, r2, o, assist, bodies if isinstance(bodies, tuple) else None)
+    finally:
+        _close(bodies)
+
+
+def _compare_pair_of(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions, assist: _Assist | None,
+                     bodies: tuple[Body, Body] | None) -> TensorResult:
     n1 = pair.side1.node if pair.side1 is not None else None
     n2 = pair.side2.node if pair.side2 is not None else None
     meta: dict[str, Any] = dict(renamed_from=pair.renamed_from, shape1=_shape(n1), shape2=_shape(n2),
@@ -750,6 +855,14 @@ def _compare_pair(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOption
             return _shape_mismatch(pair, o, meta)
         meta["squeezed"] = True
     stored1, stored2 = _stored(n1), _stored(n2)
+    if bodies is not None:
+        try:
+            metrics = compare_files(*bodies, rtol=o.rtol, atol=o.atol, equal_nan=o.equal_nan,
+                                    split=assist.split if assist is not None else None)
+        except OSError:  # a file changed since its body was opened: loaded below, with the load's errors
+            metrics = None
+        if metrics is not None:
+            return TensorResult(pair.key, MATCH if metrics.mismatched == 0 else MISMATCH, metrics=metrics, **meta)
     if stored1 and stored2:
         try:
             a, b, lost = _load_both(pair, r1, r2, o, assist=assist)

@@ -22,15 +22,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from itertools import pairwise
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ._kernel import BLOCK, RunAll, Totals, fused, fused_ranges
+from ._kernel import BLOCK, FileSide, RunAll, Totals, fused, fused_files, fused_ranges, read_pieces
+
+if TYPE_CHECKING:
+    from ilstore.store.base import Body
 
 __all__ = ["CHUNK", "TORCH_CHUNK", "SPLIT_MIN", "Split", "TensorMetrics", "MetricInfo", "metric_infos", "max_ulp",
-           "StatsCheck", "compare_tensors", "compare_many", "compare_stats", "is_float_dtype"]
+           "StatsCheck", "compare_tensors", "compare_files", "compare_many", "compare_stats", "is_float_dtype"]
 
 #: Elements per chunk: 1 Mi elements, i.e. 8 MiB per float64 temporary.
 CHUNK = 1 << 20
@@ -489,6 +492,49 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     acc = _Accumulator()
     _feed(acc, a, b, 0, rtol=rtol, atol=atol, exact=exact, equal_nan=equal_nan, chunk=chunk, split=split)
     return _with_tiny_references(acc.result(a.numel(), tuple(a.shape)), a, b)
+
+
+def compare_files(a: Body, b: Body, *, rtol: float, atol: float, equal_nan: bool = False,
+                  split: Split | None = None) -> TensorMetrics | None:
+    """:func:`compare_tensors` (not ``exact``) of two stored tensors, read from their files a piece
+    at a time (:func:`._kernel.fused_files`): the same metrics, bit for bit, with memory that does
+    not grow with the tensors. Only for a pair the fused kernel measures whole (one dtype,
+    float32 or float64, on both sides, not empty); None for any other (nothing read) and without
+    the kernel.
+
+    Args:
+        a, b: the bodies of dir1's and the reference's tensor
+            (:meth:`ilstore.store.StoreReader.open_body`), of one shape.
+        rtol, atol, equal_nan, split: as for :func:`compare_tensors`.
+
+    Raises:
+        ValueError: the shapes differ.
+        ilstore_compare._kernel.ShortRead, OSError: a file ended early or could not be read
+            (it changed since the body was opened: load the tensors instead).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    n = a.numel
+    if a.dtype is not b.dtype or a.dtype not in _KERNEL_DTYPES or not _ULP_ONLY or not n:
+        return None
+    kind = np.dtype(np.float32 if a.dtype is torch.float32 else np.float64)
+    x, y = FileSide(a.fd, a.offset, kind, str(a.path)), FileSide(b.fd, b.offset, kind, str(b.path))
+    bounds = run_all = None
+    if split is not None and split.parts >= 2 and n >= split.min_elements:
+        bounds, run_all = _bounds(n, split.parts, BLOCK), split.run_all
+    totals = fused_files(x, y, n, rtol=rtol, atol=atol, equal_nan=equal_nan, with_ulp=True, bounds=bounds,
+                         run_all=run_all)
+    if totals is None:
+        return None
+    acc = _Accumulator()
+    acc.add_totals(totals, 0)
+    acc.add_value("max_ulp", totals.max_ulp)
+    m = acc.result(n, a.shape)
+    if m.max_rel_diff is None and m.max_abs_diff is not None:  # as _with_tiny_references, from the files
+        for _first, u, v in read_pieces(x, y, 0, n):
+            if bool(((v != 0) & np.isfinite(v) & np.isfinite(u)).any()):
+                return replace(m, max_rel_diff=0.0)
+    return m
 
 
 def _with_tiny_references(m: TensorMetrics, a: torch.Tensor, b: torch.Tensor) -> TensorMetrics:

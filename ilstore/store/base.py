@@ -43,8 +43,8 @@ from ..manifest import (
 from ..records import Record, dtype_from_str, iter_tensor_nodes
 from .stats_table import KEYS_NAME, ROWS_NAME, StatsTableReader, StatsTableWriter, table_of
 
-__all__ = ["StoreWriter", "StoreReader", "StepInfo", "read_manifest", "check_inside", "STEP_DIR", "step_dir_name",
-           "node_nbytes"]
+__all__ = ["StoreWriter", "StoreReader", "StepInfo", "Body", "read_manifest", "check_inside", "STEP_DIR",
+           "step_dir_name", "node_nbytes"]
 
 #: The name of a step's directory (``step_<N>``), as the ``pt`` and ``safetensors`` layouts use it.
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -412,6 +412,49 @@ class _StepSides(dict[tuple[CallKey, str], _Side]):
         self.weight = 0
 
 
+class Body:
+    """Where a stored tensor's elements lie in a file, byte for byte as a contiguous tensor of
+    :attr:`dtype` and :attr:`shape` holds them in memory (C order, native byte order, nothing to
+    decode): what :meth:`StoreReader.open_body` gives a comparer, which then reads the elements a
+    piece at a time (``os.preadv`` on :attr:`fd` from :attr:`offset`) instead of loading the
+    tensor. The file was checked as a load checks it when the body was opened; a read that ends
+    early means the file changed since (the comparer then loads the tensor, with its errors).
+
+    Close it (or use it as a context manager) when done: it may hold a descriptor of its own.
+    """
+
+    __slots__ = ("fd", "offset", "dtype", "shape", "numel", "path", "_own", "_keep")
+
+    def __init__(self, fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...], path: str | Path,
+                 own: bool = True, keep: object = None) -> None:
+        self.fd, self.offset, self.dtype, self.shape, self.path = fd, offset, dtype, tuple(shape), path
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        self.numel = numel
+        self._own = own  # the descriptor is this body's: closed by close()
+        self._keep = keep  # what must stay alive while the descriptor is read (a reader's open shard)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if self._own and fd >= 0:
+            os.close(fd)
+        self._keep = None
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Body({self.path}, offset={self.offset}, {self.dtype}, {list(self.shape)})"
+
+
 class StoreReader(ABC):
     """Reads one run directory.
 
@@ -492,6 +535,17 @@ class StoreReader(ABC):
     def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
         """The file that holds ``key``'s body, named in errors; the run directory by default."""
         return self.run_dir
+
+    def _open_body(self, key: TensorKey, node: dict[str, Any]) -> Body | None:
+        """Where ``key``'s elements lie in a file, checked as :meth:`_load` would check it, when
+        they lie there as the tensor's memory (see :class:`Body`); None where they do not, where
+        this reader cannot tell cheaply, or where anything about the file is off (a load then
+        reads it, with its errors). The default: None (the comparer loads every tensor)."""
+        return None
+
+    def _original_node(self, original: TensorKey) -> dict[str, Any]:
+        """The node of a de-duplicated tensor's original (for :meth:`open_body`)."""
+        return self.meta(original)
 
     # -- the public reader API ------------------------------------------------------------
     @property
@@ -729,6 +783,33 @@ class StoreReader(ABC):
                 or dtype than the metadata says; names the file.
         """
         return self.load_node(key, self.meta(key))
+
+    def open_body(self, key: TensorKey, node: dict[str, Any]) -> Body | None:
+        """Where the elements of the stored tensor ``key`` (its ``node``, as for
+        :meth:`load_node`) lie in a file, for a caller that reads them a piece at a time
+        (the comparer: its memory then does not grow with the tensor); None where the reader
+        cannot say, or the body is not stored as the tensor's memory, or the file is not what
+        the metadata says -- :meth:`load_node` then loads it, with its errors. Never raises
+        for a damaged run. The caller closes the body.
+        """
+        if node.get("stored") is False:
+            return None
+        try:
+            same_as = node.get("same_as")
+            if same_as is not None and not self.locator_keys & node.keys():
+                original = TensorKey.parse(same_as)
+                if original.step != key.step or original == key:
+                    return None
+                key, node = original, self._original_node(original)
+                if node.get("stored") is False or node.get("same_as") is not None:
+                    return None
+            body = self._open_body(key, node)
+        except Exception:  # noqa: BLE001 -- whatever is wrong, load_node() reports it
+            return None
+        if body is not None and (list(body.shape) != node.get("shape") or str(body.dtype) != node.get("dtype")):
+            body.close()
+            return None
+        return body
 
     def load_node(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         """:meth:`load` for a caller that holds ``key``'s metadata already (the node

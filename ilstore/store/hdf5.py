@@ -66,7 +66,7 @@ from ..records import Record, dtype_from_str, iter_tensor_nodes
 from ._encode import decode, encode
 from ._pread import AVAILABLE as pread_ok
 from ._pread import O_RDONLY, byte_tensor, pread_into
-from .base import StepInfo, StoreReader, StoreWriter, step_dir_name
+from .base import Body, StepInfo, StoreReader, StoreWriter, step_dir_name
 
 __all__ = ["Hdf5Writer", "Hdf5Reader", "FILE_FORMAT", "group_name", "parse_group_name", "dataset_name",
            "parse_dataset_name", "writer", "reader"]
@@ -1335,6 +1335,33 @@ class Hdf5Reader(StoreReader):
         if node is None:
             return self.load(original)
         return self.load_node(original, node if isinstance(node, dict) else dict(node))
+
+    def _original_node(self, original: TensorKey) -> dict[str, Any]:
+        node = self._originals.get(original)
+        if node is None:
+            return self.meta(original)
+        return node if isinstance(node, dict) else dict(node)
+
+    def _open_body(self, key: TensorKey, node: dict[str, Any]) -> Body | None:
+        """A dataset located (planned, or listed in the step file's :data:`LOCATIONS`) whose
+        stored values are the tensor's own: no encoding, the dtype its attribute names, no shape
+        attribute other than its own (see :func:`_decoded`)."""
+        located = self._located.get(key)
+        if located is None:
+            located = self._listed(key)
+        if located is None:
+            return None
+        attrs = located.attrs
+        dtype = dtype_from_str(str(attrs.get("dtype", node.get("dtype"))))
+        if attrs.get("encoding", "") != "" or dtype != located.tdtype:
+            return None
+        shape = attrs.get("shape")
+        if shape is not None and tuple(json.loads(str(shape))) != located.shape:
+            return None
+        if located.nbytes != math.prod(located.shape) * located.tdtype.itemsize:
+            return None
+        fd = os.open(located.path, O_RDONLY)
+        return Body(fd, located.offset, located.tdtype, located.shape, located.path)
 
     def _locate(self, key: TensorKey) -> _Located | None:
         with self._lock:

@@ -42,7 +42,7 @@ from ..manifest import MANIFEST_NAME, dumps, dumps_tree, json_str
 from ..records import Record, iter_tensor_nodes
 from ._pread import AVAILABLE as pread_ok
 from ._pread import O_NOFOLLOW, O_RDONLY, byte_tensor, pread_into
-from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, parent_gone, step_dir_name
+from .base import STEP_DIR, Body, StepInfo, StoreReader, StoreWriter, check_inside, parent_gone, step_dir_name
 
 __all__ = ["PtWriter", "PtReader", "module_dir_name", "tensor_file_name", "writer", "reader", "STRUCTURES_NAME"]
 
@@ -908,6 +908,37 @@ class PtReader(StoreReader):
             return _load_unknown(self._body_path(key, node), expected)
         return load_pt_file(self._body_path(key, node), dtype, shape)
 
+    def _open_body(self, key: TensorKey, node: dict[str, Any]) -> Body | None:
+        """A file in the legacy layout whose header torch.load has read before in this process
+        for this dtype and shape (as :func:`_read_known` takes it: the same header, the element
+        count, exactly the body after it), opened without following a final symbolic link."""
+        fname = node.get("file")
+        expected = _expected(node.get("dtype"), node.get("shape")) if pread_ok else None
+        if not (_DIRECT and expected is not None and type(fname) is str and _plain_name(fname)):
+            return None
+        dtype, shape, nbytes = expected
+        by_len = _signatures().get((dtype, shape))
+        if by_len is None:
+            return None
+        call = key.call_key
+        path = (self._dir_strs.get(call) or self._dir_str(call)) + fname
+        fd = os.open(path, _NOFOLLOW)
+        try:
+            cut = os.fstat(fd).st_size - nbytes - _SIZE.size
+            if cut not in by_len:
+                return None
+            head = os.pread(fd, cut + _SIZE.size, 0)
+            if len(head) != cut + _SIZE.size or _SIZE.unpack_from(head, cut)[0] != nbytes // dtype.itemsize:
+                return None
+            strides = _contiguous(shape)
+            if not any(head.startswith(header) and known == strides for header, known in by_len[cut]):
+                return None
+            body, fd = Body(fd, cut + _SIZE.size, dtype, shape, path), -1
+            return body
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
     def _body_path(self, key: TensorKey, node: dict[str, Any]) -> Path:
         fname = node.get("file")
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname in (".", ".."):
@@ -1193,6 +1224,15 @@ def _buffer(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[to
     if dtype is torch.bfloat16:
         tensor = tensor.view(torch.bfloat16)
     return tensor, array.reshape(-1).view(np.uint8).data.cast("B")
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (as ``torch.empty(shape).stride()``)."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _read_known(path: str, expected: tuple[torch.dtype, tuple[int, ...], int],

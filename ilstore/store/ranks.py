@@ -23,7 +23,7 @@ import torch
 from ..errors import CorruptFileError, RunNotFoundError
 from ..keys import CallKey, TensorKey
 from ..manifest import MANIFEST_NAME, TOTALS_KEYS, write_json_atomic
-from .base import StoreReader, read_manifest
+from .base import Body, StoreReader, read_manifest
 
 __all__ = ["RankedReader", "rank_dir_name", "rank_run_dir", "write_ranks_manifest", "is_ranked", "RANKS_LAYOUT"]
 
@@ -237,6 +237,14 @@ class RankedReader(StoreReader):
     def load_node(self, key: TensorKey, node: dict[str, Any]) -> torch.Tensor:
         """:meth:`load` with the rank's own node for ``key`` (no lookup of it there)."""
         return self._reader(key.rank).load_node(key, node)
+
+    def open_body(self, key: TensorKey, node: dict[str, Any]) -> Body | None:
+        """Where the rank ``key`` names keeps the tensor's elements (see :meth:`StoreReader.open_body`)."""
+        try:
+            reader = self._reader(key.rank)
+        except Exception:  # noqa: BLE001 -- load_node() reports it
+            return None
+        return reader.open_body(key, node)
 
     def prepare_loads(self, keys: Iterable[TensorKey | tuple[TensorKey, Mapping[str, Any] | None]]) -> None:
         """Hand each rank's reader that plans its loads (hdf5: ``prepare_loads``) its rank's keys,

@@ -42,7 +42,7 @@ from ..manifest import calls_from_json, calls_to_json, dumps, dumps_tree, json_s
 from ..records import Record, dtype_from_str
 from ._encode import decode, encode
 from ._pread import byte_tensor, pread_into
-from .base import STEP_DIR, StepInfo, StoreReader, StoreWriter, check_inside, parent_gone, step_dir_name
+from .base import STEP_DIR, Body, StepInfo, StoreReader, StoreWriter, check_inside, parent_gone, step_dir_name
 
 __all__ = ["SafetensorsWriter", "SafetensorsReader", "INDEX_NAME", "INDEX_FORMAT", "DEFAULT_SHARD_SIZE_MB", "writer",
            "reader"]
@@ -701,6 +701,26 @@ class _Shard:
         Raises:
             CorruptFileError: no such tensor, a malformed entry, or the file is cut short.
         """
+        placed = self.place(name)
+        if placed is None:
+            return None
+        dtype, shape, offset = placed
+        nbytes = math.prod(shape) * dtype.itemsize
+        try:
+            buf, view = byte_tensor(nbytes)
+            if pread_into(self._fd, (view,), offset) != nbytes:
+                raise ValueError("the file ends early")
+        except (OSError, ValueError) as exc:
+            raise CorruptFileError(self.path, f"cannot read tensor {name!r}: {exc}") from None
+        return buf.view(dtype).reshape(shape)
+
+    def place(self, name: str) -> tuple[torch.dtype, list[int], int] | None:
+        """The dtype, shape and file offset of tensor ``name``, its entry checked as the library
+        checks it; None when its dtype is not in :data:`_CODES`.
+
+        Raises:
+            CorruptFileError: no such tensor, or a malformed entry (bytes outside the file).
+        """
         info = self._header.get(name)
         if name == "__metadata__" or not isinstance(info, dict):
             raise CorruptFileError(self.path, f"cannot read tensor {name!r}: not in the shard")
@@ -709,20 +729,19 @@ class _Shard:
         if dtype is None:
             return None
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        try:
-            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                    and all(isinstance(v, int) and v >= 0 for v in [*shape, *offsets])):
-                raise ValueError("malformed entry in the header")
-            begin, end = offsets
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or self._base + end > self._size:
-                raise ValueError(f"bytes {begin}..{end} do not hold {shape} {code} inside the file")
-            buf, view = byte_tensor(nbytes)
-            if pread_into(self._fd, (view,), self._base + begin) != nbytes:
-                raise ValueError("the file ends early")
-        except (OSError, ValueError) as exc:
-            raise CorruptFileError(self.path, f"cannot read tensor {name!r}: {exc}") from None
-        return buf.view(dtype).reshape(shape)
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(v, int) and v >= 0 for v in [*shape, *offsets])):
+            raise CorruptFileError(self.path, f"cannot read tensor {name!r}: malformed entry in the header")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize or self._base + end > self._size:
+            raise CorruptFileError(self.path, f"cannot read tensor {name!r}: bytes {begin}..{end} do not hold "
+                                   f"{shape} {code} inside the file")
+        return dtype, shape, self._base + begin
+
+    @property
+    def fd(self) -> int:
+        """The shard's descriptor (valid while this object is referenced: see :meth:`close`)."""
+        return self._fd
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
@@ -864,6 +883,21 @@ class SafetensorsReader(StoreReader):
             return decode(stored, entry.get("encoding", ""), dtype_from_str(entry["dtype"]))
         except ValueError as exc:
             raise CorruptFileError(path, f"{name}: {exc}") from None
+
+    def _open_body(self, key: TensorKey, node: dict[str, Any]) -> Body | None:
+        """The tensor's bytes in its shard, when the shard holds them as they are (no encoding:
+        see :func:`._encode.encode`). The body keeps the shard object alive, and with it the
+        descriptor it reads (a shard the reader lets go is closed by the last holder)."""
+        name = str(key)
+        entry, path = self._entry(key, name)
+        if entry.get("encoding", ""):
+            return None
+        shard = self._shard(path)
+        placed = shard.place(entry.get("name", name))
+        if placed is None or placed[0] != dtype_from_str(entry["dtype"]) or shard.fd < 0:
+            return None
+        dtype, shape, offset = placed
+        return Body(shard.fd, offset, dtype, tuple(shape), path, own=False, keep=shard)
 
     def close(self) -> None:
         for shard in self._handles.values():
