@@ -30,6 +30,7 @@ from ilstore.store.registry import open_run
 from . import columnar, stats_table
 from ._heap import HeapGuard
 from ._kernel import FILE_CHUNK
+from ._kernel import enabled as kernel_enabled
 from .align import RuleMismatch, Side, materialize, squeezable
 from .divergence import analyse_calls, merge_introduced
 from .entries import Entries, Held
@@ -801,7 +802,7 @@ def _open_bodies(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions
     dtype = n1.get("dtype")
     if dtype not in _FILE_DTYPES or n2.get("dtype") != dtype or n1.get("shape") != n2.get("shape"):
         return None
-    if _pair_bytes(pair) < 2 * _FILE_BYTES:
+    if _pair_bytes(pair) < 2 * _FILE_BYTES or not kernel_enabled():  # (without the kernel: loaded)
         return None
     b1 = r1.open_body(s1.key, n1 if isinstance(n1, dict) else dict(n1))
     if b1 is None:

@@ -312,3 +312,21 @@ def test_large_pairs_opened_from_their_files_run_side_by_side(monkeypatch: pytes
     with pytest.raises(KeyboardInterrupt):
         list(engine._stream(order, fn, 2, None, opened=interrupted))  # type: ignore[arg-type]
     assert set(made) == {"big1", "big2"} and all(b.closed for pair in made.values() for b in pair)
+
+
+@pytest.mark.parametrize("backend", ["pt"])
+def test_without_the_kernel_no_body_is_opened(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch path (no compiler, ``ILSTORE_COMPARE_KERNEL=0``) loads every pair: no file is
+    opened for pieces it would not read."""
+    from ilstore.store.base import StoreReader
+
+    a, b = _runs(tmp_path, backend)
+    want = compare(a, b, workers=2)
+    opened: list[object] = []
+    real = StoreReader.open_body
+    monkeypatch.setattr(StoreReader, "open_body", lambda self, *x: opened.append(x) or real(self, *x))
+    monkeypatch.setattr(engine, "kernel_enabled", lambda: False)
+    monkeypatch.setattr(_kernel.LIBRARY, "load", lambda: None)
+    got = compare(a, b, workers=2)
+    assert not opened
+    assert [(t.key, t.status) for t in got.tensors] == [(t.key, t.status) for t in want.tensors]
