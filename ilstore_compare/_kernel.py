@@ -280,11 +280,12 @@ static int read_at_(int fd, char *buf, int64_t nbytes, int64_t off) {
    each piece measured while it is in the cache; start and step multiples of BLOCK. The pieces'
    totals merged in order into t (counts added, the first largest |a-b|, its index relative to
    start); the sums are in lanes (add them with ilstore_fold). Returns 0, 1 when a file ended
-   early, -1 when a read failed (errno). */
+   early, -1 when a read failed (errno), 2 when this build cannot read 64-bit offsets. */
 int ilstore_fused_files(int fx, int64_t xo, int xk, int fy, int64_t yo, int yk, int64_t start, int64_t stop,
                         int64_t step, double rtol, double atol, int equal_nan, int ulp, totals *t, double *lanes,
                         char *bx, char *by) {
     totals p;
+    if (sizeof(off_t) < sizeof(int64_t)) return 2;  /* offsets past 2 GiB would wrap: not measured here */
     t->mis = t->fin = t->nan1 = t->nan2 = t->inf1 = t->inf2 = 0;
     t->s_abs = t->dd = t->aa = t->bb = t->ab = 0.0;
     t->max_abs = -1.0;
@@ -569,7 +570,7 @@ def fused_files(x: FileSide, y: FileSide, n: int, *, rtol: float, atol: float, e
     cache. The reading and the measuring are one call into the kernel (no Python, the GIL
     released, between pieces: with several workers a thread that came back from each read
     would wait for the interpreter). None without the kernel (or on a platform without
-    ``pread``). With ``bounds`` and ``run_all`` (as for :func:`fused_ranges`) the ranges are read
+    ``pread``, or a 32-bit ``off_t``). With ``bounds`` and ``run_all`` (as for :func:`fused_ranges`) the ranges are read
     and measured at once, each on its own thread's buffers.
 
     Raises:
@@ -591,6 +592,8 @@ def fused_files(x: FileSide, y: FileSide, n: int, *, rtol: float, atol: float, e
         code = files(x.fd, x.offset, x.itemsize, y.fd, y.offset, y.itemsize, start, stop, step, float(rtol),
                      float(atol), int(bool(equal_nan)), ulp, ctypes.byref(t), lanes.ctypes.data, bx.ctypes.data,
                      by.ctypes.data)
+        if code == 2:
+            raise _NoOffsets
         if code == 1:
             raise ShortRead(f"{x.path} or {y.path}: a file ends before element {stop} (it changed since it was opened)")
         if code:
@@ -601,8 +604,15 @@ def fused_files(x: FileSide, y: FileSide, n: int, *, rtol: float, atol: float, e
         bounds, run_all = (0, n), _one_by_one
     assert bounds[0] == 0 and bounds[-1] == n and all(b % BLOCK == 0 for b in bounds[:-1])
     ranges = [(a, b) for a, b in pairwise(bounds) if b > a]
-    results = run_all([partial(part, a, b) for a, b in ranges])
+    try:
+        results = run_all([partial(part, a, b) for a, b in ranges])
+    except _NoOffsets:
+        return None
     return _merged(lib, lanes, nblocks, [(start, t) for (start, _stop), t in zip(ranges, results, strict=True)])
+
+
+class _NoOffsets(Exception):
+    """A build whose ``off_t`` has 32 bits (nothing read: the tensors are loaded instead)."""
 
 
 def _piece(x: FileSide, y: FileSide) -> int:

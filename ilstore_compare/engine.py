@@ -422,11 +422,12 @@ def _stream(pairs: Sequence[Pair], fn: Callable[..., TensorResult], workers: int
     large pairs (:class:`_Assist`); without it, a pool of ``workers`` threads for this call.
 
     ``opened``: with several workers, a large pair's bodies are opened here (:func:`_open_bodies`)
-    as it comes within reach, and ``fn(pair, bodies)`` compares it from its files (False: it
-    could not be, ``fn`` loads it): such a pair counts only its pieces' memory
-    (:data:`_FILE_PAIR_BYTES`), so large pairs run side by side. Should its files change before it
-    is read (a read that ends early), it is loaded beyond the budget: the one case the bound
-    does not cover. Every body opened is closed, whatever happens.
+    as it is about to start (at most :data:`_OPEN_AHEAD` such units a worker hold bodies), and
+    ``fn(pair, bodies)`` compares it from its files (False: it could not be, ``fn`` loads it):
+    such a pair counts only its pieces' memory (:data:`_FILE_PAIR_BYTES`), so large pairs run
+    side by side. Should its files change before it is read (a read that ends early), it is
+    loaded beyond the budget: the one case the bound does not cover. Every body opened is
+    closed, whatever happens.
     """
     total = len(pairs)
     if workers <= 1:
@@ -443,11 +444,13 @@ def _stream(pairs: Sequence[Pair], fn: Callable[..., TensorResult], workers: int
     running = [0]  # bytes of the units started and not finished
     changed = threading.Condition()  # a unit finished: memory freed, results are ready
     bodies: dict[int, tuple[Body, Body] | bool] = {}  # unit index -> its pair's opened bodies (False: none)
+    held = [0]  # units whose bodies are open (not yet given to a worker, or being compared)
 
     def run(unit: tuple[int, int, int], size: int,
             index: int | None = None) -> tuple[list[TensorResult], BaseException | None]:
         start, end, _bytes = unit
         done: list[TensorResult] = []
+        opened_bodies = None
         try:
             opened_bodies = bodies.pop(index, None) if index is not None else None  # (the one taking them)
             if opened_bodies is not None:
@@ -460,17 +463,24 @@ def _stream(pairs: Sequence[Pair], fn: Callable[..., TensorResult], workers: int
         finally:
             with changed:
                 running[0] -= size
+                held[0] -= isinstance(opened_bodies, tuple)
         return done, None
 
-    def arrive(index: int) -> None:
-        """Open the bodies of a unit's large pair as it comes within reach (see ``opened``)."""
+    def arrive(index: int) -> bool:
+        """Open the bodies of a unit's large pair as it is about to start (see ``opened``), unless
+        :data:`_OPEN_AHEAD` units per worker hold theirs: False then (it waits, and is tried again
+        when one finishes). True for every other unit, and once opened or found not to open."""
         start, end, size = units[index]
-        if opened is None or batched[index] or end - start != 1 or size < 2 * _FILE_BYTES:
-            return
+        if opened is None or batched[index] or end - start != 1 or size < 2 * _FILE_BYTES or index in bodies:
+            return True
+        if held[0] >= _OPEN_AHEAD * workers:
+            return False
         found = opened(pairs[start])
         bodies[index] = found if found is not None else False
         if found is not None:
+            held[0] += 1
             sizes[index] = min(size, _FILE_PAIR_BYTES)
+        return True
 
     def finished(_future: Future[tuple[list[TensorResult], BaseException | None]]) -> None:
         with changed:  # after the future is done: a waiter that saw it not done is woken
@@ -488,11 +498,10 @@ def _stream(pairs: Sequence[Pair], fn: Callable[..., TensorResult], workers: int
                 here = None
                 with changed:
                     while next_new < min(len(units), next_out + ahead):
-                        arrive(next_new)
                         waiting.append(next_new)
                         next_new += 1
                     for index in list(waiting):  # the oldest first
-                        if running[0] and running[0] + sizes[index] > budget:
+                        if not arrive(index) or running[0] and running[0] + sizes[index] > budget:
                             continue
                         if batched[index]:  # this thread's, when it would otherwise wait
                             here = index if here is None else here
@@ -599,6 +608,10 @@ _BATCH_PAIRS = 64
 #: one is compared: 2 per worker left workers idle behind it (2 workers, 2 x 300 MB runs of
 #: float32: w2/w1 1.38-1.41 with 2 per worker, 1.51-1.68 with 8, paired rounds on the same runs).
 _AHEAD = 8
+#: ... of which at most this many per worker hold their bodies open (:func:`_stream`): two
+#: descriptors each in the pt and hdf5 readers, so ``--workers`` of any size stays far below the
+#: process's open-file limit (with the 8 of :data:`_AHEAD`: ~34 more descriptors with 2 workers).
+_OPEN_AHEAD = 2
 #: Bytes per element by dtype name (``torch.`` prefix removed); other names count 4.
 _ITEMSIZE = {"float64": 8, "double": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16, "cdouble": 16,
              "float16": 2, "half": 2, "bfloat16": 2, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}
@@ -807,9 +820,15 @@ def _open_bodies(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOptions
     b1 = r1.open_body(s1.key, n1 if isinstance(n1, dict) else dict(n1))
     if b1 is None:
         return None
-    b2 = r2.open_body(s2.key, n2 if isinstance(n2, dict) else dict(n2))
-    if b2 is None:
+    try:
+        b2 = r2.open_body(s2.key, n2 if isinstance(n2, dict) else dict(n2))
+    except BaseException:  # (Ctrl-C)
         b1.close()
+        raise
+    if b2 is None or b2.shape != b1.shape:
+        b1.close()
+        if b2 is not None:
+            b2.close()
         return None
     return b1, b2
 
@@ -860,7 +879,7 @@ def _compare_pair_of(pair: Pair, r1: StoreReader, r2: StoreReader, o: CompareOpt
         try:
             metrics = compare_files(*bodies, rtol=o.rtol, atol=o.atol, equal_nan=o.equal_nan,
                                     split=assist.split if assist is not None else None)
-        except OSError:  # a file changed since its body was opened: loaded below, with the load's errors
+        except (OSError, ValueError):  # a file changed since its body was opened: loaded below, with its errors
             metrics = None
         if metrics is not None:
             return TensorResult(pair.key, MATCH if metrics.mismatched == 0 else MISMATCH, metrics=metrics, **meta)

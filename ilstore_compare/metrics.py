@@ -496,6 +496,12 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, *, rtol: float, atol: floa
     return _with_tiny_references(acc.result(a.numel(), tuple(a.shape)), a, b)
 
 
+#: Bytes of each body :func:`compare_files` asks the system to read ahead at once: a cold compare
+#: of two workers then reads at the disk's speed (see docs/performance.md, the second 2026-12-03
+#: round), without asking a body larger than the memory to be cached whole.
+_READ_AHEAD = 256 * 2**20
+
+
 def compare_files(a: Body, b: Body, *, rtol: float, atol: float, equal_nan: bool = False,
                   split: Split | None = None) -> TensorMetrics | None:
     """:func:`compare_tensors` (not ``exact``) of two stored tensors, read from their files a piece
@@ -521,9 +527,9 @@ def compare_files(a: Body, b: Body, *, rtol: float, atol: float, equal_nan: bool
         return None
     kind = np.dtype(np.float32 if a.dtype is torch.float32 else np.float64)
     x, y = FileSide(a.fd, a.offset, kind, str(a.path)), FileSide(b.fd, b.offset, kind, str(b.path))
-    for body in (a, b):  # files not in the page cache: read ahead the whole body while the pieces are measured
-        with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(body.fd, body.offset, body.nbytes, os.POSIX_FADV_WILLNEED)
+    for body in (a, b):  # files not in the page cache: read ahead while the pieces are measured
+        with contextlib.suppress(AttributeError, OSError):  # (up to _READ_AHEAD: the system's own read-ahead after)
+            os.posix_fadvise(body.fd, body.offset, min(body.nbytes, _READ_AHEAD), os.POSIX_FADV_WILLNEED)
     bounds = run_all = None
     if split is not None and split.parts >= 2 and n >= split.min_elements:
         bounds, run_all = _bounds(n, split.parts, BLOCK), split.run_all

@@ -22,7 +22,7 @@ from compare_helpers import BACKENDS, need_backend
 from ilstore.store import open_run
 from ilstore.testing import conformance_tensors
 from ilstore_compare import _kernel, compare, engine, metrics
-from ilstore_compare.result import UNREADABLE
+from ilstore_compare.result import SHAPE_MISMATCH, UNREADABLE
 from test_stats_compare_divergent import _same
 
 needs_kernel = pytest.mark.skipif(not _kernel.enabled(), reason="the fused kernel is not built here")
@@ -72,11 +72,14 @@ def _tensors(variant: str) -> list[torch.Tensor]:
     return [f32, f64, tiny, exact, small, half, f32[:2].clone()]
 
 
-def _runs(tmp_path: Path, backend: str) -> tuple[Path, Path]:
+def _runs(tmp_path: Path, backend: str, b_shape: tuple[int, ...] | None = None) -> tuple[Path, Path]:
+    """Runs a and b of :func:`_tensors`; ``b_shape``: b's large float32 tensor reshaped so."""
     need_backend(backend)
     out = []
     for variant in ("a", "b"):
         xs = _tensors(variant)
+        if variant == "b" and b_shape is not None:
+            xs[0] = xs[0].reshape(b_shape)
         model = Emit(len(xs))
         cfg = {"output_dir": str(tmp_path), "run_id": variant, "backend": backend}
         with torch.no_grad(), ilstore.capture(model, cfg) as cap:
@@ -330,3 +333,115 @@ def test_without_the_kernel_no_body_is_opened(tmp_path: Path, backend: str, monk
     got = compare(a, b, workers=2)
     assert not opened
     assert [(t.key, t.status) for t in got.tensors] == [(t.key, t.status) for t in want.tensors]
+
+
+def _index_docs(run: Path) -> list[Path]:
+    return sorted(run.glob("step_*/index.json"))
+
+
+def _edit_nodes(doc: Any, edit: Any) -> int:
+    """Apply ``edit`` to every tensor node (a dict with a ``dtype``) in a JSON document."""
+    count = 0
+    if isinstance(doc, dict):
+        if "dtype" in doc and "shape" in doc:
+            count += edit(doc) or 0
+        for value in doc.values():
+            count += _edit_nodes(value, edit)
+    elif isinstance(doc, list):
+        for value in doc:
+            count += _edit_nodes(value, edit)
+    return count
+
+
+def _both_ways(a: Path, b: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> tuple[Any, Any]:
+    with monkeypatch.context() as m:
+        _loaded(m)
+        loaded = compare(a, b, keep_going=True, workers=workers)
+    return compare(a, b, keep_going=True, workers=workers), loaded
+
+
+@needs_kernel
+def test_a_safetensors_encoding_the_load_refuses_is_not_read_from_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index entry whose ``encoding`` is null: the load reports it (unknown encoding), and so
+    does the comparison, instead of reading the bytes as they are."""
+    import json
+
+    a, b = _runs(tmp_path, "safetensors")
+    edited = 0
+    for path in _index_docs(b):
+        doc = json.loads(path.read_text())
+        for entry in doc["tensors"].values():
+            entry["encoding"] = None
+            edited += 1
+        path.write_text(json.dumps(doc))
+    assert edited
+    for workers in (1, 2):
+        streamed, loaded = _both_ways(a, b, monkeypatch, workers)
+        assert any(t.status == UNREADABLE for t in loaded.tensors)
+        _same(streamed, loaded)
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["safetensors"])
+def test_a_de_duplicated_node_that_disagrees_with_its_original_is_loaded(
+        tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``same_as`` node that says another shape than its original (a damaged or hand-edited
+    run), the same shape as the other run's tensor: its body is not the node's tensor, so it is
+    loaded, and the comparison is the loaded one (here: shape mismatches), not an error."""
+    import json
+
+    a, b = _runs(tmp_path, backend, b_shape=(1000, 300))
+
+    def transpose(node: dict[str, Any]) -> int:
+        if "same_as" in node and node["shape"] == [300, 1000]:
+            node["shape"] = [1000, 300]
+            return 1
+        return 0
+
+    edited = 0
+    for path in _index_docs(a):
+        doc = json.loads(path.read_text())
+        edited += _edit_nodes(doc, transpose)
+        path.write_text(json.dumps(doc))
+    assert edited
+    for workers in (1, 2):
+        streamed, loaded = _both_ways(a, b, monkeypatch, workers)
+        assert any(t.status == SHAPE_MISMATCH for t in loaded.tensors)
+        _same(streamed, loaded)
+
+
+def test_at_most_two_units_a_worker_hold_their_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bodies are opened as their pair is about to start, not as it comes within reach: however
+    many large pairs are queued, at most _OPEN_AHEAD per worker hold descriptors at once."""
+    import threading
+
+    monkeypatch.setattr(engine, "_pair_bytes", lambda pair: 400 * 2**20)
+    lock, open_now, peak = threading.Lock(), [0], [0]
+
+    class Counted(_FakeBody):
+        def __init__(self) -> None:
+            super().__init__()
+            with lock:
+                open_now[0] += 1
+                peak[0] = max(peak[0], open_now[0])
+
+        def close(self) -> None:
+            if not self.closed:
+                with lock:
+                    open_now[0] -= 1
+            super().close()
+
+    def fn(pair: int, bodies: Any = None) -> int:
+        try:
+            return pair
+        finally:
+            for body in bodies or ():
+                body.close()
+
+    for workers in (2, 4):
+        peak[0] = 0
+        order = list(range(100))
+        got = list(engine._stream(order, fn, workers, None, opened=lambda p: (Counted(), Counted())))  # type: ignore[arg-type]
+        assert got == order and open_now[0] == 0
+        assert 2 < peak[0] <= 2 * engine._OPEN_AHEAD * workers

@@ -794,6 +794,7 @@ class StoreReader(ABC):
         """
         if node.get("stored") is False:
             return None
+        nodes = [node]  # the body must be what each says (a de-duplicated tensor's and its original's)
         try:
             same_as = node.get("same_as")
             if same_as is not None and not self.locator_keys & node.keys():
@@ -803,10 +804,12 @@ class StoreReader(ABC):
                 key, node = original, self._original_node(original)
                 if node.get("stored") is False or node.get("same_as") is not None:
                     return None
+                nodes.append(node)
             body = self._open_body(key, node)
         except Exception:  # noqa: BLE001 -- whatever is wrong, load_node() reports it
             return None
-        if body is not None and (list(body.shape) != node.get("shape") or str(body.dtype) != node.get("dtype")):
+        if body is not None and any(list(body.shape) != n.get("shape") or str(body.dtype) != n.get("dtype")
+                                    for n in nodes):
             body.close()
             return None
         return body

@@ -890,7 +890,7 @@ class SafetensorsReader(StoreReader):
         descriptor it reads (a shard the reader lets go is closed by the last holder)."""
         name = str(key)
         entry, path = self._entry(key, name)
-        if entry.get("encoding", ""):
+        if entry.get("encoding", "") != "":  # (as decode() takes it: anything else is the load's error)
             return None
         shard = self._shard(path)
         placed = shard.place(entry.get("name", name))
