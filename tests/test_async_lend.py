@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,25 @@ def lending(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(capture_mod, "_ASYNC_LENDS", True)
 
 
+@pytest.fixture
+def quiet_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """For the tests that lending stays on: a directory on tmpfs where there is one, and 5 ms of
+    budget a write. Their subject is what does *not* count as a slow disk (CPU time, waits for a
+    core); a real disk can block a write for real (a fresh CI clone's tests start while the
+    installed packages are still being written back, and one such run turned lending off, rightly),
+    which is the other tests' subject. 5 ms is a sixth of the 30 ms each injected write takes, so
+    counting those 30 ms would still turn lending off at the second write."""
+    monkeypatch.setattr(pipeline, "_LEND_BUDGET_S", 0.005)
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="ilstore-lend-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_lent_records_store_what_the_hook_saw(tmp_path: Path, backend: str, lending: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +189,7 @@ def test_slow_lent_writes_turn_lending_off(tmp_path: Path, backend: str, lending
 
 
 @pytest.mark.parametrize("backend", _BACKENDS)
-def test_lent_writes_waiting_for_a_core_are_not_slow(tmp_path: Path, backend: str, lending: None,
+def test_lent_writes_waiting_for_a_core_are_not_slow(quiet_dir: Path, backend: str, lending: None,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The same 30 ms writes, but spent waiting in the run queue (another process had the core, as
     on a busy machine; the thread's schedstat says so, faked here): not the disk's slowness, so
@@ -185,14 +207,14 @@ def test_lent_writes_waiting_for_a_core_are_not_slow(tmp_path: Path, backend: st
 
     monkeypatch.setattr(StoreWriter, "write", queued)
     monkeypatch.setattr(pipeline, "_run_queue_wait", lambda: waited[0])
-    run, seen, sink = _capture(tmp_path, "run", backend, steps=2)
+    run, seen, sink = _capture(quiet_dir, "run", backend, steps=2)
     assert sink.lending and sink.lent_records == 2 * 10
     _check_stored(run, seen)
 
 
 @pytest.mark.skipif(pipeline._run_queue_wait() is None, reason="the kernel has no /proc/thread-self/schedstat")
 @pytest.mark.parametrize("backend", _BACKENDS)
-def test_lent_writes_that_copy_slowly_are_not_slow(tmp_path: Path, backend: str, lending: None,
+def test_lent_writes_that_copy_slowly_are_not_slow(quiet_dir: Path, backend: str, lending: None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that take 30 ms of CPU each (as copies do on a machine whose other processes take
     the memory's bandwidth: one measured 8-13 ms for 2 MB under load, ~1 ms quiet): a snapshot
@@ -207,7 +229,7 @@ def test_lent_writes_that_copy_slowly_are_not_slow(tmp_path: Path, backend: str,
         write(self, record)
 
     monkeypatch.setattr(StoreWriter, "write", busy)
-    run, seen, sink = _capture(tmp_path, "run", backend, steps=2)
+    run, seen, sink = _capture(quiet_dir, "run", backend, steps=2)
     assert sink.lending and sink.lent_records == 2 * 10
     _check_stored(run, seen)
 
