@@ -73,12 +73,17 @@ _GIL_SLICE_S: float | None = 0.0002
 #: What each write takes beyond its budget, less what the faster ones leave unused, accumulates;
 #: past :data:`_LEND_SLACK_S` lending is off for the run (so the model waits at most that much
 #: longer for the disk than with snapshots, plus one write). What counts is the time the write
-#: was blocked in the kernel (a throttled disk, a page cache that sleeps to hand out pages): its
-#: wall clock less its CPU time (a snapshot would copy the same bytes: a copy slowed by a busy
-#: machine's memory is no reason to snapshot) and less the time its thread waited for a core
-#: (Linux's ``/proc/thread-self/schedstat``: another process's time, not the disk's). Without
-#: schedstat, a write that did not sleep (no voluntary context switch) was not blocked; where
-#: that is not known either (not Linux), its wall clock less its CPU time counts.
+#: was blocked in the kernel (a throttled disk, a page cache that sleeps to hand out pages): a
+#: write that did not sleep (no voluntary context switch, ``getrusage(RUSAGE_THREAD)``) was not
+#: blocked, whatever its clock says; one that did counts its wall clock less its CPU time (a
+#: snapshot would copy the same bytes: a copy slowed by a busy machine's memory is no reason to
+#: snapshot) and less the time its thread waited for a core (Linux's
+#: ``/proc/thread-self/schedstat``: another process's time, not the disk's). Where neither is
+#: known (not Linux), its wall clock less its CPU time counts. (On this project's VM, with 1.8 GB
+#: in its tmpfs, single writes of 0.5-8 MB to tmpfs took 8-58 ms beyond their CPU time and their
+#: waits for a core without ever sleeping -- steal time, the VM's host's -- and turned lending off
+#: in 2-3 of 7 benchmark captures; snapshots pay such time too, and the capture took 1.14-1.15 x
+#: longer with them than lent, pt and safetensors.)
 _LEND_BUDGET_S = 0.0005
 _LEND_BUDGET_BPS = 1e9
 _LEND_SLACK_S = 0.02
@@ -558,9 +563,7 @@ class ThreadedSink(RecordSink):
             self._write_batch_here()
             with self._cond:
                 self._pending_items += 1
-            queued = _run_queue_wait()
-            if queued is None:
-                waits = _voluntary_waits()
+            queued, waits = _run_queue_wait(), _voluntary_waits()
             cpu, started = time.thread_time(), clock()
             writer.lent = True
             try:
@@ -572,17 +575,18 @@ class ThreadedSink(RecordSink):
             if not self.lent_records:  # the first pays for one-time set-up (an import, the first files)
                 spent = 0.0
             elif spent > budget:  # it waited for the disk, or for a core, or it copied slowly?
-                # What counts is the time it was blocked: not its CPU time (a snapshot copies the same
-                # bytes), nor its waits for a core (another process's time, not the disk's)
-                spent -= time.thread_time() - cpu
-                if queued is None:  # no schedstat: a write that never slept waited only for a core
-                    if waits is not None and _voluntary_waits() == waits:
-                        spent = 0.0
+                # What counts is the time it was blocked: a write that never slept was not (its time
+                # went to its CPU, a core's other tasks, or the VM's host); else not its CPU time (a
+                # snapshot copies the same bytes), nor its waits for a core (another process's time)
+                if waits is not None and _voluntary_waits() == waits:
+                    spent = 0.0
                 else:
-                    queued_after = _run_queue_wait()
-                    if queued_after is not None:
-                        spent -= queued_after - queued
-                spent = max(0.0, spent)
+                    spent -= time.thread_time() - cpu
+                    if queued is not None:
+                        queued_after = _run_queue_wait()
+                        if queued_after is not None:
+                            spent -= queued_after - queued
+                    spent = max(0.0, spent)
             self._lend_excess = excess = max(0.0, self._lend_excess + spent - budget)
             if excess > _LEND_SLACK_S:
                 self.lending = False
