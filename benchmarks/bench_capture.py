@@ -22,7 +22,10 @@ Rows, each a median over ``--rounds`` rounds (a fresh run directory per round):
 Columns: forward (producer-visible) time, total time including flush/close (medians, seconds),
 each as a ratio to the baseline forward and to the raw floor's total; bytes and files written;
 peak RSS growth over the process's RSS before the row (the kernel's high-water mark, reset
-before the row: no sampling thread competes with the timed forward). Ratios are paired:
+before the row: no sampling thread competes with the timed forward); ``steal%``: the share of
+the CPUs' time the VM's host took while the row's rounds ran (``/proc/stat``; on this project's
+VM it comes and goes, and a row measured while it is more than a few percent is slowed by the
+host, not by its code). Ratios are paired:
 the median over rounds of (this row / the reference row of the same round), so a slow drift of
 a shared machine (its disk speed varied 2x between rounds here) cancels out.
 
@@ -67,7 +70,7 @@ import ilstore
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import PeakRss, dir_size, memory_note  # noqa: E402
+from _bench_common import PeakRss, Steal, dir_size, memory_note  # noqa: E402
 
 
 def build_model() -> torch.nn.Module:
@@ -119,13 +122,14 @@ class Row:
         # async rows: rounds whose capture wrote records on the model's thread (lent) and rounds
         # where it then switched lending off (lent writes over their budget: snapshots from then on)
         self.lent_rounds = self.lending_off_rounds = 0
+        self.steal = Steal()  # the host's share of the CPUs while this row's rounds ran
 
     def measure(self, r: int, tmp: Path, model: torch.nn.Module, ids: torch.Tensor) -> None:
         out = tmp / f"{self.name.replace(' ', '_')}_{r}"
         out.mkdir(parents=True)
         gc.collect()
         os.sync()  # earlier rows' dirty pages are written back now, not during this row's timing
-        with PeakRss() as sampler:
+        with PeakRss() as sampler, self.steal:
             t_setup = _clock()
             state = self.setup(out)
             t0 = t_setup if self.timed_setup else _clock()
@@ -142,7 +146,8 @@ class Row:
     def result(self) -> dict[str, Any]:
         return {"name": self.name, "forward": statistics.median(self.fwd), "total": statistics.median(self.total),
                 "bytes": self.bytes, "files": self.files, "rss": statistics.median(self.rss),
-                "lent_rounds": self.lent_rounds, "lending_off_rounds": self.lending_off_rounds}
+                "lent_rounds": self.lent_rounds, "lending_off_rounds": self.lending_off_rounds,
+                "steal_percent": self.steal.percent}
 
 
 def _fs_type(path: Path) -> str:
@@ -325,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians; "
           f"ratios are medians of same-round ratios), {args.clock} clock")
     header = (f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} "
-              f"{'MB':>7} {'files':>6} {'RSS+MB':>7}")
+              f"{'MB':>7} {'files':>6} {'RSS+MB':>7} {'steal%':>6}")
     print(header)
     print("-" * len(header))
     for res in results:
         print(f"{res['name']:28} {res['forward']:9.3f} {res['fwd/base']:8.2f} {res['total']:8.3f} "
               f"{res['tot/base']:8.2f} {res['tot/floor']:9.2f} {res['bytes'] / 1e6:7.1f} {res['files']:6d} "
-              f"{res['rss'] / 2**20:7.0f}")
+              f"{res['rss'] / 2**20:7.0f} {res['steal_percent']:6.1f}")
     lent = [res for res in results if res["lent_rounds"]]
     if lent:
         print("async rounds that wrote on the model's thread (lent) / of them, lending switched off: "

@@ -44,7 +44,9 @@ memory-mapped files show up in the first only) -- for the CLI rows, the whole pe
 child process (``VmHWM``, not a growth); and the RSS target, 2 x the largest tensor + 300 MB.
 Then the ``--workers`` ratios per backend (w2/w1 throughput; target >= 1.6). ``load``: the median
 1-minute load average before the row's rounds (on a shared machine a second worker only helps
-when a core is idle: quote the load with every figure). ``--paired N`` adds, per backend, N
+when a core is idle: quote the load with every figure); ``steal%``: the share of the CPUs' time
+the VM's host took while the row's rounds ran (``/proc/stat``; a row measured while it is more
+than a few percent is slowed by the host, not by its code). ``--paired N`` adds, per backend, N
 rounds of ``compare()`` with one worker and with the largest of ``--workers`` back to back
 (alternating which goes first): the median and the best of the per-round ratios, which a load
 that comes and goes disturbs less than the ratio of two medians; and first the same for the two
@@ -112,6 +114,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from _bench_common import (  # noqa: E402
     MiB,
+    Steal,
     drop_page_cache,
     files_under,
     loadavg,
@@ -468,14 +471,16 @@ def _paired(seconds_of: Callable[[int], float], workers: int, rounds: int) -> di
     """``rounds`` rounds of ``seconds_of(1)`` and ``seconds_of(workers)`` back to back, which goes
     first alternating: each round's ratio (the first's seconds / the second's) and the load."""
     ratios, loads = [], []
+    steal = Steal()
     for i in range(rounds):
         seconds = {}
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
         for w in ((1, workers) if i % 2 == 0 else (workers, 1)):
             release_memory()
-            seconds[w] = seconds_of(w)
+            with steal:
+                seconds[w] = seconds_of(w)
         ratios.append(seconds[1] / seconds[workers])
-    return {"workers": workers, "ratios": ratios, "loads": loads}
+    return {"workers": workers, "ratios": ratios, "loads": loads, "steal_percent": steal.percent}
 
 
 #: The CLI's entry point, writing its peak RSS (``VmHWM``: the whole resident set, mapped files
@@ -511,6 +516,7 @@ class Row:
         self.name, self.fn, self.files, self.group, self.child, self.forked = name, fn, files, group, child, forked
         self.times: list[float] = []
         self.loads: list[float] = []  # the 1-minute load average before each round of this row
+        self.steal = Steal()  # the host's share of the CPUs while this row's rounds ran
         self.rss: list[int] = []
         self.anon: list[int] = []
         self.check: int | None = None
@@ -520,7 +526,8 @@ class Row:
         if cold:
             drop_page_cache(self.files)
         self.loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
-        seconds, sampler, check = timed(self.fn)
+        with self.steal:
+            seconds, sampler, check = timed(self.fn)
         if self.forked:  # its own clock (the forks untimed); its processes' growth, no anonymous part known
             check, seconds, grown = check
             self.rss.append(grown)
@@ -539,7 +546,7 @@ class Row:
         return {"name": self.name, "group": self.group, "seconds": statistics.median(self.times),
                 "rss": statistics.median(self.rss), "rss_anon": statistics.median(self.anon),
                 "rss_max": max(self.rss), "rss_anon_max": max(self.anon), "times": self.times,
-                "load": statistics.median(self.loads), "loads": self.loads,
+                "load": statistics.median(self.loads), "loads": self.loads, "steal_percent": self.steal.percent,
                 "check_mismatched": self.check}
 
 
@@ -669,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     for backend, (nbytes, nfiles) in disk.items():
         print(f"  {backend}: both runs {nbytes / 1e6:.1f} MB on disk in {nfiles} files")
     header = (f"{'row':38} {'s':>7} {'MB/s':>7} {'x floor':>7} {'x f32':>7} {'RSS+MB':>7} {'anon+MB':>7} "
-              f"{'<=target RSS/anon':>17} {'load':>5}")
+              f"{'<=target RSS/anon':>17} {'load':>5} {'steal%':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -681,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = "/".join("yes" if r[k] else "NO" for k in ("rss_target_ok", "rss_anon_target_ok"))
         print(f"{r['name']:38} {r['seconds']:7.3f} {r['mb_per_s']:7.0f} {r['ratio_to_floor']:7.2f} "
               f"{r['ratio_to_f32_floor']:7.2f} "
-              f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {ok:>17} {r['load']:5.1f}")
+              f"{r['rss'] / 1e6:7.0f} {r['rss_anon'] / 1e6:7.0f} {ok:>17} {r['load']:5.1f} {r['steal_percent']:6.1f}")
     checks = {r["check_mismatched"] for r in results if r["group"] != "floor" or r["name"] != "floor: read only"}
     print(f"check: mismatched elements per row (CLI rows: exit status) {sorted(checks)} (expect the count and 1)")
     for backend in backends:
@@ -700,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend, p in paired.items():
         print(f"{backend}: paired w{p['workers']}/w1 throughput, {len(p['ratios'])} rounds: median "
               f"{statistics.median(p['ratios']):.2f}, best {max(p['ratios']):.2f} "
-              f"[{', '.join(f'{r:.2f}' for r in p['ratios'])}], load {statistics.median(p['loads']):.1f}"
+              f"[{', '.join(f'{r:.2f}' for r in p['ratios'])}], load {statistics.median(p['loads']):.1f}, "
+              f"steal {p['steal_percent']:.1f} %"
               + (", SCHED_FIFO" if p["fifo"] else "") + (", autogroup nice -20" if p["nice_group"] else ""))
     for backend, per_w in parts.items():
         for w, part in per_w.items():
