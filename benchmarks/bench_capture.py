@@ -329,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds (medians; "
           f"ratios are medians of same-round ratios), {args.clock} clock")
-    header = (f"{'row':28} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} "
+    header = (f"{'row':31} {'forward s':>9} {'fwd/base':>8} {'total s':>8} {'tot/base':>8} {'tot/floor':>9} "
               f"{'MB':>7} {'files':>6} {'RSS+MB':>7} {'steal%':>6}")
     print(header)
     print("-" * len(header))
     for res in results:
-        print(f"{res['name']:28} {res['forward']:9.3f} {res['fwd/base']:8.2f} {res['total']:8.3f} "
+        print(f"{res['name']:31} {res['forward']:9.3f} {res['fwd/base']:8.2f} {res['total']:8.3f} "
               f"{res['tot/base']:8.2f} {res['tot/floor']:9.2f} {res['bytes'] / 1e6:7.1f} {res['files']:6d} "
               f"{res['rss'] / 2**20:7.0f} {res['steal_percent']:6.1f}")
     lent = [res for res in results if res["lent_rounds"]]
