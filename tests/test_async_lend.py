@@ -240,7 +240,7 @@ def test_lent_writes_that_never_sleep_are_not_slow(quiet_dir: Path, backend: str
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that take 30 ms more than their CPU time and their waits for a core without ever
     sleeping (no voluntary context switch: faked here around a real sleep), as writes to tmpfs did
-    on this project's VM (8-44 ms, the host's time): nothing blocked them, a snapshot would pay
+    on this project's VM (8-58 ms, the host's time: steal): nothing blocked them, a snapshot would pay
     the same, so lending stays on."""
     write = StoreWriter.write
     slept = [False]
