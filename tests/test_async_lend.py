@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,25 @@ def _step_files(run: Path) -> dict[str, bytes]:
     return out
 
 
+def _delay_writes(monkeypatch: pytest.MonkeyPatch, delay: Callable[[], None]) -> None:
+    """Every write of a record with stored bodies runs ``delay()`` first."""
+    write = StoreWriter.write
+
+    def delayed(self: StoreWriter, record: Any) -> None:
+        if record.tensors:
+            delay()
+        write(self, record)
+
+    monkeypatch.setattr(StoreWriter, "write", delayed)
+
+
+def _every_record_lent(out: Path, backend: str) -> None:
+    """A two-step capture into ``out`` lends every record with a body and keeps lending on."""
+    run, seen, sink = _capture(out, "run", backend, steps=2)
+    assert sink.lending and sink.lent_records == 2 * 10
+    _check_stored(run, seen)
+
+
 @pytest.fixture
 def lending(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(capture_mod, "_ASYNC_LENDS", True)
@@ -174,14 +193,7 @@ def test_slow_lent_writes_turn_lending_off(tmp_path: Path, backend: str, lending
     """A writer that waits 30 ms in each write (as one throttled by a slow disk): after the second
     such write (the first of a run pays for one-time set-up and is not budgeted; the second takes
     more than the 20 ms of slack) records are snapshotted and queued, and stored the same."""
-    write = StoreWriter.write
-
-    def slow(self: StoreWriter, record: Any) -> None:
-        if record.tensors:
-            time.sleep(0.03)
-        write(self, record)
-
-    monkeypatch.setattr(StoreWriter, "write", slow)
+    _delay_writes(monkeypatch, lambda: time.sleep(0.03))
     run, seen, sink = _capture(tmp_path, "run", backend, steps=2)
     assert not sink.lending
     assert sink.lent_records == 2
@@ -195,21 +207,16 @@ def test_lent_writes_waiting_for_a_core_are_not_slow(quiet_dir: Path, backend: s
     on a busy machine; the thread's schedstat says so, faked here): not the disk's slowness, so
     lending stays on and every record is lent. (A helper saw one such 30 ms wait under load turn
     lending off for the rest of a benchmark run, and that forward take 1.6 s against 0.44 s.)"""
-    write = StoreWriter.write
     waited = [0.0]
 
-    def queued(self: StoreWriter, record: Any) -> None:
-        if record.tensors:
-            t0 = time.perf_counter()
-            time.sleep(0.03)
-            waited[0] += time.perf_counter() - t0
-        write(self, record)
+    def queued() -> None:
+        t0 = time.perf_counter()
+        time.sleep(0.03)
+        waited[0] += time.perf_counter() - t0
 
-    monkeypatch.setattr(StoreWriter, "write", queued)
+    _delay_writes(monkeypatch, queued)
     monkeypatch.setattr(pipeline, "_run_queue_wait", lambda: waited[0])
-    run, seen, sink = _capture(quiet_dir, "run", backend, steps=2)
-    assert sink.lending and sink.lent_records == 2 * 10
-    _check_stored(run, seen)
+    _every_record_lent(quiet_dir, backend)
 
 
 @pytest.mark.skipif(pipeline._run_queue_wait() is None, reason="the kernel has no /proc/thread-self/schedstat")
@@ -218,20 +225,17 @@ def test_lent_writes_that_copy_slowly_are_not_slow(quiet_dir: Path, backend: str
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes that take 30 ms of CPU each (as copies do on a machine whose other processes take
     the memory's bandwidth: one measured 8-13 ms for 2 MB under load, ~1 ms quiet): a snapshot
-    would copy the same bytes, so the write is not slow for the disk's sake and lending stays on."""
-    write = StoreWriter.write
+    would copy the same bytes, so the write is not slow for the disk's sake and lending stays on.
+    Each also sleeps 1 ms first (a page the kernel waited for): a write that slept is judged by
+    its time less its CPU time (one that never slept is not blocked at all, whatever it took)."""
+    def busy() -> None:
+        time.sleep(0.001)
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.03:
+            pass
 
-    def busy(self: StoreWriter, record: Any) -> None:
-        if record.tensors:
-            t0 = time.thread_time()
-            while time.thread_time() - t0 < 0.03:
-                pass
-        write(self, record)
-
-    monkeypatch.setattr(StoreWriter, "write", busy)
-    run, seen, sink = _capture(quiet_dir, "run", backend, steps=2)
-    assert sink.lending and sink.lent_records == 2 * 10
-    _check_stored(run, seen)
+    _delay_writes(monkeypatch, busy)
+    _every_record_lent(quiet_dir, backend)
 
 
 @pytest.mark.skipif(pipeline._voluntary_waits() is None, reason="no per-thread context-switch counts (not Linux)")
@@ -242,23 +246,18 @@ def test_lent_writes_that_never_sleep_are_not_slow(quiet_dir: Path, backend: str
     sleeping (no voluntary context switch: faked here around a real sleep), as writes to tmpfs did
     on this project's VM (8-58 ms, the host's time: steal): nothing blocked them, a snapshot would pay
     the same, so lending stays on."""
-    write = StoreWriter.write
     slept = [False]
 
-    def unaccounted(self: StoreWriter, record: Any) -> None:
-        if record.tensors:
-            slept[0] = True
-            time.sleep(0.03)
-        write(self, record)
+    def unaccounted() -> None:
+        slept[0] = True
+        time.sleep(0.03)
 
-    monkeypatch.setattr(StoreWriter, "write", unaccounted)
+    _delay_writes(monkeypatch, unaccounted)
     monkeypatch.setattr(pipeline, "_voluntary_waits", lambda: 7)  # the same count before and after
     if pipeline._run_queue_wait() is not None:
         monkeypatch.setattr(pipeline, "_run_queue_wait", lambda: 1.0)  # no wait for a core
-    run, seen, sink = _capture(quiet_dir, "run", backend, steps=2)
+    _every_record_lent(quiet_dir, backend)
     assert slept[0]
-    assert sink.lending and sink.lent_records == 2 * 10
-    _check_stored(run, seen)
 
 
 @pytest.mark.skipif(pipeline._run_queue_wait() is None, reason="the kernel has no /proc/thread-self/schedstat")
