@@ -335,8 +335,17 @@ def test_without_the_kernel_no_body_is_opened(tmp_path: Path, backend: str, monk
     assert [(t.key, t.status) for t in got.tensors] == [(t.key, t.status) for t in want.tensors]
 
 
-def _index_docs(run: Path) -> list[Path]:
-    return sorted(run.glob("step_*/index.json"))
+def _edit_index(run: Path, edit: Any) -> int:
+    """``edit(doc)`` on each step's safetensors ``index.json`` of ``run``, written back; what the
+    edits return, added up."""
+    import json
+
+    edited = 0
+    for path in sorted(run.glob("step_*/index.json")):
+        doc = json.loads(path.read_text())
+        edited += edit(doc)
+        path.write_text(json.dumps(doc))
+    return edited
 
 
 def _edit_nodes(doc: Any, edit: Any) -> int:
@@ -365,17 +374,14 @@ def test_a_safetensors_encoding_the_load_refuses_is_not_read_from_the_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An index entry whose ``encoding`` is null: the load reports it (unknown encoding), and so
     does the comparison, instead of reading the bytes as they are."""
-    import json
-
     a, b = _runs(tmp_path, "safetensors")
-    edited = 0
-    for path in _index_docs(b):
-        doc = json.loads(path.read_text())
+
+    def null_encodings(doc: dict[str, Any]) -> int:
         for entry in doc["tensors"].values():
             entry["encoding"] = None
-            edited += 1
-        path.write_text(json.dumps(doc))
-    assert edited
+        return len(doc["tensors"])
+
+    assert _edit_index(b, null_encodings)
     for workers in (1, 2):
         streamed, loaded = _both_ways(a, b, monkeypatch, workers)
         assert any(t.status == UNREADABLE for t in loaded.tensors)
@@ -389,8 +395,6 @@ def test_a_de_duplicated_node_that_disagrees_with_its_original_is_loaded(
     """A ``same_as`` node that says another shape than its original (a damaged or hand-edited
     run), the same shape as the other run's tensor: its body is not the node's tensor, so it is
     loaded, and the comparison is the loaded one (here: shape mismatches), not an error."""
-    import json
-
     a, b = _runs(tmp_path, backend, b_shape=(1000, 300))
 
     def transpose(node: dict[str, Any]) -> int:
@@ -399,12 +403,7 @@ def test_a_de_duplicated_node_that_disagrees_with_its_original_is_loaded(
             return 1
         return 0
 
-    edited = 0
-    for path in _index_docs(a):
-        doc = json.loads(path.read_text())
-        edited += _edit_nodes(doc, transpose)
-        path.write_text(json.dumps(doc))
-    assert edited
+    assert _edit_index(a, lambda doc: _edit_nodes(doc, transpose))
     for workers in (1, 2):
         streamed, loaded = _both_ways(a, b, monkeypatch, workers)
         assert any(t.status == SHAPE_MISMATCH for t in loaded.tensors)
