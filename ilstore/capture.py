@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import Config, load_config
+from .device_stats import DeferredStats
 from .errors import IlstoreError, StoreError
 from .keys import CallKey
 from .layout import ModuleLayout, module_layout
@@ -384,6 +385,10 @@ class Capture:
         self._replay: ReplaySource | None = None
         self._in_graph: InGraph | None = None  # config in_graph: the traced hooks (ilstore.in_graph)
         self._layouts: dict[str, ModuleLayout] = {}  # module name -> its parallel layout rules (ilstore.layout)
+        # mode "stats": statistics of device tensors read back once per step (ilstore.device_stats);
+        # the records waiting for them, in order, handed to the writer once they are filled
+        self._deferred: DeferredStats | None = None
+        self._held: list[Any] = []
         if not self.config.enabled:
             return
         cfg = self.config
@@ -427,6 +432,10 @@ class Capture:
             # Compiled code reuses its buffers in place without bumping version counters, so a
             # tensor's identity says nothing there: in_graph runs are never de-duplicated.
             self._dedup = Deduper() if cfg.dedup and not cfg.in_graph else None
+            if not self._policy.store_bodies:
+                self._deferred = DeferredStats()
+                if self._deferred.limit > 0:
+                    self._policy = replace(self._policy, deferred=self._deferred)
             if cfg.in_graph:
                 from .in_graph import InGraph
 
@@ -473,7 +482,10 @@ class Capture:
         self._close_parts()
 
     def _close_parts(self) -> None:
-        """Close what the capture holds besides its sink: the in_graph taps, the replay reference."""
+        """Close what the capture holds besides its sink: the in_graph taps, the replay reference,
+        the device buffer of deferred statistics."""
+        if self._deferred is not None:
+            self._deferred.release()
         in_graph, self._in_graph = self._in_graph, None
         replay, self._replay = self._replay, None
         try:
@@ -674,6 +686,8 @@ class Capture:
             self._dedup.clear()
         if self._replay is not None:
             self._replay.end_step()
+        if self._held:
+            self._release_held()
         if completed and step.logging and self._sink is not None:
             self._sink.end_step(StepInfo(self.step_index, step.starts, step.ends))
             if not step.fired:
@@ -809,6 +823,17 @@ class Capture:
         self._closed = True
         _WRITING.discard(self)
         if self._sink is not None:
+            if self._held:
+                held_exc: BaseException | None = self._deferred.broken if self._deferred is not None else None
+                if held_exc is None:
+                    try:
+                        self._release_held()
+                    except Exception as exc2:  # the device or the writer failed
+                        held_exc = exc2
+                if held_exc is not None:
+                    _log.error("ilstore: %d record(s) of the last step waiting for their statistics could not be "
+                               "written: %s", len(self._held), held_exc)
+                self._held = []
             self._record_warnings()
             try:
                 self._sink.close("failed", error=str(exc))
@@ -859,10 +884,27 @@ class Capture:
             rules.apply(kind, record.tensor_nodes(), self.rank, self.world_size)
         if replay is not None and isinstance(record.structure, dict):
             record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
+        deferred = self._deferred
+        if deferred is not None and (deferred.unresolved or self._held):
+            # statistics pending (this record's or an earlier one's): held, in order, until read back
+            self._held.append(record)
+            if not deferred.unresolved:  # read back early (a full stash): what is held is complete
+                self._release_held()
+            return
         if lent:
             sink.write_lent(record)
         else:
             sink.write(record)
+
+    def _release_held(self) -> None:
+        """Read back the statistics still pending (one synchronisation per device) and hand the
+        records held for them to the writer, in order."""
+        if self._deferred is not None:
+            self._deferred.resolve()  # raises: the records stay held (and a failing capture drops them)
+        held, self._held = self._held, []
+        assert self._sink is not None
+        for record in held:
+            self._sink.write(record)
 
     def pause(self) -> None:
         """Stop recording until :meth:`resume`; calls in between are neither logged nor counted.
@@ -1052,6 +1094,8 @@ class Capture:
                     self._end_interrupted_root()  # Ctrl-C in the last forward: its step is not completed here
                 if self._step is not None and (self.manual_step or status == "complete"):
                     self._end_step()
+                if self._held:  # a step left open (closed as not complete): its records as before
+                    self._release_held()
             except Exception as exc:
                 self._fail_in_close(exc)
                 return
@@ -1071,6 +1115,8 @@ class Capture:
 
     def flush(self) -> None:
         """Wait until everything captured so far is written (asynchronous writes only)."""
+        if self._held and not self._closed:
+            self._release_held()
         if isinstance(self._sink, ThreadedSink):
             self._sink.flush()
 

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import struct
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -176,6 +176,9 @@ class TensorPolicy:
     #: ``write`` returns (``StoreWriter.borrows_bodies``), called inline in the hook
     #: (``async_writes: false``): nothing can change the tensor before its bytes are out.
     borrow: bool = False
+    #: ``mode: "stats"``: an :class:`ilstore.device_stats.DeferredStats` that computes the statistics
+    #: of device tensors without reading them back in the hook (once per step instead), or None.
+    deferred: Any = None
     # device name -> device_ok(name), asked once per device (the predicate is asked for every tensor)
     _devices: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
@@ -255,16 +258,33 @@ def _other_stats(x: torch.Tensor) -> dict[str, Any]:
         if x.is_complex():
             return _slow_stats(x)
         if not x.is_floating_point():
-            if x.dtype == torch.bool:
-                return {"min": bool(x.min()), "max": bool(x.max())}
-            if x.dtype in _WIDE_UNSIGNED[:2]:  # no min/max kernels for uint16/uint32
-                x = x.to(torch.int64)
-            elif x.dtype in _WIDE_UNSIGNED[2:]:  # uint64: flipping the sign bit preserves the order in int64
-                lo, hi = torch.aminmax(x.view(torch.int64) ^ _INT64_MIN)
-                return {"min": int(lo) - _INT64_MIN, "max": int(hi) - _INT64_MIN}
-            lo, hi = torch.aminmax(x)
-            return {"min": int(lo), "max": int(hi)}
+            extremes, kind = int_extremes(x)
+            lo, hi = extremes.tolist()
+            return finish_int_stats(lo, hi, kind)
         return _float_stats(x.float(), n, torch.float32)  # float8 variants have few kernels
+
+
+def int_extremes(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The minimum and maximum of a non-empty integer or bool tensor, not read back (no sync):
+    an int64 tensor ``[lo, hi]`` and how :func:`finish_int_stats` reads it (``"bool"``, ``"int"``
+    or ``"uint64"``, whose extremes are taken with the sign bit flipped, which preserves the order
+    in int64)."""
+    if x.dtype == torch.bool:
+        return torch.stack(torch.aminmax(x)).to(torch.int64), "bool"
+    if x.dtype in _WIDE_UNSIGNED[2:]:
+        return torch.stack(torch.aminmax(x.view(torch.int64) ^ _INT64_MIN)), "uint64"
+    if x.dtype in _WIDE_UNSIGNED[:2]:  # no min/max kernels for uint16/uint32
+        x = x.to(torch.int64)
+    return torch.stack(torch.aminmax(x)).to(torch.int64), "int"
+
+
+def finish_int_stats(lo: int, hi: int, kind: str) -> dict[str, Any]:
+    """The statistics of an integer or bool tensor from :func:`int_extremes` read back."""
+    if kind == "bool":
+        return {"min": bool(lo), "max": bool(hi)}
+    if kind == "uint64":
+        return {"min": lo - _INT64_MIN, "max": hi - _INT64_MIN}
+    return {"min": lo, "max": hi}
 
 
 def _float_stats(x: torch.Tensor, n: int, acc: torch.dtype) -> dict[str, Any]:
@@ -310,61 +330,102 @@ def _cpu_float_stats(x: torch.Tensor, n: int, plain_dtype: torch.dtype | None = 
 
 def _device_float_stats(x: torch.Tensor, n: int, acc: torch.dtype, gather: bool | None = None) -> dict[str, Any]:
     """:func:`_float_stats` off the CPU, on the device: torch's reductions in a fixed row order
-    (``aminmax``, a sum and an L2 norm accumulated in ``acc``).
+    (``aminmax``, a sum and an L2 norm accumulated in ``acc``: :func:`device_float_sums`), read
+    back and finished by :func:`finish_device_float_stats`.
 
     ``gather``: read the reduced values back through one tensor and one ``tolist`` (the default
     off the CPU) rather than one ``item()`` each (the default on the CPU); the values are the same.
     """
     if gather is None:
         gather = not x.is_cpu
-    lo, hi = torch.aminmax(x)
     flat = x.reshape(-1)
+    sums = device_float_sums(flat, n, acc)
+    values = sums.tolist() if gather else [v.item() for v in sums]
+    return finish_device_float_stats(flat, n, acc, values)
+
+
+def device_float_sums(flat: torch.Tensor, n: int, acc: torch.dtype) -> torch.Tensor:
+    """The reductions of :func:`_device_float_stats` over the ``n`` elements of a 1-D float tensor,
+    not read back (no sync): ``[min, max, sum, last]`` in ``acc``, ``last`` being the L2 norm
+    below two rows of :data:`_ROW` (squared by :func:`finish_device_float_stats`, as ``.square()``
+    would) and the sum of squares from two rows on. Widening the extremes to ``acc`` is exact."""
+    lo, hi = torch.aminmax(flat)
     if n < 2 * _ROW:
-        # The common small tensor: the reductions _fixed_order_sums makes (3 dispatches instead
-        # of 10); the norm is squared in ``acc`` here, as .square() would (a float32 product is
-        # exact in a double, then rounded).
-        sm_t, nrm_t = flat.sum(dtype=acc), torch.linalg.vector_norm(flat, dtype=acc)
-        if not gather:
-            mn, mx, sm, nrm = lo.item(), hi.item(), sm_t.item(), nrm_t.item()
-        else:
-            mn, mx, sm, nrm = torch.stack([lo.to(acc), hi.to(acc), sm_t, nrm_t]).tolist()
-        sq = nrm * nrm if acc == torch.float64 else _as_float32(nrm * nrm)
+        # The common small tensor: the reductions _fixed_order_sums makes (3 dispatches instead of 10)
+        return torch.stack([lo.to(acc), hi.to(acc), flat.sum(dtype=acc), torch.linalg.vector_norm(flat, dtype=acc)])
+    return torch.cat([torch.stack([lo, hi]).to(acc), _fixed_order_sums(flat, acc)])
+
+
+def _first_pass(n: int, acc: torch.dtype, values: Sequence[float]) -> tuple[float, float, float, float, float, str]:
+    """``(min, max, sum of squares, mean, variance, need)`` from :func:`device_float_sums` read back;
+    ``need``: ``"slow"`` (NaN/Inf, or float64 squares past the range: :func:`_slow_stats`),
+    ``"centred"`` or ``"two_pass"`` (a second pass over the elements gives the variance), or ``""``."""
+    mn, mx, sm, last = values
+    if n < 2 * _ROW:  # the norm is squared in ``acc``, as .square() would (a float32 product is exact in a double)
+        sq = last * last if acc == torch.float64 else _as_float32(last * last)
     else:
-        sum_and_sumsq = _fixed_order_sums(flat, acc)
-        if not gather:
-            mn, mx = lo.item(), hi.item()
-            sm, sq = sum_and_sumsq.tolist()
-        else:
-            mn, mx, sm, sq = torch.cat([torch.stack([lo, hi]).to(acc), sum_and_sumsq]).tolist()
-    if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
-        return _slow_stats(x)
-    nrm = math.sqrt(sq)
+        sq = last
     mean = sm / n
     var = max(sq / n - mean * mean, 0.0)
-    if acc != torch.float64 and mean * mean > var:
+    if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
+        need = "slow"
+    elif acc != torch.float64 and mean * mean > var:
         # Sums in float32 carry ~1e-7..1e-5 relative error, which E[x^2] - mean^2 multiplies by
         # 1 + mean^2 / var: identical tensors captured here and on the CPU (float64 sums) would
         # differ in std by 1e-4..1e-2 (randn + 20 in bfloat16). The deviations from the mean, summed
         # in float32 a chunk at a time, carry only the sums' own error.
-        var = _centered_sumsq(flat, mean) / n
+        need = "centred"
     elif mean * mean > 1e3 * var:
-        var = _two_pass_var(x.double(), n)
+        need = "two_pass"
+    else:
+        need = ""
+    return mn, mx, sq, mean, var, need
+
+
+def device_second_pass(flat: torch.Tensor, n: int, acc: torch.dtype, values: Sequence[float]) -> torch.Tensor | None:
+    """The second pass :func:`finish_device_float_stats` needs for ``values``, queued on the device
+    and not read back: a 0-dim float64 tensor, the sum of the squared deviations from the mean
+    (:func:`_centered_sumsq_on_device` or :func:`_two_pass_sumsq_on_device`); None when none is needed (or
+    the NaN/Inf path is)."""
+    _, _, _, mean, _, need = _first_pass(n, acc, values)
+    if need == "centred":
+        return _centered_sumsq_on_device(flat, mean)
+    if need == "two_pass":
+        return _two_pass_sumsq_on_device(flat.double())
+    return None
+
+
+def finish_device_float_stats(flat: torch.Tensor, n: int, acc: torch.dtype, values: Sequence[float],
+                              second: float | None = None) -> dict[str, Any]:
+    """The statistics from ``values``, :func:`device_float_sums` of ``flat`` read back. ``flat`` is
+    read again only where the sums do not suffice: NaN/Inf (:func:`_slow_stats`), or a mean that
+    dominates (a second pass: :func:`device_second_pass`, whose result ``second`` is, when the
+    caller read it back already); its elements must still be the ones the sums were taken of."""
+    mn, mx, sq, mean, var, need = _first_pass(n, acc, values)
+    if need == "slow":
+        return _slow_stats(flat)
+    if need:
+        if second is None:
+            pending = device_second_pass(flat, n, acc, values)
+            assert pending is not None
+            second = float(pending)
+        var = second / n
     return {"nan_count": 0, "inf_count": 0, "min": mn, "max": mx, "mean": mean, "std": math.sqrt(var),
-            "abs_max": max(-mn, mx), "l2_norm": nrm}
+            "abs_max": max(-mn, mx), "l2_norm": math.sqrt(sq)}
 
 
-#: Elements per chunk of :func:`_centered_sumsq`: its float32 temporary is at most 64 MB.
+#: Elements per chunk of :func:`_centered_sumsq_on_device`: its float32 temporary is at most 64 MB.
 _CENTERED_CHUNK = 1 << 24
 
 
-def _centered_sumsq(flat: torch.Tensor, mean: float) -> float:
-    """``sum((x - mean)^2)`` of a 1-D float tensor off the CPU: each chunk's deviations in float32
-    (a temporary of at most :data:`_CENTERED_CHUNK` elements, whatever the tensor's size), their
-    squares summed in float32, the chunks' sums added in float64 on the device; one sync."""
+def _centered_sumsq_on_device(flat: torch.Tensor, mean: float) -> torch.Tensor:
+    """``sum((x - mean)^2)`` of a 1-D float tensor off the CPU, not read back: each chunk's deviations
+    in float32 (a temporary of at most :data:`_CENTERED_CHUNK` elements, whatever the tensor's size),
+    their squares summed in float32, the chunks' sums added in float64 on the device."""
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for chunk in flat.split(_CENTERED_CHUNK):
         total += torch.linalg.vector_norm(chunk.to(torch.float32) - mean, dtype=torch.float32).double().square()
-    return float(total)
+    return total
 
 
 _FLOAT32 = struct.Struct("<f")
@@ -430,9 +491,15 @@ def _fixed_order_sums(v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 def _two_pass_var(x64: torch.Tensor, n: int) -> float:
     """Population variance of a float64 tensor: mean first, then the mean squared deviation,
     with fixed-order sums (``var_mean``'s result depends on the thread count)."""
-    flat = x64.reshape(-1)
-    mean = float(_fixed_order_sum(flat, torch.float64)) / n
-    return float(_fixed_order_sum((flat - mean).square(), torch.float64)) / n
+    return float(_two_pass_sumsq_on_device(x64.reshape(-1))) / n
+
+
+def _two_pass_sumsq_on_device(flat: torch.Tensor) -> torch.Tensor:
+    """The sum of the squared deviations from the mean of a 1-D float64 tensor, mean first, with
+    fixed-order sums, not read back (a 0-dim tensor). The mean stays on the device: a float64 sum
+    divided by the count there, and subtracted, rounds as the same operations on the host."""
+    mean = _fixed_order_sum(flat, torch.float64) / flat.numel()
+    return _fixed_order_sum((flat - mean).square(), torch.float64)
 
 
 def _slow_stats(x: torch.Tensor) -> dict[str, Any]:
@@ -772,8 +839,12 @@ def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, dtype: t
             # Computed now, in the hook, from the live tensor (no copy of it is made): later
             # in-place changes cannot reach values already computed.
             known = ctx.known_stats(t) if ctx.known_stats is not None else None
+            deferred = ctx.policy.deferred
             if known:
                 stats = dict(known)
+            elif deferred is not None and (not is_cpu or deferred.cpu) \
+                    and (pending := deferred.add(t, numel, dtype)) is not None:
+                stats = pending  # filled at the step's end, in one read-back with the step's others
             elif is_cpu and numel and dtype in _ACC and not t.requires_grad:
                 # what tensor_stats computes for it; a large tensor shared with the forward's own
                 # threads, which wait for the hook (the same bits)

@@ -159,3 +159,23 @@ def test_long_run_cli_peak_is_the_childs_own_and_capped() -> None:
     assert code == 0 and wall > 0.5 and 150 < peak < 350
     code, _, peak = run_cli(child, max_rss_mb=100)
     assert code == -9 and peak > 100
+
+
+def test_bench_device_stats_smoke(tmp_path: Path, capsys) -> None:
+    import ilstore.device_stats as device_stats
+
+    out = tmp_path / "devstats.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    types = device_stats.DEVICE_TYPES
+    try:
+        assert _load("bench_device_stats").main(["--device", "cpu", "--layers", "1", "--hidden", "64", "--tokens", "16",
+                                                 "--rounds", "1", "--dtype", "float32", "--tmp", str(work),
+                                                 "--json", str(out)]) == 0
+    finally:
+        device_stats.DEVICE_TYPES = types
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["row"]) for r in rows] == [(s, n) for s in ("prefill", "one token")
+                                                       for n in ("plain", "per tensor", "per step")]
+    assert all(r["seconds"] > 0 for r in rows)
+    assert list(work.iterdir()) == []

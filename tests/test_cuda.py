@@ -1,4 +1,5 @@
-"""CUDA capture: pinned host snapshots with non-blocking copies (runs only where a GPU is present)."""
+"""CUDA capture: pinned host snapshots with non-blocking copies, device statistics read back once per step
+(runs only where a GPU is present)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 import ilstore
 from ilstore.demo import DEMO_PROMPT, tiny_llama
+from ilstore.device_stats import count_cuda_syncs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -115,3 +117,40 @@ def test_compiled_fullgraph_on_cuda_with_in_graph(out_dir: Path) -> None:
 
     result = compare(cap.run_dir, ref.run_dir, rtol=1e-4, atol=1e-4)
     assert result.verdict == "match", result.first_divergence
+
+
+# -- mode "stats": device statistics read back once per step (issue 13) -------------------------
+
+def test_stats_mode_reads_device_statistics_back_once_per_step(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama().cuda()
+    ids = torch.tensor(DEMO_PROMPT, device="cuda")
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=ids, use_cache=False).logits
+
+    config = {"output_dir": str(out_dir), "mode": "stats", "log_step_ids": []}
+    with torch.no_grad():
+        ref = forward().cpu()
+        plain = count_cuda_syncs(forward)
+        monkeypatch.setenv("ILSTORE_DEVICE_STATS_BYTES", "0")
+        with ilstore.capture(model, {**config, "run_id": "per_tensor"}) as cap:
+            forward()
+            per_tensor = count_cuda_syncs(forward)
+        monkeypatch.delenv("ILSTORE_DEVICE_STATS_BYTES")
+        with ilstore.capture(model, {**config, "run_id": "per_step"}) as cap:
+            forward()
+            per_step = count_cuda_syncs(forward)
+            got = forward().cpu()
+            deferred = cap._deferred
+            assert deferred is not None and deferred.reads == 3 and deferred.early_reads == 0
+    assert torch.equal(ref, got)
+    # one read-back a step, a second one when a tensor's mean dominates its spread
+    assert per_step <= plain + 1 + deferred.second_reads, (plain, per_step, per_tensor)
+    assert per_tensor > plain + 20, (plain, per_step, per_tensor)
+    with ilstore.open_run(out_dir / "per_tensor") as a, ilstore.open_run(out_dir / "per_step") as b:
+        assert a.steps() == [0, 1] and b.steps() == [0, 1, 2]
+        for step in a.steps():
+            assert a.calls(step) == b.calls(step)
+            for call in a.calls(step):
+                for kind in ("inputs", "outputs"):
+                    assert a.structure(call, kind) == b.structure(call, kind), (call, kind)  # bit for bit

@@ -1,0 +1,248 @@
+"""Statistics of device tensors in ``mode: "stats"``, read back once per step.
+
+Computing a CUDA tensor's statistics in the hook and reading them back there
+(:func:`ilstore.records.tensor_stats`) makes the model's thread wait for the GPU once per
+captured tensor: whatever the GPU still had queued must finish first, and the CPU can no longer
+launch ahead of it. :class:`DeferredStats` keeps the same reductions on the device and reads them
+back together, once per step:
+
+* in the hook, the tensor is copied into a device buffer kept by the capture (one
+  device-to-device copy; the *stash*), and the reductions of :func:`~ilstore.records.tensor_stats`
+  are queued on that copy (:func:`~ilstore.records.device_float_sums`,
+  :func:`~ilstore.records.int_extremes`); nothing waits for the device;
+* at the step's end (:meth:`DeferredStats.resolve`) the small result vectors of every tensor of the
+  step are concatenated and copied to the host: one synchronisation per device. Each node's
+  statistics are then finished on the host exactly as the per-tensor path finishes them. The few
+  tensors whose sums do not suffice (NaN/Inf, a mean that dominates the spread) are read again
+  from their stashed copy, so their second pass sees the bytes the hook saw, whatever the model
+  did to the tensor afterwards (in-place ops, a freed and reused buffer).
+
+The statistics are therefore bit-identical to the per-tensor path's (the same reductions on the
+same elements in the same order). The stash is bounded (:data:`MAX_STASH_BYTES`, environment
+``ILSTORE_DEVICE_STATS_BYTES``; ``0`` turns this off): a step whose tensors do not fit reads back
+early, once per filling of the stash, and a tensor larger than the bound is read back alone, in
+the hook. The stash starts small and doubles when a step needs more, up to the bound; the device
+memory it holds is released with the capture. Tensors other than float16/bfloat16/float32/float64,
+integer and bool ones (complex, float8) keep the per-tensor path.
+
+Records whose statistics are pending are held by the capture until they are resolved and handed
+to the writer in order (:meth:`ilstore.capture.Capture._write`): a writer never sees an unfinished
+node.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .records import (
+    _ACC,
+    device_float_sums,
+    device_second_pass,
+    finish_device_float_stats,
+    finish_int_stats,
+    int_extremes,
+)
+
+__all__ = ["DeferredStats", "MAX_STASH_BYTES", "stash_limit", "count_cuda_syncs"]
+
+#: The default bound of a capture's stash, per device, in bytes.
+MAX_STASH_BYTES = 256 * 2**20
+#: The stash's first size (it doubles when a step needs more, up to the bound).
+_FIRST_STASH_BYTES = 4 * 2**20
+#: Offsets in the stash are multiples of this (any dtype can view its slice; CUDA's own alignment).
+_ALIGN = 256
+#: Device types whose tensors take this path (tests add "cpu": :attr:`DeferredStats.device_types`).
+DEVICE_TYPES = frozenset({"cuda"})
+
+
+def stash_limit() -> int:
+    """The stash's bound from ``ILSTORE_DEVICE_STATS_BYTES`` (bytes; ``0``: statistics of device
+    tensors are read back per tensor, in the hook), else :data:`MAX_STASH_BYTES`."""
+    value = os.environ.get("ILSTORE_DEVICE_STATS_BYTES", "").strip()
+    if not value:
+        return MAX_STASH_BYTES
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ValueError(f"ILSTORE_DEVICE_STATS_BYTES={value!r}: expected a number of bytes (0 turns the "
+                         "step-wise read-back of device statistics off)") from None
+
+
+@dataclass
+class _Pending:
+    stats: dict[str, Any]  # the node's statistics, filled by resolve (shared with de-duplicated nodes)
+    sums: torch.Tensor  # the reductions, not read back
+    kind: str  # "float" or an int_extremes kind
+    copy: torch.Tensor | None  # the stashed 1-D copy (floats), read again where the sums do not suffice
+    n: int
+    acc: torch.dtype | None
+
+
+class _Device:
+    """One device's stash and the tensors pending on it."""
+
+    def __init__(self) -> None:
+        self.stash: torch.Tensor | None = None
+        self.used = 0  # bytes of the stash taken since the last read-back
+        self.pending: list[_Pending] = []
+        self.streams: dict[Any, Any] = {}  # the CUDA streams the reductions were queued on
+
+
+class DeferredStats:
+    """Statistics of device tensors computed in the hook, read back once per step (module docstring).
+
+    Args:
+        limit: the stash's bound per device, in bytes (:func:`stash_limit`).
+        device_types: the device types whose tensors take this path (default :data:`DEVICE_TYPES`).
+    """
+
+    def __init__(self, limit: int | None = None, device_types: frozenset[str] | None = None) -> None:
+        self.limit = stash_limit() if limit is None else max(0, int(limit))
+        self.device_types = DEVICE_TYPES if device_types is None else device_types
+        self.cpu = "cpu" in self.device_types  # whether CPU tensors take this path too (tests)
+        self._devices: dict[torch.device, _Device] = {}
+        self.unresolved = 0  # tensors whose statistics are not read back yet
+        self.reads = 0  # read-backs made: one per device per resolve (tests, benchmarks)
+        self.early_reads = 0  # of them, made because a stash was full
+        self.second_reads = 0  # read-backs of second passes (tensors whose mean dominates), at most one per read
+        self.failed: BaseException | None = None  # a stash could not be allocated: per-tensor from then on
+        self.broken: BaseException | None = None  # a read-back failed: the statistics pending then are lost
+
+    def add(self, t: torch.Tensor, n: int, dtype: torch.dtype) -> dict[str, Any] | None:
+        """Queue the statistics of ``t`` (``n`` elements, dtype ``dtype``, a dense strided tensor)
+        and return its node's statistics dict, empty until :meth:`resolve` fills it; or None when
+        ``t`` does not take this path (its statistics are then computed in the hook as before)."""
+        if not n or self.limit <= 0 or self.failed is not None or t.device.type not in self.device_types:
+            return None
+        acc = _ACC.get(dtype)
+        if acc is None and (dtype.is_floating_point or dtype.is_complex):
+            return None  # float8 and complex: the per-tensor path
+        with torch.no_grad():
+            if acc is None:  # integer or bool: two extremes, nothing to read again
+                sums, kind = int_extremes(t.detach())
+                return self._queue(t.device, _Pending({}, sums.view(torch.float64), kind, None, n, None))
+            nbytes = n * t.element_size()
+            if nbytes > self.limit:
+                return None  # read back alone, in the hook
+            dev = self._device(t.device)
+            start = -(-dev.used // _ALIGN) * _ALIGN
+            if dev.stash is None or start + nbytes > dev.stash.numel():
+                if dev.used:  # copies pending in the stash: read them back first (the stash is reused)
+                    self.early_reads += 1
+                    self._resolve(t.device, dev)
+                start = 0
+                if not self._grow(t.device, dev, nbytes):
+                    return None
+            assert dev.stash is not None
+            copy = dev.stash[start:start + nbytes].view(dtype)
+            copy.view(t.shape).copy_(t.detach())
+            dev.used = start + nbytes
+            return self._queue(t.device, _Pending({}, device_float_sums(copy, n, acc), "float", copy, n, acc))
+
+    def _device(self, device: torch.device) -> _Device:
+        dev = self._devices.get(device)
+        if dev is None:
+            dev = self._devices[device] = _Device()
+        return dev
+
+    def _grow(self, device: torch.device, dev: _Device, nbytes: int) -> bool:
+        """Make the (empty) stash hold at least ``nbytes``: doubled, within the bound. False when
+        the device has no memory for it: the per-tensor path from then on."""
+        size = dev.stash.numel() if dev.stash is not None else 0
+        if size >= nbytes:
+            return True
+        want = max(_FIRST_STASH_BYTES, 2 * size)
+        while want < nbytes:
+            want *= 2
+        want = min(want, max(self.limit, nbytes))
+        dev.stash = None  # the old one is released first (its pending tensors were read back)
+        try:
+            dev.stash = torch.empty(want, dtype=torch.uint8, device=device)
+        except RuntimeError as exc:  # out of memory: never fail the model for a buffer of ours
+            self.failed = exc
+            return False
+        return True
+
+    def _queue(self, device: torch.device, pending: _Pending) -> dict[str, Any]:
+        dev = self._device(device)
+        dev.pending.append(pending)
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            dev.streams[stream] = None
+        self.unresolved += 1
+        return pending.stats
+
+    def resolve(self) -> None:
+        """Read back every pending tensor's statistics (one synchronisation per device) and fill
+        their dicts. A failure leaves no dict half-filled: the pending tensors are dropped."""
+        for device, dev in self._devices.items():
+            if dev.pending:
+                self._resolve(device, dev)
+
+    def _resolve(self, device: torch.device, dev: _Device) -> None:
+        pending, streams = dev.pending, dev.streams
+        dev.pending, dev.streams, dev.used = [], {}, 0
+        self.unresolved -= len(pending)
+        try:
+            self._read_back(device, pending, streams)
+        except BaseException as exc:
+            self.broken = exc
+            raise
+
+    def _read_back(self, device: torch.device, pending: list[_Pending], streams: dict[Any, Any]) -> None:
+        with torch.no_grad():
+            if device.type == "cuda":
+                current = torch.cuda.current_stream(device)
+                for stream in streams:  # reductions queued on another stream: this one waits for them (no sync)
+                    if stream != current:
+                        current.wait_stream(stream)
+            # one copy to the host: float sums widen exactly to float64, the int64 extremes travel as their bits
+            host = torch.cat([p.sums for p in pending]).cpu().numpy()
+            self.reads += 1
+            floats: list[tuple[_Pending, list[float]]] = []
+            at = 0
+            for p in pending:
+                if p.kind == "float":
+                    floats.append((p, host[at:at + 4].tolist()))
+                    at += 4
+                else:
+                    lo, hi = host[at:at + 2].view("int64").tolist()
+                    p.stats.update(finish_int_stats(lo, hi, p.kind))
+                    at += 2
+            # the second passes (a mean that dominates) queued together, read back with a second copy
+            seconds = [(p, values, device_second_pass(p.copy, p.n, p.acc, values))  # type: ignore[arg-type]
+                       for p, values in floats]
+            wanted = [s for _, _, s in seconds if s is not None]
+            second_values = iter(torch.stack(wanted).cpu().tolist() if wanted else [])
+            if wanted:
+                self.second_reads += 1
+            for p, values, s in seconds:
+                assert p.copy is not None and p.acc is not None
+                p.stats.update(finish_device_float_stats(p.copy, p.n, p.acc, values,
+                                                         next(second_values) if s is not None else None))
+
+    def release(self) -> None:
+        """Drop the stashes (the capture ends); pending tensors must have been resolved."""
+        for dev in self._devices.values():
+            dev.stash = None
+
+
+def count_cuda_syncs(fn: Callable[[], Any]) -> int:
+    """How many synchronising CUDA operations ``fn()`` makes (those torch reports under
+    ``torch.cuda.set_sync_debug_mode("warn")``: a read-back, a blocking copy, an explicit
+    synchronize). For checks and benchmarks on a GPU; pending work is finished first."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
