@@ -389,6 +389,7 @@ class Capture:
         # the records waiting for them, in order, handed to the writer once they are filled
         self._deferred: DeferredStats | None = None
         self._held: list[Any] = []
+        self._held_resolves = 0  # DeferredStats.resolves when the last held record was held
         if not self.config.enabled:
             return
         cfg = self.config
@@ -410,6 +411,10 @@ class Capture:
         if (rank_dir / MANIFEST_NAME).exists():
             raise StoreError(f"{self.run_dir}: a run already exists there; choose another run_id or output_dir "
                              "(ilstore never overwrites a run)")
+        if not self._policy.store_bodies:  # a bad ILSTORE_DEVICE_STATS_BYTES fails here, before anything is written
+            self._deferred = DeferredStats()
+            if self._deferred.limit > 0:
+                self._policy = replace(self._policy, deferred=self._deferred)
         if cfg.replay_from is not None:  # a bad reference fails here, before anything is written
             self._replay = open_reference(cfg.replay_from, open_run)
         writer = None
@@ -432,10 +437,6 @@ class Capture:
             # Compiled code reuses its buffers in place without bumping version counters, so a
             # tensor's identity says nothing there: in_graph runs are never de-duplicated.
             self._dedup = Deduper() if cfg.dedup and not cfg.in_graph else None
-            if not self._policy.store_bodies:
-                self._deferred = DeferredStats()
-                if self._deferred.limit > 0:
-                    self._policy = replace(self._policy, deferred=self._deferred)
             if cfg.in_graph:
                 from .in_graph import InGraph
 
@@ -789,7 +790,8 @@ class Capture:
                 self._end_step(completed=not raised)
             except Exception as exc:
                 self._fail(exc)
-            self.step_index += 1
+            finally:  # also past Ctrl-C while the step's statistics were read back: the step is over
+                self.step_index += 1
 
     # -- failures -------------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:
@@ -824,16 +826,14 @@ class Capture:
         _WRITING.discard(self)
         if self._sink is not None:
             if self._held:
-                held_exc: BaseException | None = self._deferred.broken if self._deferred is not None else None
-                if held_exc is None:
-                    try:
-                        self._release_held()
-                    except Exception as exc2:  # the device or the writer failed
-                        held_exc = exc2
-                if held_exc is not None:
+                try:
+                    self._release_held()
+                except Exception as held_exc:  # the device or the writer failed
                     _log.error("ilstore: %d record(s) of the last step waiting for their statistics could not be "
                                "written: %s", len(self._held), held_exc)
-                self._held = []
+                    self._held = []
+                    if self._deferred is not None:
+                        self._deferred.discard()
             self._record_warnings()
             try:
                 self._sink.close("failed", error=str(exc))
@@ -886,11 +886,13 @@ class Capture:
             record.structure["replay"] = replay  # the call's replay metadata (docs/replay.md)
         deferred = self._deferred
         if deferred is not None and (deferred.unresolved or self._held):
-            # statistics pending (this record's or an earlier one's): held, in order, until read back
-            self._held.append(record)
-            if not deferred.unresolved:  # read back early (a full stash): what is held is complete
-                self._release_held()
-            return
+            if self._held and deferred.resolves != self._held_resolves:
+                # read back since the last of them was held (a stash filled up): they are complete
+                self._write_held()
+            if deferred.unresolved:  # statistics pending: held, in order, until read back
+                self._held.append(record)
+                self._held_resolves = deferred.resolves
+                return
         if lent:
             sink.write_lent(record)
         else:
@@ -901,6 +903,10 @@ class Capture:
         records held for them to the writer, in order."""
         if self._deferred is not None:
             self._deferred.resolve()  # raises: the records stay held (and a failing capture drops them)
+        self._write_held()
+
+    def _write_held(self) -> None:
+        """Hand the held records, complete, to the writer, in order."""
         held, self._held = self._held, []
         assert self._sink is not None
         for record in held:

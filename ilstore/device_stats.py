@@ -21,9 +21,13 @@ The statistics are therefore bit-identical to the per-tensor path's (the same re
 same elements in the same order). The stash is bounded (:data:`MAX_STASH_BYTES`, environment
 ``ILSTORE_DEVICE_STATS_BYTES``; ``0`` turns this off): a step whose tensors do not fit reads back
 early, once per filling of the stash, and a tensor larger than the bound is read back alone, in
-the hook. The stash starts small and doubles when a step needs more, up to the bound; the device
-memory it holds is released with the capture. Tensors other than float16/bfloat16/float32/float64,
-integer and bool ones (complex, float8) keep the per-tensor path.
+the hook. The stash starts small and doubles when a step needs more, up to the bound and to a
+quarter of the device's free memory; the device memory it holds is released with the capture.
+Each copy starts at the same address modulo 256 bytes as the tensor (a device's vectorised
+reductions split their work by alignment). A read-back that fails (a device error, Ctrl-C while
+waiting) leaves its tensors pending and their copies kept, so no statistics are half-filled.
+Tensors other than float16/bfloat16/float32/float64, integer and bool ones (complex, float8) keep
+the per-tensor path.
 
 Records whose statistics are pending are held by the capture until they are resolved and handed
 to the writer in order (:meth:`ilstore.capture.Capture._write`): a writer never sees an unfinished
@@ -33,6 +37,7 @@ node.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .records import (
     _ACC,
     device_float_sums,
@@ -63,15 +69,23 @@ DEVICE_TYPES = frozenset({"cuda"})
 
 def stash_limit() -> int:
     """The stash's bound from ``ILSTORE_DEVICE_STATS_BYTES`` (bytes; ``0``: statistics of device
-    tensors are read back per tensor, in the hook), else :data:`MAX_STASH_BYTES`."""
+    tensors are read back per tensor, in the hook), else :data:`MAX_STASH_BYTES`.
+
+    Raises:
+        ConfigError: the variable holds no whole number >= 0.
+    """
     value = os.environ.get("ILSTORE_DEVICE_STATS_BYTES", "").strip()
     if not value:
         return MAX_STASH_BYTES
     try:
-        return max(0, int(value))
+        limit = int(value)
     except ValueError:
-        raise ValueError(f"ILSTORE_DEVICE_STATS_BYTES={value!r}: expected a number of bytes (0 turns the "
-                         "step-wise read-back of device statistics off)") from None
+        limit = -1
+    if limit < 0:
+        raise ConfigError([f"environment ILSTORE_DEVICE_STATS_BYTES={value!r}: expected a whole number of bytes "
+                          ">= 0 (the bound of the device buffer of mode \"stats\"; 0 reads each device tensor's "
+                          "statistics back in its hook)"])
+    return limit
 
 
 @dataclass
@@ -82,6 +96,14 @@ class _Pending:
     copy: torch.Tensor | None  # the stashed 1-D copy (floats), read again where the sums do not suffice
     n: int
     acc: torch.dtype | None
+
+
+def _start(dev: _Device, residue: int) -> int | None:
+    """The first offset past what ``dev``'s stash holds where an address is ``residue`` modulo
+    :data:`_ALIGN`; None without a stash."""
+    if dev.stash is None:
+        return None
+    return dev.used + (residue - dev.stash.data_ptr() - dev.used) % _ALIGN
 
 
 class _Device:
@@ -109,10 +131,13 @@ class DeferredStats:
         self._devices: dict[torch.device, _Device] = {}
         self.unresolved = 0  # tensors whose statistics are not read back yet
         self.reads = 0  # read-backs made: one per device per resolve (tests, benchmarks)
-        self.early_reads = 0  # of them, made because a stash was full
+        self.resolves = 0  # resolve() calls that read something back: records held before one are complete
+        self.early_reads = 0  # resolves made because a stash was full
         self.second_reads = 0  # read-backs of second passes (tensors whose mean dominates), at most one per read
         self.failed: BaseException | None = None  # a stash could not be allocated: per-tensor from then on
-        self.broken: BaseException | None = None  # a read-back failed: the statistics pending then are lost
+        # add() and resolve() of two threads (a model called from two threads) must not reuse a stash
+        # that a read-back still reads
+        self._lock = threading.RLock()
 
     def add(self, t: torch.Tensor, n: int, dtype: torch.dtype) -> dict[str, Any] | None:
         """Queue the statistics of ``t`` (``n`` elements, dtype ``dtype``, a dense strided tensor)
@@ -123,22 +148,28 @@ class DeferredStats:
         acc = _ACC.get(dtype)
         if acc is None and (dtype.is_floating_point or dtype.is_complex):
             return None  # float8 and complex: the per-tensor path
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             if acc is None:  # integer or bool: two extremes, nothing to read again
                 sums, kind = int_extremes(t.detach())
                 return self._queue(t.device, _Pending({}, sums.view(torch.float64), kind, None, n, None))
             nbytes = n * t.element_size()
-            if nbytes > self.limit:
+            if nbytes + _ALIGN > self.limit:
                 return None  # read back alone, in the hook
+            # The copy starts where the tensor does within _ALIGN bytes (a fresh contiguous copy, as
+            # the per-tensor path reduces a strided tensor through, starts aligned): a device's
+            # vectorised reductions split their work by the address's alignment, and the sums must
+            # be the ones the per-tensor path gets.
+            residue = t.data_ptr() % _ALIGN if t.is_contiguous() else 0
             dev = self._device(t.device)
-            start = -(-dev.used // _ALIGN) * _ALIGN
-            if dev.stash is None or start + nbytes > dev.stash.numel():
-                if dev.used:  # copies pending in the stash: read them back first (the stash is reused)
+            start = _start(dev, residue)
+            if start is None or start + nbytes > dev.stash.numel():  # type: ignore[union-attr]
+                if dev.used:  # copies pending in the stash: read back everything first (the stash is reused)
                     self.early_reads += 1
-                    self._resolve(t.device, dev)
-                start = 0
-                if not self._grow(t.device, dev, nbytes):
+                    self.resolve()
+                if not self._grow(t.device, dev, nbytes + _ALIGN):  # room for any start
                     return None
+                start = _start(dev, residue)
+                assert start is not None
             assert dev.stash is not None
             copy = dev.stash[start:start + nbytes].view(dtype)
             copy.view(t.shape).copy_(t.detach())
@@ -160,7 +191,14 @@ class DeferredStats:
         want = max(_FIRST_STASH_BYTES, 2 * size)
         while want < nbytes:
             want *= 2
-        want = min(want, max(self.limit, nbytes))
+        want = min(want, self.limit)
+        if device.type == "cuda":
+            # Never take memory the model may need: at most a quarter of what the device has free.
+            free = torch.cuda.mem_get_info(device)[0] + size
+            want = min(want, free // 4)
+            if want < nbytes:
+                self.failed = RuntimeError(f"{device}: {free} bytes free, too few for a stash of {nbytes} bytes")
+                return False
         dev.stash = None  # the old one is released first (its pending tensors were read back)
         try:
             dev.stash = torch.empty(want, dtype=torch.uint8, device=device)
@@ -180,20 +218,27 @@ class DeferredStats:
 
     def resolve(self) -> None:
         """Read back every pending tensor's statistics (one synchronisation per device) and fill
-        their dicts. A failure leaves no dict half-filled: the pending tensors are dropped."""
-        for device, dev in self._devices.items():
-            if dev.pending:
-                self._resolve(device, dev)
+        their dicts. On a failure (a device error, Ctrl-C while waiting for the device) what was
+        not read back stays pending, its stash kept: a later call reads it back (or fails again)."""
+        with self._lock:
+            if not self.unresolved:
+                return
+            for device, dev in self._devices.items():
+                if dev.pending:
+                    self._resolve(device, dev)
+            self.resolves += 1
+
+    def discard(self) -> None:
+        """Forget what is pending (the records waiting for it are dropped with it)."""
+        with self._lock:
+            for dev in self._devices.values():
+                dev.pending, dev.streams, dev.used = [], {}, 0
+            self.unresolved = 0
 
     def _resolve(self, device: torch.device, dev: _Device) -> None:
-        pending, streams = dev.pending, dev.streams
+        self._read_back(device, dev.pending, dev.streams)
+        self.unresolved -= len(dev.pending)
         dev.pending, dev.streams, dev.used = [], {}, 0
-        self.unresolved -= len(pending)
-        try:
-            self._read_back(device, pending, streams)
-        except BaseException as exc:
-            self.broken = exc
-            raise
 
     def _read_back(self, device: torch.device, pending: list[_Pending], streams: dict[Any, Any]) -> None:
         with torch.no_grad():
@@ -228,9 +273,11 @@ class DeferredStats:
                                                          next(second_values) if s is not None else None))
 
     def release(self) -> None:
-        """Drop the stashes (the capture ends); pending tensors must have been resolved."""
-        for dev in self._devices.values():
-            dev.stash = None
+        """Drop the stashes and whatever is still pending (the capture ends)."""
+        with self._lock:
+            self.discard()
+            for dev in self._devices.values():
+                dev.stash = None
 
 
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:

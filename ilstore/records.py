@@ -497,8 +497,11 @@ def _two_pass_var(x64: torch.Tensor, n: int) -> float:
 def _two_pass_sumsq_on_device(flat: torch.Tensor) -> torch.Tensor:
     """The sum of the squared deviations from the mean of a 1-D float64 tensor, mean first, with
     fixed-order sums, not read back (a 0-dim tensor). The mean stays on the device: a float64 sum
-    divided by the count there, and subtracted, rounds as the same operations on the host."""
-    mean = _fixed_order_sum(flat, torch.float64) / flat.numel()
+    divided by the count there, and subtracted, rounds as the same operations on the host. The
+    count is a tensor too: CUDA divides by a Python number as a multiplication by its reciprocal,
+    which can differ from the division in the last bit."""
+    count = torch.full((), float(flat.numel()), dtype=torch.float64, device=flat.device)
+    mean = _fixed_order_sum(flat, torch.float64) / count
     return _fixed_order_sum((flat - mean).square(), torch.float64)
 
 

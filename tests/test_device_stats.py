@@ -20,6 +20,7 @@ from torch import nn
 import ilstore
 import ilstore.device_stats as device_stats
 from ilstore.device_stats import DeferredStats, stash_limit
+from ilstore.errors import ConfigError
 from ilstore.records import _ACC, _device_float_stats, _other_stats
 from test_stats_capture import _same
 
@@ -164,9 +165,128 @@ def test_stash_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert stash_limit() == 0
     monkeypatch.setenv("ILSTORE_DEVICE_STATS_BYTES", "12345")
     assert DeferredStats().limit == 12345
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setenv("ILSTORE_DEVICE_STATS_BYTES", bad)
+        with pytest.raises(ConfigError, match="ILSTORE_DEVICE_STATS_BYTES"):
+            stash_limit()
+
+
+def test_a_bad_stash_bound_fails_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ILSTORE_DEVICE_STATS_BYTES", "lots")
-    with pytest.raises(ValueError, match="ILSTORE_DEVICE_STATS_BYTES"):
-        stash_limit()
+    with pytest.raises(ConfigError, match="ILSTORE_DEVICE_STATS_BYTES"):
+        ilstore.capture(nn.Linear(2, 2), {"output_dir": str(tmp_path), "run_id": "r", "mode": "stats"})
+    assert list(tmp_path.iterdir()) == []
+    ilstore.capture(nn.Linear(2, 2), {"output_dir": str(tmp_path), "run_id": "t"}).close()  # tensors mode: unused
+
+
+def test_copies_start_where_the_tensor_does_within_the_alignment() -> None:
+    deferred = DeferredStats(device_types=frozenset({"cpu"}))
+    base = torch.randn(1001)
+    for offset in (0, 1, 3, 17):
+        t = base[offset:]  # contiguous, starting 4 * offset bytes past an aligned address
+        deferred.add(t, t.numel(), t.dtype)
+        copy = deferred._devices[torch.device("cpu")].pending[-1].copy
+        assert copy is not None and copy.data_ptr() % device_stats._ALIGN == t.data_ptr() % device_stats._ALIGN
+    strided = torch.randn(40, 30)[:, ::2]
+    deferred.add(strided, strided.numel(), strided.dtype)
+    copy = deferred._devices[torch.device("cpu")].pending[-1].copy
+    assert copy is not None and copy.data_ptr() % device_stats._ALIGN == 0  # as a fresh contiguous copy
+    deferred.resolve()
+
+
+def _failing_read_backs(monkeypatch: pytest.MonkeyPatch, error: BaseException, times: int = 1) -> list[int]:
+    """Make the next ``times`` read-backs raise ``error`` (a device error, Ctrl-C while waiting)."""
+    calls = [0]
+    read_back = DeferredStats._read_back
+
+    def failing(self: DeferredStats, *args: Any) -> None:
+        calls[0] += 1
+        if calls[0] <= times:
+            raise error
+        read_back(self, *args)
+
+    monkeypatch.setattr(DeferredStats, "_read_back", failing)
+    return calls
+
+
+def test_a_failed_read_back_keeps_the_statistics_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    deferred = DeferredStats(device_types=frozenset({"cpu"}))
+    t = torch.randn(100)
+    want = _expected(t)
+    stats = deferred.add(t, 100, t.dtype)
+    _failing_read_backs(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        deferred.resolve()
+    assert deferred.unresolved == 1 and deferred.resolves == 0 and stats == {}
+    _spoil(t)
+    deferred.resolve()  # read back from the stash, which was kept
+    assert deferred.unresolved == 0 and deferred.resolves == 1
+    assert stats is not None and _same(stats, want)
+
+
+def test_ctrl_c_while_a_step_is_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_stats, "DEVICE_TYPES", frozenset({"cpu"}))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    cap = ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r", "mode": "stats", "log_step_ids": []})
+    _failing_read_backs(monkeypatch, KeyboardInterrupt())
+    with torch.no_grad():
+        with pytest.raises(KeyboardInterrupt):
+            model(torch.ones(2, 4))
+        assert cap.step_index == 1 and cap._held  # the step is over; its records wait for their statistics
+        model(torch.ones(2, 4) * 2)
+    cap.close()
+    assert cap.error is None
+    with ilstore.open_run(tmp_path / "r") as run:
+        assert run.steps() == [1]  # the interrupted step never ended: not a completed step
+        assert run.incomplete_steps() == [0]
+        for step in (0, 1):
+            calls = run.calls(step)
+            assert len(calls) == 2
+            for call in calls:
+                for _, node in run.tensor_nodes(call, "outputs"):
+                    assert "mean" in node["stats"], (step, call)
+
+
+def test_a_failed_early_read_back_writes_no_empty_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_stats, "DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setenv("ILSTORE_DEVICE_STATS_BYTES", "600")  # a stash of 600 bytes: reads back early
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    with ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r", "mode": "stats",
+                                 "log_step_ids": []}) as cap, torch.no_grad():
+        calls = _failing_read_backs(monkeypatch, RuntimeError("device error (simulated)"))
+        model(torch.ones(2, 16))
+        model(torch.ones(2, 16))
+        assert calls[0] > 2 and cap._deferred is not None and cap._deferred.early_reads >= 2
+    assert cap.error is None
+    with ilstore.open_run(tmp_path / "r") as run:
+        assert run.steps() == [0, 1]
+        failed = 0
+        for step in run.steps():
+            for call in run.calls(step):
+                for kind in ("inputs", "outputs"):
+                    for _, node in run.tensor_nodes(call, kind):
+                        if "stats" in node:
+                            assert "mean" in node["stats"], (step, call, kind, node)
+                        else:  # the tensor whose early read-back failed is recorded as not captured
+                            assert "cannot be captured" in node["reason"]
+                            failed += 1
+        assert failed == 1
+
+
+def test_records_are_handed_on_once_an_early_read_back_completed_them(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_stats, "DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setenv("ILSTORE_DEVICE_STATS_BYTES", "2000")
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    cap = ilstore.capture(model, {"output_dir": str(tmp_path), "run_id": "r", "mode": "stats"}, manual_step=True)
+    with torch.no_grad():
+        model(torch.ones(2, 64))  # 512-byte tensors: the stash fills every few of them
+    # 7 distinct tensors (a layer's input is the layer before's output), 3 to a stash
+    assert cap._deferred is not None and cap._deferred.early_reads == 2
+    assert 0 < len(cap._held) <= 3  # not the step's 12 records: what was complete went to the writer
+    cap.close()
+    with ilstore.open_run(tmp_path / "r") as run:
+        assert len(run.calls(0)) == 6
 
 
 class _Model(nn.Module):
