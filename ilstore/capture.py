@@ -771,7 +771,8 @@ class Capture:
                 self._end_step(completed=False)
             except Exception as exc:
                 self._fail(exc)
-            self.step_index += 1
+            finally:  # (Ctrl-C again while its statistics were read back: still over)
+                self.step_index += 1
 
     def _root_post(self, module: nn.Module | None, args: Any, output: Any) -> None:
         if self._paused_roots:
@@ -866,8 +867,9 @@ class Capture:
             self._end_step()
         except Exception as exc:
             self._fail(exc)
-        self._ran_paused = False
-        self.step_index += 1
+        finally:  # also past Ctrl-C while the step's statistics were read back: the step is over
+            self._ran_paused = False
+            self.step_index += 1
         return self.step_index
 
     # -- hooks --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ The statistics are therefore bit-identical to the per-tensor path's (the same re
 same elements in the same order). The stash is bounded (:data:`MAX_STASH_BYTES`, environment
 ``ILSTORE_DEVICE_STATS_BYTES``; ``0`` turns this off): a step whose tensors do not fit reads back
 early, once per filling of the stash, and a tensor larger than the bound is read back alone, in
-the hook. The stash starts small and doubles when a step needs more, up to the bound and to a
+the hook. The stash starts small and doubles when a step fills it, up to the bound and to a
 quarter of the device's free memory; the device memory it holds is released with the capture.
 Each copy starts at the same address modulo 256 bytes as the tensor (a device's vectorised
 reductions split their work by alignment). A read-back that fails (a device error, Ctrl-C while
@@ -40,7 +40,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,6 +96,9 @@ class _Pending:
     copy: torch.Tensor | None  # the stashed 1-D copy (floats), read again where the sums do not suffice
     n: int
     acc: torch.dtype | None
+    # the nodes whose statistics these are (the tensor's, and de-duplicated repeats of it): a tensor
+    # whose statistics cannot be finished is recorded in them as not captured, as in the hook
+    nodes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _start(dev: _Device, residue: int) -> int | None:
@@ -114,6 +117,7 @@ class _Device:
         self.used = 0  # bytes of the stash taken since the last read-back
         self.pending: list[_Pending] = []
         self.streams: dict[Any, Any] = {}  # the CUDA streams the reductions were queued on
+        self.failed: BaseException | None = None  # a stash could not be allocated: per-tensor from then on
 
 
 class DeferredStats:
@@ -134,7 +138,7 @@ class DeferredStats:
         self.resolves = 0  # resolve() calls that read something back: records held before one are complete
         self.early_reads = 0  # resolves made because a stash was full
         self.second_reads = 0  # read-backs of second passes (tensors whose mean dominates), at most one per read
-        self.failed: BaseException | None = None  # a stash could not be allocated: per-tensor from then on
+        self._by_stats: dict[int, _Pending] = {}  # id of a pending statistics dict -> its entry
         # add() and resolve() of two threads (a model called from two threads) must not reuse a stash
         # that a read-back still reads
         self._lock = threading.RLock()
@@ -143,7 +147,7 @@ class DeferredStats:
         """Queue the statistics of ``t`` (``n`` elements, dtype ``dtype``, a dense strided tensor)
         and return its node's statistics dict, empty until :meth:`resolve` fills it; or None when
         ``t`` does not take this path (its statistics are then computed in the hook as before)."""
-        if not n or self.limit <= 0 or self.failed is not None or t.device.type not in self.device_types:
+        if not n or self.limit <= 0 or t.device.type not in self.device_types:
             return None
         acc = _ACC.get(dtype)
         if acc is None and (dtype.is_floating_point or dtype.is_complex):
@@ -160,21 +164,40 @@ class DeferredStats:
             # vectorised reductions split their work by the address's alignment, and the sums must
             # be the ones the per-tensor path gets.
             residue = t.data_ptr() % _ALIGN if t.is_contiguous() else 0
+            if residue % t.element_size():
+                return None  # (storage not aligned to its elements: the stash cannot view such a copy)
             dev = self._device(t.device)
+            if dev.failed is not None:
+                return None
             start = _start(dev, residue)
             if start is None or start + nbytes > dev.stash.numel():  # type: ignore[union-attr]
+                size = dev.stash.numel() if dev.stash is not None else 0
                 if dev.used:  # copies pending in the stash: read back everything first (the stash is reused)
                     self.early_reads += 1
-                    self.resolve()
-                if not self._grow(t.device, dev, nbytes + _ALIGN):  # room for any start
+                    try:
+                        self.resolve()
+                    except Exception:  # noqa: BLE001 - kept pending (read back later); this tensor in its hook
+                        return None
+                    # a step that fills the stash gets a larger one (a step's tensors, read back once)
+                    size *= 2
+                if not self._grow(t.device, dev, nbytes + _ALIGN, size):  # room for any start
                     return None
                 start = _start(dev, residue)
                 assert start is not None
             assert dev.stash is not None
             copy = dev.stash[start:start + nbytes].view(dtype)
             copy.view(t.shape).copy_(t.detach())
+            stats = self._queue(t.device, _Pending({}, device_float_sums(copy, n, acc), "float", copy, n, acc))
             dev.used = start + nbytes
-            return self._queue(t.device, _Pending({}, device_float_sums(copy, n, acc), "float", copy, n, acc))
+            return stats
+
+    def attach(self, stats: dict[str, Any], node: dict[str, Any]) -> None:
+        """Say that ``node`` carries ``stats`` (a dict :meth:`add` returned, for the tensor or a
+        de-duplicated repeat of it): if its statistics cannot be finished, the node is recorded as
+        not captured. Nothing for statistics that are not pending."""
+        pending = self._by_stats.get(id(stats))
+        if pending is not None and pending.stats is stats:
+            pending.nodes.append(node)
 
     def _device(self, device: torch.device) -> _Device:
         dev = self._devices.get(device)
@@ -182,34 +205,45 @@ class DeferredStats:
             dev = self._devices[device] = _Device()
         return dev
 
-    def _grow(self, device: torch.device, dev: _Device, nbytes: int) -> bool:
-        """Make the (empty) stash hold at least ``nbytes``: doubled, within the bound. False when
-        the device has no memory for it: the per-tensor path from then on."""
+    def _grow(self, device: torch.device, dev: _Device, need: int, wish: int) -> bool:
+        """Make the (empty) stash hold at least ``need`` bytes, ``wish`` if it can: doubled from
+        :data:`_FIRST_STASH_BYTES` up to that, within the bound and, on CUDA, a quarter of the
+        device's free memory. False when the stash cannot be that large (this tensor is read back
+        in its hook); a failed allocation turns the stash off for the device."""
         size = dev.stash.numel() if dev.stash is not None else 0
-        if size >= nbytes:
+        wish = min(max(wish, need), self.limit)
+        if size >= wish:
             return True
-        want = max(_FIRST_STASH_BYTES, 2 * size)
-        while want < nbytes:
+        want = max(_FIRST_STASH_BYTES, size)
+        while want < wish:
             want *= 2
         want = min(want, self.limit)
-        if device.type == "cuda":
-            # Never take memory the model may need: at most a quarter of what the device has free.
-            free = torch.cuda.mem_get_info(device)[0] + size
-            want = min(want, free // 4)
-            if want < nbytes:
-                self.failed = RuntimeError(f"{device}: {free} bytes free, too few for a stash of {nbytes} bytes")
-                return False
+        free = self._free_bytes(device)
+        if free is not None:  # never take memory the model may need
+            want = min(want, (free + size) // 4)
+        if want < need or want <= size:
+            return size >= need
         dev.stash = None  # the old one is released first (its pending tensors were read back)
         try:
-            dev.stash = torch.empty(want, dtype=torch.uint8, device=device)
+            dev.stash = self._allocate(want, device)
         except RuntimeError as exc:  # out of memory: never fail the model for a buffer of ours
-            self.failed = exc
+            dev.failed = exc
             return False
         return True
+
+    @staticmethod
+    def _free_bytes(device: torch.device) -> int | None:
+        """The device's free memory (CUDA), else None."""
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+    @staticmethod
+    def _allocate(size: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.uint8, device=device)
 
     def _queue(self, device: torch.device, pending: _Pending) -> dict[str, Any]:
         dev = self._device(device)
         dev.pending.append(pending)
+        self._by_stats[id(pending.stats)] = pending
         if device.type == "cuda":
             stream = torch.cuda.current_stream(device)
             dev.streams[stream] = None
@@ -234,10 +268,13 @@ class DeferredStats:
             for dev in self._devices.values():
                 dev.pending, dev.streams, dev.used = [], {}, 0
             self.unresolved = 0
+            self._by_stats.clear()
 
     def _resolve(self, device: torch.device, dev: _Device) -> None:
         self._read_back(device, dev.pending, dev.streams)
         self.unresolved -= len(dev.pending)
+        for p in dev.pending:
+            self._by_stats.pop(id(p.stats), None)
         dev.pending, dev.streams, dev.used = [], {}, 0
 
     def _read_back(self, device: torch.device, pending: list[_Pending], streams: dict[Any, Any]) -> None:
@@ -261,16 +298,23 @@ class DeferredStats:
                     p.stats.update(finish_int_stats(lo, hi, p.kind))
                     at += 2
             # the second passes (a mean that dominates) queued together, read back with a second copy
-            seconds = [(p, values, device_second_pass(p.copy, p.n, p.acc, values))  # type: ignore[arg-type]
-                       for p, values in floats]
+            seconds: list[tuple[_Pending, list[float], torch.Tensor | None]] = []
+            for p, values in floats:
+                try:
+                    seconds.append((p, values, device_second_pass(p.copy, p.n, p.acc, values)))  # type: ignore[arg-type]
+                except Exception as exc:  # noqa: BLE001 - this tensor only (say, no memory for its temporaries)
+                    _not_captured(p, exc)
             wanted = [s for _, _, s in seconds if s is not None]
             second_values = iter(torch.stack(wanted).cpu().tolist() if wanted else [])
             if wanted:
                 self.second_reads += 1
             for p, values, s in seconds:
                 assert p.copy is not None and p.acc is not None
-                p.stats.update(finish_device_float_stats(p.copy, p.n, p.acc, values,
-                                                         next(second_values) if s is not None else None))
+                second = next(second_values) if s is not None else None
+                try:
+                    p.stats.update(finish_device_float_stats(p.copy, p.n, p.acc, values, second))
+                except Exception as exc:  # noqa: BLE001 - this tensor only, as the hook would have
+                    _not_captured(p, exc)
 
     def release(self) -> None:
         """Drop the stashes and whatever is still pending (the capture ends)."""
@@ -278,6 +322,14 @@ class DeferredStats:
             self.discard()
             for dev in self._devices.values():
                 dev.stash = None
+
+
+def _not_captured(pending: _Pending, exc: Exception) -> None:
+    """A tensor whose statistics could not be finished: its nodes say so, as a tensor whose
+    capture raised in the hook does (``records._failed_node``)."""
+    for node in pending.nodes:
+        node.pop("stats", None)
+        node.update(stored=False, reason=f"cannot be captured: {type(exc).__name__}: {exc}"[:300])
 
 
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:

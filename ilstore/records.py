@@ -859,6 +859,8 @@ def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, dtype: t
                 deduper.add(ident, t, None, stats)  # type: ignore[union-attr]
         node = {"type": "tensor", "shape": list(shape), "dtype": _dtype_name(dtype), "numel": numel,
                 "device": device, "path": list(path), "stats": stats, "stored": False, "reason": "mode=stats"}
+        if not stats and ctx.policy.deferred is not None:  # read back at the step's end (or empty)
+            ctx.policy.deferred.attach(stats, node)
     if ctx.nodes is not None:
         ctx.nodes.append((path, node))
     return node
