@@ -144,8 +144,12 @@ def test_stats_mode_reads_device_statistics_back_once_per_step(out_dir: Path, mo
             deferred = cap._deferred
             assert deferred is not None and deferred.reads == 3 and deferred.early_reads == 0
     assert torch.equal(ref, got)
+    with ilstore.open_run(out_dir / "per_step") as b:  # tensors with NaN/Inf read their copy again (a few syncs)
+        nonfinite = sum(1 for call in b.calls(1) for kind in ("inputs", "outputs")
+                        for _, node in b.tensor_nodes(call, kind)
+                        if node.get("stats", {}).get("nan_count") or node.get("stats", {}).get("inf_count"))
     # one read-back a step, a second one when a tensor's mean dominates its spread
-    assert per_step <= plain + 1 + deferred.second_reads, (plain, per_step, per_tensor)
+    assert per_step <= plain + 1 + deferred.second_reads + 12 * nonfinite, (plain, per_step, per_tensor, nonfinite)
     assert per_tensor > plain + 20, (plain, per_step, per_tensor)
     with ilstore.open_run(out_dir / "per_tensor") as a, ilstore.open_run(out_dir / "per_step") as b:
         assert a.steps() == [0, 1] and b.steps() == [0, 1, 2]
