@@ -840,7 +840,8 @@ def _stats_only_node(t: torch.Tensor, path: tuple[str, ...], ctx: _Ctx, dtype: t
             stats = hit[1]
         else:
             # Computed now, in the hook, from the live tensor (no copy of it is made): later
-            # in-place changes cannot reach values already computed.
+            # in-place changes cannot reach values already computed. A device tensor's are queued
+            # on a copy instead and read back at the step's end (ilstore.device_stats).
             known = ctx.known_stats(t) if ctx.known_stats is not None else None
             deferred = ctx.policy.deferred
             if known:
